@@ -1,0 +1,600 @@
+"""The TCP data plane: listeners, relays and connect-time failover, on asyncio Protocols.
+
+Theory of operation
+-------------------
+A proxied connection has two legs: the *down* leg (accepted) and the *up* leg (dialled). Each
+leg is a Protocol that knows how to write its own wire (plain bytes, or link frames inside TLS)
+and forwards what it reads to the other leg. So the relay itself is four small methods:
+
+- data: read on one leg -> `other.send(data)`; the hot path is one call and one write;
+- flow control: when a leg's transport asks to pause writing, the *other* leg stops reading,
+  and resumes when it drains (so a slow reader never makes us buffer without bound);
+- half-close: EOF read on one leg -> `other.send_eof()` (write_eof on TCP, an EOF frame on a
+  link, since TLS transports cannot half-close); when both directions ended, both close;
+- close: a leg lost -> the other closes after flushing what it holds.
+
+Before the up leg exists (while connecting), the down leg buffers what the client sends, up
+to PENDING_LIMIT, then stops reading. Connecting walks the router's plan — the ordered
+candidates the pure core chose — and reports each attempt back (outlier detection). A refused,
+reset or timed-out attempt moves on to the next candidate with the same client connection, so
+a dead endpoint costs the client nothing but the time to try it. Only when every attempt
+failed is the client connection closed (counted as failed).
+
+Listeners own their connections and the tasks that connect them: `close()` cancels the tasks
+and closes the transports. An idle sweeper closes connections with no traffic for
+`idle_timeout`, and a connection limit refuses (closes) connections beyond `max_connections`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from federation.errors import IdentityError
+from federation.model import ServiceKey
+
+from . import link
+from .balance import Target
+
+log = logging.getLogger("isthmus.gateway.l4")
+
+PENDING_LIMIT = 256 * 1024
+_DATA_HEADER = link.HEADER.pack
+
+
+class Router(Protocol):
+    def plan(self) -> list[Target]: ...
+
+    def report(self, target: Target, ok: bool) -> None: ...
+
+
+@dataclass
+class ListenerStats:
+    """Plain counters, read by /metrics. Attempts/failovers count dials, not connections."""
+
+    accepted: int = 0
+    active: int = 0
+    failed: int = 0  # client connections closed because no candidate could be reached
+    refused_limit: int = 0
+    attempts: int = 0
+    attempt_failures: int = 0
+    idle_closed: int = 0
+    served_by: dict[str, int] = field(default_factory=dict)  # target key -> connections
+
+    def served(self, key: str) -> None:
+        self.served_by[key] = self.served_by.get(key, 0) + 1
+
+
+class DialError(Exception):
+    """One connect attempt failed; the message says which target and why."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Legs
+
+
+class Leg(asyncio.Protocol):
+    """One side of a relay. Subclasses implement send/send_eof for their wire."""
+
+    transport: Any = None
+    other: Leg | None = None
+    eof_in = False  # the far end of this leg sent EOF
+    eof_out = False  # we half-closed this leg
+    lost = False
+    activity = 0
+    paused_for_other = False
+
+    def send(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def send_eof(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    # relay plumbing -------------------------------------------------------------------------
+    def attach(self, other: Leg) -> None:
+        self.other = other
+
+    def pause_writing(self) -> None:
+        other = self.other
+        if other is not None and other.transport is not None:
+            other.transport.pause_reading()
+            other.paused_for_other = True
+
+    def resume_writing(self) -> None:
+        other = self.other
+        if other is not None and other.transport is not None and other.paused_for_other:
+            other.paused_for_other = False
+            other.transport.resume_reading()
+
+    def got_eof(self) -> None:
+        self.eof_in = True
+        other = self.other
+        if other is not None:
+            other.send_eof()
+            if other.eof_in:
+                self.close()
+                other.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        other = self.other
+        if other is not None and not other.lost:
+            other.close()
+
+
+class PlainLeg(Leg):
+    """A plain TCP leg: an app's connection to a local listener, or a dial to a local endpoint."""
+
+    def __init__(self) -> None:
+        self.pending: list[bytes] | None = []
+        self.pending_size = 0
+        self.on_lost: Callable[[PlainLeg], None] | None = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def attach(self, other: Leg) -> None:
+        self.other = other
+        pending, self.pending = self.pending, None
+        for chunk in pending or ():
+            other.send(chunk)
+        if self.eof_in:
+            other.send_eof()
+        if self.pending_size > PENDING_LIMIT and not self.lost:
+            self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        self.activity += 1
+        other = self.other
+        if other is not None:
+            other.send(data)
+            return
+        self.pending.append(data)
+        self.pending_size += len(data)
+        if self.pending_size > PENDING_LIMIT:
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self.eof_in = True
+        other = self.other
+        if other is not None:
+            other.send_eof()
+            if other.eof_in:
+                return False  # both directions done: let the transport close
+        return True
+
+    def send(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def send_eof(self) -> None:
+        if self.eof_out or self.transport.is_closing():
+            return
+        self.eof_out = True
+        if self.eof_in:
+            self.close()
+        elif self.transport.can_write_eof():
+            self.transport.write_eof()
+        else:
+            self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self.on_lost is not None:
+            self.on_lost(self)
+
+
+class LinkLeg(Leg):
+    """A leg over a TLS link to/from another gateway: everything is a link frame."""
+
+    def __init__(self) -> None:
+        self.reader = link.FrameReader()
+
+    def send(self, data: bytes) -> None:
+        self.transport.writelines((_DATA_HEADER(link.DATA, len(data)), data))
+
+    def send_eof(self) -> None:
+        if self.eof_out or self.transport.is_closing():
+            return
+        self.eof_out = True
+        self.transport.write(link.frame(link.EOF))
+        if self.eof_in:
+            self.close()
+
+    def relay_frames(self, frames: list[tuple[int, bytes]]) -> None:
+        other = self.other
+        for kind, payload in frames:
+            if kind == link.DATA:
+                other.send(payload)
+            elif kind == link.EOF:
+                self.got_eof()
+            else:
+                raise link.LinkProtocolError(f"unexpected {link.NAMES[kind]} frame on an open stream")
+
+
+class LinkUp(LinkLeg):
+    """Our dial to a remote gateway: check its identity, OPEN, wait for OK, then relay."""
+
+    def __init__(self, service: ServiceKey, verify: Callable[[Any], None]) -> None:
+        super().__init__()
+        self.service = service
+        self.verify = verify
+        self.ready: asyncio.Future[dict] = asyncio.get_running_loop().create_future()
+        self.early: list[tuple[int, bytes]] = []
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        try:
+            self.verify(transport.get_extra_info("ssl_object"))
+        except IdentityError as e:
+            transport.abort()
+            if not self.ready.done():
+                self.ready.set_exception(DialError(f"remote gateway identity refused: {e}"))
+            return
+        transport.write(link.control(link.OPEN, {"v": link.VERSION, "service": str(self.service)}))
+
+    def data_received(self, data: bytes) -> None:
+        self.activity += 1
+        try:
+            frames = self.reader.feed(data)
+            if self.other is not None:
+                self.relay_frames(frames)
+                return
+            for kind, payload in frames:
+                if self.ready.done():
+                    self.early.append((kind, payload))
+                elif kind == link.OK:
+                    self.ready.set_result(link.parse_control(kind, payload))
+                elif kind == link.ERR:
+                    info = link.parse_control(kind, payload)
+                    self.ready.set_exception(
+                        DialError(f"remote gateway refused: {info.get('code')}: {info.get('error')}")
+                    )
+                    self.transport.close()
+                    return
+                else:
+                    raise link.LinkProtocolError(f"expected OK or ERR, got {link.NAMES[kind]}")
+        except link.LinkProtocolError as e:
+            log.warning("link to %s broke protocol: %s", self.transport.get_extra_info("peername"), e)
+            if not self.ready.done():
+                self.ready.set_exception(DialError(f"remote gateway broke the link protocol: {e}"))
+            self.transport.abort()
+
+    def attach(self, other: Leg) -> None:
+        self.other = other
+        early, self.early = self.early, []
+        if early:
+            self.relay_frames(early)
+
+    def eof_received(self) -> bool:
+        return False  # TLS: never reached in practice; a TLS EOF ends the stream
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if not self.ready.done():
+            reason = exc or "connection closed"
+            self.ready.set_exception(DialError(f"remote gateway closed the link: {reason}"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Dialing
+
+
+class Dialer:
+    """Makes one connect attempt to a target: a local endpoint (plain TCP) or a remote gateway
+    (mutual TLS + OPEN/OK). `tls` supplies client contexts and the peer identity check."""
+
+    def __init__(self, tls: Any, connect_timeout: float) -> None:
+        self.tls = tls
+        self.connect_timeout = connect_timeout
+
+    async def dial(self, target: Target, service: ServiceKey) -> Leg:
+        loop = asyncio.get_running_loop()
+        try:
+            if not target.remote:
+                _, leg = await asyncio.wait_for(
+                    loop.create_connection(PlainLeg, target.host, target.port),
+                    self.connect_timeout,
+                )
+                return leg
+            cluster = target.locality.cluster
+            ctx, verify = self.tls.for_peer(cluster)
+            _, leg = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: LinkUp(service, verify),
+                    target.host,
+                    target.port,
+                    ssl=ctx,
+                    server_hostname=cluster,
+                    ssl_handshake_timeout=self.connect_timeout,
+                ),
+                self.connect_timeout,
+            )
+            await asyncio.wait_for(asyncio.shield(leg.ready), self.connect_timeout)
+            return leg
+        except TimeoutError:
+            raise DialError(f"{target.key}: connect timed out after {self.connect_timeout:g}s") from None
+        except (OSError, ssl.SSLError) as e:
+            raise DialError(f"{target.key}: {e.strerror if isinstance(e, OSError) and e.strerror else e}") from None
+        except LookupError as e:  # no bundle/context for that cluster
+            raise DialError(f"{target.key}: {e}") from None
+
+
+async def connect_first(
+    router: Router, dialer: Dialer, service: ServiceKey, stats: ListenerStats
+) -> tuple[Target, Leg] | None:
+    """Try the router's plan in order; report every attempt; first success wins."""
+    for target in router.plan():
+        stats.attempts += 1
+        try:
+            leg = await dialer.dial(target, service)
+        except DialError as e:
+            stats.attempt_failures += 1
+            router.report(target, False)
+            log.debug("attempt failed: %s", e)
+            continue
+        router.report(target, True)
+        return target, leg
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Listeners
+
+
+class Listener:
+    """Owns a server socket, its connections and their connect tasks."""
+
+    def __init__(self, name: str, max_connections: int, idle_timeout: float) -> None:
+        self.name = name
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        self.stats = ListenerStats()
+        self.server: asyncio.base_events.Server | None = None
+        self.legs: set[Leg] = set()
+        self.tasks: set[asyncio.Task] = set()
+        self._sweeper: asyncio.Task | None = None
+
+    def spawn(self, coro: Any) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    def admit(self, leg: Leg) -> bool:
+        self.stats.accepted += 1
+        if len(self.legs) >= self.max_connections:
+            self.stats.refused_limit += 1
+            leg.abort()
+            return False
+        self.legs.add(leg)
+        self.stats.active = len(self.legs)
+        return True
+
+    def forget(self, leg: Leg) -> None:
+        self.legs.discard(leg)
+        self.stats.active = len(self.legs)
+
+    async def _sweep(self) -> None:
+        """Close connections that moved no data for idle_timeout (checked every tenth of it)."""
+        step = max(0.05, min(self.idle_timeout / 10, 5.0))
+        seen: dict[Leg, tuple[int, float]] = {}
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(step)
+            now = loop.time()
+            fresh: dict[Leg, tuple[int, float]] = {}
+            for leg in list(self.legs):
+                up = leg.other
+                count = leg.activity + (up.activity if up is not None else 0)
+                last = seen.get(leg)
+                since = now if last is None or last[0] != count else last[1]
+                if now - since >= self.idle_timeout:
+                    self.stats.idle_closed += 1
+                    leg.close()
+                    if up is not None:
+                        up.close()
+                else:
+                    fresh[leg] = (count, since)
+            seen = fresh
+
+    async def start_server(self, factory: Callable[[], asyncio.Protocol], host: str, port: int, **kw: Any) -> None:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(factory, host, port, reuse_address=True, **kw)
+        self._sweeper = loop.create_task(self._sweep())
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return self.server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for task in list(self.tasks):
+            task.cancel()
+        for leg in list(self.legs):
+            leg.abort()
+            if leg.other is not None:
+                leg.other.abort()
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.server is not None:
+            await self.server.wait_closed()
+
+
+class ImportListener(Listener):
+    """Plain TCP from local apps for one imported service; picks targets through its router."""
+
+    def __init__(self, service: ServiceKey, router: Router, dialer: Dialer, *, max_connections: int, idle_timeout: float) -> None:
+        super().__init__(f"import {service}", max_connections, idle_timeout)
+        self.service = service
+        self.router = router
+        self.dialer = dialer
+
+    async def start(self, host: str, port: int) -> None:
+        await self.start_server(self._accept, host, port)
+
+    def _accept(self) -> PlainLeg:
+        leg = PlainLeg()
+        leg.connection_made = lambda transport: self._made(leg, transport)  # type: ignore[method-assign]
+        return leg
+
+    def _made(self, leg: PlainLeg, transport: Any) -> None:
+        leg.transport = transport
+        if not self.admit(leg):
+            return
+        leg.on_lost = self._lost
+        leg.task = self.spawn(self._connect(leg))  # type: ignore[attr-defined]
+
+    def _lost(self, leg: PlainLeg) -> None:
+        self.forget(leg)
+        task = getattr(leg, "task", None)
+        if task is not None and not task.done():
+            task.cancel()
+
+    async def _connect(self, down: PlainLeg) -> None:
+        found = await connect_first(self.router, self.dialer, self.service, self.stats)
+        if found is None:
+            self.stats.failed += 1
+            down.abort()
+            return
+        target, up = found
+        if down.lost:
+            up.close()
+            return
+        self.stats.served(target.key)
+        up.attach(down)
+        down.attach(up)
+
+
+class InboundListener(Listener):
+    """The east-west mutual-TLS listener: remote gateways OPEN streams to our exports."""
+
+    def __init__(self, tls: Any, exports: Callable[[ServiceKey], Any], dialer: Dialer, *, max_connections: int, idle_timeout: float) -> None:
+        super().__init__("inbound", max_connections, idle_timeout)
+        self.tls = tls
+        self.exports = exports  # service -> (ExportConfig-ish with .allows(cluster), Router) or None
+        self.dialer = dialer
+        self.denied = 0
+        self.identity_refused = 0
+
+    async def start(self, host: str, port: int, handshake_timeout: float = 5.0) -> None:
+        await self.start_server(
+            lambda: LinkDown(self), host, port, ssl=self.tls.server_context, ssl_handshake_timeout=handshake_timeout
+        )
+
+
+class LinkDown(LinkLeg):
+    """A stream accepted from a remote gateway: identify, authorize, connect locally, relay."""
+
+    def __init__(self, listener: InboundListener) -> None:
+        super().__init__()
+        self.listener = listener
+        self.peer_cluster: str | None = None
+        self.state = "new"  # new -> connecting -> open
+        self.held: list[tuple[int, bytes]] = []
+        self.task: asyncio.Task | None = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        lst = self.listener
+        if not lst.admit(self):
+            return
+        try:
+            self.peer_cluster = lst.tls.identify(transport.get_extra_info("ssl_object"))
+        except IdentityError as e:
+            lst.identity_refused += 1
+            log.warning("inbound link from %s refused: %s", transport.get_extra_info("peername"), e)
+            transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        self.activity += 1
+        try:
+            frames = self.reader.feed(data)
+            if self.state == "open":
+                self.relay_frames(frames)
+                return
+            for i, (kind, payload) in enumerate(frames):
+                if self.state == "new":
+                    if kind == link.PING:
+                        self.transport.write(link.frame(link.PONG))
+                        continue
+                    if kind != link.OPEN:
+                        raise link.LinkProtocolError(f"expected OPEN, got {link.NAMES[kind]}")
+                    self._open(link.parse_control(kind, payload))
+                elif self.state == "open":
+                    self.relay_frames(frames[i:])
+                    return
+                else:
+                    self.held.append((kind, payload))
+                    if len(self.held) > 64:
+                        self.transport.pause_reading()
+        except link.LinkProtocolError as e:
+            log.warning("inbound link from cluster %s broke protocol: %s", self.peer_cluster, e)
+            self.transport.abort()
+
+    def _open(self, request: dict) -> None:
+        raw = request.get("service")
+        ns, _, name = raw.partition("/") if isinstance(raw, str) else ("", "", "")
+        service = ServiceKey(ns, name)
+        entry = self.listener.exports(service) if ns and name else None
+        if entry is None:
+            return self._refuse("unknown-service", f"service {raw!r} is not exported by this cluster")
+        export, router = entry
+        if not export.allows(self.peer_cluster):
+            self.listener.denied += 1
+            log.warning("cluster %s may not consume %s", self.peer_cluster, service)
+            return self._refuse("forbidden", f"cluster {self.peer_cluster} may not consume {service}")
+        self.state = "connecting"
+        self.task = self.listener.spawn(self._connect(service, router))
+
+    def _refuse(self, code: str, message: str) -> None:
+        self.transport.write(link.control(link.ERR, {"code": code, "error": message}))
+        self.transport.close()
+
+    async def _connect(self, service: ServiceKey, router: Router) -> None:
+        found = await connect_first(router, self.listener.dialer, service, self.listener.stats)
+        if self.lost:
+            if found:
+                found[1].close()
+            return
+        if found is None:
+            self.listener.stats.failed += 1
+            return self._refuse("no-endpoint", f"no local endpoint of {service} could be reached")
+        target, up = found
+        self.listener.stats.served(target.key)
+        self.transport.write(link.control(link.OK, {"endpoint": target.key}))
+        self.state = "open"
+        up.attach(self)
+        self.other = up
+        held, self.held = self.held, []
+        if held:
+            self.transport.resume_reading()
+            try:
+                self.relay_frames(held)
+            except link.LinkProtocolError as e:
+                log.warning("inbound link from cluster %s broke protocol: %s", self.peer_cluster, e)
+                self.transport.abort()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.listener.forget(self)
+        if self.task is not None and not self.task.done():
+            self.task.cancel()

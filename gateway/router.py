@@ -1,0 +1,199 @@
+"""Health bookkeeping and per-service routers: where the pure core meets live state.
+
+`HealthBook` keeps the two health machines (health.py) of every target key — local endpoints
+(`local:<host:port>`) and remote cluster gateways (`remote:<cluster>`) — and bumps a version on
+every change that can alter routing. A `Router` holds the candidates of one service (our own
+endpoints of it, and the remote clusters that export it), turns them into `Target`s with a
+`healthy` flag, groups them into tiers (balance.build_tiers), keeps the failover state
+(balance.advance) and answers `plan()` with the ordered connect attempts for one connection.
+
+Nothing here does I/O or reads a clock of its own: the clock and randomness are injected, so the
+runtime and tests drive the same code. Tiers are rebuilt only when the book's version, the
+candidates, or an ejection deadline changed; `advance` runs on each plan and on `tick()`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from federation.model import Export, Locality, ServiceKey
+
+from .balance import FailoverState, Policy, Target, Tier, advance, build_tiers, describe, plan
+from .health import ActiveHealth, HealthState, Outlier, connect_result, is_ejected, probe_result
+
+
+@dataclass(frozen=True)
+class OutlierRules:
+    consecutive_failures: int = 2
+    base_ejection: float = 2.0
+    max_ejection: float = 60.0
+
+
+def local_key(host: str, port: int) -> str:
+    return f"local:[{host}]:{port}" if ":" in host else f"local:{host}:{port}"
+
+
+def remote_key(cluster: str) -> str:
+    return f"remote:{cluster}"
+
+
+class HealthBook:
+    def __init__(self, rules: OutlierRules) -> None:
+        self.rules = rules
+        self.active: dict[str, ActiveHealth] = {}
+        self.outlier: dict[str, Outlier] = {}
+        self.version = 0
+        self.on_change: list[Callable[[str], None]] = []
+
+    def _changed(self, key: str) -> None:
+        self.version += 1
+        for fn in self.on_change:
+            fn(key)
+
+    def probe(self, key: str, ok: bool, now: float, healthy_threshold: int, unhealthy_threshold: int) -> None:
+        old = self.active.get(key, ActiveHealth())
+        new = probe_result(old, ok, now, healthy_threshold, unhealthy_threshold)
+        self.active[key] = new
+        if new.state != old.state:
+            self._changed(key)
+
+    def connect(self, key: str, ok: bool, now: float) -> None:
+        r = self.rules
+        old = self.outlier.get(key, Outlier())
+        new = connect_result(old, ok, now, r.consecutive_failures, r.base_ejection, r.max_ejection)
+        self.outlier[key] = new
+        if new.ejected_until != old.ejected_until:
+            self._changed(key)
+
+    def state(self, key: str) -> HealthState:
+        return self.active.get(key, ActiveHealth()).state
+
+    def routable(self, key: str, now: float) -> bool:
+        if self.state(key) == HealthState.UNHEALTHY:
+            return False
+        o = self.outlier.get(key)
+        return o is None or not is_ejected(o, now)
+
+    def ejected_until(self, key: str) -> float:
+        o = self.outlier.get(key)
+        return o.ejected_until if o is not None else 0.0
+
+    def forget(self, keep: Iterable[str]) -> None:
+        keep = set(keep)
+        for d in (self.active, self.outlier):
+            for k in [k for k in d if k not in keep]:
+                del d[k]
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        keys = sorted(set(self.active) | set(self.outlier))
+        return {
+            k: {
+                "state": str(self.state(k)),
+                "ejected_for": round(max(0.0, self.ejected_until(k) - now), 3),
+                "routable": self.routable(k, now),
+            }
+            for k in keys
+        }
+
+
+@dataclass(frozen=True)
+class LocalEndpoint:
+    host: str
+    port: int
+    weight: int = 1
+
+
+class Router:
+    """Candidates, tiers and failover state of one service, as seen by one caller."""
+
+    def __init__(
+        self,
+        service: ServiceKey,
+        caller: Locality,
+        policy: Policy,
+        book: HealthBook,
+        clock: Callable[[], float],
+        random: Callable[[], float],
+        gateway_address: Callable[[str], tuple[str, int] | None] = lambda cluster: None,
+    ) -> None:
+        self.service = service
+        self.caller = caller
+        self.policy = policy
+        self.book = book
+        self.clock = clock
+        self.random = random
+        self.gateway_address = gateway_address  # cluster -> host, port of its inbound listener
+        self.local: tuple[LocalEndpoint, ...] = ()
+        self.remote: tuple[tuple[Locality, Export], ...] = ()
+        self.tiers: tuple[Tier, ...] = ()
+        self.state = FailoverState()
+        self._built_version = -1
+        self._next_expiry = float("inf")
+
+    def set_local(self, endpoints: Sequence[LocalEndpoint]) -> None:
+        self.local = tuple(endpoints)
+        self._built_version = -1
+
+    def set_remote(self, exports: Sequence[tuple[Locality, Export]]) -> None:
+        """Remote clusters' exports of this service (live clusters only; own cluster excluded)."""
+        self.remote = tuple(exports)
+        self._built_version = -1
+
+    def targets(self, now: float) -> list[Target]:
+        book = self.book
+        out = [
+            Target(
+                key=(k := local_key(e.host, e.port)),
+                locality=self.caller,
+                host=e.host,
+                port=e.port,
+                weight=e.weight,
+                healthy=book.routable(k, now),
+                remote=False,
+            )
+            for e in self.local
+        ]
+        for loc, export in self.remote:
+            addr = self.gateway_address(loc.cluster)
+            if addr is None:
+                continue
+            k = remote_key(loc.cluster)
+            weight = export.healthy_weight()
+            out.append(
+                Target(
+                    key=k,
+                    locality=loc,
+                    host=addr[0],
+                    port=addr[1],
+                    weight=max(1, weight),
+                    healthy=weight > 0 and book.routable(k, now),
+                    remote=True,
+                )
+            )
+        return out
+
+    def _rebuild(self, now: float) -> None:
+        targets = self.targets(now)
+        self.tiers = build_tiers(targets, self.caller, self.policy)
+        self._built_version = self.book.version
+        expiries = [u for t in targets if (u := self.book.ejected_until(t.key)) > now]
+        self._next_expiry = min(expiries, default=float("inf"))
+
+    def tick(self) -> None:
+        now = self.clock()
+        if self._built_version != self.book.version or now >= self._next_expiry:
+            self._rebuild(now)
+        self.state = advance(self.state, self.tiers, now, self.policy)
+
+    def plan(self) -> list[Target]:
+        self.tick()
+        return plan(self.tiers, self.state, self.random, self.policy.max_attempts)
+
+    def report(self, target: Target, ok: bool) -> None:
+        self.book.connect(target.key, ok, self.clock())
+
+    def describe(self) -> dict[str, Any]:
+        self.tick()
+        return {"service": str(self.service), **describe(self.tiers, self.state)}
