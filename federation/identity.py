@@ -1,0 +1,842 @@
+"""SPIFFE identity as values: trust domains, SPIFFE IDs, trust bundles, a cluster CA and its SVIDs.
+
+Theory of operation
+-------------------
+Every cluster is one SPIFFE trust domain with one certificate authority (a self-signed EC P-256
+CA, or one the operator provides). The CA issues X.509 SVIDs **directly** -- there are no
+intermediate CAs -- so verifying an SVID is one signature check: read the SPIFFE ID the
+certificate claims, take the bundle of *that* trust domain, and require that one of its
+authorities signed the certificate directly (`verify_svid`). Bundles of different trust domains
+are never merged: a CA of trust domain B can never vouch for an ID in trust domain A, even if
+both bundles are loaded in the same process.
+
+Bundles travel in the SPIFFE bundle format (a JWKS with `spiffe_sequence` and
+`spiffe_refresh_hint`). `TrustBundle.from_jwks` is the only way a bundle enters from the wire;
+it validates every field, bounds sizes and names the field that was wrong. A bundle update
+replaces the whole frozen value (`successor`), and a lower sequence is refused.
+
+Decisions worth knowing:
+- A bundle must carry `spiffe_sequence` (we compare sequences) and at least one `x509-svid`
+  authority; `jwt-svid` keys are ignored, any other `use` is an error. Authorities must be CA
+  certificates.
+- SVIDs start 60 s in the past (clock skew between clusters), never outlive the CA, and are due
+  for rotation at half life (`Svid.rotate_at`). Validity times are whole seconds, as in the cert.
+- An SVID's ID must have a path (a bare trust domain ID names no workload).
+- `verify_svid` also requires the signing authority to be valid at `now`.
+- Private keys are written 0600 into 0700 directories, atomically (temp file + rename), and never
+  appear in a repr. If a crash leaves a mismatched cert/key pair, `load` raises IdentityError
+  instead of guessing.
+
+The clock is always a parameter (`now`, epoch seconds); this module does no I/O except the
+explicit `write`/`load` helpers.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import math
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from .errors import BundleSequenceError, IdentityError
+
+__all__ = [
+    "TrustDomain",
+    "SpiffeId",
+    "gateway_id",
+    "federation_id",
+    "TrustBundle",
+    "Svid",
+    "CertificateAuthority",
+    "spiffe_id_of",
+    "verify_svid",
+]
+
+SYSTEM_NAMESPACE = "isthmus-system"
+CLOCK_SKEW = 60.0
+MAX_BUNDLE_KEYS = 64
+MAX_CERT_BYTES = 16 * 1024
+MAX_SPIFFE_ID = 2048
+DEFAULT_SVID_TTL = 86400.0
+DEFAULT_CA_VALIDITY = 10 * 365 * 86400.0
+
+_TD_RE = re.compile(r"[a-z0-9._-]{1,255}")
+_SEGMENT_RE = re.compile(r"[A-Za-z0-9._-]+")
+_B64URL_RE = re.compile(r"[A-Za-z0-9_-]*")
+_CURVES: dict[str, tuple[type[ec.EllipticCurve], int]] = {
+    "P-256": (ec.SECP256R1, 32),
+    "P-384": (ec.SECP384R1, 48),
+    "P-521": (ec.SECP521R1, 66),
+}
+
+
+# ---------------------------------------------------------------------------- names
+
+
+@dataclass(frozen=True, slots=True)
+class TrustDomain:
+    """A SPIFFE trust domain name, e.g. `east-1.isthmus.local` (lowercase a-z 0-9 . - _)."""
+
+    name: str
+
+    def __post_init__(self) -> None:
+        name = self.name
+        if not isinstance(name, str):
+            raise IdentityError(f"trust domain {name!r}: expected a string")
+        if not name:
+            raise IdentityError("trust domain '': must not be empty")
+        if len(name) > 255:
+            raise IdentityError(f"trust domain {name[:40]!r}...: longer than 255 characters")
+        if name.startswith("spiffe://"):
+            raise IdentityError(f"trust domain {name!r}: write the name only, without 'spiffe://'")
+        if not _TD_RE.fullmatch(name):
+            bad = next(c for c in name if not re.fullmatch(r"[a-z0-9._-]", c))
+            raise IdentityError(
+                f"trust domain {name!r}: character {bad!r} is not allowed "
+                "(use lowercase letters, digits, '.', '-' and '_')"
+            )
+
+    @property
+    def id(self) -> SpiffeId:
+        """The trust domain's own ID, `spiffe://<name>` (empty path)."""
+        return SpiffeId(self, "")
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _as_td(td: str | TrustDomain) -> TrustDomain:
+    return td if isinstance(td, TrustDomain) else TrustDomain(td)
+
+
+def _check_path(path: Any, quoted: str) -> None:
+    if not isinstance(path, str):
+        raise IdentityError(f"SPIFFE ID {quoted}: path {path!r} is not a string")
+    if path == "":
+        return
+    if not path.startswith("/"):
+        raise IdentityError(f"SPIFFE ID {quoted}: path {path!r} must start with '/'")
+    if "?" in path:
+        raise IdentityError(f"SPIFFE ID {quoted}: a query is not allowed")
+    if "#" in path:
+        raise IdentityError(f"SPIFFE ID {quoted}: a fragment is not allowed")
+    for seg in path[1:].split("/"):
+        if seg == "":
+            raise IdentityError(
+                f"SPIFFE ID {quoted}: empty path segment (no '//' and no trailing '/')"
+            )
+        if seg in (".", ".."):
+            raise IdentityError(f"SPIFFE ID {quoted}: path segment {seg!r} is not allowed")
+        if not _SEGMENT_RE.fullmatch(seg):
+            bad = next(c for c in seg if not re.fullmatch(r"[A-Za-z0-9._-]", c))
+            raise IdentityError(
+                f"SPIFFE ID {quoted}: character {bad!r} is not allowed in the path "
+                "(use letters, digits, '.', '-' and '_')"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class SpiffeId:
+    """`spiffe://<trust domain><path>`. Construct from parts or with `SpiffeId.parse`."""
+
+    trust_domain: TrustDomain
+    path: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.trust_domain, TrustDomain):
+            object.__setattr__(self, "trust_domain", _as_td(self.trust_domain))
+        _check_path(self.path, repr(f"spiffe://{self.trust_domain.name}{self.path}"))
+        if len(str(self)) > MAX_SPIFFE_ID:
+            raise IdentityError(f"SPIFFE ID {str(self)[:60]!r}...: longer than {MAX_SPIFFE_ID}")
+
+    @classmethod
+    def parse(cls, text: Any) -> SpiffeId:
+        if not isinstance(text, str):
+            raise IdentityError(f"SPIFFE ID {text!r}: expected a string")
+        q = repr(text) if len(text) <= 200 else repr(text[:200]) + "..."
+        if not text:
+            raise IdentityError("SPIFFE ID '': must not be empty")
+        if len(text) > MAX_SPIFFE_ID:
+            raise IdentityError(f"SPIFFE ID {q}: longer than {MAX_SPIFFE_ID} characters")
+        if not text.startswith("spiffe://"):
+            if text.lower().startswith("spiffe://"):
+                raise IdentityError(f"SPIFFE ID {q}: the scheme must be lowercase 'spiffe'")
+            raise IdentityError(f"SPIFFE ID {q}: must start with 'spiffe://'")
+        rest = text[len("spiffe://") :]
+        if "#" in rest:
+            raise IdentityError(f"SPIFFE ID {q}: a fragment is not allowed")
+        if "?" in rest:
+            raise IdentityError(f"SPIFFE ID {q}: a query is not allowed")
+        authority, slash, path = rest.partition("/")
+        if not authority:
+            raise IdentityError(f"SPIFFE ID {q}: the trust domain is missing")
+        if "@" in authority:
+            raise IdentityError(f"SPIFFE ID {q}: userinfo is not allowed")
+        if ":" in authority:
+            raise IdentityError(f"SPIFFE ID {q}: a port is not allowed")
+        try:
+            td = TrustDomain(authority)
+        except IdentityError as e:
+            raise IdentityError(f"SPIFFE ID {q}: {e}") from None
+        path = slash + path
+        _check_path(path, q)
+        return cls(td, path)
+
+    def member_of(self, td: str | TrustDomain) -> bool:
+        return self.trust_domain == _as_td(td)
+
+    def __str__(self) -> str:
+        return f"spiffe://{self.trust_domain.name}{self.path}"
+
+
+def gateway_id(td: str | TrustDomain) -> SpiffeId:
+    """spiffe://<td>/ns/isthmus-system/sa/gateway"""
+    return SpiffeId(_as_td(td), f"/ns/{SYSTEM_NAMESPACE}/sa/gateway")
+
+
+def federation_id(td: str | TrustDomain) -> SpiffeId:
+    """spiffe://<td>/ns/isthmus-system/sa/federation"""
+    return SpiffeId(_as_td(td), f"/ns/{SYSTEM_NAMESPACE}/sa/federation")
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _dt(t: float) -> datetime:
+    return datetime.fromtimestamp(t, tz=UTC)
+
+
+def _load_der(der: bytes, what: str) -> x509.Certificate:
+    if not isinstance(der, bytes | bytearray):
+        raise IdentityError(f"{what}: expected DER bytes, got {type(der).__name__}")
+    try:
+        return x509.load_der_x509_certificate(bytes(der))
+    except ValueError as e:
+        raise IdentityError(f"{what}: not a DER X.509 certificate ({e})") from None
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        return False
+    return bool(bc.ca)
+
+
+def _uri_sans(cert: x509.Certificate) -> list[str]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return san.get_values_for_type(x509.UniformResourceIdentifier)
+
+
+def _same_public_key(a: Any, b: Any) -> bool:
+    fmt = serialization.PublicFormat.SubjectPublicKeyInfo
+    enc = serialization.Encoding.DER
+    return a.public_bytes(enc, fmt) == b.public_bytes(enc, fmt)
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _b64url_decode(text: Any, what: str, max_len: int = 2048) -> bytes:
+    if not isinstance(text, str) or len(text) > max_len or not _B64URL_RE.fullmatch(text):
+        raise IdentityError(f"{what}: expected base64url text")
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError):
+        raise IdentityError(f"{what}: not valid base64url") from None
+
+
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Write `data` to `path` via a temp file created with `mode`, then rename over `path`."""
+    tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _private_dir(directory: str | os.PathLike[str]) -> Path:
+    d = Path(directory)
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return d
+
+
+def _key_pem(key: Any) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _load_key(key_pem: bytes, what: str) -> Any:
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError) as e:
+        raise IdentityError(f"{what}: not an unencrypted PEM private key ({e})") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        raise IdentityError(f"{what}: only EC and RSA keys are supported")
+    return key
+
+
+def _load_pem_cert(cert_pem: bytes, what: str) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(cert_pem)
+    except ValueError as e:
+        raise IdentityError(f"{what}: not a PEM X.509 certificate ({e})") from None
+
+
+# ---------------------------------------------------------------------------- bundles
+
+
+@dataclass(frozen=True)
+class TrustBundle:
+    """The X.509 authorities of one trust domain, at one sequence number. Never merged."""
+
+    trust_domain: str
+    authorities: tuple[bytes, ...]  # DER X.509 CA certificates
+    sequence: int
+    refresh_hint: int = 300  # seconds
+
+    def __post_init__(self) -> None:
+        TrustDomain(self.trust_domain)
+        object.__setattr__(self, "authorities", tuple(bytes(a) for a in self.authorities))
+        for name in ("sequence", "refresh_hint"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise IdentityError(f"bundle {self.trust_domain}: {name} {v!r} is not an int >= 0")
+
+    def to_jwks(self) -> dict[str, Any]:
+        keys = []
+        for i, der in enumerate(self.authorities):
+            cert = _load_der(der, f"bundle {self.trust_domain}: authorities[{i}]")
+            pub = cert.public_key()
+            key: dict[str, Any] = {"use": "x509-svid"}
+            if isinstance(pub, ec.EllipticCurvePublicKey):
+                crv = next((n for n, (c, _) in _CURVES.items() if c.name == pub.curve.name), None)
+                if crv is None:
+                    raise IdentityError(
+                        f"bundle {self.trust_domain}: authorities[{i}]: curve {pub.curve.name} "
+                        "is not supported"
+                    )
+                size = _CURVES[crv][1]
+                nums = pub.public_numbers()
+                key |= {
+                    "kty": "EC",
+                    "crv": crv,
+                    "x": _b64url(nums.x.to_bytes(size, "big")),
+                    "y": _b64url(nums.y.to_bytes(size, "big")),
+                }
+            elif isinstance(pub, rsa.RSAPublicKey):
+                nums = pub.public_numbers()
+                key |= {
+                    "kty": "RSA",
+                    "n": _b64url(nums.n.to_bytes((nums.n.bit_length() + 7) // 8, "big")),
+                    "e": _b64url(nums.e.to_bytes((nums.e.bit_length() + 7) // 8, "big")),
+                }
+            else:
+                raise IdentityError(
+                    f"bundle {self.trust_domain}: authorities[{i}]: only EC and RSA keys are supported"
+                )
+            key["x5c"] = [base64.b64encode(der).decode("ascii")]
+            keys.append(key)
+        return {
+            "keys": keys,
+            "spiffe_sequence": self.sequence,
+            "spiffe_refresh_hint": self.refresh_hint,
+        }
+
+    @classmethod
+    def from_jwks(cls, trust_domain: str, obj: Any) -> TrustBundle:
+        """Validate a SPIFFE bundle (JWKS) received from the wire. Errors name the field."""
+        try:
+            TrustDomain(trust_domain)
+        except IdentityError as e:
+            raise IdentityError(f"bundle: {e}") from None
+        w = f"bundle {trust_domain}"
+        if not isinstance(obj, dict):
+            raise IdentityError(f"{w}: expected a JSON object, got {type(obj).__name__}")
+        seq = obj.get("spiffe_sequence")
+        if seq is None:
+            raise IdentityError(f"{w}: spiffe_sequence: missing")
+        if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq < 2**63:
+            raise IdentityError(f"{w}: spiffe_sequence: {seq!r} is not an integer >= 0")
+        hint = obj.get("spiffe_refresh_hint", 300)
+        if isinstance(hint, bool) or not isinstance(hint, int) or not 0 <= hint < 2**31:
+            raise IdentityError(f"{w}: spiffe_refresh_hint: {hint!r} is not an integer >= 0")
+        keys = obj.get("keys")
+        if not isinstance(keys, list):
+            raise IdentityError(f"{w}: keys: expected a list, got {type(keys).__name__}")
+        if len(keys) > MAX_BUNDLE_KEYS:
+            raise IdentityError(f"{w}: keys: {len(keys)} keys, at most {MAX_BUNDLE_KEYS}")
+        authorities: list[bytes] = []
+        for i, k in enumerate(keys):
+            kw = f"{w}: keys[{i}]"
+            if not isinstance(k, dict):
+                raise IdentityError(f"{kw}: expected an object, got {type(k).__name__}")
+            use = k.get("use")
+            if use == "jwt-svid":
+                continue
+            if use != "x509-svid":
+                raise IdentityError(f"{kw}.use: {use!r} is not 'x509-svid' or 'jwt-svid'")
+            der = _x5c_cert(k, kw)
+            if der not in authorities:
+                authorities.append(der)
+        if not authorities:
+            raise IdentityError(f"{w}: keys: no x509-svid authority")
+        return cls(trust_domain, tuple(authorities), seq, hint)
+
+    def to_pem(self) -> str:
+        """All authorities as concatenated PEM (for `ssl` cadata)."""
+        out = []
+        for i, der in enumerate(self.authorities):
+            cert = _load_der(der, f"bundle {self.trust_domain}: authorities[{i}]")
+            out.append(cert.public_bytes(serialization.Encoding.PEM).decode("ascii"))
+        return "".join(out)
+
+    def successor(self, new: TrustBundle) -> TrustBundle:
+        """The bundle to hold after receiving `new`: `new` itself, or an error."""
+        if new.trust_domain != self.trust_domain:
+            raise IdentityError(
+                f"bundle {self.trust_domain}: an update for trust domain "
+                f"{new.trust_domain!r} cannot replace it"
+            )
+        if new.sequence < self.sequence:
+            raise BundleSequenceError(
+                f"bundle {self.trust_domain}: sequence {new.sequence} is lower than the "
+                f"{self.sequence} already held; refusing the update"
+            )
+        return new
+
+
+def _x5c_cert(k: dict[str, Any], kw: str) -> bytes:
+    kty = k.get("kty")
+    if kty not in ("EC", "RSA"):
+        raise IdentityError(f"{kw}.kty: {kty!r} is not 'EC' or 'RSA'")
+    x5c = k.get("x5c")
+    if x5c is None:
+        raise IdentityError(f"{kw}.x5c: missing (an x509-svid key carries its certificate)")
+    if not isinstance(x5c, list) or len(x5c) != 1:
+        raise IdentityError(f"{kw}.x5c: expected a list of exactly one certificate")
+    b64 = x5c[0]
+    if not isinstance(b64, str):
+        raise IdentityError(f"{kw}.x5c[0]: expected base64 text, got {type(b64).__name__}")
+    if len(b64) > (MAX_CERT_BYTES + 2) // 3 * 4:
+        raise IdentityError(f"{kw}.x5c[0]: certificate larger than {MAX_CERT_BYTES} bytes")
+    try:
+        der = base64.b64decode(b64, validate=True)
+    except (binascii.Error, ValueError):
+        raise IdentityError(f"{kw}.x5c[0]: not valid base64") from None
+    cert = _load_der(der, f"{kw}.x5c[0]")
+    if not _is_ca(cert):
+        raise IdentityError(f"{kw}.x5c[0]: not a CA certificate (basicConstraints CA is not set)")
+    pub = cert.public_key()
+    if kty == "EC":
+        crv = k.get("crv")
+        if crv not in _CURVES:
+            raise IdentityError(f"{kw}.crv: {crv!r} is not one of {', '.join(_CURVES)}")
+        curve, size = _CURVES[crv]
+        x = _b64url_decode(k.get("x"), f"{kw}.x")
+        y = _b64url_decode(k.get("y"), f"{kw}.y")
+        if len(x) != size or len(y) != size:
+            raise IdentityError(f"{kw}: x and y must be {size} bytes for {crv}")
+        ok = (
+            isinstance(pub, ec.EllipticCurvePublicKey)
+            and pub.curve.name == curve.name
+            and pub.public_numbers().x == int.from_bytes(x, "big")
+            and pub.public_numbers().y == int.from_bytes(y, "big")
+        )
+    else:
+        n = _b64url_decode(k.get("n"), f"{kw}.n", max_len=4096)
+        e = _b64url_decode(k.get("e"), f"{kw}.e", max_len=16)
+        ok = (
+            isinstance(pub, rsa.RSAPublicKey)
+            and pub.public_numbers().n == int.from_bytes(n, "big")
+            and pub.public_numbers().e == int.from_bytes(e, "big")
+        )
+    if not ok:
+        raise IdentityError(f"{kw}: the key does not match the public key of x5c[0]")
+    return der
+
+
+# ---------------------------------------------------------------------------- SVIDs
+
+
+@dataclass(frozen=True)
+class Svid:
+    """An X.509 SVID with its private key. The key never appears in repr or logs."""
+
+    spiffe_id: SpiffeId
+    cert_pem: bytes
+    key_pem: bytes = field(repr=False)
+    not_before: float
+    not_after: float
+    serial: int
+
+    CERT_FILE = "svid.pem"
+    KEY_FILE = "svid-key.pem"
+
+    def __repr__(self) -> str:
+        return (
+            f"Svid({str(self.spiffe_id)!r}, serial={self.serial:x}, "
+            f"not_before={self.not_before:.0f}, not_after={self.not_after:.0f})"
+        )
+
+    @property
+    def rotate_at(self) -> float:
+        """Half life: when a new SVID should be issued."""
+        return self.not_before + (self.not_after - self.not_before) / 2
+
+    def rotation_due(self, now: float) -> bool:
+        return now >= self.rotate_at
+
+    def expired(self, now: float) -> bool:
+        return now > self.not_after
+
+    def cert_der(self) -> bytes:
+        return _load_pem_cert(self.cert_pem, f"SVID {self.spiffe_id}").public_bytes(
+            serialization.Encoding.DER
+        )
+
+    def write(self, directory: str | os.PathLike[str]) -> tuple[Path, Path]:
+        """Write svid.pem (0644) and svid-key.pem (0600) atomically; directory made 0700."""
+        d = _private_dir(directory)
+        cert_path, key_path = d / self.CERT_FILE, d / self.KEY_FILE
+        _write_atomic(key_path, self.key_pem, 0o600)
+        _write_atomic(cert_path, self.cert_pem, 0o644)
+        return cert_path, key_path
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str]) -> Svid | None:
+        """The SVID written by `write`, or None if there is none. IdentityError if corrupt."""
+        d = Path(directory)
+        cert_path, key_path = d / cls.CERT_FILE, d / cls.KEY_FILE
+        if not cert_path.exists() and not key_path.exists():
+            return None
+        try:
+            cert_pem = cert_path.read_bytes()
+            key_pem = key_path.read_bytes()
+        except OSError as e:
+            raise IdentityError(
+                f"SVID in {d}: cannot read ({e}); delete both files to reissue"
+            ) from None
+        return cls.from_pem(cert_pem, key_pem, f"SVID in {d}")
+
+    @classmethod
+    def from_pem(cls, cert_pem: bytes, key_pem: bytes, what: str = "SVID") -> Svid:
+        cert = _load_pem_cert(cert_pem, f"{what}: {cls.CERT_FILE}")
+        key = _load_key(key_pem, f"{what}: {cls.KEY_FILE}")
+        if not _same_public_key(key.public_key(), cert.public_key()):
+            raise IdentityError(f"{what}: the private key does not match the certificate")
+        sid = spiffe_id_of(cert.public_bytes(serialization.Encoding.DER))
+        return cls(
+            sid,
+            cert_pem,
+            key_pem,
+            cert.not_valid_before_utc.timestamp(),
+            cert.not_valid_after_utc.timestamp(),
+            cert.serial_number,
+        )
+
+
+def spiffe_id_of(cert_der: bytes) -> SpiffeId:
+    """The SPIFFE ID a certificate claims (its single URI SAN). Does NOT verify anything."""
+    cert = _load_der(cert_der, "certificate")
+    uris = _uri_sans(cert)
+    if not uris:
+        raise IdentityError("certificate has no URI SAN, so no SPIFFE ID")
+    if len(uris) > 1:
+        raise IdentityError(
+            f"certificate has {len(uris)} URI SANs ({', '.join(map(repr, uris[:4]))}); "
+            "an SVID has exactly one"
+        )
+    return SpiffeId.parse(uris[0])
+
+
+def verify_svid(cert_der: bytes, bundle: TrustBundle, now: float) -> SpiffeId:
+    """Verify an SVID against the bundle of its own trust domain; returns its SPIFFE ID."""
+    cert = _load_der(cert_der, "SVID")
+    sid = spiffe_id_of(cert_der)
+    q = f"SVID {str(sid)!r}"
+    if sid.trust_domain.name != bundle.trust_domain:
+        raise IdentityError(
+            f"{q}: trust domain {sid.trust_domain.name!r} is not the bundle's "
+            f"{bundle.trust_domain!r}"
+        )
+    if _is_ca(cert):
+        raise IdentityError(f"{q}: is a CA certificate, not a leaf SVID")
+    if not sid.path:
+        raise IdentityError(f"{q}: a trust domain ID names no workload")
+    nb, na = cert.not_valid_before_utc.timestamp(), cert.not_valid_after_utc.timestamp()
+    if now < nb:
+        raise IdentityError(f"{q}: not valid yet (not before {_dt(nb).isoformat()})")
+    if now > na:
+        raise IdentityError(f"{q}: expired at {_dt(na).isoformat()}")
+    for der in bundle.authorities:
+        ca = _load_der(der, f"bundle {bundle.trust_domain}: authority")
+        try:
+            cert.verify_directly_issued_by(ca)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        if not ca.not_valid_before_utc.timestamp() <= now <= ca.not_valid_after_utc.timestamp():
+            raise IdentityError(f"{q}: the issuing authority is not valid at this time")
+        return sid
+    raise IdentityError(
+        f"{q}: not signed by any authority in the bundle of {bundle.trust_domain!r} "
+        f"(sequence {bundle.sequence})"
+    )
+
+
+# ---------------------------------------------------------------------------- CA
+
+
+class CertificateAuthority:
+    """One trust domain's CA. Issues SVIDs directly (no intermediates)."""
+
+    CERT_FILE = "ca.pem"
+    KEY_FILE = "ca-key.pem"
+
+    trust_domain: TrustDomain
+    cert_der: bytes
+
+    def __init__(self, trust_domain: TrustDomain, cert: x509.Certificate, key: Any):
+        self.trust_domain = trust_domain
+        self._cert = cert
+        self._key = key
+        self.cert_der = cert.public_bytes(serialization.Encoding.DER)
+
+    def __repr__(self) -> str:
+        return (
+            f"CertificateAuthority(trust_domain={self.trust_domain.name!r}, "
+            f"serial={self._cert.serial_number}, not_after={self.not_after:.0f})"
+        )
+
+    @property
+    def not_before(self) -> float:
+        return self._cert.not_valid_before_utc.timestamp()
+
+    @property
+    def not_after(self) -> float:
+        return self._cert.not_valid_after_utc.timestamp()
+
+    @property
+    def cert_pem(self) -> bytes:
+        return self._cert.public_bytes(serialization.Encoding.PEM)
+
+    @classmethod
+    def create(
+        cls, trust_domain: str | TrustDomain, now: float, validity: float = DEFAULT_CA_VALIDITY
+    ) -> CertificateAuthority:
+        td = _as_td(trust_domain)
+        if validity <= 0:
+            raise IdentityError(f"CA for {td.name!r}: validity must be positive")
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Isthmus"),
+                x509.NameAttribute(NameOID.COMMON_NAME, f"Isthmus CA {td.name}"[:64]),
+            ]
+        )
+        pub = key.public_key()
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(pub)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(_dt(math.floor(now - CLOCK_SKEW)))
+            .not_valid_after(_dt(math.floor(now + validity)))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(
+                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(td.id))]),
+                critical=False,
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(pub), critical=False)
+            .sign(key, hashes.SHA256())
+        )
+        return cls(td, cert, key)
+
+    @classmethod
+    def load(
+        cls, cert_pem: bytes, key_pem: bytes, trust_domain: str | TrustDomain
+    ) -> CertificateAuthority:
+        td = _as_td(trust_domain)
+        w = f"CA for {td.name!r}"
+        cert = _load_pem_cert(cert_pem, f"{w}: certificate")
+        key = _load_key(key_pem, f"{w}: key")
+        if not _same_public_key(key.public_key(), cert.public_key()):
+            raise IdentityError(f"{w}: the private key does not match the certificate")
+        if not _is_ca(cert):
+            raise IdentityError(f"{w}: the certificate is not a CA (basicConstraints CA not set)")
+        try:
+            ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+            if not ku.key_cert_sign:
+                raise IdentityError(f"{w}: the certificate's key usage lacks keyCertSign")
+        except x509.ExtensionNotFound:
+            pass
+        for uri in _uri_sans(cert):
+            if uri.startswith("spiffe://") and SpiffeId.parse(uri).trust_domain != td:
+                raise IdentityError(f"{w}: the certificate names {uri!r}, another trust domain")
+        return cls(td, cert, key)
+
+    @classmethod
+    def load_or_create(
+        cls,
+        directory: str | os.PathLike[str],
+        trust_domain: str | TrustDomain,
+        now: float,
+        cert_file: str | os.PathLike[str] | None = None,
+        key_file: str | os.PathLike[str] | None = None,
+    ) -> CertificateAuthority:
+        """Operator-provided files if given; else directory/ca.pem + ca-key.pem, made if absent."""
+        td = _as_td(trust_domain)
+        if (cert_file is None) != (key_file is None):
+            raise IdentityError(f"CA for {td.name!r}: give both the cert file and the key file")
+        if cert_file is not None and key_file is not None:
+            return cls.load(_read(cert_file), _read(key_file), td)
+        d = Path(directory)
+        cert_path, key_path = d / cls.CERT_FILE, d / cls.KEY_FILE
+        have_cert, have_key = cert_path.exists(), key_path.exists()
+        if have_cert and have_key:
+            return cls.load(_read(cert_path), _read(key_path), td)
+        if have_cert or have_key:
+            missing = key_path if have_cert else cert_path
+            raise IdentityError(
+                f"CA for {td.name!r}: {missing} is missing while its pair exists; "
+                "restore it (or remove both to create a new CA, which breaks federation trust)"
+            )
+        ca = cls.create(td, now)
+        _private_dir(d)
+        _write_atomic(key_path, _key_pem(ca._key), 0o600)
+        _write_atomic(cert_path, ca.cert_pem, 0o644)
+        return ca
+
+    def issue(
+        self,
+        spiffe_id: SpiffeId,
+        now: float,
+        ttl: float = DEFAULT_SVID_TTL,
+        dns_names: Iterable[str] = (),
+        ip_addresses: Iterable[str | ipaddress.IPv4Address | ipaddress.IPv6Address] = (),
+    ) -> Svid:
+        """A fresh P-256 key and leaf SVID for `spiffe_id`, valid now-60s .. min(now+ttl, CA end)."""
+        q = f"SVID {str(spiffe_id)!r}"
+        if spiffe_id.trust_domain != self.trust_domain:
+            raise IdentityError(
+                f"{q}: this CA issues only for trust domain {self.trust_domain.name!r}"
+            )
+        if not spiffe_id.path:
+            raise IdentityError(f"{q}: a trust domain ID names no workload")
+        if ttl <= 0:
+            raise IdentityError(f"{q}: ttl must be positive, got {ttl}")
+        nb = max(math.floor(now - CLOCK_SKEW), math.ceil(self.not_before))
+        na = min(math.floor(now + ttl), math.floor(self.not_after))
+        if na <= now:
+            raise IdentityError(
+                f"{q}: the CA of {self.trust_domain.name!r} expired at "
+                f"{_dt(self.not_after).isoformat()}; replace it"
+            )
+        sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(spiffe_id))]
+        sans += [x509.DNSName(n) for n in dns_names]
+        try:
+            sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in ip_addresses]
+        except ValueError as e:
+            raise IdentityError(f"{q}: {e}") from None
+        key = ec.generate_private_key(ec.SECP256R1())
+        pub = key.public_key()
+        serial = x509.random_serial_number()
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Isthmus")]))
+            .issuer_name(self._cert.subject)
+            .public_key(pub)
+            .serial_number(serial)
+            .not_valid_before(_dt(nb))
+            .not_valid_after(_dt(na))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=True,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                critical=False,
+            )
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(pub), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()),
+                critical=False,
+            )
+            .sign(self._key, hashes.SHA256())
+        )
+        return Svid(
+            spiffe_id,
+            cert.public_bytes(serialization.Encoding.PEM),
+            _key_pem(key),
+            float(nb),
+            float(na),
+            serial,
+        )
+
+    def bundle(self, sequence: int, refresh_hint: int = 300) -> TrustBundle:
+        return TrustBundle(self.trust_domain.name, (self.cert_der,), sequence, refresh_hint)
+
+
+def _read(path: str | os.PathLike[str]) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise IdentityError(f"cannot read {path}: {e}") from None
