@@ -1,0 +1,99 @@
+"""Admin endpoints of a gateway (aiohttp, off the data path): /healthz /readyz /metrics /status."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from .l4 import InboundListener
+
+
+def _esc(v: str) -> str:
+    return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def render_metrics(gw: Any) -> str:
+    """Prometheus text exposition format, written by hand (it is small)."""
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help_: str, samples: list[tuple[dict[str, str], float]]) -> None:
+        lines.append(f"# HELP {name} {help_}")
+        lines.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            lab = ",".join(f'{k}="{_esc(v)}"' for k, v in labels.items())
+            lines.append(f"{name}{{{lab}}} {value}" if lab else f"{name} {value}")
+
+    lst = gw.listeners
+    per = [({"listener": x.name}, x.stats) for x in lst]
+    metric("isthmus_gateway_connections_accepted_total", "counter", "Connections accepted.",
+           [(lab, s.accepted) for lab, s in per])
+    metric("isthmus_gateway_connections_active", "gauge", "Connections open now.",
+           [(lab, s.active) for lab, s in per])
+    metric("isthmus_gateway_connections_failed_total", "counter",
+           "Client connections closed because no candidate could be reached.",
+           [(lab, s.failed) for lab, s in per])
+    metric("isthmus_gateway_connections_refused_limit_total", "counter",
+           "Connections refused by the connection limit.", [(lab, s.refused_limit) for lab, s in per])
+    metric("isthmus_gateway_connections_idle_closed_total", "counter",
+           "Connections closed by the idle timeout.", [(lab, s.idle_closed) for lab, s in per])
+    metric("isthmus_gateway_connect_attempts_total", "counter", "Connect attempts to targets.",
+           [(lab, s.attempts) for lab, s in per])
+    metric("isthmus_gateway_connect_attempt_failures_total", "counter",
+           "Connect attempts that failed (and moved to the next candidate).",
+           [(lab, s.attempt_failures) for lab, s in per])
+    metric("isthmus_gateway_served_total", "counter", "Connections served, by target.",
+           [({**lab, "target": t}, n) for lab, s in per for t, n in sorted(s.served_by.items())])
+    inbound = [x for x in lst if isinstance(x, InboundListener)]
+    metric("isthmus_gateway_inbound_identity_refused_total", "counter",
+           "Inbound links refused because the peer SVID did not verify.",
+           [({}, x.identity_refused) for x in inbound])
+    metric("isthmus_gateway_inbound_denied_total", "counter",
+           "Inbound streams refused because the consumer is not allowed.", [({}, x.denied) for x in inbound])
+    now = gw._mono()
+    metric("isthmus_gateway_target_routable", "gauge", "1 if a target may get traffic now.",
+           [({"target": k}, 1 if v["routable"] else 0) for k, v in gw.book.snapshot(now).items()])
+    tiers = []
+    for router in gw.import_routers.values():
+        active = router.state.active
+        for tier in router.tiers:
+            tiers.append(({"service": str(router.service), "tier": tier.name}, 1 if tier.name == active else 0))
+    metric("isthmus_gateway_tier_active", "gauge", "1 for the tier each import sends traffic to.", tiers)
+    agent = gw.agent
+    if agent is not None:
+        metric("isthmus_gateway_federation_connected", "gauge", "1 if the last federation call worked.",
+               [({}, 1 if agent.connected else 0)])
+        metric("isthmus_gateway_catalog_revision", "gauge", "Catalog revision in use.",
+               [({}, agent.catalog.revision)])
+        metric("isthmus_gateway_svid_expiry_timestamp_seconds", "gauge", "When the current SVID expires.",
+               [({}, agent.identity.svid.not_after)])
+    return "\n".join(lines) + "\n"
+
+
+async def start_admin(gw: Any, host: str, port: int) -> web.AppRunner:
+    async def healthz(_: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readyz(_: web.Request) -> web.Response:
+        if gw.ready:
+            return web.Response(text="ready\n")
+        return web.Response(status=503, text="not ready\n")
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(text=render_metrics(gw), content_type="text/plain", charset="utf-8",
+                            headers={"X-Content-Type-Options": "nosniff"})
+
+    async def status(_: web.Request) -> web.Response:
+        return web.Response(text=json.dumps(gw.status(), indent=2), content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/status", status)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    await site.start()
+    return runner

@@ -1,0 +1,318 @@
+"""The gateway's agent: joins the federation, publishes exports with live health, renews its
+lease, follows the catalog, rotates its SVID, and keeps what it learnt on disk.
+
+Theory of operation
+-------------------
+- Identity is local: the cluster's CA lives in the state dir (or is the user's), and the agent
+  issues its own SVID from it, rotating at half life (`Identity`).
+- First start: join with the single-use token (token_file or ISTHMUS_JOIN_TOKEN); the answer's
+  federation bundle is saved in `joined.json`. Later starts skip the join.
+- Lease: grant, publish every export, then keep alive every ttl/3. A keepalive refused (the
+  lease expired while we were away) means our exports were withdrawn: grant a new lease and
+  publish them all again.
+- Exports carry health: when the HealthBook changes a local endpoint, the export is published
+  again (coalesced: at most one publish in flight per export, the latest state wins).
+- Catalog: snapshot, then long-poll `watch(after=revision)`; every event is folded in order, so
+  nothing is missed across reconnects; `CompactedError` means resync from a snapshot. Every
+  new catalog goes to `on_catalog` and (coalesced) to `catalog.json`, which a restarted gateway
+  routes from while the federation is down.
+- Every loop retries with capped exponential backoff; the federation being down never stops
+  the data plane.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from federation.client import FederationClient, load_federation_bundle
+from federation.errors import CompactedError, FederationError, InputError, IsthmusError
+from federation.identity import CertificateAuthority, Svid, TrustBundle, gateway_id
+from federation.model import Catalog, ClusterRecord, Export
+
+from .config import GatewayConfig
+from .errors import GatewayError
+
+log = logging.getLogger("isthmus.gateway.agent")
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Atomically write a state file readable by us only."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Identity:
+    """The cluster CA, our current SVID and our bundle (sequence persisted in the state dir)."""
+
+    def __init__(self, cfg: GatewayConfig, now: float) -> None:
+        self.cfg = cfg
+        self.dir = cfg.state_dir / "identity"
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        ic = cfg.identity
+        self.ca = CertificateAuthority.load_or_create(
+            self.dir, cfg.cluster.trust_domain, now, ic.ca_cert_file, ic.ca_key_file
+        )
+        self.bundle = self._bundle()
+        svid = Svid.load(self.dir)
+        if svid is None or svid.rotation_due(now) or not self._issued_by_ca(svid, now):
+            svid = self.issue(now)
+        self.svid = svid
+
+    def _bundle(self) -> TrustBundle:
+        """Sequence goes up whenever the CA certificate changes."""
+        meta_path = self.dir / "bundle.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        fingerprint = self.ca.cert_der.hex()[-64:]
+        seq = int(meta.get("sequence", 0))
+        if meta.get("ca") != fingerprint:
+            seq += 1
+            write_private(meta_path, json.dumps({"sequence": seq, "ca": fingerprint}).encode())
+        return self.ca.bundle(seq)
+
+    def _issued_by_ca(self, svid: Svid, now: float) -> bool:
+        from federation.identity import verify_svid
+
+        try:
+            verify_svid(svid.cert_der(), self.bundle, now)
+            return True
+        except IsthmusError:
+            return False
+
+    def issue(self, now: float) -> Svid:
+        svid = self.ca.issue(gateway_id(self.cfg.cluster.trust_domain), now, self.cfg.identity.svid_ttl)
+        svid.write(self.dir)
+        self.svid = svid
+        log.info("issued SVID %s serial %x, valid until %.0f", svid.spiffe_id, svid.serial, svid.not_after)
+        return svid
+
+
+class Agent:
+    def __init__(
+        self,
+        cfg: GatewayConfig,
+        identity: Identity,
+        clock: Callable[[], float],
+        on_catalog: Callable[[Catalog], None],
+        on_svid: Callable[[Svid], None],
+        export_state: Callable[[], list[Export]],
+    ) -> None:
+        self.cfg = cfg
+        self.identity = identity
+        self.clock = clock  # wall clock (certificates, leases)
+        self.on_catalog = on_catalog
+        self.on_svid = on_svid
+        self.export_state = export_state
+        self.catalog_path = cfg.state_dir / "catalog.json"
+        self.joined_path = cfg.state_dir / "joined.json"
+        self.catalog = Catalog()
+        self.client: FederationClient | None = None
+        self.lease: int | None = None
+        self.lease_ttl = 6.0
+        self.published: dict[str, bytes] = {}
+        self.publish_wanted = asyncio.Event()
+        self.connected = False
+        self.last_error: str | None = None
+        self._persist_wanted = asyncio.Event()
+
+    # -- startup ------------------------------------------------------------------------------
+    def load_cached_catalog(self) -> Catalog | None:
+        try:
+            obj = json.loads(self.catalog_path.read_text())
+            cat = Catalog.from_json(obj)
+        except FileNotFoundError:
+            return None
+        except (ValueError, InputError) as e:
+            log.warning("ignoring cached catalog %s: %s", self.catalog_path, e)
+            return None
+        self.catalog = cat
+        return cat
+
+    def _record(self) -> ClusterRecord:
+        c = self.cfg.cluster
+        return ClusterRecord(c.name, c.region, c.zone, c.trust_domain, self.cfg.listen.advertise)
+
+    def _token(self) -> str | None:
+        env = os.environ.get("ISTHMUS_JOIN_TOKEN")
+        if env:
+            return env.strip()
+        tf = self.cfg.federation.token_file
+        if tf is not None and tf.exists():
+            return tf.read_text().strip()
+        return None
+
+    async def ensure_joined(self) -> None:
+        """Join once (first start); afterwards the saved federation bundle is enough."""
+        fed_bundle = load_federation_bundle(self.cfg.federation.ca_file)
+        if self.joined_path.exists():
+            self._make_client(fed_bundle)
+            return
+        token = self._token()
+        if token is None:
+            raise GatewayError(
+                f"{self.cfg.source}: not joined yet and no join token: set federation.token_file "
+                "or ISTHMUS_JOIN_TOKEN (create one with `isthmus federation token create`)"
+            )
+        client = FederationClient(self.cfg.federation.url, fed_bundle, None)
+        try:
+            reply = await client.join(token, self._record(), self.identity.bundle)
+        finally:
+            await client.close()
+        write_private(self.joined_path, json.dumps(reply).encode())
+        log.info("joined the federation at %s as %s", self.cfg.federation.url, self.cfg.cluster.name)
+        self._make_client(fed_bundle)
+
+    def _make_client(self, fed_bundle: TrustBundle) -> None:
+        self.client = FederationClient(self.cfg.federation.url, fed_bundle, self.identity.svid)
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.close()
+
+    # -- loops (each owned by the runtime's task group) --------------------------------------
+    async def lease_loop(self) -> None:
+        backoff = Backoff()
+        name = self.cfg.cluster.name
+        while True:
+            try:
+                if self.lease is None:
+                    await self.client.put_bundle(name, self.identity.bundle)
+                    self.lease, self.lease_ttl = await self.client.grant_lease(name)
+                    self.published.clear()
+                    await self.publish_all()
+                    log.info("lease %s granted (ttl %.1fs); exports published", self.lease, self.lease_ttl)
+                elif not await self.client.keepalive(name, self.lease):
+                    log.warning("lease %s expired at the federation; re-registering", self.lease)
+                    self.lease = None
+                    continue
+                self.connected = True
+                self.last_error = None
+                backoff.reset()
+                await asyncio.sleep(self.lease_ttl / 3)
+            except FederationError as e:
+                self._failed("lease", e)
+                if e.status == 409:  # e.g. "no live lease" racing an expiry: start over
+                    self.lease = None
+                await asyncio.sleep(backoff.next())
+
+    async def publish_all(self) -> None:
+        for export in self.export_state():
+            body = json.dumps(export.to_json(), sort_keys=True).encode()
+            if self.published.get(export.key) != body:
+                await self.client.put_export(export)
+                self.published[export.key] = body
+
+    async def publish_loop(self) -> None:
+        """Republish exports whose health changed (woken by `publish_wanted`)."""
+        backoff = Backoff()
+        while True:
+            await self.publish_wanted.wait()
+            self.publish_wanted.clear()
+            if self.lease is None:
+                continue  # lease_loop publishes everything once it has a lease
+            try:
+                await self.publish_all()
+                backoff.reset()
+            except FederationError as e:
+                self._failed("publish", e)
+                self.publish_wanted.set()
+                await asyncio.sleep(backoff.next())
+
+    async def watch_loop(self) -> None:
+        backoff = Backoff()
+        synced = False
+        while True:
+            try:
+                if not synced:
+                    self._set_catalog(await self.client.catalog())
+                    synced = True
+                revision, events = await self.client.watch(self.catalog.revision, 25.0)
+                cat = self.catalog
+                for ev in events:
+                    try:
+                        cat = cat.apply(ev.key, ev.value, ev.revision)
+                    except InputError as e:  # a malformed record never poisons the view
+                        log.warning("ignoring malformed catalog record: %s", e)
+                if revision > cat.revision:
+                    cat = Catalog(revision, cat.clusters, cat.bundles, cat.live, cat.exports)
+                if events or revision != self.catalog.revision:
+                    self._set_catalog(cat)
+                self.connected = True
+                backoff.reset()
+            except CompactedError:
+                synced = False
+            except FederationError as e:
+                self._failed("watch", e)
+                await asyncio.sleep(backoff.next())
+
+    def _set_catalog(self, cat: Catalog) -> None:
+        self.catalog = cat
+        self.on_catalog(cat)
+        self._persist_wanted.set()
+
+    async def persist_loop(self) -> None:
+        """Write catalog.json at most every 200 ms (coalescing bursts of changes)."""
+        while True:
+            await self._persist_wanted.wait()
+            self._persist_wanted.clear()
+            data = json.dumps(self.catalog.to_json()).encode()
+            await asyncio.to_thread(write_private, self.catalog_path, data)
+            await asyncio.sleep(0.2)
+
+    async def rotation_loop(self) -> None:
+        """Reissue the SVID at half life; open connections keep theirs."""
+        while True:
+            delay = max(1.0, self.identity.svid.rotate_at - self.clock())
+            await asyncio.sleep(delay)
+            svid = self.identity.issue(self.clock())
+            self.on_svid(svid)
+            if self.client is not None:
+                self.client.set_svid(svid)
+
+    def _failed(self, what: str, e: Exception) -> None:
+        msg = f"{what}: {e}"
+        if msg != self.last_error:
+            log.warning("federation %s", msg)
+        self.last_error = msg
+        self.connected = False
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "federation": self.cfg.federation.url,
+            "connected": self.connected,
+            "last_error": self.last_error,
+            "lease": self.lease,
+            "catalog_revision": self.catalog.revision,
+            "svid": {
+                "id": str(self.identity.svid.spiffe_id),
+                "serial": f"{self.identity.svid.serial:x}",
+                "not_after": self.identity.svid.not_after,
+                "rotate_at": self.identity.svid.rotate_at,
+            },
+            "bundle_sequence": self.identity.bundle.sequence,
+        }
+
+
+class Backoff:
+    """Capped exponential backoff: 0.2 s, 0.4 s ... 5 s."""
+
+    def __init__(self, first: float = 0.2, cap: float = 5.0) -> None:
+        self.first, self.cap, self.value = first, cap, first
+
+    def next(self) -> float:
+        v = self.value
+        self.value = min(self.cap, self.value * 2)
+        return v
+
+    def reset(self) -> None:
+        self.value = self.first

@@ -1,0 +1,253 @@
+"""The `isthmus` command. The only module that prints for people.
+
+Exit codes: 0 ok, 1 failure, 2 bad usage or bad config (argparse's own convention for usage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+from federation.errors import InputError, IsthmusError
+from federation.units import parse_duration, parse_hostport
+
+from .errors import ConfigError
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _hostport(text: str) -> tuple[str, int]:
+    try:
+        return parse_hostport(text)
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _install_uvloop() -> None:
+    import uvloop
+
+    uvloop.install()
+
+
+async def _until_signal(make) -> None:
+    """Run `make(stop_event)` until SIGINT/SIGTERM sets the event."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await make(stop)
+
+
+# -- federation ----------------------------------------------------------------------------------
+def cmd_federation_serve(args: argparse.Namespace) -> int:
+    from federation.server import FederationServer
+    from federation.store.base import open_store
+
+    _setup_logging(args.log_level)
+    _install_uvloop()
+    args.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    store = open_store(args.store or f"sqlite:{args.state_dir / 'federation.db'}")
+
+    async def run(stop: asyncio.Event) -> None:
+        server = FederationServer(store, args.state_dir, args.listen, args.admin,
+                                  lease_ttl=args.lease_ttl, trust_domain=args.trust_domain)
+        await server.start()
+        try:
+            await stop.wait()
+        finally:
+            await server.stop()
+
+    asyncio.run(_until_signal(run))
+    return EXIT_OK
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    from federation.model import check_name
+    from federation.server import create_token
+    from federation.store.base import open_store
+
+    check_name(args.cluster, "--cluster")
+    store = open_store(args.store or f"sqlite:{args.state_dir / 'federation.db'}")
+
+    async def go() -> str:
+        await store.open()
+        try:
+            return await create_token(store, args.cluster, args.ttl, time.time())
+        finally:
+            await store.close()
+
+    token = asyncio.run(go())
+    if args.output:
+        import os
+
+        fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        print(f"join token for {args.cluster} written to {args.output} (single use, expires in {args.ttl:g}s)",
+              file=sys.stderr)
+    else:
+        print(token)
+    return EXIT_OK
+
+
+# -- gateway ---------------------------------------------------------------------------------------
+def cmd_gateway_run(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .runtime import Gateway
+
+    cfg = load_config(args.config)
+    _setup_logging(args.log_level)
+    _install_uvloop()
+
+    async def run(stop: asyncio.Event) -> None:
+        await Gateway(cfg).run(stop)
+
+    asyncio.run(_until_signal(run))
+    return EXIT_OK
+
+
+def cmd_config_validate(args: argparse.Namespace) -> int:
+    from .config import load_config
+
+    bad = 0
+    for path in args.files:
+        try:
+            cfg = load_config(path)
+        except ConfigError as e:
+            bad += 1
+            print(str(e), file=sys.stderr)
+            continue
+        print(f"{path}: ok (cluster {cfg.cluster.name}, {len(cfg.exports)} export(s), "
+              f"{len(cfg.imports)} import(s))")
+    return EXIT_USAGE if bad else EXIT_OK
+
+
+# -- status ----------------------------------------------------------------------------------------
+def cmd_status(args: argparse.Namespace) -> int:
+    from .status import fetch_status, render_status
+
+    try:
+        data = asyncio.run(fetch_status(args.admin))
+    except IsthmusError as e:
+        print(f"isthmus status: {e}", file=sys.stderr)
+        return EXIT_FAIL
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        render_status(data)
+    return EXIT_OK
+
+
+# -- demo ------------------------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="isthmus", description="Isthmus: an east-west gateway between clusters.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    fed = sub.add_parser("federation", help="the federation service and its join tokens")
+    fsub = fed.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+    serve = fsub.add_parser("serve", help="run the federation service",
+                            description="Run the federation service (HTTP/JSON over mutual TLS 1.3).")
+    serve.add_argument("--listen", type=_hostport, default=("127.0.0.1", 17443),
+                       help="TLS API host:port (default 127.0.0.1:17443)")
+    serve.add_argument("--admin", type=_hostport, default=("127.0.0.1", 17080),
+                       help="plain-HTTP admin host:port for /healthz /readyz /metrics /status "
+                            "(default 127.0.0.1:17080)")
+    serve.add_argument("--state-dir", type=Path, required=True, help="directory for the CA, keys and store")
+    serve.add_argument("--store", default=None, help="sqlite:PATH (default sqlite:STATE_DIR/federation.db)")
+    serve.add_argument("--lease-ttl", type=_duration, default=6.0,
+                       help="a cluster that stops renewing is withdrawn after this long (default 6s)")
+    serve.add_argument("--trust-domain", default="federation.isthmus.local")
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(func=cmd_federation_serve)
+
+    tok = fsub.add_parser("token", help="join tokens")
+    tsub = tok.add_subparsers(dest="action", metavar="ACTION", required=True)
+    create = tsub.add_parser("create", help="print a single-use, expiring join token for one cluster")
+    create.add_argument("--cluster", required=True, help="the cluster the token may join as")
+    create.add_argument("--ttl", type=_duration, default=900.0, help="token lifetime (default 15m)")
+    create.add_argument("--state-dir", type=Path, default=Path("."), help="the federation's state dir")
+    create.add_argument("--store", default=None, help="sqlite:PATH (default sqlite:STATE_DIR/federation.db)")
+    create.add_argument("--output", "-o", help="write the token to this file (0600) instead of stdout")
+    create.set_defaults(func=cmd_token_create)
+
+    gw = sub.add_parser("gateway", help="run a gateway")
+    gsub = gw.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+    run = gsub.add_parser("run", help="run the gateway of one cluster",
+                          description="Run one cluster's gateway from its YAML config.")
+    run.add_argument("--config", required=True, help="gateway config file (YAML)")
+    run.add_argument("--log-level", default="info")
+    run.set_defaults(func=cmd_gateway_run)
+
+    cfg = sub.add_parser("config", help="config files")
+    csub = cfg.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+    val = csub.add_parser("validate", help="check gateway config files; exit 2 if any is wrong")
+    val.add_argument("files", nargs="+", metavar="FILE")
+    val.set_defaults(func=cmd_config_validate)
+
+    st = sub.add_parser("status", help="clusters, leases, services and endpoint health")
+    st.add_argument("--admin", default="http://127.0.0.1:17080",
+                    help="the federation's admin URL (default http://127.0.0.1:17080)")
+    st.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    st.set_defaults(func=cmd_status)
+
+    demo = sub.add_parser("demo", help="three clusters on this machine, traffic, failover, a report",
+                          description="Start a federation, three gateways (east-1, east-2 in us-east; "
+                                      "west-1 in us-west) and echo backends on loopback; drive traffic "
+                                      "from east-1; fail east-1's then east-2's backends; restore; report.")
+    demo.add_argument("--state-dir", type=Path, default=None,
+                      help="where configs, keys and logs go (default: a new temporary directory)")
+    demo.add_argument("--keep-running", action="store_true",
+                      help="leave everything up afterwards (Ctrl-C to stop); try `isthmus status`")
+    demo.add_argument("--rate", type=int, default=40, help="new connections per second (default 40)")
+    demo.add_argument("--phase", type=_duration, default=4.0, help="length of each phase (default 4s)")
+    demo.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_USAGE
+    except InputError as e:
+        print(f"isthmus: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except IsthmusError as e:
+        print(f"isthmus: {e}", file=sys.stderr)
+        return EXIT_FAIL
+    except OSError as e:
+        print(f"isthmus: {e}", file=sys.stderr)
+        return EXIT_FAIL
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,311 @@
+"""Composition root of a gateway: config -> identity, health, routers, listeners, agent, admin.
+
+The data path reads top to bottom here: a local app connects to an import listener; its router
+(tiers from the catalog and health) plans the attempts; the dialer connects a local endpoint or
+a remote gateway over mutual TLS; the relay carries bytes. Inbound, a remote gateway's stream is
+identified (SVID against its own trust domain's bundle), authorized (export's allowed
+consumers), routed to a healthy local endpoint, relayed.
+
+Every task is owned by the TaskGroup in `run()`; stopping cancels the group, then closes the
+listeners (their connections and connect tasks), the admin server and the federation client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from typing import Any
+
+from federation.errors import IsthmusError
+from federation.identity import Svid, TrustBundle
+from federation.model import Catalog, Endpoint, Export, Locality, ServiceKey
+from federation.units import parse_hostport
+
+from .agent import Agent, Identity
+from .balance import Policy
+from .config import GatewayConfig
+from .l4 import Dialer, ImportListener, InboundListener
+from .probes import http_check, ping_gateway, probe_loop, tcp_check
+from .router import HealthBook, LocalEndpoint, OutlierRules, Router, local_key, remote_key
+from .tls import GatewayTls, TlsSnapshot
+
+log = logging.getLogger("isthmus.gateway")
+
+TICK = 0.25  # failover state and export health re-evaluated this often, besides on events
+
+
+class Gateway:
+    def __init__(self, cfg: GatewayConfig, *, wall=time.time, rng: random.Random | None = None) -> None:
+        self.cfg = cfg
+        self.wall = wall
+        self.rng = rng or random.Random()
+        c = cfg.cluster
+        self.locality = Locality(c.region, c.zone, c.name)
+        o = cfg.outlier_detection
+        self.book = HealthBook(OutlierRules(o.consecutive_failures, o.base_ejection, o.max_ejection))
+        self.book.on_change.append(self._health_changed)
+        self.identity: Identity | None = None
+        self.tls: GatewayTls | None = None
+        self.agent: Agent | None = None
+        self.catalog = Catalog()
+        self.gateways: dict[str, tuple[str, int]] = {}  # cluster -> inbound address
+        self.export_routers: dict[ServiceKey, tuple[Export, Router]] = {}
+        self.import_routers: dict[ServiceKey, Router] = {}
+        self.listeners: list[Any] = []
+        self.inbound: InboundListener | None = None
+        self.admin: Any = None
+        self.ready = False
+        self.started_at = time.monotonic()
+        self.bundle_refused: dict[str, str] = {}
+
+    # -- construction --------------------------------------------------------------------------
+    def _mono(self) -> float:
+        return time.monotonic()
+
+    def _build_routers(self) -> None:
+        cfg = self.cfg
+        for ex in cfg.exports:
+            svc = ServiceKey(ex.namespace, ex.name)
+            router = Router(svc, self.locality, Policy(tiers=("cluster",), max_attempts=max(1, len(ex.endpoints))),
+                            self.book, self._mono, self.rng.random)
+            router.set_local([LocalEndpoint(e.host, e.port, e.weight) for e in ex.endpoints])
+            self.export_routers[svc] = (self._export_value(ex, health=False), router)
+        for im in cfg.imports:
+            svc = ServiceKey(im.namespace, im.name)
+            f = im.failover
+            policy = Policy(f.tiers, f.region_preference, f.failback_after, f.max_attempts)
+            router = Router(svc, self.locality, policy, self.book, self._mono, self.rng.random,
+                            gateway_address=self.gateways.get)
+            own = self.export_routers.get(svc)
+            if own is not None:
+                router.set_local(own[1].local)
+            self.import_routers[svc] = router
+
+    def _export_value(self, ex: Any, health: bool = True) -> Export:
+        now = self._mono()
+        return Export(
+            cluster=self.cfg.cluster.name,
+            namespace=ex.namespace,
+            name=ex.name,
+            port=ex.port,
+            protocol=ex.protocol,
+            endpoints=tuple(
+                Endpoint(e.host, e.port, self.book.routable(local_key(e.host, e.port), now) if health else True, e.weight)
+                for e in ex.endpoints
+            ),
+            allowed_consumers=ex.allowed_consumers,
+        )
+
+    def export_state(self) -> list[Export]:
+        return [self._export_value(ex) for ex in self.cfg.exports]
+
+    # -- reactions -------------------------------------------------------------------------------
+    def _health_changed(self, key: str) -> None:
+        if key.startswith("local:") and self.agent is not None:
+            self.agent.publish_wanted.set()
+
+    def _on_svid(self, svid: Svid) -> None:
+        snap = self.tls.snapshot
+        self.tls.update(TlsSnapshot(svid, snap.bundles, snap.owners))
+
+    def apply_catalog(self, cat: Catalog) -> None:
+        """New catalog: trust bundles, gateway addresses, remote candidates of every import."""
+        self.catalog = cat
+        me = self.cfg.cluster.name
+        snap = self.tls.snapshot
+        bundles: dict[str, TrustBundle] = {self.identity.bundle.trust_domain: self.identity.bundle}
+        owners: dict[str, str] = {self.cfg.cluster.trust_domain: me}
+        gateways: dict[str, tuple[str, int]] = {}
+        for name, rec in cat.clusters.items():
+            if name == me:
+                continue
+            raw = cat.bundles.get(rec.trust_domain)
+            if raw is None:
+                continue
+            try:
+                bundle = TrustBundle.from_jwks(rec.trust_domain, dict(raw))
+                held = snap.bundles.get(rec.trust_domain)
+                if held is not None:
+                    bundle = held.successor(bundle)
+                gateways[name] = parse_hostport(rec.gateway_address)
+            except (IsthmusError, ValueError) as e:  # a malformed peer never crashes us
+                if self.bundle_refused.get(name) != str(e):
+                    log.warning("cluster %s: ignoring its bundle/record: %s", name, e)
+                self.bundle_refused[name] = str(e)
+                held = snap.bundles.get(rec.trust_domain)
+                if held is None:
+                    continue
+                bundle = held
+                gateways[name] = parse_hostport(rec.gateway_address)
+            bundles[rec.trust_domain] = bundle
+            owners[rec.trust_domain] = name
+        self.tls.update(TlsSnapshot(snap.svid, bundles, owners))
+        self.gateways.clear()
+        self.gateways.update(gateways)
+        for svc, router in self.import_routers.items():
+            remote = [
+                (cat.clusters[e.cluster].locality, e)
+                for e in cat.exports_of(svc)
+                if e.cluster != me and e.cluster in gateways and e.allows(me)
+            ]
+            router.set_remote(remote)
+        self.book.forget(self._known_keys())
+
+    def _known_keys(self) -> set[str]:
+        keys = {local_key(e.host, e.port) for ex in self.cfg.exports for e in ex.endpoints}
+        keys |= {remote_key(c) for c in self.gateways}
+        return keys
+
+    # -- tasks -----------------------------------------------------------------------------------
+    async def _probe_exports(self, tg: asyncio.TaskGroup) -> None:
+        for ex in self.cfg.exports:
+            hc = ex.health_check
+            for e in ex.endpoints:
+                if hc.kind == "http":
+                    def check(e=e, hc=hc):
+                        return http_check(e.host, e.port, hc.path or "/", hc.timeout)
+                else:
+                    def check(e=e, hc=hc):
+                        return tcp_check(e.host, e.port, hc.timeout)
+                tg.create_task(probe_loop(self.book, local_key(e.host, e.port), check, hc.interval,
+                                          hc.healthy_threshold, hc.unhealthy_threshold, self._mono))
+
+    async def _probe_gateways(self) -> None:
+        """Probe every remote gateway we may send traffic to, all at once, every interval."""
+        p = self.cfg.peer_probe
+        while True:
+            started = self._mono()
+            wanted = {r.locality.cluster for router in self.import_routers.values() for r, _ in router.remote}
+            clusters = [c for c in wanted if c in self.gateways]
+
+            async def one(cluster: str) -> None:
+                try:
+                    ctx, verify = self.tls.for_peer(cluster)
+                except LookupError:
+                    ok = False
+                else:
+                    host, port = self.gateways[cluster]
+                    ok = await ping_gateway(host, port, ctx, verify, cluster, p.timeout)
+                self.book.probe(remote_key(cluster), ok, self._mono(), p.healthy_threshold, p.unhealthy_threshold)
+
+            if clusters:
+                await asyncio.gather(*(one(c) for c in clusters))
+            await asyncio.sleep(max(0.0, p.interval - (self._mono() - started)))
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(TICK)
+            for router in self.import_routers.values():
+                router.tick()
+            if self.agent is not None and self.agent.lease is not None:
+                self.agent.publish_wanted.set()  # publishes only exports whose health changed
+
+    async def _join_then_follow(self, tg: asyncio.TaskGroup) -> None:
+        agent = self.agent
+        backoff = 0.2
+        while True:
+            try:
+                await agent.ensure_joined()
+                break
+            except IsthmusError as e:
+                if "no join token" in str(e):
+                    raise
+                log.warning("cannot join the federation yet: %s", e)
+                await asyncio.sleep(backoff)
+                backoff = min(5.0, backoff * 2)
+        for loop in (agent.lease_loop, agent.publish_loop, agent.watch_loop, agent.persist_loop):
+            tg.create_task(loop())
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        cfg = self.cfg
+        cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.identity = Identity(cfg, self.wall())
+        self.tls = GatewayTls(
+            TlsSnapshot(self.identity.svid, {self.identity.bundle.trust_domain: self.identity.bundle},
+                        {cfg.cluster.trust_domain: cfg.cluster.name}),
+            self.wall,
+        )
+        self._build_routers()
+        self.agent = Agent(cfg, self.identity, self.wall, self.apply_catalog, self._on_svid, self.export_state)
+        cached = self.agent.load_cached_catalog()
+        if cached is not None:
+            self.apply_catalog(cached)
+            log.info("routing from cached catalog revision %d until the federation answers", cached.revision)
+        lim = cfg.limits
+        dialer = Dialer(self.tls, lim.connect_timeout)
+        self.inbound = InboundListener(self.tls, self.export_routers.get, dialer,
+                                       max_connections=lim.max_connections, idle_timeout=lim.idle_timeout)
+        await self.inbound.start(*cfg.listen.inbound)
+        self.listeners.append(self.inbound)
+        for svc, router in self.import_routers.items():
+            im = next(i for i in cfg.imports if (i.namespace, i.name) == (svc.namespace, svc.name))
+            lst = ImportListener(svc, router, dialer, max_connections=lim.max_connections, idle_timeout=lim.idle_timeout)
+            await lst.start(*im.listen)
+            self.listeners.append(lst)
+        from .admin import start_admin
+
+        self.admin = await start_admin(self, *cfg.listen.admin)
+        self.ready = True
+        log.info("gateway %s (%s) up: inbound %s, admin %s:%s, %d import listener(s)", cfg.cluster.name,
+                 self.locality, cfg.listen.advertise, *cfg.listen.admin, len(self.import_routers))
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.start()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._join_then_follow(tg))
+                tg.create_task(self.agent.rotation_loop())
+                await self._probe_exports(tg)
+                tg.create_task(self._probe_gateways())
+                tg.create_task(self._ticker())
+                await stop.wait()
+                raise _Stop
+        except* _Stop:
+            pass
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        self.ready = False
+        for lst in self.listeners:
+            await lst.close()
+        self.listeners.clear()
+        if self.admin is not None:
+            await self.admin.cleanup()
+            self.admin = None
+        if self.agent is not None:
+            await self.agent.close()
+
+    # -- introspection -----------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        now = self._mono()
+        return {
+            "cluster": self.cfg.cluster.name,
+            "locality": {"region": self.locality.region, "zone": self.locality.zone},
+            "trust_domain": self.cfg.cluster.trust_domain,
+            "ready": self.ready,
+            "uptime_seconds": round(now - self.started_at, 1),
+            "agent": self.agent.status() if self.agent else None,
+            "catalog": {"revision": self.catalog.revision, "clusters": sorted(self.catalog.clusters),
+                        "live": sorted(self.catalog.live)},
+            "imports": [r.describe() for r in self.import_routers.values()],
+            "exports": [e.to_json() for e in self.export_state()],
+            "health": self.book.snapshot(now),
+            "listeners": {lst.name: _stats(lst) for lst in self.listeners},
+        }
+
+
+def _stats(lst: Any) -> dict[str, Any]:
+    s = lst.stats
+    out = {k: v for k, v in vars(s).items()}
+    if isinstance(lst, InboundListener):
+        out["identity_refused"] = lst.identity_refused
+        out["denied"] = lst.denied
+    return out
+
+
+class _Stop(Exception):
+    pass
