@@ -1,0 +1,44 @@
+"""Errors of the gateway package. Each says whose fault it is and what to do.
+
+`GatewayError` is the base of everything the gateway raises on purpose. `ConfigError` means the
+operator's config file is wrong: it carries every problem found, each naming the file, the line,
+the field path and what is wrong, so one run of `isthmus config validate` shows them all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from federation.errors import IsthmusError
+
+
+class GatewayError(IsthmusError):
+    """Base of every error the gateway raises on purpose."""
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong with a config file.
+
+    `line` is 1-based (None when the problem is about the file as a whole); `path` is the field,
+    written like `imports[0].failover.tiers[1]` ("" when the problem is not about one field).
+    """
+
+    file: str
+    line: int | None
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = self.file if self.line is None else f"{self.file}:{self.line}"
+        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+
+
+class ConfigError(GatewayError):
+    """The config file is wrong (the operator's to fix). str() is one line per problem."""
+
+    def __init__(self, problems: list[Problem]):
+        if not problems:
+            raise ValueError("ConfigError needs at least one problem")
+        self.problems: list[Problem] = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
