@@ -177,7 +177,7 @@ class Gateway:
         p = self.cfg.peer_probe
         while True:
             started = self._mono()
-            wanted = {r.locality.cluster for router in self.import_routers.values() for r, _ in router.remote}
+            wanted = {loc.cluster for router in self.import_routers.values() for loc, _ in router.remote}
             clusters = [c for c in wanted if c in self.gateways]
 
             async def one(cluster: str) -> None:
