@@ -1,0 +1,288 @@
+"""Wire schemas of the federation HTTP API: the one place that describes every route.
+
+The server registers its aiohttp routes from `ROUTES` (method, path, operation id), and
+`openapi_document()` renders the same list as an OpenAPI 3.1 document, which the service
+serves at `GET /v1/openapi.json`. A test checks that the app's routes and the document agree.
+
+Conventions
+-----------
+- Bodies are JSON, at most `MAX_BODY` bytes (larger: 413). Errors are `{"error": "..."}`; the
+  message names the field or the peer at fault.
+- `auth` of a route: "token" (single-use join token in the body, no client certificate needed),
+  "svid" (a client certificate that verifies as `spiffe://<td>/ns/isthmus-system/sa/gateway`
+  against the bundle of a joined cluster's trust domain; writes only to the caller's own
+  cluster), or "none" (health, metrics, this document).
+- Watch events carry `value` as parsed JSON (null for deletes); `event_to_json` and
+  `event_from_json` convert to and from the store's `Event` (whose value is raw JSON bytes, so
+  `Catalog.apply` can fold it).
+
+This module is pure: it imports no I/O.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import InputError
+from .store.base import Event
+
+API_VERSION = "1.0.0"
+MAX_BODY = 1 << 20  # 1 MiB
+MAX_WATCH_TIMEOUT = 60.0
+DEFAULT_WATCH_TIMEOUT = 25.0
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str  # aiohttp and OpenAPI share the {param} syntax
+    operation_id: str
+    summary: str
+    auth: str  # "token" | "svid" | "none"
+    request: str | None = None  # component schema name of the JSON body
+    response: str | None = None  # component schema name of the 200 body
+    errors: tuple[int, ...] = ()
+    params: tuple[tuple[str, str, str], ...] = ()  # (name, in, type) besides path params
+    content_type: str = "application/json"
+    tags: tuple[str, ...] = field(default=("federation",))
+
+
+_W = (400, 401, 403, 413)  # errors every authenticated write can answer
+
+ROUTES: tuple[Route, ...] = (
+    Route("POST", "/v1/join", "join",
+          "Join the federation with a single-use join token; returns the federation's bundle.",
+          "token", "JoinRequest", "JoinResponse", (400, 401, 403, 409, 413)),
+    Route("PUT", "/v1/clusters/{name}/bundle", "putBundle",
+          "Replace the cluster's trust bundle (a lower spiffe_sequence is refused).",
+          "svid", "Jwks", "Revision", _W + (409,)),
+    Route("POST", "/v1/clusters/{name}/lease", "grantLease",
+          "Grant a liveness lease; marks the cluster live until it expires.",
+          "svid", None, "Lease", _W),
+    Route("PUT", "/v1/clusters/{name}/lease/{lease}", "keepAlive",
+          "Renew a lease; 404 when it is unknown or expired (grant a new one and republish).",
+          "svid", None, "Lease", _W + (404,)),
+    Route("PUT", "/v1/clusters/{name}/exports/{namespace}/{service}", "putExport",
+          "Publish an export, attached to the cluster's current lease (409 if it has none).",
+          "svid", "Export", "Revision", _W + (409,)),
+    Route("DELETE", "/v1/clusters/{name}/exports/{namespace}/{service}", "deleteExport",
+          "Withdraw an export.", "svid", None, "Deleted", _W),
+    Route("GET", "/v1/catalog", "getCatalog",
+          "Snapshot of the catalog with the revision it was read at.",
+          "svid", None, "Catalog", (401,)),
+    Route("GET", "/v1/watch", "watch",
+          "Long-poll catalog changes after a revision (410 when that history is compacted).",
+          "svid", None, "WatchResponse", (400, 401, 410),
+          params=(("after", "query", "integer"), ("timeout", "query", "string"))),
+    Route("GET", "/v1/openapi.json", "openapi", "This document.", "none", None, "OpenApi"),
+    Route("GET", "/healthz", "healthz", "The process is up.", "none", None, "Text",
+          content_type="text/plain", tags=("admin",)),
+    Route("GET", "/readyz", "readyz", "The store is open and the TLS listener is bound.",
+          "none", None, "Text", (503,), content_type="text/plain", tags=("admin",)),
+    Route("GET", "/metrics", "metrics", "Prometheus text exposition.", "none", None, "Text",
+          content_type="text/plain; version=0.0.4", tags=("admin",)),
+    Route("GET", "/status", "status",
+          "Clusters, liveness and services. On the TLS port it needs a cluster SVID; the "
+          "plain-HTTP admin listener (loopback) serves it without one.",
+          "svid", None, "Status", (401,), tags=("admin",)),
+)
+
+ADMIN_PATHS = ("/healthz", "/readyz", "/metrics", "/status")
+
+_NAME = {"type": "string", "pattern": "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"}
+_STR = {"type": "string"}
+_INT = {"type": "integer"}
+_NUM = {"type": "number"}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _obj(props: dict[str, Any], required: list[str] | None = None, extra: bool = False) -> dict:
+    out: dict[str, Any] = {"type": "object", "properties": props}
+    out["required"] = list(props) if required is None else required
+    if not extra:
+        out["additionalProperties"] = False
+    return out
+
+
+SCHEMAS: dict[str, dict[str, Any]] = {
+    "Error": _obj({"error": _STR}, extra=True),
+    "Compacted": _obj({"error": _STR, "compacted": _INT}),
+    "Text": {"type": "string"},
+    "OpenApi": {"type": "object"},
+    "Endpoint": _obj({
+        "address": {"type": "string", "description": "host:port ([v6]:port)"},
+        "healthy": {"type": "boolean"},
+        "weight": {"type": "integer", "minimum": 1, "maximum": 1000},
+    }),
+    "Export": _obj({
+        "cluster": _NAME, "namespace": _NAME, "name": _NAME,
+        "port": {"type": "integer", "minimum": 1, "maximum": 65535},
+        "protocol": {"type": "string", "enum": ["tcp"]},
+        "endpoints": {"type": "array", "items": _ref("Endpoint"), "maxItems": 1000},
+        "allowed_consumers": {"type": ["array", "null"], "items": _NAME},
+    }, required=["cluster", "namespace", "name", "port", "protocol", "endpoints"]),
+    "ClusterRecord": _obj({
+        "name": _NAME, "region": _NAME, "zone": _NAME,
+        "trust_domain": {"type": "string", "pattern": "^[a-z0-9._-]{1,255}$"},
+        "gateway_address": {"type": "string", "description": "host:port of the mTLS listener"},
+    }),
+    "Jwks": {
+        "type": "object",
+        "description": "SPIFFE trust bundle (JWKS with x509-svid keys)",
+        "properties": {
+            "keys": {"type": "array", "items": {"type": "object"}},
+            "spiffe_sequence": _INT,
+            "spiffe_refresh_hint": _INT,
+        },
+        "required": ["keys"],
+    },
+    "JoinRequest": _obj({
+        "token": _STR, "cluster": _ref("ClusterRecord"), "bundle": _ref("Jwks"),
+    }),
+    "JoinResponse": _obj({
+        "federation_trust_domain": _STR, "federation_bundle": _ref("Jwks"), "lease_ttl": _NUM,
+    }),
+    "Lease": _obj({"lease": _INT, "ttl": _NUM}),
+    "Revision": _obj({"revision": _INT}),
+    "Deleted": _obj({"deleted": {"type": "boolean"}, "revision": _INT}),
+    "Catalog": _obj({
+        "revision": _INT,
+        "clusters": {"type": "object", "additionalProperties": _ref("ClusterRecord")},
+        "bundles": {"type": "object", "additionalProperties": _ref("Jwks")},
+        "live": {"type": "array", "items": _NAME},
+        "exports": {"type": "array", "items": _ref("Export")},
+    }),
+    "WatchEvent": _obj({
+        "type": {"type": "string", "enum": ["put", "delete"]},
+        "key": _STR,
+        "value": {"description": "the JSON value put; null for deletes"},
+        "revision": _INT,
+    }),
+    "WatchResponse": _obj({
+        "revision": {"type": "integer", "description": "latest revision seen; resume after it"},
+        "events": {"type": "array", "items": _ref("WatchEvent")},
+    }),
+    "Status": _obj({
+        "revision": _INT,
+        "trust_domain": _STR,
+        "clusters": {"type": "object", "additionalProperties": _obj({
+            "region": _STR, "zone": _STR, "trust_domain": _STR, "gateway_address": _STR,
+            "live": {"type": "boolean"},
+            "lease_age_seconds": {"type": ["number", "null"]},
+        })},
+        "services": {"type": "object", "additionalProperties": {
+            "type": "object", "additionalProperties": {"type": "array", "items": _ref("Endpoint")},
+        }},
+    }),
+}
+
+
+def _operation(r: Route) -> dict[str, Any]:
+    op: dict[str, Any] = {"operationId": r.operation_id, "summary": r.summary, "tags": list(r.tags)}
+    params = [
+        {"name": p.strip("{}"), "in": "path", "required": True, "schema": {"type": "string"}}
+        for p in r.path.split("/") if p.startswith("{")
+    ]
+    params += [{"name": n, "in": where, "required": False, "schema": {"type": t}}
+               for n, where, t in r.params]
+    if params:
+        op["parameters"] = params
+    if r.request:
+        op["requestBody"] = {
+            "required": True, "content": {"application/json": {"schema": _ref(r.request)}},
+        }
+    responses: dict[str, Any] = {
+        "200": {"description": "OK", "content": {r.content_type: {"schema": _ref(r.response)}}}
+        if r.response else {"description": "OK"},
+    }
+    for code in r.errors:
+        schema = "Compacted" if code == 410 else "Error"
+        responses[str(code)] = {
+            "description": _REASONS.get(code, "error"),
+            "content": {"application/json": {"schema": _ref(schema)}},
+        }
+    op["responses"] = responses
+    if r.auth == "svid":
+        op["security"] = [{"svid": []}]
+    elif r.auth == "token":
+        op["security"] = [{"joinToken": []}]
+    else:
+        op["security"] = []
+    return op
+
+
+_REASONS = {
+    400: "malformed request (the message names the field)",
+    401: "no or unverifiable client certificate, or bad join token",
+    403: "the caller may not write this cluster's records",
+    404: "unknown or expired",
+    409: "conflict (sequence, trust domain, or no live lease)",
+    410: "watch history compacted: fetch a new snapshot",
+    413: "body larger than 1 MiB",
+    503: "not ready",
+}
+
+
+def openapi_document() -> dict[str, Any]:
+    paths: dict[str, dict[str, Any]] = {}
+    for r in ROUTES:
+        paths.setdefault(r.path, {})[r.method.lower()] = _operation(r)
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Isthmus federation API",
+            "version": API_VERSION,
+            "description": "Gateways exchange catalogs and SPIFFE trust bundles. Every write "
+            "is authorized by the caller's SVID (a cluster writes only its own records) or, "
+            "for the first join, by a single-use expiring token.",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": SCHEMAS,
+            "securitySchemes": {
+                "svid": {"type": "mutualTLS",
+                         "description": "X.509 SVID spiffe://<td>/ns/isthmus-system/sa/gateway"},
+                "joinToken": {"type": "http", "scheme": "bearer",
+                              "description": "single-use join token, sent in the body"},
+            },
+        },
+    }
+
+
+# ---- pure wire conversions -------------------------------------------------------------------
+
+
+def event_to_json(ev: Event) -> dict[str, Any]:
+    value = None
+    if ev.value is not None:
+        try:
+            value = json.loads(ev.value)
+        except (ValueError, UnicodeDecodeError):
+            value = None
+    return {"type": ev.type, "key": ev.key, "value": value, "revision": ev.revision}
+
+
+def event_from_json(obj: Any, what: str = "event") -> Event:
+    if not isinstance(obj, dict):
+        raise InputError(f"{what}: expected an object")
+    typ = obj.get("type")
+    key = obj.get("key")
+    rev = obj.get("revision")
+    if typ not in ("put", "delete"):
+        raise InputError(f"{what}.type: {typ!r} is not put or delete")
+    if not isinstance(key, str):
+        raise InputError(f"{what}.key: expected a string")
+    if not isinstance(rev, int) or isinstance(rev, bool):
+        raise InputError(f"{what}.revision: expected an integer")
+    value = None if typ == "delete" else json.dumps(obj.get("value")).encode()
+    return Event(typ, key, value, rev)
+
+
+def canonical_json(obj: Any) -> bytes:
+    """The bytes stored for a value: stable, so identical writes can be skipped."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()

@@ -1,0 +1,259 @@
+"""The async client of the federation API, used by gateways and the CLI.
+
+The client trusts only the federation's bundle (its CA, usually the `ca.pem` the federation
+wrote into its state directory). The federation CA issues nothing but the federation's own
+certificate, so the chain check against that bundle alone identifies the server (hostname
+checks are off: the URL may use any address of the federation).
+
+Every non-2xx answer raises `FederationError(message, status)` with the server's JSON error
+message; an unreachable server raises `FederationError` naming the URL (status None). A watch
+whose history was compacted raises `CompactedError`: fetch `catalog()` and watch after its
+revision.
+
+`set_svid()` swaps the client certificate after a rotation: new requests open connections with
+the new SVID; the old session is closed once its in-flight requests (e.g. a long-poll) finish.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from . import api
+from .errors import CompactedError, FederationError, IdentityError, InputError
+from .identity import Svid, TrustBundle
+from .model import Catalog, ClusterRecord, Export
+from .store.base import Event
+from .tls import client_context
+from .units import format_duration
+
+DEFAULT_FEDERATION_TRUST_DOMAIN = "federation.isthmus.local"
+
+
+def load_federation_bundle(
+    ca_file: Path, trust_domain: str = DEFAULT_FEDERATION_TRUST_DOMAIN
+) -> TrustBundle:
+    """Wrap the federation's PEM CA file (one or more certificates) as a bundle, sequence 0."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        data = Path(ca_file).read_bytes()
+    except OSError as e:
+        raise IdentityError(f"federation CA file {ca_file}: {e.strerror or e}") from None
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError as e:
+        raise IdentityError(f"federation CA file {ca_file}: not a PEM certificate ({e})") from None
+    ders = tuple(c.public_bytes(serialization.Encoding.DER) for c in certs)
+    return TrustBundle(trust_domain, ders, 0)
+
+
+class _Session:
+    """A ClientSession plus the count of requests running on it (for graceful retirement)."""
+
+    def __init__(self, ctx: ssl.SSLContext):
+        self.http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=ctx, limit=32),
+            timeout=aiohttp.ClientTimeout(total=None),
+        )
+        self.inflight = 0
+        self.retired = False
+
+
+class FederationClient:
+    def __init__(
+        self,
+        url: str,
+        federation_bundle: TrustBundle,
+        svid: Svid | None = None,
+        timeout: float = 10.0,
+    ):
+        self.url = url.rstrip("/")
+        self.federation_bundle = federation_bundle
+        self.svid = svid
+        self.timeout = timeout
+        self._session: _Session | None = None
+        self._retired: list[_Session] = []
+        self._closed = False
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    def _current(self) -> _Session:
+        if self._closed:
+            raise FederationError(f"federation client for {self.url} is closed")
+        if self._session is None:
+            self._session = _Session(client_context(self.svid, self.federation_bundle))
+        return self._session
+
+    def set_svid(self, svid: Svid | None) -> None:
+        """Use `svid` for new connections; the old session closes when it goes idle."""
+        self.svid = svid
+        if self._session is not None:
+            self._session.retired = True
+            self._retired.append(self._session)
+            self._session = None
+
+    async def _sweep(self) -> None:
+        idle = [s for s in self._retired if s.inflight == 0]
+        self._retired = [s for s in self._retired if s.inflight > 0]
+        for s in idle:
+            await s.http.close()
+
+    async def close(self) -> None:
+        self._closed = True
+        sessions = [*self._retired, *([self._session] if self._session else [])]
+        self._session = None
+        self._retired = []
+        for s in sessions:
+            await s.http.close()
+
+    async def __aenter__(self) -> FederationClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ---- transport -----------------------------------------------------------------------
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        params: dict[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> tuple[int, Any]:
+        """(status, parsed JSON) of a 2xx answer; FederationError otherwise (410 is returned)."""
+        if self._retired:
+            await self._sweep()
+        session = self._current()
+        url = self.url + path
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"} if data is not None else None
+        session.inflight += 1
+        try:
+            async with session.http.request(
+                method,
+                url,
+                data=data,
+                params=params,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=timeout or self.timeout),
+            ) as resp:
+                raw = await resp.read()
+                status = resp.status
+        except TimeoutError:  # (a subclass of OSError: catch it first)
+            raise FederationError(
+                f"federation at {self.url}: {method} {path}: no answer within "
+                f"{format_duration(timeout or self.timeout)}"
+            ) from None
+        except (aiohttp.ClientError, OSError, ssl.SSLError) as e:
+            raise FederationError(
+                f"federation at {self.url}: {method} {path}: {_describe(e)}"
+            ) from None
+        finally:
+            session.inflight -= 1
+            if session.retired and session.inflight == 0 and session in self._retired:
+                self._retired.remove(session)
+                await session.http.close()
+        try:
+            parsed = json.loads(raw) if raw else None
+        except (ValueError, UnicodeDecodeError):
+            parsed = None
+        if 200 <= status < 300 or status == 410:
+            if parsed is None and raw:
+                raise FederationError(
+                    f"federation at {self.url}: {method} {path}: answer is not JSON", status
+                )
+            return status, parsed
+        message = parsed.get("error") if isinstance(parsed, dict) else None
+        if not isinstance(message, str):
+            message = raw[:200].decode("utf-8", "replace") or f"HTTP {status}"
+        raise FederationError(message, status)
+
+    async def _ok(self, method: str, path: str, body: Any = None) -> Any:
+        status, parsed = await self._request(method, path, body)
+        if status == 410:
+            raise FederationError(str(parsed.get("error", "gone")), 410)
+        return parsed
+
+    # ---- API -----------------------------------------------------------------------------
+
+    async def join(self, token: str, record: ClusterRecord, bundle: TrustBundle) -> dict:
+        """Join with a single-use token. Returns {federation_trust_domain, federation_bundle
+        (JWKS), lease_ttl}."""
+        return await self._ok(
+            "POST",
+            "/v1/join",
+            {"token": token, "cluster": record.to_json(), "bundle": bundle.to_jwks()},
+        )
+
+    async def put_bundle(self, name: str, bundle: TrustBundle) -> int:
+        return (await self._ok("PUT", f"/v1/clusters/{name}/bundle", bundle.to_jwks()))["revision"]
+
+    async def grant_lease(self, name: str) -> tuple[int, float]:
+        out = await self._ok("POST", f"/v1/clusters/{name}/lease")
+        return int(out["lease"]), float(out["ttl"])
+
+    async def keepalive(self, name: str, lease_id: int) -> bool:
+        """True if renewed; False if the lease is unknown or expired (grant a new one)."""
+        try:
+            await self._ok("PUT", f"/v1/clusters/{name}/lease/{lease_id}")
+        except FederationError as e:
+            if e.status == 404:
+                return False
+            raise
+        return True
+
+    async def put_export(self, export: Export) -> int:
+        path = f"/v1/clusters/{export.cluster}/exports/{export.namespace}/{export.name}"
+        return (await self._ok("PUT", path, export.to_json()))["revision"]
+
+    async def delete_export(self, cluster: str, namespace: str, name: str) -> bool:
+        path = f"/v1/clusters/{cluster}/exports/{namespace}/{name}"
+        return bool((await self._ok("DELETE", path))["deleted"])
+
+    async def catalog(self) -> Catalog:
+        obj = await self._ok("GET", "/v1/catalog")
+        try:
+            return Catalog.from_json(obj)
+        except InputError as e:
+            raise FederationError(f"federation at {self.url}: malformed catalog: {e}") from None
+
+    async def watch(self, after: int, timeout: float = 25.0) -> tuple[int, list[Event]]:
+        """Long-poll events after `after`. Returns (revision to resume after, events)."""
+        timeout = min(timeout, api.MAX_WATCH_TIMEOUT)
+        status, obj = await self._request(
+            "GET",
+            "/v1/watch",
+            params={"after": str(after), "timeout": f"{max(timeout, 0.0):.3f}s"},
+            timeout=timeout + self.timeout,
+        )
+        if status == 410:
+            compacted = obj.get("compacted") if isinstance(obj, dict) else None
+            raise CompactedError(after, compacted if isinstance(compacted, int) else after + 1)
+        try:
+            revision = obj["revision"]
+            raw_events = obj["events"]
+            if not isinstance(revision, int) or not isinstance(raw_events, list):
+                raise TypeError
+            events = [api.event_from_json(e, f"events[{i}]") for i, e in enumerate(raw_events)]
+        except (KeyError, TypeError, InputError) as e:
+            raise FederationError(f"federation at {self.url}: malformed watch answer: {e}") from None
+        return revision, events
+
+    async def status(self) -> dict:
+        return await self._ok("GET", "/status")
+
+    async def openapi(self) -> dict:
+        return await self._ok("GET", "/v1/openapi.json")
+
+
+def _describe(e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    return text

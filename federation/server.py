@@ -1,0 +1,850 @@
+"""The federation service: an aiohttp app over TLS 1.3 where gateways join, publish, and watch.
+
+Theory of operation
+-------------------
+* Identity. The federation has its own trust domain (default `federation.isthmus.local`) and a
+  CA kept in `--state-dir` (`ca.pem`, `ca-key.pem`); gateways trust only that CA for the
+  federation (it issues nothing but the federation's own server SVID). The server SVID is
+  issued at every start and reissued at half life by a background task, then swapped into the
+  live SSL context (`reload_server_context`), so open connections are not dropped.
+* Authentication. The TLS listener asks for, but does not require, a client certificate, so a
+  new cluster can `POST /v1/join` with only a join token. Every other `/v1` route (and
+  `/status` on the TLS port) needs a client SVID that verifies against the bundle of a joined
+  cluster's trust domain, and whose SPIFFE ID is that trust domain's gateway ID. The server
+  context trusts every joined cluster's bundle; a join or bundle update adds the new
+  authorities to the live context. (OpenSSL cannot forget a CA in place: after a bundle drops
+  an authority the handshake may still pass, but `verify_peer` checks against the current
+  bundle only, so the request is refused with 401.)
+* Authorization. A cluster writes only its own records (`/v1/clusters/{name}/...` with
+  name == caller); anything else is 403 naming both clusters, logged and counted.
+* State lives in the store under the keys described in `model.py`; the server keeps in memory
+  only what it can rebuild from the store at start (bundles, trust domain -> cluster, current
+  lease per cluster) plus last-renewal times for `/status`.
+* Leases. A reaper calls `store.expire_leases()` every 200 ms, so a cluster that stops renewing
+  loses `catalog/live/<c>` and its exports within ttl + 0.2 s; watchers see the deletes.
+  Granting a new lease does not revoke the previous one: keys re-put under the new lease move
+  to it, and the old lease ends (deleting only what is still attached to it) at its deadline.
+* Join tokens: 32 random bytes, urlsafe; only the sha256 is stored (`tokens/<hex>`), consumed by
+  an atomic `store.delete`. A re-join with a fresh token replaces the record and the bundle
+  (even with a lower sequence: a cluster that lost its state starts again from 0).
+* Ownership. `start()` opens the store; every background task lives in `self._tasks`;
+  `stop()` stops accepting, wakes long-polls, cancels tasks and closes the store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import ipaddress
+import json
+import logging
+import secrets
+import signal
+import socket
+import ssl
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from . import api
+from .errors import (
+    BundleSequenceError,
+    CompactedError,
+    IdentityError,
+    InputError,
+    StoreError,
+)
+from .identity import (
+    CertificateAuthority,
+    SpiffeId,
+    Svid,
+    TrustBundle,
+    TrustDomain,
+    federation_id,
+    gateway_id,
+    spiffe_id_of,
+)
+from .model import BUNDLES, CATALOG_PREFIX, CLUSTERS, LIVE, TOKENS, Catalog, ClusterRecord, Export
+from .store.base import Store, open_store
+from .tls import peer_cert_der, reload_server_context, server_context, verify_peer
+from .units import format_hostport, parse_duration, parse_hostport
+
+log = logging.getLogger("isthmus.federation")
+
+FEDERATION_TRUST_DOMAIN = "federation.isthmus.local"
+REAP_INTERVAL = 0.2
+TOKEN_SWEEP_INTERVAL = 60.0
+SVID_CHECK_INTERVAL = 1.0
+_ADMIN = web.AppKey("admin", bool)
+
+
+def _token_key(token: str) -> str:
+    return TOKENS + hashlib.sha256(token.encode()).hexdigest()
+
+
+async def create_token(store: Store, cluster: str, ttl: float, now: float) -> str:
+    """A single-use join token for `cluster`, valid `ttl` seconds from `now`. The store must be
+    open; only the token's sha256 is stored. Returns the token (show it once, never log it)."""
+    from .model import check_name
+
+    check_name(cluster, "cluster")
+    if ttl <= 0:
+        raise InputError(f"token ttl {ttl!r}: must be positive")
+    token = secrets.token_urlsafe(32)
+    value = api.canonical_json({"cluster": cluster, "expires_at": now + ttl})
+    await store.put(_token_key(token), value)
+    return token
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, **extra: Any):
+        super().__init__(message)
+        self.status = status
+        self.body = {"error": message, **extra}
+
+
+class FederationServer:
+    def __init__(
+        self,
+        store: Store,
+        state_dir: Path,
+        listen: tuple[str, int],
+        admin_listen: tuple[str, int] | None = None,
+        lease_ttl: float = 6.0,
+        trust_domain: str = FEDERATION_TRUST_DOMAIN,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.store = store
+        self.state_dir = Path(state_dir)
+        self.listen = listen
+        self.admin_listen = admin_listen
+        self.lease_ttl = float(lease_ttl)
+        self.trust_domain = trust_domain
+        self._clock = clock
+
+        self.ca: CertificateAuthority | None = None
+        self.svid: Svid | None = None
+        self.ssl_context: ssl.SSLContext | None = None
+        self.port: int | None = None  # bound TLS port (useful with port 0)
+        self.admin_port: int | None = None
+
+        # Rebuilt from the store at start; replaced (not mutated) on change.
+        self._bundles: dict[str, TrustBundle] = {}
+        self._cluster_by_td: dict[str, str] = {}
+        self._records: dict[str, ClusterRecord] = {}
+        self._leases: dict[str, int] = {}
+        self._renewed: dict[str, float] = {}
+
+        self._join_lock = asyncio.Lock()
+        self._stopping = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()
+        self._runners: list[web.AppRunner] = []
+        self._store_open = False
+        self._bound = False
+        self._watchers = 0
+        self._requests: Counter[tuple[str, int]] = Counter()
+        self._denied = 0
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        now = self._clock()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.ca = CertificateAuthority.load_or_create(
+            self.state_dir, TrustDomain(self.trust_domain), now
+        )
+        self.svid = self._issue_svid(now)
+        await self.store.open()
+        self._store_open = True
+        await self._load_state()
+        self.ssl_context = server_context(self.svid, self._trust(), require_client_cert=False)
+
+        app = self._make_app(admin=False)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
+        await runner.setup()
+        self._runners.append(runner)
+        site = web.TCPSite(runner, self.listen[0], self.listen[1], ssl_context=self.ssl_context)
+        await site.start()
+        self.port = _bound_port(site, self.listen[1])
+        self._bound = True
+        if self.admin_listen is not None:
+            admin = web.AppRunner(self._make_app(admin=True), access_log=None, shutdown_timeout=2.0)
+            await admin.setup()
+            self._runners.append(admin)
+            asite = web.TCPSite(admin, self.admin_listen[0], self.admin_listen[1])
+            await asite.start()
+            self.admin_port = _bound_port(asite, self.admin_listen[1])
+
+        self._spawn(self._reaper(), "lease-reaper")
+        self._spawn(self._token_sweeper(), "token-sweeper")
+        self._spawn(self._svid_rotator(), "svid-rotator")
+        log.info(
+            "federation %s listening on %s (admin %s), %d clusters, lease ttl %gs",
+            self.trust_domain,
+            format_hostport(self.listen[0], self.port),
+            "off" if self.admin_port is None
+            else format_hostport(self.admin_listen[0], self.admin_port),  # type: ignore[index]
+            len(self._records),
+            self.lease_ttl,
+        )
+
+    async def stop(self) -> None:
+        self._stopping.set()  # wakes long-polls: they answer with no events
+        self._bound = False
+        for runner in self._runners:
+            with contextlib.suppress(Exception):
+                await runner.cleanup()
+        self._runners.clear()
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._store_open:
+            self._store_open = False
+            await self.store.close()
+        log.info("federation stopped")
+
+    async def run_forever(self, stop: asyncio.Event | None = None) -> None:
+        """Start, run until SIGINT/SIGTERM (or `stop` is set), then stop in order."""
+        stop = stop or asyncio.Event()
+        loop = asyncio.get_running_loop()
+        installed = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
+                installed.append(sig)
+        try:
+            await self.start()
+            await stop.wait()
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            await self.stop()
+
+    def _spawn(self, coro: Awaitable[None], name: str) -> None:
+        task = asyncio.ensure_future(coro)
+        task.set_name(f"federation-{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- state ---------------------------------------------------------------------------
+
+    async def _load_state(self) -> None:
+        kvs, _ = await self.store.range(CATALOG_PREFIX)
+        records: dict[str, ClusterRecord] = {}
+        bundles: dict[str, TrustBundle] = {}
+        leases: dict[str, int] = {}
+        for kv in kvs:
+            try:
+                if kv.key.startswith(CLUSTERS):
+                    rec = ClusterRecord.from_json(json.loads(kv.value), kv.key)
+                    records[rec.name] = rec
+                elif kv.key.startswith(BUNDLES):
+                    td = kv.key[len(BUNDLES):]
+                    bundles[td] = TrustBundle.from_jwks(td, json.loads(kv.value))
+                elif kv.key.startswith(LIVE) and kv.lease is not None:
+                    leases[kv.key[len(LIVE):]] = kv.lease
+            except (ValueError, InputError, IdentityError) as e:
+                log.error("ignoring unreadable stored value %s: %s", kv.key, e)
+        self._records = records
+        self._cluster_by_td = {r.trust_domain: r.name for r in records.values()}
+        self._bundles = bundles
+        self._leases = leases
+
+    def _trust(self) -> list[TrustBundle]:
+        assert self.ca is not None
+        return [self.ca.bundle(0), *self._bundles.values()]
+
+    def _issue_svid(self, now: float) -> Svid:
+        assert self.ca is not None
+        host = self.listen[0]
+        ips: list[str] = []
+        dns: list[str] = ["localhost"]
+        try:
+            addr = ipaddress.ip_address(host)
+            if addr.is_unspecified:
+                ips += ["127.0.0.1", "::1"]
+                dns.append(socket.gethostname())
+            else:
+                ips.append(host)
+        except ValueError:
+            if host and host != "localhost":
+                dns.append(host)
+        return self.ca.issue(
+            federation_id(self.trust_domain),
+            now,
+            dns_names=tuple(dns),
+            ip_addresses=tuple(ips),
+        )
+
+    def _reload_trust(self) -> None:
+        if self.ssl_context is not None:
+            reload_server_context(self.ssl_context, trust=self._trust())
+
+    # ---- background tasks ----------------------------------------------------------------
+
+    async def _reaper(self) -> None:
+        while True:
+            await asyncio.sleep(REAP_INTERVAL)
+            try:
+                ended = await self.store.expire_leases()
+            except StoreError as e:
+                log.warning("lease reaper: %s", e)
+                continue
+            if ended:
+                for name, lease in list(self._leases.items()):
+                    if not await self._lease_alive(name, lease):
+                        log.info("cluster %s: lease %d expired, exports withdrawn", name, lease)
+                        self._leases.pop(name, None)
+
+    async def _lease_alive(self, name: str, lease: int) -> bool:
+        kv = await self.store.get(LIVE + name)
+        return kv is not None and kv.lease == lease
+
+    async def _token_sweeper(self) -> None:
+        while True:
+            await asyncio.sleep(TOKEN_SWEEP_INTERVAL)
+            try:
+                kvs, _ = await self.store.range(TOKENS)
+                now = self._clock()
+                for kv in kvs:
+                    with contextlib.suppress(ValueError, KeyError, TypeError):
+                        if json.loads(kv.value)["expires_at"] < now:
+                            await self.store.delete(kv.key)
+            except StoreError as e:
+                log.warning("token sweep: %s", e)
+
+    async def _svid_rotator(self) -> None:
+        while True:
+            await asyncio.sleep(SVID_CHECK_INTERVAL)
+            now = self._clock()
+            if self.svid is not None and self.svid.rotation_due(now):
+                try:
+                    svid = self._issue_svid(now)
+                    assert self.ssl_context is not None
+                    reload_server_context(self.ssl_context, svid=svid)
+                    self.svid = svid
+                    log.info("federation SVID rotated (serial %s)", svid.serial)
+                except Exception:  # keep serving with the old one; try again next tick
+                    log.exception("federation SVID rotation failed")
+
+    # ---- app -----------------------------------------------------------------------------
+
+    def _make_app(self, admin: bool) -> web.Application:
+        app = web.Application(
+            client_max_size=api.MAX_BODY,
+            middlewares=[self._middleware],
+        )
+        app[_ADMIN] = admin
+        handlers: dict[str, Callable[[web.Request], Awaitable[web.StreamResponse]]] = {
+            "join": self.h_join,
+            "putBundle": self.h_put_bundle,
+            "grantLease": self.h_grant_lease,
+            "keepAlive": self.h_keepalive,
+            "putExport": self.h_put_export,
+            "deleteExport": self.h_delete_export,
+            "getCatalog": self.h_catalog,
+            "watch": self.h_watch,
+            "openapi": self.h_openapi,
+            "healthz": self.h_healthz,
+            "readyz": self.h_readyz,
+            "metrics": self.h_metrics,
+            "status": self.h_status,
+        }
+        for r in api.ROUTES:
+            if admin and r.path not in api.ADMIN_PATHS:
+                continue
+            app.router.add_route(r.method, r.path, handlers[r.operation_id], name=r.operation_id)
+        return app
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        route = _route_name(request)
+        try:
+            if request.content_length is not None and request.content_length > api.MAX_BODY:
+                raise ApiError(
+                    413,
+                    f"request body of {request.content_length} bytes is larger than "
+                    f"the limit of {api.MAX_BODY} bytes (1 MiB)",
+                )
+            resp = await handler(request)
+        except ApiError as e:
+            resp = web.json_response(e.body, status=e.status)
+        except web.HTTPRequestEntityTooLarge:
+            resp = web.json_response(
+                {"error": f"request body is larger than the limit of {api.MAX_BODY} bytes (1 MiB)"},
+                status=413,
+            )
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            resp = web.json_response(
+                {"error": f"{e.reason}: {request.method} {request.path}"}, status=e.status
+            )
+        except StoreError as e:
+            log.error("%s %s: store error: %s", request.method, request.path, e)
+            resp = web.json_response({"error": f"store error: {e}"}, status=503)
+        self._requests[(route, resp.status)] += 1
+        return resp
+
+    # ---- request helpers -----------------------------------------------------------------
+
+    async def _json(self, request: web.Request) -> Any:
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise
+        if not raw:
+            raise ApiError(400, "request body: empty, expected JSON")
+        try:
+            return json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"request body: not valid JSON ({e})") from None
+
+    def _caller(self, request: web.Request) -> tuple[str, SpiffeId]:
+        """The cluster whose gateway SVID the client presented; ApiError 401 otherwise."""
+        transport = request.transport
+        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+        if ssl_object is None:
+            raise ApiError(401, "client certificate required (this route needs a cluster SVID)")
+        der = peer_cert_der(ssl_object)
+        if der is None:
+            raise ApiError(401, "client certificate required (this route needs a cluster SVID)")
+        try:
+            sid = verify_peer(der, self._bundles, self._clock())
+        except IdentityError as e:
+            self._denied += 1
+            log.warning("refused client certificate from %s: %s", request.remote, e)
+            raise ApiError(401, f"client certificate refused: {e}") from None
+        td = str(sid.trust_domain)
+        cluster = self._cluster_by_td.get(td)
+        if cluster is None:
+            self._denied += 1
+            raise ApiError(401, f"peer {sid}: trust domain {td!r} belongs to no joined cluster")
+        if str(sid) != str(gateway_id(sid.trust_domain)):
+            self._denied += 1
+            log.warning("refused %s: not the gateway ID of cluster %s", sid, cluster)
+            raise ApiError(
+                403, f"peer {sid} is not the gateway of cluster {cluster!r} "
+                f"(expected {gateway_id(sid.trust_domain)})"
+            )
+        return cluster, sid
+
+    def _owner(self, request: web.Request) -> str:
+        """Authenticate, and require the caller to be the cluster named in the path."""
+        caller, sid = self._caller(request)
+        target = request.match_info["name"]
+        if caller != target:
+            self._denied += 1
+            log.warning(
+                "denied: cluster %r (%s) tried %s %s, a record of cluster %r",
+                caller, sid, request.method, request.path, target,
+            )
+            raise ApiError(
+                403,
+                f"cluster {caller!r} may not write records of cluster {target!r}",
+                caller=caller,
+                target=target,
+            )
+        return caller
+
+    # ---- /v1 handlers --------------------------------------------------------------------
+
+    async def h_join(self, request: web.Request) -> web.Response:
+        body = await self._json(request)
+        if not isinstance(body, dict):
+            raise ApiError(400, "request body: expected an object")
+        token = body.get("token")
+        if not isinstance(token, str) or not token:
+            raise ApiError(400, "token: missing or not a string")
+        if "bundle" not in body:
+            raise ApiError(400, "bundle: missing")
+        try:
+            record = ClusterRecord.from_json(body.get("cluster"), "cluster")
+            bundle = TrustBundle.from_jwks(record.trust_domain, body["bundle"])
+        except (InputError, IdentityError) as e:
+            raise ApiError(400, str(e)) from None
+        _check_bundle_domain(bundle, record.trust_domain)
+        async with self._join_lock:
+            kv = await self.store.delete(_token_key(token))
+            if kv is None:
+                raise ApiError(401, "join token unknown or already used")
+            try:
+                meta = json.loads(kv.value)
+                token_cluster, expires_at = meta["cluster"], float(meta["expires_at"])
+            except (ValueError, KeyError, TypeError):
+                raise ApiError(401, "join token unreadable; create a new one") from None
+            if expires_at <= self._clock():
+                raise ApiError(401, "join token expired")
+            if token_cluster != record.name:
+                log.warning("join token for %r presented for cluster %r", token_cluster, record.name)
+                raise ApiError(
+                    403,
+                    f"join token was issued for cluster {token_cluster!r}, "
+                    f"not {record.name!r}",
+                )
+            other = self._cluster_by_td.get(record.trust_domain)
+            if other is not None and other != record.name:
+                await self.store.put(kv.key, kv.value)  # authorized but conflicting: keep it
+                raise ApiError(
+                    409,
+                    f"trust domain {record.trust_domain!r} is already used by cluster "
+                    f"{other!r}",
+                )
+            old = self._records.get(record.name)
+            await self.store.put(BUNDLES + record.trust_domain, api.canonical_json(bundle.to_jwks()))
+            await self.store.put(CLUSTERS + record.name, api.canonical_json(record.to_json()))
+            bundles = dict(self._bundles)
+            by_td = dict(self._cluster_by_td)
+            if old is not None and old.trust_domain != record.trust_domain:
+                await self.store.delete(BUNDLES + old.trust_domain)
+                bundles.pop(old.trust_domain, None)
+                by_td.pop(old.trust_domain, None)
+            bundles[record.trust_domain] = bundle
+            by_td[record.trust_domain] = record.name
+            self._bundles = bundles
+            self._cluster_by_td = by_td
+            self._records = {**self._records, record.name: record}
+            self._reload_trust()
+        log.info(
+            "cluster %s %s (trust domain %s, %s/%s, gateway %s)",
+            record.name, "re-joined" if old else "joined", record.trust_domain,
+            record.region, record.zone, record.gateway_address,
+        )
+        assert self.ca is not None
+        return web.json_response({
+            "federation_trust_domain": self.trust_domain,
+            "federation_bundle": self.ca.bundle(0).to_jwks(),
+            "lease_ttl": self.lease_ttl,
+        })
+
+    async def h_put_bundle(self, request: web.Request) -> web.Response:
+        name = self._owner(request)
+        body = await self._json(request)
+        td = self._records[name].trust_domain
+        try:
+            new = TrustBundle.from_jwks(td, body)
+        except (InputError, IdentityError) as e:
+            raise ApiError(400, f"bundle: {e}") from None
+        _check_bundle_domain(new, td)
+        held = self._bundles.get(td)
+        if held is not None:
+            try:
+                new = held.successor(new)
+            except BundleSequenceError:
+                raise ApiError(
+                    409,
+                    f"bundle of {td}: sequence {new.sequence} is lower than the held "
+                    f"sequence {held.sequence}",
+                    held_sequence=held.sequence,
+                    sequence=new.sequence,
+                ) from None
+        rev = await self.store.put(BUNDLES + td, api.canonical_json(new.to_jwks()))
+        self._bundles = {**self._bundles, td: new}
+        self._reload_trust()
+        log.info("cluster %s: bundle of %s updated to sequence %d", name, td, new.sequence)
+        return web.json_response({"revision": rev})
+
+    async def h_grant_lease(self, request: web.Request) -> web.Response:
+        name = self._owner(request)
+        lease = await self.store.grant_lease(self.lease_ttl)
+        now = self._clock()
+        await self.store.put(LIVE + name, api.canonical_json({"since": now}), lease=lease)
+        self._leases[name] = lease
+        self._renewed[name] = now
+        log.info("cluster %s: lease %d granted (ttl %gs)", name, lease, self.lease_ttl)
+        return web.json_response({"lease": lease, "ttl": self.lease_ttl})
+
+    async def h_keepalive(self, request: web.Request) -> web.Response:
+        name = self._owner(request)
+        raw = request.match_info["lease"]
+        if not raw.isdigit():
+            raise ApiError(400, f"lease: {raw!r} is not a lease id")
+        lease = int(raw)
+        if self._leases.get(name) != lease or not await self.store.keepalive(lease):
+            raise ApiError(404, f"lease {lease} of cluster {name!r} is unknown or expired")
+        self._renewed[name] = self._clock()
+        return web.json_response({"lease": lease, "ttl": self.lease_ttl})
+
+    async def h_put_export(self, request: web.Request) -> web.Response:
+        name = self._owner(request)
+        body = await self._json(request)
+        try:
+            export = Export.from_json(body, "export")
+        except InputError as e:
+            raise ApiError(400, str(e)) from None
+        ns, svc = request.match_info["namespace"], request.match_info["service"]
+        if (export.cluster, export.namespace, export.name) != (name, ns, svc):
+            raise ApiError(
+                400,
+                f"export: names {export.cluster}/{export.namespace}/{export.name} but the "
+                f"path is {name}/{ns}/{svc}",
+            )
+        lease = self._leases.get(name)
+        if lease is None:
+            raise ApiError(409, f"cluster {name!r} has no live lease; grant one first")
+        value = api.canonical_json(export.to_json())
+        current = await self.store.get(export.key)
+        if current is not None and current.value == value and current.lease == lease:
+            return web.json_response({"revision": current.mod_revision})
+        try:
+            rev = await self.store.put(export.key, value, lease=lease)
+        except StoreError:
+            self._leases.pop(name, None)
+            raise ApiError(409, f"cluster {name!r} has no live lease (lease {lease} expired)") from None
+        return web.json_response({"revision": rev})
+
+    async def h_delete_export(self, request: web.Request) -> web.Response:
+        name = self._owner(request)
+        key = f"catalog/exports/{name}/{request.match_info['namespace']}/{request.match_info['service']}"
+        prev = await self.store.delete(key)
+        return web.json_response({
+            "deleted": prev is not None,
+            "revision": await self.store.revision(),
+        })
+
+    async def _snapshot(self) -> Catalog:
+        kvs, rev = await self.store.range(CATALOG_PREFIX)
+        items = []
+        for kv in kvs:
+            try:
+                Catalog().apply(kv.key, kv.value, rev)
+                items.append((kv.key, kv.value))
+            except InputError as e:
+                log.error("catalog: skipping unreadable %s: %s", kv.key, e)
+        return Catalog.from_items(items, rev)
+
+    async def h_catalog(self, request: web.Request) -> web.Response:
+        self._caller(request)
+        return web.json_response((await self._snapshot()).to_json())
+
+    async def h_watch(self, request: web.Request) -> web.Response:
+        self._caller(request)
+        q = request.query
+        try:
+            after = int(q.get("after", "0"))
+            if after < 0:
+                raise ValueError
+        except ValueError:
+            raise ApiError(400, f"after: {q.get('after')!r} is not a revision (integer >= 0)") from None
+        try:
+            timeout = parse_duration(q["timeout"]) if "timeout" in q else api.DEFAULT_WATCH_TIMEOUT
+        except InputError as e:
+            raise ApiError(400, f"timeout: {e}") from None
+        timeout = min(timeout, api.MAX_WATCH_TIMEOUT)
+        self._watchers += 1
+        try:
+            waiter = asyncio.ensure_future(self.store.events(CATALOG_PREFIX, after, timeout))
+            stopper = asyncio.ensure_future(self._stopping.wait())
+            try:
+                await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopper.cancel()
+                if not waiter.done():
+                    waiter.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await waiter
+            events = waiter.result() if not waiter.cancelled() else []
+        except CompactedError as e:
+            return web.json_response({"error": str(e), "compacted": e.compacted}, status=410)
+        finally:
+            self._watchers -= 1
+        latest = events[-1].revision if events else after
+        return web.json_response({
+            "revision": latest,
+            "events": [api.event_to_json(ev) for ev in events],
+        })
+
+    async def h_openapi(self, request: web.Request) -> web.Response:
+        return web.json_response(api.openapi_document())
+
+    # ---- admin ---------------------------------------------------------------------------
+
+    async def h_healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def h_readyz(self, request: web.Request) -> web.Response:
+        problems = []
+        if not self._store_open:
+            problems.append("store not open")
+        if not self._bound:
+            problems.append("TLS listener not bound")
+        if problems:
+            return web.Response(text="not ready: " + ", ".join(problems) + "\n", status=503)
+        return web.Response(text="ready\n")
+
+    async def h_metrics(self, request: web.Request) -> web.Response:
+        rev = await self.store.revision() if self._store_open else 0
+        live = 0
+        if self._store_open:
+            kvs, _ = await self.store.range(LIVE)
+            live = len(kvs)
+        lines = [
+            "# HELP isthmus_federation_requests_total HTTP requests by route and status code.",
+            "# TYPE isthmus_federation_requests_total counter",
+        ]
+        for (route, code), n in sorted(self._requests.items()):
+            lines.append(
+                f'isthmus_federation_requests_total{{route="{_label(route)}",code="{code}"}} {n}'
+            )
+        lines += [
+            "# HELP isthmus_federation_authz_denied_total Requests refused for the caller's identity.",
+            "# TYPE isthmus_federation_authz_denied_total counter",
+            f"isthmus_federation_authz_denied_total {self._denied}",
+            "# HELP isthmus_federation_watchers Long-polls in progress.",
+            "# TYPE isthmus_federation_watchers gauge",
+            f"isthmus_federation_watchers {self._watchers}",
+            "# HELP isthmus_federation_revision Latest store revision.",
+            "# TYPE isthmus_federation_revision gauge",
+            f"isthmus_federation_revision {rev}",
+            "# HELP isthmus_federation_clusters Joined clusters.",
+            "# TYPE isthmus_federation_clusters gauge",
+            f"isthmus_federation_clusters {len(self._records)}",
+            "# HELP isthmus_federation_live_clusters Clusters holding a live lease.",
+            "# TYPE isthmus_federation_live_clusters gauge",
+            f"isthmus_federation_live_clusters {live}",
+        ]
+        return web.Response(
+            text="\n".join(lines) + "\n",
+            content_type="text/plain",
+            headers={"X-Content-Type-Options": "nosniff"},
+            charset="utf-8",
+        )
+
+    async def h_status(self, request: web.Request) -> web.Response:
+        if not request.app[_ADMIN]:
+            self._caller(request)
+        cat = await self._snapshot()
+        now = self._clock()
+        clusters = {}
+        for name, rec in sorted(cat.clusters.items()):
+            renewed = self._renewed.get(name)
+            clusters[name] = {
+                "region": rec.region,
+                "zone": rec.zone,
+                "trust_domain": rec.trust_domain,
+                "gateway_address": rec.gateway_address,
+                "live": name in cat.live,
+                "lease_age_seconds": None if renewed is None else round(now - renewed, 3),
+            }
+        services: dict[str, dict[str, list]] = {}
+        for _, exp in sorted(cat.exports.items()):
+            services.setdefault(str(exp.service), {})[exp.cluster] = [
+                e.to_json() for e in exp.endpoints
+            ]
+        return web.json_response({
+            "revision": cat.revision,
+            "trust_domain": self.trust_domain,
+            "clusters": clusters,
+            "services": services,
+        })
+
+
+def _check_bundle_domain(bundle: TrustBundle, td: str) -> None:
+    """A JWKS carries no trust domain; but an authority whose URI SAN is a SPIFFE ID (as our CAs
+    have: `spiffe://<td>`) must name the cluster's trust domain."""
+    for i, der in enumerate(bundle.authorities):
+        try:
+            claimed = spiffe_id_of(der)
+        except IdentityError:
+            continue  # a CA without a SPIFFE URI SAN: nothing to compare
+        if claimed.trust_domain.name != td:
+            raise ApiError(
+                400,
+                f"bundle: keys[{i}] is an authority of trust domain "
+                f"{claimed.trust_domain.name!r}, not of the cluster's {td!r}",
+            )
+
+
+def _route_name(request: web.Request) -> str:
+    info = request.match_info
+    route = getattr(info, "route", None)
+    resource = getattr(route, "resource", None) if route is not None else None
+    if resource is None or getattr(info, "http_exception", None) is not None:
+        return "unmatched"
+    return resource.canonical
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _bound_port(site: web.TCPSite, requested: int) -> int:
+    server = site._server  # aiohttp exposes no public accessor for the bound socket
+    sockets = getattr(server, "sockets", None) or ()
+    for sock in sockets:
+        return sock.getsockname()[1]
+    return requested
+
+
+# ---- command line (the `isthmus federation serve` command wraps the same function) -------
+
+
+def _hostport(text: str) -> tuple[str, int]:
+    try:
+        return parse_hostport(text)
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m federation.server", description="Isthmus federation service")
+    p.add_argument("--listen", type=_hostport, default=("127.0.0.1", 17443), help="TLS host:port")
+    p.add_argument("--admin", type=_hostport, default=None, help="plain-HTTP admin host:port")
+    p.add_argument("--store", default=None, help="sqlite:PATH (default: sqlite:<state-dir>/federation.db)")
+    p.add_argument("--state-dir", type=Path, required=True, help="CA and state directory")
+    p.add_argument("--lease-ttl", type=_duration, default=6.0, help="e.g. 6s")
+    p.add_argument("--trust-domain", default=FEDERATION_TRUST_DOMAIN)
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+async def serve(args: argparse.Namespace) -> None:
+    store = open_store(args.store or f"sqlite:{args.state_dir / 'federation.db'}")
+    server = FederationServer(
+        store,
+        args.state_dir,
+        args.listen,
+        args.admin,
+        lease_ttl=args.lease_ttl,
+        trust_domain=args.trust_domain,
+    )
+    await server.run_forever()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        asyncio.run(serve(args))
+    except (InputError, IdentityError, StoreError, OSError) as e:
+        log.error("federation failed: %s", e)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
