@@ -224,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="leave everything up afterwards (Ctrl-C to stop); try `isthmus status`")
     demo.add_argument("--rate", type=int, default=40, help="new connections per second (default 40)")
     demo.add_argument("--phase", type=_duration, default=4.0, help="length of each phase (default 4s)")
+    demo.add_argument("--port-offset", type=int, default=0,
+                      help="add this to every port (default 0: the ports of examples/three-clusters)")
     demo.set_defaults(func=cmd_demo)
     return p
 

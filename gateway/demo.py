@@ -1,0 +1,369 @@
+"""`isthmus demo`: three clusters on this machine, a stream of traffic, failover, a report.
+
+Everything runs on loopback without root: the federation and three gateways as real
+subprocesses (the same `isthmus` commands a user runs), echo backends in this process (each
+answers a line with its cluster's name, so every connection says who served it), and a client
+opening `--rate` new connections per second to east-1's local listener for `echo`.
+
+Phases: all up -> east-1's backends down (traffic must move to east-2, same region) -> east-2's
+down too (traffic must move to west-1, other region) -> all restored (traffic must come back to
+east-1 after the failback delay). The report says, per phase, who served how many connections,
+how many failed, and how long the shift took. Exit 0 when every phase ended on the expected
+cluster with no failed connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CLUSTERS = (("east-1", "us-east", "a"), ("east-2", "us-east", "b"), ("west-1", "us-west", "a"))
+FED_PORT, FED_ADMIN = 17443, 17080
+
+
+def ports(offset: int, i: int) -> dict[str, int]:
+    """Same numbering as examples/three-clusters: cluster i (1-based) uses 15i01.., 16i01, 18i01.."""
+    n = i + 1
+    return {
+        "inbound": 15001 + 100 * n + offset,
+        "admin": 15002 + 100 * n + offset,
+        "import": 16001 + 100 * n + offset,
+        "ep1": 18001 + 100 * n + offset,
+        "ep2": 18002 + 100 * n + offset,
+    }
+
+
+def write_configs(state: Path, offset: int) -> list[Path]:
+    paths = []
+    for i, (name, region, zone) in enumerate(CLUSTERS):
+        p = ports(offset, i)
+        cfg = {
+            "cluster": {"name": name, "region": region, "zone": zone},
+            "federation": {
+                "url": f"https://127.0.0.1:{FED_PORT + offset}",
+                "ca_file": "federation/ca.pem",
+                "token_file": f"{name}.token",
+            },
+            "listen": {"inbound": f"127.0.0.1:{p['inbound']}", "admin": f"127.0.0.1:{p['admin']}"},
+            "state_dir": name,
+            "limits": {"connect_timeout": "500ms"},
+            "outlier_detection": {"consecutive_failures": 1, "base_ejection": "2s", "max_ejection": "30s"},
+            "peer_probe": {"interval": "300ms", "timeout": "300ms"},
+            "exports": [{
+                "name": "echo", "namespace": "default", "port": 8080, "protocol": "tcp",
+                "endpoints": [f"127.0.0.1:{p['ep1']}", f"127.0.0.1:{p['ep2']}"],
+                "health_check": {"kind": "tcp", "interval": "300ms", "timeout": "200ms",
+                                 "healthy_threshold": 2, "unhealthy_threshold": 2},
+            }],
+            "imports": [{
+                "name": "echo", "namespace": "default", "listen": f"127.0.0.1:{p['import']}",
+                "failover": {"tiers": ["cluster", "zone", "region", "any"], "failback_after": "2s"},
+            }],
+        }
+        path = state / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        paths.append(path)
+    return paths
+
+
+class Backends:
+    """Echo servers of one cluster: answer one line with the cluster's name."""
+
+    def __init__(self, cluster: str, addresses: list[int]) -> None:
+        self.cluster = cluster
+        self.ports = addresses
+        self.servers: list[asyncio.base_events.Server] = []
+        self.writers: set[asyncio.StreamWriter] = set()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.add(writer)
+        try:
+            await asyncio.wait_for(reader.readline(), 5)
+            writer.write(f"{self.cluster}\n".encode())
+            await writer.drain()
+        except (OSError, TimeoutError):
+            pass
+        finally:
+            self.writers.discard(writer)
+            writer.close()
+
+    async def start(self) -> None:
+        for port in self.ports:
+            self.servers.append(await asyncio.start_server(self._handle, "127.0.0.1", port, reuse_address=True))
+
+    async def stop(self) -> None:
+        """Close the listening sockets (new connects are refused) and reset open connections."""
+        for s in self.servers:
+            s.close()
+        for w in list(self.writers):
+            w.transport.abort()
+        for s in self.servers:
+            await s.wait_closed()
+        self.servers.clear()
+
+
+@dataclass
+class Phase:
+    name: str
+    expect: str
+    started: float
+    served: dict[str, int] = field(default_factory=dict)
+    failed: int = 0
+    first_expected: float | None = None  # seconds after the phase started
+    last_unexpected: float | None = None
+
+    def record(self, at: float, who: str | None) -> None:
+        if who is None:
+            self.failed += 1
+            return
+        self.served[who] = self.served.get(who, 0) + 1
+        t = at - self.started
+        if who == self.expect:
+            if self.first_expected is None:
+                self.first_expected = t
+        else:
+            self.last_unexpected = t
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0 and self.first_expected is not None
+
+
+async def one_connection(port: int, timeout: float = 3.0) -> str | None:
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout)
+    except (OSError, TimeoutError):
+        return None
+    try:
+        writer.write(b"hello\n")
+        line = await asyncio.wait_for(reader.readline(), timeout)
+        return line.decode().strip() or None
+    except (OSError, TimeoutError):
+        return None
+    finally:
+        writer.close()
+
+
+async def drive(port: int, rate: int, phases: list[Phase], stop: asyncio.Event) -> None:
+    """Open `rate` connections per second until stop; each is counted in the phase it began in."""
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task] = set()
+
+    async def run(phase: Phase) -> None:
+        who = await one_connection(port)
+        phase.record(loop.time(), who)
+
+    interval = 1.0 / rate
+    nxt = loop.time()
+    while not stop.is_set():
+        t = asyncio.create_task(run(phases[-1]))
+        tasks.add(t)
+        t.add_done_callback(tasks.discard)
+        nxt += interval
+        await asyncio.sleep(max(0.0, nxt - loop.time()))
+    if tasks:
+        await asyncio.gather(*tasks)
+
+
+class Processes:
+    """The subprocesses we started, stopped by PID on the way out."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "wb")
+        proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", *args], stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+        self.procs.append((name, proc))
+        return proc
+
+    def stop(self) -> None:
+        for _, p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        for _, p in self.procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    def check(self) -> None:
+        for name, p in self.procs:
+            if p.poll() is not None:
+                tail = (self.logs / f"{name}.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"{name} exited with code {p.returncode}; log tail:\n{tail}")
+
+
+async def http_json(port: int, path: str) -> Any:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+        data = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    if b" 200 " not in head.split(b"\r\n", 1)[0]:
+        raise OSError(f"GET {path}: {head[:80]!r}")
+    return json.loads(body) if path != "/readyz" else body
+
+
+async def wait_until(what: str, check, procs: Processes, timeout: float = 20.0) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        procs.check()
+        try:
+            result = await check()
+            if result:
+                return result
+        except (OSError, ValueError, TimeoutError) as e:
+            last = e
+        await asyncio.sleep(0.1)
+    raise RuntimeError(f"timed out waiting for {what}" + (f" (last error: {last})" if last else ""))
+
+
+async def demo(args: Any, state: Path, out) -> int:
+    offset = args.port_offset
+    logs = state / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    configs = write_configs(state, offset)
+    procs = Processes(logs)
+    backends = {
+        name: Backends(name, [ports(offset, i)["ep1"], ports(offset, i)["ep2"]])
+        for i, (name, _, _) in enumerate(CLUSTERS)
+    }
+    try:
+        out(f"state and logs in {state}")
+        procs.start("federation", "federation", "serve", "--state-dir", str(state / "federation"),
+                    "--listen", f"127.0.0.1:{FED_PORT + offset}", "--admin", f"127.0.0.1:{FED_ADMIN + offset}",
+                    "--lease-ttl", "3s")
+        await wait_until("the federation", lambda: http_json(FED_ADMIN + offset, "/readyz"), procs)
+
+        from federation.server import create_token
+        from federation.store.sqlite import SqliteStore
+
+        store = SqliteStore(str(state / "federation" / "federation.db"))
+        await store.open()
+        try:
+            for name, _, _ in CLUSTERS:
+                token = await create_token(store, name, 600, time.time())
+                fd = os.open(state / f"{name}.token", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(token)
+        finally:
+            await store.close()
+        for b in backends.values():
+            await b.start()
+        for (name, _, _), path in zip(CLUSTERS, configs, strict=True):
+            procs.start(name, "gateway", "run", "--config", str(path))
+        admin1 = ports(offset, 0)["admin"]
+
+        async def all_routable() -> bool:
+            st = await http_json(admin1, "/status")
+            tiers = st["imports"][0]["tiers"]
+            healthy = {t["key"] for tier in tiers for t in tier["targets"] if t["healthy"]}
+            return len(st["catalog"]["live"]) == 3 and {"remote:east-2", "remote:west-1"} <= healthy
+
+        await wait_until("three live clusters seen from east-1", all_routable, procs, 30)
+        out("federation + 3 gateways up: east-1 (us-east/a), east-2 (us-east/b), west-1 (us-west/a)")
+        out(f"driving {args.rate} new connections/s into east-1's local listener for default/echo\n")
+
+        loop = asyncio.get_running_loop()
+        phases: list[Phase] = []
+        stop = asyncio.Event()
+
+        def begin(name: str, expect: str) -> None:
+            phases.append(Phase(name, expect, loop.time()))
+
+        begin("all up", "east-1")
+        driver = asyncio.create_task(drive(ports(offset, 0)["import"], args.rate, phases, stop))
+        try:
+            await asyncio.sleep(args.phase)
+            await backends["east-1"].stop()
+            begin("east-1 down", "east-2")
+            await asyncio.sleep(args.phase)
+            await backends["east-2"].stop()
+            begin("east-2 down too", "west-1")
+            await asyncio.sleep(args.phase)
+            await backends["east-1"].start()
+            await backends["east-2"].start()
+            begin("all restored", "east-1")
+            await asyncio.sleep(args.phase + 3)
+        finally:
+            stop.set()
+            await driver
+        ok = report(phases, out)
+        if args.keep_running:
+            out(f"\nstill running; try: isthmus status --admin http://127.0.0.1:{FED_ADMIN + offset}"
+                f"  or  curl 127.0.0.1:{admin1}/status   (Ctrl-C to stop)")
+            forever = asyncio.Event()
+            loop.add_signal_handler(signal.SIGINT, forever.set)
+            loop.add_signal_handler(signal.SIGTERM, forever.set)
+            await forever.wait()
+        return 0 if ok else 1
+    finally:
+        procs.stop()
+        for b in backends.values():
+            await b.stop()
+
+
+def report(phases: list[Phase], out) -> bool:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="isthmus demo: who served east-1's connections")
+    for col in ("phase", "expected", "east-1", "east-2", "west-1", "failed", "shift time", "ok"):
+        t.add_column(col)
+    all_ok = True
+    for i, p in enumerate(phases):
+        shift = "-"
+        if i > 0:
+            shift = "never" if p.first_expected is None else (
+                f"{(p.last_unexpected or 0) * 1000:.0f} ms" if p.last_unexpected is not None else "0 ms")
+        all_ok &= p.ok
+        t.add_row(p.name, p.expect, *(str(p.served.get(c, 0)) for c, _, _ in CLUSTERS), str(p.failed), shift,
+                  "[green]yes[/]" if p.ok else "[red]NO[/]")
+    Console().print(t)
+    total = sum(sum(p.served.values()) + p.failed for p in phases)
+    failed = sum(p.failed for p in phases)
+    out(f"{total} connections, {failed} failed. shift time = last connection served by the previous "
+        "cluster after the phase began (failback waits failback_after=2s on purpose)")
+    return all_ok
+
+
+def run_demo(args: Any) -> int:
+    import uvloop
+
+    state = args.state_dir or Path(tempfile.mkdtemp(prefix="isthmus-demo-"))
+    state = state.resolve()
+    state.mkdir(parents=True, exist_ok=True)
+
+    def out(msg: str) -> None:
+        print(msg, flush=True)
+
+    try:
+        code = uvloop.run(demo(args, state, out))
+    except RuntimeError as e:
+        print(f"isthmus demo: {e}", file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        code = 130
+    if args.state_dir is None and code == 0 and not args.keep_running:
+        shutil.rmtree(state, ignore_errors=True)
+    return code

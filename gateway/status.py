@@ -1,0 +1,70 @@
+"""`isthmus status`: read the federation's admin /status and show it as tables."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from federation.errors import FederationError
+
+MAX_STATUS_BYTES = 16 << 20
+
+
+async def fetch_status(admin_url: str, timeout: float = 5.0) -> dict[str, Any]:
+    import aiohttp
+
+    url = admin_url.rstrip("/") + "/status"
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as s:
+            async with s.get(url) as r:
+                body = await r.content.read(MAX_STATUS_BYTES)
+                if r.status != 200:
+                    raise FederationError(f"{url} answered {r.status}: {body[:200]!r}", r.status)
+    except (aiohttp.ClientError, TimeoutError) as e:
+        raise FederationError(f"cannot reach the federation admin at {url}: {e or 'timeout'}") from None
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise FederationError(f"{url} did not answer JSON") from None
+    if not isinstance(data, dict):
+        raise FederationError(f"{url} did not answer a JSON object")
+    return data
+
+
+def render_status(data: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    clusters = data.get("clusters") or {}
+    t = Table(title=f"clusters (catalog revision {data.get('revision')})")
+    for col in ("cluster", "region", "zone", "gateway", "trust domain", "live", "lease age"):
+        t.add_column(col)
+    for name, c in sorted(clusters.items()):
+        age = c.get("lease_age_seconds")
+        t.add_row(
+            name,
+            str(c.get("region")),
+            str(c.get("zone")),
+            str(c.get("gateway_address")),
+            str(c.get("trust_domain")),
+            "[green]yes[/]" if c.get("live") else "[red]no[/]",
+            "-" if age is None else f"{age:.1f}s",
+        )
+    console.print(t)
+    s = Table(title="services: healthy endpoints per locality")
+    for col in ("service", "cluster", "locality", "healthy", "endpoints"):
+        s.add_column(col)
+    for svc, per in sorted((data.get("services") or {}).items()):
+        for cluster, eps in sorted(per.items()):
+            c = clusters.get(cluster, {})
+            healthy = sum(1 for e in eps if e.get("healthy"))
+            color = "green" if healthy == len(eps) and eps else ("yellow" if healthy else "red")
+            s.add_row(
+                svc,
+                cluster,
+                f"{c.get('region', '?')}/{c.get('zone', '?')}",
+                f"[{color}]{healthy}/{len(eps)}[/]",
+                " ".join(f"{e.get('address')}{'' if e.get('healthy') else '(down)'}" for e in eps),
+            )
+    console.print(s)
