@@ -54,7 +54,7 @@ def parse_control(kind: int, payload: bytes) -> dict[str, Any]:
         raise LinkProtocolError(f"{NAMES[kind]} frame of {len(payload)} bytes (max {MAX_CONTROL})")
     try:
         obj = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: nesting too deep for the decoder
         raise LinkProtocolError(f"{NAMES[kind]} frame is not JSON") from None
     if not isinstance(obj, dict):
         raise LinkProtocolError(f"{NAMES[kind]} frame is not a JSON object")
