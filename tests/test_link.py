@@ -1,0 +1,224 @@
+"""The link codec: frames and control messages, incremental reading, and protocol errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway import link
+from gateway.link import (
+    DATA,
+    EOF,
+    ERR,
+    HEADER,
+    MAX_CONTROL,
+    MAX_FRAME,
+    NAMES,
+    OK,
+    OPEN,
+    PING,
+    PONG,
+    FrameReader,
+    LinkProtocolError,
+    control,
+    frame,
+    parse_control,
+)
+
+KINDS = sorted(NAMES)
+CONTROL_KINDS = (OPEN, OK, ERR)
+
+
+# ------------------------------------------------------------------------------ encoding
+
+
+def test_frame_layout_is_type_length_payload():
+    data = frame(DATA, b"hello")
+    assert data == bytes([DATA]) + (5).to_bytes(4, "big") + b"hello"
+    assert HEADER.size == 5
+    assert frame(EOF) == bytes([EOF, 0, 0, 0, 0])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_empty_frame_round_trip(kind):
+    assert FrameReader().feed(frame(kind)) == [(kind, b"")]
+
+
+@pytest.mark.parametrize(
+    "kind, obj",
+    [
+        (OPEN, {"v": link.VERSION, "service": "shop/cart"}),
+        (OK, {"cluster": "east-2", "endpoint": "local:10.0.0.1:8080"}),
+        (ERR, {"code": "forbidden", "error": "cluster west-1 may not consume shop/cart"}),
+        (OK, {"unicode": "Zürich ☃", "nested": {"a": [1, 2, None]}}),
+    ],
+)
+def test_control_round_trip(kind, obj):
+    frames = FrameReader().feed(control(kind, obj))
+    assert len(frames) == 1
+    got_kind, payload = frames[0]
+    assert got_kind == kind
+    assert parse_control(got_kind, payload) == obj
+
+
+def test_control_is_compact_json():
+    payload = control(OPEN, {"v": 1, "service": "a/b"})[HEADER.size :]
+    assert payload == b'{"v":1,"service":"a/b"}'
+
+
+@given(st.dictionaries(st.text(max_size=10), st.integers() | st.text(max_size=20), max_size=8))
+def test_control_round_trip_property(obj):
+    ((kind, payload),) = FrameReader().feed(control(OK, obj))
+    assert kind == OK
+    assert parse_control(kind, payload) == obj
+
+
+# ------------------------------------------------------------------------------ incremental reading
+
+frames_strategy = st.lists(
+    st.tuples(st.sampled_from(KINDS), st.binary(max_size=300)), min_size=0, max_size=12
+)
+
+
+def _wire(frames):
+    return b"".join(frame(k, p) for k, p in frames)
+
+
+@given(frames_strategy)
+def test_byte_by_byte_yields_the_same_frames(frames):
+    wire = _wire(frames)
+    reader = FrameReader()
+    got = []
+    for i in range(len(wire)):
+        got += reader.feed(wire[i : i + 1])
+    assert got == frames
+    assert reader.pending == 0
+
+
+@given(frames_strategy, st.data())
+def test_random_splits_yield_the_same_frames(frames, data):
+    wire = _wire(frames)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(wire)), max_size=20), label="cuts"))
+    reader = FrameReader()
+    got = []
+    prev = 0
+    for cut in [*cuts, len(wire)]:
+        got += reader.feed(wire[prev:cut])
+        prev = cut
+    assert got == frames
+    assert reader.pending == 0
+
+
+@given(frames_strategy)
+def test_all_at_once_yields_the_same_frames(frames):
+    assert FrameReader().feed(_wire(frames)) == frames
+
+
+def test_partial_frame_is_kept_pending():
+    reader = FrameReader()
+    wire = frame(DATA, b"abcdef")
+    assert reader.feed(wire[:3]) == []
+    assert reader.pending == 3
+    assert reader.feed(wire[3:8]) == []
+    assert reader.pending == 8
+    assert reader.feed(wire[8:] + frame(PING)[:1]) == [(DATA, b"abcdef")]
+    assert reader.pending == 1
+    assert reader.feed(frame(PING)[1:]) == [(PING, b"")]
+    assert reader.pending == 0
+
+
+def test_frame_of_exactly_max_size_is_accepted():
+    payload = b"x" * MAX_FRAME
+    reader = FrameReader()
+    assert reader.feed(frame(DATA, payload)[:-1]) == []
+    assert reader.feed(payload[-1:]) == [(DATA, payload)]
+
+
+# ------------------------------------------------------------------------------ protocol errors
+
+
+def test_oversize_frame_is_refused_from_its_header():
+    header = HEADER.pack(DATA, MAX_FRAME + 1)
+    with pytest.raises(LinkProtocolError) as e:
+        FrameReader().feed(header)  # refused before the payload is buffered
+    msg = str(e.value)
+    assert "DATA" in msg
+    assert str(MAX_FRAME + 1) in msg
+    assert str(MAX_FRAME) in msg
+
+
+def test_oversize_frame_after_good_frames_is_refused():
+    reader = FrameReader()
+    with pytest.raises(LinkProtocolError, match="OPEN frame of 4294967295 bytes"):
+        reader.feed(frame(PING) + HEADER.pack(OPEN, 0xFFFFFFFF))
+
+
+@pytest.mark.parametrize("kind", [0, 8, 42, 255])
+def test_unknown_frame_type_is_refused(kind):
+    with pytest.raises(LinkProtocolError, match=f"unknown frame type {kind}"):
+        FrameReader().feed(bytes([kind]) + b"\0\0\0\0")
+
+
+def test_unknown_type_is_refused_as_soon_as_its_header_arrives():
+    reader = FrameReader()
+    reader.feed(b"\x09\0\0")
+    with pytest.raises(LinkProtocolError, match="unknown frame type 9"):
+        reader.feed(b"\0\x10")
+
+
+@pytest.mark.parametrize(
+    "payload, problem",
+    [
+        (b"", "not JSON"),
+        (b"{", "not JSON"),
+        (b"service=a/b", "not JSON"),
+        (b"\xff\xfe{}", "not JSON"),
+        (b"[1, 2]", "not a JSON object"),
+        (b'"open"', "not a JSON object"),
+        (b"null", "not a JSON object"),
+        (b"[" * 3000, "not JSON"),  # nesting deep enough to exhaust the decoder's recursion
+    ],
+    ids=["empty", "truncated", "form", "bad-utf8", "array", "string", "null", "deep-nesting"],
+)
+@pytest.mark.parametrize("kind", CONTROL_KINDS)
+def test_non_json_control_is_refused(kind, payload, problem):
+    with pytest.raises(LinkProtocolError) as e:
+        parse_control(kind, payload)
+    assert NAMES[kind] in str(e.value)
+    assert problem in str(e.value)
+
+
+def test_oversize_control_is_refused():
+    payload = json.dumps({"service": "x" * MAX_CONTROL}).encode()
+    with pytest.raises(LinkProtocolError) as e:
+        parse_control(OPEN, payload)
+    assert f"OPEN frame of {len(payload)} bytes (max {MAX_CONTROL})" == str(e.value)
+
+
+@given(st.binary(max_size=200))
+def test_parse_control_raises_only_link_errors(payload):
+    try:
+        obj = parse_control(OPEN, payload)
+    except LinkProtocolError as e:
+        assert "OPEN frame" in str(e)
+    else:
+        assert isinstance(obj, dict)
+
+
+@given(st.binary(max_size=64))
+def test_frame_reader_raises_only_link_errors_on_garbage(data):
+    reader = FrameReader()
+    try:
+        for kind, payload in reader.feed(data):
+            assert kind in NAMES
+            assert len(payload) <= MAX_FRAME
+    except LinkProtocolError as e:
+        assert "frame" in str(e)
+
+
+def test_names_cover_every_type():
+    assert {OPEN, OK, ERR, DATA, EOF, PING, PONG} == set(NAMES)
+    assert len(set(NAMES.values())) == len(NAMES)
