@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-One YAML file configures one gateway (see docs/config-reference.md for every field). The text is
+One YAML file configures one gateway (README.md, "Config reference", documents every field). The text is
 *composed* into PyYAML nodes rather than loaded into plain dicts, so every value still knows the
 line it came from. A `_Reader` then walks the nodes section by section:
 
@@ -361,7 +361,7 @@ class _Reader:
             return None
         if root is None or _is_null(root):
             self.problems.append(
-                Problem(self.file, None, "", "the file is empty; see docs/config-reference.md")
+                Problem(self.file, None, "", "the file is empty; see the config reference in README.md")
             )
             return None
         return root

@@ -853,8 +853,8 @@ def test_unknown_keys_always_rejected(section: tuple, key: str, value: object) -
 
 
 def test_reference_doc_full_example_is_valid() -> None:
-    doc = (ROOT / "docs" / "config-reference.md").read_text()
-    block = doc.split("## Full example", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    doc = (ROOT / "README.md").read_text()
+    block = doc.split("### Full example", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
     c = parse_config(block, SRC)
     assert c.exports[0].health_check.path == "/healthz"
     assert c.exports[0].allowed_consumers == ("east-2", "west-1", "east-1")
