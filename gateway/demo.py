@@ -238,11 +238,47 @@ async def wait_until(what: str, check, procs: Processes, timeout: float = 20.0) 
     raise RuntimeError(f"timed out waiting for {what}" + (f" (last error: {last})" if last else ""))
 
 
+async def start_topology(state: Path, offset: int, procs: Processes, backends: dict[str, Backends] | None) -> None:
+    """Federation, join tokens, (optionally) backends, three gateways; returns when east-1 sees
+    all three clusters live and both remote gateways healthy."""
+    configs = write_configs(state, offset)
+    procs.start("federation", "federation", "serve", "--state-dir", str(state / "federation"),
+                "--listen", f"127.0.0.1:{FED_PORT + offset}", "--admin", f"127.0.0.1:{FED_ADMIN + offset}",
+                "--lease-ttl", "3s")
+    await wait_until("the federation", lambda: http_json(FED_ADMIN + offset, "/readyz"), procs)
+
+    from federation.server import create_token
+    from federation.store.sqlite import SqliteStore
+
+    store = SqliteStore(str(state / "federation" / "federation.db"))
+    await store.open()
+    try:
+        for name, _, _ in CLUSTERS:
+            token = await create_token(store, name, 600, time.time())
+            fd = os.open(state / f"{name}.token", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(token)
+    finally:
+        await store.close()
+    for b in (backends or {}).values():
+        await b.start()
+    for (name, _, _), path in zip(CLUSTERS, configs, strict=True):
+        procs.start(name, "gateway", "run", "--config", str(path))
+    admin1 = ports(offset, 0)["admin"]
+
+    async def all_routable() -> bool:
+        st = await http_json(admin1, "/status")
+        tiers = st["imports"][0]["tiers"]
+        healthy = {t["key"] for tier in tiers for t in tier["targets"] if t["healthy"]}
+        return len(st["catalog"]["live"]) == 3 and {"remote:east-2", "remote:west-1"} <= healthy
+
+    await wait_until("three live clusters seen from east-1", all_routable, procs, 30)
+
+
 async def demo(args: Any, state: Path, out) -> int:
     offset = args.port_offset
     logs = state / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    configs = write_configs(state, offset)
     procs = Processes(logs)
     backends = {
         name: Backends(name, [ports(offset, i)["ep1"], ports(offset, i)["ep2"]])
@@ -250,37 +286,8 @@ async def demo(args: Any, state: Path, out) -> int:
     }
     try:
         out(f"state and logs in {state}")
-        procs.start("federation", "federation", "serve", "--state-dir", str(state / "federation"),
-                    "--listen", f"127.0.0.1:{FED_PORT + offset}", "--admin", f"127.0.0.1:{FED_ADMIN + offset}",
-                    "--lease-ttl", "3s")
-        await wait_until("the federation", lambda: http_json(FED_ADMIN + offset, "/readyz"), procs)
-
-        from federation.server import create_token
-        from federation.store.sqlite import SqliteStore
-
-        store = SqliteStore(str(state / "federation" / "federation.db"))
-        await store.open()
-        try:
-            for name, _, _ in CLUSTERS:
-                token = await create_token(store, name, 600, time.time())
-                fd = os.open(state / f"{name}.token", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                with os.fdopen(fd, "w") as f:
-                    f.write(token)
-        finally:
-            await store.close()
-        for b in backends.values():
-            await b.start()
-        for (name, _, _), path in zip(CLUSTERS, configs, strict=True):
-            procs.start(name, "gateway", "run", "--config", str(path))
+        await start_topology(state, offset, procs, backends)
         admin1 = ports(offset, 0)["admin"]
-
-        async def all_routable() -> bool:
-            st = await http_json(admin1, "/status")
-            tiers = st["imports"][0]["tiers"]
-            healthy = {t["key"] for tier in tiers for t in tier["targets"] if t["healthy"]}
-            return len(st["catalog"]["live"]) == 3 and {"remote:east-2", "remote:west-1"} <= healthy
-
-        await wait_until("three live clusters seen from east-1", all_routable, procs, 30)
         out("federation + 3 gateways up: east-1 (us-east/a), east-2 (us-east/b), west-1 (us-west/a)")
         out(f"driving {args.rate} new connections/s into east-1's local listener for default/echo\n")
 
@@ -339,7 +346,7 @@ def report(phases: list[Phase], out) -> bool:
         all_ok &= p.ok
         t.add_row(p.name, p.expect, *(str(p.served.get(c, 0)) for c, _, _ in CLUSTERS), str(p.failed), shift,
                   "[green]yes[/]" if p.ok else "[red]NO[/]")
-    Console().print(t)
+    Console(width=max(100, shutil.get_terminal_size().columns)).print(t)
     total = sum(sum(p.served.values()) + p.failed for p in phases)
     failed = sum(p.failed for p in phases)
     out(f"{total} connections, {failed} failed. shift time = last connection served by the previous "

@@ -1,0 +1,28 @@
+"""`isthmus demo` end to end, as a user runs it (real processes on loopback)."""
+
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def test_demo_fails_over_and_back_with_no_failed_connection(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "demo", "--port-offset", "700", "--phase", "2s",
+         "--rate", "30", "--state-dir", str(tmp_path / "demo")],
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.startswith("│")}
+    # each phase ended on the cluster it should: east-1 → east-2 (same region) → west-1 → east-1
+    for phase in ("all up", "east-1 down", "east-2 down too", "all restored"):
+        assert phase in rows, out
+        assert rows[phase].rstrip("│ ").endswith("yes"), rows[phase]
+    served = [int(c) for c in rows["east-1 down"].split("│")[3:6]]
+    assert served[0] == 0 and served[1] > 0, rows["east-1 down"]  # nothing to dead east-1
+    served = [int(c) for c in rows["east-2 down too"].split("│")[3:6]]
+    assert served[2] > 0 and served[0] == served[1] == 0, rows["east-2 down too"]
+    assert ", 0 failed." in out, out
