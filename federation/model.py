@@ -9,6 +9,9 @@ a pure fold of those keys:
     catalog/bundles/<trust-domain>          SPIFFE bundle   (JWKS; written by its own cluster)
     catalog/live/<cluster>                  {"since": t}    (attached to the cluster's lease)
     catalog/exports/<cluster>/<ns>/<name>   Export          (attached to the cluster's lease)
+    catalog/imports/<cluster>/<ns>/<name>   ImportRecord    (attached to the cluster's lease)
+    catalog/drills/<id>                     Drill           (written by the federation only)
+    drills/<id>/samples/<cluster>/<second>  probe counts    (not in the catalog: never watched)
 
 Keys attached to a lease vanish when it expires, so a cluster that stops renewing loses its
 exports in every other cluster's view. `Catalog.apply` folds one store event at a time, which is
@@ -35,7 +38,13 @@ CLUSTERS = "catalog/clusters/"
 BUNDLES = "catalog/bundles/"
 LIVE = "catalog/live/"
 EXPORTS = "catalog/exports/"
+IMPORTS = "catalog/imports/"
+DRILLS = "catalog/drills/"
+SAMPLES = "drills/"
 TOKENS = "tokens/"
+TIER_KINDS = ("cluster", "zone", "region", "any")
+DRILL_MODES = ("drain", "blackhole", "degrade")
+DRILL_STATES = ("running", "ended", "aborted")
 
 # DNS-label-like names: lowercase, digits, dashes; what Kubernetes allows for names/namespaces.
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -227,6 +236,192 @@ class ClusterRecord:
         return cls(name, region, zone, td, gw)
 
 
+@dataclass(frozen=True, slots=True)
+class ImportRecord:
+    """A service a cluster consumes and its failover policy (published so drills can plan)."""
+
+    cluster: str
+    namespace: str
+    name: str
+    tiers: tuple[str, ...] = TIER_KINDS
+    region_preference: tuple[str, ...] = ()
+    failback_after: float = 2.0
+    max_attempts: int = 4
+
+    @property
+    def service(self) -> ServiceKey:
+        return ServiceKey(self.namespace, self.name)
+
+    @property
+    def key(self) -> str:
+        return f"{IMPORTS}{self.cluster}/{self.namespace}/{self.name}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "cluster": self.cluster,
+            "namespace": self.namespace,
+            "name": self.name,
+            "failover": {
+                "tiers": list(self.tiers),
+                "region_preference": list(self.region_preference),
+                "failback_after": self.failback_after,
+                "max_attempts": self.max_attempts,
+            },
+        }
+
+    @classmethod
+    def from_json(cls, obj: Any, what: str = "import") -> ImportRecord:
+        cluster = check_name(_field(obj, "cluster", what, str), f"{what}.cluster")
+        namespace = check_name(_field(obj, "namespace", what, str), f"{what}.namespace")
+        name = check_name(_field(obj, "name", what, str), f"{what}.name")
+        f = _field(obj, "failover", what, dict)
+        w = f"{what}.failover"
+        tiers = _field(f, "tiers", w, list)
+        if not tiers or len(tiers) > 4 or len(set(map(str, tiers))) != len(tiers) or any(
+            t not in TIER_KINDS for t in tiers
+        ):
+            raise InputError(f"{w}.tiers: {tiers!r} is not an ordered subset of {list(TIER_KINDS)}")
+        prefs = _field(f, "region_preference", w, list)
+        if len(prefs) > 64:
+            raise InputError(f"{w}.region_preference: at most 64 regions")
+        prefs = tuple(check_name(r, f"{w}.region_preference[{i}]") for i, r in enumerate(prefs))
+        failback = float(_field(f, "failback_after", w, (int, float)))
+        attempts = _field(f, "max_attempts", w, int)
+        if not 0 <= failback <= 3600 or not 1 <= attempts <= 16:
+            raise InputError(f"{w}: failback_after must be 0..3600 s and max_attempts 1..16")
+        return cls(cluster, namespace, name, tuple(tiers), prefs, failback, attempts)
+
+
+_DRILL_ID = re.compile(r"^d-[0-9]{8}-[0-9]{6}-[a-z0-9]{4}$")
+
+
+@dataclass(frozen=True, slots=True)
+class Drill:
+    """A planned, bounded, reversible fault of a region or a cluster. Times are wall-clock
+    seconds (epoch). Probes run from `created_at` (a baseline before the fault) until `settle`
+    seconds after the fault ended; the fault itself lasts from `fault_start` to `fault_end`
+    unless the drill ends earlier (aborted)."""
+
+    id: str
+    scope_kind: str  # "region" | "cluster"
+    scope: str
+    mode: str  # drain | blackhole | degrade
+    created_at: float
+    fault_start: float
+    fault_end: float  # the deadline: every gateway restores by itself at this time
+    clusters_in_scope: tuple[str, ...]
+    regions: Mapping[str, str]  # cluster -> region, as the catalog had it at creation
+    services: tuple[str, ...]  # "ns/name" of the exports in scope (the services affected)
+    latency: float = 0.0  # degrade: added latency per stream, seconds
+    error_rate: float = 0.0  # degrade: fraction of streams refused
+    probe_rate: float = 20.0  # synthetic probes per second per service per observing cluster
+    settle: float = 5.0
+    abort_on: str | None = None  # e.g. "success<99%:5s"
+    state: str = "running"  # running | ended | aborted
+    ended_at: float | None = None
+    end_reason: str | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{DRILLS}{self.id}"
+
+    def in_scope(self, cluster: str) -> bool:
+        return cluster in self.clusters_in_scope
+
+    def fault_active(self, now: float) -> bool:
+        return self.state == "running" and self.fault_start <= now < self.fault_end
+
+    @property
+    def fault_stop(self) -> float:
+        """When the fault stopped (or will stop): the deadline, or the end if it came first."""
+        return min(self.fault_end, self.ended_at) if self.ended_at is not None else self.fault_end
+
+    def observing(self, now: float) -> bool:
+        return self.created_at <= now < self.fault_stop + self.settle
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "scope": {self.scope_kind: self.scope},
+            "mode": self.mode,
+            "created_at": self.created_at,
+            "fault_start": self.fault_start,
+            "fault_end": self.fault_end,
+            "clusters_in_scope": list(self.clusters_in_scope),
+            "regions": dict(self.regions),
+            "services": list(self.services),
+            "latency": self.latency,
+            "error_rate": self.error_rate,
+            "probe_rate": self.probe_rate,
+            "settle": self.settle,
+            "abort_on": self.abort_on,
+            "state": self.state,
+            "ended_at": self.ended_at,
+            "end_reason": self.end_reason,
+        }
+
+    @classmethod
+    def from_json(cls, obj: Any, what: str = "drill") -> Drill:
+        did = _field(obj, "id", what, str)
+        if not _DRILL_ID.match(did):
+            raise InputError(f"{what}.id: {did!r} is not a drill id (d-YYYYMMDD-HHMMSS-xxxx)")
+        scope = _field(obj, "scope", what, dict)
+        if len(scope) != 1 or next(iter(scope)) not in ("region", "cluster"):
+            raise InputError(f"{what}.scope: expected {{'region': R}} or {{'cluster': C}}, got {scope!r}")
+        kind, value = next(iter(scope.items()))
+        check_name(value, f"{what}.scope.{kind}")
+        mode = _field(obj, "mode", what, str)
+        if mode not in DRILL_MODES:
+            raise InputError(f"{what}.mode: {mode!r} is not one of {', '.join(DRILL_MODES)}")
+        state = _field(obj, "state", what, str)
+        if state not in DRILL_STATES:
+            raise InputError(f"{what}.state: {state!r} is not one of {', '.join(DRILL_STATES)}")
+        num = (int, float)
+        times = [float(_field(obj, k, what, num)) for k in ("created_at", "fault_start", "fault_end")]
+        if not times[0] <= times[1] <= times[2]:
+            raise InputError(f"{what}: expected created_at <= fault_start <= fault_end")
+        clusters = _field(obj, "clusters_in_scope", what, list)
+        regions = _field(obj, "regions", what, dict)
+        services = _field(obj, "services", what, list)
+        if len(clusters) > 1000 or len(regions) > 1000 or len(services) > 10000:
+            raise InputError(f"{what}: too many clusters, regions or services")
+        latency = float(_field(obj, "latency", what, num))
+        error_rate = float(_field(obj, "error_rate", what, num))
+        probe_rate = float(_field(obj, "probe_rate", what, num))
+        settle = float(_field(obj, "settle", what, num))
+        if not (0 <= latency <= 60 and 0 <= error_rate <= 1 and 0 < probe_rate <= 1000 and 0 <= settle <= 600):
+            raise InputError(f"{what}: latency 0..60 s, error_rate 0..1, probe_rate 0..1000/s, settle 0..600 s")
+        abort_on = obj.get("abort_on")
+        if abort_on is not None and (not isinstance(abort_on, str) or len(abort_on) > 200):
+            raise InputError(f"{what}.abort_on: expected a short string like 'success<99%:5s'")
+        ended_at = obj.get("ended_at")
+        if ended_at is not None and (isinstance(ended_at, bool) or not isinstance(ended_at, num)):
+            raise InputError(f"{what}.ended_at: expected a number or null")
+        reason = obj.get("end_reason")
+        if reason is not None and (not isinstance(reason, str) or len(reason) > 500):
+            raise InputError(f"{what}.end_reason: expected a short string or null")
+        return cls(
+            id=did,
+            scope_kind=kind,
+            scope=value,
+            mode=mode,
+            created_at=times[0],
+            fault_start=times[1],
+            fault_end=times[2],
+            clusters_in_scope=tuple(check_name(c, f"{what}.clusters_in_scope") for c in clusters),
+            regions={check_name(k, f"{what}.regions"): check_name(v, f"{what}.regions.{k}") for k, v in regions.items()},
+            services=tuple(str(x) for x in services),
+            latency=latency,
+            error_rate=error_rate,
+            probe_rate=probe_rate,
+            settle=settle,
+            abort_on=abort_on,
+            state=state,
+            ended_at=None if ended_at is None else float(ended_at),
+            end_reason=reason,
+        )
+
+
 def _frozen(d: dict) -> Mapping:
     return MappingProxyType(d)
 
@@ -240,6 +435,8 @@ class Catalog:
     bundles: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: _frozen({}))
     live: frozenset[str] = frozenset()
     exports: Mapping[str, Export] = field(default_factory=lambda: _frozen({}))  # by store key
+    imports: Mapping[str, ImportRecord] = field(default_factory=lambda: _frozen({}))  # by store key
+    drills: Mapping[str, Drill] = field(default_factory=lambda: _frozen({}))  # by drill id
 
     @classmethod
     def from_items(cls, items: Iterable[tuple[str, bytes]], revision: int) -> Catalog:
@@ -282,7 +479,31 @@ class Catalog:
                     raise InputError(f"{key}: the export inside names {exp.key!r}")
                 exports[key] = exp
             return replace(self, revision=revision, exports=_frozen(exports))
+        if key.startswith(IMPORTS):
+            imports = dict(self.imports)
+            if value is None:
+                imports.pop(key, None)
+            else:
+                rec = ImportRecord.from_json(_loads(value, key), key)
+                if rec.key != key:
+                    raise InputError(f"{key}: the import inside names {rec.key!r}")
+                imports[key] = rec
+            return replace(self, revision=revision, imports=_frozen(imports))
+        if key.startswith(DRILLS):
+            drills = dict(self.drills)
+            did = key[len(DRILLS):]
+            if value is None:
+                drills.pop(did, None)
+            else:
+                drill = Drill.from_json(_loads(value, key), key)
+                if drill.id != did:
+                    raise InputError(f"{key}: the drill inside is {drill.id!r}")
+                drills[did] = drill
+            return replace(self, revision=revision, drills=_frozen(drills))
         return replace(self, revision=revision)
+
+    def running_drills(self) -> list[Drill]:
+        return [d for d in self.drills.values() if d.state == "running"]
 
     def exports_of(self, service: ServiceKey) -> list[Export]:
         """Exports of a service by live clusters only (a cluster without lease has no endpoints)."""
@@ -299,6 +520,8 @@ class Catalog:
             "bundles": {k: dict(v) for k, v in sorted(self.bundles.items())},
             "live": sorted(self.live),
             "exports": [e.to_json() for _, e in sorted(self.exports.items())],
+            "imports": [i.to_json() for _, i in sorted(self.imports.items())],
+            "drills": [d.to_json() for _, d in sorted(self.drills.items())],
         }
 
     @classmethod
@@ -315,6 +538,12 @@ class Catalog:
         for e in _field(obj, "exports", "catalog", list):
             exp = Export.from_json(e, "catalog.exports")
             items.append((exp.key, json.dumps(exp.to_json()).encode()))
+        for i in obj.get("imports", []) if isinstance(obj, Mapping) else []:
+            rec = ImportRecord.from_json(i, "catalog.imports")
+            items.append((rec.key, json.dumps(rec.to_json()).encode()))
+        for d in obj.get("drills", []) if isinstance(obj, Mapping) else []:
+            drill = Drill.from_json(d, "catalog.drills")
+            items.append((drill.key, json.dumps(drill.to_json()).encode()))
         return cls.from_items(items, revision)
 
 
