@@ -555,11 +555,9 @@ async def test_half_close_through_remote_hop(topo: Topology):
     await topo.wait_served("east-1", "east-2", timeout=5.0)
     for b in topo.nodes["east-2"].backends:
         b.mode = "count"
-    served_before = sum(b.served for b in topo.nodes["east-2"].backends)
     results = {}
     for n in (0, 1, 100_000, 3 * 1024 * 1024 + 7):
         results[n] = await asyncio.wait_for(_count_through(east1.import_port, n), 15.0)
     print(f"\nhalf-close through east-1 -> east-2: {results}")
     for n, reply in results.items():
         assert reply == f"east-2 {n}", (n, reply)
-    assert sum(b.served for b in topo.nodes["east-2"].backends) - served_before == 4
