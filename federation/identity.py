@@ -510,8 +510,10 @@ class Svid:
 
     @property
     def rotate_at(self) -> float:
-        """Half life: when a new SVID should be issued."""
-        return self.not_before + (self.not_after - self.not_before) / 2
+        """Half life, counted from issuance: not_before is backdated by CLOCK_SKEW for peers with
+        slow clocks, and counting from it would rotate a short-lived SVID at once."""
+        issued = min(self.not_before + CLOCK_SKEW, self.not_after)
+        return issued + (self.not_after - issued) / 2
 
     def rotation_due(self, now: float) -> bool:
         return now >= self.rotate_at

@@ -395,12 +395,20 @@ def test_issue_refuses_other_trust_domain(ca_a):
 
 def test_rotation_due_at_half_life(ca_a):
     svid = ca_a.issue(gateway_id(TD_A), NOW, ttl=86400)
-    half = (svid.not_before + svid.not_after) / 2
+    issued = svid.not_before + 60  # not_before is backdated for clock skew
+    half = issued + (svid.not_after - issued) / 2
     assert svid.rotate_at == half
     assert not svid.rotation_due(NOW)
     assert not svid.rotation_due(half - 1)
     assert svid.rotation_due(half)
     assert svid.rotation_due(NOW + 86400)
+
+
+def test_short_svid_rotates_at_half_its_lifetime_not_at_once(ca_a):
+    svid = ca_a.issue(gateway_id(TD_A), NOW, ttl=60)
+    assert not svid.rotation_due(NOW + 1)
+    assert svid.rotation_due(NOW + 31)
+    assert 29 <= svid.rotate_at - NOW <= 31
 
 
 def test_svid_repr_hides_key(ca_a):
