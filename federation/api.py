@@ -11,7 +11,9 @@ Conventions
 - `auth` of a route: "token" (single-use join token in the body, no client certificate needed),
   "svid" (a client certificate that verifies as `spiffe://<td>/ns/isthmus-system/sa/gateway`
   against the bundle of a joined cluster's trust domain; writes only to the caller's own
-  cluster), or "none" (health, metrics, this document).
+  cluster), "operator" (the federation-issued operator SVID
+  `spiffe://<federation-td>/ns/isthmus-system/sa/operator`), "any" (a cluster SVID or the
+  operator SVID), or "none" (health, metrics, this document).
 - Watch events carry `value` as parsed JSON (null for deletes); `event_to_json` and
   `event_from_json` convert to and from the store's `Event` (whose value is raw JSON bytes, so
   `Catalog.apply` can fold it).
@@ -47,6 +49,8 @@ class Route:
     params: tuple[tuple[str, str, str], ...] = ()  # (name, in, type) besides path params
     content_type: str = "application/json"
     tags: tuple[str, ...] = field(default=("federation",))
+    status: int = 200  # the success status (201 for creations)
+    request_required: bool = True
 
 
 _W = (400, 401, 403, 413)  # errors every authenticated write can answer
@@ -69,13 +73,41 @@ ROUTES: tuple[Route, ...] = (
           "svid", "Export", "Revision", _W + (409,)),
     Route("DELETE", "/v1/clusters/{name}/exports/{namespace}/{service}", "deleteExport",
           "Withdraw an export.", "svid", None, "Deleted", _W),
+    Route("PUT", "/v1/clusters/{name}/imports/{namespace}/{service}", "putImport",
+          "Publish an import's failover policy (for drill plans), attached to the cluster's "
+          "current lease (409 if it has none).",
+          "svid", "ImportRecord", "Revision", _W + (409,)),
+    Route("DELETE", "/v1/clusters/{name}/imports/{namespace}/{service}", "deleteImport",
+          "Withdraw an import.", "svid", None, "Deleted", _W),
     Route("GET", "/v1/catalog", "getCatalog",
           "Snapshot of the catalog with the revision it was read at.",
-          "svid", None, "Catalog", (401,)),
+          "any", None, "Catalog", (401,)),
     Route("GET", "/v1/watch", "watch",
           "Long-poll catalog changes after a revision (410 when that history is compacted).",
-          "svid", None, "WatchResponse", (400, 401, 410),
+          "any", None, "WatchResponse", (400, 401, 410),
           params=(("after", "query", "integer"), ("timeout", "query", "string"))),
+    Route("POST", "/v1/drills", "createDrill",
+          "Start a drill (operator only). 400 for an unknown scope (the message lists the known "
+          "ones) or a bad mode/duration/abort_on; 409 while another drill runs or observes.",
+          "operator", "DrillRequest", "Drill", (400, 401, 403, 409, 413), status=201,
+          tags=("drills",)),
+    Route("GET", "/v1/drills", "listDrills", "Every drill, newest first.",
+          "any", None, "DrillList", (401,), tags=("drills",)),
+    Route("GET", "/v1/drills/{id}", "getDrill",
+          "One drill and its samples (sorted by second, then cluster).",
+          "any", None, "DrillDetail", (401, 404), tags=("drills",)),
+    Route("GET", "/v1/drills/{id}/report", "drillReport",
+          "The drill's report (federation.drills.compute_report over its samples).",
+          "any", None, "DrillReport", (401, 404), tags=("drills",)),
+    Route("POST", "/v1/drills/{id}/abort", "abortDrill",
+          "Abort a running drill (operator only); 409 if it already ended.",
+          "operator", "AbortRequest", "Drill", (400, 401, 403, 404, 409), tags=("drills",),
+          request_required=False),
+    Route("PUT", "/v1/drills/{id}/samples/{cluster}/{second}", "putSample",
+          "Store one per-second probe sample of an observing cluster (that cluster only); "
+          "409 for a second outside [created_at-1, fault_stop+settle+5]. abort_on is "
+          "evaluated on every write.",
+          "svid", "Sample", "Revision", (400, 401, 403, 404, 409, 413), tags=("drills",)),
     Route("GET", "/v1/openapi.json", "openapi", "This document.", "none", None, "OpenApi"),
     Route("GET", "/healthz", "healthz", "The process is up.", "none", None, "Text",
           content_type="text/plain", tags=("admin",)),
@@ -84,9 +116,9 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/metrics", "metrics", "Prometheus text exposition.", "none", None, "Text",
           content_type="text/plain; version=0.0.4", tags=("admin",)),
     Route("GET", "/status", "status",
-          "Clusters, liveness and services. On the TLS port it needs a cluster SVID; the "
-          "plain-HTTP admin listener (loopback) serves it without one.",
-          "svid", None, "Status", (401,), tags=("admin",)),
+          "Clusters, liveness and services. On the TLS port it needs a cluster or operator "
+          "SVID; the plain-HTTP admin listener (loopback) serves it without one.",
+          "any", None, "Status", (401,), tags=("admin",)),
 )
 
 ADMIN_PATHS = ("/healthz", "/readyz", "/metrics", "/status")
@@ -156,7 +188,75 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "bundles": {"type": "object", "additionalProperties": _ref("Jwks")},
         "live": {"type": "array", "items": _NAME},
         "exports": {"type": "array", "items": _ref("Export")},
+        "imports": {"type": "array", "items": _ref("ImportRecord")},
+        "drills": {"type": "array", "items": _ref("Drill")},
+    }, required=["revision", "clusters", "bundles", "live", "exports"]),
+    "ImportRecord": _obj({
+        "cluster": _NAME, "namespace": _NAME, "name": _NAME,
+        "failover": _obj({
+            "tiers": {"type": "array", "items": {"enum": ["cluster", "zone", "region", "any"]}},
+            "region_preference": {"type": "array", "items": _NAME},
+            "failback_after": {"type": "number", "minimum": 0, "maximum": 3600},
+            "max_attempts": {"type": "integer", "minimum": 1, "maximum": 16},
+        }),
     }),
+    "Scope": {"type": "object", "minProperties": 1, "maxProperties": 1,
+              "properties": {"region": _NAME, "cluster": _NAME}, "additionalProperties": False},
+    "DrillRequest": _obj({
+        "scope": _ref("Scope"),
+        "mode": {"type": "string", "enum": ["drain", "blackhole", "degrade"]},
+        "duration": {"type": "string", "description": "1s..1h, e.g. 30s"},
+        "latency": {"type": ["string", "null"], "description": "degrade: e.g. 200ms"},
+        "error_rate": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+        "probe_rate": {"type": ["number", "null"], "description": "probes/s (default 20)"},
+        "baseline": {"type": ["string", "null"], "description": "default 2s"},
+        "settle": {"type": ["string", "null"], "description": "default 5s"},
+        "abort_on": {"type": ["string", "null"], "description": "e.g. success<99%:5s"},
+    }, required=["scope", "mode", "duration"]),
+    "Drill": _obj({
+        "id": {"type": "string", "pattern": "^d-[0-9]{8}-[0-9]{6}-[a-z0-9]{4}$"},
+        "scope": _ref("Scope"),
+        "mode": {"type": "string", "enum": ["drain", "blackhole", "degrade"]},
+        "created_at": _NUM, "fault_start": _NUM, "fault_end": _NUM,
+        "clusters_in_scope": {"type": "array", "items": _NAME},
+        "regions": {"type": "object", "additionalProperties": _NAME},
+        "services": {"type": "array", "items": _STR},
+        "latency": _NUM, "error_rate": _NUM, "probe_rate": _NUM, "settle": _NUM,
+        "abort_on": {"type": ["string", "null"]},
+        "state": {"type": "string", "enum": ["running", "ended", "aborted"]},
+        "ended_at": {"type": ["number", "null"]},
+        "end_reason": {"type": ["string", "null"]},
+    }),
+    "DrillList": _obj({"drills": {"type": "array", "items": _ref("Drill")}}),
+    "ServiceSample": _obj({
+        "attempts": _INT, "successes": _INT, "failures": _INT,
+        "latency_p50_ms": {"type": ["number", "null"]},
+        "latency_p99_ms": {"type": ["number", "null"]},
+        "served": {"type": "object", "additionalProperties": _INT, "maxProperties": 1000},
+    }, required=["attempts", "successes", "failures"]),
+    "Sample": _obj({
+        "cluster": _NAME, "second": _INT,
+        "services": {"type": "object", "additionalProperties": _ref("ServiceSample"),
+                     "maxProperties": 1000},
+    }),
+    "DrillDetail": _obj({
+        "drill": _ref("Drill"), "samples": {"type": "array", "items": _ref("Sample")},
+    }),
+    "DrillReport": {
+        "type": "object",
+        "description": "see docs/drills.md and federation/drills.py: detection_s, shift_s, "
+        "failed_during_shift, p99_ms_worst, p99_ms_median, failback_s (relative to "
+        "fault_stop), flapped, totals, by_mode, state, end_reason, scope, timeline",
+        "properties": {
+            "detection_s": {"type": ["number", "null"]},
+            "shift_s": {"type": ["number", "null"]},
+            "failed_during_shift": _INT,
+            "failback_s": {"type": ["number", "null"]},
+            "flapped": {"type": "boolean"},
+            "timeline": {"type": "array", "items": {"type": "object"}},
+        },
+    },
+    "AbortRequest": _obj({"reason": _STR}, required=[]),
     "WatchEvent": _obj({
         "type": {"type": "string", "enum": ["put", "delete"]},
         "key": _STR,
@@ -194,10 +294,12 @@ def _operation(r: Route) -> dict[str, Any]:
         op["parameters"] = params
     if r.request:
         op["requestBody"] = {
-            "required": True, "content": {"application/json": {"schema": _ref(r.request)}},
+            "required": r.request_required,
+            "content": {"application/json": {"schema": _ref(r.request)}},
         }
     responses: dict[str, Any] = {
-        "200": {"description": "OK", "content": {r.content_type: {"schema": _ref(r.response)}}}
+        str(r.status): {"description": "Created" if r.status == 201 else "OK",
+                        "content": {r.content_type: {"schema": _ref(r.response)}}}
         if r.response else {"description": "OK"},
     }
     for code in r.errors:
@@ -209,6 +311,10 @@ def _operation(r: Route) -> dict[str, Any]:
     op["responses"] = responses
     if r.auth == "svid":
         op["security"] = [{"svid": []}]
+    elif r.auth == "operator":
+        op["security"] = [{"operator": []}]
+    elif r.auth == "any":
+        op["security"] = [{"svid": []}, {"operator": []}]
     elif r.auth == "token":
         op["security"] = [{"joinToken": []}]
     else:
@@ -219,9 +325,10 @@ def _operation(r: Route) -> dict[str, Any]:
 _REASONS = {
     400: "malformed request (the message names the field)",
     401: "no or unverifiable client certificate, or bad join token",
-    403: "the caller may not write this cluster's records",
+    403: "the caller may not do this (another cluster's records, or operator-only)",
     404: "unknown or expired",
-    409: "conflict (sequence, trust domain, or no live lease)",
+    409: "conflict (sequence, trust domain, no live lease, overlapping or ended drill, "
+         "sample outside the drill's window)",
     410: "watch history compacted: fetch a new snapshot",
     413: "body larger than 1 MiB",
     503: "not ready",
@@ -247,6 +354,9 @@ def openapi_document() -> dict[str, Any]:
             "securitySchemes": {
                 "svid": {"type": "mutualTLS",
                          "description": "X.509 SVID spiffe://<td>/ns/isthmus-system/sa/gateway"},
+                "operator": {"type": "mutualTLS",
+                             "description": "X.509 SVID spiffe://<federation-td>/ns/"
+                             "isthmus-system/sa/operator, issued by the federation CA"},
                 "joinToken": {"type": "http", "scheme": "bearer",
                               "description": "single-use join token, sent in the body"},
             },

@@ -12,6 +12,11 @@ revision.
 
 `set_svid()` swaps the client certificate after a rotation: new requests open connections with
 the new SVID; the old session is closed once its in-flight requests (e.g. a long-poll) finish.
+
+Operators (the CLI) use `operator_client(url, credentials_dir)`: the directory the federation
+writes at `<state-dir>/operator/` (svid.pem, svid-key.pem, ca.pem). Drill methods:
+`create_drill`, `list_drills`, `get_drill`, `drill_report`, `abort_drill` (operator; reads are
+open to clusters too) and `put_sample` (an observing cluster, its own samples only).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import aiohttp
 from . import api
 from .errors import CompactedError, FederationError, IdentityError, InputError
 from .identity import Svid, TrustBundle
-from .model import Catalog, ClusterRecord, Export
+from .model import Catalog, ClusterRecord, Drill, Export, ImportRecord
 from .store.base import Event
 from .tls import client_context
 from .units import format_duration
@@ -218,6 +223,59 @@ class FederationClient:
         path = f"/v1/clusters/{cluster}/exports/{namespace}/{name}"
         return bool((await self._ok("DELETE", path))["deleted"])
 
+    async def put_import(self, rec: ImportRecord) -> int:
+        """Publish an import's failover policy (attached to the cluster's lease)."""
+        path = f"/v1/clusters/{rec.cluster}/imports/{rec.namespace}/{rec.name}"
+        return (await self._ok("PUT", path, rec.to_json()))["revision"]
+
+    async def delete_import(self, cluster: str, ns: str, name: str) -> bool:
+        path = f"/v1/clusters/{cluster}/imports/{ns}/{name}"
+        return bool((await self._ok("DELETE", path))["deleted"])
+
+    # ---- drills --------------------------------------------------------------------------
+
+    def _drill(self, obj: Any, what: str) -> Drill:
+        try:
+            return Drill.from_json(obj, what)
+        except InputError as e:
+            raise FederationError(f"federation at {self.url}: malformed {what}: {e}") from None
+
+    async def create_drill(self, spec: dict) -> Drill:
+        """POST /v1/drills (operator). 400 bad spec, 409 overlapping drill: FederationError."""
+        return self._drill(await self._ok("POST", "/v1/drills", spec), "drill")
+
+    async def list_drills(self) -> list[Drill]:
+        """Every drill, newest first."""
+        obj = await self._ok("GET", "/v1/drills")
+        raw = obj.get("drills") if isinstance(obj, dict) else None
+        if not isinstance(raw, list):
+            raise FederationError(f"federation at {self.url}: malformed drill list")
+        return [self._drill(d, f"drills[{i}]") for i, d in enumerate(raw)]
+
+    async def get_drill(self, drill_id: str) -> tuple[Drill, list[dict]]:
+        """The drill and its samples (sorted by second, then cluster). 404: FederationError."""
+        obj = await self._ok("GET", f"/v1/drills/{drill_id}")
+        if not isinstance(obj, dict) or not isinstance(obj.get("samples"), list):
+            raise FederationError(f"federation at {self.url}: malformed drill answer")
+        return self._drill(obj.get("drill"), "drill"), obj["samples"]
+
+    async def drill_report(self, drill_id: str) -> dict:
+        """federation.drills.compute_report of the drill, computed by the federation."""
+        obj = await self._ok("GET", f"/v1/drills/{drill_id}/report")
+        if not isinstance(obj, dict):
+            raise FederationError(f"federation at {self.url}: malformed drill report")
+        return obj
+
+    async def abort_drill(self, drill_id: str, reason: str = "aborted by operator") -> Drill:
+        """Abort a running drill (operator). 409 if it already ended: FederationError."""
+        obj = await self._ok("POST", f"/v1/drills/{drill_id}/abort", {"reason": reason})
+        return self._drill(obj, "drill")
+
+    async def put_sample(self, drill_id: str, cluster: str, second: int, sample: dict) -> int:
+        """Store one per-second sample of `cluster` (the caller). Returns the store revision."""
+        path = f"/v1/drills/{drill_id}/samples/{cluster}/{int(second)}"
+        return (await self._ok("PUT", path, sample))["revision"]
+
     async def catalog(self) -> Catalog:
         obj = await self._ok("GET", "/v1/catalog")
         try:
@@ -252,6 +310,26 @@ class FederationClient:
 
     async def openapi(self) -> dict:
         return await self._ok("GET", "/v1/openapi.json")
+
+
+def operator_client(url: str, credentials_dir: Path, timeout: float = 10.0) -> FederationClient:
+    """A client authenticated as the operator, from a credentials directory holding svid.pem,
+    svid-key.pem and ca.pem (what `isthmus federation serve` writes to <state-dir>/operator/).
+    FederationError names a missing or unreadable file."""
+    d = Path(credentials_dir).expanduser()
+    for name in (Svid.CERT_FILE, Svid.KEY_FILE, "ca.pem"):
+        if not (d / name).is_file():
+            raise FederationError(
+                f"operator credentials: {d / name} is missing (the federation writes them to "
+                "<state-dir>/operator/; pass --credentials DIR or set ISTHMUS_CREDENTIALS)"
+            )
+    try:
+        svid = Svid.load(d)
+        assert svid is not None
+        bundle = load_federation_bundle(d / "ca.pem", svid.spiffe_id.trust_domain.name)
+    except (IdentityError, OSError) as e:
+        raise FederationError(f"operator credentials in {d}: {e}") from None
+    return FederationClient(url, bundle, svid, timeout=timeout)
 
 
 def _describe(e: BaseException) -> str:

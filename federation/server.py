@@ -7,16 +7,35 @@ Theory of operation
   federation (it issues nothing but the federation's own server SVID). The server SVID is
   issued at every start and reissued at half life by a background task, then swapped into the
   live SSL context (`reload_server_context`), so open connections are not dropped.
+* Operator identity. At every start the server makes sure `<state-dir>/operator/` holds an
+  operator SVID `spiffe://<federation-td>/ns/isthmus-system/sa/operator` (valid 30 days,
+  `svid.pem` + `svid-key.pem`, key 0600) issued by the federation CA, reissued when missing,
+  unreadable, past half life or not issued by the current CA, plus a copy of `ca.pem`: that
+  directory is all the CLI needs (`client.operator_client`).
 * Authentication. The TLS listener asks for, but does not require, a client certificate, so a
   new cluster can `POST /v1/join` with only a join token. Every other `/v1` route (and
-  `/status` on the TLS port) needs a client SVID that verifies against the bundle of a joined
-  cluster's trust domain, and whose SPIFFE ID is that trust domain's gateway ID. The server
-  context trusts every joined cluster's bundle; a join or bundle update adds the new
-  authorities to the live context. (OpenSSL cannot forget a CA in place: after a bundle drops
-  an authority the handshake may still pass, but `verify_peer` checks against the current
-  bundle only, so the request is refused with 401.)
+  `/status` on the TLS port) needs a client SVID: either one that verifies against the bundle
+  of a joined cluster's trust domain and is that trust domain's gateway ID (a *cluster*), or
+  the operator ID verified against the federation's own bundle (the *operator*; any other ID
+  of the federation's trust domain is 403). `_caller` returns ("cluster", name) or
+  ("operator", id). The server context trusts the federation CA and every joined cluster's
+  bundle; a join or bundle update adds the new authorities to the live context. (OpenSSL
+  cannot forget a CA in place: after a bundle drops an authority the handshake may still
+  pass, but `verify_peer` checks against the current bundle only, so the request is refused
+  with 401.) No cluster may join with the federation's own trust domain.
 * Authorization. A cluster writes only its own records (`/v1/clusters/{name}/...` with
-  name == caller); anything else is 403 naming both clusters, logged and counted.
+  name == caller) and its own drill samples; anything else is 403 naming both, logged and
+  counted. The operator reads the catalog, the watch and drills, and creates and aborts
+  drills; it writes no cluster record (403). Creating or aborting drills is operator-only.
+* Drills (decisions in `drills.py`, pure). Records at `catalog/drills/<id>` (so every gateway
+  sees them through the watch), samples at `drills/<id>/samples/<cluster>/<second:010d>`
+  (outside `catalog/`, never watched). Every drill transition (create with the overlap check,
+  abort, deadline, abort_on trip) runs under one lock and re-reads the record from the store,
+  so two transitions never race. A timer task sleeps until the earliest deadline of the
+  running drills (woken early when a drill is created or ends; at most 5 s) and ends due
+  drills with reason "deadline"; `start()` first ends every drill found running past its
+  deadline (after a restart), keeping its record. `abort_on` is evaluated after each sample
+  write over the stored samples.
 * State lives in the store under the keys described in `model.py`; the server keeps in memory
   only what it can rebuild from the store at start (bundles, trust domain -> cluster, current
   lease per cluster) plus last-renewal times for `/status`.
@@ -40,10 +59,13 @@ import hashlib
 import ipaddress
 import json
 import logging
+import os
+import re
 import secrets
 import signal
 import socket
 import ssl
+import string
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -53,6 +75,7 @@ from typing import Any
 from aiohttp import web
 
 from . import api
+from . import drills as drill_logic
 from .errors import (
     BundleSequenceError,
     CompactedError,
@@ -61,6 +84,7 @@ from .errors import (
     StoreError,
 )
 from .identity import (
+    SYSTEM_NAMESPACE,
     CertificateAuthority,
     SpiffeId,
     Svid,
@@ -69,8 +93,23 @@ from .identity import (
     federation_id,
     gateway_id,
     spiffe_id_of,
+    verify_svid,
 )
-from .model import BUNDLES, CATALOG_PREFIX, CLUSTERS, LIVE, TOKENS, Catalog, ClusterRecord, Export
+from .model import (
+    BUNDLES,
+    CATALOG_PREFIX,
+    CLUSTERS,
+    DRILLS,
+    IMPORTS,
+    LIVE,
+    SAMPLES,
+    TOKENS,
+    Catalog,
+    ClusterRecord,
+    Drill,
+    Export,
+    ImportRecord,
+)
 from .store.base import Store, open_store
 from .tls import peer_cert_der, reload_server_context, server_context, verify_peer
 from .units import format_hostport, parse_duration, parse_hostport
@@ -81,7 +120,18 @@ FEDERATION_TRUST_DOMAIN = "federation.isthmus.local"
 REAP_INTERVAL = 0.2
 TOKEN_SWEEP_INTERVAL = 60.0
 SVID_CHECK_INTERVAL = 1.0
+OPERATOR_DIR = "operator"
+OPERATOR_SVID_TTL = 30 * 86400.0
+DRILL_TIMER_MAX_WAIT = 5.0
 _ADMIN = web.AppKey("admin", bool)
+_DRILL_ID = re.compile(r"^d-[0-9]{8}-[0-9]{6}-[a-z0-9]{4}$")
+_RAND_ALPHABET = string.ascii_lowercase + string.digits
+
+
+def operator_id(td: str | TrustDomain) -> SpiffeId:
+    """spiffe://<federation-td>/ns/isthmus-system/sa/operator"""
+    return SpiffeId(td if isinstance(td, TrustDomain) else TrustDomain(td),
+                    f"/ns/{SYSTEM_NAMESPACE}/sa/operator")
 
 
 def _token_key(token: str) -> str:
@@ -130,6 +180,7 @@ class FederationServer:
 
         self.ca: CertificateAuthority | None = None
         self.svid: Svid | None = None
+        self.operator_svid: Svid | None = None
         self.ssl_context: ssl.SSLContext | None = None
         self.port: int | None = None  # bound TLS port (useful with port 0)
         self.admin_port: int | None = None
@@ -142,6 +193,8 @@ class FederationServer:
         self._renewed: dict[str, float] = {}
 
         self._join_lock = asyncio.Lock()
+        self._drill_lock = asyncio.Lock()
+        self._drills_changed = asyncio.Event()
         self._stopping = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         self._runners: list[web.AppRunner] = []
@@ -160,9 +213,11 @@ class FederationServer:
             self.state_dir, TrustDomain(self.trust_domain), now
         )
         self.svid = self._issue_svid(now)
+        self.operator_svid = self._ensure_operator_credentials(now)
         await self.store.open()
         self._store_open = True
         await self._load_state()
+        await self._end_due_drills()  # drills left running past their deadline (restart)
         self.ssl_context = server_context(self.svid, self._trust(), require_client_cert=False)
 
         app = self._make_app(admin=False)
@@ -184,6 +239,7 @@ class FederationServer:
         self._spawn(self._reaper(), "lease-reaper")
         self._spawn(self._token_sweeper(), "token-sweeper")
         self._spawn(self._svid_rotator(), "svid-rotator")
+        self._spawn(self._drill_timer(), "drill-timer")
         log.info(
             "federation %s listening on %s (admin %s), %d clusters, lease ttl %gs",
             self.trust_domain,
@@ -283,6 +339,46 @@ class FederationServer:
             ip_addresses=tuple(ips),
         )
 
+    def _ensure_operator_credentials(self, now: float) -> Svid:
+        """`<state-dir>/operator/`: svid.pem + svid-key.pem (0600) + ca.pem; reissued when
+        missing, unreadable, another ID, past half life or not from the current CA."""
+        assert self.ca is not None
+        directory = self.state_dir / OPERATOR_DIR
+        want = operator_id(self.trust_domain)
+        svid: Svid | None = None
+        try:
+            svid = Svid.load(directory)
+        except IdentityError as e:
+            log.warning("operator SVID in %s unreadable (%s): issuing a new one", directory, e)
+        reason = None
+        if svid is None:
+            reason = "none yet"
+        elif svid.spiffe_id != want:
+            reason = f"it names {svid.spiffe_id}"
+        elif svid.rotation_due(now):
+            reason = "past half life"
+        else:
+            try:
+                verify_svid(svid.cert_der(), self.ca.bundle(0), now)
+            except IdentityError:
+                reason = "not issued by the current federation CA"
+        if reason is not None:
+            svid = self.ca.issue(want, now, ttl=OPERATOR_SVID_TTL)
+            svid.write(directory)
+            log.info("operator SVID %s issued into %s (%s)", want, directory, reason)
+        assert svid is not None
+        ca_copy = directory / CertificateAuthority.CERT_FILE
+        if not ca_copy.exists() or ca_copy.read_bytes() != self.ca.cert_pem:
+            tmp = directory / f".{ca_copy.name}.{secrets.token_hex(6)}.tmp"
+            tmp.write_bytes(self.ca.cert_pem)
+            os.replace(tmp, ca_copy)
+        return svid
+
+    def _verify_bundles(self) -> dict[str, TrustBundle]:
+        """Bundles `verify_peer` checks callers against: clusters' and the federation's own."""
+        assert self.ca is not None
+        return {**self._bundles, self.trust_domain: self.ca.bundle(0)}
+
     def _reload_trust(self) -> None:
         if self.ssl_context is not None:
             reload_server_context(self.ssl_context, trust=self._trust())
@@ -334,6 +430,49 @@ class FederationServer:
                 except Exception:  # keep serving with the old one; try again next tick
                     log.exception("federation SVID rotation failed")
 
+    async def _drill_timer(self) -> None:
+        """End running drills at their deadline; sleep until the earliest one (or a change)."""
+        while True:
+            self._drills_changed.clear()
+            try:
+                earliest = await self._end_due_drills()
+            except StoreError as e:
+                log.warning("drill timer: %s", e)
+                earliest = None
+            wait = DRILL_TIMER_MAX_WAIT
+            if earliest is not None:
+                wait = min(max(earliest - self._clock(), 0.0), DRILL_TIMER_MAX_WAIT)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drills_changed.wait(), wait)
+
+    async def _end_due_drills(self) -> float | None:
+        """End every running drill past its deadline; the earliest deadline still ahead."""
+        async with self._drill_lock:
+            now = self._clock()
+            earliest: float | None = None
+            for drill in await self._load_drills():
+                if drill_logic.due(drill, now):
+                    await self._put_drill(drill_logic.end(drill, now, "ended", "deadline"))
+                    log.info("drill %s ended at its deadline", drill.id)
+                elif drill.state == "running":
+                    earliest = drill.fault_end if earliest is None else min(earliest, drill.fault_end)
+            return earliest
+
+    async def _load_drills(self) -> list[Drill]:
+        kvs, _ = await self.store.range(DRILLS)
+        out = []
+        for kv in kvs:
+            try:
+                out.append(Drill.from_json(json.loads(kv.value), kv.key))
+            except (ValueError, InputError) as e:
+                log.error("ignoring unreadable drill %s: %s", kv.key, e)
+        return out
+
+    async def _put_drill(self, drill: Drill) -> int:
+        rev = await self.store.put(drill.key, api.canonical_json(drill.to_json()))
+        self._drills_changed.set()
+        return rev
+
     # ---- app -----------------------------------------------------------------------------
 
     def _make_app(self, admin: bool) -> web.Application:
@@ -349,6 +488,14 @@ class FederationServer:
             "keepAlive": self.h_keepalive,
             "putExport": self.h_put_export,
             "deleteExport": self.h_delete_export,
+            "putImport": self.h_put_import,
+            "deleteImport": self.h_delete_import,
+            "createDrill": self.h_create_drill,
+            "listDrills": self.h_list_drills,
+            "getDrill": self.h_get_drill,
+            "drillReport": self.h_drill_report,
+            "abortDrill": self.h_abort_drill,
+            "putSample": self.h_put_sample,
             "getCatalog": self.h_catalog,
             "watch": self.h_watch,
             "openapi": self.h_openapi,
@@ -407,22 +554,29 @@ class FederationServer:
         except (ValueError, UnicodeDecodeError) as e:
             raise ApiError(400, f"request body: not valid JSON ({e})") from None
 
-    def _caller(self, request: web.Request) -> tuple[str, SpiffeId]:
-        """The cluster whose gateway SVID the client presented; ApiError 401 otherwise."""
+    def _identify(self, request: web.Request) -> tuple[str, str, SpiffeId]:
+        """("cluster", name, id) for a joined cluster's gateway SVID, ("operator", id, id) for
+        the federation-issued operator SVID; ApiError 401/403 otherwise."""
         transport = request.transport
         ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
-        if ssl_object is None:
-            raise ApiError(401, "client certificate required (this route needs a cluster SVID)")
-        der = peer_cert_der(ssl_object)
+        der = peer_cert_der(ssl_object) if ssl_object is not None else None
         if der is None:
-            raise ApiError(401, "client certificate required (this route needs a cluster SVID)")
+            raise ApiError(
+                401, "client certificate required (this route needs a cluster or operator SVID)"
+            )
         try:
-            sid = verify_peer(der, self._bundles, self._clock())
+            sid = verify_peer(der, self._verify_bundles(), self._clock())
         except IdentityError as e:
             self._denied += 1
             log.warning("refused client certificate from %s: %s", request.remote, e)
             raise ApiError(401, f"client certificate refused: {e}") from None
         td = str(sid.trust_domain)
+        if td == self.trust_domain:
+            if sid == operator_id(td):
+                return "operator", str(sid), sid
+            self._denied += 1
+            log.warning("refused %s: an ID of the federation's trust domain, not the operator", sid)
+            raise ApiError(403, f"peer {sid} is not the operator (expected {operator_id(td)})")
         cluster = self._cluster_by_td.get(td)
         if cluster is None:
             self._denied += 1
@@ -434,11 +588,38 @@ class FederationServer:
                 403, f"peer {sid} is not the gateway of cluster {cluster!r} "
                 f"(expected {gateway_id(sid.trust_domain)})"
             )
-        return cluster, sid
+        return "cluster", cluster, sid
+
+    def _caller(self, request: web.Request) -> tuple[str, str]:
+        """("cluster", name) or ("operator", id): who may read."""
+        kind, name, _ = self._identify(request)
+        return kind, name
+
+    def _cluster(self, request: web.Request, action: str) -> tuple[str, SpiffeId]:
+        """The calling cluster; 403 for the operator (it writes no cluster record)."""
+        kind, name, sid = self._identify(request)
+        if kind != "cluster":
+            self._denied += 1
+            log.warning("denied: operator %s tried %s %s", name, request.method, request.path)
+            raise ApiError(403, f"the operator ({name}) may not {action}: clusters only")
+        return name, sid
+
+    def _operator(self, request: web.Request, action: str) -> str:
+        kind, name, _ = self._identify(request)
+        if kind != "operator":
+            self._denied += 1
+            log.warning("denied: cluster %r tried %s %s (operator only)",
+                        name, request.method, request.path)
+            raise ApiError(
+                403,
+                f"cluster {name!r} may not {action}: operator only "
+                f"({operator_id(self.trust_domain)})",
+            )
+        return name
 
     def _owner(self, request: web.Request) -> str:
         """Authenticate, and require the caller to be the cluster named in the path."""
-        caller, sid = self._caller(request)
+        caller, sid = self._cluster(request, "write cluster records")
         target = request.match_info["name"]
         if caller != target:
             self._denied += 1
@@ -471,6 +652,10 @@ class FederationServer:
         except (InputError, IdentityError) as e:
             raise ApiError(400, str(e)) from None
         _check_bundle_domain(bundle, record.trust_domain)
+        if record.trust_domain == self.trust_domain:
+            raise ApiError(
+                400, f"cluster.trust_domain: {record.trust_domain!r} is the federation's own"
+            )
         async with self._join_lock:
             kv = await self.store.delete(_token_key(token))
             if kv is None:
@@ -608,6 +793,189 @@ class FederationServer:
             "deleted": prev is not None,
             "revision": await self.store.revision(),
         })
+
+    async def h_put_import(self, request: web.Request) -> web.Response:
+        name = self._owner(request)
+        body = await self._json(request)
+        try:
+            rec = ImportRecord.from_json(body, "import")
+        except InputError as e:
+            raise ApiError(400, str(e)) from None
+        ns, svc = request.match_info["namespace"], request.match_info["service"]
+        if (rec.cluster, rec.namespace, rec.name) != (name, ns, svc):
+            raise ApiError(
+                400,
+                f"import: names {rec.cluster}/{rec.namespace}/{rec.name} but the "
+                f"path is {name}/{ns}/{svc}",
+            )
+        lease = self._leases.get(name)
+        if lease is None:
+            raise ApiError(409, f"cluster {name!r} has no live lease; grant one first")
+        value = api.canonical_json(rec.to_json())
+        current = await self.store.get(rec.key)
+        if current is not None and current.value == value and current.lease == lease:
+            return web.json_response({"revision": current.mod_revision})
+        try:
+            rev = await self.store.put(rec.key, value, lease=lease)
+        except StoreError:
+            self._leases.pop(name, None)
+            raise ApiError(409, f"cluster {name!r} has no live lease (lease {lease} expired)") from None
+        return web.json_response({"revision": rev})
+
+    async def h_delete_import(self, request: web.Request) -> web.Response:
+        name = self._owner(request)
+        key = f"{IMPORTS}{name}/{request.match_info['namespace']}/{request.match_info['service']}"
+        prev = await self.store.delete(key)
+        return web.json_response({
+            "deleted": prev is not None,
+            "revision": await self.store.revision(),
+        })
+
+    # ---- drills --------------------------------------------------------------------------
+
+    async def _get_drill(self, drill_id: str) -> Drill:
+        if not _DRILL_ID.match(drill_id):
+            raise ApiError(404, f"drill {drill_id!r}: not a drill id (d-YYYYMMDD-HHMMSS-xxxx)")
+        kv = await self.store.get(DRILLS + drill_id)
+        if kv is None:
+            raise ApiError(404, f"drill {drill_id!r} is unknown")
+        try:
+            return Drill.from_json(json.loads(kv.value), kv.key)
+        except (ValueError, InputError) as e:
+            raise ApiError(500, f"drill {drill_id!r}: stored record unreadable: {e}") from None
+
+    async def _samples(self, drill_id: str) -> list[dict[str, Any]]:
+        kvs, _ = await self.store.range(f"{SAMPLES}{drill_id}/samples/")
+        out = []
+        for kv in kvs:
+            try:
+                obj = json.loads(kv.value)
+                if isinstance(obj, dict) and isinstance(obj.get("second"), int):
+                    out.append(obj)
+            except ValueError:
+                log.error("ignoring unreadable sample %s", kv.key)
+        out.sort(key=lambda o: (o["second"], str(o.get("cluster"))))
+        return out
+
+    async def h_create_drill(self, request: web.Request) -> web.Response:
+        operator = self._operator(request, "create drills")
+        body = await self._json(request)
+        async with self._drill_lock:
+            now = self._clock()
+            cat = await self._snapshot()
+            busy = drill_logic.overlapping(cat, now)
+            if busy is not None:
+                raise ApiError(
+                    409,
+                    f"drill {busy.id} ({busy.mode} of {busy.scope_kind} {busy.scope}) is "
+                    f"{'still running' if busy.state == 'running' else 'still observing'}; "
+                    "wait for it to finish or abort it",
+                    drill=busy.id,
+                )
+            rand4 = "".join(secrets.choice(_RAND_ALPHABET) for _ in range(4))
+            try:
+                drill = drill_logic.new_drill(body, cat, now, rand4)
+            except InputError as e:
+                raise ApiError(400, str(e)) from None
+            await self._put_drill(drill)
+        log.info(
+            "drill %s created by %s: %s of %s %s (%s), deadline in %.1fs",
+            drill.id, operator, drill.mode, drill.scope_kind, drill.scope,
+            ", ".join(drill.clusters_in_scope), drill.fault_end - now,
+        )
+        return web.json_response(drill.to_json(), status=201)
+
+    async def h_list_drills(self, request: web.Request) -> web.Response:
+        self._caller(request)
+        drills = sorted(await self._load_drills(), key=lambda d: (d.created_at, d.id), reverse=True)
+        return web.json_response({"drills": [d.to_json() for d in drills]})
+
+    async def h_get_drill(self, request: web.Request) -> web.Response:
+        self._caller(request)
+        drill = await self._get_drill(request.match_info["id"])
+        return web.json_response({
+            "drill": drill.to_json(),
+            "samples": await self._samples(drill.id),
+        })
+
+    async def h_drill_report(self, request: web.Request) -> web.Response:
+        self._caller(request)
+        drill = await self._get_drill(request.match_info["id"])
+        return web.json_response(drill_logic.compute_report(drill, await self._samples(drill.id)))
+
+    async def h_abort_drill(self, request: web.Request) -> web.Response:
+        operator = self._operator(request, "abort drills")
+        reason = "aborted by operator"
+        raw = await request.read()
+        if raw.strip():
+            try:
+                body = json.loads(raw)
+            except (ValueError, UnicodeDecodeError) as e:
+                raise ApiError(400, f"request body: not valid JSON ({e})") from None
+            if not isinstance(body, dict) or set(body) - {"reason"}:
+                raise ApiError(400, 'request body: expected {"reason": "..."}')
+            r = body.get("reason")
+            if r is not None:
+                if not isinstance(r, str) or not r.strip() or len(r) > drill_logic.MAX_REASON:
+                    raise ApiError(400, f"reason: {r!r}: expected a short non-empty text")
+                reason = r.strip()
+        drill = await self._end_drill(request.match_info["id"], "aborted", reason)
+        log.info("drill %s aborted by %s: %s", drill.id, operator, reason)
+        return web.json_response(drill.to_json())
+
+    async def _end_drill(self, drill_id: str, state: str, reason: str) -> Drill:
+        async with self._drill_lock:
+            drill = await self._get_drill(drill_id)
+            try:
+                ended = drill_logic.end(drill, self._clock(), state, reason)
+            except drill_logic.DrillStateError as e:
+                raise ApiError(409, str(e), state=drill.state) from None
+            await self._put_drill(ended)
+            return ended
+
+    async def h_put_sample(self, request: web.Request) -> web.Response:
+        info = request.match_info
+        caller, _ = self._cluster(request, "write drill samples")
+        target = info["cluster"]
+        if caller != target:
+            self._denied += 1
+            log.warning("denied: cluster %r tried to write samples of cluster %r", caller, target)
+            raise ApiError(
+                403, f"cluster {caller!r} may not write samples of cluster {target!r}",
+                caller=caller, target=target,
+            )
+        raw_second = info["second"]
+        if not raw_second.isdigit() or len(raw_second) > 12:
+            raise ApiError(400, f"second: {raw_second!r} is not an epoch second (integer)")
+        second = int(raw_second)
+        drill = await self._get_drill(info["id"])
+        if drill.in_scope(caller):
+            raise ApiError(
+                403, f"cluster {caller!r} is in the scope of drill {drill.id}: only observers "
+                "send samples",
+            )
+        body = await self._json(request)
+        try:
+            sample = drill_logic.validate_sample(body, drill, caller, second)
+        except InputError as e:
+            raise ApiError(400, str(e)) from None
+        lo, hi = drill_logic.sample_window(drill)
+        if not lo <= second <= hi:
+            raise ApiError(
+                409,
+                f"second {second} is outside drill {drill.id}'s sample window "
+                f"[{lo:.0f}, {hi:.0f}]",
+            )
+        key = f"{SAMPLES}{drill.id}/samples/{caller}/{second:010d}"
+        rev = await self.store.put(key, api.canonical_json(sample))
+        if drill.state == "running" and drill.abort_on:
+            slo = drill_logic.parse_slo(drill.abort_on)
+            reason = drill_logic.slo_tripped(slo, drill, await self._samples(drill.id), self._clock())
+            if reason is not None:
+                with contextlib.suppress(ApiError):  # already ended meanwhile: nothing to do
+                    await self._end_drill(drill.id, "aborted", reason)
+                    log.warning("drill %s: %s", drill.id, reason)
+        return web.json_response({"revision": rev})
 
     async def _snapshot(self) -> Catalog:
         kvs, rev = await self.store.range(CATALOG_PREFIX)
