@@ -1,6 +1,7 @@
 """The `isthmus` command. The only module that prints for people.
 
-Exit codes: 0 ok, 1 failure, 2 bad usage or bad config (argparse's own convention for usage).
+Exit codes: 0 ok, 1 failure, 2 bad usage or bad config (argparse's own convention for usage);
+`drill plan` also exits 3 when an import would be left with no healthy target.
 """
 
 from __future__ import annotations
@@ -214,10 +215,16 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="print JSON instead of tables")
     st.set_defaults(func=cmd_status)
 
-    demo = sub.add_parser("demo", help="three clusters on this machine, traffic, failover, a report",
-                          description="Start a federation, three gateways (east-1, east-2 in us-east; "
-                                      "west-1 in us-west) and echo backends on loopback; drive traffic "
-                                      "from east-1; fail east-1's then east-2's backends; restore; report.")
+    from .drill_cli import add_drill_parser
+
+    add_drill_parser(sub)
+
+    demo = sub.add_parser("demo", help="clusters on this machine, traffic, failover, a drill, reports",
+                          description="Start a federation, four gateways (east-1, east-2 in us-east; "
+                                      "west-1 in us-west; edge-1, consumer only, in eu-west) and echo "
+                                      "backends on loopback; drive traffic from east-1; fail east-1's then "
+                                      "east-2's backends; restore; report; then a blackhole drill of "
+                                      "us-east with its report (and drill-report.html in the state dir).")
     demo.add_argument("--state-dir", type=Path, default=None,
                       help="where configs, keys and logs go (default: a new temporary directory)")
     demo.add_argument("--keep-running", action="store_true",
