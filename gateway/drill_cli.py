@@ -44,7 +44,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from federation.errors import FederationError, IdentityError, InputError, IsthmusError
+from federation.errors import FederationError, InputError, IsthmusError
 from federation.model import DRILL_MODES, Drill
 from federation.units import parse_duration
 
@@ -64,16 +64,9 @@ def default_credentials() -> Path:
 # -- the client -------------------------------------------------------------------------------
 def open_client(url: str, credentials: Path | None):
     """The operator's federation client (an async context manager)."""
-    creds = Path(credentials) if credentials is not None else default_credentials()
-    missing = [f for f in ("svid.pem", "svid-key.pem", "ca.pem") if not (creds / f).is_file()]
-    if missing:
-        raise IdentityError(
-            f"operator credentials: {creds} lacks {', '.join(missing)} (the federation writes them to "
-            "<state-dir>/operator/; point --credentials or $ISTHMUS_CREDENTIALS there)"
-        )
     from federation.client import operator_client
 
-    return operator_client(url, creds)
+    return operator_client(url, Path(credentials) if credentials is not None else default_credentials())
 
 
 def _as_drill(x: Any) -> Drill:

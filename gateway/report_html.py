@@ -80,9 +80,12 @@ def timeline_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
     for row in report.get("timeline") or []:
         if not isinstance(row, Mapping):
             continue
-        sec = _num(row.get("second", row.get("t")))
+        sec = _num(row.get("t"))  # compute_report: t = relative, second = epoch second
         if sec is None:
-            continue
+            abs_sec, start = _num(row.get("second")), _num(_drill(report).get("fault_start"))
+            if abs_sec is None:
+                continue
+            sec = abs_sec - start if start is not None and abs_sec > 1e6 else abs_sec
         by_cluster = row.get("served") or row.get("served_by_cluster") or {}
         by_region = row.get("served_by_region") or row.get("by_region") or row.get("served_regions")
         if not isinstance(by_region, Mapping):
@@ -106,7 +109,7 @@ def timeline_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 def _fault_stop_rel(report: Mapping[str, Any]) -> float | None:
     """Seconds from fault start to fault stop (the deadline, or the abort if it came first)."""
-    for k in ("fault_stop_s", "fault_duration_s"):
+    for k in ("fault_stop_t", "fault_stop_s"):
         if _num(report.get(k)) is not None:
             return _num(report.get(k))
     d = _drill(report)

@@ -13,52 +13,39 @@ from pathlib import Path
 
 import pytest
 
+from federation.drills import compute_report
+from federation.model import Drill
 from gateway.report_html import render_report_html, summary_rows, timeline_rows
 
 T0 = 1_796_000_000.0
 
 
 def sample_report(mode: str = "blackhole") -> dict:
-    """A report shaped like compute_report's: 2 s baseline, 8 s fault, 5 s settle."""
-    timeline = []
-    for s in range(-2, 13):
-        att = 40
-        if s < 0 or s >= 10:  # baseline / after failback
-            served = {"east-1": 20, "east-2": 20}
-            fail = 0
-        elif s == 0:
+    """A real compute_report of synthetic samples: 2 s baseline, 8 s fault, 5 s settle; edge-1
+    probes echo at 40/s, us-east serves it, then us-west during the fault, then us-east again."""
+    drill = Drill(
+        id="d-20261130-120000-ab12", scope_kind="region", scope="us-east", mode=mode,
+        created_at=T0 - 2, fault_start=T0, fault_end=T0 + 8,
+        clusters_in_scope=("east-1", "east-2"),
+        regions={"east-1": "us-east", "east-2": "us-east", "west-1": "us-west", "edge-1": "eu-west"},
+        services=("default/echo",), latency=0.2 if mode == "degrade" else 0.0,
+        error_rate=0.3 if mode == "degrade" else 0.0, settle=5.0,
+        state="ended", ended_at=T0 + 8, end_reason="deadline",
+    )
+    samples = []
+    for rel in range(-2, 13):
+        if rel < 0 or rel >= 10:  # baseline, and after failback (2 s after the fault stopped)
+            served, fail = {"east-1": 20, "east-2": 20}, 0
+        elif rel == 0:
             served, fail = {"east-1": 10, "west-1": 20}, 10
-        elif s < 8:
+        else:
             served, fail = {"west-1": 40}, 0
-        else:  # fault stopped at 8; failback waits 2 s
-            served, fail = {"west-1": 40}, 0
-        timeline.append({
-            "second": s, "attempts": att, "successes": att - fail, "failures": fail,
-            "served": served,
-            "served_by_region": {
-                r: sum(n for c, n in served.items() if c.startswith(p))
-                for r, p in (("us-east", "east"), ("us-west", "west"))
-                if any(c.startswith(p) for c in served)
-            },
-            "share_in_scope": sum(n for c, n in served.items() if c.startswith("east")) / att,
-            "p99_ms": 480.0 if s == 0 else 2.0,
-        })
-    return {
-        "drill": {
-            "id": "d-20261130-120000-ab12", "scope": {"region": "us-east"}, "mode": mode,
-            "created_at": T0 - 2, "fault_start": T0, "fault_end": T0 + 8,
-            "clusters_in_scope": ["east-1", "east-2"],
-            "regions": {"east-1": "us-east", "east-2": "us-east", "west-1": "us-west", "edge-1": "eu-west"},
-            "services": ["default/echo"], "latency": 0.2, "error_rate": 0.3, "probe_rate": 20,
-            "settle": 5, "abort_on": None, "state": "ended", "ended_at": T0 + 8, "end_reason": "deadline",
-        },
-        "detection_s": 0.0, "shift_s": 1.0, "failed_during_shift": 10,
-        "p99_ms_worst": 480.0, "p99_ms_median": 2.0, "failback_s": 2.0, "flapped": False,
-        "totals": {"attempts": 600, "successes": 590, "failures": 10},
-        "by_mode": {"mode": mode, "latency": 0.2, "error_rate": 0.3},
-        "end_reason": "deadline", "state": "ended",
-        "timeline": timeline,
-    }
+        samples.append({"cluster": "edge-1", "second": int(T0) + rel, "services": {"default/echo": {
+            "attempts": 40, "successes": 40 - fail, "failures": fail,
+            "latency_p50_ms": 1.0, "latency_p99_ms": 480.0 if rel == 0 else 2.0, "served": served}}})
+    report = compute_report(drill, samples)
+    report["drill"] = drill.to_json()  # what the CLI adds before rendering
+    return report
 
 
 def test_structure_self_contained():
@@ -109,6 +96,8 @@ def test_summary_rows_and_escaping():
     rep = sample_report("degrade")
     rows = dict(summary_rows(rep))
     assert rows["time to shift"] == "1.0 s"
+    assert rows["failback after fault stop"] == "2.0 s"
+    assert rows["failed during shift"] == "10"
     assert rows["mode"] == "degrade (latency 200 ms, error rate 30%)"
     assert rows["flapped"] == "no"
     assert rows["probes"].startswith("600 attempts, 590 ok, 10 failed")
