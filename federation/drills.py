@@ -51,7 +51,8 @@ Report (`compute_report`): per-second rows summed over every sample of that seco
 - `detection_s`: t of the first fault second with a failure, or an affected success served
   outside the scope; null if none.
 - `shift_s`: t of the first fault second where affected successes ≥ 99% of affected attempts
-  (attempts > 0, successes > 0) and none of them was served in scope; null if never.
+  (successes > 0) and every one of them was served outside the scope (attributed in `served`:
+  none in scope, served outside ≥ successes); null if never. So shift_s ≥ detection_s.
 - `failed_during_shift`: failures of the fault seconds up to the shift second (inclusive), or
   of the whole fault when there is no shift.
 - `p99_ms_worst` / `p99_ms_median`: max / median of the per-second p99 (the max over samples of
@@ -144,10 +145,14 @@ def _duration(value: Any, what: str, lo: float, hi: float) -> float:
     except InputError as e:
         raise InputError(f"{what}: {e}") from None
     if not lo <= seconds <= hi:
-        raise InputError(
-            f"{what}: {value!r} is not in {format_duration(lo) if lo else '0s'}..{format_duration(hi)}"
-        )
+        raise InputError(f"{what}: {value!r} is not in {_span(lo)}..{_span(hi)}")
     return seconds
+
+
+def _span(seconds: float) -> str:
+    if seconds and seconds % 3600 == 0:
+        return f"{seconds / 3600:g}h"
+    return format_duration(seconds) if seconds else "0s"
 
 
 def new_drill(request: Any, catalog: Catalog, now: float, rand4: str) -> Drill:
@@ -544,7 +549,8 @@ def compute_report(drill: Drill, samples: Iterable[Mapping[str, Any]]) -> dict[s
     shift = next(
         (
             s for s in fault
-            if acc[s].attempts > 0 and acc[s].successes > 0 and acc[s].in_scope == 0
+            if acc[s].successes > 0 and acc[s].in_scope == 0
+            and acc[s].outside >= acc[s].successes
             and acc[s].successes >= SHIFT_SUCCESS * acc[s].attempts
         ),
         None,
