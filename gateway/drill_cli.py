@@ -149,9 +149,13 @@ def build_spec(args: argparse.Namespace) -> dict[str, Any]:
 
 # -- output ---------------------------------------------------------------------------------------
 def _console(stderr: bool = False):
+    """A rich Console; 140 columns when the output is not a terminal (pipes, logs, CI)."""
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False)
+    con = Console(stderr=stderr, highlight=False)
+    if not con.is_terminal:
+        con = Console(stderr=stderr, highlight=False, width=max(con.width, 140))
+    return con
 
 
 def print_report(report: dict[str, Any], console) -> None:
@@ -235,7 +239,8 @@ async def run_drill(
         f"drill [bold]{drill.id}[/]: {drill.mode} of {drill.scope_kind} {drill.scope} "
         f"(clusters {', '.join(drill.clusters_in_scope)}; services {', '.join(drill.services) or '-'}); "
         f"fault {drill.fault_end - drill.fault_start:g}s from {_utc(drill.fault_start)} UTC, "
-        f"deadline {_utc(drill.fault_end)} UTC"
+        f"deadline {_utc(drill.fault_end)} UTC",
+        soft_wrap=True,
     )
     loop = asyncio.get_running_loop()
     interrupts = 0
@@ -303,7 +308,7 @@ async def run_drill(
                 done = now >= window_end + TAIL_GRACE
                 for sec in sorted(lines):
                     if sec > printed_upto and (done or sec + 1 + SAMPLE_LAG <= now):
-                        progress.console.print(lines[sec].text(regions_hit))
+                        progress.console.print(lines[sec].text(regions_hit), soft_wrap=True)
                         printed_upto = sec
                 if done:
                     break
@@ -426,7 +431,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     t = Table(title=f"drills ({len(drills)}, newest first)")
     for col in ("id", "scope", "mode", "state", "created (UTC)", "fault", "end reason"):
-        t.add_column(col)
+        t.add_column(col, no_wrap=col in ("id", "created (UTC)"))
     for d in drills:
         state = {"running": "[yellow]running[/]", "aborted": "[red]aborted[/]"}.get(d.state, d.state)
         t.add_row(d.id, f"{d.scope_kind} {d.scope}", d.mode, state, _utc(d.created_at),
