@@ -651,11 +651,11 @@ class FederationServer:
             bundle = TrustBundle.from_jwks(record.trust_domain, body["bundle"])
         except (InputError, IdentityError) as e:
             raise ApiError(400, str(e)) from None
-        _check_bundle_domain(bundle, record.trust_domain)
         if record.trust_domain == self.trust_domain:
             raise ApiError(
                 400, f"cluster.trust_domain: {record.trust_domain!r} is the federation's own"
             )
+        _check_bundle_domain(bundle, record.trust_domain)
         async with self._join_lock:
             kv = await self.store.delete(_token_key(token))
             if kv is None:
