@@ -1,0 +1,428 @@
+"""The benchmark suite (issue 4): Isthmus side by side with HAProxy 2.6, in one run.
+
+    python -m bench            # full run, ~15 min; table to stdout and bench/last-run.md
+    python -m bench --quick    # smoke run: 1 round, 2 s loads, 128 MiB bulk, 5 kills, 1k conns/services
+    python -m bench --only l4,cross    # cases: l4 cross bulk failover memory
+
+Starts on 127.0.0.1, and stops by PID: nginx (backend: 64-byte `/`, a sparse file for bulk),
+HAProxy (`mode tcp`, and a TLS 1.3 re-encrypt chain of two HAProxies with client certs both
+ways), the demo topology (gateway.demo.start_topology: federation + 3 gateways, one worker
+each, uvloop). nginx's ports are east-2's endpoints; east-1 has none, so east-1's import goes
+cross-cluster to east-2 (mTLS), and east-2's import is the local listener path.
+Core 0: wrk / curl / bench.loadgen and nginx. Core 1: the proxy under test (all threads of the
+gateway processes, both HAProxies). Each round runs every metric on Isthmus, then HAProxy,
+then direct; the table shows medians over rounds and Isthmus ÷ HAProxy from the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import uvloop
+
+from gateway.demo import Processes, ports, start_topology
+
+from . import failover, infra, memory
+
+OFFSET = 8000  # gateway ports 23101..26302 (integration tests use 15xxx-22999; keep below 32768)
+HAPROXY_TCP, CHAIN_IN, CHAIN_TLS = 27501, 27511, 27512
+GiB = 1 << 30
+
+
+@dataclass
+class Row:
+    case: str
+    metric: str
+    unit: str
+    higher_better: bool
+    values: dict[str, list[float]] = field(default_factory=dict)  # path -> one value per round
+    cpu: dict[str, list[float]] = field(default_factory=dict)  # path -> proxy CPU % of one core
+
+    def add(self, path: str, value: float | None, cpu: float | None = None) -> None:
+        if value is not None:
+            self.values.setdefault(path, []).append(value)
+        if cpu is not None:
+            self.cpu.setdefault(path, []).append(cpu)
+
+    def med(self, path: str) -> float | None:
+        v = self.values.get(path)
+        return statistics.median(v) if v else None
+
+    def cpu_med(self, path: str) -> float | None:
+        v = self.cpu.get(path)
+        return statistics.median(v) if v else None
+
+
+class Suite:
+    def __init__(self, args: argparse.Namespace, tmp: Path) -> None:
+        self.args = args
+        self.tmp = tmp
+        self.rows: dict[tuple[str, str], Row] = {}
+        self.extra: dict[str, dict] = {}
+        self.notes: list[str] = []
+
+    def row(self, case: str, metric: str, unit: str, higher: bool) -> Row:
+        key = (case, metric)
+        if key not in self.rows:
+            self.rows[key] = Row(case, metric, unit, higher)
+        return self.rows[key]
+
+    def log(self, msg: str) -> None:
+        print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+    # -----------------------------------------------------------------------------------------
+    def measure(self, pids: list[int], fn):
+        """Run fn(); return (its result, CPU % of one core used by pids meanwhile)."""
+        c0 = sum(infra.cpu_seconds(p) for p in pids)
+        t0 = time.perf_counter()
+        out = fn()
+        wall = time.perf_counter() - t0
+        c1 = sum(infra.cpu_seconds(p) for p in pids)
+        return out, 100 * (c1 - c0) / wall
+
+    def http_case(self, case: str, paths: dict[str, tuple[int, list[int]]], fixed_rates: bool) -> None:
+        a = self.args
+        for name, (port, pids) in paths.items():
+            r, cpu = self.measure(pids, lambda port=port: infra.wrk(port, 50, a.seconds))
+            self.row(case, "keep-alive rps (wrk -c50)", "req/s", True).add(name, r.rps, cpu if pids else None)
+            self._errors(case, name, "keep-alive", r.errors)
+            r, cpu = self.measure(pids, lambda port=port: infra.wrk(port, 50, a.seconds, close=True))
+            self.row(case, "new connection per request rps (wrk -c50, Connection: close)", "req/s", True).add(
+                name, r.rps, cpu if pids else None)
+            self._errors(case, name, "new-connection", r.errors)
+            r, cpu = self.measure(pids, lambda port=port: infra.wrk(port, 1, a.seconds))
+            self.row(case, "one connection, serial rps (wrk -c1)", "req/s", True).add(name, r.rps, cpu if pids else None)
+            self.row(case, "one connection p50 (wrk -c1)", "µs", False).add(name, r.p50_us)
+            self.row(case, "one connection p99 (wrk -c1)", "µs", False).add(name, r.p99_us)
+            self._errors(case, name, "serial", r.errors)
+            if fixed_rates:
+                for rate in (1000, 5000):
+                    res, cpu = self.measure(pids, lambda port=port, rate=rate: self.loadgen(port, rate))
+                    self.row(case, f"p50 at fixed {rate // 1000}k rps (bench.loadgen, 20 conns)", "µs", False).add(
+                        name, res["p50_us"])
+                    self.row(case, f"p99 at fixed {rate // 1000}k rps (bench.loadgen, 20 conns)", "µs", False).add(
+                        name, res["p99_us"], cpu if pids else None)
+                    self._errors(case, name, f"fixed {rate}", res["errors"])
+                    if res["rate"] < 0.95 * rate:
+                        self.notes.append(f"{case}/{name}: fixed {rate} rps reached only {res['rate']:.0f} rps")
+
+    def loadgen(self, port: int, rate: int) -> dict:
+        out = subprocess.run(["taskset", "-c", str(infra.LOAD_CORE), sys.executable, "-m", "bench.loadgen",
+                              "--port", str(port), "--rate", str(rate), "--seconds", str(self.args.seconds)],
+                             capture_output=True, text=True, timeout=self.args.seconds + 30)
+        if out.returncode != 0:
+            raise RuntimeError(f"bench.loadgen on port {port}: {out.stderr[-1000:]}")
+        return json.loads(out.stdout)
+
+    def _errors(self, case: str, path: str, what: str, n: int) -> None:
+        if n:
+            self.notes.append(f"{case}/{path}: {n} errors in a {what} run")
+
+    def bulk(self, paths: dict[str, tuple[int, list[int]]], case: str) -> None:
+        size = self.args.bulk_mib << 20
+        for name, (port, pids) in paths.items():
+            mbps, cpu = self.measure(pids, lambda port=port: infra.curl_mbps(port, "/bulk/blob", size))
+            self.row(case, f"MB/s, {self.args.bulk_mib} MiB via curl", "MB/s", True).add(name, mbps, cpu if pids else None)
+
+    # -----------------------------------------------------------------------------------------
+    def run_traffic(self) -> None:
+        a = self.args
+        state = self.tmp / "topology"
+        (state / "logs").mkdir(parents=True)
+        e1, e2 = ports(OFFSET, 0), ports(OFFSET, 1)
+        procs = Processes(state / "logs")
+        certs = infra.make_certs(self.tmp / "certs")
+        h_tcp = infra.haproxy_tcp(self.tmp, HAPROXY_TCP, e2["ep1"])
+        h_a, h_b = infra.haproxy_chain(self.tmp, CHAIN_IN, CHAIN_TLS, e2["ep1"], certs)
+        try:
+            h_tcp.start(HAPROXY_TCP)
+            h_b.start(CHAIN_TLS)
+            h_a.start(CHAIN_IN)
+            uvloop.run(start_topology(state, OFFSET, procs, None))
+            time.sleep(1.5)  # let east-1's own (absent) endpoints be marked down
+            gw = dict(procs.procs)
+            for name in ("east-1", "east-2", "west-1"):
+                infra.pin(gw[name].pid, infra.PROXY_CORE)
+            infra.pin(gw["federation"].pid, infra.LOAD_CORE)
+            self.gateway_pids = {n: p.pid for n, p in gw.items()}
+            local = {"Isthmus": (e2["import"], [gw["east-2"].pid]), "HAProxy": (HAPROXY_TCP, [h_tcp.pid]),
+                     "direct": (e2["ep1"], [])}
+            cross = {"Isthmus": (e1["import"], [gw["east-1"].pid, gw["east-2"].pid]),
+                     "HAProxy": (CHAIN_IN, [h_a.pid, h_b.pid]), "direct": (e2["ep1"], [])}
+            self.check_paths(local, cross)
+            for r in range(a.rounds):
+                if "l4" in a.only:
+                    self.log(f"round {r + 1}/{a.rounds}: L4 local")
+                    self.http_case("1. L4 local", local, fixed_rates=True)
+                if "cross" in a.only:
+                    self.log(f"round {r + 1}/{a.rounds}: cross-cluster")
+                    self.http_case("2. cross-cluster", cross, fixed_rates=False)
+                if "bulk" in a.only:
+                    self.log(f"round {r + 1}/{a.rounds}: bulk")
+                    self.bulk(local, "3. bulk, local path")
+                    self.bulk({k: v for k, v in cross.items() if k != "direct"}, "3. bulk, cross-cluster")
+                procs.check()
+            if a.profile:
+                self.profile(e2["import"], e1["import"], gw)
+        finally:
+            procs.stop()
+            for h in (h_a, h_b, h_tcp):
+                h.stop()
+
+    def check_paths(self, local: dict, cross: dict) -> None:
+        for case in (local, cross):
+            for name, (port, _) in case.items():
+                r = infra.wrk(port, 1, 1)
+                if r.requests < 10 or r.errors:
+                    raise RuntimeError(f"path {name} (port {port}) does not work: {r}")
+
+    def profile(self, local_port: int, cross_port: int, gw: dict) -> None:
+        """py-spy (if installed) on the gateways under keep-alive load: top functions."""
+        import shutil
+
+        if shutil.which("py-spy") is None:
+            self.notes.append("profile: py-spy not installed (pip install py-spy)")
+            return
+        for label, port, name, close in (("local keep-alive", local_port, "east-2", False),
+                                         ("local new connections", local_port, "east-2", True),
+                                         ("cross new connections, gateway A", cross_port, "east-1", True),
+                                         ("cross new connections, gateway B", cross_port, "east-2", True)):
+            out = self.tmp / f"profile-{label.replace(' ', '-').replace(',', '')}.txt"
+            spy = subprocess.Popen(["py-spy", "record", "--pid", str(gw[name].pid), "--duration", "4", "--rate", "200",
+                                    "--format", "raw", "--output", str(out), "--nonblocking"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(0.5)
+            infra.wrk(port, 50, 5, close=close)
+            try:
+                spy.wait(20)
+            except subprocess.TimeoutExpired:
+                infra.stop(spy)
+            if out.exists():
+                self.extra[f"profile {label} ({name})"] = {"top": top_frames(out)}
+            else:
+                self.notes.append(f"profile {label}: py-spy wrote nothing")
+
+    # -----------------------------------------------------------------------------------------
+    def table(self) -> str:
+        lines = ["| case | metric | Isthmus | HAProxy | direct | Isthmus ÷ HAProxy | Isthmus CPU % | HAProxy CPU % "
+                 "| CPU per request or MB, Isthmus ÷ HAProxy |",
+                 "|---|---|---|---|---|---|---|---|---|"]
+        for row in self.rows.values():
+            iv, hv, dv = row.med("Isthmus"), row.med("HAProxy"), row.med("direct")
+            ratio = f"{iv / hv:.2f}x" if iv and hv else "-"
+            if ratio != "-" and not row.higher_better:
+                ratio += " (lower is better)"
+            lines.append(f"| {row.case} | {row.metric} | {fmt(iv, row.unit)} | {fmt(hv, row.unit)} | "
+                         f"{fmt(dv, row.unit)} | {ratio} | {fmt(row.cpu_med('Isthmus'), '%')} | "
+                         f"{fmt(row.cpu_med('HAProxy'), '%')} | {cost_ratio(row)} |")
+        fo = self.extra.get("failover")
+        if fo:
+            for mode, d in fo.items():
+                lines.append(f"| 4. failover | {mode}: death → first connection served by the next tier, "
+                             f"median / max over {d['kills']} kills | {d['median_ms']:.0f} / {d['max_ms']:.0f} ms | - | - | "
+                             f"failed connections: {d['failed_total']} (max {d['failed_max_per_kill']} per kill) | - | - | - |")
+        gm = self.extra.get("gateway memory")
+        if gm:
+            pts = ", ".join(f"{n}: {r:.0f}" for n, r in gm["rss"])
+            how = (f"extrapolated from {gm['n']} (fd limit {gm['nofile']})" if gm["extrapolated"] else "measured")
+            lines.append(f"| 5. memory | gateway RSS with {gm['target']} idle relayed connections ({how}) | "
+                         f"{gm['rss_at_target']:.0f} MiB | - | - | {gm['kib_per_conn']:.1f} KiB per connection; "
+                         f"RSS MiB at conns {pts} | - | - | - |")
+        fm = self.extra.get("federation memory")
+        if fm:
+            lines.append(f"| 5. memory | federation RSS holding {fm['services']} services × 10 endpoints | "
+                         f"{fm['rss_published']:.0f} MiB | - | - | empty {fm['rss_before']:.0f} MiB; after a full "
+                         f"catalog read {fm['rss_after_read']:.0f} MiB (peak {fm['hwm']:.0f}); published "
+                         f"{fm['publish_per_s']:.0f} exports/s; catalog read {fm['catalog_read_s']:.2f} s; "
+                         f"SQLite {fm['db_mib']:.0f} MiB | - | - | - |")
+        return "\n".join(lines)
+
+    def targets(self) -> str:
+        def ratio(case: str, metric_start: str) -> float | None:
+            for (c, m), row in self.rows.items():
+                if c == case and m.startswith(metric_start):
+                    i, h = row.med("Isthmus"), row.med("HAProxy")
+                    return i / h if i and h else None
+            return None
+
+        def p50(case: str, path: str) -> float | None:
+            row = self.rows.get((case, "one connection p50 (wrk -c1)"))
+            return row.med(path) if row else None
+
+        out = ["| target | measured | met |", "|---|---|---|"]
+
+        def add(name: str, value: float | None, goal: float, text: str, higher: bool = True) -> None:
+            if value is None:
+                out.append(f"| {name} | not measured | - |")
+                return
+            met = value >= goal if higher else value <= goal
+            out.append(f"| {name} | {text} | {'met' if met else 'NOT met'} |")
+
+        v = ratio("1. L4 local", "keep-alive")
+        add("L4 keep-alive rps ≥ 1.00x HAProxy", v, 1.0, f"{v:.2f}x" if v else "")
+        v = ratio("1. L4 local", "new connection")
+        add("L4 new connections ≥ 0.80x HAProxy", v, 0.8, f"{v:.2f}x" if v else "")
+        v = ratio("3. bulk, local path", "MB/s")
+        add("bulk MB/s ≥ 1.00x HAProxy (default buffers), local path", v, 1.0, f"{v:.2f}x" if v else "")
+        out.append("| HTTP-mode listener ≥ 0.90x HAProxy `mode http` | no HTTP mode in the gateway yet | n/a |")
+        v = ratio("2. cross-cluster", "new connection")
+        add("cross-cluster new-connection rate ≥ 3x HAProxy TLS re-encrypt chain", v, 3.0, f"{v:.2f}x" if v else "")
+        gi, hd, d = p50("1. L4 local", "Isthmus"), p50("1. L4 local", "HAProxy"), p50("1. L4 local", "direct")
+        if gi is not None and d is not None:
+            add("added p50 latency of one gateway hop ≤ 0.05 ms", (gi - d) / 1000, 0.05,
+                f"+{(gi - d) / 1000:.3f} ms (HAProxy +{((hd or d) - d) / 1000:.3f} ms), wrk -c1 p50 minus direct",
+                higher=False)
+        gm = self.extra.get("gateway memory")
+        if gm:
+            add("10k idle connections ≤ 200 MiB gateway RSS", gm["rss_at_target"], 200,
+                f"{gm['rss_at_target']:.0f} MiB" + (" (extrapolated)" if gm["extrapolated"] else ""), higher=False)
+        return "\n".join(out)
+
+
+def cost_ratio(row: Row) -> str:
+    """CPU spent per unit of work (request or MB), Isthmus over HAProxy: < 1 means cheaper.
+    Only for throughput rows, where both proxies were measured."""
+    if not row.higher_better:
+        return "-"
+    i, h = row.med("Isthmus"), row.med("HAProxy")
+    ci, ch = row.cpu_med("Isthmus"), row.cpu_med("HAProxy")
+    if not (i and h and ci and ch):
+        return "-"
+    return f"{(ci / i) / (ch / h):.2f}x"
+
+
+def fmt(v: float | None, unit: str) -> str:
+    if v is None:
+        return "-"
+    if unit == "%":
+        return f"{v:.0f}%"
+    if unit == "µs":
+        return f"{v:.0f} µs"
+    if unit == "MB/s":
+        return f"{v:.0f}"
+    return f"{v:,.0f}"
+
+
+def top_frames(path: Path, n: int = 10) -> list[str]:
+    """Leaders by self time and by inclusive time from a py-spy raw (collapsed stacks) file.
+    Time spent in C (uvloop, OpenSSL, syscalls) is charged to the Python frame that called it;
+    `Runner.run` as a leaf is the event loop itself (uvloop's C code, epoll, socket syscalls)."""
+    own: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, num = line.rpartition(" ")
+        if not num.isdigit():
+            continue
+        k = int(num)
+        frames = [f.split(" (")[0] for f in stack.split(";") if f]
+        if not frames:
+            continue
+        own[frames[-1]] = own.get(frames[-1], 0) + k
+        for f in set(frames):
+            incl[f] = incl.get(f, 0) + k
+        total += k
+    if not total:
+        return ["(no samples)"]
+    def top(d: dict[str, int]) -> list[str]:
+        rows = [(f, c) for f, c in sorted(d.items(), key=lambda x: -x[1]) if d is own or c < 0.9 * total]
+        return [f"  {c * 100 / total:5.1f}% {f}" for f, c in rows[:n]]
+
+    return ["self:", *top(own), "inclusive (frames under 90%, i.e. below main/Runner.run):", *top(incl)]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="short smoke run")
+    ap.add_argument("--only", default="l4,cross,bulk,failover,memory", help="comma-separated cases")
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--seconds", type=float, default=None, help="length of each load run (default 5)")
+    ap.add_argument("--profile", action="store_true", help="py-spy the gateways under load after the rounds")
+    ap.add_argument("--output", type=Path, default=Path(__file__).with_name("last-run.md"))
+    a = ap.parse_args()
+    a.only = set(a.only.split(","))
+    unknown = a.only - {"l4", "cross", "bulk", "failover", "memory"}
+    if unknown:
+        ap.error(f"--only: unknown case(s) {', '.join(sorted(unknown))}")
+    a.rounds = a.rounds or (1 if a.quick else 3)
+    a.seconds = a.seconds or (2.0 if a.quick else 5.0)
+    if not (1 <= a.rounds <= 20 and 1 <= a.seconds <= 60):
+        ap.error("--rounds 1..20, --seconds 1..60")
+    a.bulk_mib = 128 if a.quick else 1024
+    kills = 5 if a.quick else 20
+    idle_conns = 1000 if a.quick else 10_000
+    services = 1000 if a.quick else 10_000
+
+    infra.require_tools()
+    memory.raise_nofile()  # children (nginx, gateways) inherit it
+    tmp = Path(tempfile.mkdtemp(prefix="isthmus-bench-"))
+    suite = Suite(a, tmp)
+    started = time.time()
+    nginx_ports = [ports(OFFSET, 1)["ep1"], ports(OFFSET, 1)["ep2"],
+                   ports(memory.OFFSET, 1)["ep1"], ports(memory.OFFSET, 1)["ep2"]]
+    nginx = infra.Nginx(tmp, nginx_ports, bulk_bytes=a.bulk_mib << 20)
+    try:
+        nginx.start()
+        if a.only & {"l4", "cross", "bulk"}:
+            suite.run_traffic()
+        if "failover" in a.only:
+            suite.log("failover")
+            suite.extra["failover"] = uvloop.run(failover.run(tmp / "failover", kills, suite.log))
+        if "memory" in a.only:
+            suite.log("memory: gateway idle connections")
+            suite.extra["gateway memory"] = uvloop.run(memory.gateway_idle(tmp / "memory-gw", idle_conns, suite.log))
+            suite.log("memory: federation catalog")
+            suite.extra["federation memory"] = uvloop.run(
+                memory.federation_catalog(tmp / "memory-fed", services, suite.log))
+    finally:
+        nginx.stop()
+    report = render(suite, a, time.time() - started)
+    print(report)
+    a.output.write_text(report + "\n")
+    return 0
+
+
+def render(suite: Suite, a: argparse.Namespace, elapsed: float) -> str:
+    import os
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip() or os.environ.get("ISTHMUS_BENCH_COMMIT", "unknown")
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "gateway", "federation"], capture_output=True,
+                           text=True, cwd=Path(__file__).parent).stdout.strip()
+    hv = subprocess.run(["haproxy", "-v"], capture_output=True, text=True).stdout.splitlines()[0]
+    parts = [
+        f"`python -m bench{' --quick' if a.quick else ''}` — {time.strftime('%Y-%m-%d %H:%M')}, commit {commit}"
+        f"{' (gateway/ or federation/ modified in the working tree)' if dirty else ''}, {platform.python_version()}, "
+        f"{hv.split(' - ')[0]}, {len(os.sched_getaffinity(0))} cores, {a.rounds} round(s) of "
+        f"{a.seconds:g} s loads, medians; {elapsed / 60:.1f} min; load average at the end "
+        f"{open('/proc/loadavg').read().split()[0]} (other work on the machine shows up as noise).",
+        "",
+        suite.table(),
+        "",
+        "Targets (issue 4), ratios from this run:",
+        "",
+        suite.targets(),
+    ]
+    if suite.notes:
+        parts += ["", "Notes:", ""] + [f"- {n}" for n in suite.notes]
+    for name, d in suite.extra.items():
+        if name.startswith("profile"):
+            parts += ["", f"py-spy, {name}, wrk -c50 for 5 s:", "", "```", *d["top"], "```"]
+    fo = suite.extra.get("failover")
+    if fo:
+        parts += ["", f"Blackhole: {fo['blackholed']['blackhole_check']}."]
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
