@@ -60,6 +60,16 @@ def render_metrics(gw: Any) -> str:
         for tier in router.tiers:
             tiers.append(({"service": str(router.service), "tier": tier.name}, 1 if tier.name == active else 0))
     metric("isthmus_gateway_tier_active", "gauge", "1 for the tier each import sends traffic to.", tiers)
+    actor = getattr(gw, "drill_actor", None)
+    if actor is not None:
+        metric("isthmus_gateway_drill_fault_active", "gauge",
+               "1 while this gateway acts out a drill's fault (0 once restored).",
+               [({"drill": d, "mode": m}, v) for (d, m), v in sorted(actor.fault_gauge.items())])
+        metric("isthmus_gateway_drill_probes_total", "counter",
+               "Synthetic drill probes by result (ok, failed, skipped: too many in flight).",
+               [({"drill": d, "result": r}, n) for (d, r), n in sorted(actor.probes.items())])
+        metric("isthmus_gateway_drill_samples_buffered", "gauge",
+               "Drill samples waiting to reach the federation.", [({}, len(actor.queue))])
     agent = gw.agent
     if agent is not None:
         metric("isthmus_gateway_federation_connected", "gauge", "1 if the last federation call worked.",

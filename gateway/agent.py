@@ -12,6 +12,14 @@ Theory of operation
   publish them all again.
 - Exports carry health: when the HealthBook changes a local endpoint, the export is published
   again (coalesced: at most one publish in flight per export, the latest state wins).
+- Imports are published the same way (an `ImportRecord` per configured import: its failover
+  policy, so `isthmus drill plan` can compute where traffic would go), after every lease grant
+  and whenever they differ from what was last published. A federation without the route yet
+  (404/405) is logged once and skipped until the next lease grant.
+- Drills: while a `drain` drill holds this cluster, `exports_withdrawn` is set and
+  `publish_all` reconciles to "no exports": every configured export key is deleted at the
+  federation (again after each lease grant, so a re-registration never brings them back);
+  clearing it republishes them. The drill actor sets it; this loop does the I/O and retries.
 - Catalog: snapshot, then long-poll `watch(after=revision)`; every event is folded in order, so
   nothing is missed across reconnects; `CompactedError` means resync from a snapshot. Every
   new catalog goes to `on_catalog` and (coalesced) to `catalog.json`, which a restarted gateway
@@ -27,13 +35,14 @@ import json
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from federation.client import FederationClient, load_federation_bundle
 from federation.errors import CompactedError, FederationError, InputError, IsthmusError
 from federation.identity import CertificateAuthority, Svid, TrustBundle, gateway_id
-from federation.model import Catalog, ClusterRecord, Export
+from federation.model import Catalog, ClusterRecord, Export, ImportRecord
 
 from .config import GatewayConfig
 from .errors import GatewayError
@@ -119,7 +128,10 @@ class Agent:
         self.client: FederationClient | None = None
         self.lease: int | None = None
         self.lease_ttl = 6.0
-        self.published: dict[str, bytes] = {}
+        self.published: dict[str, bytes] = {}  # store key -> body last PUT (exports and imports)
+        self.withdrawn: set[str] = set()  # export keys deleted while exports_withdrawn
+        self.exports_withdrawn = False  # a drain drill holds this cluster
+        self.imports_unsupported = False  # the federation answered 404/405 to put_import
         self.publish_wanted = asyncio.Event()
         self.connected = False
         self.last_error: str | None = None
@@ -189,6 +201,8 @@ class Agent:
                     await self.client.put_bundle(name, self.identity.bundle)
                     self.lease, self.lease_ttl = await self.client.grant_lease(name)
                     self.published.clear()
+                    self.withdrawn.clear()
+                    self.imports_unsupported = False
                     await self.publish_all()
                     log.info("lease %s granted (ttl %.1fs); exports published", self.lease, self.lease_ttl)
                 elif not await self.client.keepalive(name, self.lease):
@@ -205,12 +219,54 @@ class Agent:
                     self.lease = None
                 await asyncio.sleep(backoff.next())
 
+    def import_records(self) -> list[ImportRecord]:
+        name = self.cfg.cluster.name
+        return [
+            ImportRecord(name, im.namespace, im.name, tuple(im.failover.tiers), tuple(im.failover.region_preference),
+                         float(im.failover.failback_after), im.failover.max_attempts)
+            for im in self.cfg.imports
+        ]
+
+    def set_exports_withdrawn(self, withdrawn: bool) -> None:
+        """Drain (True) or restore (False) our exports at the federation; publish_loop acts."""
+        if withdrawn == self.exports_withdrawn:
+            return
+        self.exports_withdrawn = withdrawn
+        if not withdrawn:
+            self.withdrawn.clear()
+        self.publish_wanted.set()
+
     async def publish_all(self) -> None:
+        """Bring the federation's view of our exports and imports to what we want now."""
         for export in self.export_state():
+            if self.exports_withdrawn:
+                if export.key not in self.withdrawn:
+                    await self.client.delete_export(export.cluster, export.namespace, export.name)
+                    self.withdrawn.add(export.key)
+                    self.published.pop(export.key, None)
+                continue
             body = json.dumps(export.to_json(), sort_keys=True).encode()
             if self.published.get(export.key) != body:
                 await self.client.put_export(export)
                 self.published[export.key] = body
+        if not self.imports_unsupported:
+            await self._publish_imports()
+
+    async def _publish_imports(self) -> None:
+        for rec in self.import_records():
+            body = json.dumps(rec.to_json(), sort_keys=True).encode()
+            if self.published.get(rec.key) == body:
+                continue
+            try:
+                await self.client.put_import(rec)
+            except FederationError as e:
+                if e.status in (404, 405):
+                    self.imports_unsupported = True
+                    log.warning("federation does not take import records (%s); drill plans will not see "
+                                "our failover policies (retried after the next lease grant)", e)
+                    return
+                raise
+            self.published[rec.key] = body
 
     async def publish_loop(self) -> None:
         """Republish exports whose health changed (woken by `publish_wanted`)."""
@@ -244,7 +300,7 @@ class Agent:
                     except InputError as e:  # a malformed record never poisons the view
                         log.warning("ignoring malformed catalog record: %s", e)
                 if revision > cat.revision:
-                    cat = Catalog(revision, cat.clusters, cat.bundles, cat.live, cat.exports)
+                    cat = replace(cat, revision=revision)  # keeps imports and drills too
                 if events or revision != self.catalog.revision:
                     self._set_catalog(cat)
                 self.connected = True
@@ -292,6 +348,7 @@ class Agent:
             "connected": self.connected,
             "last_error": self.last_error,
             "lease": self.lease,
+            "exports_withdrawn": self.exports_withdrawn,
             "catalog_revision": self.catalog.revision,
             "svid": {
                 "id": str(self.identity.svid.spiffe_id),

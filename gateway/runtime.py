@@ -6,6 +6,11 @@ a remote gateway over mutual TLS; the relay carries bytes. Inbound, a remote gat
 identified (SVID against its own trust domain's bundle), authorized (export's allowed
 consumers), routed to a healthy local endpoint, relayed.
 
+Drills (drill_actor.py) sit beside the data path: the actor hears every new catalog, sets the
+inbound listener's fault hook while a drill holds this cluster (and has the agent withdraw our
+exports for a drain), and probes our imports through their routers and the same dialer while
+a drill of another cluster is observed.
+
 Every task is owned by the TaskGroup in `run()`; stopping cancels the group, then closes the
 listeners (their connections and connect tasks), the admin server and the federation client.
 """
@@ -26,6 +31,7 @@ from federation.units import parse_hostport
 from .agent import Agent, Identity
 from .balance import Policy
 from .config import GatewayConfig
+from .drill_actor import DrillActor
 from .l4 import Dialer, ImportListener, InboundListener
 from .probes import http_check, ping_gateway, probe_loop, tcp_check
 from .router import HealthBook, LocalEndpoint, OutlierRules, Router, local_key, remote_key
@@ -55,6 +61,7 @@ class Gateway:
         self.import_routers: dict[ServiceKey, Router] = {}
         self.listeners: list[Any] = []
         self.inbound: InboundListener | None = None
+        self.drill_actor: DrillActor | None = None
         self.admin: Any = None
         self.ready = False
         self.started_at = time.monotonic()
@@ -152,6 +159,8 @@ class Gateway:
             ]
             router.set_remote(remote)
         self.book.forget(self._known_keys())
+        if self.drill_actor is not None:
+            self.drill_actor.on_catalog(cat)
 
     def _known_keys(self) -> set[str]:
         keys = {local_key(e.host, e.port) for ex in self.cfg.exports for e in ex.endpoints}
@@ -240,6 +249,9 @@ class Gateway:
                                        max_connections=lim.max_connections, idle_timeout=lim.idle_timeout)
         await self.inbound.start(*cfg.listen.inbound)
         self.listeners.append(self.inbound)
+        self.drill_actor = DrillActor(cfg.cluster.name, self.wall, self._mono, self.inbound, self.agent,
+                                      self.import_routers, dialer, self.rng.random)
+        self.drill_actor.on_catalog(self.catalog)  # a cached catalog may hold a drill in progress
         for svc, router in self.import_routers.items():
             im = next(i for i in cfg.imports if (i.namespace, i.name) == (svc.namespace, svc.name))
             lst = ImportListener(svc, router, dialer, max_connections=lim.max_connections, idle_timeout=lim.idle_timeout)
@@ -261,6 +273,7 @@ class Gateway:
                 await self._probe_exports(tg)
                 tg.create_task(self._probe_gateways())
                 tg.create_task(self._ticker())
+                tg.create_task(self.drill_actor.run())
                 await stop.wait()
                 raise _Stop
         except* _Stop:
@@ -295,6 +308,7 @@ class Gateway:
             "exports": [e.to_json() for e in self.export_state()],
             "health": self.book.snapshot(now),
             "listeners": {lst.name: _stats(lst) for lst in self.listeners},
+            "drills": self.drill_actor.status() if self.drill_actor else None,
         }
 
 
