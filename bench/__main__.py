@@ -389,6 +389,9 @@ def main() -> int:
     report = render(suite, a, time.time() - started)
     print(report)
     a.output.write_text(report + "\n")
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)  # kept on failure, for the logs
     return 0
 
 
