@@ -321,7 +321,15 @@ class Dialer:
                 ),
                 self.connect_timeout,
             )
-            await asyncio.wait_for(asyncio.shield(leg.ready), self.connect_timeout)
+            try:
+                await asyncio.wait_for(asyncio.shield(leg.ready), self.connect_timeout)
+            except BaseException:
+                # Timed out waiting for OK, or our caller went away: the link is open but
+                # will never carry this stream, so close it (and consume the future's
+                # eventual exception so it is not logged as never retrieved).
+                leg.abort()
+                leg.ready.add_done_callback(_consume)
+                raise
             return leg
         except TimeoutError:
             raise DialError(f"{target.key}: connect timed out after {self.connect_timeout:g}s") from None
@@ -329,6 +337,11 @@ class Dialer:
             raise DialError(f"{target.key}: {e.strerror if isinstance(e, OSError) and e.strerror else e}") from None
         except LookupError as e:  # no bundle/context for that cluster
             raise DialError(f"{target.key}: {e}") from None
+
+
+def _consume(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 async def connect_first(
