@@ -152,7 +152,9 @@ class PlainLeg(Leg):
             other.send(chunk)
         if self.eof_in:
             other.send_eof()
-        if self.pending_size > PENDING_LIMIT and not self.lost:
+        # Resume what PENDING_LIMIT paused, unless the flush above overfilled the other leg,
+        # which then paused us for flow control (it resumes us when it drains).
+        if self.pending_size > PENDING_LIMIT and not self.lost and not self.paused_for_other:
             self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
@@ -504,6 +506,10 @@ class InboundListener(Listener):
         self.dialer = dialer
         self.denied = 0
         self.identity_refused = 0
+        # Drill fault hook (set by gateway.drill_actor): None, or an object with `mode`
+        # ("drain" | "blackhole" | "degrade"), `latency` (s), `error_rate` (0..1) and `random()`.
+        # Consulted on each new OPEN and PING only; streams already open are never touched.
+        self.fault: Any = None
 
     async def start(self, host: str, port: int, handshake_timeout: float = 5.0) -> None:
         await self.start_server(
@@ -518,7 +524,7 @@ class LinkDown(LinkLeg):
         super().__init__()
         self.listener = listener
         self.peer_cluster: str | None = None
-        self.state = "new"  # new -> connecting -> open
+        self.state = "new"  # new -> connecting -> open; or new -> silent (drill blackhole)
         self.held: list[tuple[int, bytes]] = []
         self.task: asyncio.Task | None = None
 
@@ -542,13 +548,20 @@ class LinkDown(LinkLeg):
                 self.relay_frames(frames)
                 return
             for i, (kind, payload) in enumerate(frames):
+                if self.state == "silent":
+                    return  # blackholed: no answer ever (the caller times out; idle sweep closes)
                 if self.state == "new":
+                    fault = self.listener.fault
+                    if fault is not None and fault.mode == "blackhole":
+                        if kind != link.PING:
+                            self.state = "silent"
+                        continue
                     if kind == link.PING:
                         self.transport.write(link.frame(link.PONG))
                         continue
                     if kind != link.OPEN:
                         raise link.LinkProtocolError(f"expected OPEN, got {link.NAMES[kind]}")
-                    self._open(link.parse_control(kind, payload))
+                    self._open(link.parse_control(kind, payload), fault)
                 elif self.state == "open":
                     self.relay_frames(frames[i:])
                     return
@@ -560,7 +573,7 @@ class LinkDown(LinkLeg):
             log.warning("inbound link from cluster %s broke protocol: %s", self.peer_cluster, e)
             self.transport.abort()
 
-    def _open(self, request: dict) -> None:
+    def _open(self, request: dict, fault: Any = None) -> None:
         raw = request.get("service")
         ns, _, name = raw.partition("/") if isinstance(raw, str) else ("", "", "")
         service = ServiceKey(ns, name)
@@ -572,14 +585,23 @@ class LinkDown(LinkLeg):
             self.listener.denied += 1
             log.warning("cluster %s may not consume %s", self.peer_cluster, service)
             return self._refuse("forbidden", f"cluster {self.peer_cluster} may not consume {service}")
+        delay = 0.0
+        if fault is not None and fault.mode == "drain":
+            return self._refuse("draining", f"{service}: this cluster is draining (drill)")
+        if fault is not None and fault.mode == "degrade":
+            if fault.random() < fault.error_rate:
+                return self._refuse("degraded", f"{service}: refused by a degrade drill")
+            delay = fault.latency
         self.state = "connecting"
-        self.task = self.listener.spawn(self._connect(service, router))
+        self.task = self.listener.spawn(self._connect(service, router, delay))
 
     def _refuse(self, code: str, message: str) -> None:
         self.transport.write(link.control(link.ERR, {"code": code, "error": message}))
         self.transport.close()
 
-    async def _connect(self, service: ServiceKey, router: Router) -> None:
+    async def _connect(self, service: ServiceKey, router: Router, delay: float = 0.0) -> None:
+        if delay > 0:  # degrade drill: the OK comes `delay` later (cancelled if the link goes)
+            await asyncio.sleep(delay)
         found = await connect_first(router, self.listener.dialer, service, self.listener.stats)
         if self.lost:
             if found:
