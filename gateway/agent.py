@@ -293,12 +293,10 @@ class Agent:
                     self._set_catalog(await self.client.catalog())
                     synced = True
                 revision, events = await self.client.watch(self.catalog.revision, 25.0)
-                cat = self.catalog
-                for ev in events:
-                    try:
-                        cat = cat.apply(ev.key, ev.value, ev.revision)
-                    except InputError as e:  # a malformed record never poisons the view
-                        log.warning("ignoring malformed catalog record: %s", e)
+                cat = self.catalog.apply_all(
+                    ((ev.key, ev.value, ev.revision) for ev in events),
+                    on_error=lambda e: log.warning("ignoring malformed catalog record: %s", e),
+                )
                 if revision > cat.revision:
                     cat = replace(cat, revision=revision)  # keeps imports and drills too
                 if events or revision != self.catalog.revision:
