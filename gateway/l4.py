@@ -426,7 +426,7 @@ class Listener:
 
     async def start_server(self, factory: Callable[[], asyncio.Protocol], host: str, port: int, **kw: Any) -> None:
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(factory, host, port, reuse_address=True, **kw)
+        self.server = await loop.create_server(factory, host, port, reuse_address=True, backlog=4096, **kw)
         self._sweeper = loop.create_task(self._sweep())
 
     @property
