@@ -368,6 +368,12 @@ async def connect_first(
 # Listeners
 
 
+def _progress(leg: Leg | None) -> tuple[int, int]:
+    if leg is None or leg.transport is None:
+        return (0, 0)
+    return (leg.activity, leg.transport.get_write_buffer_size())
+
+
 class Listener:
     """Owns a server socket, its connections and their connect tasks."""
 
@@ -402,26 +408,36 @@ class Listener:
         self.stats.active = len(self.legs)
 
     async def _sweep(self) -> None:
-        """Close connections that moved no data for idle_timeout (checked every tenth of it)."""
+        """Close connections that moved no data for idle_timeout (checked every tenth of it).
+
+        Progress is reads on either leg or a change in what either leg still has to write (a
+        slow reader draining a closing leg is progress). An idle connection is closed
+        gracefully; if it is still there, stuck, one idle_timeout later (its reader never
+        drains what we hold, so close() can never finish), it is aborted.
+        """
         step = max(0.05, min(self.idle_timeout / 10, 5.0))
-        seen: dict[Leg, tuple[int, float]] = {}
+        seen: dict[Leg, tuple[tuple, float]] = {}
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(step)
             now = loop.time()
-            fresh: dict[Leg, tuple[int, float]] = {}
+            fresh: dict[Leg, tuple[tuple, float]] = {}
             for leg in list(self.legs):
                 up = leg.other
-                count = leg.activity + (up.activity if up is not None else 0)
+                progress = (_progress(leg), _progress(up))
                 last = seen.get(leg)
-                since = now if last is None or last[0] != count else last[1]
-                if now - since >= self.idle_timeout:
+                since = now if last is None or last[0] != progress else last[1]
+                if now - since < self.idle_timeout:
+                    fresh[leg] = (progress, since)
+                elif leg.transport is not None and leg.transport.is_closing():
+                    leg.abort()  # closed on an earlier sweep, or by the relay, and stuck
+                    if up is not None:
+                        up.abort()
+                else:
                     self.stats.idle_closed += 1
                     leg.close()
                     if up is not None:
                         up.close()
-                else:
-                    fresh[leg] = (count, since)
             seen = fresh
 
     async def start_server(self, factory: Callable[[], asyncio.Protocol], host: str, port: int, **kw: Any) -> None:
