@@ -257,6 +257,30 @@ def traffic(seconds: float, rate: int = RATE) -> list[tuple[float, str | None, f
     return asyncio.run(_traffic(EDGE_IMPORT, rate, seconds))
 
 
+def status(port: int) -> dict:
+    async def go():
+        return await demo.http_json(port, "/status")
+    return asyncio.run(go())
+
+
+def faults_cleared() -> bool:
+    """No gateway of us-east is acting out a fault (their own /status)."""
+    return all((status(demo.ports(OFFSET, i)["admin"]).get("drills") or {}).get("fault") is None
+               for i in (0, 1))
+
+
+def wait_back_in_scope(bound: float) -> float:
+    """Seconds until a whole second of edge-1 connections is served by us-east; fails after
+    `bound` (failback = peer probes healthy + failback_after 2 s, or an outlier ejection
+    running out: up to max_ejection, 30 s in the demo config)."""
+    t0 = time.time()
+    while time.time() - t0 < bound:
+        conns = traffic(1.0)
+        if conns and all(x[1] in US_EAST for x in conns):
+            return time.time() - t0 - 1.0
+    raise AssertionError(f"edge-1 traffic not back in us-east after {bound}s")
+
+
 def window(conns, start: float, stop: float):
     return [c for c in conns if start <= c[0] < stop]
 
@@ -402,23 +426,6 @@ def test_drain_fails_nothing(topo):
 
 
 @pytest.mark.integration
-def test_degrade_adds_latency_and_agrees_with_independent_client(topo):
-    rc, rep, conns, err = run_with_traffic(topo, "--region", "us-east", "--mode", "degrade", "--duration", "4s",
-                                           "--latency", "200ms", "--error-rate", "0.3", *SHORT)
-    assert rc == 0, err
-    c = compare(rep, conns)
-    print(f"\ndegrade: p99 worst {rep['p99_ms_worst']} ms, median {rep['p99_ms_median']} ms, ok ratio "
-          f"{c['report_ratio']:.3f}; client {c}")
-    assert rep["by_mode"] == {"mode": "degrade", "latency": 0.2, "error_rate": 0.3}
-    assert rep["p99_ms_worst"] is not None and rep["p99_ms_worst"] >= 200, rep
-    assert abs(c["client_ratio"] - c["report_ratio"]) <= 0.05, c
-    fault = window(conns, rep["fault_start"], rep["fault_stop"])
-    slow = [x for x in fault if x[1] in US_EAST and x[2] >= 0.2]
-    assert slow, "the client saw no delayed connection from us-east during the fault"
-    assert max(x[2] for x in window(conns, rep["fault_stop"] + 1.0, float("inf"))) < 0.2
-
-
-@pytest.mark.integration
 def test_abort_on_slo_trips_and_restores(topo):
     t0 = time.time()
     rc, rep, conns, err = run_with_traffic(topo, "--region", "us-east", "--mode", "degrade", "--duration", "20s",
@@ -445,11 +452,12 @@ def test_cli_killed_mid_drill_gateways_restore_at_deadline(topo):
     drills = json.loads(cli(topo, "list", "--json").stdout)["drills"]
     d = drills[0]
     assert d["state"] == "running", d
-    conns = traffic(max(0.0, d["fault_end"] - time.time()) + 6.0)
+    conns = traffic(max(0.0, d["fault_end"] - time.time()) + 0.5)
     during = window(conns, d["fault_start"] + 1.5, d["fault_end"])
     assert during and all(x[1] == "west-1" for x in during), during
-    late = [x for x in conns if x[0] >= d["fault_end"] + 4.5]
-    assert late and all(x[1] in US_EAST for x in late), late  # restored by the gateways themselves
+    assert faults_cleared(), "us-east gateways still faulted after the deadline"  # restored by themselves
+    wait_back_in_scope(35)
+    print(f"\nCLI killed: edge-1 back in us-east {time.time() - 1.0 - d['fault_end']:.1f}s after the deadline")
     r = cli(topo, "show", d["id"], "--json")
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
@@ -476,6 +484,28 @@ def test_federation_restarted_mid_drill_ends_safely_and_keeps_record(topo):
     assert d["state"] == "ended", d
     r = cli(topo, "show", d["id"])
     assert r.returncode == 0 and d["id"] in r.stdout, r.stderr
-    # and the gateways are back: edge-1 served by us-east
-    late = traffic(1.0)
-    assert all(x[1] in US_EAST for x in late), late
+    # and the gateways are back: faults cleared, edge-1 served by us-east again
+    assert faults_cleared()
+    wait_back_in_scope(35)
+
+
+@pytest.mark.integration
+def test_degrade_refuses_and_delays_and_agrees_with_independent_client(topo):
+    """Last in the file: refused OPENs eject us-east's gateways (outlier detection, backoff
+    doubling up to max_ejection 30 s), which would slow the failback of the drills after it."""
+    rc, rep, conns, err = run_with_traffic(topo, "--region", "us-east", "--mode", "degrade", "--duration", "4s",
+                                           "--latency", "200ms", "--error-rate", "0.3", *SHORT)
+    assert rc == 0, err
+    c = compare(rep, conns)
+    print(f"\ndegrade: detection {rep['detection_s']} s, shift {rep['shift_s']} s, p99 worst {rep['p99_ms_worst']} ms, "
+          f"ok ratio {c['report_ratio']:.3f}, failback {rep['failback_s']} s; client {c}")
+    assert rep["by_mode"] == {"mode": "degrade", "latency": 0.2, "error_rate": 0.3}
+    # ERR degraded is refused at connect time: the caller fails over, nothing fails
+    assert rep["totals"]["failures"] == 0 and c["client_failed"] == 0, (rep["totals"], c)
+    assert abs(c["client_ratio"] - c["report_ratio"]) <= 0.05, c
+    # both sides saw traffic leave us-east during the fault
+    assert rep["detection_s"] is not None
+    fault = window(conns, rep["fault_start"] + 0.05, rep["fault_stop"])
+    assert any(x[1] == "west-1" for x in fault), fault
+    # whatever us-east still served during the fault came with the added latency
+    assert all(x[2] >= 0.19 for x in fault if x[1] in US_EAST), [x for x in fault if x[1] in US_EAST]
