@@ -1,15 +1,25 @@
-"""`isthmus demo`: three clusters on this machine, a stream of traffic, failover, a report.
+"""`isthmus demo`: clusters on this machine, a stream of traffic, failover, a drill, reports.
 
-Everything runs on loopback without root: the federation and three gateways as real
+Everything runs on loopback without root: the federation and four gateways as real
 subprocesses (the same `isthmus` commands a user runs), echo backends in this process (each
 answers a line with its cluster's name, so every connection says who served it), and a client
-opening `--rate` new connections per second to east-1's local listener for `echo`.
+opening `--rate` new connections per second to east-1's local listener for `echo`. Three
+clusters export and import `echo` (east-1, east-2 in us-east; west-1 in us-west); a fourth,
+`edge-1` (eu-west), exports nothing and imports `echo` preferring us-east, then us-west — the
+consumer whose traffic a us-east drill moves.
 
 Phases: all up -> east-1's backends down (traffic must move to east-2, same region) -> east-2's
 down too (traffic must move to west-1, other region) -> all restored (traffic must come back to
 east-1 after the failback delay). The report says, per phase, who served how many connections,
 how many failed, and how long the shift took. Exit 0 when every phase ended on the expected
 cluster with no failed connection.
+
+Then a failover drill, through the same code as `isthmus drill run` (in this process, with the
+operator credentials the federation wrote): the plan for losing us-east, then a `blackhole`
+of us-east (2 s baseline, 8 s fault, 5 s settle) watched by edge-1's and west-1's probes; the
+report is printed and written as `drill-report.html` in the state dir (kept, alone, when the
+rest of a temporary state dir is removed). The demo fails when the drill never shifted traffic
+out of us-east or the traffic flapped.
 """
 
 from __future__ import annotations
@@ -30,6 +40,13 @@ from typing import Any
 import yaml
 
 CLUSTERS = (("east-1", "us-east", "a"), ("east-2", "us-east", "b"), ("west-1", "us-west", "a"))
+# consumer-only clusters: export nothing, import echo (index continues CLUSTERS' port numbering)
+CONSUMERS = (("edge-1", "eu-west", "a"),)
+ALL_CLUSTERS = CLUSTERS + CONSUMERS
+EDGE_FAILOVER = {"tiers": ["cluster", "zone", "region", "any"], "region_preference": ["us-east", "us-west"],
+                 "failback_after": "2s"}
+DRILL_SPEC = {"scope": {"region": "us-east"}, "mode": "blackhole", "duration": "8s", "baseline": "2s",
+              "settle": "5s"}
 FED_PORT, FED_ADMIN = 17443, 17080
 
 
@@ -47,8 +64,9 @@ def ports(offset: int, i: int) -> dict[str, int]:
 
 def write_configs(state: Path, offset: int) -> list[Path]:
     paths = []
-    for i, (name, region, zone) in enumerate(CLUSTERS):
+    for i, (name, region, zone) in enumerate(ALL_CLUSTERS):
         p = ports(offset, i)
+        consumer = i >= len(CLUSTERS)
         cfg = {
             "cluster": {"name": name, "region": region, "zone": zone},
             "federation": {
@@ -61,7 +79,7 @@ def write_configs(state: Path, offset: int) -> list[Path]:
             "limits": {"connect_timeout": "500ms"},
             "outlier_detection": {"consecutive_failures": 1, "base_ejection": "2s", "max_ejection": "30s"},
             "peer_probe": {"interval": "300ms", "timeout": "300ms"},
-            "exports": [{
+            "exports": [] if consumer else [{
                 "name": "echo", "namespace": "default", "port": 8080, "protocol": "tcp",
                 "endpoints": [f"127.0.0.1:{p['ep1']}", f"127.0.0.1:{p['ep2']}"],
                 "health_check": {"kind": "tcp", "interval": "300ms", "timeout": "200ms",
@@ -69,7 +87,8 @@ def write_configs(state: Path, offset: int) -> list[Path]:
             }],
             "imports": [{
                 "name": "echo", "namespace": "default", "listen": f"127.0.0.1:{p['import']}",
-                "failover": {"tiers": ["cluster", "zone", "region", "any"], "failback_after": "2s"},
+                "failover": EDGE_FAILOVER if consumer else {"tiers": ["cluster", "zone", "region", "any"],
+                                                            "failback_after": "2s"},
             }],
         }
         path = state / f"{name}.yaml"
@@ -239,8 +258,9 @@ async def wait_until(what: str, check, procs: Processes, timeout: float = 20.0) 
 
 
 async def start_topology(state: Path, offset: int, procs: Processes, backends: dict[str, Backends] | None) -> None:
-    """Federation, join tokens, (optionally) backends, three gateways; returns when east-1 sees
-    all three clusters live and both remote gateways healthy."""
+    """Federation, join tokens, (optionally) backends, four gateways (ALL_CLUSTERS); returns when
+    east-1 sees every cluster live and both remote gateways healthy, and edge-1 sees the three
+    exporting gateways healthy. The operator credentials are in state/federation/operator."""
     configs = write_configs(state, offset)
     procs.start("federation", "federation", "serve", "--state-dir", str(state / "federation"),
                 "--listen", f"127.0.0.1:{FED_PORT + offset}", "--admin", f"127.0.0.1:{FED_ADMIN + offset}",
@@ -253,7 +273,7 @@ async def start_topology(state: Path, offset: int, procs: Processes, backends: d
     store = SqliteStore(str(state / "federation" / "federation.db"))
     await store.open()
     try:
-        for name, _, _ in CLUSTERS:
+        for name, _, _ in ALL_CLUSTERS:
             token = await create_token(store, name, 600, time.time())
             fd = os.open(state / f"{name}.token", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as f:
@@ -262,7 +282,7 @@ async def start_topology(state: Path, offset: int, procs: Processes, backends: d
         await store.close()
     for b in (backends or {}).values():
         await b.start()
-    for (name, _, _), path in zip(CLUSTERS, configs, strict=True):
+    for (name, _, _), path in zip(ALL_CLUSTERS, configs, strict=True):
         procs.start(name, "gateway", "run", "--config", str(path))
     admin1 = ports(offset, 0)["admin"]
 
@@ -270,9 +290,26 @@ async def start_topology(state: Path, offset: int, procs: Processes, backends: d
         st = await http_json(admin1, "/status")
         tiers = st["imports"][0]["tiers"]
         healthy = {t["key"] for tier in tiers for t in tier["targets"] if t["healthy"]}
-        return len(st["catalog"]["live"]) == 3 and {"remote:east-2", "remote:west-1"} <= healthy
+        return len(st["catalog"]["live"]) == len(ALL_CLUSTERS) and {"remote:east-2", "remote:west-1"} <= healthy
 
-    await wait_until("three live clusters seen from east-1", all_routable, procs, 30)
+    await wait_until(f"{len(ALL_CLUSTERS)} live clusters seen from east-1", all_routable, procs, 30)
+    edge_admin = ports(offset, len(CLUSTERS))["admin"]
+
+    async def edge_routable() -> bool:
+        st = await http_json(edge_admin, "/status")
+        tiers = st["imports"][0]["tiers"]
+        healthy = {t["key"] for tier in tiers for t in tier["targets"] if t["healthy"]}
+        return {"remote:east-1", "remote:east-2", "remote:west-1"} <= healthy
+
+    await wait_until("edge-1 routing to the three exporting clusters", edge_routable, procs, 30)
+
+
+def federation_url(offset: int) -> str:
+    return f"https://127.0.0.1:{FED_PORT + offset}"
+
+
+def operator_credentials(state: Path) -> Path:
+    return state / "federation" / "operator"
 
 
 async def demo(args: Any, state: Path, out) -> int:
@@ -288,7 +325,8 @@ async def demo(args: Any, state: Path, out) -> int:
         out(f"state and logs in {state}")
         await start_topology(state, offset, procs, backends)
         admin1 = ports(offset, 0)["admin"]
-        out("federation + 3 gateways up: east-1 (us-east/a), east-2 (us-east/b), west-1 (us-west/a)")
+        out("federation + 4 gateways up: east-1 (us-east/a), east-2 (us-east/b), west-1 (us-west/a), "
+            "edge-1 (eu-west/a, consumer only: prefers us-east, then us-west)")
         out(f"driving {args.rate} new connections/s into east-1's local listener for default/echo\n")
 
         loop = asyncio.get_running_loop()
@@ -316,6 +354,7 @@ async def demo(args: Any, state: Path, out) -> int:
             stop.set()
             await driver
         ok = report(phases, out)
+        ok = await drill(state, offset, out) and ok
         if args.keep_running:
             out(f"\nstill running; try: isthmus status --admin http://127.0.0.1:{FED_ADMIN + offset}"
                 f"  or  curl 127.0.0.1:{admin1}/status   (Ctrl-C to stop)")
@@ -328,6 +367,37 @@ async def demo(args: Any, state: Path, out) -> int:
         procs.stop()
         for b in backends.values():
             await b.stop()
+
+
+async def drill(state: Path, offset: int, out) -> bool:
+    """Plan, then run a blackhole drill of us-east as `isthmus drill run` does; True when the
+    traffic shifted out of us-east and did not flap."""
+    from rich.console import Console
+
+    from .drill_cli import open_client, print_plan, print_report, run_drill, write_html
+    from .drill_plan import plan_drill
+
+    console = Console(width=max(100, shutil.get_terminal_size().columns), highlight=False)
+    scope = DRILL_SPEC["scope"]["region"]
+    out(f"\nfailover drill: {DRILL_SPEC['mode']} of region {scope} for {DRILL_SPEC['duration']} "
+        f"(isthmus drill run --region {scope} --mode {DRILL_SPEC['mode']} --duration {DRILL_SPEC['duration']} "
+        f"--baseline {DRILL_SPEC['baseline']} --settle {DRILL_SPEC['settle']})")
+    async with open_client(federation_url(offset), operator_credentials(state)) as client:
+        print_plan(plan_drill(await client.catalog(), "region", scope), console)
+        result = await run_drill(client, dict(DRILL_SPEC), console)
+    if result.report is None:
+        out(f"drill {result.drill.id}: {result.message}")
+        return False
+    print_report(result.report, console)
+    path = write_html(result.report, state / "drill-report.html")
+    out(f"HTML report: {path}")
+    shifted = result.report.get("shift_s") is not None
+    flapped = bool(result.report.get("flapped"))
+    if not shifted:
+        out("drill: traffic never shifted out of us-east (shift_s is null)")
+    if flapped:
+        out("drill: traffic flapped")
+    return shifted and not flapped
 
 
 def report(phases: list[Phase], out) -> bool:
@@ -372,5 +442,11 @@ def run_demo(args: Any) -> int:
     except KeyboardInterrupt:
         code = 130
     if args.state_dir is None and code == 0 and not args.keep_running:
-        shutil.rmtree(state, ignore_errors=True)
+        for child in state.iterdir():  # keep only the HTML report
+            if child.name == "drill-report.html":
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
     return code

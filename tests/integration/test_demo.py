@@ -26,3 +26,11 @@ def test_demo_fails_over_and_back_with_no_failed_connection(tmp_path):
     served = [int(c) for c in rows["east-2 down too"].split("│")[3:6]]
     assert served[2] > 0 and served[0] == served[1] == 0, rows["east-2 down too"]
     assert ", 0 failed." in out, out
+    # then the blackhole drill of us-east: edge-1's traffic shifted to us-west, no flapping
+    assert "drill plan: region us-east lost" in out, out
+    shift = next(line for line in out.splitlines() if "time to shift" in line)
+    assert "never" not in shift, out
+    flapped = next(line for line in out.splitlines() if "│ flapped" in line)
+    assert flapped.split("│")[2].strip() == "no", out
+    html = tmp_path / "demo" / "drill-report.html"
+    assert f"HTML report: {html}" in out and "<svg" in html.read_text(), out
