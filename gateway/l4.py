@@ -2,27 +2,29 @@
 
 Theory of operation
 -------------------
-A proxied connection has two legs: the *down* leg (accepted) and the *up* leg (dialled). Each
-leg is a Protocol that knows how to write its own wire (plain bytes, or link frames inside TLS)
-and forwards what it reads to the other leg. So the relay itself is four small methods:
+A proxied connection has two legs: the *down* leg (accepted) and the *up* leg (dialled). A leg
+is a plain TCP Protocol (`PlainLeg`) or a stream on a multiplexed link to another gateway
+(`mux.Stream`); each knows how to write its own wire and forwards what it reads to the other
+leg. So the relay itself is four small methods:
 
 - data: read on one leg -> `other.send(data)`; the hot path is one call and one write;
-- flow control: when a leg's transport asks to pause writing, the *other* leg stops reading,
-  and resumes when it drains (so a slow reader never makes us buffer without bound);
+- flow control: when a leg's transport asks to pause writing, the *other* leg stops reading
+  (for a stream: stops granting window credit), and resumes when it drains, so a slow reader
+  never makes us buffer without bound;
 - half-close: EOF read on one leg -> `other.send_eof()` (write_eof on TCP, an EOF frame on a
-  link, since TLS transports cannot half-close); when both directions ended, both close;
-- close: a leg lost -> the other closes after flushing what it holds.
+  stream); when both directions ended, both close;
+- close: a leg lost -> the other closes after flushing what it holds (a stream sends RST).
 
 Before the up leg exists (while connecting), the down leg buffers what the client sends, up
 to PENDING_LIMIT, then stops reading. Connecting walks the router's plan — the ordered
 candidates the pure core chose — and reports each attempt back (outlier detection). A refused,
-reset or timed-out attempt moves on to the next candidate with the same client connection, so
-a dead endpoint costs the client nothing but the time to try it. Only when every attempt
-failed is the client connection closed (counted as failed).
+reset or timed-out attempt, or a remote gateway answering ERR or nothing, moves on to the next
+candidate with the same client connection, so a dead endpoint costs the client nothing but the
+time to try it. Only when every attempt failed is the client connection closed (counted).
 
 Listeners own their connections and the tasks that connect them: `close()` cancels the tasks
 and closes the transports. An idle sweeper closes connections with no traffic for
-`idle_timeout`, and a connection limit refuses (closes) connections beyond `max_connections`.
+`idle_timeout`, and a connection limit refuses connections beyond `max_connections`.
 """
 
 from __future__ import annotations
@@ -37,13 +39,13 @@ from typing import Any, Protocol
 from federation.errors import IdentityError
 from federation.model import ServiceKey
 
-from . import link
+from . import link as link_codec
 from .balance import Target
+from .mux import LinkPool, MuxLink, Stream, StreamRefused
 
 log = logging.getLogger("isthmus.gateway.l4")
 
 PENDING_LIMIT = 256 * 1024
-_DATA_HEADER = link.HEADER.pack
 
 
 class Router(Protocol):
@@ -197,145 +199,46 @@ class PlainLeg(Leg):
             self.on_lost(self)
 
 
-class LinkLeg(Leg):
-    """A leg over a TLS link to/from another gateway: everything is a link frame."""
-
-    def __init__(self) -> None:
-        self.reader = link.FrameReader()
-
-    def send(self, data: bytes) -> None:
-        self.transport.writelines((_DATA_HEADER(link.DATA, len(data)), data))
-
-    def send_eof(self) -> None:
-        if self.eof_out or self.transport.is_closing():
-            return
-        self.eof_out = True
-        self.transport.write(link.frame(link.EOF))
-        if self.eof_in:
-            self.close()
-
-    def relay_frames(self, frames: list[tuple[int, bytes]]) -> None:
-        other = self.other
-        for kind, payload in frames:
-            if kind == link.DATA:
-                other.send(payload)
-            elif kind == link.EOF:
-                self.got_eof()
-            else:
-                raise link.LinkProtocolError(f"unexpected {link.NAMES[kind]} frame on an open stream")
-
-
-class LinkUp(LinkLeg):
-    """Our dial to a remote gateway: check its identity, OPEN, wait for OK, then relay."""
-
-    def __init__(self, service: ServiceKey, verify: Callable[[Any], None]) -> None:
-        super().__init__()
-        self.service = service
-        self.verify = verify
-        self.ready: asyncio.Future[dict] = asyncio.get_running_loop().create_future()
-        self.early: list[tuple[int, bytes]] = []
-
-    def connection_made(self, transport: Any) -> None:
-        self.transport = transport
-        try:
-            self.verify(transport.get_extra_info("ssl_object"))
-        except IdentityError as e:
-            transport.abort()
-            if not self.ready.done():
-                self.ready.set_exception(DialError(f"remote gateway identity refused: {e}"))
-            return
-        transport.write(link.control(link.OPEN, {"v": link.VERSION, "service": str(self.service)}))
-
-    def data_received(self, data: bytes) -> None:
-        self.activity += 1
-        try:
-            frames = self.reader.feed(data)
-            if self.other is not None:
-                self.relay_frames(frames)
-                return
-            for kind, payload in frames:
-                if self.ready.done():
-                    self.early.append((kind, payload))
-                elif kind == link.OK:
-                    self.ready.set_result(link.parse_control(kind, payload))
-                elif kind == link.ERR:
-                    info = link.parse_control(kind, payload)
-                    self.ready.set_exception(
-                        DialError(f"remote gateway refused: {info.get('code')}: {info.get('error')}")
-                    )
-                    self.transport.close()
-                    return
-                else:
-                    raise link.LinkProtocolError(f"expected OK or ERR, got {link.NAMES[kind]}")
-        except link.LinkProtocolError as e:
-            log.warning("link to %s broke protocol: %s", self.transport.get_extra_info("peername"), e)
-            if not self.ready.done():
-                self.ready.set_exception(DialError(f"remote gateway broke the link protocol: {e}"))
-            self.transport.abort()
-
-    def attach(self, other: Leg) -> None:
-        self.other = other
-        early, self.early = self.early, []
-        if early:
-            self.relay_frames(early)
-
-    def eof_received(self) -> bool:
-        return False  # TLS: never reached in practice; a TLS EOF ends the stream
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        super().connection_lost(exc)
-        if not self.ready.done():
-            reason = exc or "connection closed"
-            self.ready.set_exception(DialError(f"remote gateway closed the link: {reason}"))
-
-
 # ---------------------------------------------------------------------------------------------
 # Dialing
 
 
 class Dialer:
-    """Makes one connect attempt to a target: a local endpoint (plain TCP) or a remote gateway
-    (mutual TLS + OPEN/OK). `tls` supplies client contexts and the peer identity check."""
+    """Makes one connect attempt to a target: a local endpoint (plain TCP), or a stream to a
+    remote gateway over the pooled mutual-TLS link (OPEN, then wait for OK). The whole attempt
+    — dialling the link if there is none yet, then the OK — gets one `connect_timeout`."""
 
-    def __init__(self, tls: Any, connect_timeout: float) -> None:
+    def __init__(self, tls: Any, connect_timeout: float, pool: LinkPool | None = None) -> None:
         self.tls = tls
         self.connect_timeout = connect_timeout
+        self.pool = pool if pool is not None else LinkPool(tls, connect_timeout)
 
-    async def dial(self, target: Target, service: ServiceKey) -> Leg:
+    async def dial(self, target: Target, service: ServiceKey) -> Leg | Stream:
         loop = asyncio.get_running_loop()
+        timeout = self.connect_timeout
         try:
             if not target.remote:
                 _, leg = await asyncio.wait_for(
-                    loop.create_connection(PlainLeg, target.host, target.port),
-                    self.connect_timeout,
+                    loop.create_connection(PlainLeg, target.host, target.port), timeout
                 )
                 return leg
-            cluster = target.locality.cluster
-            ctx, verify = self.tls.for_peer(cluster)
-            _, leg = await asyncio.wait_for(
-                loop.create_connection(
-                    lambda: LinkUp(service, verify),
-                    target.host,
-                    target.port,
-                    ssl=ctx,
-                    server_hostname=cluster,
-                    ssl_handshake_timeout=self.connect_timeout,
-                ),
-                self.connect_timeout,
+            deadline = loop.time() + timeout
+            link = await asyncio.wait_for(
+                self.pool.link(target.locality.cluster, target.host, target.port), timeout
             )
+            stream = link.open_stream(str(service))
             try:
-                await asyncio.wait_for(asyncio.shield(leg.ready), self.connect_timeout)
+                await asyncio.wait_for(asyncio.shield(stream.ready), max(0.0, deadline - loop.time()))
             except BaseException:
-                # Timed out waiting for OK, or our caller went away: the link is open but
-                # will never carry this stream, so close it (and consume the future's
-                # eventual exception so it is not logged as never retrieved).
-                leg.abort()
-                leg.ready.add_done_callback(_consume)
+                stream.ready.add_done_callback(_consume)
+                stream.close()  # timed out or our client left: RST, the answerer lets it go
                 raise
-            return leg
+            return stream
         except TimeoutError:
-            raise DialError(f"{target.key}: connect timed out after {self.connect_timeout:g}s") from None
-        except (OSError, ssl.SSLError) as e:
+            raise DialError(f"{target.key}: connect timed out after {timeout:g}s") from None
+        except StreamRefused as e:
+            raise DialError(f"{target.key}: remote gateway refused: {e}") from None
+        except (OSError, ssl.SSLError, IdentityError) as e:
             raise DialError(f"{target.key}: {e.strerror if isinstance(e, OSError) and e.strerror else e}") from None
         except LookupError as e:  # no bundle/context for that cluster
             raise DialError(f"{target.key}: {e}") from None
@@ -513,139 +416,108 @@ class ImportListener(Listener):
 
 
 class InboundListener(Listener):
-    """The east-west mutual-TLS listener: remote gateways OPEN streams to our exports."""
+    """The east-west mutual-TLS listener: remote gateways keep links here and OPEN streams on
+    them to our exports. Each link is identified once, at its handshake; each stream is
+    authorized (the export's allowed consumers), connected to a healthy local endpoint, relayed.
+    Streams count as connections for the limit and the idle timeout."""
 
     def __init__(self, tls: Any, exports: Callable[[ServiceKey], Any], dialer: Dialer, *, max_connections: int, idle_timeout: float) -> None:
         super().__init__("inbound", max_connections, idle_timeout)
         self.tls = tls
-        self.exports = exports  # service -> (ExportConfig-ish with .allows(cluster), Router) or None
+        self.exports = exports  # service -> (federation.model.Export, Router) or None
         self.dialer = dialer
         self.denied = 0
         self.identity_refused = 0
+        self.links: set[MuxLink] = set()
         # Drill fault hook (set by gateway.drill_actor): None, or an object with `mode`
         # ("drain" | "blackhole" | "degrade"), `latency` (s), `error_rate` (0..1) and `random()`.
         # Consulted on each new OPEN and PING only; streams already open are never touched.
         self.fault: Any = None
 
     async def start(self, host: str, port: int, handshake_timeout: float = 5.0) -> None:
-        await self.start_server(
-            lambda: LinkDown(self), host, port, ssl=self.tls.server_context, ssl_handshake_timeout=handshake_timeout
-        )
+        await self.start_server(self._new_link, host, port, ssl=self.tls.server_context,
+                                ssl_handshake_timeout=handshake_timeout)
 
+    def _new_link(self) -> MuxLink:
+        return MuxLink("answerer", on_ready=self._identify, on_open=self._open,
+                       on_lost=self.links.discard, answer_ping=self._answer_ping)
 
-class LinkDown(LinkLeg):
-    """A stream accepted from a remote gateway: identify, authorize, connect locally, relay."""
-
-    def __init__(self, listener: InboundListener) -> None:
-        super().__init__()
-        self.listener = listener
-        self.peer_cluster: str | None = None
-        self.state = "new"  # new -> connecting -> open; or new -> silent (drill blackhole)
-        self.held: list[tuple[int, bytes]] = []
-        self.task: asyncio.Task | None = None
-
-    def connection_made(self, transport: Any) -> None:
-        self.transport = transport
-        lst = self.listener
-        if not lst.admit(self):
-            return
+    def _identify(self, link: MuxLink) -> bool:
         try:
-            self.peer_cluster = lst.tls.identify(transport.get_extra_info("ssl_object"))
+            link.peer = self.tls.identify(link.transport.get_extra_info("ssl_object"))
         except IdentityError as e:
-            lst.identity_refused += 1
-            log.warning("inbound link from %s refused: %s", transport.get_extra_info("peername"), e)
-            transport.abort()
+            self.identity_refused += 1
+            log.warning("inbound link from %s refused: %s", link.transport.get_extra_info("peername"), e)
+            return False
+        self.links.add(link)
+        return True
 
-    def data_received(self, data: bytes) -> None:
-        self.activity += 1
-        try:
-            frames = self.reader.feed(data)
-            if self.state == "open":
-                self.relay_frames(frames)
-                return
-            for i, (kind, payload) in enumerate(frames):
-                if self.state == "silent":
-                    return  # blackholed: no answer ever (the caller times out; idle sweep closes)
-                if self.state == "new":
-                    fault = self.listener.fault
-                    if fault is not None and fault.mode == "blackhole":
-                        if kind != link.PING:
-                            self.state = "silent"
-                        continue
-                    if kind == link.PING:
-                        self.transport.write(link.frame(link.PONG))
-                        continue
-                    if kind != link.OPEN:
-                        raise link.LinkProtocolError(f"expected OPEN, got {link.NAMES[kind]}")
-                    self._open(link.parse_control(kind, payload), fault)
-                elif self.state == "open":
-                    self.relay_frames(frames[i:])
-                    return
-                else:
-                    self.held.append((kind, payload))
-                    if len(self.held) > 64:
-                        self.transport.pause_reading()
-        except link.LinkProtocolError as e:
-            log.warning("inbound link from cluster %s broke protocol: %s", self.peer_cluster, e)
-            self.transport.abort()
+    def _answer_ping(self) -> bool:
+        fault = self.fault
+        return fault is None or fault.mode != "blackhole"
 
-    def _open(self, request: dict, fault: Any = None) -> None:
+    def _open(self, link: MuxLink, sid: int, request: dict) -> None:
+        fault = self.fault
+        if fault is not None and fault.mode == "blackhole":
+            return  # no answer at all: the caller times out (and sends RST)
         raw = request.get("service")
         ns, _, name = raw.partition("/") if isinstance(raw, str) else ("", "", "")
         service = ServiceKey(ns, name)
-        entry = self.listener.exports(service) if ns and name else None
+        entry = self.exports(service) if ns and name else None
         if entry is None:
-            return self._refuse("unknown-service", f"service {raw!r} is not exported by this cluster")
+            return _refuse(link, sid, "unknown-service", f"service {raw!r} is not exported by this cluster")
         export, router = entry
-        if not export.allows(self.peer_cluster):
-            self.listener.denied += 1
-            log.warning("cluster %s may not consume %s", self.peer_cluster, service)
-            return self._refuse("forbidden", f"cluster {self.peer_cluster} may not consume {service}")
+        if not export.allows(link.peer):
+            self.denied += 1
+            log.warning("cluster %s may not consume %s", link.peer, service)
+            return _refuse(link, sid, "forbidden", f"cluster {link.peer} may not consume {service}")
         delay = 0.0
         if fault is not None and fault.mode == "drain":
-            return self._refuse("draining", f"{service}: this cluster is draining (drill)")
+            return _refuse(link, sid, "draining", f"{service}: this cluster is draining (drill)")
         if fault is not None and fault.mode == "degrade":
             if fault.random() < fault.error_rate:
-                return self._refuse("degraded", f"{service}: refused by a degrade drill")
+                return _refuse(link, sid, "degraded", f"{service}: refused by a degrade drill")
             delay = fault.latency
-        self.state = "connecting"
-        self.task = self.listener.spawn(self._connect(service, router, delay))
+        self.stats.accepted += 1
+        if len(self.legs) >= self.max_connections:
+            self.stats.refused_limit += 1
+            return _refuse(link, sid, "busy", "the gateway is at its connection limit")
+        stream = link.accept_stream(sid)
+        self.legs.add(stream)
+        self.stats.active = len(self.legs)
+        stream.on_close = self._closed
+        stream.task = self.spawn(self._connect(link, stream, service, router, delay))
 
-    def _refuse(self, code: str, message: str) -> None:
-        self.transport.write(link.control(link.ERR, {"code": code, "error": message}))
-        self.transport.close()
+    def _closed(self, stream: Stream) -> None:
+        self.forget(stream)
+        task = getattr(stream, "task", None)
+        if task is not None and not task.done():
+            task.cancel()
 
-    async def _connect(self, service: ServiceKey, router: Router, delay: float = 0.0) -> None:
-        if delay > 0:  # degrade drill: the OK comes `delay` later (cancelled if the link goes)
+    async def _connect(self, link: MuxLink, stream: Stream, service: ServiceKey, router: Router, delay: float) -> None:
+        if delay > 0:  # degrade drill: the OK comes `delay` later (cancelled if the stream goes)
             await asyncio.sleep(delay)
-        found = await connect_first(router, self.listener.dialer, service, self.listener.stats)
-        if self.lost:
+        found = await connect_first(router, self.dialer, service, self.stats)
+        if stream.closed:
             if found:
                 found[1].close()
             return
         if found is None:
-            self.listener.stats.failed += 1
-            return self._refuse("no-endpoint", f"no local endpoint of {service} could be reached")
+            self.stats.failed += 1
+            _refuse(link, stream.sid, "no-endpoint", f"no local endpoint of {service} could be reached")
+            stream.drop()
+            return
         target, up = found
-        self.listener.stats.served(target.key)
-        self.transport.write(link.control(link.OK, {"endpoint": target.key}))
-        self.state = "open"
-        up.attach(self)
-        self.other = up
-        held, self.held = self.held, []
-        if held:
-            self.transport.resume_reading()
-            try:
-                self.relay_frames(held)
-            except link.LinkProtocolError as e:
-                log.warning("inbound link from cluster %s broke protocol: %s", self.peer_cluster, e)
-                self.transport.abort()
+        self.stats.served(target.key)
+        link.write(link_codec.control(link_codec.OK, stream.sid, {"endpoint": target.key}))
+        up.attach(stream)
+        stream.attach(up)
 
-    def eof_received(self) -> bool:
-        return False
+    async def close(self) -> None:
+        for link in list(self.links):
+            link.transport.abort()
+        await super().close()
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        super().connection_lost(exc)
-        self.listener.forget(self)
-        if self.task is not None and not self.task.done():
-            self.task.cancel()
+
+def _refuse(link: MuxLink, sid: int, code: str, message: str) -> None:
+    link.write(link_codec.control(link_codec.ERR, sid, {"code": code, "error": message}))

@@ -1,4 +1,5 @@
-"""Active probes: TCP/HTTP checks of local endpoints and PING probes of remote gateways.
+"""Active probes of local endpoints: TCP connect or HTTP GET. (Remote gateways are probed with
+PING over their pooled link: mux.LinkPool.ping.)
 
 Each probe loop belongs to the runtime's task group and feeds results into the HealthBook; the
 decisions (thresholds, hysteresis) are health.py's. A probe never raises: every failure is a
@@ -11,7 +12,6 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from . import link
 from .router import HealthBook
 
 log = logging.getLogger("isthmus.gateway.probes")
@@ -44,29 +44,6 @@ async def http_check(host: str, port: int, path: str, timeout: float) -> bool:
         return await asyncio.wait_for(go(), timeout)
     except (OSError, TimeoutError, ValueError) as e:
         log.debug("http probe %s:%s%s failed: %s", host, port, path, e or "timeout")
-        return False
-
-
-async def ping_gateway(host: str, port: int, ctx, verify: Callable, server_name: str, timeout: float) -> bool:
-    """Mutual-TLS handshake with a remote gateway, identity check, PING -> PONG."""
-
-    async def go() -> bool:
-        reader, writer = await asyncio.open_connection(
-            host, port, ssl=ctx, server_hostname=server_name, ssl_handshake_timeout=timeout
-        )
-        try:
-            verify(writer.get_extra_info("ssl_object"))
-            writer.write(link.frame(link.PING))
-            header = await reader.readexactly(link.HEADER.size)
-            kind, _ = link.HEADER.unpack(header)
-            return kind == link.PONG
-        finally:
-            writer.close()
-
-    try:
-        return await asyncio.wait_for(go(), timeout)
-    except Exception as e:  # any failure (TLS, identity, reset, timeout) is a failed probe
-        log.debug("gateway probe %s:%s failed: %s", host, port, e or type(e).__name__)
         return False
 
 

@@ -33,7 +33,7 @@ from .balance import Policy
 from .config import GatewayConfig
 from .drill_actor import DrillActor
 from .l4 import Dialer, ImportListener, InboundListener
-from .probes import http_check, ping_gateway, probe_loop, tcp_check
+from .probes import http_check, probe_loop, tcp_check
 from .router import HealthBook, LocalEndpoint, OutlierRules, Router, local_key, remote_key
 from .tls import GatewayTls, TlsSnapshot
 
@@ -61,6 +61,7 @@ class Gateway:
         self.import_routers: dict[ServiceKey, Router] = {}
         self.listeners: list[Any] = []
         self.inbound: InboundListener | None = None
+        self.dialer: Dialer | None = None
         self.drill_actor: DrillActor | None = None
         self.admin: Any = None
         self.ready = False
@@ -190,13 +191,8 @@ class Gateway:
             clusters = [c for c in wanted if c in self.gateways]
 
             async def one(cluster: str) -> None:
-                try:
-                    ctx, verify = self.tls.for_peer(cluster)
-                except LookupError:
-                    ok = False
-                else:
-                    host, port = self.gateways[cluster]
-                    ok = await ping_gateway(host, port, ctx, verify, cluster, p.timeout)
+                host, port = self.gateways[cluster]
+                ok = await self.dialer.pool.ping(cluster, host, port, p.timeout)
                 self.book.probe(remote_key(cluster), ok, self._mono(), p.healthy_threshold, p.unhealthy_threshold)
 
             if clusters:
@@ -244,7 +240,7 @@ class Gateway:
             self.apply_catalog(cached)
             log.info("routing from cached catalog revision %d until the federation answers", cached.revision)
         lim = cfg.limits
-        dialer = Dialer(self.tls, lim.connect_timeout)
+        dialer = self.dialer = Dialer(self.tls, lim.connect_timeout)
         self.inbound = InboundListener(self.tls, self.export_routers.get, dialer,
                                        max_connections=lim.max_connections, idle_timeout=lim.idle_timeout)
         await self.inbound.start(*cfg.listen.inbound)
@@ -286,6 +282,8 @@ class Gateway:
         for lst in self.listeners:
             await lst.close()
         self.listeners.clear()
+        if self.dialer is not None:
+            await self.dialer.pool.close()
         if self.admin is not None:
             await self.admin.cleanup()
             self.admin = None

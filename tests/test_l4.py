@@ -25,7 +25,7 @@ from federation.model import Endpoint, Export, Locality, ServiceKey
 from gateway import l4, link
 from gateway.balance import Target
 from gateway.l4 import Dialer, DialError, ImportListener, InboundListener
-from gateway.probes import ping_gateway
+from gateway.mux import LinkPool
 from gateway.tls import GatewayTls, TlsSnapshot
 
 HOST = "127.0.0.1"
@@ -142,6 +142,7 @@ async def echo_server(stack) -> int:
 
 async def import_listener(stack, router, tls=None, **kw) -> ImportListener:
     dialer = Dialer(tls, kw.pop("connect_timeout", 2.0))
+    stack.push_async_callback(dialer.pool.close)
     lst = ImportListener(
         SERVICE,
         router,
@@ -827,20 +828,24 @@ async def test_dialer_refuses_a_remote_gateway_with_the_wrong_identity(stack):
 async def test_ping_gets_pong(stack):
     tls_a, tls_b = tls_pair()
     b = await inbound(stack, tls_b, Exports())
-    ctx, verify = tls_a.for_peer("cluster-b")
-    assert await ping_gateway(HOST, b.port, ctx, verify, "cluster-b", 2.0) is True
+    ctx, _ = tls_a.for_peer("cluster-b")
+    pool = LinkPool(tls_a, 2.0)
+    stack.push_async_callback(pool.close)
+    assert await pool.ping("cluster-b", HOST, b.port, 2.0) is True
+    assert await pool.ping("cluster-b", HOST, b.port, 2.0) is True  # same link, no new handshake
+    assert len(pool.links) == 1 and len(b.links) == 1
     assert b.stats.served_by == {} and b.stats.attempts == 0  # no endpoint touched
 
-    # raw: PING, PONG, then OPEN works on the same link
+    # raw: PING, PONG with the payload echoed
     reader, writer = await asyncio.open_connection(HOST, b.port, ssl=ctx, server_hostname="b")
     stack.callback(writer.close)
-    writer.write(link.frame(link.PING))
-    header = await asyncio.wait_for(reader.readexactly(link.HEADER.size), 2.0)
-    assert link.HEADER.unpack(header) == (link.PONG, 0)
+    writer.write(link.frame(link.PING, 0, b"12345678"))
+    header = await asyncio.wait_for(reader.readexactly(link.HEADER.size + 8), 2.0)
+    assert link.HEADER.unpack(header[: link.HEADER.size]) == (link.PONG, 0, 8) and header.endswith(b"12345678")
 
     plain = await echo_server(stack)
-    assert await ping_gateway(HOST, plain, ctx, verify, "cluster-b", 1.0) is False
-    assert await ping_gateway(HOST, closed_port(), ctx, verify, "cluster-b", 1.0) is False
+    assert await pool.ping("cluster-b", HOST, plain, 1.0) is False
+    assert await pool.ping("cluster-b", HOST, closed_port(), 1.0) is False
 
 
 @on_uvloop
@@ -851,46 +856,57 @@ async def test_inbound_protocol_violation_cuts_the_link(stack):
     b = await inbound(stack, tls_b, exports)
     ctx, _ = tls_a.for_peer("cluster-b")
     for bad in (
-        link.frame(link.DATA, b"data before OPEN"),
-        bytes([99, 0, 0, 0, 0]),
-        link.frame(link.OPEN, b"[" * 3000),
-        link.frame(link.OPEN, b"not json"),
+        link.frame(link.OPEN, 2, b'{"service": "shop/cart"}'),  # callers open odd ids
+        bytes([99, 0, 0, 0, 0, 0, 0, 0, 0]),
+        link.frame(link.OPEN, 1, b"[" * 3000),
+        link.frame(link.OPEN, 1, b"not json"),
+        link.frame(link.WINDOW, 1, b"12"),
     ):
         reader, writer = await asyncio.open_connection(HOST, b.port, ssl=ctx, server_hostname="b")
         stack.callback(writer.close)
         writer.write(bad)
         assert await closed_by_peer(reader), bad[:20]
-    await eventually(lambda: not b.legs, what="violating links dropped")
+    await eventually(lambda: not b.legs and not b.links, what="violating links dropped")
 
 
 @on_uvloop
-async def test_silent_remote_gateway_times_out_and_its_link_is_closed(stack):
-    """Waiting for OK times out: the dial fails AND the half-open link is closed."""
+async def test_silent_remote_gateway_times_out_and_its_stream_is_reset(stack):
+    """Waiting for OK times out: the dial fails AND the stream is reset (the link stays)."""
     tls_a, tls_b = tls_pair()
-    closed = asyncio.Event()
+    reset = asyncio.Event()
 
     async def mute(reader, writer):
-        await reader.read()  # the OPEN arrives; we never answer; wait for the caller to go
-        closed.set()
+        frames = link.FrameReader()
+        while chunk := await reader.read(65536):  # OPEN arrives; we never answer
+            if any(kind == link.RST and sid == 1 for kind, sid, _ in frames.feed(chunk)):
+                reset.set()
 
     srv = await asyncio.start_server(mute, HOST, 0, ssl=tls_b.server_context)
     stack.push_async_callback(srv.wait_closed)
     stack.callback(srv.close)
     port = srv.sockets[0].getsockname()[1]
+    dialer = Dialer(tls_a, 0.3)
+    stack.push_async_callback(dialer.pool.close)
     with pytest.raises(DialError, match="timed out"):
-        await Dialer(tls_a, 0.3).dial(remote_target(port), SERVICE)
-    await asyncio.wait_for(closed.wait(), 2.0)
+        await dialer.dial(remote_target(port), SERVICE)
+    await asyncio.wait_for(reset.wait(), 2.0)
+    link_ = next(iter(dialer.pool.links.values()))
+    assert not link_.streams  # nothing left behind on the link
 
 
 @on_uvloop
-async def test_client_leaving_while_dialing_closes_the_remote_link(stack):
+async def test_client_leaving_while_dialing_resets_the_remote_stream(stack):
     tls_a, tls_b = tls_pair()
-    opened, closed = asyncio.Event(), asyncio.Event()
+    opened, reset = asyncio.Event(), asyncio.Event()
 
     async def mute(reader, writer):
-        opened.set()
-        await reader.read()
-        closed.set()
+        frames = link.FrameReader()
+        while chunk := await reader.read(65536):
+            for kind, sid, _ in frames.feed(chunk):
+                if kind == link.OPEN:
+                    opened.set()
+                elif kind == link.RST and sid == 1:
+                    reset.set()
 
     srv = await asyncio.start_server(mute, HOST, 0, ssl=tls_b.server_context)
     stack.push_async_callback(srv.wait_closed)
@@ -905,7 +921,7 @@ async def test_client_leaving_while_dialing_closes_the_remote_link(stack):
     sock = writer.get_extra_info("socket")
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     writer.transport.abort()
-    await asyncio.wait_for(closed.wait(), 2.0)
+    await asyncio.wait_for(reset.wait(), 2.0)
     await eventually(lambda: not lst.tasks and not lst.legs)
 
 

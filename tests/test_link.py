@@ -21,6 +21,8 @@ from gateway.link import (
     OPEN,
     PING,
     PONG,
+    RST,
+    WINDOW,
     FrameReader,
     LinkProtocolError,
     control,
@@ -35,16 +37,16 @@ CONTROL_KINDS = (OPEN, OK, ERR)
 # ------------------------------------------------------------------------------ encoding
 
 
-def test_frame_layout_is_type_length_payload():
-    data = frame(DATA, b"hello")
-    assert data == bytes([DATA]) + (5).to_bytes(4, "big") + b"hello"
-    assert HEADER.size == 5
-    assert frame(EOF) == bytes([EOF, 0, 0, 0, 0])
+def test_frame_layout_is_type_stream_length_payload():
+    data = frame(DATA, 7, b"hello")
+    assert data == bytes([DATA]) + (7).to_bytes(4, "big") + (5).to_bytes(4, "big") + b"hello"
+    assert HEADER.size == 9
+    assert frame(EOF, 3) == bytes([EOF, 0, 0, 0, 3, 0, 0, 0, 0])
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_empty_frame_round_trip(kind):
-    assert FrameReader().feed(frame(kind)) == [(kind, b"")]
+    assert FrameReader().feed(frame(kind, 5)) == [(kind, 5, b"")]
 
 
 @pytest.mark.parametrize(
@@ -57,21 +59,21 @@ def test_empty_frame_round_trip(kind):
     ],
 )
 def test_control_round_trip(kind, obj):
-    frames = FrameReader().feed(control(kind, obj))
+    frames = FrameReader().feed(control(kind, 11, obj))
     assert len(frames) == 1
-    got_kind, payload = frames[0]
-    assert got_kind == kind
+    got_kind, sid, payload = frames[0]
+    assert got_kind == kind and sid == 11
     assert parse_control(got_kind, payload) == obj
 
 
 def test_control_is_compact_json():
-    payload = control(OPEN, {"v": 1, "service": "a/b"})[HEADER.size :]
+    payload = control(OPEN, 1, {"v": 1, "service": "a/b"})[HEADER.size :]
     assert payload == b'{"v":1,"service":"a/b"}'
 
 
 @given(st.dictionaries(st.text(max_size=10), st.integers() | st.text(max_size=20), max_size=8))
 def test_control_round_trip_property(obj):
-    ((kind, payload),) = FrameReader().feed(control(OK, obj))
+    ((kind, _, payload),) = FrameReader().feed(control(OK, 1, obj))
     assert kind == OK
     assert parse_control(kind, payload) == obj
 
@@ -79,12 +81,14 @@ def test_control_round_trip_property(obj):
 # ------------------------------------------------------------------------------ incremental reading
 
 frames_strategy = st.lists(
-    st.tuples(st.sampled_from(KINDS), st.binary(max_size=300)), min_size=0, max_size=12
+    st.tuples(st.sampled_from(KINDS), st.integers(0, 2**32 - 1), st.binary(max_size=300)),
+    min_size=0,
+    max_size=12,
 )
 
 
 def _wire(frames):
-    return b"".join(frame(k, p) for k, p in frames)
+    return b"".join(frame(k, s, p) for k, s, p in frames)
 
 
 @given(frames_strategy)
@@ -119,29 +123,29 @@ def test_all_at_once_yields_the_same_frames(frames):
 
 def test_partial_frame_is_kept_pending():
     reader = FrameReader()
-    wire = frame(DATA, b"abcdef")
+    wire = frame(DATA, 1, b"abcdef")
     assert reader.feed(wire[:3]) == []
     assert reader.pending == 3
-    assert reader.feed(wire[3:8]) == []
-    assert reader.pending == 8
-    assert reader.feed(wire[8:] + frame(PING)[:1]) == [(DATA, b"abcdef")]
+    assert reader.feed(wire[3:12]) == []
+    assert reader.pending == 12
+    assert reader.feed(wire[12:] + frame(PING, 0)[:1]) == [(DATA, 1, b"abcdef")]
     assert reader.pending == 1
-    assert reader.feed(frame(PING)[1:]) == [(PING, b"")]
+    assert reader.feed(frame(PING, 0)[1:]) == [(PING, 0, b"")]
     assert reader.pending == 0
 
 
 def test_frame_of_exactly_max_size_is_accepted():
     payload = b"x" * MAX_FRAME
     reader = FrameReader()
-    assert reader.feed(frame(DATA, payload)[:-1]) == []
-    assert reader.feed(payload[-1:]) == [(DATA, payload)]
+    assert reader.feed(frame(DATA, 1, payload)[:-1]) == []
+    assert reader.feed(payload[-1:]) == [(DATA, 1, payload)]
 
 
 # ------------------------------------------------------------------------------ protocol errors
 
 
 def test_oversize_frame_is_refused_from_its_header():
-    header = HEADER.pack(DATA, MAX_FRAME + 1)
+    header = HEADER.pack(DATA, 1, MAX_FRAME + 1)
     with pytest.raises(LinkProtocolError) as e:
         FrameReader().feed(header)  # refused before the payload is buffered
     msg = str(e.value)
@@ -153,20 +157,20 @@ def test_oversize_frame_is_refused_from_its_header():
 def test_oversize_frame_after_good_frames_is_refused():
     reader = FrameReader()
     with pytest.raises(LinkProtocolError, match="OPEN frame of 4294967295 bytes"):
-        reader.feed(frame(PING) + HEADER.pack(OPEN, 0xFFFFFFFF))
+        reader.feed(frame(PING, 0) + HEADER.pack(OPEN, 1, 0xFFFFFFFF))
 
 
-@pytest.mark.parametrize("kind", [0, 8, 42, 255])
+@pytest.mark.parametrize("kind", [0, 10, 42, 255])
 def test_unknown_frame_type_is_refused(kind):
     with pytest.raises(LinkProtocolError, match=f"unknown frame type {kind}"):
-        FrameReader().feed(bytes([kind]) + b"\0\0\0\0")
+        FrameReader().feed(bytes([kind]) + b"\0" * 8)
 
 
 def test_unknown_type_is_refused_as_soon_as_its_header_arrives():
     reader = FrameReader()
-    reader.feed(b"\x09\0\0")
-    with pytest.raises(LinkProtocolError, match="unknown frame type 9"):
-        reader.feed(b"\0\x10")
+    reader.feed(b"\x0a\0\0\0\0\0")
+    with pytest.raises(LinkProtocolError, match="unknown frame type 10"):
+        reader.feed(b"\0\0\x10")
 
 
 @pytest.mark.parametrize(
@@ -212,7 +216,7 @@ def test_parse_control_raises_only_link_errors(payload):
 def test_frame_reader_raises_only_link_errors_on_garbage(data):
     reader = FrameReader()
     try:
-        for kind, payload in reader.feed(data):
+        for kind, _, payload in reader.feed(data):
             assert kind in NAMES
             assert len(payload) <= MAX_FRAME
     except LinkProtocolError as e:
@@ -220,5 +224,5 @@ def test_frame_reader_raises_only_link_errors_on_garbage(data):
 
 
 def test_names_cover_every_type():
-    assert {OPEN, OK, ERR, DATA, EOF, PING, PONG} == set(NAMES)
+    assert {OPEN, OK, ERR, DATA, EOF, PING, PONG, RST, WINDOW} == set(NAMES)
     assert len(set(NAMES.values())) == len(NAMES)

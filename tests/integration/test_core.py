@@ -189,13 +189,13 @@ async def _try_open(port: int, cert_pem: bytes, key_pem: bytes, tmp: Path) -> st
     except (OSError, ssl.SSLError, TimeoutError) as e:
         return f"closed: handshake: {e!r}"
     try:
-        writer.write(link.control(link.OPEN, {"v": link.VERSION, "service": "default/echo"}))
+        writer.write(link.control(link.OPEN, 1, {"v": link.VERSION, "service": "default/echo"}))
         frames = link.FrameReader()
         while True:
             data = await asyncio.wait_for(reader.read(4096), 3.0)
             if not data:
                 return "closed: EOF"
-            for kind, payload in frames.feed(data):
+            for kind, _, payload in frames.feed(data):
                 if kind == link.OK:
                     return "OK"
                 if kind == link.ERR:

@@ -66,12 +66,12 @@ async def _connect(topo: Topology, tmp: Path, node: str = "east-2"):
 
 async def relay_line(reader, writer, frames: link.FrameReader) -> bytes:
     """Send one line on an open stream; return the backend's reply line."""
-    writer.write(link.frame(link.DATA, b"hi\n"))
+    writer.write(link.frame(link.DATA, 1, b"hi\n"))
     line = b""
     while not line.endswith(b"\n"):
         more = await asyncio.wait_for(reader.read(4096), 3.0)
         assert more, "stream closed before the backend answered"
-        for kind, payload in frames.feed(more):
+        for kind, _, payload in frames.feed(more):
             if kind == link.DATA:
                 line += payload
     return line.strip()
@@ -88,9 +88,9 @@ async def link_call(topo: Topology, tmp: Path, kind: int, timeout: float, node: 
     kept = False
     try:
         if kind == link.OPEN:
-            writer.write(link.control(link.OPEN, {"v": link.VERSION, "service": "default/echo"}))
+            writer.write(link.control(link.OPEN, 1, {"v": link.VERSION, "service": "default/echo"}))
         else:
-            writer.write(link.frame(link.PING))
+            writer.write(link.frame(link.PING, 0, b"probe123"))
         frames = link.FrameReader()
         while True:
             left = timeout - (time.monotonic() - started)
@@ -102,7 +102,7 @@ async def link_call(topo: Topology, tmp: Path, kind: int, timeout: float, node: 
                 return "silent", time.monotonic() - started
             if not data:
                 return "closed: EOF", time.monotonic() - started
-            for k, payload in frames.feed(data):
+            for k, _, payload in frames.feed(data):
                 took = time.monotonic() - started
                 if k == link.OK:
                     assert await relay_line(reader, writer, frames) == node.encode()
