@@ -130,6 +130,7 @@ class Stream:
         self.unacked = 0  # received and handed on, not yet granted back
         self.held = False  # our consumer is full: withhold credit
         self.pending_out: list[bytes] = []
+        self.pending_in: list[bytes] = []  # received before attach (at most one window)
         self.eof_pending = False
         self.source_paused = False
         self.ready: asyncio.Future | None = None  # caller side: OK/ERR
@@ -137,7 +138,24 @@ class Stream:
 
     # l4 leg interface -------------------------------------------------------------------------
     def attach(self, other: Any) -> None:
+        """Connect the other leg, handing it what the peer sent before we had one: the answerer
+        writes OK and the backend's first bytes (even its EOF, or an RST) back to back, and the
+        caller attaches the client only a few loop turns after OK."""
         self.other = other
+        pending, self.pending_in = self.pending_in, []
+        for chunk in pending:
+            if other.lost:
+                break
+            other.send(chunk)
+            self.unacked += len(chunk)
+        if self.closed:
+            if not other.lost:
+                other.close()
+            return
+        if self.unacked and not self.held:
+            self.grant()
+        if self.eof_in:
+            self._eof_to_other()
 
     def send(self, data: bytes) -> None:
         """Data from the local side, to the peer, within credit; the rest waits for WINDOW."""
@@ -238,7 +256,10 @@ class Stream:
         if self.recv_window < 0:
             raise LinkProtocolError(f"stream {self.sid} sent {-self.recv_window} bytes beyond its window")
         other = self.other
-        if other is None or other.lost:
+        if other is None:
+            self.pending_in.append(payload)  # bounded: no credit is granted before attach
+            return
+        if other.lost:
             return
         other.send(payload)
         self.unacked += n
@@ -252,12 +273,15 @@ class Stream:
 
     def on_eof(self) -> None:
         self.eof_in = True
+        if self.other is not None:  # else attach() passes it on
+            self._eof_to_other()
+
+    def _eof_to_other(self) -> None:
         other = self.other
-        if other is not None:
-            other.send_eof()
-            if other.eof_in and self.eof_out:
-                self.close()
-                other.close()
+        other.send_eof()
+        if other.eof_in and self.eof_out:
+            self.close()
+            other.close()
 
     def on_rst(self) -> None:
         if self.closed:
