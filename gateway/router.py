@@ -195,5 +195,12 @@ class Router:
         self.book.connect(target.key, ok, self.clock())
 
     def describe(self) -> dict[str, Any]:
+        """For /status: the tiers, the active one, and the connect attempts a new connection
+        would make now (one draw of the weighted pick)."""
         self.tick()
-        return {"service": str(self.service), **describe(self.tiers, self.state)}
+        would = plan(self.tiers, self.state, self.random, self.policy.max_attempts)
+        return {
+            "service": str(self.service),
+            **describe(self.tiers, self.state),
+            "would_try": [t.key for t in would],
+        }
