@@ -218,16 +218,21 @@ class Stream:
 
     # from the link --------------------------------------------------------------------------
     def _pause_source(self) -> None:
+        """Stop reading the other leg (no credit, or the link's transport is full). Like a
+        transport's pause_writing for l4: the source is marked paused_for_other, so nothing else
+        (PlainLeg.attach resuming what PENDING_LIMIT paused) resumes it behind our back."""
         other = self.other
-        if not self.source_paused and other is not None and other.transport is not None:
+        if other is not None and other.transport is not None:
             self.source_paused = True
+            other.paused_for_other = True
             other.transport.pause_reading()
 
     def resume_source(self) -> None:
         if self.source_paused and not self.pending_out and not self.link.write_paused:
             other = self.other
             self.source_paused = False
-            if other is not None and other.transport is not None and not other.paused_for_other:
+            if other is not None and other.transport is not None and other.paused_for_other:
+                other.paused_for_other = False
                 other.transport.resume_reading()
 
     def on_window(self, n: int) -> None:
