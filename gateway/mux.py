@@ -322,6 +322,7 @@ class MuxLink(asyncio.Protocol):
         self.next_sid = 1
         self.write_paused = False
         self.closed = False
+        self.retired = False  # replaced in its pool: close once the last stream ends
         self.peer: Any = None  # answerer: the peer's cluster
         self.created = 0.0
         self.pings: dict[bytes, asyncio.Future] = {}
@@ -449,6 +450,14 @@ class MuxLink(asyncio.Protocol):
 
     def forget(self, stream: Stream) -> None:
         self.streams.pop(stream.sid, None)
+        if self.retired and not self.streams and not self.closed:
+            self.transport.close()
+
+    def retire(self) -> None:
+        """No new streams here (the pool has a newer link): close after the last one ends."""
+        self.retired = True
+        if not self.streams and not self.closed:
+            self.transport.close()
 
     def usable(self, now: float) -> bool:
         return (not self.closed and not self.transport.is_closing() and now - self.created < MAX_LINK_AGE
@@ -495,6 +504,7 @@ class LinkPool:
         self.connect_timeout = connect_timeout
         self.links: dict[tuple[str, str, int], MuxLink] = {}
         self.dialing: dict[tuple[str, str, int], asyncio.Future] = {}
+        self.retired: set[MuxLink] = set()  # replaced links still finishing their streams
 
     async def link(self, cluster: str, host: str, port: int) -> MuxLink:
         key = (cluster, host, port)
@@ -536,11 +546,13 @@ class LinkPool:
             raise
         old = self.links.get(key)
         self.links[key] = link
-        if old is not None and not old.streams:
-            old.transport.close()
+        if old is not None and old is not link:
+            self.retired.add(old)
+            old.retire()
         return link
 
     def _lost(self, key: tuple[str, str, int], link: MuxLink) -> None:
+        self.retired.discard(link)
         if self.links.get(key) is link:
             del self.links[key]
 
@@ -556,8 +568,9 @@ class LinkPool:
         return await link.ping(max(0.01, deadline - loop.time()))
 
     async def close(self) -> None:
-        for link in list(self.links.values()):
+        for link in [*self.links.values(), *self.retired]:
             link.transport.abort()
         self.links.clear()
+        self.retired.clear()
         for fut in list(self.dialing.values()):
             fut.cancel()
