@@ -319,7 +319,8 @@ class MuxLink(asyncio.Protocol):
         self.transport: Any = None
         self.reader = FrameReader()
         self.streams: dict[int, Stream] = {}
-        self.next_sid = 1
+        self.next_sid = 1  # caller: the next id it opens
+        self.last_open = 0  # answerer: the highest id the caller opened
         self.write_paused = False
         self.closed = False
         self.retired = False  # replaced in its pool: close once the last stream ends
@@ -359,7 +360,7 @@ class MuxLink(asyncio.Protocol):
                     s = self.streams.get(sid)
                     if s is not None:
                         s.on_data(payload)
-                    elif sid >= self.next_sid and self.role == "caller":
+                    elif sid % 2 == 0 or sid > (self.next_sid - 2 if self.role == "caller" else self.last_open):
                         raise LinkProtocolError(f"DATA on stream {sid} that was never opened")
                     continue
                 self._control(kind, sid, payload)
@@ -392,8 +393,9 @@ class MuxLink(asyncio.Protocol):
             if fut is not None and not fut.done():
                 fut.set_result(True)
         elif kind == OPEN:
-            if self.role != "answerer" or sid % 2 == 0 or sid in self.streams:
-                raise LinkProtocolError(f"OPEN with stream id {sid} (callers open new odd ids)")
+            if self.role != "answerer" or sid % 2 == 0 or sid <= self.last_open:
+                raise LinkProtocolError(f"OPEN with stream id {sid} after {self.last_open} (callers open new odd ids, rising)")
+            self.last_open = sid
             if len(self.streams) >= MAX_STREAMS:
                 self.write(control(ERR, sid, {"code": "busy", "error": "too many streams on this link"}))
                 return
