@@ -86,13 +86,13 @@ class _StreamTransport:
             s.grant()
 
     def is_closing(self) -> bool:
-        return self.stream.closed
+        return self.stream.closed or self.stream.closing
 
     def close(self) -> None:
         self.stream.close()
 
     def abort(self) -> None:
-        self.stream.close()
+        self.stream.abort()
 
     def write(self, data: bytes) -> None:
         self.stream.send(data)
@@ -123,6 +123,7 @@ class Stream:
         self.eof_out = False
         self.lost = False
         self.closed = False
+        self.closing = False  # ended cleanly both ways; still flushing pending_out, then EOF
         self.activity = 0
         self.paused_for_other = False
         self.credit = WINDOW_SIZE  # bytes we may still send
@@ -185,10 +186,24 @@ class Stream:
             self.close()
 
     def close(self) -> None:
-        """End the stream: RST unless both directions already ended cleanly."""
+        """End the stream: RST unless both directions already ended cleanly. If they did but
+        we still hold bytes beyond the peer's credit, those go first (as WINDOWs come), then
+        EOF, and only then is the stream over — as closing a TCP transport flushes it."""
         if self.closed:
             return
+        if self.eof_in and self.eof_out and self.pending_out and not self.link.closed:
+            self.closing = True
+            return
+        self._finish()
+
+    def abort(self) -> None:
+        """End the stream now, whatever it still holds (RST unless it ended cleanly)."""
+        if not self.closed:
+            self._finish()
+
+    def _finish(self) -> None:
         self.closed = True
+        self.closing = False
         self.lost = True
         if not (self.eof_in and self.eof_out and not self.pending_out):
             self.link.write(frame(RST, self.sid))
@@ -199,8 +214,6 @@ class Stream:
         other = self.other
         if other is not None and not other.lost:
             other.close()
-
-    abort = close
 
     def drop(self) -> None:
         """Forget a stream the peer already knows is over (we answered ERR): no RST."""
@@ -252,7 +265,10 @@ class Stream:
             if self.eof_pending:
                 self.eof_pending = False
                 self.link.write(frame(EOF, self.sid))
-            self.resume_source()
+            if self.closing:
+                self._finish()
+            else:
+                self.resume_source()
 
     def on_data(self, payload: bytes) -> None:
         self.activity += 1
