@@ -10,6 +10,13 @@ endpoints of it, and the remote clusters that export it), turns them into `Targe
 Nothing here does I/O or reads a clock of its own: the clock and randomness are injected, so the
 runtime and tests drive the same code. Tiers are rebuilt only when the book's version, the
 candidates, or an ejection deadline changed; `advance` runs on each plan and on `tick()`.
+
+`plan()` runs once per new connection, so its inputs are cached: `advance` is skipped while
+its result cannot change (same tiers as its last run, and the active tier already the best
+eligible one: a fixed point, whatever the clock says), and the candidate groups of
+`balance.plan` (per tier, healthy first, deduplicated) are computed once per (tiers, state).
+Each plan then only draws the weighted random order inside each group: the same list, and
+the same calls to `random`, as `balance.plan` (test_l4's plan-cache test checks it).
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from typing import Any
 
 from federation.model import Export, Locality, ServiceKey
 
-from .balance import FailoverState, Policy, Target, Tier, advance, build_tiers, describe, plan
+from .balance import FailoverState, Policy, Target, Tier, _weighted_order, advance, build_tiers, describe, plan
 from .health import ActiveHealth, HealthState, Outlier, connect_result, is_ejected, probe_result
 
 
@@ -131,6 +138,9 @@ class Router:
         self.state = FailoverState()
         self._built_version = -1
         self._next_expiry = float("inf")
+        self._advanced: tuple[Tier, ...] | None = None  # the tiers `state` is a fixed point of
+        self._groups_for: tuple[Any, Any] = (None, None)  # (tiers, state) of _groups
+        self._groups: tuple[tuple[Target, ...], ...] = ()
 
     def set_local(self, endpoints: Sequence[LocalEndpoint]) -> None:
         self.local = tuple(endpoints)
@@ -185,11 +195,21 @@ class Router:
         now = self.clock()
         if self._built_version != self.book.version or now >= self._next_expiry:
             self._rebuild(now)
-        self.state = advance(self.state, self.tiers, now, self.policy)
+        tiers = self.tiers
+        if self._advanced is tiers:
+            return  # advance(state, tiers, now) == state for any now (see _fixed_point)
+        self.state = state = advance(self.state, tiers, now, self.policy)
+        self._advanced = tiers if _fixed_point(state, tiers) else None
 
     def plan(self) -> list[Target]:
+        """balance.plan(tiers, state, random, max_attempts), from cached groups."""
         self.tick()
-        return plan(self.tiers, self.state, self.random, self.policy.max_attempts)
+        tiers, state = self.tiers, self.state
+        f_tiers, f_state = self._groups_for
+        if f_tiers is not tiers or f_state is not state:
+            self._groups = _plan_groups(tiers, state)
+            self._groups_for = (tiers, state)
+        return _plan_from_groups(self._groups, self.random, self.policy.max_attempts)
 
     def report(self, target: Target, ok: bool) -> None:
         self.book.connect(target.key, ok, self.clock())
@@ -204,3 +224,56 @@ class Router:
             **describe(self.tiers, self.state),
             "would_try": [t.key for t in would],
         }
+
+
+def _fixed_point(state: FailoverState, tiers: tuple[Tier, ...]) -> bool:
+    """True when advance(state, tiers, now) returns `state` again for every `now`, given that
+    `state` came from advance over these same tiers: `since` then holds exactly the eligible
+    tiers (kept as they are), and nothing can move `active`: it is already the best eligible
+    tier (so no failback is pending), or the panic choice (best tier) with none eligible, or
+    None without tiers. While a better tier waits out failback_after, this is False."""
+    if not tiers:
+        return state.active is None
+    for t in tiers:
+        if t.eligible:
+            return state.active == t.name
+    return state.active == tiers[0].name
+
+
+def _plan_groups(tiers: tuple[Tier, ...], state: FailoverState) -> tuple[tuple[Target, ...], ...]:
+    """balance.plan's candidate groups, in order: healthy targets of the active tier, of the
+    other tiers in tier order, then the unhealthy ones the same way; each without keys seen in
+    an earlier group, first entry per key. balance.plan draws each group fully (or fills the
+    list and stops), so the keys it has seen before a group are exactly the earlier groups'."""
+    ordered = list(tiers)
+    for i, t in enumerate(ordered):
+        if t.name == state.active:
+            ordered.insert(0, ordered.pop(i))
+            break
+    groups: list[tuple[Target, ...]] = []
+    seen: set[str] = set()
+    for want_healthy in (True, False):
+        for tier in ordered:
+            unique: dict[str, Target] = {}
+            for t in tier.targets:
+                if t.healthy is want_healthy and t.key not in seen:
+                    unique.setdefault(t.key, t)
+            if unique:
+                groups.append(tuple(unique.values()))
+                seen.update(unique)
+    return tuple(groups)
+
+
+def _plan_from_groups(groups: tuple[tuple[Target, ...], ...], random: Callable[[], float], limit: int) -> list[Target]:
+    """balance.plan's list from its groups (_plan_groups): a weighted order inside each group,
+    up to `limit` in all; `random` is called exactly as balance.plan calls it."""
+    out: list[Target] = []
+    for group in groups:
+        room = limit - len(out)
+        if room <= 0:
+            break
+        if len(group) == 1:
+            out.append(group[0])
+        else:
+            out.extend(_weighted_order(group, random, room))  # type: ignore[arg-type]
+    return out

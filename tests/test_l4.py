@@ -435,6 +435,84 @@ async def test_connect_timeout_moves_on(stack):
     assert router.reports == [("remote:cluster-b", False), (f"local:{HOST}:{echo}", True)]
 
 
+def blackholed_port(stack) -> int:
+    """A listener that never accepts, its one-slot queue filled: SYNs get no answer, so a
+    plain TCP connect to it can only time out."""
+    sock = socket.socket()
+    sock.bind((HOST, 0))
+    sock.listen(0)
+    filler = socket.socket()
+    filler.setblocking(False)
+    filler.connect_ex(sock.getsockname())
+    stack.callback(sock.close)
+    stack.callback(filler.close)
+    return sock.getsockname()[1]
+
+
+@on_uvloop
+async def test_local_connect_timeout_moves_on(stack):
+    hole = blackholed_port(stack)
+    echo = await echo_server(stack)
+    router = FakeRouter(local_target(hole), local_target(echo))
+    lst = await import_listener(stack, router, connect_timeout=0.3)
+    reader, writer = await connect(stack, lst.port)
+    started = time.monotonic()
+    await roundtrip(reader, writer)
+    assert 0.25 < time.monotonic() - started < 2.0
+    assert router.reports == [(f"local:{HOST}:{hole}", False), (f"local:{HOST}:{echo}", True)]
+    assert (lst.stats.attempts, lst.stats.attempt_failures, lst.stats.failed) == (2, 1, 0)
+
+
+@on_uvloop
+async def test_local_dial_timeout_is_a_dial_error_and_leaves_the_task_uncancelled(stack):
+    hole = blackholed_port(stack)
+    dialer = Dialer(None, 0.2)
+    with pytest.raises(DialError, match="timed out after 0.2s"):
+        await dialer.dial(local_target(hole), SERVICE)
+    assert asyncio.current_task().cancelling() == 0
+    await asyncio.sleep(0)  # still usable: no cancellation left pending on this task
+
+
+@on_uvloop
+async def test_local_dial_cancelled_from_outside_stays_cancelled(stack, monkeypatch):
+    hole = blackholed_port(stack)
+    dialer = Dialer(None, 20.0)
+    task = asyncio.get_running_loop().create_task(dialer.dial(local_target(hole), SERVICE))
+    await asyncio.sleep(0.05)
+    task.cancel()  # e.g. the client left while we were dialling
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # The timeout firing in the same instant as an outside cancel: still cancelled, not a
+    # timeout that connect_first would answer by trying the next target.
+    real = l4._Expiry.__call__
+
+    def expire_and_cancel(self):
+        real(self)
+        self.task.cancel()
+
+    monkeypatch.setattr(l4._Expiry, "__call__", expire_and_cancel)
+    dialer = Dialer(None, 0.1)
+    task = asyncio.get_running_loop().create_task(dialer.dial(local_target(hole), SERVICE))
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+@on_uvloop
+async def test_client_leaving_during_a_local_dial_cancels_it_without_a_report(stack):
+    hole = blackholed_port(stack)
+    router = FakeRouter(local_target(hole))
+    lst = await import_listener(stack, router, connect_timeout=20)
+    _, writer = await connect(stack, lst.port)
+    await eventually(lambda: lst.tasks, what="connect task running")
+    # A FIN would be a half-close (the client may still want a reply): reset instead.
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+    await eventually(lambda: not lst.tasks and not lst.legs, what="dial cancelled")
+    assert router.reports == []
+    assert (lst.stats.attempt_failures, lst.stats.failed, lst.stats.active) == (0, 0, 0)
+
+
 # ------------------------------------------------------------------------------ limits, idle
 
 
@@ -1015,3 +1093,91 @@ def test_leg_flow_control_and_half_close_plumbing():
     assert td.buffered == 5
     assert up.eof_received() is False  # both directions done
     assert td.closing
+
+
+# ------------------------------------------------------------------------------ the router's plan cache
+# Router.plan runs once per new connection, so router.py caches its inputs (groups per tiers and
+# state; `advance` skipped at a fixed point). It must stay exactly balance.plan + balance.advance:
+# the same lists and the same calls to `random`. (Here because this is where the connect path
+# is tested; the router's own behaviour is in test_router.py.)
+
+import random as _random  # noqa: E402
+
+from gateway import balance, router as router_mod  # noqa: E402
+from gateway.router import HealthBook, LocalEndpoint, OutlierRules  # noqa: E402
+
+
+def _counting(seed: int):
+    rng = _random.Random(seed)
+    calls = []
+
+    def draw() -> float:
+        calls.append(1)
+        return rng.random()
+
+    return draw, calls
+
+
+def test_plan_from_cached_groups_equals_balance_plan_on_hand_built_tiers():
+    rng = _random.Random(7)
+    locs = [Locality("r1", "z1", "c1"), Locality("r1", "z2", "c2"), Locality("r2", "z1", "c3")]
+    for case in range(3000):
+        tiers = []
+        for ti in range(rng.randint(0, 4)):
+            targets = tuple(
+                Target(f"k{rng.randint(0, 6)}", rng.choice(locs), HOST, 1000 + j, rng.randint(1, 5),
+                       rng.random() < 0.6, rng.random() < 0.3)
+                for j in range(rng.randint(1, 4))  # keys repeat within and across tiers
+            )
+            tiers.append(balance.Tier(f"t{ti}", targets))
+        tiers = tuple(tiers)
+        names = [t.name for t in tiers] + [None, "gone"]
+        state = balance.FailoverState(active=rng.choice(names))
+        limit = rng.randint(1, 6)
+        seed = rng.randint(0, 10**9)
+        want_rand, want_calls = _counting(seed)
+        got_rand, got_calls = _counting(seed)
+        want = balance.plan(tiers, state, want_rand, limit)
+        got = router_mod._plan_from_groups(router_mod._plan_groups(tiers, state), got_rand, limit)
+        assert got == want, f"case {case}"
+        assert len(got_calls) == len(want_calls), f"case {case}: random called differently"
+
+
+def test_router_plan_and_state_equal_uncached_advance_and_plan_over_time():
+    """Health flaps, ejections and failback waits, ticked on a moving clock: the cached
+    router's state and plans equal those of advance + balance.plan recomputed every time."""
+    rng = _random.Random(11)
+    now = [100.0]
+    me = Locality("us-east", "b", "east-2")
+    book = HealthBook(OutlierRules(consecutive_failures=1, base_ejection=0.7, max_ejection=3.0))
+    policy = balance.Policy(failback_after=0.5, max_attempts=4)
+    draw, _ = _counting(1)
+    r = router_mod.Router(SERVICE, me, policy, book, lambda: now[0], draw,
+                          gateway_address={"east-1": (HOST, 1), "west-1": (HOST, 2)}.get)
+    r.set_local([LocalEndpoint(HOST, 18201, 1), LocalEndpoint(HOST, 18202, 3)])
+
+    def export(cluster: str, healthy: bool) -> Export:
+        return Export(cluster, "shop", "cart", 80, "tcp", (Endpoint(HOST, 1, healthy, 2),), ())
+
+    east1, west1 = Locality("us-east", "a", "east-1"), Locality("us-west", "a", "west-1")
+    keys = ["local:127.0.0.1:18201", "local:127.0.0.1:18202", "remote:east-1", "remote:west-1"]
+    shadow = balance.FailoverState()
+    for step in range(4000):
+        now[0] += rng.choice((0.0, 0.01, 0.1, 0.3, 0.6))
+        action = rng.random()
+        if action < 0.15:
+            book.probe(rng.choice(keys), rng.random() < 0.5, now[0], 1, 1)
+        elif action < 0.25:
+            book.connect(rng.choice(keys), rng.random() < 0.4, now[0])
+        elif action < 0.28:
+            r.set_remote([(east1, export("east-1", rng.random() < 0.5)), (west1, export("west-1", True))])
+        seed = rng.randint(0, 10**9)
+        cached_draw, cached_calls = _counting(seed)
+        plain_draw, plain_calls = _counting(seed)
+        r.random = cached_draw
+        got = r.plan()
+        shadow = balance.advance(shadow, r.tiers, now[0], policy)
+        assert r.state == shadow, f"step {step}"
+        want = balance.plan(r.tiers, shadow, plain_draw, policy.max_attempts)
+        assert got == want, f"step {step}"
+        assert len(cached_calls) == len(plain_calls), f"step {step}"
