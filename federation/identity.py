@@ -52,6 +52,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .errors import BundleSequenceError, IdentityError
+from .files import private_dir, write_atomic
 
 __all__ = [
     "TrustDomain",
@@ -261,30 +262,6 @@ def _b64url_decode(text: Any, what: str, max_len: int = 2048) -> bytes:
         return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except (binascii.Error, ValueError):
         raise IdentityError(f"{what}: not valid base64url") from None
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write `data` to `path` via a temp file created with `mode`, then rename over `path`."""
-    tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def _private_dir(directory: str | os.PathLike[str]) -> Path:
-    d = Path(directory)
-    d.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return d
 
 
 def _key_pem(key: Any) -> bytes:
@@ -528,10 +505,10 @@ class Svid:
 
     def write(self, directory: str | os.PathLike[str]) -> tuple[Path, Path]:
         """Write svid.pem (0644) and svid-key.pem (0600) atomically; directory made 0700."""
-        d = _private_dir(directory)
+        d = private_dir(directory)
         cert_path, key_path = d / self.CERT_FILE, d / self.KEY_FILE
-        _write_atomic(key_path, self.key_pem, 0o600)
-        _write_atomic(cert_path, self.cert_pem, 0o644)
+        write_atomic(key_path, self.key_pem, 0o600)
+        write_atomic(cert_path, self.cert_pem, 0o644)
         return cert_path, key_path
 
     @classmethod
@@ -748,9 +725,9 @@ class CertificateAuthority:
                 "restore it (or remove both to create a new CA, which breaks federation trust)"
             )
         ca = cls.create(td, now)
-        _private_dir(d)
-        _write_atomic(key_path, _key_pem(ca._key), 0o600)
-        _write_atomic(cert_path, ca.cert_pem, 0o644)
+        private_dir(d)
+        write_atomic(key_path, _key_pem(ca._key), 0o600)
+        write_atomic(cert_path, ca.cert_pem, 0o644)
         return ca
 
     def issue(

@@ -52,7 +52,6 @@ Theory of operation
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import hashlib
@@ -100,6 +99,7 @@ from .model import (
     CATALOG_PREFIX,
     CLUSTERS,
     DRILLS,
+    EXPORTS,
     IMPORTS,
     LIVE,
     SAMPLES,
@@ -110,9 +110,9 @@ from .model import (
     Export,
     ImportRecord,
 )
-from .store.base import Store, open_store
+from .store.base import Store
 from .tls import peer_cert_der, reload_server_context, server_context, verify_peer
-from .units import format_hostport, parse_duration, parse_hostport
+from .units import format_hostport, parse_duration
 
 log = logging.getLogger("isthmus.federation")
 
@@ -758,54 +758,31 @@ class FederationServer:
         return web.json_response({"lease": lease, "ttl": self.lease_ttl})
 
     async def h_put_export(self, request: web.Request) -> web.Response:
-        name = self._owner(request)
-        body = await self._json(request)
-        try:
-            export = Export.from_json(body, "export")
-        except InputError as e:
-            raise ApiError(400, str(e)) from None
-        ns, svc = request.match_info["namespace"], request.match_info["service"]
-        if (export.cluster, export.namespace, export.name) != (name, ns, svc):
-            raise ApiError(
-                400,
-                f"export: names {export.cluster}/{export.namespace}/{export.name} but the "
-                f"path is {name}/{ns}/{svc}",
-            )
-        lease = self._leases.get(name)
-        if lease is None:
-            raise ApiError(409, f"cluster {name!r} has no live lease; grant one first")
-        value = api.canonical_json(export.to_json())
-        current = await self.store.get(export.key)
-        if current is not None and current.value == value and current.lease == lease:
-            return web.json_response({"revision": current.mod_revision})
-        try:
-            rev = await self.store.put(export.key, value, lease=lease)
-        except StoreError:
-            self._leases.pop(name, None)
-            raise ApiError(409, f"cluster {name!r} has no live lease (lease {lease} expired)") from None
-        return web.json_response({"revision": rev})
+        return await self._put_leased(request, Export, "export")
 
     async def h_delete_export(self, request: web.Request) -> web.Response:
-        name = self._owner(request)
-        key = f"catalog/exports/{name}/{request.match_info['namespace']}/{request.match_info['service']}"
-        prev = await self.store.delete(key)
-        return web.json_response({
-            "deleted": prev is not None,
-            "revision": await self.store.revision(),
-        })
+        return await self._delete_leased(request, EXPORTS)
 
     async def h_put_import(self, request: web.Request) -> web.Response:
+        return await self._put_leased(request, ImportRecord, "import")
+
+    async def h_delete_import(self, request: web.Request) -> web.Response:
+        return await self._delete_leased(request, IMPORTS)
+
+    async def _put_leased(self, request: web.Request, kind: type, what: str) -> web.Response:
+        """Store one of the caller's own per-service records (an Export or an ImportRecord) on
+        its lease, so it disappears with the lease. An identical write is not a new revision."""
         name = self._owner(request)
         body = await self._json(request)
         try:
-            rec = ImportRecord.from_json(body, "import")
+            rec = kind.from_json(body, what)
         except InputError as e:
             raise ApiError(400, str(e)) from None
         ns, svc = request.match_info["namespace"], request.match_info["service"]
         if (rec.cluster, rec.namespace, rec.name) != (name, ns, svc):
             raise ApiError(
                 400,
-                f"import: names {rec.cluster}/{rec.namespace}/{rec.name} but the "
+                f"{what}: names {rec.cluster}/{rec.namespace}/{rec.name} but the "
                 f"path is {name}/{ns}/{svc}",
             )
         lease = self._leases.get(name)
@@ -822,9 +799,9 @@ class FederationServer:
             raise ApiError(409, f"cluster {name!r} has no live lease (lease {lease} expired)") from None
         return web.json_response({"revision": rev})
 
-    async def h_delete_import(self, request: web.Request) -> web.Response:
+    async def _delete_leased(self, request: web.Request, prefix: str) -> web.Response:
         name = self._owner(request)
-        key = f"{IMPORTS}{name}/{request.match_info['namespace']}/{request.match_info['service']}"
+        key = f"{prefix}{name}/{request.match_info['namespace']}/{request.match_info['service']}"
         prev = await self.store.delete(key)
         return web.json_response({
             "deleted": prev is not None,
@@ -1149,70 +1126,3 @@ def _bound_port(site: web.TCPSite, requested: int) -> int:
     for sock in sockets:
         return sock.getsockname()[1]
     return requested
-
-
-# ---- command line (the `isthmus federation serve` command wraps the same function) -------
-
-
-def _hostport(text: str) -> tuple[str, int]:
-    try:
-        return parse_hostport(text)
-    except InputError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _duration(text: str) -> float:
-    try:
-        return parse_duration(text)
-    except InputError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m federation.server", description="Isthmus federation service")
-    p.add_argument("--listen", type=_hostport, default=("127.0.0.1", 17443), help="TLS host:port")
-    p.add_argument("--admin", type=_hostport, default=None, help="plain-HTTP admin host:port")
-    p.add_argument("--store", default=None, help="sqlite:PATH (default: sqlite:<state-dir>/federation.db)")
-    p.add_argument("--state-dir", type=Path, required=True, help="CA and state directory")
-    p.add_argument("--lease-ttl", type=_duration, default=6.0, help="e.g. 6s")
-    p.add_argument("--trust-domain", default=FEDERATION_TRUST_DOMAIN)
-    p.add_argument("--log-level", default="INFO")
-    return p
-
-
-async def serve(args: argparse.Namespace) -> None:
-    store = open_store(args.store or f"sqlite:{args.state_dir / 'federation.db'}")
-    server = FederationServer(
-        store,
-        args.state_dir,
-        args.listen,
-        args.admin,
-        lease_ttl=args.lease_ttl,
-        trust_domain=args.trust_domain,
-    )
-    await server.run_forever()
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        asyncio.run(serve(args))
-    except (InputError, IdentityError, StoreError, OSError) as e:
-        log.error("federation failed: %s", e)
-        return 1
-    except KeyboardInterrupt:
-        return 0
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -36,11 +36,11 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from federation.client import FederationClient, load_federation_bundle
 from federation.errors import CompactedError, FederationError, InputError, IsthmusError
+from federation.files import write_atomic
 from federation.identity import CertificateAuthority, Svid, TrustBundle, gateway_id
 from federation.model import Catalog, ClusterRecord, Export, ImportRecord
 
@@ -48,17 +48,6 @@ from .config import GatewayConfig
 from .errors import GatewayError
 
 log = logging.getLogger("isthmus.gateway.agent")
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Atomically write a state file readable by us only."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class Identity:
@@ -86,7 +75,7 @@ class Identity:
         seq = int(meta.get("sequence", 0))
         if meta.get("ca") != fingerprint:
             seq += 1
-            write_private(meta_path, json.dumps({"sequence": seq, "ca": fingerprint}).encode())
+            write_atomic(meta_path, json.dumps({"sequence": seq, "ca": fingerprint}).encode())
         return self.ca.bundle(seq)
 
     def _issued_by_ca(self, svid: Svid, now: float) -> bool:
@@ -180,7 +169,7 @@ class Agent:
             reply = await client.join(token, self._record(), self.identity.bundle)
         finally:
             await client.close()
-        write_private(self.joined_path, json.dumps(reply).encode())
+        write_atomic(self.joined_path, json.dumps(reply).encode())
         log.info("joined the federation at %s as %s", self.cfg.federation.url, self.cfg.cluster.name)
         self._make_client(fed_bundle)
 
@@ -320,7 +309,7 @@ class Agent:
             await self._persist_wanted.wait()
             self._persist_wanted.clear()
             data = json.dumps(self.catalog.to_json()).encode()
-            await asyncio.to_thread(write_private, self.catalog_path, data)
+            await asyncio.to_thread(write_atomic, self.catalog_path, data)
             await asyncio.sleep(0.2)
 
     async def rotation_loop(self) -> None:

@@ -66,17 +66,9 @@ def cmd_federation_serve(args: argparse.Namespace) -> int:
     _install_uvloop()
     args.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     store = open_store(args.store or f"sqlite:{args.state_dir / 'federation.db'}")
-
-    async def run(stop: asyncio.Event) -> None:
-        server = FederationServer(store, args.state_dir, args.listen, args.admin,
-                                  lease_ttl=args.lease_ttl, trust_domain=args.trust_domain)
-        await server.start()
-        try:
-            await stop.wait()
-        finally:
-            await server.stop()
-
-    asyncio.run(_until_signal(run))
+    server = FederationServer(store, args.state_dir, args.listen, args.admin,
+                              lease_ttl=args.lease_ttl, trust_domain=args.trust_domain)
+    asyncio.run(server.run_forever())
     return EXIT_OK
 
 
@@ -97,11 +89,9 @@ def cmd_token_create(args: argparse.Namespace) -> int:
 
     token = asyncio.run(go())
     if args.output:
-        import os
+        from federation.files import write_atomic
 
-        fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(token + "\n")
+        write_atomic(args.output, (token + "\n").encode())
         print(f"join token for {args.cluster} written to {args.output} (single use, expires in {args.ttl:g}s)",
               file=sys.stderr)
     else:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -38,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from federation.files import write_atomic
 
 CLUSTERS = (("east-1", "us-east", "a"), ("east-2", "us-east", "b"), ("west-1", "us-west", "a"))
 # consumer-only clusters: export nothing, import echo (index continues CLUSTERS' port numbering)
@@ -275,9 +276,7 @@ async def start_topology(state: Path, offset: int, procs: Processes, backends: d
     try:
         for name, _, _ in ALL_CLUSTERS:
             token = await create_token(store, name, 600, time.time())
-            fd = os.open(state / f"{name}.token", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(token)
+            write_atomic(state / f"{name}.token", token.encode())
     finally:
         await store.close()
     for b in (backends or {}).values():

@@ -1103,7 +1103,8 @@ def test_leg_flow_control_and_half_close_plumbing():
 
 import random as _random  # noqa: E402
 
-from gateway import balance, router as router_mod  # noqa: E402
+from gateway import balance  # noqa: E402
+from gateway import router as router_mod  # noqa: E402
 from gateway.router import HealthBook, LocalEndpoint, OutlierRules  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""`python -m federation.server` as a real process: start, join, publish, SIGTERM, restart."""
+"""`isthmus federation serve` as a real process: start, join, publish, SIGTERM, restart."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def free_port() -> int:
 def start(tmp: Path, port: int, admin: int) -> subprocess.Popen:
     return subprocess.Popen(
         [
-            sys.executable, "-m", "federation.server",
+            sys.executable, "-m", "gateway.cli", "federation", "serve",
             "--listen", f"127.0.0.1:{port}",
             "--admin", f"127.0.0.1:{admin}",
             "--store", f"sqlite:{tmp / 'fed.db'}",
