@@ -409,8 +409,11 @@ def render(suite: Suite, a: argparse.Namespace, elapsed: float) -> str:
     dirty = subprocess.run(["git", "status", "--porcelain", "--", "gateway", "federation"], capture_output=True,
                            text=True, cwd=Path(__file__).parent).stdout.strip()
     hv = subprocess.run(["haproxy", "-v"], capture_output=True, text=True).stdout.splitlines()[0]
+    every = ("l4", "cross", "bulk", "failover", "memory")
+    only = "" if a.only == set(every) else f" --only {','.join(c for c in every if c in a.only)}"
     parts = [
-        f"`python -m bench{' --quick' if a.quick else ''}` — {time.strftime('%Y-%m-%d %H:%M')}, commit {commit}"
+        f"`python -m bench{' --quick' if a.quick else ''}{only}{' --profile' if a.profile else ''}` — "
+        f"{time.strftime('%Y-%m-%d %H:%M')}, commit {commit}"
         f"{' (gateway/ or federation/ modified in the working tree)' if dirty else ''}, {platform.python_version()}, "
         f"{hv.split(' - ')[0]}, {len(os.sched_getaffinity(0))} cores, {a.rounds} round(s) of "
         f"{a.seconds:g} s loads, medians; {elapsed / 60:.1f} min; load average at the end "
