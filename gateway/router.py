@@ -27,7 +27,17 @@ from typing import Any
 
 from federation.model import Export, Locality, ServiceKey
 
-from .balance import FailoverState, Policy, Target, Tier, _weighted_order, advance, build_tiers, describe, plan
+from .balance import (
+    FailoverState,
+    Policy,
+    Target,
+    Tier,
+    _weighted_order,
+    advance,
+    build_tiers,
+    describe,
+    plan,
+)
 from .health import ActiveHealth, HealthState, Outlier, connect_result, is_ejected, probe_result
 
 
