@@ -31,7 +31,7 @@ CREDIT = struct.Struct("!I")
 VERSION = 2
 MAX_FRAME = 1 << 20
 MAX_CONTROL = 4096
-WINDOW_SIZE = 256 * 1024
+WINDOW_SIZE = 1024 * 1024
 MAX_STREAMS = 100_000  # open streams per link
 MAX_STREAM_ID = 2**31 - 1
 
