@@ -377,24 +377,44 @@ def main() -> int:
     nginx_ports = [ports(OFFSET, 1)["ep1"], ports(OFFSET, 1)["ep2"],
                    ports(memory.OFFSET, 1)["ep1"], ports(memory.OFFSET, 1)["ep2"]]
     nginx = infra.Nginx(tmp, nginx_ports, bulk_bytes=a.bulk_mib << 20)
+    failures: list[str] = []
+
+    def attempt(name: str, step) -> None:
+        """One case failing (e.g. a topology that would not start) must not lose the others."""
+        try:
+            step()
+        except Exception as e:  # reported in the table and by the exit code
+            failures.append(f"{name}: {type(e).__name__}: {e}")
+            suite.log(f"{name} FAILED: {e} (logs kept in {tmp})")
+
+    def fed_memory() -> None:
+        suite.extra["federation memory"] = uvloop.run(
+            memory.federation_catalog(tmp / "memory-fed", services, suite.log))
+
     try:
         nginx.start()
         if a.only & {"l4", "cross", "bulk"}:
-            suite.run_traffic()
+            attempt("traffic", suite.run_traffic)
         if "failover" in a.only:
             suite.log("failover")
-            suite.extra["failover"] = uvloop.run(failover.run(tmp / "failover", kills, suite.log))
+            attempt("failover", lambda: suite.extra.__setitem__(
+                "failover", uvloop.run(failover.run(tmp / "failover", kills, suite.log))))
         if "memory" in a.only:
             suite.log("memory: gateway idle connections")
-            suite.extra["gateway memory"] = uvloop.run(memory.gateway_idle(tmp / "memory-gw", idle_conns, suite.log))
+            attempt("gateway memory", lambda: suite.extra.__setitem__(
+                "gateway memory", uvloop.run(memory.gateway_idle(tmp / "memory-gw", idle_conns, suite.log))))
             suite.log("memory: federation catalog")
-            suite.extra["federation memory"] = uvloop.run(
-                memory.federation_catalog(tmp / "memory-fed", services, suite.log))
+            attempt("federation memory", fed_memory)
     finally:
         nginx.stop()
     report = render(suite, a, time.time() - started)
+    if failures:
+        report += "\n\nCases that failed in this run (their rows are missing):\n" + "\n".join(
+            f"- {f}" for f in failures)
     print(report)
     a.output.write_text(report + "\n")
+    if failures:
+        return 1
     import shutil
 
     shutil.rmtree(tmp, ignore_errors=True)  # kept on failure, for the logs

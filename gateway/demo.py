@@ -113,7 +113,7 @@ class Backends:
             await asyncio.wait_for(reader.readline(), 5)
             writer.write(f"{self.cluster}\n".encode())
             await writer.drain()
-        except (OSError, TimeoutError):
+        except (OSError, TimeoutError, RuntimeError):  # RuntimeError: stop() reset it meanwhile
             pass
         finally:
             self.writers.discard(writer)
