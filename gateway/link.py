@@ -63,36 +63,67 @@ def parse_control(kind: int, payload: bytes) -> dict[str, Any]:
 
 
 class FrameReader:
-    """Accumulates bytes and yields complete (type, stream, payload) frames."""
+    """Accumulates bytes and yields complete (type, stream, payload) frames.
 
-    __slots__ = ("_buf",)
+    A bulk transfer hands this ~256 KiB chunks, each holding a few big DATA frames and the head
+    of the next. So nothing is re-copied per frame: frames are parsed from a memoryview of the
+    chunk and a DATA payload is a read-only memoryview slice of it (no copy; it pins the chunk
+    until the consumer is done, which flow control bounds to a window). Control payloads are
+    small and become bytes. The tail of a chunk (a partial frame) is kept as a view; the parts
+    of a frame that spans chunks are joined once, when it is complete."""
+
+    __slots__ = ("_parts", "_have", "_need")
 
     def __init__(self) -> None:
-        self._buf = bytearray()
+        self._parts: list[Any] = []  # a partial frame, in pieces
+        self._have = 0  # bytes in _parts
+        self._need = 0  # the whole frame's size once its header is in, else 0
 
-    def feed(self, data: bytes) -> list[tuple[int, int, bytes]]:
-        buf = self._buf
-        if buf:
-            buf += data
-        else:
-            buf = self._buf = bytearray(data)
-        out: list[tuple[int, int, bytes]] = []
-        pos, end = 0, len(buf)
+    def feed(self, data: bytes) -> list[tuple[int, int, Any]]:
+        parts = self._parts
+        if parts:
+            parts.append(data)
+            self._have += len(data)
+            if not self._need:
+                if self._have < 9:
+                    return []
+                head = parts[0] if len(parts[0]) >= 9 else b"".join(parts)
+                self._need = 9 + _check(*HEADER.unpack_from(head))
+            if self._have < self._need:
+                return []
+            data = b"".join(parts)
+            self._parts = []
+            self._have = self._need = 0
+        out: list[tuple[int, int, Any]] = []
+        view = memoryview(data).toreadonly()
+        pos, end = 0, len(data)
         unpack = HEADER.unpack_from
+        append = out.append
         while end - pos >= 9:
-            kind, stream, length = unpack(buf, pos)
-            if kind not in NAMES:
-                raise LinkProtocolError(f"unknown frame type {kind}")
-            if length > MAX_FRAME:
-                raise LinkProtocolError(f"{NAMES[kind]} frame of {length} bytes (max {MAX_FRAME})")
-            if end - pos - 9 < length:
+            kind, stream, length = unpack(data, pos)
+            if kind != DATA:
+                _check(kind, stream, length)
+            elif length > MAX_FRAME:
+                _check(kind, stream, length)
+            stop = pos + 9 + length
+            if stop > end:
+                self._need = 9 + length
                 break
-            out.append((kind, stream, bytes(buf[pos + 9 : pos + 9 + length])))
-            pos += 9 + length
-        if pos:
-            del buf[:pos]
+            append((kind, stream, view[pos + 9 : stop] if kind == DATA else bytes(view[pos + 9 : stop])))
+            pos = stop
+        if pos < end:
+            self._parts = [view[pos:]]
+            self._have = end - pos
         return out
 
     @property
     def pending(self) -> int:
-        return len(self._buf)
+        return self._have
+
+
+def _check(kind: int, stream: int, length: int) -> int:
+    if kind not in NAMES:
+        raise LinkProtocolError(f"unknown frame type {kind}")
+    if length > MAX_FRAME:
+        raise LinkProtocolError(f"{NAMES[kind]} frame of {length} bytes (max {MAX_FRAME})")
+    return length

@@ -226,3 +226,20 @@ def test_frame_reader_raises_only_link_errors_on_garbage(data):
 def test_names_cover_every_type():
     assert {OPEN, OK, ERR, DATA, EOF, PING, PONG, RST, WINDOW} == set(NAMES)
     assert len(set(NAMES.values())) == len(NAMES)
+
+
+def test_data_payloads_are_views_of_the_chunk_and_control_payloads_bytes():
+    """Bulk: DATA payloads are not copied out of the chunk they came in; a frame split across
+    chunks is joined once; control payloads (JSON, PING tokens used as keys) are bytes."""
+    big = bytes(range(256)) * 1024
+    wire = frame(DATA, 1, big) + control(OK, 1, {"endpoint": "e"}) + frame(DATA, 3, b"tail-frame")
+    reader = FrameReader()
+    cut = len(wire) - 4
+    got = reader.feed(wire[:cut])
+    assert [(k, s) for k, s, _ in got] == [(DATA, 1), (OK, 1)]
+    assert isinstance(got[0][2], memoryview) and got[0][2].readonly and got[0][2] == big
+    assert type(got[1][2]) is bytes and parse_control(OK, got[1][2]) == {"endpoint": "e"}
+    assert reader.pending == len(frame(DATA, 3, b"tail-frame")) - 4
+    ((kind, sid, payload),) = reader.feed(wire[cut:])
+    assert (kind, sid, bytes(payload)) == (DATA, 3, b"tail-frame")
+    assert reader.pending == 0
