@@ -939,8 +939,9 @@ class _Reader:
             return None
         return EndpointConfig(hp[0], hp[1], weight)
 
-    def consumers(self, node: Node, path: str, own: str | None) -> tuple[str, ...] | None:
-        nodes = self.items(node, path, "cluster names", MAX_CONSUMERS)
+    def unique_names(self, node: Node, path: str, what: str, limit: int, label: str = "") -> list[str] | None:
+        """A list of distinct names; every bad or repeated item is a problem (None if any)."""
+        nodes = self.items(node, path, what, limit)
         if nodes is None:
             return None
         out: list[str] = []
@@ -950,11 +951,15 @@ class _Reader:
             if name is None:
                 ok = False
             elif name in out:
-                self.problem(n, f"{path}[{i}]", f"{name!r} is listed twice")
+                self.problem(n, f"{path}[{i}]", f"{label}{name!r} is listed twice")
                 ok = False
             else:
                 out.append(name)
-        if not ok:
+        return out if ok else None
+
+    def consumers(self, node: Node, path: str, own: str | None) -> tuple[str, ...] | None:
+        out = self.unique_names(node, path, "cluster names", MAX_CONSUMERS)
+        if out is None:
             return None
         if own is not None and own not in out:
             out.append(own)  # the own cluster may always call its own exports
@@ -1051,21 +1056,8 @@ class _Reader:
         return tuple(out) if ok else None
 
     def regions(self, node: Node, path: str) -> tuple[str, ...] | None:
-        nodes = self.items(node, path, "regions", 1000)
-        if nodes is None:
-            return None
-        out: list[str] = []
-        ok = True
-        for i, n in enumerate(nodes):
-            region = self.name(n, f"{path}[{i}]")
-            if region is None:
-                ok = False
-            elif region in out:
-                self.problem(n, f"{path}[{i}]", f"region {region!r} is listed twice")
-                ok = False
-            else:
-                out.append(region)
-        return tuple(out) if ok else None
+        out = self.unique_names(node, path, "regions", 1000, "region ")
+        return None if out is None else tuple(out)
 
     # -- cross-field checks ------------------------------------------------------------------
 
