@@ -78,7 +78,10 @@ class HealthBook:
 
     def connect(self, key: str, ok: bool, now: float) -> None:
         r = self.rules
-        old = self.outlier.get(key, Outlier())
+        old = self.outlier.get(key)
+        if ok and (old is None or (old.consecutive_failures == 0 and old.ejections == 0)):
+            return  # the hot path: connect_result would give back the same clean state
+        old = old or Outlier()
         new = connect_result(old, ok, now, r.consecutive_failures, r.base_ejection, r.max_ejection)
         self.outlier[key] = new
         if new.ejected_until != old.ejected_until:

@@ -415,3 +415,15 @@ def test_book_notifies_changes_and_forgets():
 def test_ipv6_local_key():
     assert local_key("::1", 80) == "local:[::1]:80"
     assert local_key("127.0.0.1", 80) == "local:127.0.0.1:80"
+
+
+def test_success_on_a_clean_endpoint_records_nothing_and_failures_still_count():
+    book = HealthBook(OutlierRules(consecutive_failures=2, base_ejection=1.0, max_ejection=4.0))
+    book.connect("local:a", True, 0.0)
+    assert "local:a" not in book.outlier  # fast path: nothing to record
+    book.connect("local:a", False, 1.0)
+    book.connect("local:a", True, 1.1)  # resets the count
+    book.connect("local:a", False, 1.2)
+    assert book.routable("local:a", 1.2)
+    book.connect("local:a", False, 1.3)  # two in a row: ejected
+    assert not book.routable("local:a", 1.3) and book.routable("local:a", 2.4)
