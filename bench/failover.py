@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 import gateway.demo as demo
-from gateway.demo import Backends, Processes, one_connection, ports
+from gateway.demo import Backends, Processes, one_connection, paced, ports
 
 OFFSET = 8400  # ports 23501..26702 (tests use 15xxx-22999; keep below 32768)
 PACE = 0.005
@@ -97,23 +97,10 @@ async def run(state: Path, kills: int, log: Any) -> dict[str, dict]:
     results: list[tuple[float, str | None]] = []  # (end time, who)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    tasks: set[asyncio.Task] = set()
 
     async def one() -> None:
         who = await one_connection(e1["import"], 3.0)
         results.append((loop.time(), who))
-
-    async def driver() -> None:
-        nxt = loop.time()
-        deadline = loop.time() + 3600  # bounded
-        while not stop.is_set() and loop.time() < deadline:
-            t = asyncio.create_task(one())
-            tasks.add(t)
-            t.add_done_callback(tasks.discard)
-            nxt += PACE
-            await asyncio.sleep(max(0.0, nxt - loop.time()))
-        if tasks:
-            await asyncio.gather(*tasks)
 
     async def serving(who: str, since: float, n: int = 3, timeout: float = 15.0) -> bool:
         end = loop.time() + timeout
@@ -131,7 +118,7 @@ async def run(state: Path, kills: int, log: Any) -> dict[str, dict]:
         await demo.start_topology(state, OFFSET, procs, {"east-1": be1})
     finally:
         demo.write_configs = _original_write_configs
-    drive = asyncio.create_task(driver())
+    drive = asyncio.create_task(paced(one, PACE, stop))
     try:
         note = verify_blackhole(e1["ep2"])  # same kind of port, not in use by anything
         log(f"failover: blackhole {note}")

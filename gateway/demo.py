@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -176,25 +177,34 @@ async def one_connection(port: int, timeout: float = 3.0) -> str | None:
         writer.close()
 
 
-async def drive(port: int, rate: int, phases: list[Phase], stop: asyncio.Event) -> None:
-    """Open `rate` connections per second until stop; each is counted in the phase it began in."""
+async def paced(start: Callable[[], Awaitable[None]], interval: float, stop: asyncio.Event,
+                limit: float = 3600.0) -> None:
+    """Start `start()` every `interval` seconds (open loop: a slow one does not delay the next)
+    until `stop` is set or `limit` seconds passed (every load loop is bounded), then wait for
+    all of them to finish."""
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task] = set()
-
-    async def run(phase: Phase) -> None:
-        who = await one_connection(port)
-        phase.record(loop.time(), who)
-
-    interval = 1.0 / rate
     nxt = loop.time()
-    while not stop.is_set():
-        t = asyncio.create_task(run(phases[-1]))
+    deadline = nxt + limit
+    while not stop.is_set() and loop.time() < deadline:
+        t = asyncio.create_task(start())
         tasks.add(t)
         t.add_done_callback(tasks.discard)
         nxt += interval
         await asyncio.sleep(max(0.0, nxt - loop.time()))
     if tasks:
         await asyncio.gather(*tasks)
+
+
+async def drive(port: int, rate: int, phases: list[Phase], stop: asyncio.Event) -> None:
+    """Open `rate` connections per second until stop; each is counted in the phase it began in."""
+    loop = asyncio.get_running_loop()
+
+    async def run(phase: Phase) -> None:  # the phase current when the connection began
+        who = await one_connection(port)
+        phase.record(loop.time(), who)
+
+    await paced(lambda: run(phases[-1]), 1.0 / rate, stop)
 
 
 class Processes:
