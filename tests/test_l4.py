@@ -184,29 +184,37 @@ async def test_runs_on_uvloop(stack):
 # ------------------------------------------------------------------------------ plain relay
 
 
+async def exchange(port: int, payload: bytes) -> str:
+    """One client: send payload and half-close while reading the echo to EOF; sha256 back."""
+    reader, writer = await asyncio.open_connection(HOST, port)
+    try:
+        async def send():
+            for i in range(0, len(payload), 64 * 1024):
+                writer.write(payload[i : i + 64 * 1024])
+                await writer.drain()
+            writer.write_eof()
+
+        sender = asyncio.create_task(send())
+        got = hashlib.sha256()
+        n = 0
+        while chunk := await reader.read(1 << 20):
+            got.update(chunk)
+            n += len(chunk)
+        await sender
+        assert n == len(payload)
+        return got.hexdigest()
+    finally:
+        writer.close()
+
+
+
 @on_uvloop
 async def test_relays_a_large_payload_both_ways(stack):
     port = await echo_server(stack)
     router = FakeRouter(local_target(port))
     lst = await import_listener(stack, router)
-    reader, writer = await connect(stack, lst.port)
     payload = os.urandom(8 * 1024 * 1024)
-
-    async def send():
-        for i in range(0, len(payload), 256 * 1024):
-            writer.write(payload[i : i + 256 * 1024])
-            await writer.drain()
-        writer.write_eof()
-
-    sender = asyncio.create_task(send())
-    received = hashlib.sha256()
-    n = 0
-    while chunk := await reader.read(1 << 20):
-        received.update(chunk)
-        n += len(chunk)
-    await sender
-    assert n == len(payload)
-    assert received.hexdigest() == hashlib.sha256(payload).hexdigest()
+    assert await exchange(lst.port, payload) == hashlib.sha256(payload).hexdigest()
     assert router.reports == [(f"local:{HOST}:{port}", True)]
     assert lst.stats.served_by == {f"local:{HOST}:{port}": 1}
     assert lst.stats.accepted == 1

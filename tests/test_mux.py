@@ -33,6 +33,7 @@ from tests.test_l4 import (
     connect,
     echo_server,
     eventually,
+    exchange,
     import_listener,
     inbound,
     on_uvloop,
@@ -113,29 +114,6 @@ def reset_connection(writer) -> None:
     sock = writer.get_extra_info("socket")
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     writer.transport.abort()
-
-
-async def exchange(port: int, payload: bytes) -> str:
-    """One client: send payload and half-close while reading the echo to EOF; sha256 back."""
-    reader, writer = await asyncio.open_connection(HOST, port)
-    try:
-        async def send():
-            for i in range(0, len(payload), 64 * 1024):
-                writer.write(payload[i : i + 64 * 1024])
-                await writer.drain()
-            writer.write_eof()
-
-        sender = asyncio.create_task(send())
-        got = hashlib.sha256()
-        n = 0
-        while chunk := await reader.read(1 << 20):
-            got.update(chunk)
-            n += len(chunk)
-        await sender
-        assert n == len(payload)
-        return got.hexdigest()
-    finally:
-        writer.close()
 
 
 class Counting:
