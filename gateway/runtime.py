@@ -18,6 +18,7 @@ listeners (their connections and connect tasks), the admin server and the federa
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import random
 import time
@@ -262,6 +263,9 @@ class Gateway:
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.start()
+        # What start() built (modules, TLS contexts, config) lives as long as the process: keep
+        # the cyclic GC from rescanning it every time per-connection garbage triggers a pass.
+        gc.freeze()
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._join_then_follow(tg))

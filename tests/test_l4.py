@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import hashlib
 import inspect
 import os
 import socket
 import struct
 import time
+import weakref
 
 import pytest
 import uvloop
@@ -379,6 +381,25 @@ async def test_half_close_sent_before_the_backend_is_connected(stack):
 
 
 # ------------------------------------------------------------------------------ failover
+
+
+@on_uvloop
+async def test_a_finished_relay_is_freed_by_refcounting_not_the_gc(stack):
+    # Both legs point at each other; left as a cycle, every connection's legs (and what they
+    # hold) would wait for a GC pass. The relay drops the cycle when the second leg ends.
+    port = await echo_server(stack)
+    lst = await import_listener(stack, FakeRouter(local_target(port)))
+    reader, writer = await connect(stack, lst.port)
+    await roundtrip(reader, writer)
+    (down,) = lst.legs
+    up = down.other
+    refs = weakref.ref(down), weakref.ref(up)
+    del down, up
+    gc.disable()
+    stack.callback(gc.enable)
+    writer.close()
+    await eventually(lambda: not lst.legs, what="connection forgotten")
+    await eventually(lambda: all(r() is None for r in refs), what="both legs freed without the GC")
 
 
 @on_uvloop
