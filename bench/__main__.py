@@ -34,7 +34,7 @@ from gateway.demo import Processes, ports, start_topology
 from . import failover, infra, memory
 
 OFFSET = 8000  # gateway ports 23101..26302 (integration tests use 15xxx-22999; keep below 32768)
-HAPROXY_TCP, CHAIN_IN, CHAIN_TLS = 27501, 27511, 27512
+HAPROXY_TCP, CHAIN_IN, CHAIN_TLS, BARE_RELAY = 27501, 27511, 27512, 27521
 GiB = 1 << 30
 
 
@@ -69,6 +69,9 @@ class Suite:
         self.rows: dict[tuple[str, str], Row] = {}
         self.extra: dict[str, dict] = {}
         self.notes: list[str] = []
+        self.nginx_pid: int | None = None  # set by main(); moved to the proxy core for hop latency
+        self.last_split = (0.0, 0.0)  # user, system CPU seconds of the last measure()
+        self.conn_cost: dict[str, list[tuple[float, float]]] = {}  # path -> (user, sys) µs per new connection
 
     def row(self, case: str, metric: str, unit: str, higher: bool) -> Row:
         key = (case, metric)
@@ -82,14 +85,18 @@ class Suite:
     # -----------------------------------------------------------------------------------------
     def measure(self, pids: list[int], fn):
         """Run fn(); return (its result, CPU % of one core used by pids meanwhile)."""
-        c0 = sum(infra.cpu_seconds(p) for p in pids)
+        s0 = [infra.cpu_split(p) for p in pids]
         t0 = time.perf_counter()
         out = fn()
         wall = time.perf_counter() - t0
-        c1 = sum(infra.cpu_seconds(p) for p in pids)
-        return out, 100 * (c1 - c0) / wall
+        s1 = [infra.cpu_split(p) for p in pids]
+        user = sum(b[0] - a[0] for a, b in zip(s0, s1, strict=True))
+        system = sum(b[1] - a[1] for a, b in zip(s0, s1, strict=True))
+        self.last_split = (user, system)
+        return out, 100 * (user + system) / wall
 
-    def http_case(self, case: str, paths: dict[str, tuple[int, list[int]]], fixed_rates: bool) -> None:
+    def http_case(self, case: str, paths: dict[str, tuple[int, list[int]]], fixed_rates: bool,
+                  hop_latency: bool = False) -> None:
         a = self.args
         for name, (port, pids) in paths.items():
             r, cpu = self.measure(pids, lambda port=port: infra.wrk(port, 50, a.seconds))
@@ -99,11 +106,29 @@ class Suite:
             self.row(case, "new connection per request rps (wrk -c50, Connection: close)", "req/s", True).add(
                 name, r.rps, cpu if pids else None)
             self._errors(case, name, "new-connection", r.errors)
+            if pids and r.requests:
+                user, system = self.last_split
+                self.conn_cost.setdefault(name, []).append((1e6 * user / r.requests, 1e6 * system / r.requests))
             r, cpu = self.measure(pids, lambda port=port: infra.wrk(port, 1, a.seconds))
             self.row(case, "one connection, serial rps (wrk -c1)", "req/s", True).add(name, r.rps, cpu if pids else None)
             self.row(case, "one connection p50 (wrk -c1)", "µs", False).add(name, r.p50_us)
             self.row(case, "one connection p99 (wrk -c1)", "µs", False).add(name, r.p99_us)
             self._errors(case, name, "serial", r.errors)
+            if hop_latency:
+                # The row above has wrk and nginx on core 0 and the proxy on core 1: the direct
+                # path crosses no core, a proxied one crosses four times (wrk -> proxy -> nginx
+                # and back), so its "added latency" is mostly this VM's cross-core wake-ups.
+                # Here nginx moves to the proxy's core: every path crosses twice, and the
+                # difference to direct is what the hop itself adds.
+                assert self.nginx_pid is not None
+                infra.pin(self.nginx_pid, infra.PROXY_CORE)
+                try:
+                    r = infra.wrk(port, 1, a.seconds)
+                finally:
+                    infra.pin(self.nginx_pid, infra.LOAD_CORE)
+                self.row(case, "one connection p50, nginx on the proxy's core (wrk -c1)", "µs", False).add(name, r.p50_us)
+                self.row(case, "one connection p99, nginx on the proxy's core (wrk -c1)", "µs", False).add(name, r.p99_us)
+                self._errors(case, name, "serial (nginx on the proxy core)", r.errors)
             if fixed_rates:
                 for rate in (1000, 5000):
                     res, cpu = self.measure(pids, lambda port=port, rate=rate: self.loadgen(port, rate))
@@ -143,7 +168,12 @@ class Suite:
         certs = infra.make_certs(self.tmp / "certs")
         h_tcp = infra.haproxy_tcp(self.tmp, HAPROXY_TCP, e2["ep1"])
         h_a, h_b = infra.haproxy_chain(self.tmp, CHAIN_IN, CHAIN_TLS, e2["ep1"], certs)
+        bare = None
         try:
+            bare = subprocess.Popen(["taskset", "-c", str(infra.PROXY_CORE), sys.executable, "-m", "bench.bare_relay",
+                                     str(BARE_RELAY), str(e2["ep1"])], stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=open(self.tmp / "bare-relay.log", "wb"))
+            infra.wait_port(BARE_RELAY)
             h_tcp.start(HAPROXY_TCP)
             h_b.start(CHAIN_TLS)
             h_a.start(CHAIN_IN)
@@ -156,7 +186,7 @@ class Suite:
             infra.pin(gw["federation"].pid, infra.LOAD_CORE)
             self.gateway_pids = {n: p.pid for n, p in gw.items()}
             local = {"Isthmus": (e2["import"], [gw["east-2"].pid]), "HAProxy": (HAPROXY_TCP, [h_tcp.pid]),
-                     "direct": (e2["ep1"], [])}
+                     "direct": (e2["ep1"], []), "bare relay": (BARE_RELAY, [bare.pid])}
             cross = {"Isthmus": (e1["import"], [gw["east-1"].pid, gw["east-2"].pid]),
                      "HAProxy": (CHAIN_IN, [h_a.pid, h_b.pid]), "direct": (e2["ep1"], [])}
             self.check_paths(local, cross)
@@ -168,7 +198,7 @@ class Suite:
             for r in range(a.rounds):
                 if "l4" in a.only:
                     self.log(f"round {r + 1}/{a.rounds}: L4 local")
-                    self.http_case("1. L4 local", local, fixed_rates=True)
+                    self.http_case("1. L4 local", local, fixed_rates=True, hop_latency=True)
                 if "cross" in a.only:
                     self.log(f"round {r + 1}/{a.rounds}: cross-cluster")
                     self.http_case("2. cross-cluster", cross, fixed_rates=False)
@@ -183,6 +213,8 @@ class Suite:
             procs.stop()
             for h in (h_a, h_b, h_tcp):
                 h.stop()
+            if bare is not None:
+                infra.stop(bare)
 
     def check_paths(self, local: dict, cross: dict) -> None:
         for case in (local, cross):
@@ -219,34 +251,34 @@ class Suite:
 
     # -----------------------------------------------------------------------------------------
     def table(self) -> str:
-        lines = ["| case | metric | Isthmus | HAProxy | direct | Isthmus ÷ HAProxy | Isthmus CPU % | HAProxy CPU % "
-                 "| CPU per request or MB, Isthmus ÷ HAProxy |",
-                 "|---|---|---|---|---|---|---|---|---|"]
+        lines = ["| case | metric | Isthmus | HAProxy | direct | bare uvloop relay | Isthmus ÷ HAProxy | Isthmus CPU % "
+                 "| HAProxy CPU % | CPU per request or MB, Isthmus ÷ HAProxy |",
+                 "|---|---|---|---|---|---|---|---|---|---|"]
         for row in self.rows.values():
-            iv, hv, dv = row.med("Isthmus"), row.med("HAProxy"), row.med("direct")
+            iv, hv, dv, bv = row.med("Isthmus"), row.med("HAProxy"), row.med("direct"), row.med("bare relay")
             ratio = f"{iv / hv:.2f}x" if iv and hv else "-"
             if ratio != "-" and not row.higher_better:
                 ratio += " (lower is better)"
             lines.append(f"| {row.case} | {row.metric} | {fmt(iv, row.unit)} | {fmt(hv, row.unit)} | "
-                         f"{fmt(dv, row.unit)} | {ratio} | {fmt(row.cpu_med('Isthmus'), '%')} | "
+                         f"{fmt(dv, row.unit)} | {fmt(bv, row.unit)} | {ratio} | {fmt(row.cpu_med('Isthmus'), '%')} | "
                          f"{fmt(row.cpu_med('HAProxy'), '%')} | {cost_ratio(row)} |")
         fo = self.extra.get("failover")
         if fo:
             for mode, d in fo.items():
                 lines.append(f"| 4. failover | {mode}: death → first connection served by the next tier, "
-                             f"median / max over {d['kills']} kills | {d['median_ms']:.0f} / {d['max_ms']:.0f} ms | - | - | "
+                             f"median / max over {d['kills']} kills | {d['median_ms']:.0f} / {d['max_ms']:.0f} ms | - | - | - | "
                              f"failed connections: {d['failed_total']} (max {d['failed_max_per_kill']} per kill) | - | - | - |")
         gm = self.extra.get("gateway memory")
         if gm:
             pts = ", ".join(f"{n}: {r:.0f}" for n, r in gm["rss"])
             how = (f"extrapolated from {gm['n']} (fd limit {gm['nofile']})" if gm["extrapolated"] else "measured")
             lines.append(f"| 5. memory | gateway RSS with {gm['target']} idle relayed connections ({how}) | "
-                         f"{gm['rss_at_target']:.0f} MiB | - | - | {gm['kib_per_conn']:.1f} KiB per connection; "
+                         f"{gm['rss_at_target']:.0f} MiB | - | - | - | {gm['kib_per_conn']:.1f} KiB per connection; "
                          f"RSS MiB at conns {pts} | - | - | - |")
         fm = self.extra.get("federation memory")
         if fm:
             lines.append(f"| 5. memory | federation RSS holding {fm['services']} services × 10 endpoints | "
-                         f"{fm['rss_published']:.0f} MiB | - | - | empty {fm['rss_before']:.0f} MiB; after a full "
+                         f"{fm['rss_published']:.0f} MiB | - | - | - | empty {fm['rss_before']:.0f} MiB; after a full "
                          f"catalog read {fm['rss_after_read']:.0f} MiB (peak {fm['hwm']:.0f}); published "
                          f"{fm['publish_per_s']:.0f} exports/s; catalog read {fm['catalog_read_s']:.2f} s; "
                          f"SQLite {fm['db_mib']:.0f} MiB | - | - | - |")
@@ -260,8 +292,8 @@ class Suite:
                     return i / h if i and h else None
             return None
 
-        def p50(case: str, path: str) -> float | None:
-            row = self.rows.get((case, "one connection p50 (wrk -c1)"))
+        def p50(path: str, metric: str = "one connection p50, nginx on the proxy's core (wrk -c1)") -> float | None:
+            row = self.rows.get(("1. L4 local", metric))
             return row.med(path) if row else None
 
         out = ["| target | measured | met |", "|---|---|---|"]
@@ -282,11 +314,15 @@ class Suite:
         out.append("| HTTP-mode listener ≥ 0.90x HAProxy `mode http` | no HTTP mode in the gateway yet | n/a |")
         v = ratio("2. cross-cluster", "new connection")
         add("cross-cluster new-connection rate ≥ 3x HAProxy TLS re-encrypt chain", v, 3.0, f"{v:.2f}x" if v else "")
-        gi, hd, d = p50("1. L4 local", "Isthmus"), p50("1. L4 local", "HAProxy"), p50("1. L4 local", "direct")
+        gi, hd, d = p50("Isthmus"), p50("HAProxy"), p50("direct")
         if gi is not None and d is not None:
+            apart = "one connection p50 (wrk -c1)"
+            gi2, hd2, d2 = p50("Isthmus", apart), p50("HAProxy", apart), p50("direct", apart)
+            other = (f"; nginx on the load core: +{(gi2 - d2) / 1000:.3f} ms (HAProxy +{((hd2 or d2) - d2) / 1000:.3f} ms)"
+                     if gi2 is not None and d2 is not None else "")
             add("added p50 latency of one gateway hop ≤ 0.05 ms", (gi - d) / 1000, 0.05,
-                f"+{(gi - d) / 1000:.3f} ms (HAProxy +{((hd or d) - d) / 1000:.3f} ms), wrk -c1 p50 minus direct",
-                higher=False)
+                f"+{(gi - d) / 1000:.3f} ms (HAProxy +{((hd or d) - d) / 1000:.3f} ms), wrk -c1 p50 minus direct, "
+                f"nginx on the proxy's core{other}", higher=False)
         gm = self.extra.get("gateway memory")
         if gm:
             add("10k idle connections ≤ 200 MiB gateway RSS", gm["rss_at_target"], 200,
@@ -393,6 +429,7 @@ def main() -> int:
 
     try:
         nginx.start()
+        suite.nginx_pid = nginx.proc.pid
         if a.only & {"l4", "cross", "bulk"}:
             attempt("traffic", suite.run_traffic)
         if "failover" in a.only:
@@ -445,6 +482,17 @@ def render(suite: Suite, a: argparse.Namespace, elapsed: float) -> str:
         "",
         suite.targets(),
     ]
+    if suite.conn_cost:
+        parts += ["", "CPU per new connection (L4 local, wrk -c50 with `Connection: close`; /proc user and "
+                  "system time of the proxy process over the requests it served; medians over rounds):", "",
+                  "| proxy | user µs | kernel µs | total µs | kernel share |", "|---|---|---|---|---|"]
+        for name, costs in suite.conn_cost.items():
+            if not costs:
+                continue
+            user = statistics.median(c[0] for c in costs)
+            system = statistics.median(c[1] for c in costs)
+            parts.append(f"| {name} | {user:.0f} | {system:.0f} | {user + system:.0f} | "
+                         f"{100 * system / (user + system):.0f}% |")
     if suite.notes:
         parts += ["", "Notes:", ""] + [f"- {n}" for n in suite.notes]
     for name, d in suite.extra.items():

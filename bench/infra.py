@@ -35,9 +35,14 @@ def pin(pid: int, core: int) -> None:
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process (all threads), in seconds."""
+    return sum(cpu_split(pid))
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process, all threads."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK
+    return int(fields[11]) / CLK, int(fields[12]) / CLK
 
 
 def rss_mib(pid: int, field: str = "VmRSS") -> float:
