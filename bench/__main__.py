@@ -71,7 +71,7 @@ class Suite:
         self.notes: list[str] = []
         self.nginx_pid: int | None = None  # set by main(); moved to the proxy core for hop latency
         self.last_split = (0.0, 0.0)  # user, system CPU seconds of the last measure()
-        self.conn_cost: dict[str, list[tuple[float, float]]] = {}  # path -> (user, sys) µs per new connection
+        self.conn_cost: dict[tuple[str, str], list[tuple[float, float]]] = {}  # (case, path) -> (user, sys) µs per new connection
 
     def row(self, case: str, metric: str, unit: str, higher: bool) -> Row:
         key = (case, metric)
@@ -108,7 +108,7 @@ class Suite:
             self._errors(case, name, "new-connection", r.errors)
             if pids and r.requests:
                 user, system = self.last_split
-                self.conn_cost.setdefault(name, []).append((1e6 * user / r.requests, 1e6 * system / r.requests))
+                self.conn_cost.setdefault((case, name), []).append((1e6 * user / r.requests, 1e6 * system / r.requests))
             r, cpu = self.measure(pids, lambda port=port: infra.wrk(port, 1, a.seconds))
             self.row(case, "one connection, serial rps (wrk -c1)", "req/s", True).add(name, r.rps, cpu if pids else None)
             self.row(case, "one connection p50 (wrk -c1)", "µs", False).add(name, r.p50_us)
@@ -483,15 +483,13 @@ def render(suite: Suite, a: argparse.Namespace, elapsed: float) -> str:
         suite.targets(),
     ]
     if suite.conn_cost:
-        parts += ["", "CPU per new connection (L4 local, wrk -c50 with `Connection: close`; /proc user and "
-                  "system time of the proxy process over the requests it served; medians over rounds):", "",
-                  "| proxy | user µs | kernel µs | total µs | kernel share |", "|---|---|---|---|---|"]
-        for name, costs in suite.conn_cost.items():
-            if not costs:
-                continue
+        parts += ["", "CPU per new connection (wrk -c50 with `Connection: close`; /proc user and system time of "
+                  "the proxy processes — both hops for cross-cluster — over the requests served; medians over rounds):",
+                  "", "| case | proxy | user µs | kernel µs | total µs | kernel share |", "|---|---|---|---|---|---|"]
+        for (case, name), costs in suite.conn_cost.items():
             user = statistics.median(c[0] for c in costs)
             system = statistics.median(c[1] for c in costs)
-            parts.append(f"| {name} | {user:.0f} | {system:.0f} | {user + system:.0f} | "
+            parts.append(f"| {case} | {name} | {user:.0f} | {system:.0f} | {user + system:.0f} | "
                          f"{100 * system / (user + system):.0f}% |")
     if suite.notes:
         parts += ["", "Notes:", ""] + [f"- {n}" for n in suite.notes]
