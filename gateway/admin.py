@@ -7,8 +7,6 @@ from typing import Any
 
 from aiohttp import web
 
-from .l4 import InboundListener
-
 
 def _esc(v: str) -> str:
     return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
@@ -25,32 +23,36 @@ def render_metrics(gw: Any) -> str:
             lab = ",".join(f'{k}="{_esc(v)}"' for k, v in labels.items())
             lines.append(f"{name}{{{lab}}} {value}" if lab else f"{name} {value}")
 
-    lst = gw.listeners
-    per = [({"listener": x.name}, x.stats) for x in lst]
-    metric("isthmus_gateway_connections_accepted_total", "counter", "Connections accepted.",
-           [(lab, s.accepted) for lab, s in per])
-    metric("isthmus_gateway_connections_active", "gauge", "Connections open now.",
-           [(lab, s.active) for lab, s in per])
+    # Listener counters of every worker (only this process's with one worker); with several,
+    # each series carries a `worker` label: sum without(worker) for the gateway's totals.
+    several = getattr(gw, "workers", 1) > 1
+    per: list[tuple[dict[str, str], dict[str, Any]]] = []
+    for worker, got in sorted(gw.worker_stats().items()):
+        for name, st in got["listeners"].items():
+            per.append(({"listener": name, **({"worker": str(worker)} if several else {})}, st))
+
+    def counter(key: str) -> list[tuple[dict[str, str], float]]:
+        return [(lab, st.get(key, 0)) for lab, st in per]
+
+    metric("isthmus_gateway_connections_accepted_total", "counter", "Connections accepted.", counter("accepted"))
+    metric("isthmus_gateway_connections_active", "gauge", "Connections open now.", counter("active"))
     metric("isthmus_gateway_connections_failed_total", "counter",
-           "Client connections closed because no candidate could be reached.",
-           [(lab, s.failed) for lab, s in per])
+           "Client connections closed because no candidate could be reached.", counter("failed"))
     metric("isthmus_gateway_connections_refused_limit_total", "counter",
-           "Connections refused by the connection limit.", [(lab, s.refused_limit) for lab, s in per])
+           "Connections refused by the connection limit.", counter("refused_limit"))
     metric("isthmus_gateway_connections_idle_closed_total", "counter",
-           "Connections closed by the idle timeout.", [(lab, s.idle_closed) for lab, s in per])
-    metric("isthmus_gateway_connect_attempts_total", "counter", "Connect attempts to targets.",
-           [(lab, s.attempts) for lab, s in per])
+           "Connections closed by the idle timeout.", counter("idle_closed"))
+    metric("isthmus_gateway_connect_attempts_total", "counter", "Connect attempts to targets.", counter("attempts"))
     metric("isthmus_gateway_connect_attempt_failures_total", "counter",
-           "Connect attempts that failed (and moved to the next candidate).",
-           [(lab, s.attempt_failures) for lab, s in per])
+           "Connect attempts that failed (and moved to the next candidate).", counter("attempt_failures"))
     metric("isthmus_gateway_served_total", "counter", "Connections served, by target.",
-           [({**lab, "target": t}, n) for lab, s in per for t, n in sorted(s.served_by.items())])
-    inbound = [x for x in lst if isinstance(x, InboundListener)]
+           [({**lab, "target": t}, n) for lab, st in per for t, n in sorted(st.get("served_by", {}).items())])
+    inbound = [({k: v for k, v in lab.items() if k != "listener"}, st) for lab, st in per if "denied" in st]
     metric("isthmus_gateway_inbound_identity_refused_total", "counter",
            "Inbound links refused because the peer SVID did not verify.",
-           [({}, x.identity_refused) for x in inbound])
+           [(lab, st["identity_refused"]) for lab, st in inbound])
     metric("isthmus_gateway_inbound_denied_total", "counter",
-           "Inbound streams refused because the consumer is not allowed.", [({}, x.denied) for x in inbound])
+           "Inbound streams refused because the consumer is not allowed.", [(lab, st["denied"]) for lab, st in inbound])
     now = gw._mono()
     metric("isthmus_gateway_target_routable", "gauge", "1 if a target may get traffic now.",
            [({"target": k}, 1 if v["routable"] else 0) for k, v in gw.book.snapshot(now).items()])

@@ -53,8 +53,9 @@ log = logging.getLogger("isthmus.gateway.agent")
 class Identity:
     """The cluster CA, our current SVID and our bundle (sequence persisted in the state dir)."""
 
-    def __init__(self, cfg: GatewayConfig, now: float) -> None:
+    def __init__(self, cfg: GatewayConfig, now: float, persist: bool = True) -> None:
         self.cfg = cfg
+        self.persist = persist  # False in extra workers: their SVIDs live in memory only
         self.dir = cfg.state_dir / "identity"
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         ic = cfg.identity
@@ -89,7 +90,8 @@ class Identity:
 
     def issue(self, now: float) -> Svid:
         svid = self.ca.issue(gateway_id(self.cfg.cluster.trust_domain), now, self.cfg.identity.svid_ttl)
-        svid.write(self.dir)
+        if self.persist:
+            svid.write(self.dir)
         self.svid = svid
         log.info("issued SVID %s serial %x, valid until %.0f", svid.spiffe_id, svid.serial, svid.not_after)
         return svid

@@ -37,9 +37,9 @@ def _hostport(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(level: str, tag: str = "") -> None:
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format=f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s")
 
 
 def _install_uvloop() -> None:
@@ -103,13 +103,21 @@ def cmd_token_create(args: argparse.Namespace) -> int:
 def cmd_gateway_run(args: argparse.Namespace) -> int:
     from .config import load_config
     from .runtime import Gateway
+    from .workers import MAX_WORKERS
 
     cfg = load_config(args.config)
-    _setup_logging(args.log_level)
+    if not 1 <= args.workers <= MAX_WORKERS:
+        raise InputError(f"--workers: must be 1..{MAX_WORKERS}, got {args.workers}")
+    if not 0 <= args.worker_index < args.workers:
+        raise InputError(f"--worker-index: must be 0..{args.workers - 1}, got {args.worker_index}")
+    if args.worker_index and args.primary_pid <= 1:
+        raise InputError("--worker-index needs --primary-pid (workers are started by their primary)")
+    _setup_logging(args.log_level, f"[worker {args.worker_index}] " if args.worker_index else "")
     _install_uvloop()
 
     async def run(stop: asyncio.Event) -> None:
-        await Gateway(cfg).run(stop)
+        await Gateway(cfg, workers=args.workers, worker=args.worker_index, primary_pid=args.primary_pid,
+                      log_level=args.log_level).run(stop)
 
     asyncio.run(_until_signal(run))
     return EXIT_OK
@@ -190,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = gsub.add_parser("run", help="run the gateway of one cluster",
                           description="Run one cluster's gateway from its YAML config.")
     run.add_argument("--config", required=True, help="gateway config file (YAML)")
+    run.add_argument("--workers", type=int, default=1, metavar="N",
+                     help="processes sharing the listeners with SO_REUSEPORT, about one core each (default 1); "
+                          "this one is the primary and starts, restarts and stops the others")
+    run.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)  # set by the primary
+    run.add_argument("--primary-pid", type=int, default=0, help=argparse.SUPPRESS)  # set by the primary
     run.add_argument("--log-level", default="info")
     run.set_defaults(func=cmd_gateway_run)
 

@@ -268,10 +268,12 @@ async def wait_until(what: str, check, procs: Processes, timeout: float = 20.0) 
     raise RuntimeError(f"timed out waiting for {what}" + (f" (last error: {last})" if last else ""))
 
 
-async def start_topology(state: Path, offset: int, procs: Processes, backends: dict[str, Backends] | None) -> None:
+async def start_topology(state: Path, offset: int, procs: Processes, backends: dict[str, Backends] | None,
+                         workers: dict[str, int] | None = None) -> None:
     """Federation, join tokens, (optionally) backends, four gateways (ALL_CLUSTERS); returns when
     east-1 sees every cluster live and both remote gateways healthy, and edge-1 sees the three
-    exporting gateways healthy. The operator credentials are in state/federation/operator."""
+    exporting gateways healthy. The operator credentials are in state/federation/operator.
+    `workers`: cluster -> `gateway run --workers N` (default 1)."""
     configs = write_configs(state, offset)
     procs.start("federation", "federation", "serve", "--state-dir", str(state / "federation"),
                 "--listen", f"127.0.0.1:{FED_PORT + offset}", "--admin", f"127.0.0.1:{FED_ADMIN + offset}",
@@ -292,7 +294,7 @@ async def start_topology(state: Path, offset: int, procs: Processes, backends: d
     for b in (backends or {}).values():
         await b.start()
     for (name, _, _), path in zip(ALL_CLUSTERS, configs, strict=True):
-        procs.start(name, "gateway", "run", "--config", str(path))
+        procs.start(name, "gateway", "run", "--config", str(path), "--workers", str((workers or {}).get(name, 1)))
     # Ready when every cluster is live and east-1 and edge-1 have reached every other exporting
     # gateway (its PING probe is healthy). Endpoint health is not waited for: a cluster whose
     # endpoints are down (as in the benchmarks' topology) is a state to route around, not a hang.

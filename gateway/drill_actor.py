@@ -196,8 +196,10 @@ class DrillActor:
         routers: Mapping[ServiceKey, Any],  # import routers
         dialer: Any,
         random: Callable[[], float],
+        observe: bool = True,  # False in extra workers: the primary alone probes and reports
     ) -> None:
         self.cluster = cluster
+        self.observe = observe
         self.wall = wall
         self.mono = mono
         self.inbound = inbound
@@ -234,6 +236,8 @@ class DrillActor:
         fault = fault_for(self.drills, self.cluster, now)
         if fault != self.fault:
             self._apply(fault)
+        if not self.observe:
+            return
         self.observing = observations(self.drills, self.cluster, self._imports(), now)
         if self._tg is not None:
             for obs in self.observing:

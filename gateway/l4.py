@@ -434,8 +434,8 @@ class ImportListener(Listener):
         self.router = router
         self.dialer = dialer
 
-    async def start(self, host: str, port: int) -> None:
-        await self.start_server(lambda: ImportLeg(self), host, port)
+    async def start(self, host: str, port: int, reuse_port: bool = False) -> None:
+        await self.start_server(lambda: ImportLeg(self), host, port, reuse_port=reuse_port)
 
     def made(self, leg: ImportLeg) -> None:
         if self.admit(leg):
@@ -482,9 +482,9 @@ class InboundListener(Listener):
         # Consulted on each new OPEN and PING only; streams already open are never touched.
         self.fault: Any = None
 
-    async def start(self, host: str, port: int, handshake_timeout: float = 5.0) -> None:
+    async def start(self, host: str, port: int, handshake_timeout: float = 5.0, reuse_port: bool = False) -> None:
         await self.start_server(self._new_link, host, port, ssl=self.tls.server_context,
-                                ssl_handshake_timeout=handshake_timeout)
+                                ssl_handshake_timeout=handshake_timeout, reuse_port=reuse_port)
 
     def _new_link(self) -> MuxLink:
         return MuxLink("answerer", on_ready=self._identify, on_open=self._open,

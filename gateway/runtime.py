@@ -13,6 +13,11 @@ a drill of another cluster is observed.
 
 Every task is owned by the TaskGroup in `run()`; stopping cancels the group, then closes the
 listeners (their connections and connect tasks), the admin server and the federation client.
+
+With `--workers N` (workers.py) the same Gateway runs in N processes on SO_REUSEPORT listeners:
+worker 0 (the primary) does everything above and supervises the others; workers 1..N-1 are
+data plane only (their own catalog watch, health checks and drill faults; no join, lease,
+publishing, admin or drill observers).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import random
 import time
 from typing import Any
@@ -37,6 +43,7 @@ from .l4 import Dialer, ImportListener, InboundListener
 from .probes import http_check, probe_loop, tcp_check
 from .router import HealthBook, LocalEndpoint, OutlierRules, Router, local_key, remote_key
 from .tls import GatewayTls, TlsSnapshot
+from .workers import STATS_EVERY, Supervisor, read_stats, watch_parent, write_stats
 
 log = logging.getLogger("isthmus.gateway")
 
@@ -44,8 +51,15 @@ TICK = 0.25  # failover state and export health re-evaluated this often, besides
 
 
 class Gateway:
-    def __init__(self, cfg: GatewayConfig, *, wall=time.time, rng: random.Random | None = None) -> None:
+    def __init__(self, cfg: GatewayConfig, *, wall=time.time, rng: random.Random | None = None,
+                 workers: int = 1, worker: int = 0, primary_pid: int = 0, log_level: str = "info") -> None:
         self.cfg = cfg
+        self.workers = workers
+        self.worker = worker
+        self.primary = worker == 0
+        self.primary_pid = primary_pid  # a worker's parent; it stops when that changes
+        self.log_level = log_level
+        self.supervisor: Supervisor | None = None
         self.wall = wall
         self.rng = rng or random.Random()
         c = cfg.cluster
@@ -224,11 +238,36 @@ class Gateway:
         for loop in (agent.lease_loop, agent.publish_loop, agent.watch_loop, agent.persist_loop):
             tg.create_task(loop())
 
+    async def _follow_primary(self, tg: asyncio.TaskGroup) -> None:
+        """A worker follows the catalog once the primary has joined (it never joins itself)."""
+        while not self.agent.joined_path.exists():
+            await asyncio.sleep(0.5)
+        await self.agent.ensure_joined()
+        tg.create_task(self.agent.watch_loop())
+
+    async def _report_stats(self) -> None:
+        while True:
+            listeners = {lst.name: _stats(lst) for lst in self.listeners}
+            await asyncio.to_thread(write_stats, self.cfg.state_dir, self.worker, listeners)
+            await asyncio.sleep(STATS_EVERY)
+
+    async def _stop_with_parent(self, stop: asyncio.Event) -> None:
+        await watch_parent(self.primary_pid)
+        stop.set()
+
+    def worker_stats(self) -> dict[int, dict[str, Any]]:
+        """Listener counters of every worker: 0 is this process (the primary), the others from
+        their stats files (fresh ones only)."""
+        out = {0: {"pid": os.getpid(), "listeners": {lst.name: _stats(lst) for lst in self.listeners}}}
+        if self.workers > 1:
+            out.update(read_stats(self.cfg.state_dir, self.workers, time.time()))
+        return out
+
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
         cfg = self.cfg
         cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.identity = Identity(cfg, self.wall())
+        self.identity = Identity(cfg, self.wall(), persist=self.primary)
         self.tls = GatewayTls(
             TlsSnapshot(self.identity.svid, {self.identity.bundle.trust_domain: self.identity.bundle},
                         {cfg.cluster.trust_domain: cfg.cluster.name}),
@@ -244,22 +283,31 @@ class Gateway:
         dialer = self.dialer = Dialer(self.tls, lim.connect_timeout)
         self.inbound = InboundListener(self.tls, self.export_routers.get, dialer,
                                        max_connections=lim.max_connections, idle_timeout=lim.idle_timeout)
-        await self.inbound.start(*cfg.listen.inbound)
+        reuse_port = self.workers > 1
+        await self.inbound.start(*cfg.listen.inbound, reuse_port=reuse_port)
         self.listeners.append(self.inbound)
-        self.drill_actor = DrillActor(cfg.cluster.name, self.wall, self._mono, self.inbound, self.agent,
-                                      self.import_routers, dialer, self.rng.random)
+        self.drill_actor = DrillActor(cfg.cluster.name, self.wall, self._mono, self.inbound,
+                                      self.agent if self.primary else None, self.import_routers, dialer,
+                                      self.rng.random, observe=self.primary)
         self.drill_actor.on_catalog(self.catalog)  # a cached catalog may hold a drill in progress
         for svc, router in self.import_routers.items():
             im = next(i for i in cfg.imports if (i.namespace, i.name) == (svc.namespace, svc.name))
             lst = ImportListener(svc, router, dialer, max_connections=lim.max_connections, idle_timeout=lim.idle_timeout)
-            await lst.start(*im.listen)
+            await lst.start(*im.listen, reuse_port=reuse_port)
             self.listeners.append(lst)
+        if not self.primary:
+            self.ready = True
+            log.info("gateway %s worker %d/%d up", cfg.cluster.name, self.worker, self.workers)
+            return
         from .admin import start_admin
 
         self.admin = await start_admin(self, *cfg.listen.admin)
+        if self.workers > 1:
+            self.supervisor = Supervisor(cfg.source, self.workers, self.log_level)
         self.ready = True
-        log.info("gateway %s (%s) up: inbound %s, admin %s:%s, %d import listener(s)", cfg.cluster.name,
-                 self.locality, cfg.listen.advertise, *cfg.listen.admin, len(self.import_routers))
+        log.info("gateway %s (%s) up: inbound %s, admin %s:%s, %d import listener(s), %d worker(s)",
+                 cfg.cluster.name, self.locality, cfg.listen.advertise, *cfg.listen.admin,
+                 len(self.import_routers), self.workers)
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.start()
@@ -268,7 +316,14 @@ class Gateway:
         gc.freeze()
         try:
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._join_then_follow(tg))
+                if self.primary:
+                    tg.create_task(self._join_then_follow(tg))
+                    if self.supervisor is not None:
+                        tg.create_task(self.supervisor.run())
+                else:
+                    tg.create_task(self._follow_primary(tg))
+                    tg.create_task(self._report_stats())
+                    tg.create_task(self._stop_with_parent(stop))
                 tg.create_task(self.agent.rotation_loop())
                 await self._probe_exports(tg)
                 tg.create_task(self._probe_gateways())
@@ -311,7 +366,18 @@ class Gateway:
             "health": self.book.snapshot(now),
             "listeners": {lst.name: _stats(lst) for lst in self.listeners},
             "drills": self.drill_actor.status() if self.drill_actor else None,
+            "workers": self._workers_status(),
         }
+
+    def _workers_status(self) -> list[dict[str, Any]]:
+        rows = [{"worker": 0, "pid": os.getpid(), "running": True, "restarts": 0}]
+        if self.supervisor is not None:
+            rows += self.supervisor.status()
+        fresh = self.worker_stats()
+        for row in rows:
+            got = fresh.get(row["worker"])
+            row["listeners"] = got["listeners"] if got else None
+        return rows
 
 
 def _stats(lst: Any) -> dict[str, Any]:

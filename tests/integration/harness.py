@@ -452,8 +452,10 @@ class Node:
 
 class Topology:
     def __init__(self, root: Path, *, lease_ttl: str = "2s", svid_ttl: str | None = None,
-                 connect_timeout: str = "300ms", failback_after: str = "1s") -> None:
+                 connect_timeout: str = "300ms", failback_after: str = "1s",
+                 workers: dict[str, int] | None = None) -> None:
         self.root = Path(root)
+        self.workers = workers or {}  # cluster -> `gateway run --workers N`
         self.lease_ttl = lease_ttl
         self.svid_ttl = svid_ttl
         self.connect_timeout = connect_timeout
@@ -574,7 +576,8 @@ imports:
     def start_gateway(self, name: str) -> None:
         n = self.nodes[name]
         if n.proc is None:
-            n.proc = self._proc(name, ["gateway", "run", "--config", str(n.config), "--log-level", "info"])
+            n.proc = self._proc(name, ["gateway", "run", "--config", str(n.config), "--log-level", "info",
+                                       "--workers", str(self.workers.get(name, 1))])
         n.proc.start()
 
     async def wait_ready(self, name: str, timeout: float = 15.0) -> None:
