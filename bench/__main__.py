@@ -2,7 +2,7 @@
 
     python -m bench            # full run, ~15 min; table to stdout and bench/last-run.md
     python -m bench --quick    # smoke run: 1 round, 2 s loads, 128 MiB bulk, 5 kills, 1k conns/services
-    python -m bench --only l4,cross    # cases: l4 cross bulk failover memory
+    python -m bench --only l4,cross    # cases: l4 cross bulk failover memory workers
 
 Starts on 127.0.0.1, and stops by PID: nginx (backend: 64-byte `/`, a sparse file for bulk),
 HAProxy (`mode tcp`, and a TLS 1.3 re-encrypt chain of two HAProxies with client certs both
@@ -35,6 +35,8 @@ from . import failover, infra, memory
 
 OFFSET = 8000  # gateway ports 23101..26302 (integration tests use 15xxx-22999; keep below 32768)
 HAPROXY_TCP, CHAIN_IN, CHAIN_TLS, BARE_RELAY = 27501, 27511, 27512, 27521
+HAPROXY_T1, HAPROXY_T2 = 27531, 27532  # scaling case: nbthread 1 and 2, not pinned
+CASES = ("l4", "cross", "bulk", "failover", "memory", "workers")
 GiB = 1 << 30
 
 
@@ -71,6 +73,7 @@ class Suite:
         self.notes: list[str] = []
         self.nginx_pid: int | None = None  # set by main(); moved to the proxy core for hop latency
         self.last_split = (0.0, 0.0)  # user, system CPU seconds of the last measure()
+        self.scaling: dict[tuple[str, str], list[tuple[float, float]]] = {}  # (metric, path) -> (rps, CPU %)
         self.conn_cost: dict[tuple[str, str], list[tuple[float, float]]] = {}  # (case, path) -> (user, sys) µs per new connection
 
     def row(self, case: str, metric: str, unit: str, higher: bool) -> Row:
@@ -215,6 +218,62 @@ class Suite:
                 h.stop()
             if bare is not None:
                 infra.stop(bare)
+
+    def run_workers(self) -> None:
+        """Scaling, measured apart from the one-worker targets: the local path with east-2 on
+        `--workers 2` and west-1 on one worker (same topology, same nginx), HAProxy `nbthread`
+        1 and 2. Nothing pinned but the load (wrk and nginx on core 0), so the second worker or
+        thread shares core 0 with them: this is what a 2-core machine gives a proxy."""
+        a = self.args
+        state = self.tmp / "workers"
+        (state / "logs").mkdir(parents=True)
+        e2, w1 = ports(OFFSET, 1), ports(OFFSET, 2)
+        procs = Processes(state / "logs")
+        h1 = infra.haproxy_tcp(self.tmp, HAPROXY_T1, e2["ep1"], name="tcp-t1", nbthread=1, pinned=False)
+        h2 = infra.haproxy_tcp(self.tmp, HAPROXY_T2, e2["ep1"], name="tcp-t2", nbthread=2, pinned=False)
+        try:
+            h1.start(HAPROXY_T1)
+            h2.start(HAPROXY_T2)
+            uvloop.run(start_topology(state, OFFSET, procs, None, workers={"east-2": 2}))
+            time.sleep(1.5)
+            gw = dict(procs.procs)
+            infra.pin(gw["federation"].pid, infra.LOAD_CORE)
+            paths = {"Isthmus, 1 worker": (w1["import"], [gw["west-1"].pid]),
+                     "Isthmus, 2 workers": (e2["import"], [gw["east-2"].pid, *infra.children(gw["east-2"].pid)]),
+                     "HAProxy, nbthread 1": (HAPROXY_T1, [h1.pid]), "HAProxy, nbthread 2": (HAPROXY_T2, [h2.pid])}
+            for name, (port, _) in paths.items():
+                r = infra.wrk(port, 1, 1)
+                if r.requests < 10 or r.errors:
+                    raise RuntimeError(f"path {name} (port {port}) does not work: {r}")
+            for r in range(a.rounds):
+                self.log(f"round {r + 1}/{a.rounds}: workers")
+                for name, (port, pids) in paths.items():
+                    res, cpu = self.measure(pids, lambda port=port: infra.wrk(port, 50, a.seconds))
+                    self.scaling.setdefault(("keep-alive rps (wrk -c50)", name), []).append((res.rps, cpu))
+                    res, cpu = self.measure(pids, lambda port=port: infra.wrk(port, 50, a.seconds, close=True))
+                    self.scaling.setdefault(("new connection per request rps (wrk -c50, Connection: close)", name),
+                                            []).append((res.rps, cpu))
+                procs.check()
+        finally:
+            procs.stop()
+            h1.stop()
+            h2.stop()
+
+    def scaling_table(self) -> str:
+        names = ["Isthmus, 1 worker", "Isthmus, 2 workers", "HAProxy, nbthread 1", "HAProxy, nbthread 2"]
+        lines = ["| metric | " + " | ".join(names) + " | Isthmus 2 ÷ 1 | HAProxy 2 ÷ 1 | Isthmus 2 workers ÷ HAProxy nbthread 1 |"
+                 " Isthmus 2 workers ÷ HAProxy nbthread 2 |", "|---" * (len(names) + 5) + "|"]
+        for metric in dict.fromkeys(m for m, _ in self.scaling):
+            med = {n: statistics.median(v for v, _ in self.scaling.get((metric, n), [(0.0, 0.0)])) for n in names}
+            cpu = {n: statistics.median(c for _, c in self.scaling.get((metric, n), [(0.0, 0.0)])) for n in names}
+
+            def ratio(x: str, y: str, med=med) -> str:
+                return f"{med[x] / med[y]:.2f}x" if med[y] else "-"
+
+            lines.append(f"| {metric} | " + " | ".join(f"{med[n]:,.0f} ({cpu[n]:.0f}% CPU)" for n in names)
+                         + f" | {ratio(names[1], names[0])} | {ratio(names[3], names[2])} | {ratio(names[1], names[2])}"
+                         f" | {ratio(names[1], names[3])} |")
+        return "\n".join(lines)
 
     def check_paths(self, local: dict, cross: dict) -> None:
         for case in (local, cross):
@@ -386,14 +445,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="short smoke run")
-    ap.add_argument("--only", default="l4,cross,bulk,failover,memory", help="comma-separated cases")
+    ap.add_argument("--only", default=",".join(CASES), help="comma-separated cases: " + " ".join(CASES))
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--seconds", type=float, default=None, help="length of each load run (default 5)")
     ap.add_argument("--profile", action="store_true", help="py-spy the gateways under load after the rounds")
     ap.add_argument("--output", type=Path, default=Path(__file__).with_name("last-run.md"))
     a = ap.parse_args()
     a.only = set(a.only.split(","))
-    unknown = a.only - {"l4", "cross", "bulk", "failover", "memory"}
+    unknown = a.only - set(CASES)
     if unknown:
         ap.error(f"--only: unknown case(s) {', '.join(sorted(unknown))}")
     a.rounds = a.rounds or (1 if a.quick else 3)
@@ -410,7 +469,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="isthmus-bench-"))
     suite = Suite(a, tmp)
     started = time.time()
-    nginx_ports = [ports(OFFSET, 1)["ep1"], ports(OFFSET, 1)["ep2"],
+    nginx_ports = [ports(OFFSET, 1)["ep1"], ports(OFFSET, 1)["ep2"], ports(OFFSET, 2)["ep1"], ports(OFFSET, 2)["ep2"],
                    ports(memory.OFFSET, 1)["ep1"], ports(memory.OFFSET, 1)["ep2"]]
     nginx = infra.Nginx(tmp, nginx_ports, bulk_bytes=a.bulk_mib << 20)
     failures: list[str] = []
@@ -432,6 +491,8 @@ def main() -> int:
         suite.nginx_pid = nginx.proc.pid
         if a.only & {"l4", "cross", "bulk"}:
             attempt("traffic", suite.run_traffic)
+        if "workers" in a.only:
+            attempt("workers", suite.run_workers)
         if "failover" in a.only:
             suite.log("failover")
             attempt("failover", lambda: suite.extra.__setitem__(
@@ -466,7 +527,7 @@ def render(suite: Suite, a: argparse.Namespace, elapsed: float) -> str:
     dirty = subprocess.run(["git", "status", "--porcelain", "--", "gateway", "federation"], capture_output=True,
                            text=True, cwd=Path(__file__).parent).stdout.strip()
     hv = subprocess.run(["haproxy", "-v"], capture_output=True, text=True).stdout.splitlines()[0]
-    every = ("l4", "cross", "bulk", "failover", "memory")
+    every = CASES
     only = "" if a.only == set(every) else f" --only {','.join(c for c in every if c in a.only)}"
     parts = [
         f"`python -m bench{' --quick' if a.quick else ''}{only}{' --profile' if a.profile else ''}` — "
@@ -482,6 +543,11 @@ def render(suite: Suite, a: argparse.Namespace, elapsed: float) -> str:
         "",
         suite.targets(),
     ]
+    if suite.scaling:
+        parts += ["", "Scaling with `--workers` (not a target: the targets are one worker each). The local path; "
+                  "wrk and nginx pinned to core 0, the proxies not pinned (a second worker or thread shares core 0 "
+                  "with the load); CPU % = the proxy's processes over the run (100% = one core):", "",
+                  suite.scaling_table()]
     if suite.conn_cost:
         parts += ["", "CPU per new connection (wrk -c50 with `Connection: close`; /proc user and system time of "
                   "the proxy processes — both hops for cross-cluster — over the requests served; medians over rounds):",

@@ -53,6 +53,18 @@ def rss_mib(pid: int, field: str = "VmRSS") -> float:
     raise RuntimeError(f"no {field} for pid {pid}")
 
 
+def children(pid: int) -> list[int]:
+    """PIDs of the direct children of `pid` (e.g. a gateway primary's workers)."""
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out += [int(c) for c in f.read().split()]
+        except FileNotFoundError:
+            continue
+    return out
+
+
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -201,7 +213,7 @@ def make_certs(d: Path) -> dict[str, Path]:
 # HAProxy (the reference), one process per hop, nbthread 1, pinned to the proxy core
 
 HAPROXY_GLOBAL = """global
-  nbthread 1
+  nbthread {nbthread}
   maxconn 9000
   ssl-server-verify required
 defaults
@@ -213,9 +225,10 @@ defaults
 
 
 class HAProxy:
-    def __init__(self, tmp: Path, name: str, body: str) -> None:
+    def __init__(self, tmp: Path, name: str, body: str, nbthread: int = 1, pinned: bool = True) -> None:
         self.cfg = tmp / f"haproxy-{name}.cfg"
-        self.cfg.write_text(HAPROXY_GLOBAL + body)
+        self.cfg.write_text(HAPROXY_GLOBAL.format(nbthread=nbthread) + body)
+        self.pinned = pinned  # to PROXY_CORE
         self.log = tmp / f"haproxy-{name}.log"
         self.proc: subprocess.Popen | None = None
 
@@ -223,7 +236,8 @@ class HAProxy:
         check = subprocess.run(["haproxy", "-c", "-f", str(self.cfg)], capture_output=True, text=True)
         if check.returncode != 0:
             raise RuntimeError(f"haproxy config {self.cfg}: {check.stdout}{check.stderr}")
-        self.proc = subprocess.Popen(["taskset", "-c", str(PROXY_CORE), "haproxy", "-db", "-f", str(self.cfg)],
+        pin = ["taskset", "-c", str(PROXY_CORE)] if self.pinned else []
+        self.proc = subprocess.Popen([*pin, "haproxy", "-db", "-f", str(self.cfg)],
                                      stdin=subprocess.DEVNULL, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
         wait_port(port)
 
@@ -237,13 +251,14 @@ class HAProxy:
             stop(self.proc, signal.SIGUSR1)  # soft stop
 
 
-def haproxy_tcp(tmp: Path, listen: int, backend: int) -> HAProxy:
-    return HAProxy(tmp, "tcp", f"""frontend f
+def haproxy_tcp(tmp: Path, listen: int, backend: int, name: str = "tcp", nbthread: int = 1,
+                pinned: bool = True) -> HAProxy:
+    return HAProxy(tmp, name, f"""frontend f
   bind 127.0.0.1:{listen}
   default_backend b
 backend b
   server s1 127.0.0.1:{backend}
-""")
+""", nbthread, pinned)
 
 
 def haproxy_chain(tmp: Path, listen: int, tls_port: int, backend: int, certs: dict[str, Path]) -> tuple[HAProxy, HAProxy]:
