@@ -59,6 +59,9 @@ class Identity:
         self.dir = cfg.state_dir / "identity"
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         ic = cfg.identity
+        if not persist and ic.ca_cert_file is None and not (self.dir / CertificateAuthority.CERT_FILE).exists():
+            raise GatewayError(f"{self.dir}: no cluster CA to issue from (a worker never creates one; "
+                               "its primary does, before it starts the workers)")
         self.ca = CertificateAuthority.load_or_create(
             self.dir, cfg.cluster.trust_domain, now, ic.ca_cert_file, ic.ca_key_file
         )
@@ -76,7 +79,8 @@ class Identity:
         seq = int(meta.get("sequence", 0))
         if meta.get("ca") != fingerprint:
             seq += 1
-            write_atomic(meta_path, json.dumps({"sequence": seq, "ca": fingerprint}).encode())
+            if self.persist:  # a worker only reads what its primary keeps
+                write_atomic(meta_path, json.dumps({"sequence": seq, "ca": fingerprint}).encode())
         return self.ca.bundle(seq)
 
     def _issued_by_ca(self, svid: Svid, now: float) -> bool:

@@ -671,3 +671,17 @@ imports:
     async def restart_backends(self, name: str) -> None:
         for b in self.nodes[name].backends:
             await b.restart()
+
+
+@contextlib.asynccontextmanager
+async def running(topo: Topology, request: Any):
+    """Start `topo` for one test and always stop what it started (even when starting failed
+    halfway); dump its logs if the test failed. `request` is pytest's fixture request."""
+    failed_before = request.session.testsfailed
+    try:
+        await topo.start()
+        yield topo
+        if request.session.testsfailed > failed_before:
+            topo.dump_logs()
+    finally:
+        await topo.stop()

@@ -22,20 +22,15 @@ from federation.identity import Svid
 from federation.model import Drill
 from gateway import link
 
-from .harness import Topology, http_get, metric_value, wait_for
+from .harness import Topology, http_get, metric_value, running, wait_for
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 async def topo(tmp_path, request):
-    failed_before = request.session.testsfailed
-    t = Topology(tmp_path / "topo")
-    await t.start()
-    yield t
-    if request.session.testsfailed > failed_before:
-        t.dump_logs()
-    await t.stop()
+    async with running(Topology(tmp_path / "topo"), request) as t:
+        yield t
 
 
 def operator(topo: Topology):

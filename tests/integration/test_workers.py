@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .harness import Topology, metric_value, request, run_cli, wait_for
+from .harness import Topology, metric_value, request, run_cli, running, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -19,13 +19,8 @@ IMPORT = 'listener="import default/echo"'
 
 @pytest.fixture
 async def topo(tmp_path, request):
-    t = Topology(tmp_path / "topo", workers={"east-1": 2})
-    failed_before = request.session.testsfailed
-    await t.start()
-    yield t
-    if request.session.testsfailed > failed_before:
-        t.dump_logs()
-    await t.stop()
+    async with running(Topology(tmp_path / "topo", workers={"east-1": 2}), request) as t:
+        yield t
 
 
 def gone(pid: int) -> bool:
