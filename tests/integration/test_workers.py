@@ -10,7 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from gateway import link
+
 from .harness import Topology, metric_value, request, run_cli, running, wait_for
+from .test_drill_gateway import link_call, start_drill, wait_until_wall
 
 pytestmark = pytest.mark.integration
 
@@ -32,8 +35,8 @@ def gone(pid: int) -> bool:
         return True
 
 
-async def worker_1(topo: Topology) -> dict:
-    rows = (await topo.status("east-1"))["workers"]
+async def worker_1(topo: Topology, node: str = "east-1") -> dict:
+    rows = (await topo.status(node))["workers"]
     assert [r["worker"] for r in rows] == [0, 1]
     return rows[1]
 
@@ -92,6 +95,31 @@ async def test_a_worker_stops_when_its_primary_is_killed(topo: Topology):
     pid = (await worker_1(topo))["pid"]
     topo.nodes["east-1"].proc.kill()  # SIGKILL: the primary cannot stop anything itself
     await wait_for(lambda: gone(pid), 5, what=f"worker pid {pid} to stop after its primary died")
+
+
+async def test_every_worker_acts_out_a_drill_fault(tmp_path: Path, request):
+    async with running(Topology(tmp_path / "topo", workers={"east-2": 2}), request) as topo:
+        async def reporting() -> bool:
+            row = await worker_1(topo, "east-2")
+            return row["running"] and row["listeners"] is not None
+
+        await wait_for(reporting, 10, what="east-2's worker 1 running")
+        d = await start_drill(topo, mode="drain", duration="3s", settle="0s")
+        await wait_until_wall(d.fault_start + 0.3)
+        # Each new link lands on one of the two workers (4-tuple hash): all must refuse. A
+        # worker ignoring the fault would answer OK to about half of them.
+        answers = [(await link_call(topo, tmp_path / f"drain{i}", link.OPEN, 2.0))[0] for i in range(12)]
+        assert answers == ["ERR draining"] * 12
+        await wait_until_wall(d.fault_end + 0.3)
+        answers = [(await link_call(topo, tmp_path / f"after{i}", link.OPEN, 2.0))[0] for i in range(12)]
+        assert answers == ["OK"] * 12
+
+        async def both_workers_had_links() -> bool:  # inbound streams are counted per worker
+            text = await topo.metrics("east-2")
+            return all(metric_value(text, "isthmus_gateway_connections_accepted_total",
+                                    f'listener="inbound",worker="{w}"') > 0 for w in ("0", "1"))
+
+        await wait_for(both_workers_had_links, 5, what="inbound streams on both workers")
 
 
 @pytest.mark.parametrize("args, message", [
