@@ -51,6 +51,9 @@ def render_metrics(gw: Any) -> str:
     metric("isthmus_gateway_inbound_identity_refused_total", "counter",
            "Inbound links refused because the peer SVID did not verify.",
            [(lab, st["identity_refused"]) for lab, st in inbound])
+    metric("isthmus_gateway_inbound_handshake_failed_total", "counter",
+           "Inbound links refused in the TLS handshake (certificate from no known CA, no client "
+           "certificate, not TLS, timeout).", [(lab, st.get("handshake_failed", 0)) for lab, st in inbound])
     metric("isthmus_gateway_inbound_denied_total", "counter",
            "Inbound streams refused because the consumer is not allowed.", [(lab, st["denied"]) for lab, st in inbound])
     now = gw._mono()

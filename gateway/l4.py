@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -467,7 +468,15 @@ class InboundListener(Listener):
     """The east-west mutual-TLS listener: remote gateways keep links here and OPEN streams on
     them to our exports. Each link is identified once, at its handshake; each stream is
     authorized (the export's allowed consumers), connected to a healthy local endpoint, relayed.
-    Streams count as connections for the limit and the idle timeout."""
+    Streams count as connections for the limit and the idle timeout.
+
+    It accepts on its own socket and runs each TLS handshake with `connect_accepted_socket`
+    rather than `create_server(ssl=...)`: a server drops a failed handshake silently, so a peer
+    that OpenSSL refuses (certificate from no known CA, no client certificate, not TLS at all)
+    could be neither counted nor logged. Links are few and long-lived, so a Python accept loop
+    costs nothing that matters here."""
+
+    MAX_HANDSHAKES = 256  # in flight at once; more are closed at accept (a flood, not peers)
 
     def __init__(self, tls: Any, exports: Callable[[ServiceKey], Any], dialer: Dialer, *, max_connections: int, idle_timeout: float) -> None:
         super().__init__("inbound", max_connections, idle_timeout)
@@ -476,15 +485,62 @@ class InboundListener(Listener):
         self.dialer = dialer
         self.denied = 0
         self.identity_refused = 0
+        self.handshake_failed = 0
+        self.handshaking = 0
         self.links: set[MuxLink] = set()
+        self.sock: socket.socket | None = None
+        self._acceptor: asyncio.Task | None = None
         # Drill fault hook (set by gateway.drill_actor): None, or an object with `mode`
         # ("drain" | "blackhole" | "degrade"), `latency` (s), `error_rate` (0..1) and `random()`.
         # Consulted on each new OPEN and PING only; streams already open are never touched.
         self.fault: Any = None
 
     async def start(self, host: str, port: int, handshake_timeout: float = 5.0, reuse_port: bool = False) -> None:
-        await self.start_server(self._new_link, host, port, ssl=self.tls.server_context,
-                                ssl_handshake_timeout=handshake_timeout, reuse_port=reuse_port)
+        self.loop = loop = asyncio.get_running_loop()
+        family = (await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE))[0][0]
+        self.sock = socket.create_server((host, port), family=family, backlog=4096, reuse_port=reuse_port)
+        self.sock.setblocking(False)
+        self._acceptor = loop.create_task(self._accept_loop(handshake_timeout))
+        self._sweeper = loop.create_task(self._sweep())
+
+    @property
+    def port(self) -> int:
+        assert self.sock is not None
+        return self.sock.getsockname()[1]
+
+    async def _accept_loop(self, handshake_timeout: float) -> None:
+        loop, sock = self.loop, self.sock
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(sock)  # type: ignore[union-attr,arg-type]
+            except OSError as e:  # e.g. out of file descriptors: say so, do not spin
+                log.warning("inbound listener: accept failed: %s", e)
+                await asyncio.sleep(0.1)
+                continue
+            if self.handshaking >= self.MAX_HANDSHAKES:
+                self.handshake_failed += 1
+                conn.close()
+                continue
+            self.handshaking += 1
+            self.spawn(self._handshake(conn, handshake_timeout))
+
+    async def _handshake(self, conn: socket.socket, timeout: float) -> None:
+        try:
+            try:
+                peer = conn.getpeername()
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:  # gone before we looked at it
+                self.handshake_failed += 1
+                conn.close()
+                return
+            try:
+                await self.loop.connect_accepted_socket(  # type: ignore[union-attr]
+                    self._new_link, conn, ssl=self.tls.server_context, ssl_handshake_timeout=timeout)
+            except (OSError, TimeoutError) as e:  # ssl.SSLError is an OSError; the transport closed conn
+                self.handshake_failed += 1
+                log.warning("inbound link from %s refused in the TLS handshake: %s", peer, e)
+        finally:
+            self.handshaking -= 1
 
     def _new_link(self) -> MuxLink:
         return MuxLink("answerer", on_ready=self._identify, on_open=self._open,
@@ -562,6 +618,10 @@ class InboundListener(Listener):
         stream.attach(up)
 
     async def close(self) -> None:
+        if self._acceptor is not None:
+            self._acceptor.cancel()
+        if self.sock is not None:
+            self.sock.close()
         for link in list(self.links):
             link.transport.abort()
         await super().close()

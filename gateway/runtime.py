@@ -385,6 +385,7 @@ def _stats(lst: Any) -> dict[str, Any]:
     out = {k: v for k, v in vars(s).items()}
     if isinstance(lst, InboundListener):
         out["identity_refused"] = lst.identity_refused
+        out["handshake_failed"] = lst.handshake_failed
         out["denied"] = lst.denied
     return out
 

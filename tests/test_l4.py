@@ -862,6 +862,24 @@ async def test_peer_with_svid_from_an_unknown_ca_is_refused(stack):
         await Dialer(tls_c, 2.0).dial(remote_target(b.port), SERVICE)
     assert inner.reports == []
     assert b.stats.served_by == {}
+    # refused by OpenSSL, before any SPIFFE check: counted as a failed handshake
+    await eventually(lambda: b.handshake_failed == 1, what="failed handshake counted")
+    assert b.identity_refused == 0 and b.handshaking == 0
+
+
+@on_uvloop
+async def test_inbound_counts_a_client_that_is_not_tls_and_keeps_serving(stack):
+    tls_a, tls_b = tls_pair()
+    exports = Exports()
+    exports.add(SERVICE, await echo_server(stack), allowed=None)
+    b = await inbound(stack, tls_b, exports)
+    reader, writer = await connect(stack, b.port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert await closed_by_peer(reader)
+    await eventually(lambda: b.handshake_failed == 1, what="failed handshake counted")
+    stream = await Dialer(tls_a, 2.0).dial(remote_target(b.port), SERVICE)  # a real peer still gets in
+    stream.close()
+    assert b.handshake_failed == 1 and b.handshaking == 0
 
 
 @on_uvloop

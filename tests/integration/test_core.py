@@ -210,7 +210,9 @@ async def test_inbound_refuses_unverified_identities(topo: Topology, tmp_path: P
     east1, east2 = topo.nodes["east-1"], topo.nodes["east-2"]
     port = east1.inbound_port
     metric = "isthmus_gateway_inbound_identity_refused_total"
+    failed_metric = "isthmus_gateway_inbound_handshake_failed_total"
     refused0 = metric_value(await topo.metrics("east-1"), metric)
+    failed0 = metric_value(await topo.metrics("east-1"), failed_metric)
     assert refused0 == 0
 
     # control: east-2's real SVID is accepted
@@ -241,11 +243,16 @@ async def test_inbound_refuses_unverified_identities(topo: Topology, tmp_path: P
     results["east-2 workload, not gateway"] = await _try_open(port, cert, key, tmp_path / "d")
 
     await asyncio.sleep(0.2)
-    refused = metric_value(await topo.metrics("east-1"), metric) - refused0
-    print(f"\ninbound identity checks at east-1: {results}; identity_refused_total +{refused:g}")
+    text = await topo.metrics("east-1")
+    refused = metric_value(text, metric) - refused0
+    failed = metric_value(text, failed_metric) - failed0
+    print(f"\ninbound identity checks at east-1: {results}; identity_refused_total +{refused:g}, "
+          f"handshake_failed_total +{failed:g}")
     for what, result in results.items():
         assert result != "OK" and not result.startswith("ERR"), f"{what}: {result}"
-    # at least the two identities that pass the TLS chain check are counted
+    # the two chains OpenSSL refuses are counted as failed handshakes, the two identities that
+    # pass the TLS chain check as SPIFFE refusals
+    assert failed >= 2, failed
     assert refused >= 2, refused
 
 
