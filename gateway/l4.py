@@ -121,15 +121,6 @@ class Leg(asyncio.Protocol):
             other.paused_for_other = False
             other.transport.resume_reading()
 
-    def got_eof(self) -> None:
-        self.eof_in = True
-        other = self.other
-        if other is not None:
-            other.send_eof()
-            if other.eof_in:
-                self.close()
-                other.close()
-
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         other = self.other
@@ -400,8 +391,13 @@ class Listener:
             seen = fresh
 
     async def start_server(self, factory: Callable[[], asyncio.Protocol], host: str, port: int, **kw: Any) -> None:
-        self.loop = loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
         self.server = await loop.create_server(factory, host, port, reuse_address=True, backlog=4096, **kw)
+        self._serving()
+
+    def _serving(self) -> None:
+        """The socket is bound: remember the loop and start the idle sweeper."""
+        self.loop = loop = asyncio.get_running_loop()
         self._sweeper = loop.create_task(self._sweep())
 
     @property
@@ -496,12 +492,12 @@ class InboundListener(Listener):
         self.fault: Any = None
 
     async def start(self, host: str, port: int, handshake_timeout: float = 5.0, reuse_port: bool = False) -> None:
-        self.loop = loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
         family = (await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE))[0][0]
         self.sock = socket.create_server((host, port), family=family, backlog=4096, reuse_port=reuse_port)
         self.sock.setblocking(False)
+        self._serving()
         self._acceptor = loop.create_task(self._accept_loop(handshake_timeout))
-        self._sweeper = loop.create_task(self._sweep())
 
     @property
     def port(self) -> int:
@@ -528,7 +524,6 @@ class InboundListener(Listener):
         try:
             try:
                 peer = conn.getpeername()
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:  # gone before we looked at it
                 self.handshake_failed += 1
                 conn.close()
