@@ -247,18 +247,20 @@ class Gateway:
 
     async def _report_stats(self) -> None:
         while True:
-            listeners = {lst.name: _stats(lst) for lst in self.listeners}
-            await asyncio.to_thread(write_stats, self.cfg.state_dir, self.worker, listeners)
+            await asyncio.to_thread(write_stats, self.cfg.state_dir, self.worker, self.listener_stats())
             await asyncio.sleep(STATS_EVERY)
 
     async def _stop_with_parent(self, stop: asyncio.Event) -> None:
         await watch_parent(self.primary_pid)
         stop.set()
 
+    def listener_stats(self) -> dict[str, dict[str, Any]]:
+        return {lst.name: _stats(lst) for lst in self.listeners}
+
     def worker_stats(self) -> dict[int, dict[str, Any]]:
         """Listener counters of every worker: 0 is this process (the primary), the others from
         their stats files (fresh ones only)."""
-        out = {0: {"pid": os.getpid(), "listeners": {lst.name: _stats(lst) for lst in self.listeners}}}
+        out = {0: {"pid": os.getpid(), "listeners": self.listener_stats()}}
         if self.workers > 1:
             out.update(read_stats(self.cfg.state_dir, self.workers, time.time()))
         return out
@@ -364,7 +366,7 @@ class Gateway:
             "imports": [r.describe() for r in self.import_routers.values()],
             "exports": [e.to_json() for e in self.export_state()],
             "health": self.book.snapshot(now),
-            "listeners": {lst.name: _stats(lst) for lst in self.listeners},
+            "listeners": self.listener_stats(),
             "drills": self.drill_actor.status() if self.drill_actor else None,
             "workers": self._workers_status(),
         }
