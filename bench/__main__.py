@@ -241,10 +241,7 @@ class Suite:
             paths = {"Isthmus, 1 worker": (w1["import"], [gw["west-1"].pid]),
                      "Isthmus, 2 workers": (e2["import"], [gw["east-2"].pid, *infra.children(gw["east-2"].pid)]),
                      "HAProxy, nbthread 1": (HAPROXY_T1, [h1.pid]), "HAProxy, nbthread 2": (HAPROXY_T2, [h2.pid])}
-            for name, (port, _) in paths.items():
-                r = infra.wrk(port, 1, 1)
-                if r.requests < 10 or r.errors:
-                    raise RuntimeError(f"path {name} (port {port}) does not work: {r}")
+            self.check_paths(paths)
             for r in range(a.rounds):
                 self.log(f"round {r + 1}/{a.rounds}: workers")
                 for name, (port, pids) in paths.items():
@@ -275,8 +272,9 @@ class Suite:
                          f" | {ratio(names[1], names[3])} |")
         return "\n".join(lines)
 
-    def check_paths(self, local: dict, cross: dict) -> None:
-        for case in (local, cross):
+    def check_paths(self, *cases: dict[str, tuple[int, list[int]]]) -> None:
+        """Each path answers a one-second wrk -c1 without errors before anything is measured."""
+        for case in cases:
             for name, (port, _) in case.items():
                 r = infra.wrk(port, 1, 1)
                 if r.requests < 10 or r.errors:
