@@ -289,6 +289,15 @@ def _load_pem_cert(cert_pem: bytes, what: str) -> x509.Certificate:
         raise IdentityError(f"{what}: not a PEM X.509 certificate ({e})") from None
 
 
+def _load_pair(cert_pem: bytes, key_pem: bytes, what: str, cert_part: str, key_part: str) -> tuple[x509.Certificate, Any]:
+    """A certificate and its private key, checked to belong together."""
+    cert = _load_pem_cert(cert_pem, f"{what}: {cert_part}")
+    key = _load_key(key_pem, f"{what}: {key_part}")
+    if not _same_public_key(key.public_key(), cert.public_key()):
+        raise IdentityError(f"{what}: the private key does not match the certificate")
+    return cert, key
+
+
 # ---------------------------------------------------------------------------- bundles
 
 
@@ -529,10 +538,7 @@ class Svid:
 
     @classmethod
     def from_pem(cls, cert_pem: bytes, key_pem: bytes, what: str = "SVID") -> Svid:
-        cert = _load_pem_cert(cert_pem, f"{what}: {cls.CERT_FILE}")
-        key = _load_key(key_pem, f"{what}: {cls.KEY_FILE}")
-        if not _same_public_key(key.public_key(), cert.public_key()):
-            raise IdentityError(f"{what}: the private key does not match the certificate")
+        cert, _ = _load_pair(cert_pem, key_pem, what, cls.CERT_FILE, cls.KEY_FILE)
         sid = spiffe_id_of(cert.public_bytes(serialization.Encoding.DER))
         return cls(
             sid,
@@ -681,10 +687,7 @@ class CertificateAuthority:
     ) -> CertificateAuthority:
         td = _as_td(trust_domain)
         w = f"CA for {td.name!r}"
-        cert = _load_pem_cert(cert_pem, f"{w}: certificate")
-        key = _load_key(key_pem, f"{w}: key")
-        if not _same_public_key(key.public_key(), cert.public_key()):
-            raise IdentityError(f"{w}: the private key does not match the certificate")
+        cert, key = _load_pair(cert_pem, key_pem, w, "certificate", "key")
         if not _is_ca(cert):
             raise IdentityError(f"{w}: the certificate is not a CA (basicConstraints CA not set)")
         try:
