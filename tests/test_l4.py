@@ -163,6 +163,28 @@ async def connect(stack, port: int):
     return reader, writer
 
 
+async def small_buffer_client(stack, port: int, rcvbuf: int | None = None):
+    """A client with a 64 KiB send buffer (and `rcvbuf`, if given), so backpressure shows fast."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.connect((HOST, port))
+    sock.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=sock)
+    stack.callback(writer.close)
+    return reader, writer
+
+
+async def read_hashed(reader: asyncio.StreamReader) -> tuple[int, str]:
+    """Read to EOF: how many bytes, and their sha256."""
+    h, n = hashlib.sha256(), 0
+    while data := await reader.read(1 << 20):
+        h.update(data)
+        n += len(data)
+    return n, h.hexdigest()
+
+
 async def roundtrip(reader, writer, data: bytes = b"ping") -> None:
     writer.write(data)
     await writer.drain()
@@ -197,14 +219,10 @@ async def exchange(port: int, payload: bytes) -> str:
             writer.write_eof()
 
         sender = asyncio.create_task(send())
-        got = hashlib.sha256()
-        n = 0
-        while chunk := await reader.read(1 << 20):
-            got.update(chunk)
-            n += len(chunk)
+        n, digest = await read_hashed(reader)
         await sender
         assert n == len(payload)
-        return got.hexdigest()
+        return digest
     finally:
         writer.close()
 
@@ -232,11 +250,8 @@ async def test_slow_reader_backpressures_the_client(stack):
 
     async def slow(reader, writer):
         await release.wait()
-        h, n = hashlib.sha256(), 0
-        while data := await reader.read(1 << 20):
-            h.update(data)
-            n += len(data)
-        writer.write(f"{n} {h.hexdigest()}".encode())
+        n, digest = await read_hashed(reader)
+        writer.write(f"{n} {digest}".encode())
         await writer.drain()
         writer.close()
         result.set_result(n)
@@ -244,12 +259,7 @@ async def test_slow_reader_backpressures_the_client(stack):
     port = await server(stack, slow, rcvbuf=64 * 1024)
     lst = await import_listener(stack, FakeRouter(local_target(port)))
 
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
-    sock.connect((HOST, lst.port))
-    sock.setblocking(False)
-    reader, writer = await asyncio.open_connection(sock=sock)
-    stack.callback(writer.close)
+    reader, writer = await small_buffer_client(stack, lst.port)
 
     chunk = os.urandom(256 * 1024)
     sent = hashlib.sha256()
@@ -295,11 +305,7 @@ async def test_bytes_sent_while_connecting_are_bounded_then_relayed(stack):
 
     async def slow(reader, writer):
         await release.wait()
-        h, n = hashlib.sha256(), 0
-        while data := await reader.read(1 << 20):
-            h.update(data)
-            n += len(data)
-        result.set_result((n, h.hexdigest()))
+        result.set_result(await read_hashed(reader))
         writer.close()
 
     silent = await server(stack, silent_gateway)
@@ -308,12 +314,7 @@ async def test_bytes_sent_while_connecting_are_bounded_then_relayed(stack):
     router = FakeRouter(remote_target(silent), local_target(port))
     lst = await import_listener(stack, router, tls=tls_a, connect_timeout=0.5)
 
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
-    sock.connect((HOST, lst.port))
-    sock.setblocking(False)
-    reader, writer = await asyncio.open_connection(sock=sock)
-    stack.callback(writer.close)
+    reader, writer = await small_buffer_client(stack, lst.port)
 
     chunk = os.urandom(128 * 1024)
     sent = hashlib.sha256()

@@ -37,9 +37,11 @@ from tests.test_l4 import (
     import_listener,
     inbound,
     on_uvloop,
+    read_hashed,
     remote_target,
     roundtrip,
     server,
+    small_buffer_client,
     tls_pair,
 )
 
@@ -80,17 +82,6 @@ def only_link(pool: LinkPool) -> mux.MuxLink:
 def answerer_stream(b, sid: int) -> mux.Stream:
     (lk,) = b.links
     return lk.streams[sid]
-
-
-async def small_buffer_client(stack, port: int):
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-    sock.connect((HOST, port))
-    sock.setblocking(False)
-    reader, writer = await asyncio.open_connection(sock=sock)
-    stack.callback(writer.close)
-    return reader, writer
 
 
 async def write_until_blocked(writer, limit: int = 256 * 1024 * 1024, chunk_size: int = 256 * 1024):
@@ -236,11 +227,7 @@ async def test_a_stalled_stream_neither_stalls_its_link_nor_grows_buffers(stack)
 
     async def stalls(reader, writer):
         await release.wait()
-        h, n = hashlib.sha256(), 0
-        while data := await reader.read(1 << 20):
-            h.update(data)
-            n += len(data)
-        result.set_result((n, h.hexdigest()))
+        result.set_result(await read_hashed(reader))
         writer.close()
 
     slow_port = await server(stack, stalls, rcvbuf=64 * 1024)
@@ -256,7 +243,7 @@ async def test_a_stalled_stream_neither_stalls_its_link_nor_grows_buffers(stack)
 
     baseline = await batch()  # also sets the link up
 
-    reader, writer = await small_buffer_client(stack, g.a[SLOW].port)
+    reader, writer = await small_buffer_client(stack, g.a[SLOW].port, rcvbuf=64 * 1024)
     total, sent = await write_until_blocked(writer)
     assert total < 64 * 1024 * 1024, f"{total} bytes accepted before backpressure"
 
@@ -311,7 +298,7 @@ async def test_a_client_that_stops_reading_is_bounded_on_both_gateways(stack):
             writer.close()
 
     g = await gateways(stack, {SLOW: await server(stack, firehose), SERVICE: await echo_server(stack)})
-    reader, writer = await small_buffer_client(stack, g.a[SLOW].port)
+    reader, writer = await small_buffer_client(stack, g.a[SLOW].port, rcvbuf=64 * 1024)
     writer.write(b"go")
     await asyncio.sleep(0.05)
     before = -1
@@ -752,7 +739,7 @@ async def test_bytes_sent_while_the_stream_opens_stay_bounded(stack):
     peer.script = script
     port = await fake_answerer(stack, tls_b, peer)
     a = await import_listener(stack, FakeRouter(remote_target(port)), tls=tls_a)
-    reader, writer = await small_buffer_client(stack, a.port)
+    reader, writer = await small_buffer_client(stack, a.port, rcvbuf=64 * 1024)
     total, sent = await write_until_blocked(writer, limit=64 * 1024 * 1024)
     (down,) = a.legs
     stream = down.other
