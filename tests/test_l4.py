@@ -185,6 +185,22 @@ async def read_hashed(reader: asyncio.StreamReader) -> tuple[int, str]:
     return n, h.hexdigest()
 
 
+async def write_until_blocked(writer, limit: int = 256 * 1024 * 1024, chunk_size: int = 256 * 1024):
+    """Write random chunks until drain() blocks for 0.5s; returns (total, sha256 object)."""
+    sent = hashlib.sha256()
+    total = 0
+    while total < limit:
+        chunk = os.urandom(chunk_size)
+        writer.write(chunk)
+        sent.update(chunk)
+        total += len(chunk)
+        try:
+            await asyncio.wait_for(writer.drain(), 0.5)
+        except TimeoutError:
+            return total, sent
+    raise AssertionError(f"the client wrote {total} bytes without ever being slowed down")
+
+
 async def roundtrip(reader, writer, data: bytes = b"ping") -> None:
     writer.write(data)
     await writer.drain()
@@ -261,19 +277,7 @@ async def test_slow_reader_backpressures_the_client(stack):
 
     reader, writer = await small_buffer_client(stack, lst.port)
 
-    chunk = os.urandom(256 * 1024)
-    sent = hashlib.sha256()
-    total, blocked = 0, False
-    while total < 256 * 1024 * 1024:
-        writer.write(chunk)
-        sent.update(chunk)
-        total += len(chunk)
-        try:
-            await asyncio.wait_for(writer.drain(), 0.5)
-        except TimeoutError:
-            blocked = True
-            break
-    assert blocked, f"the client wrote {total} bytes without ever being slowed down"
+    total, sent = await write_until_blocked(writer)
     assert total < 96 * 1024 * 1024, f"{total} bytes accepted before backpressure"
 
     # The gateway itself holds little: its client leg stopped reading, its backend leg's

@@ -43,6 +43,7 @@ from tests.test_l4 import (
     server,
     small_buffer_client,
     tls_pair,
+    write_until_blocked,
 )
 
 SLOW = ServiceKey("shop", "slow")
@@ -82,22 +83,6 @@ def only_link(pool: LinkPool) -> mux.MuxLink:
 def answerer_stream(b, sid: int) -> mux.Stream:
     (lk,) = b.links
     return lk.streams[sid]
-
-
-async def write_until_blocked(writer, limit: int = 256 * 1024 * 1024, chunk_size: int = 256 * 1024):
-    """Write random chunks until drain() blocks for 0.5s; returns (total, sha256 object)."""
-    sent = hashlib.sha256()
-    total = 0
-    while total < limit:
-        chunk = os.urandom(chunk_size)
-        writer.write(chunk)
-        sent.update(chunk)
-        total += len(chunk)
-        try:
-            await asyncio.wait_for(writer.drain(), 0.5)
-        except TimeoutError:
-            return total, sent
-    raise AssertionError(f"the client wrote {total} bytes without ever being slowed down")
 
 
 def reset_connection(writer) -> None:
