@@ -12,7 +12,14 @@ Phases: all up -> east-1's backends down (traffic must move to east-2, same regi
 down too (traffic must move to west-1, other region) -> all restored (traffic must come back to
 east-1 after the failback delay). The report says, per phase, who served how many connections,
 how many failed, and how long the shift took. Exit 0 when every phase ended on the expected
-cluster with no failed connection.
+cluster with no failed new connection.
+
+Failures are split by whose fault they are. A connection a backend had already accepted when
+the demo killed that backend dies with it: no gateway can save bytes already handed to a dead
+process, so it is counted as "in flight on a killed backend" and shown, but does not fail the
+demo. Every other failed connection ("failed" in the table) is the gateway's and fails it. Each
+client connection sends a numbered line; a backend notes the number of every connection it
+resets when killed, and the number of those it reset before their line arrived.
 
 Then a failover drill, through the same code as `isthmus drill run` (in this process, with the
 operator credentials the federation wrote): the plan for losing us-east, then a `blackhole`
@@ -106,19 +113,33 @@ class Backends:
         self.cluster = cluster
         self.ports = addresses
         self.servers: list[asyncio.base_events.Server] = []
-        self.writers: set[asyncio.StreamWriter] = set()
+        self.writers: dict[asyncio.StreamWriter, str | None] = {}  # open -> its client's line
+        self.killed: set[str] = set()  # lines of the connections stop() reset
+        self.killed_unread = 0  # connections stop() reset before their line arrived
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.writers.add(writer)
+        self.writers[writer] = None
         try:
-            await asyncio.wait_for(reader.readline(), 5)
+            line = await asyncio.wait_for(reader.readline(), 5)
+            if writer in self.writers:
+                self.writers[writer] = line.decode(errors="replace").strip()
             writer.write(f"{self.cluster}\n".encode())
             await writer.drain()
         except (OSError, TimeoutError, RuntimeError):  # RuntimeError: stop() reset it meanwhile
             pass
         finally:
-            self.writers.discard(writer)
+            self.writers.pop(writer, None)
             writer.close()
+
+    def killed_in_flight(self, line: str) -> bool:
+        """True when stop() reset the connection that sent `line` (or one whose line it never
+        read, counted once each): that connection died with its backend."""
+        if line in self.killed:
+            return True
+        if self.killed_unread > 0:
+            self.killed_unread -= 1
+            return True
+        return False
 
     async def start(self) -> None:
         for port in self.ports:
@@ -128,8 +149,13 @@ class Backends:
         """Close the listening sockets (new connects are refused) and reset open connections."""
         for s in self.servers:
             s.close()
-        for w in list(self.writers):
+        for w, line in list(self.writers.items()):
+            if line:
+                self.killed.add(line)
+            else:
+                self.killed_unread += 1
             w.transport.abort()
+        self.writers.clear()
         for s in self.servers:
             await s.wait_closed()
         self.servers.clear()
@@ -141,13 +167,17 @@ class Phase:
     expect: str
     started: float
     served: dict[str, int] = field(default_factory=dict)
-    failed: int = 0
+    failed: int = 0  # new connections the gateway failed
+    in_flight: int = 0  # already on a backend when the demo killed it (not the gateway's fault)
     first_expected: float | None = None  # seconds after the phase started
     last_unexpected: float | None = None
 
-    def record(self, at: float, who: str | None) -> None:
+    def record(self, at: float, who: str | None, killed: bool = False) -> None:
         if who is None:
-            self.failed += 1
+            if killed:
+                self.in_flight += 1
+            else:
+                self.failed += 1
             return
         self.served[who] = self.served.get(who, 0) + 1
         t = at - self.started
@@ -162,13 +192,14 @@ class Phase:
         return self.failed == 0 and self.first_expected is not None
 
 
-async def one_connection(port: int, timeout: float = 3.0) -> str | None:
+async def one_connection(port: int, timeout: float = 3.0, line: str = "hello") -> str | None:
+    """Connect, send `line`, return the backend's answer (its cluster), None on any failure."""
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout)
     except (OSError, TimeoutError):
         return None
     try:
-        writer.write(b"hello\n")
+        writer.write(f"{line}\n".encode())
         line = await asyncio.wait_for(reader.readline(), timeout)
         return line.decode().strip() or None
     except (OSError, TimeoutError):
@@ -196,13 +227,18 @@ async def paced(start: Callable[[], Awaitable[None]], interval: float, stop: asy
         await asyncio.gather(*tasks)
 
 
-async def drive(port: int, rate: int, phases: list[Phase], stop: asyncio.Event) -> None:
-    """Open `rate` connections per second until stop; each is counted in the phase it began in."""
+async def drive(port: int, rate: int, phases: list[Phase], stop: asyncio.Event,
+                backends: dict[str, Backends]) -> None:
+    """Open `rate` connections per second until stop; each is counted in the phase it began in,
+    a failed one as in flight when a killed backend had it."""
     loop = asyncio.get_running_loop()
+    numbers = iter(range(1, 1 << 62))
 
     async def run(phase: Phase) -> None:  # the phase current when the connection began
-        who = await one_connection(port)
-        phase.record(loop.time(), who)
+        line = f"hello {next(numbers)}"
+        who = await one_connection(port, line=line)
+        killed = who is None and any(b.killed_in_flight(line) for b in backends.values())
+        phase.record(loop.time(), who, killed)
 
     await paced(lambda: run(phases[-1]), 1.0 / rate, stop)
 
@@ -346,7 +382,7 @@ async def demo(args: Any, state: Path, out) -> int:
             phases.append(Phase(name, expect, loop.time()))
 
         begin("all up", "east-1")
-        driver = asyncio.create_task(drive(ports(offset, 0)["import"], args.rate, phases, stop))
+        driver = asyncio.create_task(drive(ports(offset, 0)["import"], args.rate, phases, stop, backends))
         try:
             await asyncio.sleep(args.phase)
             await backends["east-1"].stop()
@@ -414,7 +450,8 @@ def report(phases: list[Phase], out) -> bool:
     from rich.table import Table
 
     t = Table(title="isthmus demo: who served east-1's connections")
-    for col in ("phase", "expected", "east-1", "east-2", "west-1", "failed", "shift time", "ok"):
+    for col in ("phase", "expected", "east-1", "east-2", "west-1", "failed", "in flight",
+                "shift time", "ok"):
         t.add_column(col)
     all_ok = True
     for i, p in enumerate(phases):
@@ -423,13 +460,17 @@ def report(phases: list[Phase], out) -> bool:
             shift = "never" if p.first_expected is None else (
                 f"{(p.last_unexpected or 0) * 1000:.0f} ms" if p.last_unexpected is not None else "0 ms")
         all_ok &= p.ok
-        t.add_row(p.name, p.expect, *(str(p.served.get(c, 0)) for c, _, _ in CLUSTERS), str(p.failed), shift,
+        t.add_row(p.name, p.expect, *(str(p.served.get(c, 0)) for c, _, _ in CLUSTERS), str(p.failed),
+                  str(p.in_flight), shift,
                   "[green]yes[/]" if p.ok else "[red]NO[/]")
     Console(width=max(100, shutil.get_terminal_size().columns)).print(t)
-    total = sum(sum(p.served.values()) + p.failed for p in phases)
+    total = sum(sum(p.served.values()) + p.failed + p.in_flight for p in phases)
     failed = sum(p.failed for p in phases)
-    out(f"{total} connections, {failed} failed. shift time = last connection served by the previous "
-        "cluster after the phase began (failback waits failback_after=2s on purpose)")
+    in_flight = sum(p.in_flight for p in phases)
+    out(f"{total} connections, {failed} failed, {in_flight} in flight on a killed backend "
+        "(already handed to the backend when it was killed: no gateway can save those).")
+    out("shift time = last connection served by the previous cluster after the phase began "
+        "(failback waits failback_after=2s on purpose)")
     return all_ok
 
 
