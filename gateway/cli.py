@@ -113,6 +113,9 @@ def cmd_gateway_run(args: argparse.Namespace) -> int:
     if args.worker_index and args.primary_pid <= 1:
         raise InputError("--worker-index needs --primary-pid (workers are started by their primary)")
     _setup_logging(args.log_level, f"[worker {args.worker_index}] " if args.worker_index else "")
+    if not args.worker_index:  # the primary speaks for its workers
+        for w in cfg.warnings:
+            logging.getLogger("isthmus.gateway.config").warning("%s", w.warning())
     _install_uvloop()
 
     async def run(stop: asyncio.Event) -> None:
@@ -133,9 +136,13 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
         except ConfigError as e:
             bad += 1
             print(str(e), file=sys.stderr)
+            for w in e.warnings:
+                print(w.warning(), file=sys.stderr)
             continue
+        for w in cfg.warnings:
+            print(w.warning(), file=sys.stderr)
         print(f"{path}: ok (cluster {cfg.cluster.name}, {len(cfg.exports)} export(s), "
-              f"{len(cfg.imports)} import(s))")
+              f"{len(cfg.imports)} import(s){f', {len(cfg.warnings)} warning(s)' if cfg.warnings else ''})")
     return EXIT_USAGE if bad else EXIT_OK
 
 

@@ -30,15 +30,25 @@ class Problem:
     message: str
 
     def __str__(self) -> str:
+        return self._format("")
+
+    def warning(self) -> str:
+        """The line for a warning: `FILE:LINE: warning: path: message`."""
+        return self._format("warning: ")
+
+    def _format(self, label: str) -> str:
         where = self.file if self.line is None else f"{self.file}:{self.line}"
-        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+        what = f"{self.path}: {self.message}" if self.path else self.message
+        return f"{where}: {label}{what}"
 
 
 class ConfigError(GatewayError):
-    """The config file is wrong (the operator's to fix). str() is one line per problem."""
+    """The config file is wrong (the operator's to fix). str() is one line per problem;
+    `warnings` holds the risky-but-valid settings found in the same pass."""
 
-    def __init__(self, problems: list[Problem]):
+    def __init__(self, problems: list[Problem], warnings: list[Problem] | tuple[Problem, ...] = ()):
         if not problems:
             raise ValueError("ConfigError needs at least one problem")
         self.problems: list[Problem] = list(problems)
+        self.warnings: list[Problem] = list(warnings)
         super().__init__("\n".join(str(p) for p in self.problems))
