@@ -30,12 +30,12 @@ import random
 import time
 from typing import Any
 
-from federation.errors import IsthmusError
+from federation.errors import IsthmusError, PermanentError
 from federation.identity import Svid, TrustBundle
 from federation.model import Catalog, Endpoint, Export, Locality, ServiceKey
 from federation.units import parse_hostport
 
-from .agent import Agent, Identity
+from .agent import Agent, Backoff, Identity, federation_ca
 from .balance import Policy
 from .config import GatewayConfig
 from .drill_actor import DrillActor
@@ -223,18 +223,19 @@ class Gateway:
                 self.agent.publish_wanted.set()  # publishes only exports whose health changed
 
     async def _join_then_follow(self, tg: asyncio.TaskGroup) -> None:
+        """Join, retrying what may pass (federation down, 5xx); a PermanentError (no CA file,
+        no token, token refused) ends run() with that error."""
         agent = self.agent
-        backoff = 0.2
+        backoff = Backoff()
         while True:
             try:
                 await agent.ensure_joined()
                 break
+            except PermanentError:
+                raise
             except IsthmusError as e:
-                if "no join token" in str(e):
-                    raise
-                log.warning("cannot join the federation yet: %s", e)
-                await asyncio.sleep(backoff)
-                backoff = min(5.0, backoff * 2)
+                log.warning("cannot join the federation yet (retrying): %s", e)
+                await asyncio.sleep(backoff.next())
         for loop in (agent.lease_loop, agent.publish_loop, agent.watch_loop, agent.persist_loop):
             tg.create_task(loop())
 
@@ -268,6 +269,7 @@ class Gateway:
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
         cfg = self.cfg
+        federation_ca(cfg)  # a ConfigError now, before anything is bound, rather than at the join
         cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.identity = Identity(cfg, self.wall(), persist=self.primary)
         self.tls = GatewayTls(
@@ -335,6 +337,8 @@ class Gateway:
                 raise _Stop
         except* _Stop:
             pass
+        except* PermanentError as group:  # the reason alone, not a group of one: cli exits on it
+            raise _first(group) from None
         finally:
             await self.close()
 
@@ -394,3 +398,10 @@ def _stats(lst: Any) -> dict[str, Any]:
 
 class _Stop(Exception):
     pass
+
+
+def _first(group: BaseExceptionGroup) -> BaseException:
+    e: BaseException = group
+    while isinstance(e, BaseExceptionGroup):
+        e = e.exceptions[0]
+    return e
