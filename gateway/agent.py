@@ -13,7 +13,9 @@ Theory of operation
   Unreachable, timeouts, 408/429 and 5xx are retried by the caller (runtime) with backoff.
 - Lease: grant, publish every export, then keep alive every ttl/3. A keepalive refused (the
   lease expired while we were away) means our exports were withdrawn: grant a new lease and
-  publish them all again.
+  publish them all again. Another cluster's lease expiring shows in the catalog (it leaves
+  `live`, its exports stop counting): logged at INFO, as is its return (`log_peers`; the
+  primary only, so workers do not repeat it), rate-limited per cluster.
 - Exports carry health: when the HealthBook changes a local endpoint, the export is published
   again (coalesced: at most one publish in flight per export, the latest state wins).
 - Imports are published the same way (an `ImportRecord` per configured import: its failover
@@ -53,6 +55,7 @@ from federation.errors import (
 )
 from federation.files import write_atomic
 from federation.identity import CertificateAuthority, Svid, TrustBundle, gateway_id
+from federation.logs import LogLimiter
 from federation.model import Catalog, ClusterRecord, Export, ImportRecord
 
 from .config import GatewayConfig
@@ -158,6 +161,8 @@ class Agent:
         self.connected = False
         self.last_error: str | None = None
         self._persist_wanted = asyncio.Event()
+        self.log_peers = True  # log other clusters' leases expiring / coming back
+        self.events = LogLimiter(log, interval=30.0, burst=4)
 
     # -- startup ------------------------------------------------------------------------------
     def load_cached_catalog(self) -> Catalog | None:
@@ -239,7 +244,9 @@ class Agent:
                     await self.publish_all()
                     log.info("lease %s granted (ttl %.1fs); exports published", self.lease, self.lease_ttl)
                 elif not await self.client.keepalive(name, self.lease):
-                    log.warning("lease %s expired at the federation; re-registering", self.lease)
+                    self.events.warning("own-lease", "cluster %s: lease %s expired at the "
+                                        "federation (our exports were withdrawn); re-registering",
+                                        name, self.lease)
                     self.lease = None
                     continue
                 self.connected = True
@@ -343,7 +350,15 @@ class Agent:
                 await asyncio.sleep(backoff.next())
 
     def _set_catalog(self, cat: Catalog) -> None:
-        self.catalog = cat
+        old, self.catalog = self.catalog, cat
+        if self.log_peers and old.revision:  # not for the first catalog: everyone would be "new"
+            me = self.cfg.cluster.name
+            for c in sorted(old.live - cat.live - {me}):
+                self.events.info(f"live:{c}", "cluster %s: lease expired at the federation; its "
+                                 "exports no longer count for routing", c)
+            for c in sorted(cat.live - old.live - {me}):
+                self.events.info(f"live:{c}", "cluster %s: live at the federation (lease granted)",
+                                 c)
         self.on_catalog(cat)
         self._persist_wanted.set()
 

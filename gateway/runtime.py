@@ -32,6 +32,7 @@ from typing import Any
 
 from federation.errors import IsthmusError, PermanentError
 from federation.identity import Svid, TrustBundle
+from federation.logs import LogLimiter
 from federation.model import Catalog, Endpoint, Export, Locality, ServiceKey
 from federation.units import parse_hostport
 
@@ -67,6 +68,7 @@ class Gateway:
         o = cfg.outlier_detection
         self.book = HealthBook(OutlierRules(o.consecutive_failures, o.base_ejection, o.max_ejection))
         self.book.on_change.append(self._health_changed)
+        self.events = LogLimiter(log, interval=30.0, burst=4)  # transitions (_log_transitions)
         self.identity: Identity | None = None
         self.tls: GatewayTls | None = None
         self.agent: Agent | None = None
@@ -178,6 +180,56 @@ class Gateway:
         if self.drill_actor is not None:
             self.drill_actor.on_catalog(cat)
 
+    def _log_transitions(self) -> None:
+        """What the routers and the health book report as changed (router.py), one INFO line
+        each, rate-limited per service and per target (both are bounded by config/catalog)."""
+        me, events = self.cfg.cluster.name, self.events
+        for _, router in self.export_routers.values():
+            router.take_switches()  # one tier (our endpoints): their health events say it all
+        for router in self.import_routers.values():
+            for sw in router.take_switches():
+                key, where = f"tier:{sw.service}", f"import {sw.service} (cluster {me})"
+                clusters = ", ".join(sw.clusters) or "none"
+                if sw.new is None:
+                    events.info(key, "%s: no candidate left in any tier (was %r)", where, sw.old)
+                elif sw.panic:
+                    events.info(key, "%s: no healthy target in any tier; trying the unhealthy ones "
+                                "of tier %r (clusters %s)", where, sw.new, clusters)
+                elif sw.old == sw.new:
+                    events.info(key, "%s: healthy targets again in tier %r (clusters %s)", where,
+                                sw.new, clusters)
+                elif sw.old is None:
+                    events.info(key, "%s: traffic goes to tier %r (clusters %s)", where, sw.new,
+                                clusters)
+                else:
+                    events.info(key, "%s: traffic moves from tier %r to %r (clusters %s)", where,
+                                sw.old, sw.new, clusters)
+        for ev in self.book.take_events(self._mono()):
+            key, what = f"health:{ev.key}", self._describe_target(ev.key)
+            if ev.kind == "ejected":
+                events.info(key, "%s ejected for %.1fs after %d failed connect(s)", what,
+                            ev.until - ev.at, ev.count)
+            elif ev.kind == "returned":
+                events.info(key, "%s back from ejection", what)
+            else:
+                bad, peer = ev.kind == "unhealthy", ev.key.startswith("remote:")
+                state = ("lost" if bad else "back") if peer else (
+                    "unhealthy" if bad else "healthy again")
+                events.info(key, "%s %s after %d %s %s", what, state, ev.count,
+                            "failed" if bad else "good", "probe(s)" if peer else "health check(s)")
+
+    def _describe_target(self, key: str) -> str:
+        """`peer gateway of cluster C (imports S, ...)` or `endpoint H:P of S (cluster ME)`."""
+        if key.startswith("remote:"):
+            cluster = key.removeprefix("remote:")
+            svcs = [str(svc) for svc, r in self.import_routers.items()
+                    if any(loc.cluster == cluster for loc, _ in r.remote)]
+            return f"peer gateway of cluster {cluster} (imports {', '.join(svcs) or 'none'})"
+        svcs = [str(svc) for svc, (_, r) in self.export_routers.items()
+                if any(local_key(e.host, e.port) == key for e in r.local)]
+        return (f"endpoint {key.removeprefix('local:')} of {', '.join(svcs) or 'no export'} "
+                f"(cluster {self.cfg.cluster.name})")
+
     def _known_keys(self) -> set[str]:
         keys = {local_key(e.host, e.port) for ex in self.cfg.exports for e in ex.endpoints}
         keys |= {remote_key(c) for c in self.gateways}
@@ -219,6 +271,7 @@ class Gateway:
             await asyncio.sleep(TICK)
             for router in self.import_routers.values():
                 router.tick()
+            self._log_transitions()
             if self.agent is not None and self.agent.lease is not None:
                 self.agent.publish_wanted.set()  # publishes only exports whose health changed
 
@@ -279,6 +332,7 @@ class Gateway:
         )
         self._build_routers()
         self.agent = Agent(cfg, self.identity, self.wall, self.apply_catalog, self._on_svid, self.export_state)
+        self.agent.log_peers = self.primary  # workers follow the same catalog: one line is enough
         cached = self.agent.load_cached_catalog()
         if cached is not None:
             self.apply_catalog(cached)
