@@ -144,8 +144,9 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
             continue
         for w in cfg.warnings:
             print(w.warning(), file=sys.stderr)
+        warned = f", {len(cfg.warnings)} warning(s)" if cfg.warnings else ""
         print(f"{path}: ok (cluster {cfg.cluster.name}, {len(cfg.exports)} export(s), "
-              f"{len(cfg.imports)} import(s){f', {len(cfg.warnings)} warning(s)' if cfg.warnings else ''})")
+              f"{len(cfg.imports)} import(s){warned})")
     return EXIT_USAGE if bad else EXIT_OK
 
 

@@ -98,8 +98,8 @@ def parse_open(sid: int, payload: bytes) -> dict[str, Any]:
     OpenRefused("unsupported-version") if its version is not ours."""
     obj = parse_control(OPEN, payload)
     if "v" not in obj:
-        raise OpenRefused("unsupported-version",
-                          f"OPEN on stream {sid} has no version \"v\" (this gateway speaks {VERSION})")
+        raise OpenRefused("unsupported-version", f"OPEN on stream {sid} has no version "
+                          f"\"v\" (this gateway speaks {VERSION})")
     v = obj["v"]
     if type(v) is not int or v != VERSION:
         raise OpenRefused("unsupported-version",

@@ -80,9 +80,9 @@ async def test_a_refused_join_token_exits_1_with_the_reason(topo, how):
     r = await asyncio.to_thread(run_cli, "gateway", "run", "--config", str(n.config), timeout=30)
     assert r.returncode == 1, (r.returncode, r.stderr[-2000:])
     last = _last_line(r.stderr)
-    assert last == (f"isthmus: federation at {topo.fed_url} refused to join east-1 (401): {reason}; "
-                    "create a new one with `isthmus federation token create --cluster east-1`"), \
-        r.stderr[-2000:]
+    assert last == (f"isthmus: federation at {topo.fed_url} refused to join east-1 (401): "
+                    f"{reason}; create a new one with `isthmus federation token create "
+                    "--cluster east-1`"), r.stderr[-2000:]
     assert "Traceback" not in r.stderr and "retrying" not in r.stderr
 
 
