@@ -224,8 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     val.set_defaults(func=cmd_config_validate)
 
     st = sub.add_parser("status", help="clusters, leases, services and endpoint health")
-    st.add_argument("--admin", default="http://127.0.0.1:17080",
-                    help="the federation's admin URL (default http://127.0.0.1:17080)")
+    from .status import ADMIN_ENV, DEFAULT_ADMIN, default_admin
+
+    st.add_argument("--admin", default=default_admin(), metavar="URL",
+                    help="the federation's admin address, http://host:port or host:port (its "
+                         f"`serve --admin`; default ${ADMIN_ENV}, else {DEFAULT_ADMIN})")
     st.add_argument("--json", action="store_true", help="print JSON instead of tables")
     st.set_defaults(func=cmd_status)
 
