@@ -5,6 +5,11 @@ class IsthmusError(Exception):
     """Base of every error Isthmus raises on purpose."""
 
 
+class PermanentError(IsthmusError):
+    """Retrying the same thing cannot succeed: a person must change something (a file, a token).
+    Loops that retry (a gateway's join) stop on it; everything else is worth another try."""
+
+
 class InputError(IsthmusError, ValueError):
     """Input from a user or a peer was malformed; the message quotes the bad value."""
 
@@ -38,3 +43,9 @@ class FederationError(IsthmusError):
     def __init__(self, message: str, status: int | None = None):
         super().__init__(message)
         self.status = status
+
+
+class JoinRefused(FederationError, PermanentError):
+    """The federation refused a join for good (a 4xx answer: the token is unknown, used, expired
+    or for another cluster, or it will not take the cluster record): a new token or a changed
+    record is needed. `status` is the HTTP status of the refusal."""

@@ -6,10 +6,16 @@ Theory of operation
 - Identity is local: the cluster's CA lives in the state dir (or is the user's), and the agent
   issues its own SVID from it, rotating at half life (`Identity`).
 - First start: join with the single-use token (token_file or ISTHMUS_JOIN_TOKEN); the answer's
-  federation bundle is saved in `joined.json`. Later starts skip the join.
+  federation bundle is saved in `joined.json`. Later starts skip the join. What cannot get
+  better by retrying is a PermanentError and stops the gateway: a missing or unreadable
+  `federation.ca_file` or no token at all (ConfigError), a join the federation refuses with a
+  4xx other than 408/429 (JoinRefused: token unknown, used, expired, for another cluster).
+  Unreachable, timeouts, 408/429 and 5xx are retried by the caller (runtime) with backoff.
 - Lease: grant, publish every export, then keep alive every ttl/3. A keepalive refused (the
   lease expired while we were away) means our exports were withdrawn: grant a new lease and
-  publish them all again.
+  publish them all again. Another cluster's lease expiring shows in the catalog (it leaves
+  `live`, its exports stop counting): logged at INFO, as is its return (`log_peers`; the
+  primary only, so workers do not repeat it), rate-limited per cluster.
 - Exports carry health: when the HealthBook changes a local endpoint, the export is published
   again (coalesced: at most one publish in flight per export, the latest state wins).
 - Imports are published the same way (an `ImportRecord` per configured import: its failover
@@ -39,15 +45,39 @@ from dataclasses import replace
 from typing import Any
 
 from federation.client import FederationClient, load_federation_bundle
-from federation.errors import CompactedError, FederationError, InputError, IsthmusError
+from federation.errors import (
+    CompactedError,
+    FederationError,
+    IdentityError,
+    InputError,
+    IsthmusError,
+    JoinRefused,
+)
 from federation.files import write_atomic
 from federation.identity import CertificateAuthority, Svid, TrustBundle, gateway_id
+from federation.logs import LogLimiter
 from federation.model import Catalog, ClusterRecord, Export, ImportRecord
 
 from .config import GatewayConfig
-from .errors import GatewayError
+from .errors import ConfigError, GatewayError, Problem
 
 log = logging.getLogger("isthmus.gateway.agent")
+
+RETRIED_4XX = (408, 425, 429)  # a 4xx a join may get past by waiting (timeout, too early, busy)
+
+
+def federation_ca(cfg: GatewayConfig) -> TrustBundle:
+    """The federation's CA (federation.ca_file). Missing or not PEM is a ConfigError: the
+    operator's to fix, so the gateway stops (exit 2) instead of retrying."""
+    try:
+        return load_federation_bundle(cfg.federation.ca_file)
+    except IdentityError as e:
+        raise ConfigError([Problem(str(cfg.source), None, "federation.ca_file", str(e))]) from None
+
+
+def join_refused_for_good(status: int | None) -> bool:
+    """A join answer that no retry can change: any 4xx but RETRIED_4XX (None: no answer)."""
+    return status is not None and 400 <= status < 500 and status not in RETRIED_4XX
 
 
 class Identity:
@@ -131,6 +161,8 @@ class Agent:
         self.connected = False
         self.last_error: str | None = None
         self._persist_wanted = asyncio.Event()
+        self.log_peers = True  # log other clusters' leases expiring / coming back
+        self.events = LogLimiter(log, interval=30.0, burst=4)
 
     # -- startup ------------------------------------------------------------------------------
     def load_cached_catalog(self) -> Catalog | None:
@@ -160,19 +192,30 @@ class Agent:
 
     async def ensure_joined(self) -> None:
         """Join once (first start); afterwards the saved federation bundle is enough."""
-        fed_bundle = load_federation_bundle(self.cfg.federation.ca_file)
+        fed_bundle = federation_ca(self.cfg)
         if self.joined_path.exists():
             self._make_client(fed_bundle)
             return
         token = self._token()
         if token is None:
-            raise GatewayError(
-                f"{self.cfg.source}: not joined yet and no join token: set federation.token_file "
-                "or ISTHMUS_JOIN_TOKEN (create one with `isthmus federation token create`)"
-            )
-        client = FederationClient(self.cfg.federation.url, fed_bundle, None)
+            tf = self.cfg.federation.token_file
+            how = (f"{tf} does not exist" if tf is not None else
+                   "set federation.token_file or ISTHMUS_JOIN_TOKEN")
+            raise ConfigError([Problem(
+                str(self.cfg.source), None, "federation.token_file",
+                f"not joined yet and no join token: {how} (create one with "
+                f"`isthmus federation token create --cluster {self.cfg.cluster.name}`)")])
+        url, name = self.cfg.federation.url, self.cfg.cluster.name
+        client = FederationClient(url, fed_bundle, None)
         try:
             reply = await client.join(token, self._record(), self.identity.bundle)
+        except FederationError as e:
+            if not join_refused_for_good(e.status):
+                raise
+            hint = ("; create a new one with `isthmus federation token create --cluster "
+                    f"{name}`") if e.status in (401, 403) else ""
+            raise JoinRefused(f"federation at {url} refused to join {name} ({e.status}): {e}{hint}",
+                              e.status) from None
         finally:
             await client.close()
         write_atomic(self.joined_path, json.dumps(reply).encode())
@@ -201,7 +244,9 @@ class Agent:
                     await self.publish_all()
                     log.info("lease %s granted (ttl %.1fs); exports published", self.lease, self.lease_ttl)
                 elif not await self.client.keepalive(name, self.lease):
-                    log.warning("lease %s expired at the federation; re-registering", self.lease)
+                    self.events.warning("own-lease", "cluster %s: lease %s expired at the "
+                                        "federation (our exports were withdrawn); re-registering",
+                                        name, self.lease)
                     self.lease = None
                     continue
                 self.connected = True
@@ -305,7 +350,15 @@ class Agent:
                 await asyncio.sleep(backoff.next())
 
     def _set_catalog(self, cat: Catalog) -> None:
-        self.catalog = cat
+        old, self.catalog = self.catalog, cat
+        if self.log_peers and old.revision:  # not for the first catalog: everyone would be "new"
+            me = self.cfg.cluster.name
+            for c in sorted(old.live - cat.live - {me}):
+                self.events.info(f"live:{c}", "cluster %s: lease expired at the federation; its "
+                                 "exports no longer count for routing", c)
+            for c in sorted(cat.live - old.live - {me}):
+                self.events.info(f"live:{c}", "cluster %s: live at the federation (lease granted)",
+                                 c)
         self.on_catalog(cat)
         self._persist_wanted.set()
 

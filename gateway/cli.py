@@ -1,7 +1,10 @@
 """The `isthmus` command. The only module that prints for people.
 
 Exit codes: 0 ok, 1 failure, 2 bad usage or bad config (argparse's own convention for usage);
-`drill plan` also exits 3 when an import would be left with no healthy target.
+`drill plan` also exits 3 when an import would be left with no healthy target. `gateway run`
+stops on a PermanentError (errors.py) with its reason on one line: 2 for a ConfigError (also
+found at start: federation.ca_file missing or not PEM, no join token), 1 otherwise (the
+federation refused the join token: JoinRefused); what may pass by itself is retried, not exited.
 """
 
 from __future__ import annotations
@@ -113,6 +116,9 @@ def cmd_gateway_run(args: argparse.Namespace) -> int:
     if args.worker_index and args.primary_pid <= 1:
         raise InputError("--worker-index needs --primary-pid (workers are started by their primary)")
     _setup_logging(args.log_level, f"[worker {args.worker_index}] " if args.worker_index else "")
+    if not args.worker_index:  # the primary speaks for its workers
+        for w in cfg.warnings:
+            logging.getLogger("isthmus.gateway.config").warning("%s", w.warning())
     _install_uvloop()
 
     async def run(stop: asyncio.Event) -> None:
@@ -133,9 +139,14 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
         except ConfigError as e:
             bad += 1
             print(str(e), file=sys.stderr)
+            for w in e.warnings:
+                print(w.warning(), file=sys.stderr)
             continue
+        for w in cfg.warnings:
+            print(w.warning(), file=sys.stderr)
+        warned = f", {len(cfg.warnings)} warning(s)" if cfg.warnings else ""
         print(f"{path}: ok (cluster {cfg.cluster.name}, {len(cfg.exports)} export(s), "
-              f"{len(cfg.imports)} import(s))")
+              f"{len(cfg.imports)} import(s){warned})")
     return EXIT_USAGE if bad else EXIT_OK
 
 
@@ -213,8 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     val.set_defaults(func=cmd_config_validate)
 
     st = sub.add_parser("status", help="clusters, leases, services and endpoint health")
-    st.add_argument("--admin", default="http://127.0.0.1:17080",
-                    help="the federation's admin URL (default http://127.0.0.1:17080)")
+    from .status import ADMIN_ENV, DEFAULT_ADMIN, default_admin
+
+    st.add_argument("--admin", default=default_admin(), metavar="URL",
+                    help="the federation's admin address, http://host:port or host:port (its "
+                         f"`serve --admin`; default ${ADMIN_ENV}, else {DEFAULT_ADMIN})")
     st.add_argument("--json", action="store_true", help="print JSON instead of tables")
     st.set_defaults(func=cmd_status)
 

@@ -17,6 +17,10 @@ If any problem was recorded, `ConfigError` carries them all, sorted by line. Oth
 is a tree of frozen dataclasses with defaults applied, durations as float seconds and every file
 path made absolute (relative paths are relative to the config file's directory).
 
+Some settings are valid but risky (the plain-HTTP admin port on every interface): they are
+*warnings*, `Problem`s in `GatewayConfig.warnings` (and `ConfigError.warnings`), which
+`isthmus config validate` prints and `isthmus gateway run` logs; they never fail the file.
+
 This module is pure: apart from `load_config` reading the one file, it does no I/O, and it
 imports no asyncio, socket, time or random.
 """
@@ -26,7 +30,8 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -196,6 +201,7 @@ class GatewayConfig:
     peer_probe: ProbeConfig
     exports: tuple[ExportConfig, ...]
     imports: tuple[ImportConfig, ...]
+    warnings: tuple[Problem, ...] = ()  # valid but risky settings (module docstring)
 
 
 DEFAULT_IDENTITY = IdentityConfig(svid_ttl=_DAY, ca_cert_file=None, ca_key_file=None)
@@ -296,9 +302,10 @@ def parse_config(text: str, source: Path) -> GatewayConfig:
     reader = _Reader(str(source), _absolute(source).parent)
     root = reader.compose(text)
     config = reader.gateway(root, _absolute(source)) if root is not None else None
+    warnings = sorted(reader.warnings, key=lambda p: p.line or 0)
     if reader.problems or config is None:
-        raise ConfigError(sorted(reader.problems, key=lambda p: p.line or 0))
-    return config
+        raise ConfigError(sorted(reader.problems, key=lambda p: p.line or 0), warnings)
+    return replace(config, warnings=tuple(warnings))
 
 
 def _absolute(p: Path) -> Path:
@@ -326,6 +333,7 @@ class _Reader:
         self.file = file
         self.base = base
         self.problems: list[Problem] = []
+        self.warnings: list[Problem] = []
         self._ctor = SafeConstructor()
         # (field path, (host, port)) of every socket this gateway binds; set by gateway().
         self._listeners: list[tuple[str, tuple[str, int]]] = []
@@ -334,6 +342,9 @@ class _Reader:
 
     def problem(self, node: Node | None, path: str, message: str) -> None:
         self.problems.append(Problem(self.file, _line(node), path, message))
+
+    def warn(self, node: Node | None, path: str, message: str) -> None:
+        self.warnings.append(Problem(self.file, _line(node), path, message))
 
     def compose(self, text: str) -> Node | None:
         try:
@@ -650,6 +661,14 @@ class _Reader:
             return None
         inbound = self.hostport(f["inbound"], "listen.inbound") if "inbound" in f else None
         admin = self.hostport(f["admin"], "listen.admin") if "admin" in f else None
+        if admin is not None and _is_wildcard(admin[0]):
+            self.warn(
+                f["admin"],
+                "listen.admin",
+                f"{f['admin'].value!r} serves the plain-HTTP, unauthenticated admin endpoints "
+                "(/status, /metrics) on every interface; bind it to 127.0.0.1 or a private "
+                "address",
+            )
         advertise: str | None = None
         if "advertise" in f:
             hp = self.hostport(f["advertise"], "listen.advertise")
@@ -829,27 +848,42 @@ class _Reader:
         )
 
     def exports(self, node: Node, own: str | None) -> tuple[ExportConfig, ...]:
-        nodes = self.items(node, "exports", "exports", MAX_EXPORTS)
+        return self.services(
+            node, "exports", MAX_EXPORTS, "export", lambda n, path: self.export(n, path, own)
+        )
+
+    def services(
+        self,
+        node: Node,
+        section: str,
+        maximum: int,
+        verb: str,
+        parse: Callable[[Node, str], Any],
+    ) -> tuple[Any, ...]:
+        """The entries of `exports` or `imports`, each service at most once. A repeated service
+        is reported even when either entry has other problems (its name and namespace are
+        read quietly then), so one run shows both."""
+        nodes = self.items(node, section, section, maximum)
         if nodes is None:
             return ()
-        out: list[ExportConfig] = []
+        out: list[Any] = []
         seen: dict[tuple[str, str], int] = {}
         for i, n in enumerate(nodes):
-            path = f"exports[{i}]"
-            exp = self.export(n, path, own)
-            if exp is None:
-                continue
-            key = (exp.namespace, exp.name)
-            if key in seen:
+            path = f"{section}[{i}]"
+            entry = parse(n, path)
+            key = (entry.namespace, entry.name) if entry is not None else _quiet_service(n)
+            if key is not None and key in seen:
                 self.problem(
                     n,
                     path,
-                    f"service {exp.namespace}/{exp.name} is already exported by "
-                    f"exports[{seen[key]}]; export each service once",
+                    f"service {key[0]}/{key[1]} is already {verb}ed by "
+                    f"{section}[{seen[key]}]; {verb} each service once",
                 )
                 continue
-            seen[key] = i
-            out.append(exp)
+            if key is not None:
+                seen[key] = i
+            if entry is not None:
+                out.append(entry)
         return tuple(out)
 
     def export(self, node: Node, path: str, own: str | None) -> ExportConfig | None:
@@ -966,28 +1000,7 @@ class _Reader:
         return tuple(out)
 
     def imports(self, node: Node) -> tuple[ImportConfig, ...]:
-        nodes = self.items(node, "imports", "imports", MAX_IMPORTS)
-        if nodes is None:
-            return ()
-        out: list[ImportConfig] = []
-        seen: dict[tuple[str, str], int] = {}
-        for i, n in enumerate(nodes):
-            path = f"imports[{i}]"
-            imp = self.import_(n, path)
-            if imp is None:
-                continue
-            key = (imp.namespace, imp.name)
-            if key in seen:
-                self.problem(
-                    n,
-                    path,
-                    f"service {imp.namespace}/{imp.name} is already imported by "
-                    f"imports[{seen[key]}]; import each service once",
-                )
-                continue
-            seen[key] = i
-            out.append(imp)
-        return tuple(out)
+        return self.services(node, "imports", MAX_IMPORTS, "import", self.import_)
 
     def import_(self, node: Node, path: str) -> ImportConfig | None:
         f = self.section(node, path, _IMPORT)
@@ -1108,6 +1121,23 @@ def _child(node: Node | None, key: str) -> Node | None:
         if isinstance(k, ScalarNode) and k.value == key:
             return v
     return None
+
+
+def _quiet_name(node: Node | None) -> str | None:
+    if not (isinstance(node, ScalarNode) and node.tag == "tag:yaml.org,2002:str"):
+        return None
+    try:
+        return check_name(node.value, "")
+    except InputError:
+        return None
+
+
+def _quiet_service(node: Node) -> tuple[str, str] | None:
+    """(namespace, name) of an export or import entry when both are valid, else None."""
+    ns_node = _child(node, "namespace")
+    ns = "default" if ns_node is None or _is_null(ns_node) else _quiet_name(ns_node)
+    name = _quiet_name(_child(node, "name"))
+    return None if ns is None or name is None else (ns, name)
 
 
 def _char(c: Any) -> str:

@@ -2,10 +2,12 @@
 
 Frames (all big-endian):  type (1 byte) | stream id (4 bytes) | length (4 bytes) | payload
 
-    OPEN   caller -> answerer   {"v":2,"service":"<ns>/<name>"}; the caller picks odd ids, rising
+    OPEN   caller -> answerer   {"v":2,"service":"<ns>/<name>"}; the caller picks odd ids, rising,
+                                at most MAX_STREAM_ID (then it dials a new link)
     OK     answerer -> caller   {"endpoint": key}: the answerer reached a local endpoint
     ERR    answerer -> caller   {"code","error"}: refused (forbidden, unknown-service,
-                                no-endpoint, draining, degraded, busy); the caller fails over
+                                no-endpoint, draining, degraded, busy, unsupported-version);
+                                the caller fails over
     DATA   both ways            bytes of the stream
     EOF    both ways            this direction is done (half-close; TLS itself cannot)
     RST    both ways            the stream is over: close after flushing what was received
@@ -15,6 +17,17 @@ Frames (all big-endian):  type (1 byte) | stream id (4 bytes) | length (4 bytes)
 Frames are bounded (MAX_FRAME, MAX_CONTROL); a peer that sends a bigger one, an unknown type or
 malformed control JSON is cut off with a reason naming what it sent. How streams share a link
 and how flow control works is gateway/mux.py's docstring.
+
+A bad OPEN is one of two things (`check_open_id`, `parse_open`):
+
+* a **protocol violation**, and the link is cut (LinkProtocolError): a stream id that is even,
+  not above every id opened before, or above MAX_STREAM_ID (ids are the framing's own
+  bookkeeping; a caller that runs out of them must dial a new link), or a payload that is not
+  a JSON object. Nothing the peer sends after that can be trusted to line up.
+* a **refusal** of that one stream, and the link survives (OpenRefused, answered with ERR
+  `unsupported-version`): a well-framed OPEN whose `"v"` is missing or not VERSION. Frames
+  themselves are not versioned, so the other streams are fine; a caller of another version
+  fails over as for any ERR. The error quotes the version the peer sent.
 """
 
 from __future__ import annotations
@@ -22,6 +35,8 @@ from __future__ import annotations
 import json
 import struct
 from typing import Any
+
+from federation.logs import quote
 
 OPEN, OK, ERR, DATA, EOF, PING, PONG, RST, WINDOW = 1, 2, 3, 4, 5, 6, 7, 8, 9
 NAMES = {OPEN: "OPEN", OK: "OK", ERR: "ERR", DATA: "DATA", EOF: "EOF", PING: "PING",
@@ -37,9 +52,16 @@ MAX_STREAM_ID = 2**31 - 1
 
 
 
-
 class LinkProtocolError(Exception):
     """The peer broke the link protocol; the message says how."""
+
+
+class OpenRefused(Exception):
+    """A well-framed OPEN this side will not serve: answered with ERR `code`; the link stays."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def frame(kind: int, stream: int, payload: bytes = b"") -> bytes:
@@ -59,6 +81,30 @@ def parse_control(kind: int, payload: bytes) -> dict[str, Any]:
         raise LinkProtocolError(f"{NAMES[kind]} frame is not JSON") from None
     if not isinstance(obj, dict):
         raise LinkProtocolError(f"{NAMES[kind]} frame is not a JSON object")
+    return obj
+
+
+def check_open_id(sid: int, last_open: int) -> None:
+    """An OPEN's stream id must be odd, above `last_open` and at most MAX_STREAM_ID."""
+    if sid > MAX_STREAM_ID:
+        raise LinkProtocolError(f"OPEN with stream id {sid} (max {MAX_STREAM_ID}: dial a new link)")
+    if sid % 2 == 0 or sid <= last_open:
+        raise LinkProtocolError(
+            f"OPEN with stream id {sid} after {last_open} (callers open new odd ids, rising)")
+
+
+def parse_open(sid: int, payload: bytes) -> dict[str, Any]:
+    """The request of an OPEN on stream `sid`: LinkProtocolError if it is not a JSON object,
+    OpenRefused("unsupported-version") if its version is not ours."""
+    obj = parse_control(OPEN, payload)
+    if "v" not in obj:
+        raise OpenRefused("unsupported-version", f"OPEN on stream {sid} has no version "
+                          f"\"v\" (this gateway speaks {VERSION})")
+    v = obj["v"]
+    if type(v) is not int or v != VERSION:
+        raise OpenRefused("unsupported-version",
+                          f"OPEN on stream {sid}: version {quote(json.dumps(v), 64)} is not "
+                          f"supported (this gateway speaks {VERSION})")
     return obj
 
 

@@ -53,9 +53,12 @@ from .link import (
     WINDOW_SIZE,
     FrameReader,
     LinkProtocolError,
+    OpenRefused,
+    check_open_id,
     control,
     frame,
     parse_control,
+    parse_open,
 )
 
 log = logging.getLogger("isthmus.gateway.mux")
@@ -408,14 +411,20 @@ class MuxLink(asyncio.Protocol):
             fut = self.pings.pop(payload, None)
             if fut is not None and not fut.done():
                 fut.set_result(True)
-        elif kind == OPEN:
-            if self.role != "answerer" or sid % 2 == 0 or sid <= self.last_open:
-                raise LinkProtocolError(f"OPEN with stream id {sid} after {self.last_open} (callers open new odd ids, rising)")
+        elif kind == OPEN:  # a bad id cuts the link, a bad version only refuses (link.py)
+            if self.role != "answerer":
+                raise LinkProtocolError(f"OPEN with stream id {sid} sent to the caller of the link")
+            check_open_id(sid, self.last_open)
             self.last_open = sid
+            try:
+                request = parse_open(sid, payload)
+            except OpenRefused as e:
+                self.write(control(ERR, sid, {"code": e.code, "error": str(e)}))
+                return
             if len(self.streams) >= MAX_STREAMS:
                 self.write(control(ERR, sid, {"code": "busy", "error": "too many streams on this link"}))
                 return
-            self.on_open(self, sid, parse_control(kind, payload))
+            self.on_open(self, sid, request)
         elif kind in (OK, ERR):
             s = self.streams.get(sid)
             if s is None or s.ready is None or s.ready.done():

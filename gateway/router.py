@@ -17,6 +17,13 @@ eligible one: a fixed point, whatever the clock says), and the candidate groups 
 `balance.plan` (per tier, healthy first, deduplicated) are computed once per (tiers, state).
 Each plan then only draws the weighted random order inside each group: the same list, and
 the same calls to `random`, as `balance.plan` (test_l4's plan-cache test checks it).
+
+What changed, for the operator: both report transitions as values and never log. The book
+keeps `HealthEvent`s (a target turned unhealthy or healthy again by its checks or probes, was
+ejected by outlier detection, or came back when the ejection ran out: `take_events(now)`
+notices that), the router a `TierSwitch` whenever its active tier changes (`take_switches`).
+They are made only on transitions (nothing per connection) and bounded (MAX_EVENTS; the oldest
+go first, counted in `dropped`); the runtime drains and logs them on its tick.
 """
 
 from __future__ import annotations
@@ -39,6 +46,46 @@ from .balance import (
     plan,
 )
 from .health import ActiveHealth, HealthState, Outlier, connect_result, is_ejected, probe_result
+
+MAX_EVENTS = 256  # transitions held between two drains; beyond that the oldest are dropped
+
+
+@dataclass(frozen=True, slots=True)
+class HealthEvent:
+    """A target's routability changed. kind: "unhealthy" (after `count` failed checks/probes),
+    "healthy" (again, after `count` good ones; a first success from UNKNOWN is not an event),
+    "ejected" (after `count` failed connects, until `until`), "returned" (its ejection ran out,
+    at `at` = the ejection's end)."""
+
+    key: str
+    kind: str
+    at: float
+    count: int = 0
+    until: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class TierSwitch:
+    """At `at`, a router's active tier changed (None: no tier at all), or it entered or left
+    panic with the same tier (old == new). `clusters` are the clusters of the new tier's healthy
+    targets; `panic`: no tier has any, so the unhealthy ones of the best tier are tried
+    (balance.py), and `clusters` are theirs."""
+
+    service: ServiceKey
+    old: str | None
+    new: str | None
+    at: float
+    clusters: tuple[str, ...] = ()
+    panic: bool = False
+
+
+def _bounded_append(items: list[Any], item: Any) -> int:
+    """Append, dropping the oldest beyond MAX_EVENTS; returns how many were dropped."""
+    items.append(item)
+    if len(items) > MAX_EVENTS:
+        del items[0]
+        return 1
+    return 0
 
 
 @dataclass(frozen=True)
@@ -63,6 +110,9 @@ class HealthBook:
         self.outlier: dict[str, Outlier] = {}
         self.version = 0
         self.on_change: list[Callable[[str], None]] = []
+        self.events: list[HealthEvent] = []  # since the last take_events
+        self.dropped = 0  # events lost to the MAX_EVENTS bound
+        self._ejected: dict[str, float] = {}  # key -> ejected_until, until take_events sees it end
 
     def _changed(self, key: str) -> None:
         self.version += 1
@@ -74,6 +124,10 @@ class HealthBook:
         new = probe_result(old, ok, now, healthy_threshold, unhealthy_threshold)
         self.active[key] = new
         if new.state != old.state:
+            if new.state is HealthState.UNHEALTHY:
+                self._event(HealthEvent(key, "unhealthy", now, unhealthy_threshold))
+            elif old.state is HealthState.UNHEALTHY:
+                self._event(HealthEvent(key, "healthy", now, healthy_threshold))
             self._changed(key)
 
     def connect(self, key: str, ok: bool, now: float) -> None:
@@ -85,7 +139,22 @@ class HealthBook:
         new = connect_result(old, ok, now, r.consecutive_failures, r.base_ejection, r.max_ejection)
         self.outlier[key] = new
         if new.ejected_until != old.ejected_until:
+            self._ejected[key] = new.ejected_until
+            self._event(HealthEvent(key, "ejected", now, r.consecutive_failures, new.ejected_until))
             self._changed(key)
+
+    def _event(self, ev: HealthEvent) -> None:
+        self.dropped += _bounded_append(self.events, ev)
+
+    def take_events(self, now: float) -> list[HealthEvent]:
+        """The transitions since the last call, oldest first, with a "returned" event for every
+        ejection that has run out by `now`."""
+        for key, until in list(self._ejected.items()):
+            if until <= now:
+                del self._ejected[key]
+                self._event(HealthEvent(key, "returned", until))
+        out, self.events = self.events, []
+        return out
 
     def state(self, key: str) -> HealthState:
         return self.active.get(key, ActiveHealth()).state
@@ -102,7 +171,7 @@ class HealthBook:
 
     def forget(self, keep: Iterable[str]) -> None:
         keep = set(keep)
-        for d in (self.active, self.outlier):
+        for d in (self.active, self.outlier, self._ejected):
             for k in [k for k in d if k not in keep]:
                 del d[k]
 
@@ -154,6 +223,11 @@ class Router:
         self._advanced: tuple[Tier, ...] | None = None  # the tiers `state` is a fixed point of
         self._groups_for: tuple[Any, Any] = (None, None)  # (tiers, state) of _groups
         self._groups: tuple[tuple[Target, ...], ...] = ()
+        self.switches: list[TierSwitch] = []  # since the last take_switches
+        self.dropped = 0
+        self._panic = False  # of the last reported switch
+        self._panic_of: tuple[Tier, ...] | None = None  # the tiers _panic_now was computed for
+        self._panic_now = False
 
     def set_local(self, endpoints: Sequence[LocalEndpoint]) -> None:
         self.local = tuple(endpoints)
@@ -211,8 +285,29 @@ class Router:
         tiers = self.tiers
         if self._advanced is tiers:
             return  # advance(state, tiers, now) == state for any now (see _fixed_point)
+        old = self.state.active
         self.state = state = advance(self.state, tiers, now, self.policy)
         self._advanced = tiers if _fixed_point(state, tiers) else None
+        if self._panic_of is not tiers:  # once per rebuild, not per plan while failback waits
+            self._panic_of = tiers
+            self._panic_now = bool(tiers) and not any(t.eligible for t in tiers)
+        if state.active != old or self._panic_now != self._panic:
+            self._panic = self._panic_now
+            self._switched(old, state.active, tiers, now)
+
+    def _switched(self, old: str | None, new: str | None, tiers: tuple[Tier, ...],
+                  now: float) -> None:
+        tier = next((t for t in tiers if t.name == new), None)
+        panic = self._panic
+        targets = tier.targets if tier is not None else ()
+        clusters = tuple(sorted({t.locality.cluster for t in targets if t.healthy or panic}))
+        switch = TierSwitch(self.service, old, new, now, clusters, panic)
+        self.dropped += _bounded_append(self.switches, switch)
+
+    def take_switches(self) -> list[TierSwitch]:
+        """The active-tier changes since the last call, oldest first."""
+        out, self.switches = self.switches, []
+        return out
 
     def plan(self) -> list[Target]:
         """balance.plan(tiers, state, random, max_attempts), from cached groups."""

@@ -30,12 +30,13 @@ import random
 import time
 from typing import Any
 
-from federation.errors import IsthmusError
+from federation.errors import IsthmusError, PermanentError
 from federation.identity import Svid, TrustBundle
+from federation.logs import LogLimiter
 from federation.model import Catalog, Endpoint, Export, Locality, ServiceKey
 from federation.units import parse_hostport
 
-from .agent import Agent, Identity
+from .agent import Agent, Backoff, Identity, federation_ca
 from .balance import Policy
 from .config import GatewayConfig
 from .drill_actor import DrillActor
@@ -67,6 +68,7 @@ class Gateway:
         o = cfg.outlier_detection
         self.book = HealthBook(OutlierRules(o.consecutive_failures, o.base_ejection, o.max_ejection))
         self.book.on_change.append(self._health_changed)
+        self.events = LogLimiter(log, interval=30.0, burst=4)  # transitions (_log_transitions)
         self.identity: Identity | None = None
         self.tls: GatewayTls | None = None
         self.agent: Agent | None = None
@@ -178,6 +180,56 @@ class Gateway:
         if self.drill_actor is not None:
             self.drill_actor.on_catalog(cat)
 
+    def _log_transitions(self) -> None:
+        """What the routers and the health book report as changed (router.py), one INFO line
+        each, rate-limited per service and per target (both are bounded by config/catalog)."""
+        me, events = self.cfg.cluster.name, self.events
+        for _, router in self.export_routers.values():
+            router.take_switches()  # one tier (our endpoints): their health events say it all
+        for router in self.import_routers.values():
+            for sw in router.take_switches():
+                key, where = f"tier:{sw.service}", f"import {sw.service} (cluster {me})"
+                clusters = ", ".join(sw.clusters) or "none"
+                if sw.new is None:
+                    events.info(key, "%s: no candidate left in any tier (was %r)", where, sw.old)
+                elif sw.panic:
+                    events.info(key, "%s: no healthy target in any tier; trying the unhealthy ones "
+                                "of tier %r (clusters %s)", where, sw.new, clusters)
+                elif sw.old == sw.new:
+                    events.info(key, "%s: healthy targets again in tier %r (clusters %s)", where,
+                                sw.new, clusters)
+                elif sw.old is None:
+                    events.info(key, "%s: traffic goes to tier %r (clusters %s)", where, sw.new,
+                                clusters)
+                else:
+                    events.info(key, "%s: traffic moves from tier %r to %r (clusters %s)", where,
+                                sw.old, sw.new, clusters)
+        for ev in self.book.take_events(self._mono()):
+            key, what = f"health:{ev.key}", self._describe_target(ev.key)
+            if ev.kind == "ejected":
+                events.info(key, "%s ejected for %.1fs after %d failed connect(s)", what,
+                            ev.until - ev.at, ev.count)
+            elif ev.kind == "returned":
+                events.info(key, "%s back from ejection", what)
+            else:
+                bad, peer = ev.kind == "unhealthy", ev.key.startswith("remote:")
+                state = ("lost" if bad else "back") if peer else (
+                    "unhealthy" if bad else "healthy again")
+                events.info(key, "%s %s after %d %s %s", what, state, ev.count,
+                            "failed" if bad else "good", "probe(s)" if peer else "health check(s)")
+
+    def _describe_target(self, key: str) -> str:
+        """`peer gateway of cluster C (imports S, ...)` or `endpoint H:P of S (cluster ME)`."""
+        if key.startswith("remote:"):
+            cluster = key.removeprefix("remote:")
+            svcs = [str(svc) for svc, r in self.import_routers.items()
+                    if any(loc.cluster == cluster for loc, _ in r.remote)]
+            return f"peer gateway of cluster {cluster} (imports {', '.join(svcs) or 'none'})"
+        svcs = [str(svc) for svc, (_, r) in self.export_routers.items()
+                if any(local_key(e.host, e.port) == key for e in r.local)]
+        return (f"endpoint {key.removeprefix('local:')} of {', '.join(svcs) or 'no export'} "
+                f"(cluster {self.cfg.cluster.name})")
+
     def _known_keys(self) -> set[str]:
         keys = {local_key(e.host, e.port) for ex in self.cfg.exports for e in ex.endpoints}
         keys |= {remote_key(c) for c in self.gateways}
@@ -219,22 +271,24 @@ class Gateway:
             await asyncio.sleep(TICK)
             for router in self.import_routers.values():
                 router.tick()
+            self._log_transitions()
             if self.agent is not None and self.agent.lease is not None:
                 self.agent.publish_wanted.set()  # publishes only exports whose health changed
 
     async def _join_then_follow(self, tg: asyncio.TaskGroup) -> None:
+        """Join, retrying what may pass (federation down, 5xx); a PermanentError (no CA file,
+        no token, token refused) ends run() with that error."""
         agent = self.agent
-        backoff = 0.2
+        backoff = Backoff()
         while True:
             try:
                 await agent.ensure_joined()
                 break
+            except PermanentError:
+                raise
             except IsthmusError as e:
-                if "no join token" in str(e):
-                    raise
-                log.warning("cannot join the federation yet: %s", e)
-                await asyncio.sleep(backoff)
-                backoff = min(5.0, backoff * 2)
+                log.warning("cannot join the federation yet (retrying): %s", e)
+                await asyncio.sleep(backoff.next())
         for loop in (agent.lease_loop, agent.publish_loop, agent.watch_loop, agent.persist_loop):
             tg.create_task(loop())
 
@@ -268,6 +322,7 @@ class Gateway:
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
         cfg = self.cfg
+        federation_ca(cfg)  # a ConfigError now, before anything is bound, rather than at the join
         cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.identity = Identity(cfg, self.wall(), persist=self.primary)
         self.tls = GatewayTls(
@@ -277,6 +332,7 @@ class Gateway:
         )
         self._build_routers()
         self.agent = Agent(cfg, self.identity, self.wall, self.apply_catalog, self._on_svid, self.export_state)
+        self.agent.log_peers = self.primary  # workers follow the same catalog: one line is enough
         cached = self.agent.load_cached_catalog()
         if cached is not None:
             self.apply_catalog(cached)
@@ -335,6 +391,8 @@ class Gateway:
                 raise _Stop
         except* _Stop:
             pass
+        except* PermanentError as group:  # the reason alone, not a group of one: cli exits on it
+            raise _first(group) from None
         finally:
             await self.close()
 
@@ -394,3 +452,10 @@ def _stats(lst: Any) -> dict[str, Any]:
 
 class _Stop(Exception):
     pass
+
+
+def _first(group: BaseExceptionGroup) -> BaseException:
+    e: BaseException = group
+    while isinstance(e, BaseExceptionGroup):
+        e = e.exceptions[0]
+    return e

@@ -1,19 +1,39 @@
-"""`isthmus status`: read the federation's admin /status and show it as tables."""
+"""`isthmus status`: read the federation's admin /status and show it as tables.
+
+Which federation: `--admin URL` (`http://host:port`, or just `host:port`), else the environment
+variable ISTHMUS_FEDERATION_ADMIN, else http://127.0.0.1:17080 (`federation serve`'s default
+`--admin`). On a terminal the tables fit its width; piped or redirected (no terminal to fit),
+every value is printed in full, however wide the table gets.
+"""
 
 from __future__ import annotations
 
 import json
-from typing import Any
+import os
+from typing import IO, Any
 
 from federation.errors import FederationError
 
 MAX_STATUS_BYTES = 16 << 20
+DEFAULT_ADMIN = "http://127.0.0.1:17080"
+ADMIN_ENV = "ISTHMUS_FEDERATION_ADMIN"
+PIPE_WIDTH = 100_000  # the console width when stdout is not a terminal: never truncate
+
+
+def default_admin() -> str:
+    return os.environ.get(ADMIN_ENV, "").strip() or DEFAULT_ADMIN
+
+
+def _admin(text: str) -> str:
+    """`host:port` means http://host:port (the admin port is plain HTTP)."""
+    text = text.strip().rstrip("/")
+    return text if "://" in text else f"http://{text}"
 
 
 async def fetch_status(admin_url: str, timeout: float = 5.0) -> dict[str, Any]:
     import aiohttp
 
-    url = admin_url.rstrip("/") + "/status"
+    url = _admin(admin_url) + "/status"
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as s:
             async with s.get(url) as r:
@@ -31,11 +51,13 @@ async def fetch_status(admin_url: str, timeout: float = 5.0) -> dict[str, Any]:
     return data
 
 
-def render_status(data: dict[str, Any]) -> None:
+def render_status(data: dict[str, Any], file: IO[str] | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(file=file)
+    if not console.is_terminal:  # rich would fit 80 columns (or $COLUMNS) and cut values with "…"
+        console = Console(file=file, width=PIPE_WIDTH)
     clusters = data.get("clusters") or {}
     t = Table(title=f"clusters (catalog revision {data.get('revision')})")
     for col in ("cluster", "region", "zone", "gateway", "trust domain", "live", "lease age"):

@@ -707,6 +707,95 @@ frobnicate: true
     assert len(str(ConfigError(found)).splitlines()) == len(found)
 
 
+@pytest.mark.parametrize(
+    ("entries", "want"),
+    [
+        (  # the repeated entry has another problem too
+            "  - {name: echo, port: 8080, endpoints: [127.0.0.1:1]}\n"
+            "  - {name: echo, port: 99999, endpoints: [127.0.0.1:2]}\n",
+            [(14, "exports[1].port", "not in 1..65535"),
+             (14, "exports[1]", "service default/echo is already exported by exports[0]")],
+        ),
+        (  # the first entry has a problem, the second repeats its service
+            "  - {name: echo, port: 0, endpoints: [127.0.0.1:1]}\n"
+            "  - {name: echo, namespace: default, port: 8080, endpoints: [127.0.0.1:2]}\n",
+            [(13, "exports[0].port", "not in 1..65535"),
+             (14, "exports[1]", "service default/echo is already exported by exports[0]")],
+        ),
+        (  # both have problems; a bad name is not a service to compare
+            "  - {name: echo, namespace: shop, port: 8080, endpoints: []}\n"
+            "  - {name: echo, namespace: shop, port: 8080, endpoints: [127.0.0.1:2], x: 1}\n"
+            "  - {name: Echo, port: 8080, endpoints: [127.0.0.1:3]}\n",
+            [(13, "exports[0].endpoints", "at least one endpoint"),
+             (14, "exports[1].x", "unknown field"),
+             (14, "exports[1]", "service shop/echo is already exported by exports[0]"),
+             (15, "exports[2].name", "not a valid name")],
+        ),
+    ],
+    ids=["repeat-is-bad", "first-is-bad", "both-bad"],
+)
+def test_duplicate_export_is_reported_beside_the_entrys_other_problems(entries, want) -> None:
+    found = problems(cfg("exports:\n" + entries))
+    got = [(p.line, p.path) for p in found]
+    assert got == [(line, path) for line, path, _ in want], "\n".join(map(str, found))
+    for p, (_, _, phrase) in zip(found, want, strict=True):
+        assert phrase in p.message, p
+
+
+def test_duplicate_import_is_reported_beside_the_entrys_other_problems() -> None:
+    found = problems(cfg(
+        "imports:\n"
+        "  - {name: echo, listen: 127.0.0.1:16001, failover: {max_attempts: 99}}\n"
+        "  - {name: echo, listen: 127.0.0.1:70000}\n"
+    ))
+    assert [(p.line, p.path) for p in found] == [
+        (13, "imports[0].failover.max_attempts"),
+        (14, "imports[1].listen"),
+        (14, "imports[1]"),
+    ], "\n".join(map(str, found))
+    assert "service default/echo is already imported by imports[0]" in found[2].message
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "[::]"])
+def test_admin_on_every_interface_is_a_warning_not_an_error(host: str) -> None:
+    config = parse_config(cfg(**{"admin: 127.0.0.1:15000": f"admin: '{host}:15000'"}), SRC)
+    (w,) = config.warnings
+    assert (w.file, w.line, w.path) == (str(SRC), 10, "listen.admin")
+    assert w.warning().startswith(f"{SRC}:10: warning: listen.admin: '{host}:15000' serves the ")
+    assert "every interface" in w.message and "127.0.0.1" in w.message
+
+
+def test_admin_on_loopback_or_one_address_is_no_warning() -> None:
+    assert parse_config(cfg(), SRC).warnings == ()
+    text = cfg(**{"admin: 127.0.0.1:15000": "admin: 10.1.2.3:15000"})
+    assert parse_config(text, SRC).warnings == ()
+
+
+def test_warnings_come_with_the_errors_of_a_bad_file() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(cfg("bogus: 1\n", **{"admin: 127.0.0.1": "admin: 0.0.0.0"}), SRC)
+    assert [p.path for p in info.value.problems] == ["bogus"]
+    assert [w.path for w in info.value.warnings] == ["listen.admin"]
+
+
+def test_config_validate_prints_warnings_and_exits_0(tmp_path: Path, capsys) -> None:
+    from gateway.cli import main
+
+    good = tmp_path / "gw.yaml"
+    good.write_text(cfg(**{"admin: 127.0.0.1": "admin: 0.0.0.0"}))
+    assert main(["config", "validate", str(good)]) == 0
+    out, err = capsys.readouterr()
+    assert err.startswith(f"{good}:10: warning: listen.admin: '0.0.0.0:15000' serves the ")
+    assert len(err.splitlines()) == 1
+    assert out == f"{good}: ok (cluster east-1, 0 export(s), 0 import(s), 1 warning(s))\n"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(cfg("bogus: 1\n", **{"admin: 127.0.0.1": "admin: 0.0.0.0"}))
+    assert main(["config", "validate", str(bad)]) == 2
+    _, err = capsys.readouterr()
+    assert err.splitlines()[0].startswith(f"{bad}:12: bogus: unknown field")
+    assert err.splitlines()[1].startswith(f"{bad}:10: warning: listen.admin: ")
+
+
 # --- load_config: the file itself ---------------------------------------------------------
 
 

@@ -243,3 +243,59 @@ def test_data_payloads_are_views_of_the_chunk_and_control_payloads_bytes():
     ((kind, sid, payload),) = reader.feed(wire[cut:])
     assert (kind, sid, bytes(payload)) == (DATA, 3, b"tail-frame")
     assert reader.pending == 0
+
+
+# ------------------------------------------------------------------------------ OPEN
+
+
+@pytest.mark.parametrize(
+    "sid, last, problem",
+    [
+        (2**31 + 1, 0, "stream id 2147483649 (max 2147483647"),
+        (2**32 - 1, 7, "stream id 4294967295 (max 2147483647"),
+        (4, 1, "stream id 4 after 1"),
+        (3, 3, "stream id 3 after 3"),
+        (1, 5, "stream id 1 after 5"),
+    ],
+    ids=["above-max", "max-u32", "even", "reused", "falling"],
+)
+def test_bad_open_stream_ids_are_protocol_errors_naming_the_id(sid, last, problem):
+    with pytest.raises(LinkProtocolError) as e:
+        link.check_open_id(sid, last)
+    assert problem in str(e.value)
+
+
+def test_open_stream_ids_up_to_the_maximum_are_accepted():
+    link.check_open_id(1, 0)
+    link.check_open_id(link.MAX_STREAM_ID, link.MAX_STREAM_ID - 2)
+
+
+@pytest.mark.parametrize(
+    "request_, shown",
+    [
+        ({"v": 999, "service": "a/b"}, "version '999' is not supported"),
+        ({"v": 1, "service": "a/b"}, "version '1' is not supported"),
+        ({"v": "2", "service": "a/b"}, "version '\"2\"' is not supported"),
+        ({"v": 2.0, "service": "a/b"}, "version '2.0' is not supported"),
+        ({"v": True, "service": "a/b"}, "version 'true' is not supported"),
+        ({"v": None, "service": "a/b"}, "version 'null' is not supported"),
+        ({"v": "x" * 500}, "version '\"xxxxxx"),
+        ({"service": "a/b"}, 'has no version "v"'),
+    ],
+    ids=["999", "old", "string", "float", "bool", "null", "long", "missing"],
+)
+def test_open_of_another_version_is_refused_naming_what_was_sent(request_, shown):
+    payload = control(OPEN, 7, request_)[HEADER.size :]
+    with pytest.raises(link.OpenRefused) as e:
+        link.parse_open(7, payload)
+    assert e.value.code == "unsupported-version"
+    assert "OPEN on stream 7" in str(e.value) and shown in str(e.value)
+    assert f"this gateway speaks {link.VERSION}" in str(e.value)
+    assert len(str(e.value)) < 200  # the peer's value is quoted, bounded
+
+
+def test_open_of_our_version_is_parsed_and_malformed_ones_cut_the_link():
+    req = {"v": link.VERSION, "service": "shop/cart"}
+    assert link.parse_open(1, control(OPEN, 1, req)[HEADER.size :]) == req
+    with pytest.raises(LinkProtocolError, match="OPEN frame is not a JSON object"):
+        link.parse_open(1, b"[2]")

@@ -642,18 +642,21 @@ async def test_caller_opens_odd_rising_stream_ids(stack):
 
 
 @pytest.mark.parametrize(
-    "frames",
+    "frames, said",
     [
-        [open_frame(2)],  # even
-        [open_frame(1), link.frame(link.RST, 1), open_frame(1)],  # reused after it ended
-        [open_frame(5), open_frame(3)],  # not rising
-        [open_frame(1), open_frame(1)],  # reused while open
-        [data_frame(7, b"x")],  # DATA on a stream never opened
+        ([open_frame(2)], "stream id 2 after 0"),  # even
+        ([open_frame(1), link.frame(link.RST, 1), open_frame(1)], "stream id 1 after 1"),  # ended
+        ([open_frame(5), open_frame(3)], "stream id 3 after 5"),  # not rising
+        ([open_frame(1), open_frame(1)], "stream id 1 after 1"),  # reused while open
+        ([data_frame(7, b"x")], "DATA on stream 7"),  # DATA on a stream never opened
+        ([open_frame(link.MAX_STREAM_ID + 2)], f"stream id {link.MAX_STREAM_ID + 2} (max"),
+        ([open_frame(1), open_frame(2**32 - 1)], f"stream id {2**32 - 1} (max"),
     ],
-    ids=["even", "reused-after-end", "falling", "reused-while-open", "data-never-opened"],
+    ids=["even", "reused-after-end", "falling", "reused-while-open", "data-never-opened",
+         "above-max", "max-u32"],
 )
 @on_uvloop
-async def test_bad_stream_ids_are_protocol_errors(stack, frames):
+async def test_bad_stream_ids_are_protocol_errors(stack, frames, said, caplog):
     tls_a, tls_b = tls_pair()
     exports = Exports()
     exports.add(SERVICE, await echo_server(stack))
@@ -665,6 +668,35 @@ async def test_bad_stream_ids_are_protocol_errors(stack, frames):
         await asyncio.sleep(0.1)  # each in its own read, after the previous one was handled
     await asyncio.wait_for(peer.closed.wait(), 3.0)
     await until(lambda: not b.links and not b.legs, what="link dropped")
+    said_it = [r.getMessage() for r in caplog.records if "broke protocol" in r.getMessage()]
+    assert any(said in m for m in said_it), said_it
+
+
+@on_uvloop
+async def test_open_of_an_unknown_version_is_refused_and_the_link_survives(stack):
+    """"v":999 (or none) gets ERR unsupported-version naming what was sent, and no stream; the
+    same link then opens a stream of our version, which works."""
+    tls_a, tls_b = tls_pair()
+    exports = Exports()
+    exports.add(SERVICE, await echo_server(stack))
+    b = await inbound(stack, tls_b, exports)
+    peer = RawPeer()
+    _, writer = await raw_caller(stack, tls_a, b.port, peer)
+    writer.write(link.control(link.OPEN, 1, {"v": 999, "service": str(SERVICE)}))
+    writer.write(link.control(link.OPEN, 3, {"service": str(SERVICE)}))
+    await until(lambda: peer.kinds(1) and peer.kinds(3), what="answers to both OPENs")
+    answers = {sid: link.parse_control(k, p) for k, sid, p in peer.frames if k == link.ERR}
+    assert peer.kinds(1) == ["ERR"] and answers[1]["code"] == "unsupported-version"
+    assert "version '999' is not supported" in answers[1]["error"]
+    assert peer.kinds(3) == ["ERR"] and answers[3]["code"] == "unsupported-version"
+    (lk,) = b.links
+    assert not lk.streams and not b.legs
+    writer.write(open_frame(5) + data_frame(5, b"hello") + link.frame(link.EOF, 5))
+    def echoed() -> bytes:
+        return b"".join(bytes(p) for k, s, p in peer.frames if k == link.DATA and s == 5)
+
+    await until(lambda: b"hello" in echoed(), what="the echo on stream 5")
+    assert peer.kinds(5)[0] == "OK" and not peer.closed.is_set() and b.links == {lk}
 
 
 # ------------------------------------------------------------------------------ bugs found in review

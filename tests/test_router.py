@@ -11,10 +11,13 @@ from federation.model import Endpoint, Export, Locality, ServiceKey
 from gateway.balance import Policy
 from gateway.health import HealthState
 from gateway.router import (
+    MAX_EVENTS,
     HealthBook,
+    HealthEvent,
     LocalEndpoint,
     OutlierRules,
     Router,
+    TierSwitch,
     local_key,
     remote_key,
 )
@@ -427,3 +430,88 @@ def test_success_on_a_clean_endpoint_records_nothing_and_failures_still_count():
     assert book.routable("local:a", 1.2)
     book.connect("local:a", False, 1.3)  # two in a row: ejected
     assert not book.routable("local:a", 1.3) and book.routable("local:a", 2.4)
+
+
+# ------------------------------------------------------------------------------ transitions
+
+
+def test_book_reports_ejection_then_its_return_once_it_runs_out():
+    router, book, clock = make()
+    eject(router, KA)
+    t0 = clock.t
+    assert book.take_events(clock.t) == [HealthEvent(KA, "ejected", t0, 2, t0 + 2.0)]
+    assert book.take_events(clock.t) == []  # taken once
+    clock.t = t0 + 1.999
+    assert book.take_events(clock.t) == []
+    clock.t = t0 + 7.0  # noticed late: the event says when it really ended
+    assert book.take_events(clock.t) == [HealthEvent(KA, "returned", t0 + 2.0)]
+    assert book.take_events(clock.t) == []
+
+
+def test_book_reports_unhealthy_and_healthy_again_but_not_a_first_success():
+    book = HealthBook(OutlierRules())
+    book.probe(KE2, True, 1.0, 2, 3)  # UNKNOWN -> HEALTHY: first contact, no event
+    for t in (2.0, 3.0, 4.0):
+        book.probe(KE2, False, t, 2, 3)
+    book.probe(KE2, True, 5.0, 2, 3)
+    book.probe(KE2, True, 6.0, 2, 3)
+    book.probe(KW1, False, 6.5, 2, 1)  # UNKNOWN -> UNHEALTHY
+    assert book.take_events(7.0) == [
+        HealthEvent(KE2, "unhealthy", 4.0, 3),
+        HealthEvent(KE2, "healthy", 6.0, 2),
+        HealthEvent(KW1, "unhealthy", 6.5, 1),
+    ]
+
+
+def test_router_reports_each_tier_switch_with_the_clusters_it_moves_to():
+    router, book, clock = make(local=(A,))
+    router.plan()
+    t0 = clock.t
+    assert router.take_switches() == [TierSwitch(SERVICE, None, "cluster", t0, ("east-1",))]
+    for _ in range(50):  # no change: no switch, however many plans
+        router.plan()
+    assert router.take_switches() == []
+    eject(router, KA)
+    router.plan()
+    back = book.ejected_until(KA)
+    clock.t = back
+    router.tick()
+    clock.t = back + 5.0  # failback_after
+    router.tick()
+    assert router.take_switches() == [
+        TierSwitch(SERVICE, "cluster", "region", t0, ("east-2",)),
+        TierSwitch(SERVICE, "region", "cluster", back + 5.0, ("east-1",)),
+    ]
+
+
+def test_router_reports_panic_and_losing_every_candidate():
+    router, book, clock = make(local=(A,))
+    router.tick()
+    router.take_switches()
+    for key in (KE2, KW1):
+        book.probe(key, False, clock(), 1, 1)
+    eject(router, KA)
+    router.tick()
+    t0 = clock.t
+    panic = TierSwitch(SERVICE, "cluster", "cluster", t0, ("east-1",), panic=True)
+    assert router.take_switches() == [panic]
+    clock.t = book.ejected_until(KA)  # healthy targets again, in the same tier
+    router.tick()
+    healed = TierSwitch(SERVICE, "cluster", "cluster", clock.t, ("east-1",))
+    assert router.take_switches() == [healed]
+    router.set_local(())
+    router.set_remote(())
+    clock.t += 1.0
+    router.tick()
+    assert [(s.old, s.new) for s in router.take_switches()] == [("cluster", None)]
+
+
+def test_transitions_are_bounded_and_the_clean_hot_path_records_none():
+    book = HealthBook(OutlierRules(consecutive_failures=1, base_ejection=1.0, max_ejection=4.0))
+    for i in range(MAX_EVENTS + 44):
+        book.connect(f"local:10.0.0.{i}:80", False, float(i))
+    assert len(book.events) == MAX_EVENTS and book.dropped == 44
+    assert book.events[0].key == "local:10.0.0.44:80"  # the oldest went first
+    book.take_events(0.0)
+    book.connect("local:a", True, 0.0)  # the per-connection fast path: nothing at all
+    assert book.events == [] and book.take_events(0.0) == []
