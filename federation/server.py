@@ -46,6 +46,12 @@ Theory of operation
 * Join tokens: 32 random bytes, urlsafe; only the sha256 is stored (`tokens/<hex>`), consumed by
   an atomic `store.delete`. A re-join with a fresh token replaces the record and the bundle
   (even with a lower sequence: a cluster that lost its state starts again from 0).
+* Serving. Both ports are `http_serving.BoundedSite`s (`limits`, `admin_limits`): handshake,
+  header, body and idle timeouts, and bounds on connections, handshakes and connections without
+  a client certificate, so anonymous clients cannot hold the port. `_middleware` answers every
+  error as JSON and counts every answer by route and status (an unexpected exception: a JSON
+  500 and one rate-limited log line). Log lines quote what came off the wire (`logs.quote`);
+  401/403s are logged through one `LogLimiter` (the counter carries the volume).
 * Ownership. `start()` opens the store; every background task lives in `self._tasks`;
   `stop()` stops accepting, wakes long-polls, cancels tasks and closes the store.
 """
