@@ -46,6 +46,12 @@ Theory of operation
 * Join tokens: 32 random bytes, urlsafe; only the sha256 is stored (`tokens/<hex>`), consumed by
   an atomic `store.delete`. A re-join with a fresh token replaces the record and the bundle
   (even with a lower sequence: a cluster that lost its state starts again from 0).
+* Serving. Both ports are `http_serving.BoundedSite`s (`limits`, `admin_limits`): handshake,
+  header, body and idle timeouts, and bounds on connections, handshakes and connections without
+  a client certificate, so anonymous clients cannot hold the port. `_middleware` answers every
+  error as JSON and counts every answer by route and status (an unexpected exception: a JSON
+  500 and one rate-limited log line). Log lines quote what came off the wire (`logs.quote`);
+  401/403s are logged through one `LogLimiter` (the counter carries the volume).
 * Ownership. `start()` opens the store; every background task lives in `self._tasks`;
   `stop()` stops accepting, wakes long-polls, cancels tasks and closes the store.
 """
@@ -82,6 +88,14 @@ from .errors import (
     InputError,
     StoreError,
 )
+from .http_serving import (
+    ADMIN_LIMITS,
+    TLS_LIMITS,
+    BoundedSite,
+    ServingLimits,
+    serving_metrics,
+    where,
+)
 from .identity import (
     SYSTEM_NAMESPACE,
     CertificateAuthority,
@@ -94,6 +108,7 @@ from .identity import (
     spiffe_id_of,
     verify_svid,
 )
+from .logs import LogLimiter, quote
 from .model import (
     BUNDLES,
     CATALOG_PREFIX,
@@ -169,6 +184,8 @@ class FederationServer:
         lease_ttl: float = 6.0,
         trust_domain: str = FEDERATION_TRUST_DOMAIN,
         clock: Callable[[], float] = time.time,
+        limits: ServingLimits = TLS_LIMITS,
+        admin_limits: ServingLimits = ADMIN_LIMITS,
     ):
         self.store = store
         self.state_dir = Path(state_dir)
@@ -177,6 +194,8 @@ class FederationServer:
         self.lease_ttl = float(lease_ttl)
         self.trust_domain = trust_domain
         self._clock = clock
+        self.limits = limits
+        self.admin_limits = admin_limits
 
         self.ca: CertificateAuthority | None = None
         self.svid: Svid | None = None
@@ -198,6 +217,8 @@ class FederationServer:
         self._stopping = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         self._runners: list[web.AppRunner] = []
+        self._sites: dict[str, BoundedSite] = {}  # "api" (TLS), "admin": their http stats
+        self._limited = LogLimiter(log)  # 401/403s, handler errors: one line per class
         self._store_open = False
         self._bound = False
         self._watchers = 0
@@ -224,17 +245,21 @@ class FederationServer:
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
         await runner.setup()
         self._runners.append(runner)
-        site = web.TCPSite(runner, self.listen[0], self.listen[1], ssl_context=self.ssl_context)
+        site = BoundedSite(runner, self.listen[0], self.listen[1], ssl_context=self.ssl_context,
+                           limits=self.limits, name="api", logger=log)
         await site.start()
-        self.port = _bound_port(site, self.listen[1])
+        self._sites["api"] = site
+        self.port = site.port
         self._bound = True
         if self.admin_listen is not None:
             admin = web.AppRunner(self._make_app(admin=True), access_log=None, shutdown_timeout=2.0)
             await admin.setup()
             self._runners.append(admin)
-            asite = web.TCPSite(admin, self.admin_listen[0], self.admin_listen[1])
+            asite = BoundedSite(admin, self.admin_listen[0], self.admin_listen[1],
+                                limits=self.admin_limits, name="admin", logger=log)
             await asite.start()
-            self.admin_port = _bound_port(asite, self.admin_listen[1])
+            self._sites["admin"] = asite
+            self.admin_port = asite.port
 
         self._spawn(self._reaper(), "lease-reaper")
         self._spawn(self._token_sweeper(), "token-sweeper")
@@ -307,7 +332,7 @@ class FederationServer:
                 elif kv.key.startswith(LIVE) and kv.lease is not None:
                     leases[kv.key[len(LIVE):]] = kv.lease
             except (ValueError, InputError, IdentityError) as e:
-                log.error("ignoring unreadable stored value %s: %s", kv.key, e)
+                log.error("ignoring unreadable stored value %s: %s", quote(kv.key), quote(e))
         self._records = records
         self._cluster_by_td = {r.trust_domain: r.name for r in records.values()}
         self._bundles = bundles
@@ -465,7 +490,7 @@ class FederationServer:
             try:
                 out.append(Drill.from_json(json.loads(kv.value), kv.key))
             except (ValueError, InputError) as e:
-                log.error("ignoring unreadable drill %s: %s", kv.key, e)
+                log.error("ignoring unreadable drill %s: %s", quote(kv.key), quote(e))
         return out
 
     async def _put_drill(self, drill: Drill) -> int:
@@ -512,6 +537,8 @@ class FederationServer:
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Every answer is JSON and counted by route and status, 5xx included; an unexpected
+        exception is one rate-limited log line (no traceback) and a JSON 500."""
         route = _route_name(request)
         try:
             if request.content_length is not None and request.content_length > api.MAX_BODY:
@@ -530,13 +557,31 @@ class FederationServer:
             )
         except web.HTTPException as e:
             if e.status < 400:
+                self._requests[(route, e.status)] += 1
                 raise
+            headers = {}
+            if isinstance(e, web.HTTPMethodNotAllowed):  # RFC 9110 15.5.6: 405 names the methods
+                headers["Allow"] = ", ".join(sorted(e.allowed_methods))
             resp = web.json_response(
-                {"error": f"{e.reason}: {request.method} {request.path}"}, status=e.status
+                {"error": f"{e.reason}: {request.method} {request.path}"},
+                status=e.status, headers=headers,
             )
         except StoreError as e:
-            log.error("%s %s: store error: %s", request.method, request.path, e)
+            self._limited.error("store-error", "%s %s: store error: %s",
+                                request.method, quote(request.path), e)
             resp = web.json_response({"error": f"store error: {e}"}, status=503)
+        except ConnectionError:
+            raise  # the client is gone (or timed out sending its body): no answer to count
+        except Exception as e:
+            self._limited.error(
+                "handler-error", "%s %s (route %s) failed: %s: %s (at %s)",
+                request.method, quote(request.path), route, type(e).__name__, quote(e), where(e),
+            )
+            resp = web.json_response(
+                {"error": f"internal error ({type(e).__name__}) answering {route}; "
+                 "the federation's log has a line about it"},
+                status=500,
+            )
         self._requests[(route, resp.status)] += 1
         return resp
 
@@ -567,28 +612,34 @@ class FederationServer:
         try:
             sid = verify_peer(der, self._verify_bundles(), self._clock())
         except IdentityError as e:
-            self._denied += 1
-            log.warning("refused client certificate from %s: %s", request.remote, e)
+            self._refused("unauthenticated", "refused client certificate from %s: %s",
+                          quote(request.remote), quote(e))
             raise ApiError(401, f"client certificate refused: {e}") from None
         td = str(sid.trust_domain)
         if td == self.trust_domain:
             if sid == operator_id(td):
                 return "operator", str(sid), sid
-            self._denied += 1
-            log.warning("refused %s: an ID of the federation's trust domain, not the operator", sid)
+            self._refused("forbidden", "refused %s: an ID of the federation's trust domain, "
+                          "not the operator", quote(sid))
             raise ApiError(403, f"peer {sid} is not the operator (expected {operator_id(td)})")
         cluster = self._cluster_by_td.get(td)
         if cluster is None:
             self._denied += 1
             raise ApiError(401, f"peer {sid}: trust domain {td!r} belongs to no joined cluster")
         if str(sid) != str(gateway_id(sid.trust_domain)):
-            self._denied += 1
-            log.warning("refused %s: not the gateway ID of cluster %s", sid, cluster)
+            self._refused("forbidden", "refused %s: not the gateway ID of cluster %s",
+                          quote(sid), quote(cluster))
             raise ApiError(
                 403, f"peer {sid} is not the gateway of cluster {cluster!r} "
                 f"(expected {gateway_id(sid.trust_domain)})"
             )
         return "cluster", cluster, sid
+
+    def _refused(self, key: str, msg: str, *args: object) -> None:
+        """Count a request refused for the caller's identity; log it (one line per class,
+        rate-limited: the counter carries the volume). Quote what came off the wire."""
+        self._denied += 1
+        self._limited.warning(key, msg, *args)
 
     def _caller(self, request: web.Request) -> tuple[str, str]:
         """("cluster", name) or ("operator", id): who may read."""
@@ -599,17 +650,16 @@ class FederationServer:
         """The calling cluster; 403 for the operator (it writes no cluster record)."""
         kind, name, sid = self._identify(request)
         if kind != "cluster":
-            self._denied += 1
-            log.warning("denied: operator %s tried %s %s", name, request.method, request.path)
+            self._refused("forbidden", "denied: operator %s tried %s %s",
+                          quote(name), request.method, quote(request.path))
             raise ApiError(403, f"the operator ({name}) may not {action}: clusters only")
         return name, sid
 
     def _operator(self, request: web.Request, action: str) -> str:
         kind, name, _ = self._identify(request)
         if kind != "operator":
-            self._denied += 1
-            log.warning("denied: cluster %r tried %s %s (operator only)",
-                        name, request.method, request.path)
+            self._refused("forbidden", "denied: cluster %s tried %s %s (operator only)",
+                          quote(name), request.method, quote(request.path))
             raise ApiError(
                 403,
                 f"cluster {name!r} may not {action}: operator only "
@@ -622,10 +672,9 @@ class FederationServer:
         caller, sid = self._cluster(request, "write cluster records")
         target = request.match_info["name"]
         if caller != target:
-            self._denied += 1
-            log.warning(
-                "denied: cluster %r (%s) tried %s %s, a record of cluster %r",
-                caller, sid, request.method, request.path, target,
+            self._refused(
+                "forbidden", "denied: cluster %s (%s) tried %s %s, a record of cluster %s",
+                quote(caller), quote(sid), request.method, quote(request.path), quote(target),
             )
             raise ApiError(
                 403,
@@ -668,7 +717,9 @@ class FederationServer:
             if expires_at <= self._clock():
                 raise ApiError(401, "join token expired")
             if token_cluster != record.name:
-                log.warning("join token for %r presented for cluster %r", token_cluster, record.name)
+                self._limited.warning("join-token-mismatch",
+                                      "join token for %s presented for cluster %s",
+                                      quote(token_cluster), quote(record.name))
                 raise ApiError(
                     403,
                     f"join token was issued for cluster {token_cluster!r}, "
@@ -700,7 +751,7 @@ class FederationServer:
         log.info(
             "cluster %s %s (trust domain %s, %s/%s, gateway %s)",
             record.name, "re-joined" if old else "joined", record.trust_domain,
-            record.region, record.zone, record.gateway_address,
+            record.region, record.zone, quote(record.gateway_address),
         )
         assert self.ca is not None
         return web.json_response({
@@ -830,7 +881,7 @@ class FederationServer:
                 if isinstance(obj, dict) and isinstance(obj.get("second"), int):
                     out.append(obj)
             except ValueError:
-                log.error("ignoring unreadable sample %s", kv.key)
+                log.error("ignoring unreadable sample %s", quote(kv.key))
         out.sort(key=lambda o: (o["second"], str(o.get("cluster"))))
         return out
 
@@ -857,7 +908,7 @@ class FederationServer:
             await self._put_drill(drill)
         log.info(
             "drill %s created by %s: %s of %s %s (%s), deadline in %.1fs",
-            drill.id, operator, drill.mode, drill.scope_kind, drill.scope,
+            drill.id, quote(operator), drill.mode, drill.scope_kind, drill.scope,
             ", ".join(drill.clusters_in_scope), drill.fault_end - now,
         )
         return web.json_response(drill.to_json(), status=201)
@@ -897,7 +948,7 @@ class FederationServer:
                     raise ApiError(400, f"reason: {r!r}: expected a short non-empty text")
                 reason = r.strip()
         drill = await self._end_drill(request.match_info["id"], "aborted", reason)
-        log.info("drill %s aborted by %s: %s", drill.id, operator, reason)
+        log.info("drill %s aborted by %s: %s", drill.id, quote(operator), quote(reason))
         return web.json_response(drill.to_json())
 
     async def _end_drill(self, drill_id: str, state: str, reason: str) -> Drill:
@@ -915,8 +966,8 @@ class FederationServer:
         caller, _ = self._cluster(request, "write drill samples")
         target = info["cluster"]
         if caller != target:
-            self._denied += 1
-            log.warning("denied: cluster %r tried to write samples of cluster %r", caller, target)
+            self._refused("forbidden", "denied: cluster %s tried to write samples of cluster %s",
+                          quote(caller), quote(target))
             raise ApiError(
                 403, f"cluster {caller!r} may not write samples of cluster {target!r}",
                 caller=caller, target=target,
@@ -962,7 +1013,7 @@ class FederationServer:
                 Catalog().apply(kv.key, kv.value, rev)
                 items.append((kv.key, kv.value))
             except InputError as e:
-                log.error("catalog: skipping unreadable %s: %s", kv.key, e)
+                log.error("catalog: skipping unreadable %s: %s", quote(kv.key), quote(e))
         return Catalog.from_items(items, rev)
 
     async def h_catalog(self, request: web.Request) -> web.Response:
@@ -1055,6 +1106,9 @@ class FederationServer:
             "# TYPE isthmus_federation_live_clusters gauge",
             f"isthmus_federation_live_clusters {live}",
         ]
+        lines += serving_metrics(
+            "isthmus_federation_http", {n: site.stats for n, site in self._sites.items()}
+        )
         return web.Response(
             text="\n".join(lines) + "\n",
             content_type="text/plain",
@@ -1120,9 +1174,3 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def _bound_port(site: web.TCPSite, requested: int) -> int:
-    server = site._server  # aiohttp exposes no public accessor for the bound socket
-    sockets = getattr(server, "sockets", None) or ()
-    for sock in sockets:
-        return sock.getsockname()[1]
-    return requested

@@ -1,19 +1,36 @@
-"""Admin endpoints of a gateway (aiohttp, off the data path): /healthz /readyz /metrics /status."""
+"""Admin endpoints of a gateway (aiohttp, off the data path): /healthz /readyz /metrics /status.
+
+Served by `federation.http_serving.BoundedSite` with `ADMIN_LIMITS` (header, body and idle
+timeouts; at most 128 connections): a slow or junk client is closed and counted in
+`isthmus_gateway_http_*`, and logged as one rate-limited line, never a traceback per request.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from aiohttp import web
+
+from federation.http_serving import (
+    ADMIN_LIMITS,
+    BoundedSite,
+    ServingLimits,
+    ServingStats,
+    serving_metrics,
+)
+
+log = logging.getLogger("isthmus.gateway.admin")
 
 
 def _esc(v: str) -> str:
     return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def render_metrics(gw: Any) -> str:
-    """Prometheus text exposition format, written by hand (it is small)."""
+def render_metrics(gw: Any, http: ServingStats | None = None) -> str:
+    """Prometheus text exposition format, written by hand (it is small); `http`: the admin
+    port's own connection counters."""
     lines: list[str] = []
 
     def metric(name: str, kind: str, help_: str, samples: list[tuple[dict[str, str], float]]) -> None:
@@ -83,10 +100,17 @@ def render_metrics(gw: Any) -> str:
                [({}, agent.catalog.revision)])
         metric("isthmus_gateway_svid_expiry_timestamp_seconds", "gauge", "When the current SVID expires.",
                [({}, agent.identity.svid.not_after)])
+    if http is not None:
+        lines += serving_metrics("isthmus_gateway_http", {"admin": http})
     return "\n".join(lines) + "\n"
 
 
-async def start_admin(gw: Any, host: str, port: int) -> web.AppRunner:
+async def start_admin(gw: Any, host: str, port: int,
+                      limits: ServingLimits = ADMIN_LIMITS) -> web.AppRunner:
+    """The admin server, started; `cleanup()` the runner to stop it (its one site, a
+    `BoundedSite`, is in `runner.sites`)."""
+    site: BoundedSite | None = None
+
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
@@ -96,7 +120,8 @@ async def start_admin(gw: Any, host: str, port: int) -> web.AppRunner:
         return web.Response(status=503, text="not ready\n")
 
     async def metrics(_: web.Request) -> web.Response:
-        return web.Response(text=render_metrics(gw), content_type="text/plain", charset="utf-8",
+        return web.Response(text=render_metrics(gw, site.stats if site else None),
+                            content_type="text/plain", charset="utf-8",
                             headers={"X-Content-Type-Options": "nosniff"})
 
     async def status(_: web.Request) -> web.Response:
@@ -109,6 +134,10 @@ async def start_admin(gw: Any, host: str, port: int) -> web.AppRunner:
     app.router.add_get("/status", status)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
-    await site.start()
+    site = BoundedSite(runner, host, port, limits=limits, name="admin", logger=log)
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
     return runner

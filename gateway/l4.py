@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from federation.errors import IdentityError
+from federation.logs import LogLimiter, quote
 from federation.model import ServiceKey
 
 from . import link as link_codec
@@ -45,6 +46,9 @@ from .balance import Target
 from .mux import LinkPool, MuxLink, Stream, StreamRefused
 
 log = logging.getLogger("isthmus.gateway.l4")
+# What peers and anonymous clients cause (refused handshakes, identities, streams): one line per
+# event class, rate-limited; the listener's counters (/metrics) carry the volume.
+limited = LogLimiter(log)
 
 PENDING_LIMIT = 256 * 1024
 
@@ -305,7 +309,7 @@ async def connect_first(
         except DialError as e:
             stats.attempt_failures += 1
             router.report(target, False)
-            log.debug("attempt failed: %s", e)
+            log.debug("attempt failed: %s", quote(e))
             continue
         router.report(target, True)
         return target, leg
@@ -510,7 +514,7 @@ class InboundListener(Listener):
             try:
                 conn, _ = await loop.sock_accept(sock)  # type: ignore[union-attr,arg-type]
             except OSError as e:  # e.g. out of file descriptors: say so, do not spin
-                log.warning("inbound listener: accept failed: %s", e)
+                limited.warning("accept-failed", "inbound listener: accept failed: %s", e)
                 await asyncio.sleep(0.1)
                 continue
             if self.handshaking >= self.MAX_HANDSHAKES:
@@ -533,7 +537,8 @@ class InboundListener(Listener):
                     self._new_link, conn, ssl=self.tls.server_context, ssl_handshake_timeout=timeout)
             except (OSError, TimeoutError) as e:  # ssl.SSLError is an OSError; the transport closed conn
                 self.handshake_failed += 1
-                log.warning("inbound link from %s refused in the TLS handshake: %s", peer, e)
+                limited.warning("handshake-refused", "inbound link from %s refused in the TLS "
+                                "handshake: %s", quote(peer), quote(str(e) or type(e).__name__))
         finally:
             self.handshaking -= 1
 
@@ -546,7 +551,8 @@ class InboundListener(Listener):
             link.peer = self.tls.identify(link.transport.get_extra_info("ssl_object"))
         except IdentityError as e:
             self.identity_refused += 1
-            log.warning("inbound link from %s refused: %s", link.transport.get_extra_info("peername"), e)
+            limited.warning("identity-refused", "inbound link from %s refused: %s",
+                            quote(link.transport.get_extra_info("peername")), quote(e))
             return False
         self.links.add(link)
         return True
@@ -568,7 +574,8 @@ class InboundListener(Listener):
         export, router = entry
         if not export.allows(link.peer):
             self.denied += 1
-            log.warning("cluster %s may not consume %s", link.peer, service)
+            limited.warning("consumer-denied", "cluster %s may not consume %s",
+                            quote(link.peer), quote(service))
             return _refuse(link, sid, "forbidden", f"cluster {link.peer} may not consume {service}")
         delay = 0.0
         if fault is not None and fault.mode == "drain":

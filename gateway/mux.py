@@ -34,6 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 from federation.errors import IdentityError
+from federation.logs import LogLimiter, quote
 
 from .link import (
     CREDIT,
@@ -62,6 +63,9 @@ from .link import (
 )
 
 log = logging.getLogger("isthmus.gateway.mux")
+# What peers send (refused identities, protocol violations): one line per event class,
+# rate-limited, quoted.
+limited = LogLimiter(log)
 
 MAX_LINK_AGE = 3600.0
 _pack = HEADER.pack
@@ -362,7 +366,8 @@ class MuxLink(asyncio.Protocol):
                 self.closed = True
                 return
         except IdentityError as e:
-            log.warning("link with %s refused: %s", transport.get_extra_info("peername"), e)
+            limited.warning("link-refused", "link with %s refused: %s",
+                            quote(transport.get_extra_info("peername")), quote(e))
             transport.abort()
             self.closed = True
             if self.ready is not None and not self.ready.done():
@@ -384,7 +389,8 @@ class MuxLink(asyncio.Protocol):
                     continue
                 self._control(kind, sid, payload)
         except LinkProtocolError as e:
-            log.warning("link with %s broke protocol: %s", self.peer or self.transport.get_extra_info("peername"), e)
+            limited.warning("link-protocol", "link with %s broke protocol: %s",
+                            quote(self.peer or self.transport.get_extra_info("peername")), quote(e))
             self.transport.abort()
 
     def _control(self, kind: int, sid: int, payload: bytes) -> None:
@@ -590,7 +596,8 @@ class LinkPool:
         try:
             link = await asyncio.wait_for(self.link(cluster, host, port), timeout)
         except Exception as e:  # any failure to reach or verify the peer is a failed probe
-            log.debug("gateway probe %s (%s:%s) failed: %s", cluster, host, port, e or type(e).__name__)
+            log.debug("gateway probe %s (%s:%s) failed: %s", cluster, host, port,
+                      quote(str(e) or type(e).__name__))
             return False
         return await link.ping(max(0.01, deadline - loop.time()))
 
