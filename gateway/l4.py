@@ -225,9 +225,9 @@ class WatchedLeg(PlainLeg):
     """The up leg to a local endpoint while outlier_detection.response_timeout is set: the shell
     of health.Response. Until `commit` it is a PlainLeg that remembers whether the endpoint
     spoke. After it: the client's first bytes (or EOF) written here start the clock, the
-    endpoint's first bytes (or EOF) stop it, and the verdict goes out once — answered: served, reported ok;
-    silent until the deadline: reported failed, counted as a response timeout, both legs reset;
-    closed before either: served, no report (nothing was learnt)."""
+    endpoint's first bytes (or EOF) stop it, and the verdict goes out once — answered: served,
+    reported ok; silent until the deadline: reported failed, counted as a response timeout, both
+    legs reset; closed before either: served, no report (nothing was learnt)."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -172,7 +172,8 @@ async def test_the_passive_path_ejects_a_frozen_endpoint_from_new_connections(st
     frozen, live = await frozen_backend(stack), await echo_server(stack)
     book = HealthBook(OutlierRules(consecutive_failures=1, base_ejection=30.0, max_ejection=60.0,
                                    response_timeout=RT))
-    router = Router(SERVICE, LOC_A, Policy(tiers=("cluster",)), book, time.monotonic, random.Random(7).random)
+    router = Router(SERVICE, LOC_A, Policy(tiers=("cluster",)), book, time.monotonic,
+                    random.Random(7).random)
     router.set_local([LocalEndpoint(HOST, frozen), LocalEndpoint(HOST, live)])
     lst = await import_listener(stack, router)
     results = []
