@@ -154,7 +154,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "Export": _obj({
         "cluster": _NAME, "namespace": _NAME, "name": _NAME,
         "port": {"type": "integer", "minimum": 1, "maximum": 65535},
-        "protocol": {"type": "string", "enum": ["tcp"]},
+        "protocol": {"type": "string", "enum": ["tcp", "http"]},
         "endpoints": {"type": "array", "items": _ref("Endpoint"), "maxItems": 1000},
         "allowed_consumers": {"type": ["array", "null"], "items": _NAME},
     }, required=["cluster", "namespace", "name", "port", "protocol", "endpoints"]),

@@ -50,6 +50,9 @@ DRILL_STATES = ("running", "ended", "aborted")
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 MAX_ENDPOINTS = 1000
 MAX_CONSUMERS = 1000
+# Export protocols: the app protocol behind the port. Both are relayed at L4 for now; an `http`
+# export gets an HTTP health check by default (gateway config).
+PROTOCOLS = ("tcp", "http")
 
 
 def check_name(value: Any, what: str) -> str:
@@ -177,8 +180,10 @@ class Export:
         if not 0 < port < 65536:
             raise InputError(f"{what}.port: {port} is not in 1..65535")
         protocol = _field(obj, "protocol", what, str)
-        if protocol != "tcp":
-            raise InputError(f"{what}.protocol: {protocol!r} is not supported (use 'tcp')")
+        if protocol not in PROTOCOLS:
+            raise InputError(
+                f"{what}.protocol: {protocol!r} is not supported (use {' or '.join(PROTOCOLS)})"
+            )
         raw_eps = _field(obj, "endpoints", what, list)
         if len(raw_eps) > MAX_ENDPOINTS:
             raise InputError(f"{what}.endpoints: {len(raw_eps)} endpoints, at most {MAX_ENDPOINTS}")

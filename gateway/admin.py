@@ -64,6 +64,11 @@ def render_metrics(gw: Any, http: ServingStats | None = None) -> str:
            "Connect attempts that failed (and moved to the next candidate).", counter("attempt_failures"))
     metric("isthmus_gateway_served_total", "counter", "Connections served, by target.",
            [({**lab, "target": t}, n) for lab, st in per for t, n in sorted(st.get("served_by", {}).items())])
+    metric("isthmus_gateway_upstream_response_timeouts_total", "counter",
+           "Connections reset because the target sent nothing within outlier_detection."
+           "response_timeout of the client's first bytes (not counted as served).",
+           [({**lab, "target": t}, n) for lab, st in per
+            for t, n in sorted(st.get("response_timeouts_by", {}).items())])
     inbound = [({k: v for k, v in lab.items() if k != "listener"}, st) for lab, st in per if "denied" in st]
     metric("isthmus_gateway_inbound_identity_refused_total", "counter",
            "Inbound links refused because the peer SVID did not verify.",

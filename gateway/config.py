@@ -41,7 +41,7 @@ from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from federation.errors import InputError
-from federation.model import Locality, check_name
+from federation.model import PROTOCOLS, Locality, check_name
 from federation.units import format_duration, format_hostport, parse_duration, parse_hostport
 
 from .errors import ConfigError, Problem
@@ -74,7 +74,8 @@ MAX_ENDPOINTS = 1000
 MAX_CONSUMERS = 1000
 TIERS = ("cluster", "zone", "region", "any")
 HEALTH_KINDS = ("tcp", "http")
-PROTOCOLS = ("tcp",)
+MAX_SEND_BYTES = 1024  # health_check.send
+MAX_EXPECT_BYTES = 256  # health_check.expect
 _TRUST_DOMAIN = re.compile(r"^[a-z0-9._-]{1,255}$")
 _DAY = 86400.0
 
@@ -128,6 +129,7 @@ class OutlierConfig:
     consecutive_failures: int
     base_ejection: float
     max_ejection: float
+    response_timeout: float | None = None  # off unless set
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +148,11 @@ class HealthCheck:
     timeout: float
     healthy_threshold: int
     unhealthy_threshold: int
+    send: bytes | None = None  # tcp only: written after the connect
+    expect: bytes | None = None  # tcp only: must appear in the reply within the timeout
+    # http only: healthy on a status in 200 .. healthy_status_below - 1. 400 (2xx/3xx) when the
+    # path was given; 500 for the implied /healthz, which an app may not serve (404 = alive).
+    healthy_status_below: int = 400
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +219,12 @@ DEFAULT_HEALTH_CHECK = HealthCheck(
     kind="tcp", path=None, interval=1.0, timeout=0.5, healthy_threshold=2, unhealthy_threshold=2
 )
 DEFAULT_HTTP_PATH = "/healthz"
+# The check of a `protocol: http` export without a health_check section: GET /healthz, where
+# any answer below 500 proves the app answers (an app without /healthz says 404).
+DEFAULT_HTTP_HEALTH_CHECK = HealthCheck(
+    kind="http", path=DEFAULT_HTTP_PATH, interval=1.0, timeout=0.5, healthy_threshold=2,
+    unhealthy_threshold=2, healthy_status_below=500,
+)
 DEFAULT_FAILOVER = FailoverPolicy(
     tiers=TIERS, region_preference=(), failback_after=2.0, max_attempts=4
 )
@@ -234,14 +247,19 @@ _FEDERATION = {"url": True, "ca_file": True, "token_file": False}
 _LISTEN = {"inbound": True, "admin": True, "advertise": False}
 _IDENTITY = {"svid_ttl": False, "ca_cert_file": False, "ca_key_file": False}
 _LIMITS = {"max_connections": False, "connect_timeout": False, "idle_timeout": False}
-_OUTLIER = {"consecutive_failures": False, "base_ejection": False, "max_ejection": False}
+_OUTLIER = {
+    "consecutive_failures": False,
+    "base_ejection": False,
+    "max_ejection": False,
+    "response_timeout": False,
+}
 _PROBE = {
     "interval": False,
     "timeout": False,
     "healthy_threshold": False,
     "unhealthy_threshold": False,
 }
-_HEALTH = {"kind": False, "path": False, **_PROBE}
+_HEALTH = {"kind": False, "path": False, "send": False, "expect": False, **_PROBE}
 _EXPORT = {
     "name": True,
     "namespace": False,
@@ -759,6 +777,11 @@ class _Reader:
             base = self.duration(f["base_ejection"], f"{path}.base_ejection", maximum=3600)
         if "max_ejection" in f:
             top = self.duration(f["max_ejection"], f"{path}.max_ejection", maximum=3600)
+        rt: float | None = d.response_timeout
+        if "response_timeout" in f:
+            rt = self.duration(f["response_timeout"], f"{path}.response_timeout", maximum=3600)
+            if rt is None:
+                return None
         if base is not None and top is not None and top < base:
             self.problem(
                 f.get("max_ejection", f.get("base_ejection", node)),
@@ -769,7 +792,7 @@ class _Reader:
             return None
         if None in (cf, base, top):
             return None
-        return OutlierConfig(cf, base, top)  # type: ignore[arg-type]
+        return OutlierConfig(cf, base, top, rt)  # type: ignore[arg-type]
 
     def probe(
         self, node: Node, path: str, default: ProbeConfig, *, strict_timeout: bool
@@ -809,16 +832,43 @@ class _Reader:
             return None
         return ProbeConfig(interval, timeout, ht, ut)  # type: ignore[arg-type]
 
-    def health_check(self, node: Node, path: str) -> HealthCheck | None:
+    def health_check(self, node: Node, path: str, protocol: str | None) -> HealthCheck | None:
+        """The kind defaults to the export's protocol (http for http exports, else tcp)."""
         f = self.section(node, path, _HEALTH)
         if f is None:
             return None
         kind = (
             self.choice(f["kind"], f"{path}.kind", HEALTH_KINDS, "health check kind")
             if "kind" in f
-            else "tcp"
+            else ("http" if protocol == "http" else "tcp")
         )
+        payloads: dict[str, bytes | None] = {}
+        for name, limit in (("send", MAX_SEND_BYTES), ("expect", MAX_EXPECT_BYTES)):
+            if name not in f or kind is None:
+                continue
+            if kind == "tcp":
+                payloads[name] = self.payload(f[name], f"{path}.{name}", limit)
+                continue
+            payloads[name] = None
+            self.problem(
+                f[name],
+                f"{path}.{name}",
+                "only tcp checks send and expect bytes (an http check sends GET path and "
+                "reads the status line); remove it or set kind: tcp",
+            )
+        if any(v is None for v in payloads.values()):
+            return None
+        send, expect = payloads.get("send"), payloads.get("expect")
+        if send is not None and expect is None:
+            self.problem(
+                f["send"],
+                f"{path}.expect",
+                "required with send: a stopped or hung process still takes the bytes (its "
+                "kernel does), so only an expected reply shows the app is alive",
+            )
+            return None
         hc_path: str | None = None
+        healthy_below = 400
         if "path" in f:
             if kind == "tcp":
                 self.problem(
@@ -835,6 +885,7 @@ class _Reader:
                     return None
         elif kind == "http":
             hc_path = DEFAULT_HTTP_PATH
+            healthy_below = DEFAULT_HTTP_HEALTH_CHECK.healthy_status_below
         timing = self._probe_fields(node, f, path, DEFAULT_HEALTH_CHECK, strict_timeout=True)
         if kind is None or timing is None:
             return None
@@ -845,7 +896,30 @@ class _Reader:
             timing.timeout,
             timing.healthy_threshold,
             timing.unhealthy_threshold,
+            send,
+            expect,
+            healthy_below,
         )
+
+    def payload(self, node: Node, path: str, limit: int) -> bytes | None:
+        """Bytes of a probe, written as a YAML string: UTF-8, whitespace-only is fine (CR LF)."""
+        if not (isinstance(node, ScalarNode) and node.tag == "tag:yaml.org,2002:str"):
+            self.problem(
+                node, path, f'expected a string like "PING\\r\\n", got {self.describe(node)}'
+            )
+            return None
+        try:
+            data = node.value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate escape like "\ud800"
+            self.problem(node, path, "is not valid Unicode text")
+            return None
+        if not data:
+            self.problem(node, path, "must not be empty")
+            return None
+        if len(data) > limit:
+            self.problem(node, path, f"{len(data)} bytes (UTF-8), at most {limit} allowed")
+            return None
+        return data
 
     def exports(self, node: Node, own: str | None) -> tuple[ExportConfig, ...]:
         return self.services(
@@ -901,9 +975,11 @@ class _Reader:
         endpoints = (
             self.endpoints(f["endpoints"], f"{path}.endpoints") if "endpoints" in f else None
         )
-        hc: HealthCheck | None = DEFAULT_HEALTH_CHECK
+        hc: HealthCheck | None = (
+            DEFAULT_HTTP_HEALTH_CHECK if protocol == "http" else DEFAULT_HEALTH_CHECK
+        )
         if "health_check" in f:
-            hc = self.health_check(f["health_check"], f"{path}.health_check")
+            hc = self.health_check(f["health_check"], f"{path}.health_check", protocol)
         consumers: tuple[str, ...] | None = None
         ok = True
         if "allowed_consumers" in f:

@@ -6,7 +6,7 @@ Every endpoint (or remote cluster gateway) a gateway may send traffic to carries
 independent state machines. Both are frozen values; every function returns a new value. The
 clock is passed in as ``now`` (monotonic seconds); nothing here sleeps, reads a clock or does I/O.
 
-Active health (``ActiveHealth``, fed by ``probe_result`` after each TCP connect / HTTP GET probe)
+Active health (``ActiveHealth``, fed by ``probe_result`` after each health check, probes.py)
 
     UNKNOWN   --first success------------------------------->  HEALTHY
     UNKNOWN   --unhealthy_threshold consecutive failures---->  UNHEALTHY
@@ -41,6 +41,31 @@ Outlier detection (``Outlier``, fed by ``connect_result`` after each real connec
 
 An endpoint is ``routable`` when its active state is not UNHEALTHY and it is not ejected. The
 shell combines this with leases and catalog health into ``balance.Target.healthy``.
+
+Response timeout (``Response``, fed by the relay of one connection; opt-in)
+
+A stopped or wedged process still completes TCP handshakes (its kernel fills the accept queue),
+so a successful connect says nothing about the app. With ``outlier_detection.response_timeout``
+set, a connection relayed to a *local* endpoint is watched instead (a remote gateway watches
+the endpoint it relays to, with its own setting):
+
+    QUIET    --the client's first bytes reach the upstream--->  WAITING (deadline now + timeout)
+    QUIET    --upstream sends first (a banner)--------------->  ANSWERED
+    WAITING  --upstream sends its first bytes---------------->  ANSWERED
+    WAITING  --now >= deadline, nothing from the upstream---->  TIMED_OUT
+    ANSWERED, TIMED_OUT: final; nothing moves them.
+
+- Only the first answer is watched: once the upstream has said anything, later silences are
+  the idle timeout's business. More client bytes while WAITING do not move the deadline. An
+  EOF counts as bytes both ways: a client that half-closes has asked and waits for the reply;
+  an upstream that closes its side answered (only a running process closes a connection).
+- The outcome (``response_verdict``) is the connection's one result for outlier detection:
+  ANSWERED is a success, TIMED_OUT a failure (``connect_result`` with ok False), anything else
+  (the client left, or either side closed, before a verdict) is no result at all. The connect
+  itself is NOT reported as a success for a watched connection: for a stopped process it would
+  reset ``consecutive_failures`` between timeouts and keep the endpoint from ever being ejected.
+- A timed-out connection is lost (L4 cannot replay the bytes the upstream already took): the
+  shell resets both legs and counts it as a response timeout, not as served.
 """
 
 from __future__ import annotations
@@ -56,6 +81,12 @@ __all__ = [
     "connect_result",
     "is_ejected",
     "routable",
+    "Wait",
+    "Response",
+    "client_sent",
+    "upstream_sent",
+    "expire",
+    "response_verdict",
 ]
 
 
@@ -155,3 +186,50 @@ def connect_result(
 def routable(active: ActiveHealth, outlier: Outlier, now: float) -> bool:
     """Not UNHEALTHY (UNKNOWN counts as routable) and not ejected."""
     return active.state is not HealthState.UNHEALTHY and not is_ejected(outlier, now)
+
+
+class Wait(StrEnum):
+    QUIET = "quiet"  # the client has sent the upstream nothing yet
+    WAITING = "waiting"  # the client spoke; no answer yet
+    ANSWERED = "answered"  # the upstream sent bytes (final)
+    TIMED_OUT = "timed_out"  # nothing came back within the timeout (final)
+
+
+@dataclass(frozen=True)
+class Response:
+    """Response-timeout state of one relayed connection (see the module docstring)."""
+
+    wait: Wait = Wait.QUIET
+    deadline: float | None = None  # set while WAITING
+
+
+def client_sent(r: Response, now: float, timeout: float) -> Response:
+    """The client's bytes reached the upstream at ``now``: the first ones start the clock."""
+    if timeout <= 0:
+        raise ValueError(f"response timeout must be > 0, got {timeout}")
+    if r.wait is Wait.QUIET:
+        return Response(Wait.WAITING, now + timeout)
+    return r
+
+
+def upstream_sent(r: Response) -> Response:
+    """The upstream sent bytes: answered, unless the verdict is already in."""
+    if r.wait in (Wait.QUIET, Wait.WAITING):
+        return Response(Wait.ANSWERED)
+    return r
+
+
+def expire(r: Response, now: float) -> Response:
+    """The clock says ``now``: WAITING past its deadline times out; anything else stays."""
+    if r.wait is Wait.WAITING and r.deadline is not None and now >= r.deadline:
+        return Response(Wait.TIMED_OUT)
+    return r
+
+
+def response_verdict(r: Response) -> bool | None:
+    """The connection's result for outlier detection: True, False, or None (no result)."""
+    if r.wait is Wait.ANSWERED:
+        return True
+    if r.wait is Wait.TIMED_OUT:
+        return False
+    return None

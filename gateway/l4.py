@@ -22,6 +22,15 @@ reset or timed-out attempt, or a remote gateway answering ERR or nothing, moves 
 candidate with the same client connection, so a dead endpoint costs the client nothing but the
 time to try it. Only when every attempt failed is the client connection closed (counted).
 
+What connect-time failover cannot save: once committed, a connection belongs to its upstream.
+If that process then dies or hangs, the connection fails: the bytes it already took cannot be
+replayed elsewhere at L4. A stopped process even completes handshakes (its kernel does), so its
+connects succeed; `outlier_detection.response_timeout` (off by default) is the passive signal
+for that case: the up leg to a local endpoint is then a `WatchedLeg` (health.py, "Response
+timeout"), and an endpoint silent for that long after the client's first bytes is reported
+failed (ejecting it from new connections), and its connection is reset and counted as a
+response timeout instead of as served.
+
 Listeners own their connections and the tasks that connect them: `close()` cancels the tasks
 and closes the transports. An idle sweeper closes connections with no traffic for
 `idle_timeout`, and a connection limit refuses connections beyond `max_connections`.
@@ -43,6 +52,7 @@ from federation.model import ServiceKey
 
 from . import link as link_codec
 from .balance import Target
+from .health import Response, Wait, client_sent, expire, response_verdict, upstream_sent
 from .mux import LinkPool, MuxLink, Stream, StreamRefused
 
 log = logging.getLogger("isthmus.gateway.l4")
@@ -58,6 +68,9 @@ class Router(Protocol):
 
     def report(self, target: Target, ok: bool) -> None: ...
 
+    @property
+    def response_timeout(self) -> float | None: ...
+
 
 @dataclass
 class ListenerStats:
@@ -71,9 +84,14 @@ class ListenerStats:
     attempt_failures: int = 0
     idle_closed: int = 0
     served_by: dict[str, int] = field(default_factory=dict)  # target key -> connections
+    # target key -> connections reset because the upstream never answered (response_timeout)
+    response_timeouts_by: dict[str, int] = field(default_factory=dict)
 
     def served(self, key: str) -> None:
         self.served_by[key] = self.served_by.get(key, 0) + 1
+
+    def response_timed_out(self, key: str) -> None:
+        self.response_timeouts_by[key] = self.response_timeouts_by.get(key, 0) + 1
 
 
 class DialError(Exception):
@@ -192,6 +210,114 @@ class PlainLeg(Leg):
             self.close()
 
 
+_timeout_log = LogLimiter(log)
+
+
+@dataclass(frozen=True, slots=True)
+class _Watch:
+    """Who hears the verdict of a WatchedLeg: the listener that committed the connection."""
+
+    target: Target
+    router: Router
+    stats: ListenerStats
+    timeout: float
+    loop: asyncio.AbstractEventLoop
+
+
+class WatchedLeg(PlainLeg):
+    """The up leg to a local endpoint while outlier_detection.response_timeout is set: the shell
+    of health.Response. Until `commit` it is a PlainLeg that remembers whether the endpoint
+    spoke. After it: the client's first bytes (or EOF) written here start the clock, the
+    endpoint's first bytes (or EOF) stop it, and the verdict goes out once — answered: served,
+    reported ok; silent until the deadline: reported failed, counted as a response timeout, both
+    legs reset; closed before either: served, no report (nothing was learnt)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.response = Response()
+        self.watch: _Watch | None = None
+        self.settled = False
+        self.timer: asyncio.TimerHandle | None = None
+
+    def commit(self, target: Target, router: Router, stats: ListenerStats, timeout: float,
+               loop: asyncio.AbstractEventLoop) -> None:
+        """The listener relays the client's connection over this leg (instead of counting it as
+        served at once); a banner the endpoint sent already is its answer."""
+        self.watch = _Watch(target, router, stats, timeout, loop)
+        self._settle()
+
+    def send(self, data: bytes) -> None:
+        self.transport.write(data)
+        if self.response.wait is Wait.QUIET:
+            self._asked()
+
+    def send_eof(self) -> None:
+        PlainLeg.send_eof(self)
+        if self.response.wait is Wait.QUIET:  # a client that half-closes has asked, and waits
+            self._asked()
+
+    def _asked(self) -> None:
+        w = self.watch
+        if w is not None:
+            self.response = r = client_sent(self.response, w.loop.time(), w.timeout)
+            self.timer = w.loop.call_at(r.deadline, self._expire)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.settled:
+            self.response = upstream_sent(self.response)
+            self._settle()
+        PlainLeg.data_received(self, data)
+
+    def eof_received(self) -> bool:
+        if not self.settled:  # only a running app closes its side: a FIN is an answer too
+            self.response = upstream_sent(self.response)
+            self._settle()
+        return PlainLeg.eof_received(self)
+
+    def _expire(self) -> None:
+        self.timer = None
+        w = self.watch
+        self.response = r = expire(self.response, w.loop.time())
+        if r.wait is Wait.WAITING:  # the timer ran a hair early: wait out the real deadline
+            self.timer = w.loop.call_at(r.deadline, self._expire)
+            return
+        self._settle()
+
+    def _settle(self) -> None:
+        """Act on the verdict, once, when there is one and someone to tell."""
+        w = self.watch
+        verdict = response_verdict(self.response)
+        if w is None or verdict is None or self.settled:
+            return
+        self.settled = True
+        self._cancel_timer()
+        if verdict:
+            w.stats.served(w.target.key)
+            w.router.report(w.target, True)
+            return
+        w.stats.response_timed_out(w.target.key)
+        w.router.report(w.target, False)
+        _timeout_log.warning(
+            "response-timeout", "%s sent nothing within %gs of the client's first bytes; its "
+            "connection is reset (L4 cannot replay it elsewhere)", w.target.key, w.timeout)
+        other = self.other
+        self.abort()
+        if other is not None:
+            other.abort()
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        w = self.watch
+        if not self.settled and w is not None:
+            self.settled = True  # ended before a verdict: relayed, nothing learnt
+            self._cancel_timer()
+            w.stats.served(w.target.key)
+        PlainLeg.connection_lost(self, exc)
+
 
 class ImportLeg(PlainLeg):
     """An app's connection to an import listener, which admits it and connects it."""
@@ -252,7 +378,7 @@ class Dialer:
         except LookupError as e:  # no bundle/context for that cluster
             raise DialError(f"{target.key}: {e}") from None
 
-    async def dial_local(self, target: Target) -> PlainLeg:
+    async def dial_local(self, target: Target, leg: Callable[[], PlainLeg] = PlainLeg) -> PlainLeg:
         """Plain TCP to a local endpoint. The hot path of new connections: instead of
         `wait_for` (a second Task, a future and a timer per attempt), one timer cancels the
         task that dials; the cancellation it caused is taken back (uncancel) and reported as
@@ -266,8 +392,8 @@ class Dialer:
         expiry = _Expiry(task)
         handle = loop.call_later(timeout, expiry)
         try:
-            _, leg = await loop.create_connection(PlainLeg, target.host, target.port)
-            return leg
+            _, up = await loop.create_connection(leg, target.host, target.port)
+            return up
         except asyncio.CancelledError:
             if expiry.fired and task.uncancel() == 0:
                 raise DialError(f"{target.key}: connect timed out after {timeout:g}s") from None
@@ -298,22 +424,37 @@ def _consume(fut: asyncio.Future) -> None:
 
 
 async def connect_first(
-    router: Router, dialer: Dialer, service: ServiceKey, stats: ListenerStats
+    router: Router, dialer: Dialer, service: ServiceKey, stats: ListenerStats,
+    response_timeout: float | None = None,
 ) -> tuple[Target, Leg] | None:
-    """Try the router's plan in order; report every attempt; first success wins."""
+    """Try the router's plan in order; report every attempt; first success wins. With a
+    response_timeout, a local endpoint gets a WatchedLeg and its connect is no result yet: the
+    caller commits the leg, which reports the endpoint's answer (or silence) instead."""
+    local = PlainLeg if response_timeout is None else WatchedLeg
     for target in router.plan():
         stats.attempts += 1
         try:
             # dial_local directly: one coroutine less on the hot path of new local connections
-            leg = await (dialer.dial(target, service) if target.remote else dialer.dial_local(target))
+            leg = await (dialer.dial(target, service) if target.remote
+                         else dialer.dial_local(target, local))
         except DialError as e:
             stats.attempt_failures += 1
             router.report(target, False)
             log.debug("attempt failed: %s", quote(e))
             continue
-        router.report(target, True)
+        if local is PlainLeg or target.remote:
+            router.report(target, True)
         return target, leg
     return None
+
+
+def _commit(up: Leg | Stream, target: Target, router: Router, stats: ListenerStats,
+            timeout: float | None, loop: asyncio.AbstractEventLoop) -> None:
+    """Count a connection that connect_first found as served, or let its WatchedLeg decide."""
+    if timeout is not None and isinstance(up, WatchedLeg):
+        up.commit(target, router, stats, timeout, loop)
+    else:
+        stats.served(target.key)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,7 +590,9 @@ class ImportListener(Listener):
             task.cancel()
 
     async def _connect(self, down: ImportLeg) -> None:
-        found = await connect_first(self.router, self.dialer, self.service, self.stats)
+        router = self.router
+        timeout = router.response_timeout
+        found = await connect_first(router, self.dialer, self.service, self.stats, timeout)
         down.task = None
         if found is None:
             self.stats.failed += 1
@@ -459,7 +602,7 @@ class ImportListener(Listener):
         if down.lost:
             up.close()
             return
-        self.stats.served(target.key)
+        _commit(up, target, router, self.stats, timeout, self.loop)  # type: ignore[arg-type]
         up.attach(down)
         down.attach(up)
 
@@ -603,7 +746,8 @@ class InboundListener(Listener):
     async def _connect(self, link: MuxLink, stream: Stream, service: ServiceKey, router: Router, delay: float) -> None:
         if delay > 0:  # degrade drill: the OK comes `delay` later (cancelled if the stream goes)
             await asyncio.sleep(delay)
-        found = await connect_first(router, self.dialer, service, self.stats)
+        timeout = router.response_timeout
+        found = await connect_first(router, self.dialer, service, self.stats, timeout)
         if stream.closed:
             if found:
                 found[1].close()
@@ -614,7 +758,7 @@ class InboundListener(Listener):
             stream.drop()
             return
         target, up = found
-        self.stats.served(target.key)
+        _commit(up, target, router, self.stats, timeout, self.loop)  # type: ignore[arg-type]
         link.write(link_codec.control(link_codec.OK, stream.sid, {"endpoint": target.key}))
         up.attach(stream)
         stream.attach(up)

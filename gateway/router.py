@@ -93,6 +93,7 @@ class OutlierRules:
     consecutive_failures: int = 2
     base_ejection: float = 2.0
     max_ejection: float = 60.0
+    response_timeout: float | None = None  # watch the first answer of local endpoints (health.py)
 
 
 def local_key(host: str, port: int) -> str:
@@ -321,6 +322,12 @@ class Router:
 
     def report(self, target: Target, ok: bool) -> None:
         self.book.connect(target.key, ok, self.clock())
+
+    @property
+    def response_timeout(self) -> float | None:
+        """outlier_detection.response_timeout: how long a local endpoint may stay silent after
+        the client's first bytes before it counts as failed (None: not watched)."""
+        return self.book.rules.response_timeout
 
     def describe(self) -> dict[str, Any]:
         """For /status: the tiers, the active one, and the connect attempts a new connection

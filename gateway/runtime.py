@@ -41,7 +41,7 @@ from .balance import Policy
 from .config import GatewayConfig
 from .drill_actor import DrillActor
 from .l4 import Dialer, ImportListener, InboundListener
-from .probes import http_check, probe_loop, tcp_check
+from .probes import checker, probe_loop
 from .router import HealthBook, LocalEndpoint, OutlierRules, Router, local_key, remote_key
 from .tls import GatewayTls, TlsSnapshot
 from .workers import STATS_EVERY, Supervisor, read_stats, watch_parent, write_stats
@@ -66,7 +66,8 @@ class Gateway:
         c = cfg.cluster
         self.locality = Locality(c.region, c.zone, c.name)
         o = cfg.outlier_detection
-        self.book = HealthBook(OutlierRules(o.consecutive_failures, o.base_ejection, o.max_ejection))
+        self.book = HealthBook(OutlierRules(o.consecutive_failures, o.base_ejection, o.max_ejection,
+                                            o.response_timeout))
         self.book.on_change.append(self._health_changed)
         self.events = LogLimiter(log, interval=30.0, burst=4)  # transitions (_log_transitions)
         self.identity: Identity | None = None
@@ -240,12 +241,7 @@ class Gateway:
         for ex in self.cfg.exports:
             hc = ex.health_check
             for e in ex.endpoints:
-                if hc.kind == "http":
-                    def check(e=e, hc=hc):
-                        return http_check(e.host, e.port, hc.path or "/", hc.timeout)
-                else:
-                    def check(e=e, hc=hc):
-                        return tcp_check(e.host, e.port, hc.timeout)
+                check = checker(hc, e.host, e.port)
                 tg.create_task(probe_loop(self.book, local_key(e.host, e.port), check, hc.interval,
                                           hc.healthy_threshold, hc.unhealthy_threshold, self._mono))
 

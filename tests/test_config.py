@@ -121,12 +121,12 @@ def test_defaults_applied() -> None:
         1.0,
         3600.0,
     )
-    assert dataclasses.astuple(c.outlier_detection) == (2, 2.0, 60.0)
+    assert dataclasses.astuple(c.outlier_detection) == (2, 2.0, 60.0, None)
     assert dataclasses.astuple(c.peer_probe) == (0.5, 0.5, 2, 2)
     (exp,) = c.exports
     assert (exp.namespace, exp.protocol, exp.allowed_consumers) == ("default", "tcp", None)
     assert exp.endpoints[0].weight == 1
-    assert dataclasses.astuple(exp.health_check) == ("tcp", None, 1.0, 0.5, 2, 2)
+    assert dataclasses.astuple(exp.health_check) == ("tcp", None, 1.0, 0.5, 2, 2, None, None, 400)
     (imp,) = c.imports
     assert imp.namespace == "default"
     assert imp.failover.tiers == TIERS
@@ -184,7 +184,7 @@ imports:
     assert c.identity.ca_cert_file == Path("/pki/ca.pem")
     assert c.identity.ca_key_file == Path("/etc/pki/ca.key")
     assert dataclasses.astuple(c.limits) == (5, 0.25, 600.0)
-    assert dataclasses.astuple(c.outlier_detection) == (3, 1.0, 1.0)
+    assert dataclasses.astuple(c.outlier_detection) == (3, 1.0, 1.0, None)
     assert dataclasses.astuple(c.peer_probe) == (1.0, 0.2, 1, 3)
     web, other = c.exports
     assert [(e.host, e.port, e.weight) for e in web.endpoints] == [
@@ -544,6 +544,76 @@ CASES: list[tuple[str, str, str, int, str]] = [
         "0 is not in 1..100",
     ),
     (
+        "health-send-without-expect",
+        cfg(EXPORT + '    health_check:\n      send: "PING\\r\\n"\n'),
+        "exports[0].health_check.expect",
+        18,
+        "required with send",
+    ),
+    (
+        "health-send-on-http",
+        cfg(EXPORT + "    health_check:\n      kind: http\n      send: PING\n"),
+        "exports[0].health_check.send",
+        19,
+        "only tcp checks send and expect bytes",
+    ),
+    (
+        "health-expect-not-a-string",
+        cfg(EXPORT + "    health_check:\n      expect: 42\n"),
+        "exports[0].health_check.expect",
+        18,
+        "expected a string",
+    ),
+    (
+        "health-expect-empty",
+        cfg(EXPORT + '    health_check:\n      expect: ""\n'),
+        "exports[0].health_check.expect",
+        18,
+        "must not be empty",
+    ),
+    (
+        "health-expect-too-long",
+        cfg(EXPORT + f"    health_check:\n      expect: {'x' * 255}é\n"),
+        "exports[0].health_check.expect",
+        18,
+        "257 bytes (UTF-8), at most 256 allowed",
+    ),
+    (
+        "health-send-too-long",
+        cfg(EXPORT + f"    health_check:\n      send: {'x' * 1025}\n      expect: x\n"),
+        "exports[0].health_check.send",
+        18,
+        "1025 bytes (UTF-8), at most 1024 allowed",
+    ),
+    (
+        "health-send-lone-surrogate",
+        cfg(EXPORT + '    health_check:\n      send: "\\ud800"\n      expect: x\n'),
+        "exports[0].health_check.send",
+        18,
+        "not valid Unicode",
+    ),
+    (
+        "protocol-unknown",
+        cfg(EXPORT + "    protocol: grpc\n"),
+        "exports[0].protocol",
+        17,
+        "'grpc' is not a supported protocol (use 'tcp' or 'http')",
+    ),
+    (
+        "response-timeout-zero",
+        cfg("outlier_detection:\n  response_timeout: 0s\n"),
+        "outlier_detection.response_timeout",
+        13,
+        "must be more than 0",
+    ),
+    (
+        "response-timeout-too-long",
+        cfg("outlier_detection:\n  response_timeout: 2h\n"),
+        "outlier_detection.response_timeout",
+        13,
+        "too long",
+    ),
+    (
         "consumer-bad-name",
         cfg(EXPORT + "    allowed_consumers: [west-1, West_2]\n"),
         "exports[0].allowed_consumers[1]",
@@ -650,6 +720,59 @@ def test_bad_config(text: str, path: str, line: int, phrase: str) -> None:
     assert phrase in p.message
     rendered = f"{SRC}:{line}: {path}: " if path else f"{SRC}:{line}: "
     assert str(p).startswith(rendered)
+
+
+def _health(extra: str):
+    (exp,) = parse_config(cfg(EXPORT + extra), SRC).exports
+    return exp.health_check
+
+
+def test_tcp_check_send_and_expect_are_bytes_with_yaml_escapes() -> None:
+    hc = _health('    health_check:\n      send: "PING\\r\\n"\n      expect: "+PONG"\n')
+    assert (hc.kind, hc.send, hc.expect) == ("tcp", b"PING\r\n", b"+PONG")
+    hc = _health('    health_check: {send: "\\n", expect: "é"}\n')
+    assert (hc.send, hc.expect) == (b"\n", "é".encode())  # whitespace-only is a payload; UTF-8
+    hc = _health("    health_check: {expect: SSH-2.0}\n")  # a banner: expect alone
+    assert (hc.send, hc.expect) == (None, b"SSH-2.0")
+
+
+def test_http_export_defaults_to_an_http_check_of_healthz() -> None:
+    assert _health("    protocol: http\n") == dataclasses.replace(
+        _health("    health_check: {kind: http}\n")
+    )
+    hc = _health("    protocol: http\n")
+    assert dataclasses.astuple(hc) == ("http", "/healthz", 1.0, 0.5, 2, 2, None, None, 500)
+    # a health_check section of an http export is an http check unless it says otherwise
+    hc = _health("    protocol: http\n    health_check: {interval: 2s}\n")
+    assert (hc.kind, hc.path, hc.interval) == ("http", "/healthz", 2.0)
+    assert hc.healthy_status_below == 500
+    hc = _health("    protocol: http\n    health_check: {kind: tcp, expect: HTTP}\n")
+    assert (hc.kind, hc.path, hc.expect) == ("tcp", None, b"HTTP")
+
+
+def test_http_check_with_a_path_needs_2xx_or_3xx() -> None:
+    assert _health("    health_check: {kind: http, path: /ready}\n").healthy_status_below == 400
+    assert _health("    health_check: {kind: http, path: /healthz}\n").healthy_status_below == 400
+    assert _health("    health_check: {kind: http}\n").healthy_status_below == 500
+    assert _health("").kind == "tcp"  # tcp exports keep the tcp default
+
+
+def test_send_and_expect_on_an_http_export_name_both_fields() -> None:
+    found = problems(cfg(EXPORT + "    protocol: http\n    health_check: {send: a, expect: b}\n"))
+    assert [p.path for p in found] == [
+        "exports[0].health_check.send",
+        "exports[0].health_check.expect",
+    ]
+    assert all("set kind: tcp" in p.message for p in found)
+
+
+def test_response_timeout() -> None:
+    assert parse_config(cfg(), SRC).outlier_detection.response_timeout is None
+    c = parse_config(cfg("outlier_detection:\n  response_timeout: 750ms\n"), SRC)
+    assert c.outlier_detection.response_timeout == 0.75
+    assert dataclasses.astuple(c.outlier_detection) == (2, 2.0, 60.0, 0.75)
+    c = parse_config(cfg("outlier_detection:\n  response_timeout: null\n"), SRC)
+    assert c.outlier_detection.response_timeout is None
 
 
 def test_message_format_matches_the_contract() -> None:
@@ -902,6 +1025,8 @@ _SECTIONS = {
     ("exports", 0, "health_check"): {
         "kind",
         "path",
+        "send",
+        "expect",
         "interval",
         "timeout",
         "healthy_threshold",

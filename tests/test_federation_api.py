@@ -388,6 +388,16 @@ async def test_identical_export_write_is_skipped(fed: Fed) -> None:
     assert r3 > r2
 
 
+async def test_an_http_export_is_published_as_http(fed: Fed) -> None:
+    east = make_cluster("east-1")
+    c = await fed.join(east)
+    await c.grant_lease("east-1")
+    web = Export("east-1", "default", "web", 8080, "http", (Endpoint("127.0.0.1", 8080),))
+    await c.put_export(web)
+    cat = await c.catalog()
+    assert cat.exports_of(web.service) == [web]
+
+
 async def test_keepalive_unknown_lease_is_false(fed: Fed) -> None:
     east = make_cluster("east-1")
     c = await fed.join(east)

@@ -10,10 +10,16 @@ from gateway.health import (
     ActiveHealth,
     HealthState,
     Outlier,
+    Response,
+    Wait,
+    client_sent,
     connect_result,
+    expire,
     is_ejected,
     probe_result,
+    response_verdict,
     routable,
+    upstream_sent,
 )
 
 U, H, X = HealthState.UNKNOWN, HealthState.HEALTHY, HealthState.UNHEALTHY
@@ -222,3 +228,93 @@ def test_routable(state, ejected_until, now, expected):
     assert (
         routable(ActiveHealth(state=state), Outlier(ejected_until=ejected_until), now) is expected
     )
+
+
+# --- response timeout ----------------------------------------------------------------------
+
+RT = 1.5  # response timeout in the tables below
+
+
+def run_response(events: str) -> list[Response]:
+    """Feed events at t = 1, 2, ...: 'c' the client's bytes reach the upstream, 'u' the upstream
+    sends, 't' the timer looks at the clock. Returns every intermediate state."""
+    r, states = Response(), []
+    for i, e in enumerate(events, start=1):
+        now = float(i)
+        if e == "c":
+            r = client_sent(r, now, RT)
+        elif e == "u":
+            r = upstream_sent(r)
+        else:
+            r = expire(r, now)
+        states.append(r)
+    return states
+
+
+Q, W, A, T = Wait.QUIET, Wait.WAITING, Wait.ANSWERED, Wait.TIMED_OUT
+
+
+@pytest.mark.parametrize(
+    "events, final, verdict",
+    [
+        ("", Q, None),  # nothing happened: no result
+        ("t", Q, None),  # the client never spoke: no clock runs
+        ("tttt", Q, None),
+        ("c", W, None),  # closed while waiting: no result either
+        ("cu", A, True),
+        ("ct", W, None),  # t=2 < deadline 2.5
+        ("ctt", T, False),  # t=3 >= 2.5
+        ("cccct", T, False),  # more client bytes do not move the deadline (1 + 1.5, not 5.5)
+        ("cctu", T, False),  # expired at t=3; a late answer changes nothing
+        ("uc", A, True),  # a banner before the client spoke is an answer
+        ("uctttt", A, True),
+        ("cutt", A, True),  # answered: final
+        ("cuuu", A, True),
+    ],
+)
+def test_response_table(events, final, verdict):
+    states = run_response(events)
+    r = states[-1] if states else Response()
+    assert r.wait is final
+    assert response_verdict(r) is verdict
+
+
+def test_deadline_is_set_by_the_first_client_bytes_only():
+    w = client_sent(Response(), 10.0, RT)
+    assert w == Response(W, 11.5)
+    assert client_sent(w, 11.0, RT) == w
+    assert expire(w, 11.4999) == w
+    assert expire(w, 11.5) == Response(T)
+
+
+@pytest.mark.parametrize("timeout", [0.0, -1.0])
+def test_bad_response_timeout_raises(timeout):
+    with pytest.raises(ValueError):
+        client_sent(Response(), 0.0, timeout)
+
+
+@given(st.text(alphabet="cut", max_size=40))
+def test_response_verdict_is_final_once_given(events):
+    """Once a verdict exists it never changes, and TIMED_OUT needs a 't' at/after the deadline."""
+    first = None
+    for r in run_response(events):
+        v = response_verdict(r)
+        if first is None:
+            first = v
+        else:
+            assert v is first
+        if r.wait is T:
+            assert "c" in events
+
+
+def test_connect_successes_would_hide_a_hung_endpoint():
+    """Why a watched connection reports its verdict and not its connect: a stopped process
+    accepts every connect, and each success between two timeouts resets the count."""
+    both, verdicts_only = Outlier(), Outlier()
+    for i in range(10):
+        now = float(i)
+        both = connect_result(both, True, now, 2, BASE, MAX)  # the connect "succeeded"
+        both = connect_result(both, False, now + 0.5, 2, BASE, MAX)  # then it timed out
+        verdicts_only = connect_result(verdicts_only, False, now + 0.5, 2, BASE, MAX)
+    assert both.ejections == 0  # never ejected
+    assert verdicts_only.ejections >= 1 and verdicts_only.ejected_until > 0

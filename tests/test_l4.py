@@ -67,9 +67,10 @@ def _without_first_param(fn):
 class FakeRouter:
     """Plans a fixed candidate list and records every report."""
 
-    def __init__(self, *targets: Target) -> None:
+    def __init__(self, *targets: Target, response_timeout: float | None = None) -> None:
         self.targets = list(targets)
         self.reports: list[tuple[str, bool]] = []
+        self.response_timeout = response_timeout
 
     def plan(self) -> list[Target]:
         return list(self.targets)

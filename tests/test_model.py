@@ -52,6 +52,8 @@ def test_lease_gone_hides_exports_and_delete_removes():
         (ECHO.key, json.dumps({**ECHO.to_json(), "port": 0}).encode(), "port: 0 is not in 1..65535"),
         (ECHO.key, json.dumps({**ECHO.to_json(), "cluster": "west-1"}).encode(), "the export inside names"),
         (EAST.key, json.dumps({**EAST.to_json(), "gateway_address": "nowhere"}).encode(), "gateway_address"),
+        (ECHO.key, json.dumps({**ECHO.to_json(), "protocol": "grpc"}).encode(),
+         "protocol: 'grpc' is not supported .use tcp or http."),
         ("catalog/exports/east-1/default/echo",
          json.dumps({**ECHO.to_json(), "endpoints": [{"address": "1.2.3.4:5", "healthy": "yes", "weight": 1}]}).encode(),
          "endpoints[0].healthy"),
@@ -70,3 +72,8 @@ def test_apply_all_skips_a_malformed_record_and_keeps_the_rest():
     )
     assert cat.revision == 3 and "east-1" in cat.live and cat.exports == {}
     assert len(errors) == 1 and ECHO.key in str(errors[0])
+
+
+def test_an_http_export_round_trips():
+    web = Export("east-1", "default", "web", 80, "http", (Endpoint("127.0.0.1", 9002),))
+    assert Export.from_json(json.loads(json.dumps(web.to_json()))) == web

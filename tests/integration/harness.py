@@ -21,12 +21,22 @@ process it started, by PID (SIGTERM, then SIGKILL), and closes the backends.
 
 Backends (`Backend`) run on the test's event loop. Each connection gets one reply line per line
 it sends: the cluster name (mode "echo"), or, in mode "count", nothing until EOF and then
-"<cluster> <byte count>". A backend can be
+"<cluster> <byte count>"; a connection whose first line is `GET <path> HTTP/1.x` is an HTTP
+health check (200 for /healthz, 404 otherwise, then closed). A backend can be
   * stopped  — the listening socket is closed, so connects get a RST (ECONNREFUSED);
   * blackholed — a `listen(0)` socket whose accept queue is filled by idle client connections
     and never accepted: the kernel drops further SYNs, so connects time out with no answer
     (no root needed; `blackhole_times_out()` checks that this holds on the machine);
   * restarted.
+`topo.use_process_backend(cluster)` (before `start()`) makes a cluster's first backend a
+`ProcessBackend`: the same Backend in a process of its own (`python -m
+tests.integration.harness backend CLUSTER PORT`), which a test can freeze with SIGSTOP and thaw
+with SIGCONT by its PID: the kernel then keeps completing handshakes into its accept queue
+(backlog 100) while the app answers nothing.
+
+`Topology(health_check={...}, outlier_detection={...})` replace the gateways' health check
+fields / add outlier_detection fields (values written into the YAML as given; `{cluster}` in a
+health check value becomes the gateway's cluster name).
 
 Ports come from 20000..32000 (below the ephemeral range, away from the fixed ports of
 `isthmus demo`), checked free by binding, and never handed out twice by one test process.
@@ -180,9 +190,19 @@ class Backend:
                 writer.write(f"{self.cluster} {total}\n".encode())
                 await writer.drain()
                 return
-            while await reader.readline():
+            line = await reader.readline()
+            if line.startswith(b"GET ") and b" HTTP/1." in line:  # an http health check
+                while (await reader.readline()).strip():
+                    pass
+                status = "200 OK" if line.split(b" ")[1] == b"/healthz" else "404 Not Found"
+                writer.write(f"HTTP/1.1 {status}\r\nContent-Length: 0\r\n"
+                             "Connection: close\r\n\r\n".encode())
+                await writer.drain()
+                return
+            while line:
                 writer.write(f"{self.cluster}\n".encode())
                 await writer.drain()
+                line = await reader.readline()
         except (ConnectionError, OSError):
             pass
         finally:
@@ -229,6 +249,70 @@ class Backend:
         for w in list(self._writers):
             w.transport.abort()
         self._writers.clear()
+
+
+class ProcessBackend:
+    """A Backend in a process of its own, which a test can freeze (SIGSTOP) and thaw (SIGCONT)
+    by its PID. Same start/stop/close/address as Backend; stopping ends the process."""
+
+    def __init__(self, cluster: str, port: int, log: Path) -> None:
+        self.cluster = cluster
+        self.port = port
+        root = str(Path(__file__).resolve().parents[2])
+        env = {**os.environ, "PYTHONPATH": root}
+        self.proc = Proc(f"backend-{cluster}-{port}",
+                         [sys.executable, "-m", "tests.integration.harness", "backend", cluster,
+                          str(port)], log, env=env)
+        self.state = "down"  # down | up | frozen
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    async def start(self) -> None:
+        if not self.proc.running:
+            self.proc.start()
+
+        async def answers() -> bool:
+            if not self.proc.running:
+                raise RuntimeError(f"{self.proc.name} exited:\n{self.proc.tail()}")
+            return await request(self.port, "ping", 1.0) == self.cluster
+
+        await wait_for(answers, 10.0, what=f"{self.proc.name} to answer")
+        self.state = "up"
+
+    restart = start
+
+    def freeze(self) -> None:
+        """SIGSTOP: the kernel still completes handshakes (accept queue); the app answers none."""
+        os.kill(self.pid, signal.SIGSTOP)
+        self.state = "frozen"
+
+    def thaw(self) -> None:
+        os.kill(self.pid, signal.SIGCONT)
+        self.state = "up"
+
+    async def stop(self) -> None:
+        if self.state == "frozen":
+            self.thaw()
+        self.proc.stop()
+        self.state = "down"
+
+    close = stop
+
+
+async def _serve_backend(cluster: str, port: int) -> None:
+    """Entry point of a ProcessBackend: one Backend until SIGTERM."""
+    b = Backend(cluster, port)
+    await b.start()
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    await b.close()
 
 
 def make_blackhole(port: int, fillers: list[socket.socket]) -> socket.socket:
@@ -453,8 +537,11 @@ class Node:
 class Topology:
     def __init__(self, root: Path, *, lease_ttl: str = "2s", svid_ttl: str | None = None,
                  connect_timeout: str = "300ms", failback_after: str = "1s",
-                 workers: dict[str, int] | None = None) -> None:
+                 workers: dict[str, int] | None = None, health_check: dict[str, str] | None = None,
+                 outlier_detection: dict[str, str] | None = None) -> None:
         self.root = Path(root)
+        self.health_check = health_check or {"kind": "tcp", "interval": "200ms", "timeout": "150ms"}
+        self.outlier_detection = {"consecutive_failures": "1", **(outlier_detection or {})}
         self.workers = workers or {}  # cluster -> `gateway run --workers N`
         self.lease_ttl = lease_ttl
         self.svid_ttl = svid_ttl
@@ -486,6 +573,9 @@ class Topology:
     def config_text(self, n: Node) -> str:
         identity = f"identity:\n  svid_ttl: {self.svid_ttl}\n\n" if self.svid_ttl else ""
         endpoints = "".join(f"      - {b.address}\n" for b in n.backends)
+        health = "".join(f"      {k}: {v.replace('{cluster}', n.name)}\n"
+                         for k, v in self.health_check.items())
+        outlier = "".join(f"  {k}: {v}\n" for k, v in self.outlier_detection.items())
         return f"""\
 # written by tests/integration/harness.py
 cluster:
@@ -508,8 +598,7 @@ state_dir: {n.state_dir}
   connect_timeout: {self.connect_timeout}
 
 outlier_detection:
-  consecutive_failures: 1
-
+{outlier}
 peer_probe:
   interval: 200ms
   timeout: 200ms
@@ -520,10 +609,7 @@ exports:
     port: 8080
     endpoints:
 {endpoints}    health_check:
-      kind: tcp
-      interval: 200ms
-      timeout: 150ms
-
+{health}
 imports:
   - name: echo
     namespace: default
@@ -539,6 +625,14 @@ imports:
         for n in self.nodes.values():
             n.dir.mkdir(parents=True, exist_ok=True)
             n.config.write_text(self.config_text(n))
+
+    def use_process_backend(self, cluster: str, index: int = 0) -> ProcessBackend:
+        """Make one backend of `cluster` a ProcessBackend (same port); call before start()."""
+        n = self.nodes[cluster]
+        old = n.backends[index]
+        b = ProcessBackend(cluster, old.port, self.root / "logs" / f"backend-{cluster}-{index}.log")
+        n.backends[index] = b  # type: ignore[call-overload]
+        return b
 
     # -- processes -----------------------------------------------------------------------------
     def _proc(self, name: str, args: list[str]) -> Proc:
@@ -685,3 +779,9 @@ async def running(topo: Topology, request: Any):
             topo.dump_logs()
     finally:
         await topo.stop()
+
+
+if __name__ == "__main__":  # python -m tests.integration.harness backend CLUSTER PORT
+    if len(sys.argv) != 4 or sys.argv[1] != "backend":
+        sys.exit("usage: python -m tests.integration.harness backend CLUSTER PORT")
+    asyncio.run(_serve_backend(sys.argv[2], int(sys.argv[3])))
