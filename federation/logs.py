@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -36,6 +37,14 @@ def quote(value: object, limit: int = QUOTE_LIMIT) -> str:
 class LogLimiter:
     """At most `burst` lines per key per `interval` seconds, with a count of what was held."""
 
+    _all: weakref.WeakSet[LogLimiter] = weakref.WeakSet()
+
+    @classmethod
+    def reset_all(cls) -> None:
+        """Forget every budget (tests: each starts with the full burst of every limiter)."""
+        for limiter in list(cls._all):
+            limiter._windows.clear()
+
     def __init__(
         self,
         logger: logging.Logger,
@@ -51,6 +60,7 @@ class LogLimiter:
         self._clock = clock
         # key -> [window start, lines let out in this window, lines held back]
         self._windows: OrderedDict[str, list[float]] = OrderedDict()
+        LogLimiter._all.add(self)
 
     def log(self, level: int, key: str, msg: str, *args: object) -> bool:
         """Log `msg % args` unless `key` is over its budget; True when the line went out."""
