@@ -41,6 +41,10 @@ Theory of operation
   lease per cluster) plus last-renewal times for `/status`.
 * Leases. A reaper calls `store.expire_leases()` every 200 ms, so a cluster that stops renewing
   loses `catalog/live/<c>` and its exports within ttl + 0.2 s; watchers see the deletes.
+  A restart knows nothing new about liveness: `_load_state` renews every stored lease for a
+  full ttl (`store.renew_all_leases()`) before the listeners open, so after an outage longer
+  than the ttl the gateways' next keepalives (every ttl/3, retried as often while the
+  federation is down) find their leases alive and nothing is withdrawn.
   Granting a new lease does not revoke the previous one: keys re-put under the new lease move
   to it, and the old lease ends (deleting only what is still attached to it) at its deadline.
 * Join tokens: 32 random bytes, urlsafe; only the sha256 is stored (`tokens/<hex>`), consumed by
@@ -59,7 +63,6 @@ import ipaddress
 import json
 import logging
 import os
-import re
 import secrets
 import signal
 import socket
@@ -78,6 +81,7 @@ from . import drills as drill_logic
 from .errors import (
     BundleSequenceError,
     CompactedError,
+    FutureRevisionError,
     IdentityError,
     InputError,
     StoreError,
@@ -109,10 +113,11 @@ from .model import (
     Drill,
     Export,
     ImportRecord,
+    is_drill_id,
 )
-from .store.base import Store
+from .store.base import KV, Store
 from .tls import peer_cert_der, reload_server_context, server_context, verify_peer
-from .units import format_hostport, parse_duration
+from .units import format_hostport, parse_duration, parse_int
 
 log = logging.getLogger("isthmus.federation")
 
@@ -124,7 +129,6 @@ OPERATOR_DIR = "operator"
 OPERATOR_SVID_TTL = 30 * 86400.0
 DRILL_TIMER_MAX_WAIT = 5.0
 _ADMIN = web.AppKey("admin", bool)
-_DRILL_ID = re.compile(r"^d-[0-9]{8}-[0-9]{6}-[a-z0-9]{4}$")
 _RAND_ALPHABET = string.ascii_lowercase + string.digits
 
 
@@ -292,6 +296,10 @@ class FederationServer:
     # ---- state ---------------------------------------------------------------------------
 
     async def _load_state(self) -> None:
+        renewed = await self.store.renew_all_leases()
+        if renewed:
+            log.info("%d stored leases renewed for a full ttl: their gateways renew them from "
+                     "now on (a restart says nothing about liveness)", renewed)
         kvs, _ = await self.store.range(CATALOG_PREFIX)
         records: dict[str, ClusterRecord] = {}
         bundles: dict[str, TrustBundle] = {}
@@ -644,6 +652,9 @@ class FederationServer:
         token = body.get("token")
         if not isinstance(token, str) or not token:
             raise ApiError(400, "token: missing or not a string")
+        # The token first: a caller without a valid one gets 401 before the server parses a
+        # bundle's certificates for it. Only peeked here; consumed atomically below.
+        self._token_cluster(await self.store.get(_token_key(token)))
         if "bundle" not in body:
             raise ApiError(400, "bundle: missing")
         try:
@@ -658,15 +669,8 @@ class FederationServer:
         _check_bundle_domain(bundle, record.trust_domain)
         async with self._join_lock:
             kv = await self.store.delete(_token_key(token))
-            if kv is None:
-                raise ApiError(401, "join token unknown or already used")
-            try:
-                meta = json.loads(kv.value)
-                token_cluster, expires_at = meta["cluster"], float(meta["expires_at"])
-            except (ValueError, KeyError, TypeError):
-                raise ApiError(401, "join token unreadable; create a new one") from None
-            if expires_at <= self._clock():
-                raise ApiError(401, "join token expired")
+            token_cluster = self._token_cluster(kv)  # again: used or expired meanwhile
+            assert kv is not None
             if token_cluster != record.name:
                 log.warning("join token for %r presented for cluster %r", token_cluster, record.name)
                 raise ApiError(
@@ -709,6 +713,20 @@ class FederationServer:
             "lease_ttl": self.lease_ttl,
         })
 
+    def _token_cluster(self, kv: KV | None) -> str:
+        """The cluster a stored join token was issued for; ApiError 401 if it is unknown, used,
+        unreadable or expired."""
+        if kv is None:
+            raise ApiError(401, "join token unknown or already used")
+        try:
+            meta = json.loads(kv.value)
+            token_cluster, expires_at = meta["cluster"], float(meta["expires_at"])
+        except (ValueError, KeyError, TypeError):
+            raise ApiError(401, "join token unreadable; create a new one") from None
+        if expires_at <= self._clock():
+            raise ApiError(401, "join token expired")
+        return str(token_cluster)
+
     async def h_put_bundle(self, request: web.Request) -> web.Response:
         name = self._owner(request)
         body = await self._json(request)
@@ -748,10 +766,10 @@ class FederationServer:
 
     async def h_keepalive(self, request: web.Request) -> web.Response:
         name = self._owner(request)
-        raw = request.match_info["lease"]
-        if not raw.isdigit():
-            raise ApiError(400, f"lease: {raw!r} is not a lease id")
-        lease = int(raw)
+        try:
+            lease = parse_int(request.match_info["lease"], "lease (a lease id)", 1, api.MAX_ID)
+        except InputError as e:
+            raise ApiError(400, str(e)) from None
         if self._leases.get(name) != lease or not await self.store.keepalive(lease):
             raise ApiError(404, f"lease {lease} of cluster {name!r} is unknown or expired")
         self._renewed[name] = self._clock()
@@ -811,7 +829,7 @@ class FederationServer:
     # ---- drills --------------------------------------------------------------------------
 
     async def _get_drill(self, drill_id: str) -> Drill:
-        if not _DRILL_ID.match(drill_id):
+        if not is_drill_id(drill_id):
             raise ApiError(404, f"drill {drill_id!r}: not a drill id (d-YYYYMMDD-HHMMSS-xxxx)")
         kv = await self.store.get(DRILLS + drill_id)
         if kv is None:
@@ -882,6 +900,7 @@ class FederationServer:
 
     async def h_abort_drill(self, request: web.Request) -> web.Response:
         operator = self._operator(request, "abort drills")
+        await self._get_drill(request.match_info["id"])  # 404 before the body is looked at
         reason = "aborted by operator"
         raw = await request.read()
         if raw.strip():
@@ -921,10 +940,10 @@ class FederationServer:
                 403, f"cluster {caller!r} may not write samples of cluster {target!r}",
                 caller=caller, target=target,
             )
-        raw_second = info["second"]
-        if not raw_second.isdigit() or len(raw_second) > 12:
-            raise ApiError(400, f"second: {raw_second!r} is not an epoch second (integer)")
-        second = int(raw_second)
+        try:
+            second = parse_int(info["second"], "second (an epoch second)", 0, api.MAX_SECOND)
+        except InputError as e:
+            raise ApiError(400, str(e)) from None
         drill = await self._get_drill(info["id"])
         if drill.in_scope(caller):
             raise ApiError(
@@ -973,11 +992,9 @@ class FederationServer:
         self._caller(request)
         q = request.query
         try:
-            after = int(q.get("after", "0"))
-            if after < 0:
-                raise ValueError
-        except ValueError:
-            raise ApiError(400, f"after: {q.get('after')!r} is not a revision (integer >= 0)") from None
+            after = parse_int(q.get("after", "0"), "after (a revision)", 0, api.MAX_ID)
+        except InputError as e:
+            raise ApiError(400, str(e)) from None
         try:
             timeout = parse_duration(q["timeout"]) if "timeout" in q else api.DEFAULT_WATCH_TIMEOUT
         except InputError as e:
@@ -998,6 +1015,8 @@ class FederationServer:
             events = waiter.result() if not waiter.cancelled() else []
         except CompactedError as e:
             return web.json_response({"error": str(e), "compacted": e.compacted}, status=410)
+        except FutureRevisionError as e:
+            return web.json_response({"error": f"after: {e}", "revision": e.current}, status=400)
         finally:
             self._watchers -= 1
         latest = events[-1].revision if events else after
@@ -1056,10 +1075,8 @@ class FederationServer:
             f"isthmus_federation_live_clusters {live}",
         ]
         return web.Response(
-            text="\n".join(lines) + "\n",
-            content_type="text/plain",
-            headers={"X-Content-Type-Options": "nosniff"},
-            charset="utf-8",
+            body=("\n".join(lines) + "\n").encode(),
+            headers={"Content-Type": api.METRICS_CONTENT_TYPE, "X-Content-Type-Options": "nosniff"},
         )
 
     async def h_status(self, request: web.Request) -> web.Response:

@@ -70,7 +70,7 @@ MAX_CONSUMERS = 1000
 TIERS = ("cluster", "zone", "region", "any")
 HEALTH_KINDS = ("tcp", "http")
 PROTOCOLS = ("tcp",)
-_TRUST_DOMAIN = re.compile(r"^[a-z0-9._-]{1,255}$")
+_TRUST_DOMAIN = re.compile(r"[a-z0-9._-]{1,255}")
 _DAY = 86400.0
 
 
@@ -586,7 +586,7 @@ class _Reader:
             td = self.string(f["trust_domain"], "cluster.trust_domain")
             trust_domain = None
             if td is not None:
-                if _TRUST_DOMAIN.match(td):
+                if _TRUST_DOMAIN.fullmatch(td):
                     trust_domain = td
                 else:
                     self.problem(
