@@ -34,6 +34,7 @@ from typing import Any
 
 from .drills import MAX_PROBE_RATE, MAX_REASON
 from .errors import InputError
+from .identity import MAX_BUNDLE_KEYS
 from .model import DRILL_ID_PATTERN, NAME_PATTERN
 from .store.base import Event
 from .units import HOSTPORT_PATTERN
@@ -169,6 +170,19 @@ def path_params(path: str) -> list[str]:
     return [p.strip("{}") for p in path.split("/") if p.startswith("{")]
 
 
+_X509_KEY = {
+    "type": "object",
+    "properties": {
+        "use": {"const": "x509-svid"},
+        "kty": {"enum": ["EC", "RSA"]},
+        "x5c": {"type": "array", "minItems": 1, "maxItems": 1,
+                "items": {"type": "string", "contentEncoding": "base64"}},
+    },
+    "required": ["use", "kty", "x5c"],
+}
+_JWT_KEY = {"type": "object", "properties": {"use": {"const": "jwt-svid"}}, "required": ["use"]}
+
+
 def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
     return {**schema, "type": [schema["type"], "null"]}
 
@@ -209,13 +223,17 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     }),
     "Jwks": {
         "type": "object",
-        "description": "SPIFFE trust bundle (JWKS with x509-svid keys)",
+        "description": "SPIFFE trust bundle (JWKS): at least one x509-svid key whose x5c is the "
+        "base64 DER of a CA certificate of the cluster's trust domain (which no schema can "
+        "check: a bad certificate is 400); jwt-svid keys are kept out of the X.509 trust",
         "properties": {
-            "keys": {"type": "array", "items": {"type": "object"}},
-            "spiffe_sequence": _INT,
-            "spiffe_refresh_hint": _INT,
+            "keys": {"type": "array", "maxItems": MAX_BUNDLE_KEYS,
+                     "items": {"oneOf": [_X509_KEY, _JWT_KEY]},
+                     "contains": _X509_KEY},
+            "spiffe_sequence": {"type": "integer", "minimum": 0, "maximum": MAX_ID},
+            "spiffe_refresh_hint": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1},
         },
-        "required": ["keys"],
+        "required": ["keys", "spiffe_sequence"],
     },
     "JoinRequest": _obj({
         "token": {"type": "string", "minLength": 1,
@@ -241,8 +259,9 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "ImportRecord": _obj({
         "cluster": _NAME, "namespace": _NAME, "name": _NAME,
         "failover": _obj({
-            "tiers": {"type": "array", "items": {"enum": ["cluster", "zone", "region", "any"]}},
-            "region_preference": {"type": "array", "items": _NAME},
+            "tiers": {"type": "array", "minItems": 1, "maxItems": 4, "uniqueItems": True,
+                      "items": {"enum": ["cluster", "zone", "region", "any"]}},
+            "region_preference": {"type": "array", "items": _NAME, "maxItems": 64},
             "failback_after": {"type": "number", "minimum": 0, "maximum": 3600},
             "max_attempts": {"type": "integer", "minimum": 1, "maximum": 16},
         }),

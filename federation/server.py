@@ -113,6 +113,7 @@ from .model import (
     Drill,
     Export,
     ImportRecord,
+    check_name,
     is_drill_id,
 )
 from .store.base import KV, Store
@@ -145,8 +146,6 @@ def _token_key(token: str) -> str:
 async def create_token(store: Store, cluster: str, ttl: float, now: float) -> str:
     """A single-use join token for `cluster`, valid `ttl` seconds from `now`. The store must be
     open; only the token's sha256 is stored. Returns the token (show it once, never log it)."""
-    from .model import check_name
-
     check_name(cluster, "cluster")
     if ttl <= 0:
         raise InputError(f"token ttl {ttl!r}: must be positive")
@@ -819,7 +818,12 @@ class FederationServer:
 
     async def _delete_leased(self, request: web.Request, prefix: str) -> web.Response:
         name = self._owner(request)
-        key = f"{prefix}{name}/{request.match_info['namespace']}/{request.match_info['service']}"
+        try:
+            ns = check_name(request.match_info["namespace"], "namespace")
+            svc = check_name(request.match_info["service"], "service")
+        except InputError as e:
+            raise ApiError(400, str(e)) from None
+        key = f"{prefix}{name}/{ns}/{svc}"
         prev = await self.store.delete(key)
         return web.json_response({
             "deleted": prev is not None,
