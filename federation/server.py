@@ -98,6 +98,7 @@ from .identity import (
     spiffe_id_of,
     verify_svid,
 )
+from .logs import LogLimiter, quote
 from .model import (
     BUNDLES,
     CATALOG_PREFIX,
@@ -206,6 +207,7 @@ class FederationServer:
         self._watchers = 0
         self._requests: Counter[tuple[str, int]] = Counter()
         self._denied = 0
+        self._authz_log = LogLimiter(log)  # refused and denied callers: a few lines per 10 s
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -575,14 +577,17 @@ class FederationServer:
             sid = verify_peer(der, self._verify_bundles(), self._clock())
         except IdentityError as e:
             self._denied += 1
-            log.warning("refused client certificate from %s: %s", request.remote, e)
+            self._authz_log.warning("refused", "refused client certificate from %s: %s",
+                                    quote(request.remote), e)
             raise ApiError(401, f"client certificate refused: {e}") from None
         td = str(sid.trust_domain)
         if td == self.trust_domain:
             if sid == operator_id(td):
                 return "operator", str(sid), sid
             self._denied += 1
-            log.warning("refused %s: an ID of the federation's trust domain, not the operator", sid)
+            self._authz_log.warning(
+                "refused", "refused %s: an ID of the federation's trust domain, not the operator",
+                quote(sid))
             raise ApiError(403, f"peer {sid} is not the operator (expected {operator_id(td)})")
         cluster = self._cluster_by_td.get(td)
         if cluster is None:
@@ -590,7 +595,8 @@ class FederationServer:
             raise ApiError(401, f"peer {sid}: trust domain {td!r} belongs to no joined cluster")
         if str(sid) != str(gateway_id(sid.trust_domain)):
             self._denied += 1
-            log.warning("refused %s: not the gateway ID of cluster %s", sid, cluster)
+            self._authz_log.warning("refused", "refused %s: not the gateway ID of cluster %s",
+                                    quote(sid), cluster)
             raise ApiError(
                 403, f"peer {sid} is not the gateway of cluster {cluster!r} "
                 f"(expected {gateway_id(sid.trust_domain)})"
@@ -607,7 +613,8 @@ class FederationServer:
         kind, name, sid = self._identify(request)
         if kind != "cluster":
             self._denied += 1
-            log.warning("denied: operator %s tried %s %s", name, request.method, request.path)
+            self._authz_log.warning("denied", "denied: operator %s tried %s %s", name,
+                                    request.method, quote(request.path))
             raise ApiError(403, f"the operator ({name}) may not {action}: clusters only")
         return name, sid
 
@@ -615,8 +622,8 @@ class FederationServer:
         kind, name, _ = self._identify(request)
         if kind != "operator":
             self._denied += 1
-            log.warning("denied: cluster %r tried %s %s (operator only)",
-                        name, request.method, request.path)
+            self._authz_log.warning("denied", "denied: cluster %r tried %s %s (operator only)",
+                                    name, request.method, quote(request.path))
             raise ApiError(
                 403,
                 f"cluster {name!r} may not {action}: operator only "
@@ -630,9 +637,9 @@ class FederationServer:
         target = request.match_info["name"]
         if caller != target:
             self._denied += 1
-            log.warning(
-                "denied: cluster %r (%s) tried %s %s, a record of cluster %r",
-                caller, sid, request.method, request.path, target,
+            self._authz_log.warning(
+                "denied", "denied: cluster %r (%s) tried %s %s, a record of cluster %s",
+                caller, sid, request.method, quote(request.path), quote(target),
             )
             raise ApiError(
                 403,
@@ -939,7 +946,8 @@ class FederationServer:
         target = info["cluster"]
         if caller != target:
             self._denied += 1
-            log.warning("denied: cluster %r tried to write samples of cluster %r", caller, target)
+            self._authz_log.warning("denied", "denied: cluster %r tried to write samples of "
+                                    "cluster %s", caller, quote(target))
             raise ApiError(
                 403, f"cluster {caller!r} may not write samples of cluster {target!r}",
                 caller=caller, target=target,

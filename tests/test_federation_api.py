@@ -244,6 +244,20 @@ async def test_cluster_may_write_only_its_own_records(fed: Fed, caplog) -> None:
                for r in caplog.records)
 
 
+async def test_denied_requests_are_logged_quoted_and_rate_limited(fed: Fed, caplog) -> None:
+    east = make_cluster("east-1")
+    await fed.join(east)
+    async with raw_session(fed, east.svid) as s:
+        with caplog.at_level("WARNING", logger="isthmus.federation"):
+            for i in range(50):
+                url = f"{fed.url}/v1/clusters/x%0Aforged-{i}/lease"
+                async with s.post(url) as r:
+                    assert r.status == 403
+    denied = [r.getMessage() for r in caplog.records if "denied" in r.getMessage()]
+    assert 1 <= len(denied) <= 5, denied  # 50 requests, a few lines
+    assert all("\n" not in m and "'/v1/clusters/x\\nforged-" in m for m in denied), denied
+
+
 async def test_unauthenticated_write_and_read_are_401(fed: Fed) -> None:
     east = make_cluster("east-1")
     await fed.join(east)
