@@ -29,6 +29,8 @@ from pathlib import Path
 
 import uvloop
 
+from federation.errors import InputError
+from federation.units import parse_int
 from gateway.demo import Processes, ports, start_topology
 
 from . import failover, infra, memory
@@ -420,9 +422,10 @@ def top_frames(path: Path, n: int = 10) -> list[str]:
     total = 0
     for line in path.read_text(errors="replace").splitlines():
         stack, _, num = line.rpartition(" ")
-        if not num.isdigit():
+        try:
+            k = parse_int(num, "sample count")
+        except InputError:
             continue
-        k = int(num)
         frames = [f.split(" (")[0] for f in stack.split(";") if f]
         if not frames:
             continue

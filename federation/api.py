@@ -8,12 +8,17 @@ Conventions
 -----------
 - Bodies are JSON, at most `MAX_BODY` bytes (larger: 413). Errors are `{"error": "..."}`; the
   message names the field or the peer at fault.
-- `auth` of a route: "token" (single-use join token in the body, no client certificate needed),
+- `auth` of a route: "token" (single-use join token in the body, no client certificate needed;
+  OpenAPI has no security scheme for a body field, so the route declares none and its
+  `JoinRequest.token` says so),
   "svid" (a client certificate that verifies as `spiffe://<td>/ns/isthmus-system/sa/gateway`
   against the bundle of a joined cluster's trust domain; writes only to the caller's own
   cluster), "operator" (the federation-issued operator SVID
   `spiffe://<federation-td>/ns/isthmus-system/sa/operator`), "any" (a cluster SVID or the
   operator SVID), or "none" (health, metrics, this document).
+- Path and query parameters are declared with the schema the server enforces (`PARAMS`): names
+  are DNS labels, `lease` and `after` are integers in ASCII digits (`units.parse_int`), `id` a
+  drill id; anything else is 400 (or 403/404 for a name that is not the caller's).
 - Watch events carry `value` as parsed JSON (null for deletes); `event_to_json` and
   `event_from_json` convert to and from the store's `Event` (whose value is raw JSON bytes, so
   `Catalog.apply` can fold it).
@@ -27,13 +32,20 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from .drills import MAX_PROBE_RATE, MAX_REASON
 from .errors import InputError
+from .identity import MAX_BUNDLE_KEYS
+from .model import DRILL_ID_PATTERN, NAME_PATTERN
 from .store.base import Event
+from .units import HOSTPORT_PATTERN
 
 API_VERSION = "1.0.0"
 MAX_BODY = 1 << 20  # 1 MiB
 MAX_WATCH_TIMEOUT = 60.0
 DEFAULT_WATCH_TIMEOUT = 25.0
+MAX_ID = 2**63 - 1  # lease ids and revisions (SQLite and etcd integers are int64)
+MAX_SECOND = 999_999_999_999  # drill sample seconds: epoch seconds, at most 12 digits
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # Prometheus text format
 
 
 @dataclass(frozen=True)
@@ -46,7 +58,7 @@ class Route:
     request: str | None = None  # component schema name of the JSON body
     response: str | None = None  # component schema name of the 200 body
     errors: tuple[int, ...] = ()
-    params: tuple[tuple[str, str, str], ...] = ()  # (name, in, type) besides path params
+    query: tuple[str, ...] = ()  # query parameters (optional; schemas in PARAMS)
     content_type: str = "application/json"
     tags: tuple[str, ...] = field(default=("federation",))
     status: int = 200  # the success status (201 for creations)
@@ -85,7 +97,7 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/watch", "watch",
           "Long-poll catalog changes after a revision (410 when that history is compacted).",
           "any", None, "WatchResponse", (400, 401, 410),
-          params=(("after", "query", "integer"), ("timeout", "query", "string"))),
+          query=("after", "timeout")),
     Route("POST", "/v1/drills", "createDrill",
           "Start a drill (operator only). 400 for an unknown scope (the message lists the known "
           "ones) or a bad mode/duration/abort_on; 409 while another drill runs or observes.",
@@ -114,7 +126,7 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/readyz", "readyz", "The store is open and the TLS listener is bound.",
           "none", None, "Text", (503,), content_type="text/plain", tags=("admin",)),
     Route("GET", "/metrics", "metrics", "Prometheus text exposition.", "none", None, "Text",
-          content_type="text/plain; version=0.0.4", tags=("admin",)),
+          content_type=METRICS_CONTENT_TYPE, tags=("admin",)),
     Route("GET", "/status", "status",
           "Clusters, liveness and services. On the TLS port it needs a cluster or operator "
           "SVID; the plain-HTTP admin listener (loopback) serves it without one.",
@@ -123,10 +135,56 @@ ROUTES: tuple[Route, ...] = (
 
 ADMIN_PATHS = ("/healthz", "/readyz", "/metrics", "/status")
 
-_NAME = {"type": "string", "pattern": "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"}
+_NAME = {"type": "string", "pattern": f"^{NAME_PATTERN}$"}
 _STR = {"type": "string"}
+_HOSTPORT = {"type": "string", "pattern": f"^{HOSTPORT_PATTERN}$"}
 _INT = {"type": "integer"}
 _NUM = {"type": "number"}
+
+
+# The schema of every path and query parameter, exactly what the handlers accept (ECMA-262 `\s`
+# is wider than Python's ASCII one, hence the spelled-out class in the duration).
+_SPACE = "[ \\t\\n\\r\\f\\v]*"
+_DURATION = {"type": "string",
+             "pattern": f"^{_SPACE}[0-9]+([.][0-9]+)?{_SPACE}(ms|s|m|h){_SPACE}$"}
+PARAMS: dict[str, dict[str, Any]] = {
+    "name": {**_NAME, "description": "a cluster name (the caller's own for writes)"},
+    "cluster": {**_NAME, "description": "a cluster name (the caller's own)"},
+    "namespace": _NAME,
+    "service": _NAME,
+    "lease": {"type": "integer", "minimum": 1, "maximum": MAX_ID,
+              "description": "a lease id from grantLease"},
+    "id": {"type": "string", "pattern": f"^{DRILL_ID_PATTERN}$", "description": "a drill id"},
+    "second": {"type": "integer", "minimum": 0, "maximum": MAX_SECOND,
+               "description": "epoch second of the sample"},
+    "after": {"type": "integer", "minimum": 0, "maximum": MAX_ID, "default": 0,
+              "description": "resume after this revision; at most the current revision "
+              "(a future revision is 400)"},
+    "timeout": {**_DURATION,
+                "description": f"long-poll time like 25s (default {DEFAULT_WATCH_TIMEOUT:g}s, "
+                f"at most {MAX_WATCH_TIMEOUT:g}s: longer is shortened)"},
+}
+
+
+def path_params(path: str) -> list[str]:
+    return [p.strip("{}") for p in path.split("/") if p.startswith("{")]
+
+
+_X509_KEY = {
+    "type": "object",
+    "properties": {
+        "use": {"const": "x509-svid"},
+        "kty": {"enum": ["EC", "RSA"]},
+        "x5c": {"type": "array", "minItems": 1, "maxItems": 1,
+                "items": {"type": "string", "contentEncoding": "base64"}},
+    },
+    "required": ["use", "kty", "x5c"],
+}
+_JWT_KEY = {"type": "object", "properties": {"use": {"const": "jwt-svid"}}, "required": ["use"]}
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {**schema, "type": [schema["type"], "null"]}
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -147,7 +205,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "Text": {"type": "string"},
     "OpenApi": {"type": "object"},
     "Endpoint": _obj({
-        "address": {"type": "string", "description": "host:port ([v6]:port)"},
+        "address": {**_HOSTPORT, "description": "host:port ([v6]:port)"},
         "healthy": {"type": "boolean"},
         "weight": {"type": "integer", "minimum": 1, "maximum": 1000},
     }),
@@ -161,20 +219,27 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "ClusterRecord": _obj({
         "name": _NAME, "region": _NAME, "zone": _NAME,
         "trust_domain": {"type": "string", "pattern": "^[a-z0-9._-]{1,255}$"},
-        "gateway_address": {"type": "string", "description": "host:port of the mTLS listener"},
+        "gateway_address": {**_HOSTPORT, "description": "host:port of the mTLS listener"},
     }),
     "Jwks": {
         "type": "object",
-        "description": "SPIFFE trust bundle (JWKS with x509-svid keys)",
+        "description": "SPIFFE trust bundle (JWKS): at least one x509-svid key whose x5c is the "
+        "base64 DER of a CA certificate of the cluster's trust domain (which no schema can "
+        "check: a bad certificate is 400); jwt-svid keys are kept out of the X.509 trust",
         "properties": {
-            "keys": {"type": "array", "items": {"type": "object"}},
-            "spiffe_sequence": _INT,
-            "spiffe_refresh_hint": _INT,
+            "keys": {"type": "array", "maxItems": MAX_BUNDLE_KEYS,
+                     "items": {"oneOf": [_X509_KEY, _JWT_KEY]},
+                     "contains": _X509_KEY},
+            "spiffe_sequence": {"type": "integer", "minimum": 0, "maximum": MAX_ID},
+            "spiffe_refresh_hint": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1},
         },
-        "required": ["keys"],
+        "required": ["keys", "spiffe_sequence"],
     },
     "JoinRequest": _obj({
-        "token": _STR, "cluster": _ref("ClusterRecord"), "bundle": _ref("Jwks"),
+        "token": {"type": "string", "minLength": 1,
+                  "description": "the single-use join token (`isthmus federation token create`); "
+                  "it is the join's only credential, no client certificate is needed"},
+        "cluster": _ref("ClusterRecord"), "bundle": _ref("Jwks"),
     }),
     "JoinResponse": _obj({
         "federation_trust_domain": _STR, "federation_bundle": _ref("Jwks"), "lease_ttl": _NUM,
@@ -194,25 +259,38 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "ImportRecord": _obj({
         "cluster": _NAME, "namespace": _NAME, "name": _NAME,
         "failover": _obj({
-            "tiers": {"type": "array", "items": {"enum": ["cluster", "zone", "region", "any"]}},
-            "region_preference": {"type": "array", "items": _NAME},
+            "tiers": {"type": "array", "minItems": 1, "maxItems": 4, "uniqueItems": True,
+                      "items": {"enum": ["cluster", "zone", "region", "any"]}},
+            "region_preference": {"type": "array", "items": _NAME, "maxItems": 64},
             "failback_after": {"type": "number", "minimum": 0, "maximum": 3600},
             "max_attempts": {"type": "integer", "minimum": 1, "maximum": 16},
         }),
     }),
     "Scope": {"type": "object", "minProperties": 1, "maxProperties": 1,
               "properties": {"region": _NAME, "cluster": _NAME}, "additionalProperties": False},
-    "DrillRequest": _obj({
-        "scope": _ref("Scope"),
-        "mode": {"type": "string", "enum": ["drain", "blackhole", "degrade"]},
-        "duration": {"type": "string", "description": "1s..1h, e.g. 30s"},
-        "latency": {"type": ["string", "null"], "description": "degrade: e.g. 200ms"},
-        "error_rate": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
-        "probe_rate": {"type": ["number", "null"], "description": "probes/s (default 20)"},
-        "baseline": {"type": ["string", "null"], "description": "default 2s"},
-        "settle": {"type": ["string", "null"], "description": "default 5s"},
-        "abort_on": {"type": ["string", "null"], "description": "e.g. success<99%:5s"},
-    }, required=["scope", "mode", "duration"]),
+    "DrillRequest": {
+        **_obj({
+            "scope": _ref("Scope"),
+            "mode": {"type": "string", "enum": ["drain", "blackhole", "degrade"]},
+            "duration": {**_DURATION, "description": "1s..1h, e.g. 30s"},
+            "latency": {**_nullable(_DURATION), "description": "degrade: 0s..60s, e.g. 200ms"},
+            "error_rate": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+            "probe_rate": {"type": ["number", "null"], "exclusiveMinimum": 0,
+                           "maximum": MAX_PROBE_RATE, "description": "probes/s (default 20)"},
+            "baseline": {**_nullable(_DURATION), "description": "0s..60s, default 2s"},
+            "settle": {**_nullable(_DURATION), "description": "0s..10m, default 5s"},
+            "abort_on": {"type": ["string", "null"], "maxLength": 200,
+                         "description": "e.g. success<99%:5s or p99>500:3s"},
+        }, required=["scope", "mode", "duration"]),
+        "description": "The scope must name a region or cluster of the catalog (else 400, "
+        "listing the known ones); mode degrade needs latency or error_rate, which apply to "
+        "degrade only.",
+        "if": {"properties": {"mode": {"const": "degrade"}}},
+        "then": {"anyOf": [{"required": ["latency"], "properties": {"latency": _DURATION}},
+                           {"required": ["error_rate"],
+                            "properties": {"error_rate": {"type": "number"}}}]},
+        "else": {"properties": {"latency": {"type": "null"}, "error_rate": {"type": "null"}}},
+    },
     "Drill": _obj({
         "id": {"type": "string", "pattern": "^d-[0-9]{8}-[0-9]{6}-[a-z0-9]{4}$"},
         "scope": _ref("Scope"),
@@ -256,7 +334,9 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "timeline": {"type": "array", "items": {"type": "object"}},
         },
     },
-    "AbortRequest": _obj({"reason": _STR}, required=[]),
+    "AbortRequest": _obj({"reason": {"type": "string", "minLength": 1, "maxLength": MAX_REASON,
+                                     "pattern": "\\S", "description": "why (not blank)"}},
+                         required=[]),
     "WatchEvent": _obj({
         "type": {"type": "string", "enum": ["put", "delete"]},
         "key": _STR,
@@ -284,12 +364,10 @@ SCHEMAS: dict[str, dict[str, Any]] = {
 
 def _operation(r: Route) -> dict[str, Any]:
     op: dict[str, Any] = {"operationId": r.operation_id, "summary": r.summary, "tags": list(r.tags)}
-    params = [
-        {"name": p.strip("{}"), "in": "path", "required": True, "schema": {"type": "string"}}
-        for p in r.path.split("/") if p.startswith("{")
-    ]
-    params += [{"name": n, "in": where, "required": False, "schema": {"type": t}}
-               for n, where, t in r.params]
+    params = [{"name": p, "in": "path", "required": True, "schema": PARAMS[p]}
+              for p in path_params(r.path)]
+    params += [{"name": n, "in": "query", "required": False, "schema": PARAMS[n]}
+               for n in r.query]
     if params:
         op["parameters"] = params
     if r.request:
@@ -315,9 +393,7 @@ def _operation(r: Route) -> dict[str, Any]:
         op["security"] = [{"operator": []}]
     elif r.auth == "any":
         op["security"] = [{"svid": []}, {"operator": []}]
-    elif r.auth == "token":
-        op["security"] = [{"joinToken": []}]
-    else:
+    else:  # "none", and "token": the join token travels in the body (JoinRequest.token)
         op["security"] = []
     return op
 
@@ -357,8 +433,6 @@ def openapi_document() -> dict[str, Any]:
                 "operator": {"type": "mutualTLS",
                              "description": "X.509 SVID spiffe://<federation-td>/ns/"
                              "isthmus-system/sa/operator, issued by the federation CA"},
-                "joinToken": {"type": "http", "scheme": "bearer",
-                              "description": "single-use join token, sent in the body"},
             },
         },
     }

@@ -7,8 +7,9 @@ checks are off: the URL may use any address of the federation).
 
 Every non-2xx answer raises `FederationError(message, status)` with the server's JSON error
 message; an unreachable server raises `FederationError` naming the URL (status None). A watch
-whose history was compacted raises `CompactedError`: fetch `catalog()` and watch after its
-revision.
+whose history was compacted raises `CompactedError`, and one after a revision the federation's
+store has not reached (it was reset, or restored from an older backup) `FutureRevisionError`:
+either way, fetch `catalog()` and watch after its revision.
 
 `set_svid()` swaps the client certificate after a rotation: new requests open connections with
 the new SVID; the old session is closed once its in-flight requests (e.g. a long-poll) finish.
@@ -29,7 +30,13 @@ from typing import Any
 import aiohttp
 
 from . import api
-from .errors import CompactedError, FederationError, IdentityError, InputError
+from .errors import (
+    CompactedError,
+    FederationError,
+    FutureRevisionError,
+    IdentityError,
+    InputError,
+)
 from .identity import Svid, TrustBundle
 from .model import Catalog, ClusterRecord, Drill, Export, ImportRecord
 from .store.base import Event
@@ -132,8 +139,10 @@ class FederationClient:
         body: Any = None,
         params: dict[str, str] | None = None,
         timeout: float | None = None,
+        answered: tuple[int, ...] = (410,),
     ) -> tuple[int, Any]:
-        """(status, parsed JSON) of a 2xx answer; FederationError otherwise (410 is returned)."""
+        """(status, parsed JSON) of a 2xx answer or of a status in `answered`; FederationError
+        otherwise."""
         if self._retired:
             await self._sweep()
         session = self._current()
@@ -170,7 +179,7 @@ class FederationClient:
             parsed = json.loads(raw) if raw else None
         except (ValueError, UnicodeDecodeError):
             parsed = None
-        if 200 <= status < 300 or status == 410:
+        if 200 <= status < 300 or status in answered:
             if parsed is None and raw:
                 raise FederationError(
                     f"federation at {self.url}: {method} {path}: answer is not JSON", status
@@ -291,7 +300,14 @@ class FederationClient:
             "/v1/watch",
             params={"after": str(after), "timeout": f"{max(timeout, 0.0):.3f}s"},
             timeout=timeout + self.timeout,
+            answered=(400, 410),
         )
+        if status == 400:
+            current = obj.get("revision") if isinstance(obj, dict) else None
+            if isinstance(current, int) and not isinstance(current, bool):
+                raise FutureRevisionError(after, current)
+            message = obj.get("error") if isinstance(obj, dict) else None
+            raise FederationError(str(message or "HTTP 400"), 400)
         if status == 410:
             compacted = obj.get("compacted") if isinstance(obj, dict) else None
             raise CompactedError(after, compacted if isinstance(compacted, int) else after + 1)

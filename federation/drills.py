@@ -83,7 +83,7 @@ from typing import Any
 
 from .errors import InputError, IsthmusError
 from .model import DRILL_MODES, DRILL_STATES, Catalog, Drill, check_name
-from .units import format_duration, parse_duration
+from .units import DECIMAL, format_duration, parse_duration
 
 __all__ = [
     "DrillStateError",
@@ -286,7 +286,7 @@ def due(drill: Drill, now: float) -> bool:
 
 # ---- abort_on ------------------------------------------------------------------------------
 
-_SLO = re.compile(r"^(success|p99)\s*(<|>)\s*(\d+(?:\.\d+)?)\s*(%?)\s*:\s*(\S+)$")
+_SLO = re.compile(rf"(success|p99)\s*(<|>)\s*({DECIMAL})\s*(%?)\s*:\s*(\S+)", re.ASCII)
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,7 +305,7 @@ def parse_slo(text: Any) -> Slo:
     """`success<99%:5s`, `success<0.95:10s`, `p99>500:3s` -> Slo. InputError quotes the text."""
     if not isinstance(text, str) or len(text) > 200:
         raise InputError(f"abort_on: {text!r} is not a short string like 'success<99%:5s'")
-    m = _SLO.match(text.strip())
+    m = _SLO.fullmatch(text.strip())
     if not m:
         raise InputError(
             f"abort_on: {text!r} is not <metric><op><number>[%]:<duration> with metric "

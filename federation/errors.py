@@ -37,6 +37,20 @@ class CompactedError(StoreError):
         self.compacted = compacted
 
 
+class FutureRevisionError(StoreError):
+    """A watch asked for changes after a revision the store has not reached (etcd: "required
+    revision is a future revision"): the caller's view is from another store, or was restored
+    from a newer backup; resync from a snapshot."""
+
+    def __init__(self, requested: int, current: int):
+        super().__init__(
+            f"revision {requested} is a future revision (the store is at revision {current}); "
+            "fetch a new snapshot"
+        )
+        self.requested = requested
+        self.current = current
+
+
 class FederationError(IsthmusError):
     """The federation answered with an error, or could not be reached."""
 

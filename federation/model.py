@@ -47,7 +47,9 @@ DRILL_MODES = ("drain", "blackhole", "degrade")
 DRILL_STATES = ("running", "ended", "aborted")
 
 # DNS-label-like names: lowercase, digits, dashes; what Kubernetes allows for names/namespaces.
-_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+# ASCII only, matched whole (`fullmatch`: a `$` would let a trailing newline through).
+NAME_PATTERN = "[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+_NAME = re.compile(NAME_PATTERN)
 MAX_ENDPOINTS = 1000
 MAX_CONSUMERS = 1000
 # Export protocols: the app protocol behind the port. Both are relayed at L4 for now; an `http`
@@ -56,7 +58,7 @@ PROTOCOLS = ("tcp", "http")
 
 
 def check_name(value: Any, what: str) -> str:
-    if not isinstance(value, str) or not _NAME.match(value):
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
         raise InputError(
             f"{what}: {value!r} is not a valid name (lowercase letters, digits and '-', "
             "1-63 characters, starting and ending with a letter or digit)"
@@ -297,7 +299,13 @@ class ImportRecord:
         return cls(cluster, namespace, name, tuple(tiers), prefs, failback, attempts)
 
 
-_DRILL_ID = re.compile(r"^d-[0-9]{8}-[0-9]{6}-[a-z0-9]{4}$")
+DRILL_ID_PATTERN = "d-[0-9]{8}-[0-9]{6}-[a-z0-9]{4}"
+_DRILL_ID = re.compile(DRILL_ID_PATTERN)
+
+
+def is_drill_id(value: Any) -> bool:
+    """d-YYYYMMDD-HHMMSS-xxxx, ASCII, matched whole."""
+    return isinstance(value, str) and _DRILL_ID.fullmatch(value) is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -368,7 +376,7 @@ class Drill:
     @classmethod
     def from_json(cls, obj: Any, what: str = "drill") -> Drill:
         did = _field(obj, "id", what, str)
-        if not _DRILL_ID.match(did):
+        if not is_drill_id(did):
             raise InputError(f"{what}.id: {did!r} is not a drill id (d-YYYYMMDD-HHMMSS-xxxx)")
         scope = _field(obj, "scope", what, dict)
         if len(scope) != 1 or next(iter(scope)) not in ("region", "cluster"):

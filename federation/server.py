@@ -41,6 +41,10 @@ Theory of operation
   lease per cluster) plus last-renewal times for `/status`.
 * Leases. A reaper calls `store.expire_leases()` every 200 ms, so a cluster that stops renewing
   loses `catalog/live/<c>` and its exports within ttl + 0.2 s; watchers see the deletes.
+  A restart knows nothing new about liveness: `_load_state` renews every stored lease for a
+  full ttl (`store.renew_all_leases()`) before the listeners open, so after an outage longer
+  than the ttl the gateways' next keepalives (every ttl/3, retried as often while the
+  federation is down) find their leases alive and nothing is withdrawn.
   Granting a new lease does not revoke the previous one: keys re-put under the new lease move
   to it, and the old lease ends (deleting only what is still attached to it) at its deadline.
 * Join tokens: 32 random bytes, urlsafe; only the sha256 is stored (`tokens/<hex>`), consumed by
@@ -65,7 +69,6 @@ import ipaddress
 import json
 import logging
 import os
-import re
 import secrets
 import signal
 import socket
@@ -84,6 +87,7 @@ from . import drills as drill_logic
 from .errors import (
     BundleSequenceError,
     CompactedError,
+    FutureRevisionError,
     IdentityError,
     InputError,
     StoreError,
@@ -124,10 +128,12 @@ from .model import (
     Drill,
     Export,
     ImportRecord,
+    check_name,
+    is_drill_id,
 )
-from .store.base import Store
+from .store.base import KV, Store
 from .tls import peer_cert_der, reload_server_context, server_context, verify_peer
-from .units import format_hostport, parse_duration
+from .units import format_hostport, parse_duration, parse_int
 
 log = logging.getLogger("isthmus.federation")
 
@@ -139,7 +145,6 @@ OPERATOR_DIR = "operator"
 OPERATOR_SVID_TTL = 30 * 86400.0
 DRILL_TIMER_MAX_WAIT = 5.0
 _ADMIN = web.AppKey("admin", bool)
-_DRILL_ID = re.compile(r"^d-[0-9]{8}-[0-9]{6}-[a-z0-9]{4}$")
 _RAND_ALPHABET = string.ascii_lowercase + string.digits
 
 
@@ -156,8 +161,6 @@ def _token_key(token: str) -> str:
 async def create_token(store: Store, cluster: str, ttl: float, now: float) -> str:
     """A single-use join token for `cluster`, valid `ttl` seconds from `now`. The store must be
     open; only the token's sha256 is stored. Returns the token (show it once, never log it)."""
-    from .model import check_name
-
     check_name(cluster, "cluster")
     if ttl <= 0:
         raise InputError(f"token ttl {ttl!r}: must be positive")
@@ -317,6 +320,10 @@ class FederationServer:
     # ---- state ---------------------------------------------------------------------------
 
     async def _load_state(self) -> None:
+        renewed = await self.store.renew_all_leases()
+        if renewed:
+            log.info("%d stored leases renewed for a full ttl: their gateways renew them from "
+                     "now on (a restart says nothing about liveness)", renewed)
         kvs, _ = await self.store.range(CATALOG_PREFIX)
         records: dict[str, ClusterRecord] = {}
         bundles: dict[str, TrustBundle] = {}
@@ -693,6 +700,9 @@ class FederationServer:
         token = body.get("token")
         if not isinstance(token, str) or not token:
             raise ApiError(400, "token: missing or not a string")
+        # The token first: a caller without a valid one gets 401 before the server parses a
+        # bundle's certificates for it. Only peeked here; consumed atomically below.
+        self._token_cluster(await self.store.get(_token_key(token)))
         if "bundle" not in body:
             raise ApiError(400, "bundle: missing")
         try:
@@ -707,15 +717,8 @@ class FederationServer:
         _check_bundle_domain(bundle, record.trust_domain)
         async with self._join_lock:
             kv = await self.store.delete(_token_key(token))
-            if kv is None:
-                raise ApiError(401, "join token unknown or already used")
-            try:
-                meta = json.loads(kv.value)
-                token_cluster, expires_at = meta["cluster"], float(meta["expires_at"])
-            except (ValueError, KeyError, TypeError):
-                raise ApiError(401, "join token unreadable; create a new one") from None
-            if expires_at <= self._clock():
-                raise ApiError(401, "join token expired")
+            token_cluster = self._token_cluster(kv)  # again: used or expired meanwhile
+            assert kv is not None
             if token_cluster != record.name:
                 self._limited.warning("join-token-mismatch",
                                       "join token for %s presented for cluster %s",
@@ -760,6 +763,20 @@ class FederationServer:
             "lease_ttl": self.lease_ttl,
         })
 
+    def _token_cluster(self, kv: KV | None) -> str:
+        """The cluster a stored join token was issued for; ApiError 401 if it is unknown, used,
+        unreadable or expired."""
+        if kv is None:
+            raise ApiError(401, "join token unknown or already used")
+        try:
+            meta = json.loads(kv.value)
+            token_cluster, expires_at = meta["cluster"], float(meta["expires_at"])
+        except (ValueError, KeyError, TypeError):
+            raise ApiError(401, "join token unreadable; create a new one") from None
+        if expires_at <= self._clock():
+            raise ApiError(401, "join token expired")
+        return str(token_cluster)
+
     async def h_put_bundle(self, request: web.Request) -> web.Response:
         name = self._owner(request)
         body = await self._json(request)
@@ -799,10 +816,10 @@ class FederationServer:
 
     async def h_keepalive(self, request: web.Request) -> web.Response:
         name = self._owner(request)
-        raw = request.match_info["lease"]
-        if not raw.isdigit():
-            raise ApiError(400, f"lease: {raw!r} is not a lease id")
-        lease = int(raw)
+        try:
+            lease = parse_int(request.match_info["lease"], "lease (a lease id)", 1, api.MAX_ID)
+        except InputError as e:
+            raise ApiError(400, str(e)) from None
         if self._leases.get(name) != lease or not await self.store.keepalive(lease):
             raise ApiError(404, f"lease {lease} of cluster {name!r} is unknown or expired")
         self._renewed[name] = self._clock()
@@ -852,7 +869,12 @@ class FederationServer:
 
     async def _delete_leased(self, request: web.Request, prefix: str) -> web.Response:
         name = self._owner(request)
-        key = f"{prefix}{name}/{request.match_info['namespace']}/{request.match_info['service']}"
+        try:
+            ns = check_name(request.match_info["namespace"], "namespace")
+            svc = check_name(request.match_info["service"], "service")
+        except InputError as e:
+            raise ApiError(400, str(e)) from None
+        key = f"{prefix}{name}/{ns}/{svc}"
         prev = await self.store.delete(key)
         return web.json_response({
             "deleted": prev is not None,
@@ -862,7 +884,7 @@ class FederationServer:
     # ---- drills --------------------------------------------------------------------------
 
     async def _get_drill(self, drill_id: str) -> Drill:
-        if not _DRILL_ID.match(drill_id):
+        if not is_drill_id(drill_id):
             raise ApiError(404, f"drill {drill_id!r}: not a drill id (d-YYYYMMDD-HHMMSS-xxxx)")
         kv = await self.store.get(DRILLS + drill_id)
         if kv is None:
@@ -933,6 +955,7 @@ class FederationServer:
 
     async def h_abort_drill(self, request: web.Request) -> web.Response:
         operator = self._operator(request, "abort drills")
+        await self._get_drill(request.match_info["id"])  # 404 before the body is looked at
         reason = "aborted by operator"
         raw = await request.read()
         if raw.strip():
@@ -972,10 +995,10 @@ class FederationServer:
                 403, f"cluster {caller!r} may not write samples of cluster {target!r}",
                 caller=caller, target=target,
             )
-        raw_second = info["second"]
-        if not raw_second.isdigit() or len(raw_second) > 12:
-            raise ApiError(400, f"second: {raw_second!r} is not an epoch second (integer)")
-        second = int(raw_second)
+        try:
+            second = parse_int(info["second"], "second (an epoch second)", 0, api.MAX_SECOND)
+        except InputError as e:
+            raise ApiError(400, str(e)) from None
         drill = await self._get_drill(info["id"])
         if drill.in_scope(caller):
             raise ApiError(
@@ -1024,11 +1047,9 @@ class FederationServer:
         self._caller(request)
         q = request.query
         try:
-            after = int(q.get("after", "0"))
-            if after < 0:
-                raise ValueError
-        except ValueError:
-            raise ApiError(400, f"after: {q.get('after')!r} is not a revision (integer >= 0)") from None
+            after = parse_int(q.get("after", "0"), "after (a revision)", 0, api.MAX_ID)
+        except InputError as e:
+            raise ApiError(400, str(e)) from None
         try:
             timeout = parse_duration(q["timeout"]) if "timeout" in q else api.DEFAULT_WATCH_TIMEOUT
         except InputError as e:
@@ -1049,6 +1070,8 @@ class FederationServer:
             events = waiter.result() if not waiter.cancelled() else []
         except CompactedError as e:
             return web.json_response({"error": str(e), "compacted": e.compacted}, status=410)
+        except FutureRevisionError as e:
+            return web.json_response({"error": f"after: {e}", "revision": e.current}, status=400)
         finally:
             self._watchers -= 1
         latest = events[-1].revision if events else after
@@ -1110,10 +1133,8 @@ class FederationServer:
             "isthmus_federation_http", {n: site.stats for n, site in self._sites.items()}
         )
         return web.Response(
-            text="\n".join(lines) + "\n",
-            content_type="text/plain",
-            headers={"X-Content-Type-Options": "nosniff"},
-            charset="utf-8",
+            body=("\n".join(lines) + "\n").encode(),
+            headers={"Content-Type": api.METRICS_CONTENT_TYPE, "X-Content-Type-Options": "nosniff"},
         )
 
     async def h_status(self, request: web.Request) -> web.Response:

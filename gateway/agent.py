@@ -15,7 +15,10 @@ Theory of operation
   lease expired while we were away) means our exports were withdrawn: grant a new lease and
   publish them all again. Another cluster's lease expiring shows in the catalog (it leaves
   `live`, its exports stop counting): logged at INFO, as is its return (`log_peers`; the
-  primary only, so workers do not repeat it), rate-limited per cluster.
+  primary only, so workers do not repeat it), rate-limited per cluster. A keepalive that fails (federation down) is retried every ttl/3 at
+  most, not after the usual growing backoff: a restarted federation gives every stored lease
+  one ttl of grace, and the first keepalive must land inside it, or the federation withdraws
+  exports of a gateway that was alive all along.
 - Exports carry health: when the HealthBook changes a local endpoint, the export is published
   again (coalesced: at most one publish in flight per export, the latest state wins).
 - Imports are published the same way (an `ImportRecord` per configured import: its failover
@@ -27,7 +30,9 @@ Theory of operation
   federation (again after each lease grant, so a re-registration never brings them back);
   clearing it republishes them. The drill actor sets it; this loop does the I/O and retries.
 - Catalog: snapshot, then long-poll `watch(after=revision)`; every event is folded in order, so
-  nothing is missed across reconnects; `CompactedError` means resync from a snapshot. Every
+  nothing is missed across reconnects; `CompactedError` (history gone) and
+  `FutureRevisionError` (the federation's store is behind us: reset or restored) mean resync
+  from a snapshot. Every
   new catalog goes to `on_catalog` and (coalesced) to `catalog.json`, which a restarted gateway
   routes from while the federation is down.
 - Every loop retries with capped exponential backoff; the federation being down never stops
@@ -48,6 +53,7 @@ from federation.client import FederationClient, load_federation_bundle
 from federation.errors import (
     CompactedError,
     FederationError,
+    FutureRevisionError,
     IdentityError,
     InputError,
     IsthmusError,
@@ -257,7 +263,7 @@ class Agent:
                 self._failed("lease", e)
                 if e.status == 409:  # e.g. "no live lease" racing an expiry: start over
                     self.lease = None
-                await asyncio.sleep(backoff.next())
+                await asyncio.sleep(min(backoff.next(), self.lease_ttl / 3))
 
     def import_records(self) -> list[ImportRecord]:
         name = self.cfg.cluster.name
@@ -343,7 +349,7 @@ class Agent:
                     self._set_catalog(cat)
                 self.connected = True
                 backoff.reset()
-            except CompactedError:
+            except (CompactedError, FutureRevisionError):
                 synced = False
             except FederationError as e:
                 self._failed("watch", e)

@@ -76,7 +76,7 @@ TIERS = ("cluster", "zone", "region", "any")
 HEALTH_KINDS = ("tcp", "http")
 MAX_SEND_BYTES = 1024  # health_check.send
 MAX_EXPECT_BYTES = 256  # health_check.expect
-_TRUST_DOMAIN = re.compile(r"^[a-z0-9._-]{1,255}$")
+_TRUST_DOMAIN = re.compile(r"[a-z0-9._-]{1,255}")
 _DAY = 86400.0
 
 
@@ -615,7 +615,7 @@ class _Reader:
             td = self.string(f["trust_domain"], "cluster.trust_domain")
             trust_domain = None
             if td is not None:
-                if _TRUST_DOMAIN.match(td):
+                if _TRUST_DOMAIN.fullmatch(td):
                     trust_domain = td
                 else:
                     self.problem(

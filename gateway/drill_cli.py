@@ -46,7 +46,7 @@ from typing import Any
 
 from federation.errors import FederationError, InputError, IsthmusError
 from federation.model import DRILL_MODES, Drill
-from federation.units import parse_duration
+from federation.units import parse_decimal, parse_duration
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_PLAN_WARNING = 0, 1, 2, 3
 DEFAULT_FEDERATION = "https://127.0.0.1:17443"
@@ -473,8 +473,8 @@ def _duration_text(text: str) -> str:
 
 def _ratio(text: str) -> float:
     try:
-        v = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
-    except ValueError:
+        v = parse_decimal(text.removesuffix("%"), "ratio") / (100 if text.endswith("%") else 1)
+    except InputError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number like 0.3 or 30%") from None
     if not 0 <= v <= 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not in 0..1")
@@ -483,8 +483,8 @@ def _ratio(text: str) -> float:
 
 def _rate(text: str) -> float:
     try:
-        v = float(text)
-    except ValueError:
+        v = parse_decimal(text, "rate")
+    except InputError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of probes per second") from None
     if not 0 < v <= 1000:
         raise argparse.ArgumentTypeError(f"{text!r} is not in (0, 1000] probes per second")

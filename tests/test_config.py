@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -706,6 +708,21 @@ CASES: list[tuple[str, str, str, int, str]] = [
     ("not-a-mapping", "- cluster\n", "", 1, "expected a mapping with fields cluster"),
     ("key-not-string", cfg("1: x\n"), "", 12, "field names must be strings"),
     ("multi-document", cfg("---\na: 1\n"), "", 12, "not valid YAML"),
+    # numbers and names are ASCII: '²' passes str.isdigit() (then int() raised a traceback),
+    # '٣٣' passes int() (and was taken as port 33), a trailing newline passed `$`
+    ("port-superscript", cfg(**{"inbound: 127.0.0.1:15443": 'inbound: "127.0.0.1:²"'}),
+     "listen.inbound", 9, "port '²' is not in 1..65535 (a port is written in ASCII digits 0-9)"),
+    ("port-arabic-indic", cfg(**{"inbound: 127.0.0.1:15443": 'inbound: "127.0.0.1:٣٣"'}),
+     "listen.inbound", 9, "port '٣٣' is not in 1..65535 (a port is written in ASCII digits"),
+    ("endpoint-port-arabic-indic", cfg(EXPORT.replace("19001", "١٩٠٠١")),
+     "exports[0].endpoints[0]", 16, "ASCII digits"),
+    ("duration-arabic-indic", cfg("limits:\n  connect_timeout: ٣s\n"),
+     "limits.connect_timeout", 13, "is not a duration"),
+    ("name-trailing-newline", cfg(**{"name: east-1": 'name: "east-1\\n"'}),
+     "cluster.name", 2, "is not a valid name"),
+    ("trust-domain-trailing-newline",
+     cfg(**{"zone: a": 'zone: a\n  trust_domain: "east-1.isthmus.local\\n"'}),
+     "cluster.trust_domain", 5, "not a valid trust domain"),
 ]
 
 
@@ -782,6 +799,18 @@ def test_message_format_matches_the_contract() -> None:
     assert str(info.value) == (
         "examples/east-1.yaml:14: imports[0].listen: '127.0.0.1:99999': port '99999' is not in 1..65535"
     )
+
+
+def test_config_validate_refuses_unicode_digits_with_exit_2(tmp_path: Path) -> None:
+    """`isthmus config validate` printed a traceback and exited 1 for listen.inbound
+    "127.0.0.1:²"; now: exit 2 and FILE:LINE: field: message."""
+    path = tmp_path / "gw.yaml"
+    path.write_text(cfg(**{"inbound: 127.0.0.1:15443": 'inbound: "127.0.0.1:²"'}))
+    r = subprocess.run([sys.executable, "-m", "gateway.cli", "config", "validate", str(path)],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith(f"{path}:9: listen.inbound: '127.0.0.1:²': port '²'"), r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_config_error_is_an_isthmus_error() -> None:

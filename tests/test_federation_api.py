@@ -19,12 +19,13 @@ from cryptography.x509.oid import NameOID
 
 from federation import api
 from federation.client import FederationClient, load_federation_bundle
-from federation.errors import CompactedError, FederationError
+from federation.errors import CompactedError, FederationError, FutureRevisionError, InputError
 from federation.identity import CertificateAuthority, Svid, TrustBundle, gateway_id
-from federation.model import Catalog, ClusterRecord, Endpoint, Export
-from federation.server import FederationServer, create_token
+from federation.model import Catalog, ClusterRecord, Endpoint, Export, check_name, is_drill_id
+from federation.server import REAP_INTERVAL, FederationServer, create_token
 from federation.store.sqlite import SqliteStore
 from federation.tls import client_context
+from federation.units import parse_duration, parse_int
 
 
 @dataclass
@@ -57,17 +58,20 @@ def make_cluster(name: str, region: str = "us-east", zone: str = "a") -> Cluster
 class Fed:
     """A running federation server plus helpers to make clients and join clusters."""
 
-    def __init__(self, tmp: Path, history: int = 10000, lease_ttl: float = 1.0):
+    def __init__(self, tmp: Path, history: int = 10000, lease_ttl: float = 1.0,
+                 clock: Callable[[], float] = time.time):
         self.tmp = tmp
         self.history = history
         self.lease_ttl = lease_ttl
+        self.clock = clock
         self.server: FederationServer | None = None
         self.clients: list[FederationClient] = []
 
     async def start(self) -> FederationServer:
-        store = SqliteStore(str(self.tmp / "fed.db"), history=self.history)
+        store = SqliteStore(str(self.tmp / "fed.db"), history=self.history, clock=self.clock)
         self.server = FederationServer(
-            store, self.tmp / "state", ("127.0.0.1", 0), ("127.0.0.1", 0), lease_ttl=self.lease_ttl
+            store, self.tmp / "state", ("127.0.0.1", 0), ("127.0.0.1", 0),
+            lease_ttl=self.lease_ttl, clock=self.clock,
         )
         await self.server.start()
         return self.server
@@ -238,6 +242,20 @@ async def test_cluster_may_write_only_its_own_records(fed: Fed, caplog) -> None:
     assert any("denied" in r.message for r in caplog.records)
     assert all("token" not in r.getMessage().lower() or "join token" in r.getMessage()
                for r in caplog.records)
+
+
+async def test_denied_requests_are_logged_quoted_and_rate_limited(fed: Fed, caplog) -> None:
+    east = make_cluster("east-1")
+    await fed.join(east)
+    async with raw_session(fed, east.svid) as s:
+        with caplog.at_level("WARNING", logger="isthmus.federation"):
+            for i in range(50):
+                url = f"{fed.url}/v1/clusters/x%0Aforged-{i}/lease"
+                async with s.post(url) as r:
+                    assert r.status == 403
+    denied = [r.getMessage() for r in caplog.records if "denied" in r.getMessage()]
+    assert 1 <= len(denied) <= 5, denied  # 50 requests, a few lines
+    assert all("\n" not in m and "'/v1/clusters/x\\nforged-" in m for m in denied), denied
 
 
 async def test_unauthenticated_write_and_read_are_401(fed: Fed) -> None:
@@ -531,7 +549,79 @@ async def test_stop_ends_long_polls(fed: Fed) -> None:
     assert time.monotonic() - t0 < 2
 
 
+async def test_watch_after_a_future_revision_is_400(fed: Fed) -> None:
+    """As etcd refuses a future revision: answering {"revision": 1000000} to a store at 44 would
+    make the caller skip every change up to 1000000."""
+    east = make_cluster("east-1")
+    c = await fed.join(east)
+    rev = (await c.catalog()).revision
+    async with raw_session(fed, east.svid) as s:
+        async with s.get(f"{fed.url}/v1/watch", params={"after": "1000000"}) as r:
+            body = await r.json()
+            assert r.status == 400, body
+    assert body["error"].startswith("after: revision 1000000 is a future revision")
+    assert body["revision"] == rev
+    with pytest.raises(FutureRevisionError) as e:
+        await c.watch(rev + 1, 5.0)
+    assert (e.value.requested, e.value.current) == (rev + 1, rev)
+    assert await c.watch(rev, 0.05) == (rev, [])  # the current revision is fine
+
+
 # ---- documents, admin, input ---------------------------------------------------------------
+
+
+async def test_numbers_and_addresses_are_ascii_digits_only(fed: Fed) -> None:
+    """`str.isdigit()` takes '¹', `int()` takes '٣٣', ' 1', '+1' and '1_0': each was a 500 or
+    was stored as is. Now each is a 400 naming the field."""
+    east = make_cluster("east-1")
+    c = await fed.join(east)
+    await c.grant_lease("east-1")
+    bad_numbers = ("¹", "²", "٣", "٣٣", "+1", " 1", "1_0", "-1", "1.0", "9" * 20, "")
+    async with raw_session(fed, east.svid) as s:
+        for raw in (*bad_numbers, "0"):
+            if not raw:
+                continue
+            async with s.put(f"{fed.url}/v1/clusters/east-1/lease/{raw}") as r:
+                body = await r.json()
+                assert r.status == 400 and body["error"].startswith("lease"), (raw, body)
+        for raw in bad_numbers:
+            async with s.get(f"{fed.url}/v1/watch", params={"after": raw, "timeout": "1ms"}) as r:
+                body = await r.json()
+                assert r.status == 400 and body["error"].startswith("after"), (raw, body)
+        for raw in bad_numbers:
+            if not raw:
+                continue
+            url = f"{fed.url}/v1/drills/d-20250101-000000-abcd/samples/east-1/{raw}"
+            async with s.put(url, json={}) as r:
+                body = await r.json()
+                assert r.status == 400 and body["error"].startswith("second"), (raw, body)
+        for address in ("127.0.0.1:²", "127.0.0.1:٣٣", "127.0.0.1:+80", "127.0.0.1: 80"):
+            export = east.export().to_json()
+            export["endpoints"][0]["address"] = address
+            async with s.put(f"{fed.url}/v1/clusters/east-1/exports/default/web", json=export) as r:
+                body = await r.json()
+                assert r.status == 400, (address, body)
+                assert body["error"].startswith("export.endpoints[0].address"), body
+                assert "ASCII digits" in body["error"]
+        async with s.get(f"{fed.url}/v1/drills/d-20250101-000000-abcd%0A") as r:
+            assert r.status == 404  # a trailing newline is not part of a drill id
+    assert (await c.catalog()).exports == {}
+    async with raw_session(fed, None) as s:  # unauthenticated: the join (with a token)
+        for address in ("127.0.0.1:²", "127.0.0.1:٣٣"):
+            body = {"token": await fed.token("west-1"),
+                    "cluster": {**make_cluster("west-1").record.to_json(),
+                                "gateway_address": address},
+                    "bundle": make_cluster("west-1").bundle().to_jwks()}
+            async with s.post(f"{fed.url}/v1/join", json=body) as r:
+                answer = await r.json()
+                assert r.status == 400, answer
+                assert answer["error"].startswith("cluster.gateway_address"), answer
+        body = {"token": await fed.token("east-1"),
+                "cluster": {**east.record.to_json(), "name": "east-1\n"},
+                "bundle": east.bundle().to_jwks()}
+        async with s.post(f"{fed.url}/v1/join", json=body) as r:
+            assert r.status == 400 and "cluster.name" in (await r.json())["error"]
+    assert "west-1" not in (await c.catalog()).clusters
 
 
 async def test_openapi_covers_every_route(fed: Fed) -> None:
@@ -547,6 +637,66 @@ async def test_openapi_covers_every_route(fed: Fed) -> None:
     assert served == documented
     refs = set(re.findall(r'"#/components/schemas/(\w+)"', json.dumps(doc)))
     assert refs <= set(doc["components"]["schemas"])
+
+
+async def test_openapi_parameters_have_the_schemas_the_server_enforces(fed: Fed) -> None:
+    doc = await fed.client().openapi()
+    schemes = doc["components"]["securitySchemes"]
+    assert set(schemes) == {"svid", "operator"}  # the join token is a body field, not a scheme
+    assert doc["paths"]["/v1/join"]["post"]["security"] == []
+    assert "join token" in doc["components"]["schemas"]["JoinRequest"]["properties"]["token"][
+        "description"]
+    seen: dict[str, dict] = {}
+    for path, ops in doc["paths"].items():
+        for op in ops.values():
+            params = op.get("parameters", [])
+            assert [p["name"] for p in params if p["in"] == "path"] == api.path_params(path)
+            for p in params:
+                assert p["schema"] != {"type": "string"}, (path, p)  # every one constrained
+                seen[p["name"]] = p["schema"]
+    assert set(seen) == {"name", "namespace", "service", "lease", "id", "cluster", "second",
+                         "after", "timeout"}
+    assert seen["lease"] == {**seen["lease"], "type": "integer", "minimum": 1,
+                             "maximum": 2**63 - 1}
+    assert seen["second"]["type"] == "integer" and seen["after"]["type"] == "integer"
+
+    def doc_accepts(schema: dict, text: str) -> bool:
+        if schema["type"] == "integer":
+            return (re.fullmatch("[0-9]+", text) is not None
+                    and schema["minimum"] <= int(text) <= schema["maximum"])
+        return re.fullmatch(schema["pattern"].removeprefix("^").removesuffix("$"), text) is not None
+
+    def server_accepts(check: Callable[[str], object], text: str) -> bool:
+        try:
+            check(text)
+            return True
+        except InputError:
+            return False
+
+    def drill_id(text: str) -> None:
+        if not is_drill_id(text):
+            raise InputError(f"{text!r} is not a drill id")
+
+    checks = {
+        "name": lambda t: check_name(t, "name"),
+        "lease": lambda t: parse_int(t, "lease", 1, api.MAX_ID),
+        "after": lambda t: parse_int(t, "after", 0, api.MAX_ID),
+        "second": lambda t: parse_int(t, "second", 0, api.MAX_SECOND),
+        "timeout": parse_duration,
+        "id": drill_id,
+    }
+    samples = ("east-1", "a", "A", "-a", "a-", "a" * 63, "a" * 64, "east-1\n", "0", "1", "٣",
+               "¹", "+1", " 1", "1_0", str(2**63 - 1), str(2**63), "999999999999",
+               "1000000000000", "5s", " 5 s ", "1.5m", "5", "٣s", "5s\n", "1e3s", "-1s",
+               "d-20250101-000000-abcd", "d-20250101-000000-abcd\n", "d-2025-000000-abcd")
+    for name, check in checks.items():
+        for text in samples:
+            assert doc_accepts(seen[name], text) == server_accepts(check, text), (name, text)
+
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{fed.admin_url}/metrics") as r:
+            served = r.headers["Content-Type"]
+    assert list(doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == [served]
 
 
 _SAMPLE = re.compile(
@@ -641,15 +791,23 @@ async def test_malformed_and_oversize_bodies(fed: Fed) -> None:
         async with s.put(url, data=chunks()) as r:  # chunked: no Content-Length
             assert r.status == 413
             assert "1 MiB" in (await r.json())["error"]
+    west = make_cluster("west-1")
+    token = await fed.token("west-1")
     async with raw_session(fed, None) as s:
-        async with s.post(f"{fed.url}/v1/join", json={"token": "x", "cluster": {"name": "A"}}) as r:
+        body = {"token": "x", "cluster": {**west.record.to_json(), "zone": "A"}}
+        async with s.post(f"{fed.url}/v1/join", json=body) as r:
+            assert r.status == 401  # no valid token: nothing else is looked at
+            assert "join token unknown" in (await r.json())["error"]
+        async with s.post(f"{fed.url}/v1/join", json={"token": token, "cluster": {"name": "A"}}) as r:
             assert r.status == 400
             assert "bundle" in (await r.json())["error"]
-        body = {"token": "x", "cluster": {**east.record.to_json(), "zone": "A"},
-                "bundle": east.bundle().to_jwks()}
+        body = {"token": token, "cluster": {**west.record.to_json(), "zone": "A"},
+                "bundle": west.bundle().to_jwks()}
         async with s.post(f"{fed.url}/v1/join", json=body) as r:
             assert r.status == 400
             assert "cluster.zone" in (await r.json())["error"]
+    # a refused body did not use the token up: a good one still joins with it
+    await fed.client().join(token, west.record, west.bundle())
 
 
 async def test_restart_keeps_records(tmp_path: Path) -> None:
@@ -672,6 +830,49 @@ async def test_restart_keeps_records(tmp_path: Path) -> None:
         assert e.value.status == 409
         lease, _ = await c2.grant_lease("east-1")
         assert await c2.keepalive("east-1", lease)
+    finally:
+        await fed2.stop()
+
+
+async def test_restart_after_an_outage_longer_than_the_ttl_withdraws_nothing(
+    tmp_path: Path,
+) -> None:
+    """A restarted federation knows nothing new about liveness: every stored lease gets a full
+    ttl from the restart, so the gateways' next keepalives find them alive. (It used to expire
+    them all at the reaper's first tick, 0.2 s after start, before anyone could renew.)"""
+    now = [time.time()]
+    fed = Fed(tmp_path, lease_ttl=1.0, clock=lambda: now[0])
+    await fed.start()
+    east = make_cluster("east-1")
+    c = await fed.join(east)
+    lease, _ = await c.grant_lease("east-1")
+    await c.put_export(east.export())
+    await fed.stop()
+
+    now[0] += 30.0  # down for 30 ttls
+    fed2 = Fed(tmp_path, lease_ttl=1.0, clock=lambda: now[0])
+    await fed2.start()
+    try:
+        c2 = fed2.client(east.svid)
+        before = await c2.catalog()
+        assert before.live == {"east-1"}
+        await asyncio.sleep(3 * REAP_INTERVAL)  # the reaper ran a few times
+        now[0] += 0.9  # and most of a ttl passed: the gateway's keepalive is due about now
+        await asyncio.sleep(2 * REAP_INTERVAL)
+        after = await c2.catalog()
+        assert after.live == {"east-1"} and after.revision == before.revision
+        assert [e.cluster for e in after.exports.values()] == ["east-1"]
+        assert await c2.keepalive("east-1", lease)  # the same lease: nothing to re-grant
+
+        now[0] += 1.5  # nobody renews any more: withdrawn like any lapsed lease
+        async def gone() -> bool:
+            return (await c2.catalog()).live == frozenset()
+
+        deadline = time.monotonic() + 5
+        while not await gone():
+            assert time.monotonic() < deadline, "east-1's lease never expired"
+            await asyncio.sleep(REAP_INTERVAL)
+        assert (await c2.catalog()).exports == {}
     finally:
         await fed2.stop()
 

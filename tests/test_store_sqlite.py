@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from federation.errors import CompactedError, StoreError
+from federation.errors import CompactedError, FutureRevisionError, StoreError
 from federation.store.base import KV, Event, open_store
 from federation.store.sqlite import MAX_KEY_BYTES, MAX_VALUE_BYTES, SqliteStore, _prefix_end
 
@@ -290,6 +290,67 @@ async def test_persistence_across_reopen(tmp_path):
         assert await s2.grant_lease(5) != lease  # lease ids are not reused
     finally:
         await s2.close()
+
+
+async def test_renew_all_leases_after_an_outage_longer_than_the_ttl(tmp_path):
+    """A restarted federation renews every stored lease for a full ttl from its start: open()
+    alone keeps the deadlines (`isthmus federation token create` opens the file too)."""
+    path = str(tmp_path / "r.sqlite")
+    clock = FakeClock()
+    s = SqliteStore(path, clock=clock)
+    await s.open()
+    short = await s.grant_lease(2)
+    long = await s.grant_lease(600)
+    await s.put("catalog/live/a", b"{}", lease=short)
+    await s.put("catalog/live/b", b"{}", lease=long)
+    await s.close()
+
+    clock.now += 30  # down for 30 s: `short` is 28 s past its deadline
+    s2 = SqliteStore(path, clock=clock)
+    await s2.open()
+    try:
+        assert await s2.renew_all_leases() == 2
+        rev = await s2.revision()
+        clock.now += 1.9
+        assert await s2.expire_leases() == 0  # a full ttl (2 s) of grace from the renewal
+        assert await s2.keepalive(short) is True  # the gateway's keepalive lands in time
+        clock.now += 1.9
+        assert await s2.expire_leases() == 0
+        assert await s2.revision() == rev  # renewals are not revisions: watchers see nothing
+        clock.now += 2.1  # now nobody renews `short`
+        assert await s2.expire_leases() == 1
+        assert await s2.get("catalog/live/a") is None
+        assert await s2.get("catalog/live/b") is not None  # never shortened: 600 s from grant
+        clock.now += 600
+        assert await s2.expire_leases() == 1
+    finally:
+        await s2.close()
+
+
+async def test_open_alone_does_not_renew_leases(tmp_path):
+    path = str(tmp_path / "o.sqlite")
+    clock = FakeClock()
+    s = SqliteStore(path, clock=clock)
+    await s.open()
+    lease = await s.grant_lease(2)
+    await s.close()
+    clock.now += 30
+    s2 = SqliteStore(path, clock=clock)
+    await s2.open()
+    try:
+        assert await s2.keepalive(lease) is False
+    finally:
+        await s2.close()
+
+
+async def test_events_after_a_future_revision_are_refused(store):
+    await store.put("a", b"1")
+    await store.put("a", b"2")
+    assert await store.events("", 2, 0) == []  # the current revision: wait for the next
+    with pytest.raises(FutureRevisionError) as e:
+        await store.events("", 1_000_000, 5.0)  # refused at once, not after the timeout
+    assert (e.value.requested, e.value.current) == (1_000_000, 2)
+    assert "1000000 is a future revision (the store is at revision 2)" in str(e.value)
 
 
 async def test_persistence_with_wall_clock(tmp_path):

@@ -6,7 +6,12 @@ Shaped after etcd's v3 API so that `store/etcd.py` can implement it without chan
   (each deletion an event, so watchers see the withdrawal);
 - `events(prefix, after)` returns every change with revision > `after`, in order, waiting up to
   `timeout` for the first one (long-poll); history older than the compaction point raises
-  `CompactedError`, and the caller resyncs from `range()`.
+  `CompactedError`, and a revision the store has not reached raises `FutureRevisionError`
+  (as etcd refuses a future revision); either way the caller resyncs from `range()`;
+- a lease's deadline is kept across restarts, but a restart says nothing new about liveness:
+  the process that serves the leases calls `renew_all_leases()` when it starts, so each lease
+  gets one full TTL from then (etcd does this itself when a new leader takes over: its
+  lessor's `Promote` extends every lease by its TTL).
 A write is acknowledged only once it is durable.
 """
 
@@ -70,6 +75,13 @@ class Store(Protocol):
         """End a lease now, deleting its keys."""
         ...
 
+    async def renew_all_leases(self) -> int:
+        """Renew every lease for a full ttl from now (none ends earlier than before); returns
+        how many. The federation calls it once at start, before serving, so leases restored
+        from an outage longer than their ttl are not expired before their holders could renew
+        them. Stores that do this by themselves at leader change (etcd) return 0."""
+        ...
+
     async def expire_leases(self) -> int:
         """Delete the keys of every lease past its deadline; returns how many leases ended.
         Stores that expire leases by themselves (etcd) return 0."""
@@ -77,7 +89,9 @@ class Store(Protocol):
 
     async def events(self, prefix: str, after: int, timeout: float) -> list[Event]:
         """Events under prefix with revision > after, oldest first; waits up to `timeout`
-        seconds for the first one and returns [] if none came. Raises CompactedError."""
+        seconds for the first one and returns [] if none came. Raises CompactedError if `after`
+        is older than the history kept, FutureRevisionError if it is above the current
+        revision."""
         ...
 
 

@@ -27,7 +27,11 @@ Theory of operation
   same file are not noticed until the timeout (one federation process owns a file).
 * Leases: deadlines are wall-clock (`clock`, default `time.time`) so they survive a restart; a
   lease past its deadline is dead at once for `put` and `keepalive`, and its keys are deleted
-  by the next `expire_leases()` (the server calls it periodically).
+  by the next `expire_leases()` (the server calls it periodically). `renew_all_leases()` sets
+  every deadline to max(deadline, now + ttl): the server calls it at start, so an outage
+  longer than a ttl does not expire every lease before any holder could renew it. `open()`
+  does not do it, because `isthmus federation token create` opens the same file while the
+  federation runs, and must not keep dead clusters alive.
 * Keys are TEXT compared with SQLite's BINARY collation (memcmp of UTF-8), which is the same
   order as Python's `sorted()` on str; a prefix scan is `key >= p AND key < next(p)` where
   next(p) is the smallest string above every string starting with p, so '%' and '_' in keys
@@ -47,7 +51,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from ..errors import CompactedError, StoreError
+from ..errors import CompactedError, FutureRevisionError, StoreError
 from .base import KV, Event
 
 MAX_KEY_BYTES = 1024
@@ -379,6 +383,15 @@ class SqliteStore:
     async def revoke(self, lease: int) -> None:
         await self._write(self._end_lease, lease)
 
+    async def renew_all_leases(self) -> int:
+        now = self._clock()
+
+        def renew(db: sqlite3.Connection) -> int:
+            cur = db.execute("UPDATE leases SET deadline = max(deadline, ? + ttl)", (now,))
+            return cur.rowcount
+
+        return await self._write(renew)
+
     async def expire_leases(self) -> int:
         now = self._clock()
 
@@ -406,6 +419,9 @@ class SqliteStore:
             compacted = self._meta(db, "compacted")
             if after < compacted:
                 raise CompactedError(after, compacted + 1)
+            current = self._meta(db, "revision")
+            if after > current:
+                raise FutureRevisionError(after, current)
             rows = db.execute(sql, (after, *params)).fetchall()
             return [Event(t, k, None if v is None else bytes(v), r) for r, t, k, v in rows]
 
