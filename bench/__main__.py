@@ -6,7 +6,7 @@
 
 Starts on 127.0.0.1, and stops by PID: nginx (backend: 64-byte `/`, a sparse file for bulk),
 HAProxy (`mode tcp`, and a TLS 1.3 re-encrypt chain of two HAProxies with client certs both
-ways), the demo topology (gateway.demo.start_topology: federation + 3 gateways, one worker
+ways), the demo topology (isthmus.demo.start_topology: federation + 3 gateways, one worker
 each, uvloop). nginx's ports are east-2's endpoints; east-1 has none, so east-1's import goes
 cross-cluster to east-2 (mTLS), and east-2's import is the local listener path.
 Core 0: wrk / curl / bench.loadgen and nginx. Core 1: the proxy under test (all threads of the
@@ -29,11 +29,10 @@ from pathlib import Path
 
 import uvloop
 
+from bench import failover, infra, memory
 from federation.errors import InputError
 from federation.units import parse_int
-from gateway.demo import Processes, ports, start_topology
-
-from . import failover, infra, memory
+from isthmus.demo import Processes, ports, start_topology
 
 OFFSET = 8000  # gateway ports 23101..26302 (integration tests use 15xxx-22999; keep below 32768)
 HAPROXY_TCP, CHAIN_IN, CHAIN_TLS, BARE_RELAY = 27501, 27511, 27512, 27521

@@ -1,6 +1,6 @@
 """Failover time: from an endpoint's death to the first connection served by the next tier.
 
-Topology: the demo's (gateway.demo.start_topology) with one change to east-1's config: its
+Topology: the demo's (isthmus.demo.start_topology) with one change to east-1's config: its
 export `echo` has a single endpoint (ep1), so killing it empties east-1's own tier and traffic
 must move to the next tier, east-2 (same region, other zone). Backends are the demo's echo
 backends (they answer a line with their cluster's name). To keep the ≥ 20 kill/restore
@@ -28,8 +28,8 @@ from typing import Any
 
 import yaml
 
-import gateway.demo as demo
-from gateway.demo import Backends, Processes, one_connection, paced, ports
+import isthmus.demo as demo
+from isthmus.demo import Backends, Processes, one_connection, paced, ports
 
 OFFSET = 8400  # ports 23501..26702 (tests use 15xxx-22999; keep below 32768)
 PACE = 0.005
@@ -73,7 +73,7 @@ def verify_blackhole(port: int) -> str:
 
 
 def patch_configs(state: Path, offset: int) -> list[Path]:
-    """gateway.demo.write_configs, then edit east-1's YAML (see the module docstring)."""
+    """isthmus.demo.write_configs, then edit east-1's YAML (see the module docstring)."""
     paths = _original_write_configs(state, offset)
     for path in paths:
         cfg = yaml.safe_load(path.read_text())

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from gateway.demo import Processes, ports, start_topology
+from isthmus.demo import Processes, ports, start_topology
 
 OFFSET = 900
 

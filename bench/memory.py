@@ -1,6 +1,6 @@
 """Memory: gateway RSS with many idle connections; federation RSS holding a large catalog.
 
-Gateway: the demo topology (gateway.demo.start_topology, backends = the suite's nginx on
+Gateway: the demo topology (isthmus.demo.start_topology, backends = the suite's nginx on
 east-2's endpoint ports). This process opens N idle connections to east-2's import listener
 (each relayed to nginx, so the gateway holds 2 sockets per connection) in batches, and reads
 the gateway's VmRSS at 0, N/2 and N connections after a short settle. N is 10,000 unless the
@@ -23,10 +23,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import gateway.demo as demo
-from gateway.demo import Processes, http_json, ports, wait_until
-
-from .infra import fd_count, rss_mib
+import isthmus.demo as demo
+from bench.infra import fd_count, rss_mib
+from isthmus.demo import Processes, http_json, ports, wait_until
 
 OFFSET = 8800  # ports 23901..27102 (tests use 15xxx-22999; keep below 32768)
 FED_PORT, FED_ADMIN = 27743, 27780
@@ -90,7 +89,7 @@ async def federation_catalog(state: Path, services: int, log: Any) -> dict:
     from federation.client import FederationClient, load_federation_bundle
     from federation.identity import CertificateAuthority, gateway_id
     from federation.model import ClusterRecord, Endpoint, Export
-    from federation.server import create_token
+    from federation.server.app import create_token
     from federation.store.sqlite import SqliteStore
 
     fed_dir = state / "federation"

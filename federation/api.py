@@ -32,12 +32,12 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from .drills import MAX_PROBE_RATE, MAX_REASON
-from .errors import InputError
-from .identity import MAX_BUNDLE_KEYS
-from .model import DRILL_ID_PATTERN, NAME_PATTERN
-from .store.base import Event
-from .units import HOSTPORT_PATTERN
+from federation.drills import MAX_PROBE_RATE, MAX_REASON
+from federation.errors import InputError
+from federation.identity import MAX_BUNDLE_KEYS
+from federation.model import DRILL_ID_PATTERN, NAME_PATTERN
+from federation.store.base import Event
+from federation.units import HOSTPORT_PATTERN
 
 API_VERSION = "1.0.0"
 MAX_BODY = 1 << 20  # 1 MiB

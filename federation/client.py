@@ -29,19 +29,19 @@ from typing import Any
 
 import aiohttp
 
-from . import api
-from .errors import (
+from federation import api
+from federation.errors import (
     CompactedError,
     FederationError,
     FutureRevisionError,
     IdentityError,
     InputError,
 )
-from .identity import Svid, TrustBundle
-from .model import Catalog, ClusterRecord, Drill, Export, ImportRecord
-from .store.base import Event
-from .tls import client_context
-from .units import format_duration
+from federation.identity import Svid, TrustBundle
+from federation.model import Catalog, ClusterRecord, Drill, Export, ImportRecord
+from federation.store.base import Event
+from federation.tls import client_context
+from federation.units import format_duration
 
 DEFAULT_FEDERATION_TRUST_DOMAIN = "federation.isthmus.local"
 

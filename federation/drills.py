@@ -81,9 +81,9 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from .errors import InputError, IsthmusError
-from .model import DRILL_MODES, DRILL_STATES, Catalog, Drill, check_name
-from .units import DECIMAL, format_duration, parse_duration
+from federation.errors import InputError, IsthmusError
+from federation.model import DRILL_MODES, DRILL_STATES, Catalog, Drill, check_name
+from federation.units import DECIMAL, format_duration, parse_duration
 
 __all__ = [
     "DrillStateError",

@@ -46,7 +46,7 @@ class, and the counters carry the volume.
 
 This reaches into aiohttp's `RequestHandler` (a subclass overriding `connection_made`,
 `data_received`, `finish_response`, `handle_error`, `log_exception`; reading `_messages`) since
-aiohttp has no public hook for these; tests/test_http_serving.py pins the behaviour.
+aiohttp has no public hook for these; tests/federation/test_http_serving.py pins the behaviour.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from .logs import LogLimiter, quote
+from federation.logs import LogLimiter, quote
 
 __all__ = [
     "ADMIN_LIMITS",

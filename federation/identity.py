@@ -51,8 +51,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .errors import BundleSequenceError, IdentityError
-from .files import private_dir, write_atomic
+from federation.errors import BundleSequenceError, IdentityError
+from federation.files import private_dir, write_atomic
 
 __all__ = [
     "TrustDomain",

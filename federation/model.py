@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from .errors import InputError
-from .units import parse_hostport
+from federation.errors import InputError
+from federation.units import parse_hostport
 
 CATALOG_PREFIX = "catalog/"
 CLUSTERS = "catalog/clusters/"

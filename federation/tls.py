@@ -31,8 +31,8 @@ import tempfile
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from .errors import IdentityError
-from .identity import SpiffeId, Svid, TrustBundle, spiffe_id_of, verify_svid
+from federation.errors import IdentityError
+from federation.identity import SpiffeId, Svid, TrustBundle, spiffe_id_of, verify_svid
 
 __all__ = [
     "server_context",

@@ -14,7 +14,7 @@ from __future__ import annotations
 import ipaddress
 import re
 
-from .errors import InputError
+from federation.errors import InputError
 
 DECIMAL = r"[0-9]+(?:\.[0-9]+)?"  # embed in patterns compiled with re.ASCII
 _DIGITS = re.compile(r"[0-9]+")

@@ -35,16 +35,22 @@ from federation.identity import Svid, TrustBundle
 from federation.logs import LogLimiter
 from federation.model import Catalog, Endpoint, Export, Locality, ServiceKey
 from federation.units import parse_hostport
-
-from .agent import Agent, Backoff, Identity, federation_ca
-from .balance import Policy
-from .config import GatewayConfig
-from .drill_actor import DrillActor
-from .l4 import Dialer, ImportListener, InboundListener
-from .probes import checker, probe_loop
-from .router import HealthBook, LocalEndpoint, OutlierRules, Router, local_key, remote_key
-from .tls import GatewayTls, TlsSnapshot
-from .workers import STATS_EVERY, Supervisor, read_stats, watch_parent, write_stats
+from gateway.config.schema import GatewayConfig
+from gateway.control.agent import Agent, Backoff, Identity, federation_ca
+from gateway.control.drill_actor import DrillActor
+from gateway.control.workers import STATS_EVERY, Supervisor, read_stats, watch_parent, write_stats
+from gateway.core.balance import Policy
+from gateway.dataplane.l4 import Dialer, ImportListener, InboundListener
+from gateway.dataplane.probes import checker, probe_loop
+from gateway.dataplane.router import (
+    HealthBook,
+    LocalEndpoint,
+    OutlierRules,
+    Router,
+    local_key,
+    remote_key,
+)
+from gateway.dataplane.tls import GatewayTls, TlsSnapshot
 
 log = logging.getLogger("isthmus.gateway")
 
@@ -353,7 +359,7 @@ class Gateway:
             self.ready = True
             log.info("gateway %s worker %d/%d up", cfg.cluster.name, self.worker, self.workers)
             return
-        from .admin import start_admin
+        from gateway.control.admin import start_admin
 
         self.admin = await start_admin(self, *cfg.listen.admin)
         if self.workers > 1:

@@ -97,11 +97,11 @@ class Store(Protocol):
 
 def open_store(url: str) -> Store:
     """`sqlite:PATH` (default embedded store). `etcd://host:port,...` comes with store/etcd.py."""
-    from ..errors import InputError
+    from federation.errors import InputError
 
     scheme, _, rest = url.partition(":")
     if scheme == "sqlite" and rest:
-        from .sqlite import SqliteStore
+        from federation.store.sqlite import SqliteStore
 
         return SqliteStore(rest)
     raise InputError(f"store {url!r}: expected sqlite:PATH")

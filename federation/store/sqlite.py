@@ -51,8 +51,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from ..errors import CompactedError, FutureRevisionError, StoreError
-from .base import KV, Event
+from federation.errors import CompactedError, FutureRevisionError, StoreError
+from federation.store.base import KV, Event
 
 MAX_KEY_BYTES = 1024
 MAX_VALUE_BYTES = 1024 * 1024

@@ -87,11 +87,11 @@ def free_port() -> int:
 
 
 def isthmus_cmd() -> list[str]:
-    """The `isthmus` console script of this interpreter (else `python -m gateway.cli`)."""
+    """The `isthmus` console script of this interpreter (else `python -m isthmus.cli`)."""
     script = Path(sys.executable).with_name("isthmus")
     if script.exists():
         return [str(script)]
-    return [sys.executable, "-m", "gateway.cli"]
+    return [sys.executable, "-m", "isthmus.cli"]
 
 
 def run_cli(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess:

@@ -23,9 +23,8 @@ from federation.client import FederationClient, load_federation_bundle
 from federation.errors import FederationError
 from federation.identity import CertificateAuthority, SpiffeId, Svid, gateway_id
 from federation.model import ClusterRecord, Endpoint, Export
-from gateway import link
-
-from .harness import (
+from gateway.dataplane import link
+from tests.integration.harness import (
     LoadStream,
     Topology,
     blackhole_times_out,

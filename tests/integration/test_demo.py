@@ -15,7 +15,7 @@ pytestmark = pytest.mark.integration
 
 def test_demo_fails_over_and_back_with_no_failed_connection(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "demo", "--port-offset", "700", "--phase", "2s",
+        [sys.executable, "-m", "isthmus.cli", "demo", "--port-offset", "700", "--phase", "2s",
          "--rate", "30", "--state-dir", str(tmp_path / "demo")],
         capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
     )

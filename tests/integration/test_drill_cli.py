@@ -1,6 +1,6 @@
 """`isthmus drill ...` end to end on the demo topology (real processes on loopback).
 
-One topology for the module (gateway.demo.start_topology, port offset 1200): the federation,
+One topology for the module (isthmus.demo.start_topology, port offset 1200): the federation,
 east-1 + east-2 (us-east), west-1 (us-west) and edge-1 (eu-west, exports nothing, imports echo
 preferring us-east then us-west). Backends run on a loop in a background thread; every process
 is stopped by PID at the end (demo.Processes). Drills are short (1 s baseline, 4-5 s fault,
@@ -39,8 +39,8 @@ import pytest
 
 from federation.errors import FederationError
 from federation.model import Drill
-from gateway import demo
-from gateway.drill_cli import EXIT_FAIL, EXIT_OK, aggregate_seconds, run_drill
+from isthmus import demo
+from isthmus.drill import EXIT_FAIL, EXIT_OK, aggregate_seconds, run_drill
 
 OFFSET = 1200
 FED_URL = f"https://127.0.0.1:{demo.FED_PORT + OFFSET}"
@@ -188,7 +188,7 @@ def topo(tmp_path_factory):
 
 def cli(topo: Topo, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "drill", *args, "--federation", FED_URL,
+        [sys.executable, "-m", "isthmus.cli", "drill", *args, "--federation", FED_URL,
          "--credentials", str(topo.state / "federation" / "operator")],
         capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
     )
@@ -196,7 +196,7 @@ def cli(topo: Topo, *args: str, timeout: float = 60) -> subprocess.CompletedProc
 
 def cli_popen(topo: Topo, *args: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "drill", *args, "--federation", FED_URL,
+        [sys.executable, "-m", "isthmus.cli", "drill", *args, "--federation", FED_URL,
          "--credentials", str(topo.state / "federation" / "operator")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
     )

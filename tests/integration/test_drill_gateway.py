@@ -20,9 +20,8 @@ import pytest
 from federation.client import operator_client
 from federation.identity import Svid
 from federation.model import Drill
-from gateway import link
-
-from .harness import Topology, http_get, metric_value, running, wait_for
+from gateway.dataplane import link
+from tests.integration.harness import Topology, http_get, metric_value, running, wait_for
 
 pytestmark = pytest.mark.integration
 

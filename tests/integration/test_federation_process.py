@@ -17,7 +17,7 @@ import pytest
 from federation.client import FederationClient, load_federation_bundle
 from federation.identity import CertificateAuthority, gateway_id
 from federation.model import ClusterRecord, Endpoint, Export
-from federation.server import create_token
+from federation.server.app import create_token
 from federation.store.sqlite import SqliteStore
 
 pytestmark = pytest.mark.integration
@@ -34,7 +34,7 @@ def free_port() -> int:
 def start(tmp: Path, port: int, admin: int) -> subprocess.Popen:
     return subprocess.Popen(
         [
-            sys.executable, "-m", "gateway.cli", "federation", "serve",
+            sys.executable, "-m", "isthmus.cli", "federation", "serve",
             "--listen", f"127.0.0.1:{port}",
             "--admin", f"127.0.0.1:{admin}",
             "--store", f"sqlite:{tmp / 'fed.db'}",

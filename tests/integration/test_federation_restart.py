@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from .harness import LoadStream, Topology, running
+from tests.integration.harness import LoadStream, Topology, running
 
 pytestmark = pytest.mark.integration
 

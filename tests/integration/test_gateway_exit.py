@@ -15,8 +15,7 @@ import pytest
 from federation.client import FederationClient, load_federation_bundle
 from federation.identity import CertificateAuthority
 from federation.model import ClusterRecord
-
-from .harness import Topology, run_cli, wait_for
+from tests.integration.harness import Topology, run_cli, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -26,7 +26,7 @@ import time
 
 import pytest
 
-from .harness import LoadStream, ProcessBackend, Topology, metric_value, running
+from tests.integration.harness import LoadStream, ProcessBackend, Topology, metric_value, running
 
 pytestmark = pytest.mark.integration
 

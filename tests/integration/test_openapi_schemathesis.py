@@ -22,8 +22,7 @@ import pytest
 from federation.client import FederationClient, load_federation_bundle
 from federation.identity import CertificateAuthority, gateway_id
 from federation.model import ClusterRecord, Endpoint, Export
-
-from .harness import Proc, free_port, http_get, isthmus_cmd, run_cli, wait_for
+from tests.integration.harness import Proc, free_port, http_get, isthmus_cmd, run_cli, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from .harness import Topology, running, wait_for
+from tests.integration.harness import Topology, running, wait_for
 
 pytestmark = pytest.mark.integration
 

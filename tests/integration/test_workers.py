@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway import link
-
-from .harness import Topology, metric_value, request, run_cli, running, wait_for
-from .test_drill_gateway import link_call, start_drill, wait_until_wall
+from gateway.dataplane import link
+from tests.integration.harness import Topology, metric_value, request, run_cli, running, wait_for
+from tests.integration.test_drill_gateway import link_call, start_drill, wait_until_wall
 
 pytestmark = pytest.mark.integration
 

@@ -1,0 +1,776 @@
+"""The TCP data plane: listeners, relays and connect-time failover, on asyncio Protocols.
+
+Theory of operation
+-------------------
+A proxied connection has two legs: the *down* leg (accepted) and the *up* leg (dialled). A leg
+is a plain TCP Protocol (`PlainLeg`) or a stream on a multiplexed link to another gateway
+(`mux.Stream`); each knows how to write its own wire and forwards what it reads to the other
+leg. So the relay itself is four small methods:
+
+- data: read on one leg -> `other.send(data)`; the hot path is one call and one write;
+- flow control: when a leg's transport asks to pause writing, the *other* leg stops reading
+  (for a stream: stops granting window credit), and resumes when it drains, so a slow reader
+  never makes us buffer without bound;
+- half-close: EOF read on one leg -> `other.send_eof()` (write_eof on TCP, an EOF frame on a
+  stream); when both directions ended, both close;
+- close: a leg lost -> the other closes after flushing what it holds (a stream sends RST).
+
+Before the up leg exists (while connecting), the down leg buffers what the client sends, up
+to PENDING_LIMIT, then stops reading. Connecting walks the router's plan — the ordered
+candidates the pure core chose — and reports each attempt back (outlier detection). A refused,
+reset or timed-out attempt, or a remote gateway answering ERR or nothing, moves on to the next
+candidate with the same client connection, so a dead endpoint costs the client nothing but the
+time to try it. Only when every attempt failed is the client connection closed (counted).
+
+What connect-time failover cannot save: once committed, a connection belongs to its upstream.
+If that process then dies or hangs, the connection fails: the bytes it already took cannot be
+replayed elsewhere at L4. A stopped process even completes handshakes (its kernel does), so its
+connects succeed; `outlier_detection.response_timeout` (off by default) is the passive signal
+for that case: the up leg to a local endpoint is then a `WatchedLeg` (health.py, "Response
+timeout"), and an endpoint silent for that long after the client's first bytes is reported
+failed (ejecting it from new connections), and its connection is reset and counted as a
+response timeout instead of as served.
+
+Listeners own their connections and the tasks that connect them: `close()` cancels the tasks
+and closes the transports. An idle sweeper closes connections with no traffic for
+`idle_timeout`, and a connection limit refuses connections beyond `max_connections`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from federation.errors import IdentityError
+from federation.logs import LogLimiter, quote
+from federation.model import ServiceKey
+from gateway.core.balance import Target
+from gateway.core.health import Response, Wait, client_sent, expire, response_verdict, upstream_sent
+from gateway.dataplane import link as link_codec
+from gateway.dataplane.mux import LinkPool, MuxLink, Stream, StreamRefused
+
+log = logging.getLogger("isthmus.gateway.l4")
+# What peers and anonymous clients cause (refused handshakes, identities, streams): one line per
+# event class, rate-limited; the listener's counters (/metrics) carry the volume.
+limited = LogLimiter(log)
+
+PENDING_LIMIT = 256 * 1024
+
+
+class Router(Protocol):
+    def plan(self) -> list[Target]: ...
+
+    def report(self, target: Target, ok: bool) -> None: ...
+
+    @property
+    def response_timeout(self) -> float | None: ...
+
+
+@dataclass
+class ListenerStats:
+    """Plain counters, read by /metrics. Attempts/failovers count dials, not connections."""
+
+    accepted: int = 0
+    active: int = 0
+    failed: int = 0  # client connections closed because no candidate could be reached
+    refused_limit: int = 0
+    attempts: int = 0
+    attempt_failures: int = 0
+    idle_closed: int = 0
+    served_by: dict[str, int] = field(default_factory=dict)  # target key -> connections
+    # target key -> connections reset because the upstream never answered (response_timeout)
+    response_timeouts_by: dict[str, int] = field(default_factory=dict)
+
+    def served(self, key: str) -> None:
+        self.served_by[key] = self.served_by.get(key, 0) + 1
+
+    def response_timed_out(self, key: str) -> None:
+        self.response_timeouts_by[key] = self.response_timeouts_by.get(key, 0) + 1
+
+
+class DialError(Exception):
+    """One connect attempt failed; the message says which target and why."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Legs
+
+
+class Leg(asyncio.Protocol):
+    """One side of a relay. Subclasses implement send/send_eof for their wire."""
+
+    transport: Any = None
+    other: Leg | None = None
+    eof_in = False  # the far end of this leg sent EOF
+    eof_out = False  # we half-closed this leg
+    lost = False
+    activity = 0
+    paused_for_other = False
+
+    def send(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def send_eof(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    # relay plumbing -------------------------------------------------------------------------
+    def attach(self, other: Leg) -> None:
+        self.other = other
+
+    def pause_writing(self) -> None:
+        other = self.other
+        if other is not None and other.transport is not None:
+            other.transport.pause_reading()
+            other.paused_for_other = True
+
+    def resume_writing(self) -> None:
+        other = self.other
+        if other is not None and other.transport is not None and other.paused_for_other:
+            other.paused_for_other = False
+            other.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        other = self.other
+        if other is not None:
+            if not other.lost:
+                other.close()
+            else:  # both ended: drop the pair's cycle so refcounting frees it, not the GC
+                self.other = other.other = None
+
+
+class PlainLeg(Leg):
+    """A plain TCP leg: an app's connection to a local listener, or a dial to a local endpoint."""
+
+    def __init__(self) -> None:
+        self.pending: list[bytes] | None = []
+        self.pending_size = 0
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def attach(self, other: Leg) -> None:
+        self.other = other
+        pending, self.pending = self.pending, None
+        for chunk in pending or ():
+            other.send(chunk)
+        if self.eof_in:
+            other.send_eof()
+        # Resume what PENDING_LIMIT paused, unless the flush above overfilled the other leg,
+        # which then paused us for flow control (it resumes us when it drains).
+        if self.pending_size > PENDING_LIMIT and not self.lost and not self.paused_for_other:
+            self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        self.activity += 1
+        other = self.other
+        if other is not None:
+            other.send(data)
+            return
+        self.pending.append(data)
+        self.pending_size += len(data)
+        if self.pending_size > PENDING_LIMIT:
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self.eof_in = True
+        other = self.other
+        if other is not None:
+            other.send_eof()
+            if other.eof_in:
+                return False  # both directions done: let the transport close
+        return True
+
+    def send(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def send_eof(self) -> None:
+        if self.eof_out or self.transport.is_closing():
+            return
+        self.eof_out = True
+        if self.eof_in:
+            self.close()
+        elif self.transport.can_write_eof():
+            self.transport.write_eof()
+        else:
+            self.close()
+
+
+_timeout_log = LogLimiter(log)
+
+
+@dataclass(frozen=True, slots=True)
+class _Watch:
+    """Who hears the verdict of a WatchedLeg: the listener that committed the connection."""
+
+    target: Target
+    router: Router
+    stats: ListenerStats
+    timeout: float
+    loop: asyncio.AbstractEventLoop
+
+
+class WatchedLeg(PlainLeg):
+    """The up leg to a local endpoint while outlier_detection.response_timeout is set: the shell
+    of health.Response. Until `commit` it is a PlainLeg that remembers whether the endpoint
+    spoke. After it: the client's first bytes (or EOF) written here start the clock, the
+    endpoint's first bytes (or EOF) stop it, and the verdict goes out once — answered: served,
+    reported ok; silent until the deadline: reported failed, counted as a response timeout, both
+    legs reset; closed before either: served, no report (nothing was learnt)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.response = Response()
+        self.watch: _Watch | None = None
+        self.settled = False
+        self.timer: asyncio.TimerHandle | None = None
+
+    def commit(self, target: Target, router: Router, stats: ListenerStats, timeout: float,
+               loop: asyncio.AbstractEventLoop) -> None:
+        """The listener relays the client's connection over this leg (instead of counting it as
+        served at once); a banner the endpoint sent already is its answer."""
+        self.watch = _Watch(target, router, stats, timeout, loop)
+        self._settle()
+
+    def send(self, data: bytes) -> None:
+        self.transport.write(data)
+        if self.response.wait is Wait.QUIET:
+            self._asked()
+
+    def send_eof(self) -> None:
+        PlainLeg.send_eof(self)
+        if self.response.wait is Wait.QUIET:  # a client that half-closes has asked, and waits
+            self._asked()
+
+    def _asked(self) -> None:
+        w = self.watch
+        if w is not None:
+            self.response = r = client_sent(self.response, w.loop.time(), w.timeout)
+            self.timer = w.loop.call_at(r.deadline, self._expire)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.settled:
+            self.response = upstream_sent(self.response)
+            self._settle()
+        PlainLeg.data_received(self, data)
+
+    def eof_received(self) -> bool:
+        if not self.settled:  # only a running app closes its side: a FIN is an answer too
+            self.response = upstream_sent(self.response)
+            self._settle()
+        return PlainLeg.eof_received(self)
+
+    def _expire(self) -> None:
+        self.timer = None
+        w = self.watch
+        self.response = r = expire(self.response, w.loop.time())
+        if r.wait is Wait.WAITING:  # the timer ran a hair early: wait out the real deadline
+            self.timer = w.loop.call_at(r.deadline, self._expire)
+            return
+        self._settle()
+
+    def _settle(self) -> None:
+        """Act on the verdict, once, when there is one and someone to tell."""
+        w = self.watch
+        verdict = response_verdict(self.response)
+        if w is None or verdict is None or self.settled:
+            return
+        self.settled = True
+        self._cancel_timer()
+        if verdict:
+            w.stats.served(w.target.key)
+            w.router.report(w.target, True)
+            return
+        w.stats.response_timed_out(w.target.key)
+        w.router.report(w.target, False)
+        _timeout_log.warning(
+            "response-timeout", "%s sent nothing within %gs of the client's first bytes; its "
+            "connection is reset (L4 cannot replay it elsewhere)", w.target.key, w.timeout)
+        other = self.other
+        self.abort()
+        if other is not None:
+            other.abort()
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        w = self.watch
+        if not self.settled and w is not None:
+            self.settled = True  # ended before a verdict: relayed, nothing learnt
+            self._cancel_timer()
+            w.stats.served(w.target.key)
+        PlainLeg.connection_lost(self, exc)
+
+
+class ImportLeg(PlainLeg):
+    """An app's connection to an import listener, which admits it and connects it."""
+
+    def __init__(self, listener: ImportListener) -> None:
+        super().__init__()
+        self.listener = listener
+        self.task: asyncio.Task | None = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self.listener.made(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.listener.lost(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dialing
+
+
+class Dialer:
+    """Makes one connect attempt to a target: a local endpoint (plain TCP), or a stream to a
+    remote gateway over the pooled mutual-TLS link (OPEN, then wait for OK). The whole attempt
+    — dialling the link if there is none yet, then the OK — gets one `connect_timeout`."""
+
+    def __init__(self, tls: Any, connect_timeout: float, pool: LinkPool | None = None) -> None:
+        self.tls = tls
+        self.connect_timeout = connect_timeout
+        self.pool = pool if pool is not None else LinkPool(tls, connect_timeout)
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop of the first dial (pool's too)
+
+    async def dial(self, target: Target, service: ServiceKey) -> Leg | Stream:
+        if not target.remote:
+            return await self.dial_local(target)
+        loop = asyncio.get_running_loop()
+        timeout = self.connect_timeout
+        try:
+            deadline = loop.time() + timeout
+            link = await asyncio.wait_for(
+                self.pool.link(target.locality.cluster, target.host, target.port), timeout
+            )
+            stream = link.open_stream(str(service))
+            try:
+                await asyncio.wait_for(asyncio.shield(stream.ready), max(0.0, deadline - loop.time()))
+            except BaseException:
+                stream.ready.add_done_callback(_consume)
+                stream.close()  # timed out or our client left: RST, the answerer lets it go
+                raise
+            return stream
+        except TimeoutError:
+            raise DialError(f"{target.key}: connect timed out after {timeout:g}s") from None
+        except StreamRefused as e:
+            raise DialError(f"{target.key}: remote gateway refused: {e}") from None
+        except (OSError, ssl.SSLError, IdentityError) as e:
+            raise DialError(f"{target.key}: {e.strerror if isinstance(e, OSError) and e.strerror else e}") from None
+        except LookupError as e:  # no bundle/context for that cluster
+            raise DialError(f"{target.key}: {e}") from None
+
+    async def dial_local(self, target: Target, leg: Callable[[], PlainLeg] = PlainLeg) -> PlainLeg:
+        """Plain TCP to a local endpoint. The hot path of new connections: instead of
+        `wait_for` (a second Task, a future and a timer per attempt), one timer cancels the
+        task that dials; the cancellation it caused is taken back (uncancel) and reported as
+        a timeout, while any other cancellation (the client left, the listener closes) goes on.
+        (Timers shared by many dials measured no faster: the timer is not what costs.)"""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        task = asyncio.current_task(loop)
+        timeout = self.connect_timeout
+        expiry = _Expiry(task)
+        handle = loop.call_later(timeout, expiry)
+        try:
+            _, up = await loop.create_connection(leg, target.host, target.port)
+            return up
+        except asyncio.CancelledError:
+            if expiry.fired and task.uncancel() == 0:
+                raise DialError(f"{target.key}: connect timed out after {timeout:g}s") from None
+            raise
+        except OSError as e:
+            raise DialError(f"{target.key}: {e.strerror or e}") from None
+        finally:
+            handle.cancel()
+
+
+class _Expiry:
+    """The connect timeout of one local dial: cancels the dialling task, once, and says so."""
+
+    __slots__ = ("task", "fired")
+
+    def __init__(self, task: asyncio.Task) -> None:
+        self.task = task
+        self.fired = False
+
+    def __call__(self) -> None:
+        self.fired = True
+        self.task.cancel()
+
+
+def _consume(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
+async def connect_first(
+    router: Router, dialer: Dialer, service: ServiceKey, stats: ListenerStats,
+    response_timeout: float | None = None,
+) -> tuple[Target, Leg] | None:
+    """Try the router's plan in order; report every attempt; first success wins. With a
+    response_timeout, a local endpoint gets a WatchedLeg and its connect is no result yet: the
+    caller commits the leg, which reports the endpoint's answer (or silence) instead."""
+    local = PlainLeg if response_timeout is None else WatchedLeg
+    for target in router.plan():
+        stats.attempts += 1
+        try:
+            # dial_local directly: one coroutine less on the hot path of new local connections
+            leg = await (dialer.dial(target, service) if target.remote
+                         else dialer.dial_local(target, local))
+        except DialError as e:
+            stats.attempt_failures += 1
+            router.report(target, False)
+            log.debug("attempt failed: %s", quote(e))
+            continue
+        if local is PlainLeg or target.remote:
+            router.report(target, True)
+        return target, leg
+    return None
+
+
+def _commit(up: Leg | Stream, target: Target, router: Router, stats: ListenerStats,
+            timeout: float | None, loop: asyncio.AbstractEventLoop) -> None:
+    """Count a connection that connect_first found as served, or let its WatchedLeg decide."""
+    if timeout is not None and isinstance(up, WatchedLeg):
+        up.commit(target, router, stats, timeout, loop)
+    else:
+        stats.served(target.key)
+
+
+# ---------------------------------------------------------------------------------------------
+# Listeners
+
+
+def _progress(leg: Leg | None) -> tuple[int, int]:
+    if leg is None or leg.transport is None:
+        return (0, 0)
+    return (leg.activity, leg.transport.get_write_buffer_size())
+
+
+class Listener:
+    """Owns a server socket, its connections and their connect tasks."""
+
+    def __init__(self, name: str, max_connections: int, idle_timeout: float) -> None:
+        self.name = name
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        self.stats = ListenerStats()
+        self.server: asyncio.base_events.Server | None = None
+        self.legs: set[Leg] = set()
+        self.tasks: set[asyncio.Task] = set()
+        self._sweeper: asyncio.Task | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None  # set by start_server
+
+    def spawn(self, coro: Any) -> asyncio.Task:
+        # self.loop, not get_running_loop(): on 3.11 that is a getpid() syscall per call
+        task = self.loop.create_task(coro)  # type: ignore[union-attr]
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    def admit(self, leg: Leg) -> bool:
+        self.stats.accepted += 1
+        if len(self.legs) >= self.max_connections:
+            self.stats.refused_limit += 1
+            leg.abort()
+            return False
+        self.legs.add(leg)
+        self.stats.active = len(self.legs)
+        return True
+
+    def forget(self, leg: Leg) -> None:
+        self.legs.discard(leg)
+        self.stats.active = len(self.legs)
+
+    async def _sweep(self) -> None:
+        """Close connections that moved no data for idle_timeout (checked every tenth of it).
+
+        Progress is reads on either leg or a change in what either leg still has to write (a
+        slow reader draining a closing leg is progress). An idle connection is closed
+        gracefully; if it is still there, stuck, one idle_timeout later (its reader never
+        drains what we hold, so close() can never finish), it is aborted.
+        """
+        step = max(0.05, min(self.idle_timeout / 10, 5.0))
+        seen: dict[Leg, tuple[tuple, float]] = {}
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(step)
+            now = loop.time()
+            fresh: dict[Leg, tuple[tuple, float]] = {}
+            for leg in list(self.legs):
+                up = leg.other
+                progress = (_progress(leg), _progress(up))
+                last = seen.get(leg)
+                since = now if last is None or last[0] != progress else last[1]
+                if now - since < self.idle_timeout:
+                    fresh[leg] = (progress, since)
+                elif leg.transport is not None and leg.transport.is_closing():
+                    leg.abort()  # closed on an earlier sweep, or by the relay, and stuck
+                    if up is not None:
+                        up.abort()
+                else:
+                    self.stats.idle_closed += 1
+                    leg.close()
+                    if up is not None:
+                        up.close()
+            seen = fresh
+
+    async def start_server(self, factory: Callable[[], asyncio.Protocol], host: str, port: int, **kw: Any) -> None:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(factory, host, port, reuse_address=True, backlog=4096, **kw)
+        self._serving()
+
+    def _serving(self) -> None:
+        """The socket is bound: remember the loop and start the idle sweeper."""
+        self.loop = loop = asyncio.get_running_loop()
+        self._sweeper = loop.create_task(self._sweep())
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return self.server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for task in list(self.tasks):
+            task.cancel()
+        for leg in list(self.legs):
+            leg.abort()
+            if leg.other is not None:
+                leg.other.abort()
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.server is not None:
+            await self.server.wait_closed()
+
+
+class ImportListener(Listener):
+    """Plain TCP from local apps for one imported service; picks targets through its router."""
+
+    def __init__(self, service: ServiceKey, router: Router, dialer: Dialer, *, max_connections: int, idle_timeout: float) -> None:
+        super().__init__(f"import {service}", max_connections, idle_timeout)
+        self.service = service
+        self.router = router
+        self.dialer = dialer
+
+    async def start(self, host: str, port: int, reuse_port: bool = False) -> None:
+        await self.start_server(lambda: ImportLeg(self), host, port, reuse_port=reuse_port)
+
+    def made(self, leg: ImportLeg) -> None:
+        if self.admit(leg):
+            leg.task = self.spawn(self._connect(leg))
+
+    def lost(self, leg: ImportLeg) -> None:
+        self.forget(leg)
+        task, leg.task = leg.task, None
+        if task is not None and not task.done():
+            task.cancel()
+
+    async def _connect(self, down: ImportLeg) -> None:
+        router = self.router
+        timeout = router.response_timeout
+        found = await connect_first(router, self.dialer, self.service, self.stats, timeout)
+        down.task = None
+        if found is None:
+            self.stats.failed += 1
+            down.abort()
+            return
+        target, up = found
+        if down.lost:
+            up.close()
+            return
+        _commit(up, target, router, self.stats, timeout, self.loop)  # type: ignore[arg-type]
+        up.attach(down)
+        down.attach(up)
+
+
+class InboundListener(Listener):
+    """The east-west mutual-TLS listener: remote gateways keep links here and OPEN streams on
+    them to our exports. Each link is identified once, at its handshake; each stream is
+    authorized (the export's allowed consumers), connected to a healthy local endpoint, relayed.
+    Streams count as connections for the limit and the idle timeout.
+
+    It accepts on its own socket and runs each TLS handshake with `connect_accepted_socket`
+    rather than `create_server(ssl=...)`: a server drops a failed handshake silently, so a peer
+    that OpenSSL refuses (certificate from no known CA, no client certificate, not TLS at all)
+    could be neither counted nor logged. Links are few and long-lived, so a Python accept loop
+    costs nothing that matters here."""
+
+    MAX_HANDSHAKES = 256  # in flight at once; more are closed at accept (a flood, not peers)
+
+    def __init__(self, tls: Any, exports: Callable[[ServiceKey], Any], dialer: Dialer, *, max_connections: int, idle_timeout: float) -> None:
+        super().__init__("inbound", max_connections, idle_timeout)
+        self.tls = tls
+        self.exports = exports  # service -> (federation.model.Export, Router) or None
+        self.dialer = dialer
+        self.denied = 0
+        self.identity_refused = 0
+        self.handshake_failed = 0
+        self.handshaking = 0
+        self.links: set[MuxLink] = set()
+        self.sock: socket.socket | None = None
+        self._acceptor: asyncio.Task | None = None
+        # Drill fault hook (set by gateway.control.drill_actor): None, or an object with `mode`
+        # ("drain" | "blackhole" | "degrade"), `latency` (s), `error_rate` (0..1) and `random()`.
+        # Consulted on each new OPEN and PING only; streams already open are never touched.
+        self.fault: Any = None
+
+    async def start(self, host: str, port: int, handshake_timeout: float = 5.0, reuse_port: bool = False) -> None:
+        loop = asyncio.get_running_loop()
+        family = (await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE))[0][0]
+        self.sock = socket.create_server((host, port), family=family, backlog=4096, reuse_port=reuse_port)
+        self.sock.setblocking(False)
+        self._serving()
+        self._acceptor = loop.create_task(self._accept_loop(handshake_timeout))
+
+    @property
+    def port(self) -> int:
+        assert self.sock is not None
+        return self.sock.getsockname()[1]
+
+    async def _accept_loop(self, handshake_timeout: float) -> None:
+        loop, sock = self.loop, self.sock
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(sock)  # type: ignore[union-attr,arg-type]
+            except OSError as e:  # e.g. out of file descriptors: say so, do not spin
+                limited.warning("accept-failed", "inbound listener: accept failed: %s", e)
+                await asyncio.sleep(0.1)
+                continue
+            if self.handshaking >= self.MAX_HANDSHAKES:
+                self.handshake_failed += 1
+                conn.close()
+                continue
+            self.handshaking += 1
+            self.spawn(self._handshake(conn, handshake_timeout))
+
+    async def _handshake(self, conn: socket.socket, timeout: float) -> None:
+        try:
+            try:
+                peer = conn.getpeername()
+            except OSError:  # gone before we looked at it
+                self.handshake_failed += 1
+                conn.close()
+                return
+            try:
+                await self.loop.connect_accepted_socket(  # type: ignore[union-attr]
+                    self._new_link, conn, ssl=self.tls.server_context, ssl_handshake_timeout=timeout)
+            except (OSError, TimeoutError) as e:  # ssl.SSLError is an OSError; the transport closed conn
+                self.handshake_failed += 1
+                limited.warning("handshake-refused", "inbound link from %s refused in the TLS "
+                                "handshake: %s", quote(peer), quote(str(e) or type(e).__name__))
+        finally:
+            self.handshaking -= 1
+
+    def _new_link(self) -> MuxLink:
+        return MuxLink("answerer", on_ready=self._identify, on_open=self._open,
+                       on_lost=self.links.discard, answer_ping=self._answer_ping)
+
+    def _identify(self, link: MuxLink) -> bool:
+        try:
+            link.peer = self.tls.identify(link.transport.get_extra_info("ssl_object"))
+        except IdentityError as e:
+            self.identity_refused += 1
+            limited.warning("identity-refused", "inbound link from %s refused: %s",
+                            quote(link.transport.get_extra_info("peername")), quote(e))
+            return False
+        self.links.add(link)
+        return True
+
+    def _answer_ping(self) -> bool:
+        fault = self.fault
+        return fault is None or fault.mode != "blackhole"
+
+    def _open(self, link: MuxLink, sid: int, request: dict) -> None:
+        fault = self.fault
+        if fault is not None and fault.mode == "blackhole":
+            return  # no answer at all: the caller times out (and sends RST)
+        raw = request.get("service")
+        ns, _, name = raw.partition("/") if isinstance(raw, str) else ("", "", "")
+        service = ServiceKey(ns, name)
+        entry = self.exports(service) if ns and name else None
+        if entry is None:
+            return _refuse(link, sid, "unknown-service", f"service {raw!r} is not exported by this cluster")
+        export, router = entry
+        if not export.allows(link.peer):
+            self.denied += 1
+            limited.warning("consumer-denied", "cluster %s may not consume %s",
+                            quote(link.peer), quote(service))
+            return _refuse(link, sid, "forbidden", f"cluster {link.peer} may not consume {service}")
+        delay = 0.0
+        if fault is not None and fault.mode == "drain":
+            return _refuse(link, sid, "draining", f"{service}: this cluster is draining (drill)")
+        if fault is not None and fault.mode == "degrade":
+            if fault.random() < fault.error_rate:
+                return _refuse(link, sid, "degraded", f"{service}: refused by a degrade drill")
+            delay = fault.latency
+        self.stats.accepted += 1
+        if len(self.legs) >= self.max_connections:
+            self.stats.refused_limit += 1
+            return _refuse(link, sid, "busy", "the gateway is at its connection limit")
+        stream = link.accept_stream(sid)
+        self.legs.add(stream)
+        self.stats.active = len(self.legs)
+        stream.on_close = self._closed
+        stream.task = self.spawn(self._connect(link, stream, service, router, delay))
+
+    def _closed(self, stream: Stream) -> None:
+        self.forget(stream)
+        task = getattr(stream, "task", None)
+        if task is not None and not task.done():
+            task.cancel()
+
+    async def _connect(self, link: MuxLink, stream: Stream, service: ServiceKey, router: Router, delay: float) -> None:
+        if delay > 0:  # degrade drill: the OK comes `delay` later (cancelled if the stream goes)
+            await asyncio.sleep(delay)
+        timeout = router.response_timeout
+        found = await connect_first(router, self.dialer, service, self.stats, timeout)
+        if stream.closed:
+            if found:
+                found[1].close()
+            return
+        if found is None:
+            self.stats.failed += 1
+            _refuse(link, stream.sid, "no-endpoint", f"no local endpoint of {service} could be reached")
+            stream.drop()
+            return
+        target, up = found
+        _commit(up, target, router, self.stats, timeout, self.loop)  # type: ignore[arg-type]
+        link.write(link_codec.control(link_codec.OK, stream.sid, {"endpoint": target.key}))
+        up.attach(stream)
+        stream.attach(up)
+
+    async def close(self) -> None:
+        if self._acceptor is not None:
+            self._acceptor.cancel()
+        if self.sock is not None:
+            self.sock.close()
+        for link in list(self.links):
+            link.transport.abort()
+        await super().close()
+
+
+def _refuse(link: MuxLink, sid: int, code: str, message: str) -> None:
+    link.write(link_codec.control(link_codec.ERR, sid, {"code": code, "error": message}))

@@ -1,0 +1,609 @@
+"""Multiplexed east-west links: many proxied connections over one long-lived mutual-TLS link.
+
+Theory of operation
+-------------------
+A full TLS handshake per proxied connection costs more CPU than everything else a gateway does
+for that connection (two asymmetric signatures and a Python SVID check on each side). So a
+gateway keeps ONE long-lived TLS 1.3 link to each peer gateway (`LinkPool`), verified once at
+the handshake (both SVIDs against the bundle of the claimed trust domain, exactly as before),
+and carries every proxied connection to that peer as a *stream* on it.
+
+The frames are gateway/dataplane/link.py's: OPEN / OK / ERR set a stream up, DATA / EOF / RST carry and
+end it, WINDOW returns credit, PING / PONG (stream 0) check liveness.
+
+Flow control is per stream, as in HTTP/2: each side may have at most WINDOW_SIZE bytes of a
+stream in flight. A receiver grants credit back (WINDOW) as it hands data to the local socket,
+and stops granting while that socket's buffer is full; a sender that runs out of credit stops
+reading its local socket. So one slow reader never stalls the other streams of its link, and
+buffers stay bounded (window + the transports' own high-water marks). When the TLS transport
+itself asks to pause writing, every stream on the link stops reading its source until it drains.
+
+Connect-time failover is unchanged: the caller commits the client's connection only after OK,
+so an ERR or a silent peer (no OK within connect_timeout) moves the client to its next candidate.
+A link that dies takes its streams with it (their local legs are closed); the next OPEN to that
+peer dials a new link. Links are replaced after MAX_LINK_AGE so a rotated SVID or a new bundle
+reaches long-lived peers; old links finish their streams first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+from federation.errors import IdentityError
+from federation.logs import LogLimiter, quote
+from gateway.dataplane.link import (
+    CREDIT,
+    DATA,
+    EOF,
+    ERR,
+    HEADER,
+    MAX_STREAM_ID,
+    MAX_STREAMS,
+    OK,
+    OPEN,
+    PING,
+    PONG,
+    RST,
+    VERSION,
+    WINDOW,
+    WINDOW_SIZE,
+    FrameReader,
+    LinkProtocolError,
+    OpenRefused,
+    check_open_id,
+    control,
+    frame,
+    parse_control,
+    parse_open,
+)
+
+log = logging.getLogger("isthmus.gateway.mux")
+# What peers send (refused identities, protocol violations): one line per event class,
+# rate-limited, quoted.
+limited = LogLimiter(log)
+
+MAX_LINK_AGE = 3600.0
+_pack = HEADER.pack
+
+
+# ---------------------------------------------------------------------------------------------
+# Streams
+
+
+class _StreamTransport:
+    """What the other leg sees as this stream's transport: pausing reads withholds credit."""
+
+    __slots__ = ("stream",)
+
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+
+    def pause_reading(self) -> None:
+        self.stream.held = True
+
+    def resume_reading(self) -> None:
+        s = self.stream
+        s.held = False
+        if s.unacked:
+            s.grant()
+
+    def is_closing(self) -> bool:
+        return self.stream.closed or self.stream.closing
+
+    def close(self) -> None:
+        self.stream.close()
+
+    def abort(self) -> None:
+        self.stream.abort()
+
+    def write(self, data: bytes) -> None:
+        self.stream.send(data)
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.stream.send_eof()
+
+    def get_write_buffer_size(self) -> int:
+        return sum(map(len, self.stream.pending_out))
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        t = self.stream.link.transport
+        return t.get_extra_info(name, default) if t is not None else default
+
+
+class Stream:
+    """One proxied connection on a link; a leg for l4's relay (send/send_eof/close/other...)."""
+
+    def __init__(self, link: MuxLink, sid: int) -> None:
+        self.link = link
+        self.sid = sid
+        self.transport = _StreamTransport(self)
+        self.other: Any = None
+        self.eof_in = False
+        self.eof_out = False
+        self.lost = False
+        self.closed = False
+        self.closing = False  # ended cleanly both ways; still flushing pending_out, then EOF
+        self.activity = 0
+        self.paused_for_other = False
+        self.credit = WINDOW_SIZE  # bytes we may still send
+        self.recv_window = WINDOW_SIZE  # bytes the peer may still send us
+        self.unacked = 0  # received and handed on, not yet granted back
+        self.held = False  # our consumer is full: withhold credit
+        self.pending_out: list[bytes] = []
+        self.pending_in: list[bytes] = []  # received before attach (at most one window)
+        self.eof_pending = False
+        self.source_paused = False
+        self.ready: asyncio.Future | None = None  # caller side: OK/ERR
+        self.on_close: Callable[[Stream], None] | None = None
+
+    # l4 leg interface -------------------------------------------------------------------------
+    def attach(self, other: Any) -> None:
+        """Connect the other leg, handing it what the peer sent before we had one: the answerer
+        writes OK and the backend's first bytes (even its EOF, or an RST) back to back, and the
+        caller attaches the client only a few loop turns after OK."""
+        self.other = other
+        pending, self.pending_in = self.pending_in, []
+        for chunk in pending:
+            if other.lost:
+                break
+            other.send(chunk)
+            self.unacked += len(chunk)
+        if self.closed:
+            if not other.lost:
+                other.close()
+            return
+        if self.unacked and not self.held:
+            self.grant()
+        if self.eof_in:
+            self._eof_to_other()
+
+    def send(self, data: bytes) -> None:
+        """Data from the local side, to the peer, within credit; the rest waits for WINDOW."""
+        if self.closed:
+            return
+        n = len(data)
+        if not self.pending_out and n <= self.credit:
+            self.credit -= n
+            self.link.write_data(self.sid, data)
+            return
+        if not self.pending_out and self.credit > 0:
+            head, data = data[: self.credit], data[self.credit :]
+            self.link.write_data(self.sid, head)
+            self.credit = 0
+        self.pending_out.append(data)
+        self._pause_source()
+
+    def send_eof(self) -> None:
+        if self.eof_out or self.closed:
+            return
+        self.eof_out = True
+        if self.pending_out:
+            self.eof_pending = True
+        else:
+            self.link.write(frame(EOF, self.sid))
+        if self.eof_in:
+            self.close()
+
+    def close(self) -> None:
+        """End the stream: RST unless both directions already ended cleanly. If they did but
+        we still hold bytes beyond the peer's credit, those go first (as WINDOWs come), then
+        EOF, and only then is the stream over — as closing a TCP transport flushes it."""
+        if self.closed:
+            return
+        if self.eof_in and self.eof_out and self.pending_out and not self.link.closed:
+            self.closing = True
+            return
+        self._finish()
+
+    def abort(self) -> None:
+        """End the stream now, whatever it still holds (RST unless it ended cleanly)."""
+        if not self.closed:
+            self._finish()
+
+    def _finish(self) -> None:
+        self.closed = True
+        self.closing = False
+        self.lost = True
+        if not (self.eof_in and self.eof_out and not self.pending_out):
+            self.link.write(frame(RST, self.sid))
+        self.pending_out.clear()
+        self.link.forget(self)
+        if self.on_close is not None:
+            self.on_close(self)
+        other = self.other
+        if other is not None and not other.lost:
+            other.close()
+
+    def drop(self) -> None:
+        """Forget a stream the peer already knows is over (we answered ERR): no RST."""
+        self.closed = self.lost = True
+        self.pending_out.clear()
+        self.link.forget(self)
+        if self.on_close is not None:
+            self.on_close(self)
+
+    def pause_writing(self) -> None:  # not called by a transport; kept for the leg interface
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+    # from the link --------------------------------------------------------------------------
+    def _pause_source(self) -> None:
+        """Stop reading the other leg (no credit, or the link's transport is full). Like a
+        transport's pause_writing for l4: the source is marked paused_for_other, so nothing else
+        (PlainLeg.attach resuming what PENDING_LIMIT paused) resumes it behind our back."""
+        other = self.other
+        if other is not None and other.transport is not None:
+            self.source_paused = True
+            other.paused_for_other = True
+            other.transport.pause_reading()
+
+    def resume_source(self) -> None:
+        if self.source_paused and not self.pending_out and not self.link.write_paused:
+            other = self.other
+            self.source_paused = False
+            if other is not None and other.transport is not None and other.paused_for_other:
+                other.paused_for_other = False
+                other.transport.resume_reading()
+
+    def on_window(self, n: int) -> None:
+        self.credit += n
+        pending = self.pending_out
+        while pending and self.credit > 0:
+            chunk = pending[0]
+            if len(chunk) <= self.credit:
+                pending.pop(0)
+                self.credit -= len(chunk)
+                self.link.write_data(self.sid, chunk)
+            else:
+                self.link.write_data(self.sid, chunk[: self.credit])
+                pending[0] = chunk[self.credit :]
+                self.credit = 0
+        if not pending:
+            if self.eof_pending:
+                self.eof_pending = False
+                self.link.write(frame(EOF, self.sid))
+            if self.closing:
+                self._finish()
+            else:
+                self.resume_source()
+
+    def on_data(self, payload: bytes) -> None:
+        self.activity += 1
+        n = len(payload)
+        self.recv_window -= n
+        if self.recv_window < 0:
+            raise LinkProtocolError(f"stream {self.sid} sent {-self.recv_window} bytes beyond its window")
+        other = self.other
+        if other is None:
+            self.pending_in.append(payload)  # bounded: no credit is granted before attach
+            return
+        if other.lost:
+            return
+        other.send(payload)
+        self.unacked += n
+        if not self.held and self.unacked >= WINDOW_SIZE // 4:
+            self.grant()
+
+    def grant(self) -> None:
+        n, self.unacked = self.unacked, 0
+        self.recv_window += n
+        self.link.write(_pack(WINDOW, self.sid, 4) + CREDIT.pack(n))
+
+    def on_eof(self) -> None:
+        self.eof_in = True
+        if self.other is not None:  # else attach() passes it on
+            self._eof_to_other()
+
+    def _eof_to_other(self) -> None:
+        other = self.other
+        other.send_eof()
+        if other.eof_in and self.eof_out:
+            self.close()
+            other.close()
+
+    def on_rst(self) -> None:
+        if self.closed:
+            return
+        if self.ready is not None and not self.ready.done():
+            self.ready.set_exception(StreamRefused("reset", "the peer reset the stream"))
+        self.eof_in = self.eof_out = True  # nothing more either way: no RST back
+        self.pending_out.clear()
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Links
+
+
+class MuxLink(asyncio.Protocol):
+    """One TLS connection to or from a peer gateway, carrying many streams."""
+
+    def __init__(self, role: str, *, verify: Callable[[Any], Any] | None = None,
+                 on_open: Callable[[MuxLink, int, dict], None] | None = None,
+                 on_ready: Callable[[MuxLink], bool] | None = None,
+                 on_lost: Callable[[MuxLink], None] | None = None,
+                 answer_ping: Callable[[], bool] = lambda: True) -> None:
+        self.role = role  # "caller" | "answerer"
+        self.verify = verify  # caller: checks the answerer's identity
+        self.on_open = on_open  # answerer: a new OPEN
+        self.on_ready = on_ready  # answerer: identify/admit the peer; False -> abort
+        self.on_lost = on_lost
+        self.answer_ping = answer_ping
+        self.transport: Any = None
+        self.reader = FrameReader()
+        self.streams: dict[int, Stream] = {}
+        self.next_sid = 1  # caller: the next id it opens
+        self.last_open = 0  # answerer: the highest id the caller opened
+        self.write_paused = False
+        self.closed = False
+        self.retired = False  # replaced in its pool: close once the last stream ends
+        self.peer: Any = None  # answerer: the peer's cluster
+        self.created = 0.0
+        self.pings: dict[bytes, asyncio.Future] = {}
+        self.ready: asyncio.Future | None = None
+        self.activity = 0
+
+    # asyncio.Protocol -------------------------------------------------------------------------
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        loop = asyncio.get_running_loop()
+        self.created = loop.time()
+        try:
+            if self.verify is not None:
+                self.verify(transport.get_extra_info("ssl_object"))
+            if self.on_ready is not None and not self.on_ready(self):
+                transport.abort()
+                self.closed = True
+                return
+        except IdentityError as e:
+            limited.warning("link-refused", "link with %s refused: %s",
+                            quote(transport.get_extra_info("peername")), quote(e))
+            transport.abort()
+            self.closed = True
+            if self.ready is not None and not self.ready.done():
+                self.ready.set_exception(e)
+            return
+        if self.ready is not None and not self.ready.done():
+            self.ready.set_result(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.activity += 1
+        try:
+            for kind, sid, payload in self.reader.feed(data):
+                if kind == DATA:
+                    s = self.streams.get(sid)
+                    if s is not None:
+                        s.on_data(payload)
+                    elif sid % 2 == 0 or sid > (self.next_sid - 2 if self.role == "caller" else self.last_open):
+                        raise LinkProtocolError(f"DATA on stream {sid} that was never opened")
+                    continue
+                self._control(kind, sid, payload)
+        except LinkProtocolError as e:
+            limited.warning("link-protocol", "link with %s broke protocol: %s",
+                            quote(self.peer or self.transport.get_extra_info("peername")), quote(e))
+            self.transport.abort()
+
+    def _control(self, kind: int, sid: int, payload: bytes) -> None:
+        if kind == WINDOW:
+            if len(payload) != 4:
+                raise LinkProtocolError("WINDOW frame without a 4-byte increment")
+            s = self.streams.get(sid)
+            if s is not None:
+                s.on_window(CREDIT.unpack(payload)[0])
+        elif kind == EOF:
+            s = self.streams.get(sid)
+            if s is not None:
+                s.on_eof()
+        elif kind == RST:
+            s = self.streams.get(sid)
+            if s is not None:
+                s.on_rst()
+        elif kind == PING:
+            if len(payload) > 64:
+                raise LinkProtocolError("PING payload over 64 bytes")
+            if self.answer_ping():
+                self.write(frame(PONG, 0, payload))
+        elif kind == PONG:
+            fut = self.pings.pop(payload, None)
+            if fut is not None and not fut.done():
+                fut.set_result(True)
+        elif kind == OPEN:  # a bad id cuts the link, a bad version only refuses (link.py)
+            if self.role != "answerer":
+                raise LinkProtocolError(f"OPEN with stream id {sid} sent to the caller of the link")
+            check_open_id(sid, self.last_open)
+            self.last_open = sid
+            try:
+                request = parse_open(sid, payload)
+            except OpenRefused as e:
+                self.write(control(ERR, sid, {"code": e.code, "error": str(e)}))
+                return
+            if len(self.streams) >= MAX_STREAMS:
+                self.write(control(ERR, sid, {"code": "busy", "error": "too many streams on this link"}))
+                return
+            self.on_open(self, sid, request)
+        elif kind in (OK, ERR):
+            s = self.streams.get(sid)
+            if s is None or s.ready is None or s.ready.done():
+                return  # a late answer to a stream we gave up on (we sent RST)
+            info = parse_control(kind, payload)
+            if kind == OK:
+                s.ready.set_result(info)
+            else:
+                s.ready.set_exception(StreamRefused(info.get("code"), info.get("error")))
+                s.drop()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        for s in self.streams.values():
+            s._pause_source()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        for s in list(self.streams.values()):
+            if s.credit > 0:
+                s.resume_source()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        for s in list(self.streams.values()):
+            if s.ready is not None and not s.ready.done():
+                s.ready.set_exception(ConnectionError(f"link lost: {exc or 'closed'}"))
+            s.on_rst()
+        self.streams.clear()
+        for fut in self.pings.values():
+            if not fut.done():
+                fut.set_result(False)
+        self.pings.clear()
+        if self.ready is not None and not self.ready.done():
+            self.ready.set_exception(ConnectionError(f"link closed during setup: {exc or 'closed'}"))
+        if self.on_lost is not None:
+            self.on_lost(self)
+
+    # helpers ----------------------------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        if not self.closed:
+            self.transport.write(data)
+
+    def write_data(self, sid: int, data: bytes) -> None:
+        if not self.closed:
+            self.transport.writelines((_pack(DATA, sid, len(data)), data))
+
+    def forget(self, stream: Stream) -> None:
+        self.streams.pop(stream.sid, None)
+        if self.retired and not self.streams and not self.closed:
+            self.transport.close()
+
+    def retire(self) -> None:
+        """No new streams here (the pool has a newer link): close after the last one ends."""
+        self.retired = True
+        if not self.streams and not self.closed:
+            self.transport.close()
+
+    def usable(self, now: float) -> bool:
+        return (not self.closed and not self.transport.is_closing() and now - self.created < MAX_LINK_AGE
+                and self.next_sid < MAX_STREAM_ID - 2 and len(self.streams) < MAX_STREAMS)
+
+    def open_stream(self, service: str) -> Stream:
+        sid = self.next_sid
+        self.next_sid += 2
+        s = Stream(self, sid)
+        s.ready = asyncio.get_running_loop().create_future()
+        self.streams[sid] = s
+        self.write(control(OPEN, sid, {"v": VERSION, "service": service}))
+        return s
+
+    def accept_stream(self, sid: int) -> Stream:
+        s = Stream(self, sid)
+        self.streams[sid] = s
+        return s
+
+    async def ping(self, timeout: float) -> bool:
+        token = os.urandom(8)
+        fut = asyncio.get_running_loop().create_future()
+        self.pings[token] = fut
+        self.write(frame(PING, 0, token))
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            return False
+        finally:
+            self.pings.pop(token, None)
+
+
+class StreamRefused(Exception):
+    def __init__(self, code: Any, error: Any) -> None:
+        super().__init__(f"{code}: {error}")
+        self.code = code
+
+
+class LinkPool:
+    """The caller side: one link per peer gateway, dialled on first use and re-dialled when lost."""
+
+    def __init__(self, tls: Any, connect_timeout: float) -> None:
+        self.tls = tls
+        self.connect_timeout = connect_timeout
+        self.links: dict[tuple[str, str, int], MuxLink] = {}
+        self.dialing: dict[tuple[str, str, int], asyncio.Future] = {}
+        self.retired: set[MuxLink] = set()  # replaced links still finishing their streams
+
+    async def link(self, cluster: str, host: str, port: int) -> MuxLink:
+        key = (cluster, host, port)
+        loop = asyncio.get_running_loop()
+        link = self.links.get(key)
+        if link is not None and link.usable(loop.time()):
+            return link
+        fut = self.dialing.get(key)
+        if fut is None:
+            fut = loop.create_task(self._dial(key))
+            self.dialing[key] = fut
+            fut.add_done_callback(lambda f, k=key: self.dialing.pop(k, None))
+        return await asyncio.shield(fut)
+
+    async def _dial(self, key: tuple[str, str, int]) -> MuxLink:
+        cluster, host, port = key
+        ctx, verify = self.tls.for_peer(cluster)
+        loop = asyncio.get_running_loop()
+        ready = loop.create_future()
+
+        def factory() -> MuxLink:
+            link = MuxLink("caller", verify=verify, on_lost=lambda lk: self._lost(key, lk))
+            link.ready = ready
+            return link
+
+        transport = None
+        try:
+            transport, _ = await asyncio.wait_for(
+                loop.create_connection(factory, host, port, ssl=ctx, server_hostname=cluster,
+                                       ssl_handshake_timeout=self.connect_timeout),
+                self.connect_timeout,
+            )
+            link = await asyncio.wait_for(asyncio.shield(ready), self.connect_timeout)
+        except BaseException:
+            if transport is not None:
+                transport.abort()
+            if ready.done() and not ready.cancelled():
+                ready.exception()  # consumed: the caller gets the error from this raise
+            raise
+        old = self.links.get(key)
+        self.links[key] = link
+        if old is not None and old is not link:
+            self.retired.add(old)
+            old.retire()
+        return link
+
+    def _lost(self, key: tuple[str, str, int], link: MuxLink) -> None:
+        self.retired.discard(link)
+        if self.links.get(key) is link:
+            del self.links[key]
+
+    async def ping(self, cluster: str, host: str, port: int, timeout: float) -> bool:
+        """Liveness of a peer gateway: PING over its link (dialled if needed) within timeout."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            link = await asyncio.wait_for(self.link(cluster, host, port), timeout)
+        except Exception as e:  # any failure to reach or verify the peer is a failed probe
+            log.debug("gateway probe %s (%s:%s) failed: %s", cluster, host, port,
+                      quote(str(e) or type(e).__name__))
+            return False
+        return await link.ping(max(0.01, deadline - loop.time()))
+
+    async def close(self) -> None:
+        for link in [*self.links.values(), *self.retired]:
+            link.transport.abort()
+        self.links.clear()
+        self.retired.clear()
+        for fut in list(self.dialing.values()):
+            fut.cancel()

@@ -1,0 +1,278 @@
+"""The `isthmus` command. The only module that prints for people.
+
+Exit codes: 0 ok, 1 failure, 2 bad usage or bad config (argparse's own convention for usage);
+`drill plan` also exits 3 when an import would be left with no healthy target. `gateway run`
+stops on a PermanentError (errors.py) with its reason on one line: 2 for a ConfigError (also
+found at start: federation.ca_file missing or not PEM, no join token), 1 otherwise (the
+federation refused the join token: JoinRefused); what may pass by itself is retried, not exited.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+from federation.errors import InputError, IsthmusError
+from federation.units import parse_duration, parse_hostport
+from gateway.errors import ConfigError
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _hostport(text: str) -> tuple[str, int]:
+    try:
+        return parse_hostport(text)
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _setup_logging(level: str, tag: str = "") -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format=f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s")
+
+
+def _install_uvloop() -> None:
+    import uvloop
+
+    uvloop.install()
+
+
+async def _until_signal(make) -> None:
+    """Run `make(stop_event)` until SIGINT/SIGTERM sets the event."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await make(stop)
+
+
+# -- federation ----------------------------------------------------------------------------------
+def cmd_federation_serve(args: argparse.Namespace) -> int:
+    from federation.server.app import FederationServer
+    from federation.store.base import open_store
+
+    _setup_logging(args.log_level)
+    _install_uvloop()
+    args.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    store = open_store(args.store or f"sqlite:{args.state_dir / 'federation.db'}")
+    server = FederationServer(store, args.state_dir, args.listen, args.admin,
+                              lease_ttl=args.lease_ttl, trust_domain=args.trust_domain)
+    asyncio.run(server.run_forever())
+    return EXIT_OK
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    from federation.model import check_name
+    from federation.server.app import create_token
+    from federation.store.base import open_store
+
+    check_name(args.cluster, "--cluster")
+    store = open_store(args.store or f"sqlite:{args.state_dir / 'federation.db'}")
+
+    async def go() -> str:
+        await store.open()
+        try:
+            return await create_token(store, args.cluster, args.ttl, time.time())
+        finally:
+            await store.close()
+
+    token = asyncio.run(go())
+    if args.output:
+        from federation.files import write_atomic
+
+        write_atomic(args.output, (token + "\n").encode())
+        print(f"join token for {args.cluster} written to {args.output} (single use, expires in {args.ttl:g}s)",
+              file=sys.stderr)
+    else:
+        print(token)
+    return EXIT_OK
+
+
+# -- gateway ---------------------------------------------------------------------------------------
+def cmd_gateway_run(args: argparse.Namespace) -> int:
+    from gateway.config.schema import load_config
+    from gateway.control.workers import MAX_WORKERS
+    from gateway.runtime import Gateway
+
+    cfg = load_config(args.config)
+    if not 1 <= args.workers <= MAX_WORKERS:
+        raise InputError(f"--workers: must be 1..{MAX_WORKERS}, got {args.workers}")
+    if not 0 <= args.worker_index < args.workers:
+        raise InputError(f"--worker-index: must be 0..{args.workers - 1}, got {args.worker_index}")
+    if args.worker_index and args.primary_pid <= 1:
+        raise InputError("--worker-index needs --primary-pid (workers are started by their primary)")
+    _setup_logging(args.log_level, f"[worker {args.worker_index}] " if args.worker_index else "")
+    if not args.worker_index:  # the primary speaks for its workers
+        for w in cfg.warnings:
+            logging.getLogger("isthmus.gateway.config").warning("%s", w.warning())
+    _install_uvloop()
+
+    async def run(stop: asyncio.Event) -> None:
+        await Gateway(cfg, workers=args.workers, worker=args.worker_index, primary_pid=args.primary_pid,
+                      log_level=args.log_level).run(stop)
+
+    asyncio.run(_until_signal(run))
+    return EXIT_OK
+
+
+def cmd_config_validate(args: argparse.Namespace) -> int:
+    from gateway.config.schema import load_config
+
+    bad = 0
+    for path in args.files:
+        try:
+            cfg = load_config(path)
+        except ConfigError as e:
+            bad += 1
+            print(str(e), file=sys.stderr)
+            for w in e.warnings:
+                print(w.warning(), file=sys.stderr)
+            continue
+        for w in cfg.warnings:
+            print(w.warning(), file=sys.stderr)
+        warned = f", {len(cfg.warnings)} warning(s)" if cfg.warnings else ""
+        print(f"{path}: ok (cluster {cfg.cluster.name}, {len(cfg.exports)} export(s), "
+              f"{len(cfg.imports)} import(s){warned})")
+    return EXIT_USAGE if bad else EXIT_OK
+
+
+# -- status ----------------------------------------------------------------------------------------
+def cmd_status(args: argparse.Namespace) -> int:
+    from isthmus.status import fetch_status, render_status
+
+    try:
+        data = asyncio.run(fetch_status(args.admin))
+    except IsthmusError as e:
+        print(f"isthmus status: {e}", file=sys.stderr)
+        return EXIT_FAIL
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        render_status(data)
+    return EXIT_OK
+
+
+# -- demo ------------------------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    from isthmus.demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="isthmus", description="Isthmus: an east-west gateway between clusters.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    fed = sub.add_parser("federation", help="the federation service and its join tokens")
+    fsub = fed.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+    serve = fsub.add_parser("serve", help="run the federation service",
+                            description="Run the federation service (HTTP/JSON over mutual TLS 1.3).")
+    serve.add_argument("--listen", type=_hostport, default=("127.0.0.1", 17443),
+                       help="TLS API host:port (default 127.0.0.1:17443)")
+    serve.add_argument("--admin", type=_hostport, default=("127.0.0.1", 17080),
+                       help="plain-HTTP admin host:port for /healthz /readyz /metrics /status "
+                            "(default 127.0.0.1:17080)")
+    serve.add_argument("--state-dir", type=Path, required=True, help="directory for the CA, keys and store")
+    serve.add_argument("--store", default=None, help="sqlite:PATH (default sqlite:STATE_DIR/federation.db)")
+    serve.add_argument("--lease-ttl", type=_duration, default=6.0,
+                       help="a cluster that stops renewing is withdrawn after this long (default 6s)")
+    serve.add_argument("--trust-domain", default="federation.isthmus.local")
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(func=cmd_federation_serve)
+
+    tok = fsub.add_parser("token", help="join tokens")
+    tsub = tok.add_subparsers(dest="action", metavar="ACTION", required=True)
+    create = tsub.add_parser("create", help="print a single-use, expiring join token for one cluster")
+    create.add_argument("--cluster", required=True, help="the cluster the token may join as")
+    create.add_argument("--ttl", type=_duration, default=900.0, help="token lifetime (default 15m)")
+    create.add_argument("--state-dir", type=Path, default=Path("."), help="the federation's state dir")
+    create.add_argument("--store", default=None, help="sqlite:PATH (default sqlite:STATE_DIR/federation.db)")
+    create.add_argument("--output", "-o", help="write the token to this file (0600) instead of stdout")
+    create.set_defaults(func=cmd_token_create)
+
+    gw = sub.add_parser("gateway", help="run a gateway")
+    gsub = gw.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+    run = gsub.add_parser("run", help="run the gateway of one cluster",
+                          description="Run one cluster's gateway from its YAML config.")
+    run.add_argument("--config", required=True, help="gateway config file (YAML)")
+    run.add_argument("--workers", type=int, default=1, metavar="N",
+                     help="processes sharing the listeners with SO_REUSEPORT, about one core each (default 1); "
+                          "this one is the primary and starts, restarts and stops the others")
+    run.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)  # set by the primary
+    run.add_argument("--primary-pid", type=int, default=0, help=argparse.SUPPRESS)  # set by the primary
+    run.add_argument("--log-level", default="info")
+    run.set_defaults(func=cmd_gateway_run)
+
+    cfg = sub.add_parser("config", help="config files")
+    csub = cfg.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+    val = csub.add_parser("validate", help="check gateway config files; exit 2 if any is wrong")
+    val.add_argument("files", nargs="+", metavar="FILE")
+    val.set_defaults(func=cmd_config_validate)
+
+    st = sub.add_parser("status", help="clusters, leases, services and endpoint health")
+    from isthmus.status import ADMIN_ENV, DEFAULT_ADMIN, default_admin
+
+    st.add_argument("--admin", default=default_admin(), metavar="URL",
+                    help="the federation's admin address, http://host:port or host:port (its "
+                         f"`serve --admin`; default ${ADMIN_ENV}, else {DEFAULT_ADMIN})")
+    st.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    st.set_defaults(func=cmd_status)
+
+    from isthmus.drill import add_drill_parser
+
+    add_drill_parser(sub)
+
+    demo = sub.add_parser("demo", help="clusters on this machine, traffic, failover, a drill, reports",
+                          description="Start a federation, four gateways (east-1, east-2 in us-east; "
+                                      "west-1 in us-west; edge-1, consumer only, in eu-west) and echo "
+                                      "backends on loopback; drive traffic from east-1; fail east-1's then "
+                                      "east-2's backends; restore; report; then a blackhole drill of "
+                                      "us-east with its report (and drill-report.html in the state dir).")
+    demo.add_argument("--state-dir", type=Path, default=None,
+                      help="where configs, keys and logs go (default: a new temporary directory)")
+    demo.add_argument("--keep-running", action="store_true",
+                      help="leave everything up afterwards (Ctrl-C to stop); try `isthmus status`")
+    demo.add_argument("--rate", type=int, default=40, help="new connections per second (default 40)")
+    demo.add_argument("--phase", type=_duration, default=4.0, help="length of each phase (default 4s)")
+    demo.add_argument("--port-offset", type=int, default=0,
+                      help="add this to every port (default 0: the ports of examples/three-clusters)")
+    demo.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_USAGE
+    except InputError as e:
+        print(f"isthmus: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except IsthmusError as e:
+        print(f"isthmus: {e}", file=sys.stderr)
+        return EXIT_FAIL
+    except OSError as e:
+        print(f"isthmus: {e}", file=sys.stderr)
+        return EXIT_FAIL
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
