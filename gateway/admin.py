@@ -86,7 +86,8 @@ def render_metrics(gw: Any) -> str:
     return "\n".join(lines) + "\n"
 
 
-async def start_admin(gw: Any, host: str, port: int) -> web.AppRunner:
+async def start_admin(gw: Any, host: str, port: int, sock: Any = None) -> web.AppRunner:
+    """Serve on host:port, or on a duplicate of `sock` (bound already: gateway/handoff.py)."""
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
@@ -109,6 +110,9 @@ async def start_admin(gw: Any, host: str, port: int) -> web.AppRunner:
     app.router.add_get("/status", status)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
+    if sock is not None:
+        site: web.BaseSite = web.SockSite(runner, sock.dup())
+    else:
+        site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()
     return runner
