@@ -55,12 +55,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from federation.errors import InputError
-from federation.logs import quote
+from federation.logs import LogLimiter, quote
 
 from .errors import GatewayError
 from .takeover import PlanError, Wanted, plan_sockets
 
 log = logging.getLogger("isthmus.gateway.handoff")
+limited = LogLimiter(log)  # for what peers on the control socket make us say
 
 CONTROL_FILE = "gateway.sock"
 LOCK_FILE = "gateway.lock"
@@ -410,7 +411,7 @@ class ControlServer:
                     try:
                         conn, _ = accept.result()
                     except OSError as e:
-                        log.warning("control socket: accept failed: %s", e)
+                        limited.warning("accept", "control socket: accept failed: %s", e)
                         await asyncio.sleep(0.1)
                         continue
                     tg.create_task(self._serve(conn))
@@ -422,7 +423,7 @@ class ControlServer:
         ch = Channel(conn)
         try:
             if _peer_uid(conn) != os.getuid():
-                log.warning("control socket: refused a peer of another uid")
+                limited.warning("uid", "control socket: refused a peer of another uid")
                 return
             hello, fds = await ch.recv()
             _expect(hello, fds, "hello")
@@ -451,7 +452,7 @@ class ControlServer:
                 if self.state == "handing over":
                     self.state = "serving"
         except (GatewayError, OSError, TimeoutError) as e:
-            log.warning("control socket: %s", e)
+            limited.warning("peer", "control socket: %s", e)
         finally:
             ch.close()
 

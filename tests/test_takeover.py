@@ -221,3 +221,78 @@ def test_a_long_state_dir_path_still_gets_a_control_socket(tmp_path: Path):
         assert (deep / "gateway.sock").exists()
     finally:
         sock.close()
+
+
+# ------------------------------------------------------------------------------ the protocol
+
+
+class Owner:
+    """What the control server needs of a running gateway (handoff.Handing), and no more."""
+
+    def __init__(self, tmp_path: Path, workers: int = 1) -> None:
+        self.workers = workers
+        self.lock = StateLock.acquire(tmp_path, "gw.yaml")
+        self.control = control_socket(tmp_path)
+        self.listen = ListenSockets.bind((W("listen.inbound", 0),), "gw.yaml")
+        self.events: list[str] = []
+
+    def handoff_sockets(self) -> ListenSockets:
+        return self.listen
+
+    async def release(self):
+        self.events.append("release")
+        return self.lock.fd, self.control
+
+    def resume(self) -> None:
+        self.events.append("resume")
+
+    def handed_over(self) -> None:
+        self.events.append("handed over")
+
+
+def test_the_handoff_protocol_end_to_end(tmp_path: Path):
+    from gateway.handoff import ControlServer, Takeover, TakeoverFailed, TakeoverRefused
+
+    async def go() -> None:
+        owner = Owner(tmp_path)
+        server = ControlServer(owner.control, owner)
+        task = asyncio.ensure_future(server.run())
+        try:
+            with pytest.raises(TakeoverRefused, match="has --workers 1; a takeover keeps the count"):
+                await Takeover.begin(tmp_path, 2, 5.0)
+            first = await Takeover.begin(tmp_path, 1, 5.0)
+            assert first.pid == os.getpid() and list(first.socks) == ["127.0.0.1:0"]
+            with pytest.raises(TakeoverFailed, match=f"a takeover by pid {os.getpid()} is in"):
+                await Takeover.begin(tmp_path, 1, 5.0)
+            await first.abort("changed my mind")  # the owner keeps everything
+            await asyncio.sleep(0.1)
+            assert owner.events == [] and server.state == "serving"
+            second = await Takeover.begin(tmp_path, 1, 5.0)
+            got = await second.ready()
+            assert got is not None and owner.events == ["release"]
+            lock, control = got
+            assert StateLock.holder(tmp_path) == 0  # held (by both copies); no PID written
+            await second.taken()
+            await asyncio.sleep(0.1)
+            assert owner.events == ["release", "handed over"] and server.state == "handed over"
+            lock.close()
+            control.close()
+            for s in second.socks.values():
+                for sock in s.values():
+                    sock.close()
+        finally:
+            task.cancel()
+            await asyncio.wait({task})
+            owner.listen.close()
+            owner.lock.close()
+            owner.control.close()
+
+    asyncio.run(go())
+
+
+def test_nobody_on_the_control_socket_means_start_normally(tmp_path: Path):
+    from gateway.handoff import Takeover
+
+    assert asyncio.run(Takeover.begin(tmp_path, 1, 5.0)) is None  # no socket file
+    control_socket(tmp_path).close()  # a stale file: nobody listens
+    assert asyncio.run(Takeover.begin(tmp_path, 1, 5.0)) is None
