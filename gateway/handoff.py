@@ -112,7 +112,10 @@ def _bind_error(source: Any, w: Wanted, e: OSError) -> BindError:
 class ListenSockets:
     """Every listening socket of a gateway: address -> {worker index: socket}. The primary holds
     them all (one per worker for SO_REUSEPORT listeners, so it can hand them over, and to each
-    worker its own); a worker holds those of its index."""
+    worker its own); a worker holds those of its index. The primary binds index 0 (the check
+    that every address is free); a worker binds its own as it starts, so nothing queues on a
+    socket nobody accepts from yet, and sends them to its primary when it is ready (`adopt`).
+    In a takeover the new workers get the old workers' sockets instead (`held`)."""
 
     def __init__(self, wanted: tuple[Wanted, ...],
                  socks: dict[str, dict[int, socket.socket]]) -> None:
@@ -121,10 +124,11 @@ class ListenSockets:
 
     @classmethod
     def bind(cls, wanted: tuple[Wanted, ...], source: Any) -> ListenSockets:
+        """Index 0 of every address (the primary's)."""
         out = cls(wanted, {})
         try:
             for w in wanted:
-                out._bind(w, range(w.count), source)
+                out._bind(w, [0], source)
         except BaseException:
             out.close()
             raise
@@ -139,32 +143,47 @@ class ListenSockets:
             self.socks.setdefault(w.address, {})[i] = sock
 
     @classmethod
-    def inherited(cls, wanted: tuple[Wanted, ...], fds: Mapping[str, int],
-                  worker: int) -> ListenSockets:
-        """A worker's sockets, inherited from its primary (address -> fd)."""
-        socks: dict[str, dict[int, socket.socket]] = {}
-        for w in wanted:
-            if w.count <= worker:
-                continue
-            fd = fds.get(w.address)
-            if fd is None:
-                raise GatewayError(f"worker {worker}: no socket for {w.field} {w.address} "
-                                   "from the primary")
-            socks[w.address] = {worker: socket.socket(fileno=fd)}
-        return cls(wanted, socks)
+    def for_worker(cls, wanted: tuple[Wanted, ...], fds: Mapping[str, int], worker: int,
+                   source: Any) -> ListenSockets:
+        """A worker's sockets: those its primary passed (address -> fd), the rest bound here."""
+        out = cls(wanted, {})
+        try:
+            for w in wanted:
+                if worker >= w.count:
+                    continue
+                fd = fds.get(w.address)
+                if fd is not None:
+                    out.socks[w.address] = {worker: socket.socket(fileno=fd)}
+                else:
+                    out._bind(w, [worker], source)
+        except BaseException:
+            out.close()
+            raise
+        return out
 
     def get(self, address: str, index: int = 0) -> socket.socket:
         return self.socks[address][index]
 
-    def for_worker(self, index: int) -> dict[str, socket.socket]:
+    def held(self, index: int) -> dict[str, socket.socket]:
+        """The sockets of worker `index` this process holds (address -> socket)."""
         return {a: d[index] for a, d in self.socks.items() if index in d}
 
-    def rebind(self, index: int, source: Any) -> None:
-        """New sockets for worker `index` (it died: its old sockets, and their queues, go)."""
-        for address, d in self.socks.items():
+    def adopt(self, index: int, socks: Mapping[str, socket.socket]) -> None:
+        """Hold worker `index`'s sockets (as it reported them); drop those no longer wanted."""
+        for address, sock in socks.items():
+            if address not in self.wanted:
+                sock.close()
+                continue
+            old = self.socks.setdefault(address, {}).get(index)
+            if old is not None and old is not sock:
+                old.close()
+            self.socks[address][index] = sock
+
+    def drop(self, index: int) -> None:
+        """Close worker `index`'s sockets (it died: what was queued on them goes with them)."""
+        for d in self.socks.values():
             if index in d:
                 d.pop(index).close()
-                self._bind(self.wanted[address], [index], source)
 
     def offer(self) -> list[tuple[str, int, socket.socket]]:
         return [(a, i, s) for a, d in sorted(self.socks.items()) for i, s in sorted(d.items())]
@@ -301,7 +320,7 @@ class Channel:
         self.sock = sock
         self.loop = asyncio.get_running_loop()
 
-    async def _wait(self, add: Callable, remove: Callable, timeout: float) -> None:
+    async def _wait(self, add: Callable, remove: Callable, timeout: float | None) -> None:
         fut = self.loop.create_future()
         fd = self.sock.fileno()
         add(fd, lambda: fut.done() or fut.set_result(None))
@@ -322,7 +341,7 @@ class Channel:
             except (BrokenPipeError, ConnectionResetError) as e:
                 raise PeerGone(str(e)) from None
 
-    async def recv(self, timeout: float = STEP_TIMEOUT) -> tuple[dict[str, Any], list[int]]:
+    async def recv(self, timeout: float | None = STEP_TIMEOUT) -> tuple[dict[str, Any], list[int]]:
         while True:
             try:
                 data, fds, flags, _ = socket.recv_fds(self.sock, MAX_MESSAGE, MAX_FDS)
@@ -357,6 +376,40 @@ def _expect(obj: dict[str, Any], fds: list[int], *types: str) -> None:
         for fd in fds:
             os.close(fd)
         raise GatewayError(f"expected {' or '.join(types)}, got {quote(obj['type'])}")
+
+
+async def send_sockets(ch: Channel, kind: str, items: list[tuple[str, int, socket.socket]],
+                       **extra: Any) -> None:
+    """Listening sockets as `kind` messages: {items: [{address, index}], more} + their fds."""
+    chunks = [items[i:i + MAX_FDS] for i in range(0, len(items), MAX_FDS)] or [[]]
+    for n, chunk in enumerate(chunks):
+        listed = [{"address": a, "index": i} for a, i, _ in chunk]
+        await ch.send({"type": kind, **extra, "items": listed, "more": n < len(chunks) - 1},
+                      [s.fileno() for _, _, s in chunk])
+
+
+def take_sockets(msg: dict[str, Any], fds: list[int], workers: int,
+                 into: dict[str, dict[int, socket.socket]]) -> bool:
+    """Add one message's sockets to `into` (address -> index -> socket); True if more follow.
+    GatewayError (every fd of the message closed) if items and fds do not fit together."""
+    items = msg.get("items")
+    ok = isinstance(items, list) and len(items) == len(fds)
+    got: list[tuple[str, int, socket.socket]] = []
+    for item, fd in zip(items if ok else [], fds, strict=False):
+        a, i = (item.get("address"), item.get("index")) if isinstance(item, dict) else (None, None)
+        if not isinstance(a, str) or not isinstance(i, int) or not 0 <= i < workers:
+            ok = False
+            break
+        got.append((a, i, socket.socket(fileno=fd)))
+    if not ok or any(s.type != socket.SOCK_STREAM for _, _, s in got):
+        for s in (s for _, _, s in got):
+            s.close()
+        for fd in fds[len(got):]:
+            os.close(fd)
+        raise GatewayError(f"{len(fds)} fds for socket items {quote(items)}")
+    for a, i, s in got:
+        into.setdefault(a, {})[i] = s
+    return msg.get("more") is True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,11 +511,7 @@ class ControlServer:
 
     async def _handoff(self, ch: Channel, pid: int, within: float) -> None:
         offer = self.owner.handoff_sockets().offer()
-        chunks = [offer[i:i + MAX_FDS] for i in range(0, len(offer), MAX_FDS)] or [[]]
-        for n, chunk in enumerate(chunks):
-            await ch.send({"type": "sockets", "pid": os.getpid(), "workers": self.owner.workers,
-                           "items": [{"address": a, "index": i} for a, i, _ in chunk],
-                           "more": n < len(chunks) - 1}, [s.fileno() for _, _, s in chunk])
+        await send_sockets(ch, "sockets", offer, pid=os.getpid(), workers=self.owner.workers)
         log.info("handing over to pid %d: %d listening socket(s) sent; it has %gs to get ready",
                  pid, len(offer), within)
         try:
@@ -538,21 +587,7 @@ class Takeover:
                     raise (TakeoverRefused if msg.get("code") == "usage" else TakeoverFailed)(err)
                 _expect(msg, fds, "sockets")
                 pid = msg.get("pid") if isinstance(msg.get("pid"), int) else 0
-                more = msg.get("more") is True
-                items = msg.get("items")
-                if not isinstance(items, list) or len(items) != len(fds):
-                    for fd in fds:
-                        os.close(fd)
-                    raise GatewayError(f"{len(fds)} fds for {quote(items)}")
-                for item, fd in zip(items, fds, strict=True):
-                    s = socket.socket(fileno=fd)
-                    a, i = ((item.get("address"), item.get("index")) if isinstance(item, dict)
-                            else (None, None))
-                    if (not isinstance(a, str) or not isinstance(i, int) or not 0 <= i < workers
-                            or s.type != socket.SOCK_STREAM):
-                        s.close()
-                        raise GatewayError(f"bad socket item {quote(item)}")
-                    socks.setdefault(a, {})[i] = s
+                more = take_sockets(msg, fds, workers, socks)
         except (TakeoverRefused, TakeoverFailed):
             _close_all(socks)
             ch.close()
@@ -568,21 +603,20 @@ class Takeover:
     def sockets(self, wanted: tuple[Wanted, ...], source: Any) -> ListenSockets:
         """The received sockets this config wants, plus new ones bound for new addresses."""
         try:
-            plan = plan_sockets(wanted, {a: len(d) for a, d in self.socks.items()})
+            plan = plan_sockets(wanted, {a: any(_shared(s) for s in d.values())
+                                         for a, d in self.socks.items()})
         except PlanError as e:
             raise TakeoverRefused(f"{source}: {e}") from None
-        for w in plan.adopt:
-            if sorted(self.socks[w.address]) != list(range(w.count)):
-                raise TakeoverFailed(f"{w.address}: the running gateway sent sockets "
-                                     f"{sorted(self.socks[w.address])}, not 0..{w.count - 1}")
         for a in plan.drop:
             log.info("%s is no longer configured: its socket is closed", a)
             for s in self.socks.pop(a).values():
                 s.close()
+        # A worker that is down in the old process sent no socket of its index: bound when the
+        # new worker of that index starts, as any worker's.
         out = ListenSockets(wanted, {w.address: self.socks.pop(w.address) for w in plan.adopt})
         try:
             for w in plan.bind:
-                out._bind(w, range(w.count), source)
+                out._bind(w, [0], source)
         except BaseException:
             out.close()
             raise
@@ -621,6 +655,10 @@ class Takeover:
             pass
         self.ch.close()
         _close_all(self.socks)
+
+
+def _shared(sock: socket.socket) -> bool:
+    return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT))
 
 
 def _close_all(socks: dict[str, dict[int, socket.socket]]) -> None:

@@ -39,6 +39,7 @@ import logging
 import os
 import random
 import signal
+import socket
 import time
 from typing import Any
 
@@ -52,6 +53,7 @@ from .balance import Policy
 from .config import GatewayConfig
 from .drill_actor import DrillActor
 from .handoff import (
+    Channel,
     ControlServer,
     ListenSockets,
     StateLock,
@@ -60,6 +62,7 @@ from .handoff import (
     already_running,
     control_socket,
     remove_control_socket,
+    send_sockets,
 )
 from .health import HealthState
 from .l4 import Dialer, ImportListener, InboundListener
@@ -344,7 +347,8 @@ class Gateway:
         cfg = self.cfg
         wanted = wanted_listeners(cfg, self.workers)
         if not self.primary:
-            self.sockets = ListenSockets.inherited(wanted, self.listen_fds or {}, self.worker)
+            self.sockets = ListenSockets.for_worker(wanted, self.listen_fds or {}, self.worker,
+                                                    cfg.source)
             return
         if self.takeover_wanted:
             self.handoff = await Takeover.begin(cfg.state_dir, self.workers,
@@ -557,28 +561,31 @@ class Gateway:
 
     async def _worker_ready(self) -> None:
         """A worker: accept now, or (in a takeover) once ready and its primary says so; tell the
-        primary it is ready on the pipe it gave."""
+        primary it is ready, with its sockets, on the socket it gave (`--ready-fd`)."""
         if self.wait_serve:
             loop = asyncio.get_running_loop()
             serve = asyncio.Event()
             loop.add_signal_handler(signal.SIGUSR1, serve.set)
             await self._until_ready(asyncio.Event(), None)  # the primary bounds the wait
-            self._signal_ready()
+            await self._signal_ready()
             await serve.wait()
             for lst in self.listeners:
                 await lst.serve()
             log.info("worker %d accepting", self.worker)
         else:
-            self._signal_ready()
+            await self._signal_ready()
 
-    def _signal_ready(self) -> None:
-        if self.ready_fd is not None:
-            try:
-                os.write(self.ready_fd, b"1")
-                os.close(self.ready_fd)
-            except OSError as e:
-                log.warning("cannot tell the primary this worker is ready: %s", e)
-            self.ready_fd = None
+    async def _signal_ready(self) -> None:
+        if self.ready_fd is None:
+            return
+        ch = Channel(socket.socket(fileno=self.ready_fd))
+        self.ready_fd = None
+        try:
+            await send_sockets(ch, "ready", self.sockets.offer())
+        except (IsthmusError, OSError) as e:
+            log.warning("cannot tell the primary this worker is ready: %s", e)
+        finally:
+            ch.close()
 
     # handoff.Handing, for the control server (this is the old process)
     def handoff_sockets(self) -> ListenSockets:

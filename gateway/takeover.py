@@ -5,10 +5,11 @@ gateway/handoff.py.
   for it and how many sockets it takes: one per worker for the SO_REUSEPORT listeners (inbound
   and imports; each worker accepts on its own socket, so each socket keeps its own accept
   queue across a restart), one for the admin port (served by the primary only).
-- `plan_sockets`: given what the old process offers (address -> socket count), which sockets
-  the new one adopts, which addresses it binds itself (added to the config) and which it drops
-  (removed from the config: the old process closes them when it stops accepting). Sockets are
-  matched by address, not by field, so reordering or renaming imports keeps their sockets.
+- `plan_sockets`: given what the old process offers (address -> whether its sockets are shared
+  by workers, SO_REUSEPORT), which sockets the new one adopts, which addresses it binds itself
+  (added to the config) and which it drops (removed from the config: the old process closes
+  them when it stops accepting). Sockets are matched by address, not by field, so reordering or
+  renaming imports keeps their sockets.
 - `missing`: whether the new process is ready to take the traffic, or what it still waits for.
   Ready means: the catalog came from the federation (or the federation did not answer within
   CATALOG_WAIT, and the cached catalog, which the old process kept up to date, stands in);
@@ -60,17 +61,18 @@ class SocketPlan:
     drop: tuple[str, ...]  # offered but no longer configured: closed here
 
 
-def plan_sockets(wanted: tuple[Wanted, ...], offered: Mapping[str, int]) -> SocketPlan:
+def plan_sockets(wanted: tuple[Wanted, ...], offered: Mapping[str, bool]) -> SocketPlan:
     adopt: list[Wanted] = []
     bind: list[Wanted] = []
     for w in wanted:
-        have = offered.get(w.address)
-        if have is None:
+        shared = offered.get(w.address)
+        if shared is None:
             bind.append(w)
-        elif have != w.count:
-            raise PlanError(f"{w.field}: {w.address} has {have} socket(s) in the running gateway "
-                            f"and needs {w.count} here (it moved between the admin port and a "
-                            "worker-shared listener): move it in a separate restart")
+        elif shared != (w.count > 1):
+            had, needs = ("", " not") if shared else (" not", "")
+            raise PlanError(f"{w.field}: {w.address} is{had} shared by workers in the running "
+                            f"gateway and must{needs} be here (it moved between the admin port "
+                            "and a listener the workers share): stop and start to move it")
         else:
             adopt.append(w)
     names = {w.address for w in wanted}

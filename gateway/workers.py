@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -76,12 +77,14 @@ def read_stats(state_dir: Path, workers: int, now: float) -> dict[int, dict[str,
 class Supervisor:
     """Keeps workers 1..workers-1 running while the primary runs.
 
-    The primary holds every listening socket (handoff.ListenSockets); worker i inherits those of
-    index i (pass_fds, `--listen-fds`) and says it is ready on a pipe (`--ready-fd`). During a
+    Worker i binds its own SO_REUSEPORT sockets as it starts (so nothing queues where nobody
+    accepts yet), or, in a takeover, inherits those the old worker i had (pass_fds,
+    `--listen-fds`); when ready it sends them to the primary over a socket pair (`--ready-fd`),
+    which holds them (handoff.ListenSockets) to hand them over in the next restart. During a
     takeover (`wait_serve`) workers do not accept until the primary sends SIGUSR1 (`serve()`),
-    so a takeover given up never leaves a worker with connections. When a worker exits, its
-    sockets are closed (what was queued on them is lost, as with any crash) and bound anew for
-    its restart, so no connections queue where nobody accepts. `drain()` (the primary handed
+    so a takeover given up never leaves a worker with connections. When a worker exits, the
+    primary closes its copies at once (what was queued on them is lost, as with any crash; new
+    connections go to the other workers). `drain()` (the primary handed
     over or was told SIGQUIT) sends SIGQUIT to every worker and restarts none."""
 
     def __init__(self, config_path: Path, workers: int, log_level: str, sockets: Any = None,
@@ -125,37 +128,66 @@ class Supervisor:
         if self.sockets is None:
             return await asyncio.create_subprocess_exec(*self.command(worker),
                                                         stdin=asyncio.subprocess.DEVNULL)
-        socks = self.sockets.for_worker(worker)
-        r, w = os.pipe()
+        held = self.sockets.held(worker)  # the old worker's, in a takeover; else none
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             proc = await asyncio.create_subprocess_exec(
-                *self.command(worker, {a: s.fileno() for a, s in socks.items()}, w),
+                *self.command(worker, {a: s.fileno() for a, s in held.items()}, theirs.fileno()),
                 stdin=asyncio.subprocess.DEVNULL,
-                pass_fds=[*(s.fileno() for s in socks.values()), w])
+                pass_fds=[*(s.fileno() for s in held.values()), theirs.fileno()])
         except BaseException:
-            os.close(r)
+            mine.close()
             raise
         finally:
-            os.close(w)
-        self._tg.create_task(self._await_ready(worker, proc, r))  # type: ignore[union-attr]
+            theirs.close()
+        self._tg.create_task(self._await_ready(worker, proc, mine))  # type: ignore[union-attr]
         return proc
 
-    async def _await_ready(self, worker: int, proc: asyncio.subprocess.Process, r: int) -> None:
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader()
-        transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
-                                                    os.fdopen(r, "rb", buffering=0))
+    async def _await_ready(self, worker: int, proc: asyncio.subprocess.Process,
+                           sock: socket.socket) -> None:
+        """The worker's "ready", with its listening sockets: held from now on."""
+        from federation.errors import IsthmusError
+
+        from .handoff import Channel, take_sockets
+
+        ch = Channel(sock)
+        got: dict[str, dict[int, socket.socket]] = {}
         try:
-            if await reader.read(1) and proc.returncode is None:  # b"" (EOF): it exited first
-                self.ready.add(worker)
+            more = True
+            while more:
+                msg, fds = await ch.recv(timeout=None)
+                if msg["type"] != "ready":
+                    raise IsthmusError(f"expected ready, got {msg['type']!r}")
+                more = take_sockets(msg, fds, self.workers, got)
+        except IsthmusError as e:  # it exited before it was ready (PeerGone), or misspoke
+            log.debug("worker %d: %s", worker, e)
+            for d in got.values():
+                for s in d.values():
+                    s.close()
+            return
         finally:
-            transport.close()
+            ch.close()
+        if proc.returncode is not None or any(set(d) != {worker} for d in got.values()):
+            for d in got.values():
+                for s in d.values():
+                    s.close()
+            return
+        self.sockets.adopt(worker, {a: d[worker] for a, d in got.items()})
+        self.ready.add(worker)
 
     async def _keep(self, worker: int) -> None:
+        from federation.errors import IsthmusError
+
         backoff = 1.0
         while True:
             started = time.monotonic()
-            proc = await self._spawn(worker)
+            try:
+                proc = await self._spawn(worker)
+            except IsthmusError as e:  # its sockets cannot be bound: try again later
+                log.warning("worker %d cannot start: %s; retrying in %.0fs", worker, e, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(30.0, backoff * 2)
+                continue
             self.procs[worker] = proc
             log.info("worker %d started (pid %d)", worker, proc.pid)
             code = await proc.wait()
@@ -167,17 +199,9 @@ class Supervisor:
             self.restarts[worker] += 1
             log.warning("worker %d (pid %d) exited with code %s; restarting in %.0fs", worker, proc.pid, code, backoff)
             if self.sockets is not None:
-                self._rebind(worker)
+                self.sockets.drop(worker)
             await asyncio.sleep(backoff)
             backoff = min(30.0, backoff * 2)
-
-    def _rebind(self, worker: int) -> None:
-        from federation.errors import IsthmusError
-
-        try:
-            self.sockets.rebind(worker, self.config_path)
-        except IsthmusError as e:  # tried again at the next restart
-            log.warning("worker %d: %s", worker, e)
 
     def all_ready(self) -> bool:
         return all(i in self.ready for i in range(1, self.workers))

@@ -89,17 +89,19 @@ def W(field: str, port: int, count: int = 1) -> Wanted:
 
 def test_sockets_are_matched_by_address_so_edits_keep_theirs():
     wanted = (W("listen.inbound", 1), W("listen.admin", 2), W("imports[0].listen", 4))
-    plan = plan_sockets(wanted, {"127.0.0.1:1": 1, "127.0.0.1:2": 1, "127.0.0.1:3": 1,
-                                 "127.0.0.1:4": 1})
+    plan = plan_sockets(wanted, {"127.0.0.1:1": False, "127.0.0.1:2": False,
+                                 "127.0.0.1:3": False, "127.0.0.1:4": False})
     assert [w.address for w in plan.adopt] == ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:4"]
     assert plan.bind == () and plan.drop == ("127.0.0.1:3",)  # an import removed
-    plan = plan_sockets(wanted, {"127.0.0.1:1": 1, "127.0.0.1:2": 1})
+    plan = plan_sockets(wanted, {"127.0.0.1:1": False, "127.0.0.1:2": False})
     assert plan.bind == (W("imports[0].listen", 4),)  # an import added: bound here
 
 
-def test_a_socket_count_that_does_not_fit_is_refused_naming_the_field():
-    with pytest.raises(PlanError, match=r"imports\[0\].listen: 127.0.0.1:2 has 1 socket"):
-        plan_sockets((W("imports[0].listen", 2, count=2),), {"127.0.0.1:2": 1})
+def test_a_socket_that_does_not_fit_is_refused_naming_the_field():
+    with pytest.raises(PlanError, match=r"imports\[0\].listen: 127.0.0.1:2 is not shared by"):
+        plan_sockets((W("imports[0].listen", 2, count=2),), {"127.0.0.1:2": False})
+    with pytest.raises(PlanError, match=r"listen.admin: 127.0.0.1:2 is shared by workers"):
+        plan_sockets((W("listen.admin", 2),), {"127.0.0.1:2": True})
 
 
 @pytest.mark.parametrize("progress, want", [
@@ -159,19 +161,28 @@ def test_binding_a_port_in_use_names_the_field_and_closes_what_it_bound():
         pass
 
 
-def test_reuse_port_sockets_one_per_worker_and_a_dead_workers_are_rebound():
+def test_a_worker_binds_its_own_sockets_and_its_primary_holds_them_until_it_dies():
     with socket.create_server(("127.0.0.1", 0)) as probe:
         port = probe.getsockname()[1]
-    socks = ListenSockets.bind((Wanted("listen.inbound", "127.0.0.1", port, 3),), "gw.yaml")
+    address = f"127.0.0.1:{port}"
+    wanted = (Wanted("listen.inbound", "127.0.0.1", port, 3), W("listen.admin", 0))
+    primary = ListenSockets.bind(wanted, "gw.yaml")
+    worker = ListenSockets.for_worker(wanted, {}, 2, "gw.yaml")  # SO_REUSEPORT: beside index 0
     try:
-        before = socks.for_worker(2)[f"127.0.0.1:{port}"]
-        assert [i for _, i, _ in socks.offer()] == [0, 1, 2]
-        socks.rebind(2, "gw.yaml")
-        after = socks.for_worker(2)[f"127.0.0.1:{port}"]
-        assert after is not before and before.fileno() == -1
-        assert after.getsockname()[1] == port
+        assert [(a, i) for a, i, _ in primary.offer()] == [("127.0.0.1:0", 0), (address, 0)]
+        assert [(a, i) for a, i, _ in worker.offer()] == [(address, 2)]  # no admin socket
+        sock = worker.get(address, 2)
+        primary.adopt(2, {address: socket.socket(fileno=os.dup(sock.fileno()))})
+        assert list(primary.held(2)) == [address]
+        inherited = ListenSockets.for_worker(wanted, {address: os.dup(sock.fileno())}, 2, "gw.yaml")
+        assert inherited.get(address, 2).getsockname() == sock.getsockname()  # passed, not bound
+        inherited.close()
+        held = primary.held(2)[address]
+        primary.drop(2)
+        assert held.fileno() == -1 and primary.held(2) == {}
     finally:
-        socks.close()
+        primary.close()
+        worker.close()
 
 
 # ------------------------------------------------------------------------------ control messages
