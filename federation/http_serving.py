@@ -208,10 +208,12 @@ class BoundedSite(web.BaseSite):
         ssl_context: ssl.SSLContext | None = None,
         name: str = "http",
         logger: logging.Logger | None = None,
+        sock: socket.socket | None = None,
     ) -> None:
         super().__init__(runner, ssl_context=ssl_context, backlog=limits.backlog)
         self.host = host
         self.requested_port = port
+        self._given = sock  # a socket bound elsewhere (a takeover hands one over): served as is
         self.limits = limits
         self.label = name
         self.stats = ServingStats()
@@ -234,11 +236,16 @@ class BoundedSite(web.BaseSite):
         await super().start()  # registers the site with the runner
         loop = asyncio.get_running_loop()
         try:
-            infos = await loop.getaddrinfo(
-                self.host or None, self.requested_port,
-                type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE,
-            )
-            self._sockets = _bind(infos, self.requested_port, self.limits.backlog)
+            if self._given is not None:
+                sock = self._given.dup()  # ours to close; the caller keeps its own
+                sock.setblocking(False)
+                self._sockets = [sock]
+            else:
+                infos = await loop.getaddrinfo(
+                    self.host or None, self.requested_port,
+                    type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE,
+                )
+                self._sockets = _bind(infos, self.requested_port, self.limits.backlog)
         except OSError:
             self._runner._unreg_site(self)
             raise

@@ -50,13 +50,31 @@ def _install_uvloop() -> None:
     uvloop.install()
 
 
-async def _until_signal(make) -> None:
-    """Run `make(stop_event)` until SIGINT/SIGTERM sets the event."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await make(stop)
+def _fix_wait_for() -> None:
+    """Python 3.11's asyncio.wait_for loses a cancellation that arrives just as what it awaits
+    completes (CPython gh-86296, fixed in 3.12): the task goes on as if never cancelled, and the
+    TaskGroup stopping it waits forever, so a gateway told to stop or to hand over could hang
+    (seen here: a probe loop). This process uses 3.12's wait_for, built on asyncio.timeout."""
+    if sys.version_info >= (3, 12):
+        return
+
+    async def wait_for(aw, timeout):  # the 3.12 implementation, minus its deprecation shims
+        if timeout is not None and timeout <= 0:
+            fut = asyncio.ensure_future(aw)
+            if fut.done():
+                return fut.result()
+            fut.cancel()
+            try:
+                await asyncio.wait({fut})
+                return fut.result()
+            except asyncio.CancelledError as exc:
+                if asyncio.current_task().cancelling():
+                    raise
+                raise TimeoutError from exc
+        async with asyncio.timeout(timeout):
+            return await aw
+
+    asyncio.wait_for = asyncio.tasks.wait_for = wait_for
 
 
 # -- federation ----------------------------------------------------------------------------------
@@ -114,18 +132,43 @@ def cmd_gateway_run(args: argparse.Namespace) -> int:
         raise InputError(f"--worker-index: must be 0..{args.workers - 1}, got {args.worker_index}")
     if args.worker_index and args.primary_pid <= 1:
         raise InputError("--worker-index needs --primary-pid (workers are started by their primary)")
+    if args.takeover and args.worker_index:
+        raise InputError("--takeover is for the gateway you start, not for its workers")
+    listen_fds = _listen_fds(args.listen_fds)
     _setup_logging(args.log_level, f"[worker {args.worker_index}] " if args.worker_index else "")
     if not args.worker_index:  # the primary speaks for its workers
         for w in cfg.warnings:
             logging.getLogger("isthmus.gateway.config").warning("%s", w.warning())
     _install_uvloop()
+    _fix_wait_for()
 
-    async def run(stop: asyncio.Event) -> None:
+    async def run() -> None:
+        stop, drain = asyncio.Event(), asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGQUIT, drain.set)
         await Gateway(cfg, workers=args.workers, worker=args.worker_index, primary_pid=args.primary_pid,
-                      log_level=args.log_level).run(stop)
+                      log_level=args.log_level, takeover=args.takeover, listen_fds=listen_fds,
+                      ready_fd=args.ready_fd, wait_serve=args.wait_serve).run(stop, drain)
 
-    asyncio.run(_until_signal(run))
+    asyncio.run(run())
     return EXIT_OK
+
+
+def _listen_fds(text: str | None) -> dict[str, int] | None:
+    """--listen-fds (set by the primary for its workers): {"host:port": fd, ...}."""
+    if text is None:
+        return None
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        obj = None
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, int) and v >= 0
+                                            for k, v in obj.items()):
+        raise InputError(f"--listen-fds: expected a JSON object of address -> fd, "
+                         f"got {text[:200]!r}")
+    return obj
 
 
 def cmd_config_validate(args: argparse.Namespace) -> int:
@@ -206,13 +249,27 @@ def build_parser() -> argparse.ArgumentParser:
     gw = sub.add_parser("gateway", help="run a gateway")
     gsub = gw.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
     run = gsub.add_parser("run", help="run the gateway of one cluster",
-                          description="Run one cluster's gateway from its YAML config.")
+                          description="Run one cluster's gateway from its YAML config. SIGTERM or "
+                                      "SIGINT: stop now; SIGQUIT: stop accepting, drain open "
+                                      "connections (limits.drain_timeout), exit 0. Exit 2 if a "
+                                      "listener's address cannot be bound or a gateway already "
+                                      "runs on the state dir.")
     run.add_argument("--config", required=True, help="gateway config file (YAML)")
     run.add_argument("--workers", type=int, default=1, metavar="N",
                      help="processes sharing the listeners with SO_REUSEPORT, about one core each (default 1); "
                           "this one is the primary and starts, restarts and stops the others")
+    run.add_argument("--takeover", action="store_true",
+                     help="replace the gateway already running on this state dir without "
+                          "dropping a connection: take over its listening sockets, get ready, "
+                          "then it drains (limits.drain_timeout) and exits; it keeps serving if "
+                          "this process is not ready within limits.takeover_timeout (exit 1). "
+                          "Starts normally if no gateway runs there")
     run.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)  # set by the primary
     run.add_argument("--primary-pid", type=int, default=0, help=argparse.SUPPRESS)  # set by the primary
+    # set by the primary for its workers: their sockets, a pipe to say "ready", wait for SIGUSR1
+    run.add_argument("--listen-fds", default=None, help=argparse.SUPPRESS)
+    run.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    run.add_argument("--wait-serve", action="store_true", help=argparse.SUPPRESS)
     run.add_argument("--log-level", default="info")
     run.set_defaults(func=cmd_gateway_run)
 

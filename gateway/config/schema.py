@@ -121,6 +121,8 @@ class LimitsConfig:
     max_connections: int
     connect_timeout: float
     idle_timeout: float
+    drain_timeout: float = 30.0  # a handed-over or SIGQUIT-stopped process drains this long
+    takeover_timeout: float = 30.0  # a `--takeover` process must be ready within this
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,7 +247,13 @@ _CLUSTER = {"name": True, "region": True, "zone": True, "trust_domain": False}
 _FEDERATION = {"url": True, "ca_file": True, "token_file": False}
 _LISTEN = {"inbound": True, "admin": True, "advertise": False}
 _IDENTITY = {"svid_ttl": False, "ca_cert_file": False, "ca_key_file": False}
-_LIMITS = {"max_connections": False, "connect_timeout": False, "idle_timeout": False}
+_LIMITS = {
+    "max_connections": False,
+    "connect_timeout": False,
+    "idle_timeout": False,
+    "drain_timeout": False,
+    "takeover_timeout": False,
+}
 _OUTLIER = {
     "consecutive_failures": False,
     "base_ejection": False,
@@ -757,9 +765,17 @@ class _Reader:
             ct = self.duration(f["connect_timeout"], "limits.connect_timeout", maximum=60)
         if "idle_timeout" in f:
             it = self.duration(f["idle_timeout"], "limits.idle_timeout", maximum=_DAY)
-        if None in (mc, ct, it):
+        dt: float | None = d.drain_timeout
+        tt: float | None = d.takeover_timeout
+        if "drain_timeout" in f:
+            dt = self.duration(f["drain_timeout"], "limits.drain_timeout", maximum=_DAY,
+                               zero_ok=True)
+        if "takeover_timeout" in f:
+            tt = self.duration(f["takeover_timeout"], "limits.takeover_timeout", minimum=1.0,
+                               maximum=600.0)
+        if None in (mc, ct, it, dt, tt):
             return None
-        return LimitsConfig(mc, ct, it)  # type: ignore[arg-type]
+        return LimitsConfig(mc, ct, it, dt, tt)  # type: ignore[arg-type]
 
     def outlier(self, node: Node) -> OutlierConfig | None:
         path = "outlier_detection"

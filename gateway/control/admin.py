@@ -110,9 +110,10 @@ def render_metrics(gw: Any, http: ServingStats | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-async def start_admin(gw: Any, host: str, port: int,
+async def start_admin(gw: Any, host: str, port: int, sock: Any = None,
                       limits: ServingLimits = ADMIN_LIMITS) -> web.AppRunner:
-    """The admin server, started; `cleanup()` the runner to stop it (its one site, a
+    """The admin server, started on host:port or on `sock` (bound already: a takeover hands
+    it over, gateway/control/handoff.py); `cleanup()` the runner to stop it (its one site, a
     `BoundedSite`, is in `runner.sites`)."""
     site: BoundedSite | None = None
 
@@ -139,7 +140,7 @@ async def start_admin(gw: Any, host: str, port: int,
     app.router.add_get("/status", status)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = BoundedSite(runner, host, port, limits=limits, name="admin", logger=log)
+    site = BoundedSite(runner, host, port, limits=limits, name="admin", logger=log, sock=sock)
     try:
         await site.start()
     except BaseException:

@@ -34,6 +34,16 @@ response timeout instead of as served.
 Listeners own their connections and the tasks that connect them: `close()` cancels the tasks
 and closes the transports. An idle sweeper closes connections with no traffic for
 `idle_timeout`, and a connection limit refuses connections beyond `max_connections`.
+
+Restarts (gateway/handoff.py): a listener may be given a socket that is already bound and
+listening (by the runtime, or by the process before this one) and start with `serving=False`;
+`serve()` starts accepting. `stop_accepting()` stops accepting on this process's copy of the
+socket (its other holders, e.g. the process taking over, keep accepting from the same queue, so
+no waiting connection is lost), and `drain(timeout)` lets the open connections finish: at the
+bound what is left is half-closed both ways (EOF to the client and to the target, so each side
+sees a clean end), given DRAIN_GRACE, and only then closed. The inbound listener also tells
+every link's caller GOAWAY (an ERR frame on stream 0): the caller opens no new streams on that
+link, dials a new one (to the new process), and closes the old link after its last stream.
 """
 
 from __future__ import annotations
@@ -60,6 +70,8 @@ log = logging.getLogger("isthmus.gateway.l4")
 limited = LogLimiter(log)
 
 PENDING_LIMIT = 256 * 1024
+DRAIN_GRACE = 2.0  # after the drain bound, half-closed connections get this long to end
+GOAWAY = "goaway"  # ERR code on stream 0: open no new streams on this link
 
 
 class Router(Protocol):
@@ -479,6 +491,7 @@ class Listener:
         self.tasks: set[asyncio.Task] = set()
         self._sweeper: asyncio.Task | None = None
         self.loop: asyncio.AbstractEventLoop | None = None  # set by start_server
+        self.draining = False  # stop_accepting() was called
 
     def spawn(self, coro: Any) -> asyncio.Task:
         # self.loop, not get_running_loop(): on 3.11 that is a getpid() syscall per call
@@ -534,10 +547,68 @@ class Listener:
                         up.close()
             seen = fresh
 
-    async def start_server(self, factory: Callable[[], asyncio.Protocol], host: str, port: int, **kw: Any) -> None:
+    async def start_server(self, factory: Callable[[], asyncio.Protocol], host: str, port: int,
+                           *, sock: socket.socket | None = None, serving: bool = True,
+                           **kw: Any) -> None:
+        """Listen on host:port, or on `sock` (bound and listening already: the server gets a
+        duplicate of it, so closing the server leaves the caller's copy open)."""
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(factory, host, port, reuse_address=True, backlog=4096, **kw)
+        if sock is not None:
+            self.server = await loop.create_server(factory, sock=sock.dup(), backlog=4096,
+                                                   start_serving=serving)
+        else:
+            self.server = await loop.create_server(factory, host, port, reuse_address=True,
+                                                   backlog=4096, start_serving=serving, **kw)
         self._serving()
+
+    async def serve(self) -> None:
+        """Start accepting (a listener started with serving=False)."""
+        if self.server is not None and not self.draining:
+            await self.server.start_serving()
+
+    def stop_accepting(self) -> None:
+        """Accept no more connections here; the open ones go on (see drain)."""
+        self.draining = True
+        if self.server is not None:
+            self.server.close()
+
+    def _drained(self) -> bool:
+        return not self.legs and not self.tasks
+
+    def _end_open(self) -> None:
+        """The drain bound: cancel connects in progress, half-close every relayed connection
+        both ways (each side reads EOF and ends it cleanly), close the rest."""
+        for task in list(self.tasks):
+            task.cancel()
+        for leg in list(self.legs):
+            up = leg.other
+            if up is None:
+                leg.close()
+            else:
+                leg.send_eof()
+                up.send_eof()
+
+    async def drain(self, timeout: float, grace: float = DRAIN_GRACE) -> int:
+        """After stop_accepting(): wait up to `timeout` for the open connections to end, then
+        end the rest (`_end_open`), give them `grace`, and close what is left (gracefully: what
+        we hold is flushed first; close() aborts whatever still hangs). Returns how many
+        connections were still open at the bound."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self._drained() and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if self._drained():
+            return 0
+        left = len(self.legs)
+        self._end_open()
+        deadline = loop.time() + grace
+        while not self._drained() and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for leg in list(self.legs):  # e.g. a client that never closes its side after our EOF
+            leg.close()
+            if leg.other is not None:
+                leg.other.close()
+        return left
 
     def _serving(self) -> None:
         """The socket is bound: remember the loop and start the idle sweeper."""
@@ -575,8 +646,11 @@ class ImportListener(Listener):
         self.router = router
         self.dialer = dialer
 
-    async def start(self, host: str, port: int, reuse_port: bool = False) -> None:
-        await self.start_server(lambda: ImportLeg(self), host, port, reuse_port=reuse_port)
+    async def start(self, host: str, port: int, reuse_port: bool = False, *,
+                    sock: socket.socket | None = None, serving: bool = True) -> None:
+        kw = {"reuse_port": reuse_port} if sock is None else {}
+        await self.start_server(lambda: ImportLeg(self), host, port, sock=sock, serving=serving,
+                                **kw)
 
     def made(self, leg: ImportLeg) -> None:
         if self.admit(leg):
@@ -632,18 +706,52 @@ class InboundListener(Listener):
         self.links: set[MuxLink] = set()
         self.sock: socket.socket | None = None
         self._acceptor: asyncio.Task | None = None
+        self.handshake_timeout = 5.0
         # Drill fault hook (set by gateway.control.drill_actor): None, or an object with `mode`
         # ("drain" | "blackhole" | "degrade"), `latency` (s), `error_rate` (0..1) and `random()`.
         # Consulted on each new OPEN and PING only; streams already open are never touched.
         self.fault: Any = None
 
-    async def start(self, host: str, port: int, handshake_timeout: float = 5.0, reuse_port: bool = False) -> None:
+    async def start(self, host: str, port: int, handshake_timeout: float = 5.0,
+                    reuse_port: bool = False, *, sock: socket.socket | None = None,
+                    serving: bool = True) -> None:
+        """Listen on host:port, or on a duplicate of `sock` (bound and listening already)."""
         loop = asyncio.get_running_loop()
-        family = (await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE))[0][0]
-        self.sock = socket.create_server((host, port), family=family, backlog=4096, reuse_port=reuse_port)
+        if sock is not None:
+            self.sock = sock.dup()
+        else:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            self.sock = socket.create_server((host, port), family=infos[0][0], backlog=4096,
+                                             reuse_port=reuse_port)
         self.sock.setblocking(False)
+        self.handshake_timeout = handshake_timeout
         self._serving()
-        self._acceptor = loop.create_task(self._accept_loop(handshake_timeout))
+        if serving:
+            await self.serve()
+
+    async def serve(self) -> None:
+        if self._acceptor is None and not self.draining:
+            loop: Any = self.loop
+            self._acceptor = loop.create_task(self._accept_loop(self.handshake_timeout))
+
+    def stop_accepting(self) -> None:
+        """No new links; every link's caller is told GOAWAY (streams already open go on)."""
+        self.draining = True
+        if self._acceptor is not None:
+            self._acceptor.cancel()
+        if self.sock is not None:
+            self.sock.close()
+        for link in list(self.links):
+            _goaway(link)
+
+    def _drained(self) -> bool:
+        return not self.legs and not self.tasks and not self.links
+
+    def _end_open(self) -> None:
+        super()._end_open()
+        for link in list(self.links):  # callers that do not know GOAWAY keep idle links open
+            if not link.streams:
+                link.transport.close()
 
     @property
     def port(self) -> int:
@@ -697,6 +805,8 @@ class InboundListener(Listener):
                             quote(link.transport.get_extra_info("peername")), quote(e))
             return False
         self.links.add(link)
+        if self.draining:  # its handshake began before we stopped accepting
+            _goaway(link)
         return True
 
     def _answer_ping(self) -> bool:
@@ -774,3 +884,7 @@ class InboundListener(Listener):
 
 def _refuse(link: MuxLink, sid: int, code: str, message: str) -> None:
     link.write(link_codec.control(link_codec.ERR, sid, {"code": code, "error": message}))
+
+
+def _goaway(link: MuxLink) -> None:
+    _refuse(link, 0, GOAWAY, "this gateway is restarting: open new streams on a new link")

@@ -7,7 +7,8 @@ Frames (all big-endian):  type (1 byte) | stream id (4 bytes) | length (4 bytes)
     OK     answerer -> caller   {"endpoint": key}: the answerer reached a local endpoint
     ERR    answerer -> caller   {"code","error"}: refused (forbidden, unknown-service,
                                 no-endpoint, draining, degraded, busy, unsupported-version);
-                                the caller fails over
+                                the caller fails over.
+                                On stream 0, code "goaway": open no new streams on this link
     DATA   both ways            bytes of the stream
     EOF    both ways            this direction is done (half-close; TLS itself cannot)
     RST    both ways            the stream is over: close after flushing what was received

@@ -21,8 +21,11 @@ itself asks to pause writing, every stream on the link stops reading its source 
 Connect-time failover is unchanged: the caller commits the client's connection only after OK,
 so an ERR or a silent peer (no OK within connect_timeout) moves the client to its next candidate.
 A link that dies takes its streams with it (their local legs are closed); the next OPEN to that
-peer dials a new link. Links are replaced after MAX_LINK_AGE so a rotated SVID or a new bundle
-reaches long-lived peers; old links finish their streams first.
+peer dials a new link. An answerer that restarts sends GOAWAY (ERR on stream 0, code "goaway"):
+the caller retires that link (no new streams; closed after its last one) and the next OPEN
+dials a new link, which reaches the process that took over. Links are replaced after
+MAX_LINK_AGE so a rotated SVID or a new bundle reaches long-lived peers; old links finish their
+streams first.
 """
 
 from __future__ import annotations
@@ -430,6 +433,10 @@ class MuxLink(asyncio.Protocol):
                 self.write(control(ERR, sid, {"code": "busy", "error": "too many streams on this link"}))
                 return
             self.on_open(self, sid, request)
+        elif kind == ERR and sid == 0:  # about the link: GOAWAY (the answerer is restarting)
+            info = parse_control(kind, payload)
+            if self.role == "caller" and info.get("code") == "goaway":
+                self.retire()  # no new streams here; the pool dials a new link
         elif kind in (OK, ERR):
             s = self.streams.get(sid)
             if s is None or s.ready is None or s.ready.done():
@@ -492,7 +499,8 @@ class MuxLink(asyncio.Protocol):
             self.transport.close()
 
     def usable(self, now: float) -> bool:
-        return (not self.closed and not self.transport.is_closing() and now - self.created < MAX_LINK_AGE
+        return (not self.closed and not self.retired and not self.transport.is_closing()
+                and now - self.created < MAX_LINK_AGE
                 and self.next_sid < MAX_STREAM_ID - 2 and len(self.streams) < MAX_STREAMS)
 
     def open_stream(self, service: str) -> Stream:
