@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from federation.identity import CertificateAuthority
+
 from .harness import (
     Backend,
     LoadStream,
@@ -205,7 +207,10 @@ def lone_config(root: Path, *, inbound: int, admin: int, import_port: int, endpo
                 extra: str = "", name: str = "gateway.yaml") -> Path:
     """A gateway config whose federation never answers (the gateway routes and keeps retrying)."""
     root.mkdir(parents=True, exist_ok=True)
-    (root / "ca.pem").write_text("")  # read only when joining, which never gets that far
+    # a real CA certificate (checked at start), of a federation that never answers
+    fed_ca = CertificateAuthority.load_or_create(root / "fed-ca", "federation.isthmus.local",
+                                                 time.time())
+    (root / "ca.pem").write_bytes(fed_ca.cert_pem)
     (root / "token").write_text("not-a-token\n")
     eps = "".join(f"      - 127.0.0.1:{p}\n" for p in endpoints)
     path = root / name
