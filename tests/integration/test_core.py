@@ -24,16 +24,10 @@ from federation.errors import FederationError
 from federation.identity import CertificateAuthority, SpiffeId, Svid, gateway_id
 from federation.model import ClusterRecord, Endpoint, Export
 from gateway.dataplane import link
-from tests.integration.harness import (
-    LoadStream,
-    Topology,
-    blackhole_times_out,
-    http_get,
-    metric_value,
-    request,
-    run_cli,
-    wait_for,
-)
+from tests.helpers.backends import blackhole_times_out
+from tests.helpers.processes import run_cli
+from tests.helpers.traffic import LoadStream, http_get, metric_value, request, wait_for
+from tests.integration.harness import Topology
 
 pytestmark = pytest.mark.integration
 

@@ -21,7 +21,8 @@ from federation.client import operator_client
 from federation.identity import Svid
 from federation.model import Drill
 from gateway.dataplane import link
-from tests.integration.harness import Topology, http_get, metric_value, running, wait_for
+from tests.helpers.traffic import http_get, metric_value, wait_for
+from tests.integration.harness import Topology, running
 
 pytestmark = pytest.mark.integration
 

@@ -17,7 +17,8 @@ import time
 
 import pytest
 
-from tests.integration.harness import LoadStream, Topology, running
+from tests.helpers.traffic import LoadStream
+from tests.integration.harness import Topology, running
 
 pytestmark = pytest.mark.integration
 

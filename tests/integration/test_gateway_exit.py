@@ -15,7 +15,9 @@ import pytest
 from federation.client import FederationClient, load_federation_bundle
 from federation.identity import CertificateAuthority
 from federation.model import ClusterRecord
-from tests.integration.harness import Topology, run_cli, wait_for
+from tests.helpers.processes import run_cli
+from tests.helpers.traffic import wait_for
+from tests.integration.harness import Topology
 
 pytestmark = pytest.mark.integration
 

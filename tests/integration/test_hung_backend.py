@@ -6,9 +6,9 @@ check succeeds, and outlier detection on connects sees successes, while every co
 committed to it waits for an answer that never comes (the client gives up after 3 s).
 
 Each scenario starts a topology whose health checks run every 1 s (timeout 500 ms, 2 failures
-to go unhealthy: the defaults), freezes the backend (harness.ProcessBackend, by PID), thaws it,
-and measures: how long until east-1's /status shows the endpoint unroutable, how many client
-connections failed, and when the last of them started. Run with `-s` to see the numbers.
+to go unhealthy: the defaults), freezes the backend (a ProcessBackend of tests/helpers/
+backends.py, by PID), thaws it, and measures: how long until east-1's /status shows the endpoint
+unroutable, how many client connections failed, and when the last of them started. Run with `-s` to see the numbers.
 
 - `tcp`: the blind spot, kept as the reference (a plain tcp check and no response_timeout).
 - `send-expect`, `http`: active checks that need the app: the endpoint goes unhealthy in about
@@ -26,7 +26,9 @@ import time
 
 import pytest
 
-from tests.integration.harness import LoadStream, ProcessBackend, Topology, metric_value, running
+from tests.helpers.backends import ProcessBackend
+from tests.helpers.traffic import LoadStream, metric_value
+from tests.integration.harness import Topology, running
 
 pytestmark = pytest.mark.integration
 

@@ -22,7 +22,8 @@ import pytest
 from federation.client import FederationClient, load_federation_bundle
 from federation.identity import CertificateAuthority, gateway_id
 from federation.model import ClusterRecord, Endpoint, Export
-from tests.integration.harness import Proc, free_port, http_get, isthmus_cmd, run_cli, wait_for
+from tests.helpers.processes import Proc, free_port, isthmus_cmd, run_cli
+from tests.helpers.traffic import http_get, wait_for
 
 pytestmark = pytest.mark.integration
 

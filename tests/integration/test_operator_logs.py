@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.harness import Topology, running, wait_for
+from tests.helpers.traffic import wait_for
+from tests.integration.harness import Topology, running
 
 pytestmark = pytest.mark.integration
 

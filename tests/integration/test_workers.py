@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from gateway.dataplane import link
-from tests.integration.harness import Topology, metric_value, request, run_cli, running, wait_for
+from tests.helpers.processes import run_cli
+from tests.helpers.traffic import metric_value, request, wait_for
+from tests.integration.harness import Topology, running
 from tests.integration.test_drill_gateway import link_call, start_drill, wait_until_wall
 
 pytestmark = pytest.mark.integration
