@@ -8,7 +8,8 @@ committed to it waits for an answer that never comes (the client gives up after 
 Each scenario starts a topology whose health checks run every 1 s (timeout 500 ms, 2 failures
 to go unhealthy: the defaults), freezes the backend (a ProcessBackend of tests/helpers/
 backends.py, by PID), thaws it, and measures: how long until east-1's /status shows the endpoint
-unroutable, how many client connections failed, and when the last of them started. Run with `-s` to see the numbers.
+unroutable, how many client connections failed, and when the last of them started.
+Run with `-s` to see the numbers.
 
 - `tcp`: the blind spot, kept as the reference (a plain tcp check and no response_timeout).
 - `send-expect`, `http`: active checks that need the app: the endpoint goes unhealthy in about
