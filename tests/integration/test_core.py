@@ -69,6 +69,8 @@ def _new_cluster(name: str, region: str = "eu-west", zone: str = "a"):
 
 
 async def test_join_token_single_use_and_expiring(topo: Topology):
+    """A join token joins once, only its own cluster and only within its ttl: reused -> 401, another
+    cluster's -> 403, a 1 s token after 1.3 s -> 401 and no record."""
     fed_bundle = load_federation_bundle(topo.fed_ca)
     record, bundle = _new_cluster("north-1")
     token = topo.create_token("north-1", ttl="5m")
@@ -106,6 +108,8 @@ async def test_join_token_single_use_and_expiring(topo: Topology):
 
 
 async def test_cluster_cannot_write_another_clusters_records(topo: Topology):
+    """east-1's SVID reads the catalog but cannot write east-2's records: put/delete export and
+    lease are 3 of 3 refused with 403, east-2's records unchanged, >= 3 denials counted."""
     east1 = topo.nodes["east-1"]
     svid = Svid.load(east1.state_dir / "identity")
     assert svid is not None and str(svid.spiffe_id) == str(gateway_id(east1.trust_domain))
@@ -200,6 +204,9 @@ async def _try_open(port: int, cert_pem: bytes, key_pem: bytes, tmp: Path) -> st
 
 
 async def test_inbound_refuses_unverified_identities(topo: Topology, tmp_path: Path):
+    """east-1's inbound listener accepts east-2's real SVID and refuses 4 of 4 forged identities
+    (unknown CA, fake east-2 CA, east-2 CA signing a west-1 ID, an east-2 non-gateway ID):
+    >= 2 failed handshakes, >= 2 SPIFFE refusals, 0 OPENs answered."""
     east1, east2 = topo.nodes["east-1"], topo.nodes["east-2"]
     port = east1.inbound_port
     metric = "isthmus_gateway_inbound_identity_refused_total"
@@ -266,6 +273,9 @@ async def _wait_first(stream: LoadStream, cluster: str, after: float, timeout: f
 
 
 async def test_failover_zone_then_region_then_back(topo: Topology):
+    """50 new conn/s while east-1's, then east-2's backends stop and then come back: east-1 ->
+    east-2 and east-2 -> west-1 each < 1 s, failback to east-1 >= 1 s (failback_after), 0
+    failed."""
     stream = LoadStream(topo.nodes["east-1"].import_port, rate=50, max_seconds=30, max_count=1500).start()
     try:
         await asyncio.sleep(0.5)
@@ -305,11 +315,15 @@ async def test_failover_zone_then_region_then_back(topo: Topology):
 
 
 def test_blackhole_really_times_out():
+    """On this machine a connect to a full listen(0) socket times out after 0.5 s instead of
+    getting a RST (the premise of the blackhole tests)."""
     ok, why = blackhole_times_out(0.5)
     assert ok, f"a listen(0) socket with a full accept queue did not blackhole here: {why}"
 
 
 async def test_blackholed_endpoints_detected_within_a_second(topo: Topology):
+    """50 new conn/s while east-1's backends are blackholed (connects time out, no RST): served by
+    east-2 within 1 s, 0 failed."""
     ok, why = blackhole_times_out(0.5)
     if not ok:
         pytest.skip(f"cannot blackhole without root on this machine: {why}")
@@ -342,6 +356,8 @@ async def test_blackholed_endpoints_detected_within_a_second(topo: Topology):
 
 
 async def test_lease_expiry_withdraws_cluster(topo: Topology):
+    """A SIGKILLed east-2 (lease ttl 2 s) leaves east-1's live set and the federation's echo
+    service within 3 s; east-1 and west-1 stay live."""
     topo.nodes["east-2"].proc.kill()
     t0 = time.monotonic()
 
@@ -364,6 +380,9 @@ async def test_lease_expiry_withdraws_cluster(topo: Topology):
 
 
 async def test_traffic_flows_without_federation_and_after_restart(topo: Topology):
+    """With the federation SIGKILLed, 50 new conn/s fail over east-1 -> east-2 in < 1 s with 0
+    failed, and east-1 restarted then routes from its cached catalog (5 of 5 served by
+    east-2)."""
     topo.fed_proc.kill()
     stream = LoadStream(topo.nodes["east-1"].import_port, rate=50, max_seconds=15, max_count=750).start()
     try:
@@ -419,6 +438,8 @@ async def _chatter(port: int, stop: asyncio.Event, log: list[tuple[float, str | 
 
 async def test_svid_rotation_drops_no_connection(make_topology):
     # identity.svid_ttl has a floor of 1m; SVIDs rotate at half their validity
+    """1 m SVIDs of east-1 and east-2 rotate (< 50 s) under 5 long-lived connections through the
+    east-1 -> east-2 hop: 0 failed lines, >= 2 lines on each after it, 5 of 5 new ones served."""
     topo = await make_topology(svid_ttl="1m")
     east1 = topo.nodes["east-1"]
     await topo.stop_backends("east-1")
@@ -502,6 +523,8 @@ BROKEN = [
 
 
 def test_bad_configs_name_file_line_and_field(tmp_path: Path):
+    """6 broken configs each exit 2 with `file:line: field: reason`; 2 problems give 2 lines sorted
+    by line; `gateway run` refuses the same file alike; a missing file exits 2."""
     good = tmp_path / "good.yaml"
     good.write_text(GOOD)
     r = run_cli("config", "validate", str(good))
@@ -550,6 +573,8 @@ async def _count_through(port: int, n: int) -> str:
 
 
 async def test_half_close_through_remote_hop(topo: Topology):
+    """Half-closed connections through the east-1 -> east-2 hop carry 0, 1, 100,000 and 3 MiB + 7
+    bytes and still read the reply: 4 of 4 byte counts exact."""
     east1 = topo.nodes["east-1"]
     await topo.stop_backends("east-1")
     await topo.wait_served("east-1", "east-2", timeout=5.0)

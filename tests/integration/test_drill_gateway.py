@@ -129,6 +129,8 @@ async def gateway_drills(topo: Topology, node: str) -> dict:
 
 
 async def test_drain_refuses_opens_withdraws_exports_and_reports_samples(topo: Topology, tmp_path: Path):
+    """A 3 s drain of east-2: OPEN -> ERR draining, PING -> PONG, open streams relay, exports
+    withdrawn; OPEN OK within 1 s of the deadline; observers send 17..23 probes/s, 0 failed."""
     assert await catalog_exports(topo) == {"east-1", "east-2", "west-1"}
 
     async def imports_published() -> bool:  # every gateway published its import (failover policy)
@@ -212,6 +214,8 @@ async def _answers_pong(topo: Topology, tmp: Path) -> bool:
 
 async def test_blackhole_answers_nothing_until_the_deadline(topo: Topology, tmp_path: Path):
     # east-1 without endpoints of its own: its traffic (and its drill probes) goes to east-2
+    """A 3 s blackhole of east-2: OPEN and PING get no answer in 1 s, open streams relay, both are
+    answered within 1.5 s of the deadline; east-1's probes move to west-1, p99 < 2.1 s."""
     for b in topo.nodes["east-1"].backends:
         await b.stop()
     await topo.wait_served("east-1", "east-2")
@@ -249,6 +253,8 @@ async def test_blackhole_answers_nothing_until_the_deadline(topo: Topology, tmp_
 
 
 async def test_degrade_refuses_at_error_rate_then_delays_ok_by_latency(topo: Topology, tmp_path: Path):
+    """Degrade at error_rate 1.0: 10 of 10 OPENs -> ERR degraded (PING still PONG); at 300 ms: 5 of
+    5 OK after >= 0.3 s; after the deadline OK in < 0.3 s."""
     d = await start_drill(topo, mode="degrade", duration="2s", error_rate=1.0)
     await wait_until_wall(d.fault_start + 0.2)
     results = await asyncio.gather(*(link_call(topo, tmp_path / f"e{i}", link.OPEN, 2.0) for i in range(10)))
@@ -270,6 +276,8 @@ async def test_degrade_refuses_at_error_rate_then_delays_ok_by_latency(topo: Top
 
 
 async def test_restores_at_the_deadline_with_the_federation_killed(topo: Topology, tmp_path: Path):
+    """With the federation SIGKILLed mid-blackhole, east-2 answers OPEN again within 1.5 s of the
+    deadline, its fault is cleared and west-1 keeps >= 1 sample buffered."""
     d = await start_drill(topo, mode="blackhole", duration="4s")
     await wait_until_wall(d.fault_start + 0.3)
     assert (await link_call(topo, tmp_path / "a", link.OPEN, 0.5))[0] == "silent"

@@ -69,6 +69,8 @@ def _counters(text: str) -> dict[str, float]:
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 async def test_sigstopped_backend(tmp_path, request, scenario):
+    """One of two endpoints SIGSTOPped 10 s under 40 conn/s: a tcp check misses it (>= 40 lost);
+    the others take it out in < 4 s and lose none later (active) or <= 60 (passive)."""
     health_check, outlier = SCENARIOS[scenario]
     topo = Topology(tmp_path, health_check=health_check, outlier_detection=outlier)
     frozen: ProcessBackend = topo.use_process_backend("east-1")

@@ -43,6 +43,8 @@ async def worker_1(topo: Topology, node: str = "east-1") -> dict:
 
 
 async def test_workers_share_the_listeners_and_are_restarted_and_stopped(topo: Topology):
+    """2 workers share east-1's listeners (80 of 80 served, some by each), a SIGKILLed one is
+    restarted once and 40 of 40 are served after; stopping the primary stops both."""
     east1 = topo.nodes["east-1"]
     primary = east1.proc.pid
 
@@ -89,6 +91,7 @@ async def test_workers_share_the_listeners_and_are_restarted_and_stopped(topo: T
 
 
 async def test_a_worker_stops_when_its_primary_is_killed(topo: Topology):
+    """A worker stops within 5 s of its primary being SIGKILLed."""
     async def running() -> bool:
         return (await worker_1(topo))["running"]
 
@@ -99,6 +102,8 @@ async def test_a_worker_stops_when_its_primary_is_killed(topo: Topology):
 
 
 async def test_every_worker_acts_out_a_drill_fault(tmp_path: Path, request):
+    """A drain of east-2 with 2 workers: 12 of 12 new links refused (ERR draining), 12 of 12 OK after
+    the deadline, links landed on both workers."""
     async with running(Topology(tmp_path / "topo", workers={"east-2": 2}), request) as topo:
         async def reporting() -> bool:
             row = await worker_1(topo, "east-2")
@@ -129,6 +134,7 @@ async def test_every_worker_acts_out_a_drill_fault(tmp_path: Path, request):
     (["--workers", "2", "--worker-index", "1"], "--worker-index needs --primary-pid"),
 ])
 def test_bad_worker_arguments_exit_2(tmp_path: Path, args, message):
+    """3 bad --workers/--worker-index/--primary-pid combinations each exit 2 naming the flag."""
     topo = Topology(tmp_path / "t")
     r = run_cli("gateway", "run", "--config", str(topo.nodes["east-1"].config), *args)
     assert r.returncode == 2 and message in r.stderr, r.stderr
