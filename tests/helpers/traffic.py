@@ -76,6 +76,43 @@ async def wait_for(predicate, timeout: float, interval: float = 0.05,
         await asyncio.sleep(interval)
 
 
+async def chatter(port: int, stop: asyncio.Event, log: list[tuple[float, str | None]]) -> None:
+    """One long-lived connection: a line every 200 ms, every reply logged (None = failure)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        while not stop.is_set():
+            try:
+                writer.write(b"tick\n")
+                reply = await asyncio.wait_for(reader.readline(), 2.0)
+            except (OSError, TimeoutError) as e:
+                log.append((time.monotonic(), f"error {e!r}"))
+                return
+            log.append((time.monotonic(), reply.decode().strip() or "EOF"))
+            if not reply:
+                return
+            await asyncio.sleep(0.2)
+    finally:
+        writer.transport.abort()
+
+
+async def count_through(port: int, n: int) -> str:
+    """One connection: send `n` bytes, half-close, return the reply line (stripped)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        chunk = bytes(range(256)) * 256  # 64 KiB
+        sent = 0
+        while sent < n:
+            piece = chunk[: min(len(chunk), n - sent)]
+            writer.write(piece)
+            sent += len(piece)
+            await writer.drain()
+        writer.write_eof()  # half-close: we still read the reply
+        reply = await asyncio.wait_for(reader.read(), 10.0)
+        return reply.decode().strip()
+    finally:
+        writer.transport.abort()
+
+
 @dataclass
 class Conn:
     started: float
