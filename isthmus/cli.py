@@ -1,9 +1,10 @@
-"""The `isthmus` command. The only module that prints for people.
+"""The `isthmus` command: arguments and dispatch. Only the isthmus package (this module, demo,
+drill, status) prints for people; the gateway and the federation log.
 
 Exit codes: 0 ok, 1 failure, 2 bad usage or bad config (argparse's own convention for usage);
 `drill plan` also exits 3 when an import would be left with no healthy target. `gateway run`
-stops on a PermanentError (errors.py) with its reason on one line: 2 for a ConfigError (also
-found at start: federation.ca_file missing or not PEM, no join token), 1 otherwise (the
+stops on a PermanentError (gateway/errors.py) with its reason on one line: 2 for a ConfigError
+(also found at start: federation.ca_file missing or not PEM, no join token), 1 otherwise (the
 federation refused the join token: JoinRefused); what may pass by itself is retried, not exited.
 """
 
