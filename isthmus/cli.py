@@ -95,8 +95,11 @@ def cmd_token_create(args: argparse.Namespace) -> int:
         from federation.files import write_atomic
 
         write_atomic(args.output, (token + "\n").encode())
-        print(f"join token for {args.cluster} written to {args.output} (single use, expires in {args.ttl:g}s)",
-              file=sys.stderr)
+        print(
+            f"join token for {args.cluster} written to {args.output} "
+            f"(single use, expires in {args.ttl:g}s)",
+            file=sys.stderr,
+        )
     else:
         print(token)
     return EXIT_OK
@@ -114,7 +117,9 @@ def cmd_gateway_run(args: argparse.Namespace) -> int:
     if not 0 <= args.worker_index < args.workers:
         raise InputError(f"--worker-index: must be 0..{args.workers - 1}, got {args.worker_index}")
     if args.worker_index and args.primary_pid <= 1:
-        raise InputError("--worker-index needs --primary-pid (workers are started by their primary)")
+        raise InputError(
+            "--worker-index needs --primary-pid (workers are started by their primary)"
+        )
     _setup_logging(args.log_level, f"[worker {args.worker_index}] " if args.worker_index else "")
     if not args.worker_index:  # the primary speaks for its workers
         for w in cfg.warnings:
@@ -122,8 +127,13 @@ def cmd_gateway_run(args: argparse.Namespace) -> int:
     _install_uvloop()
 
     async def run(stop: asyncio.Event) -> None:
-        await Gateway(cfg, workers=args.workers, worker=args.worker_index, primary_pid=args.primary_pid,
-                      log_level=args.log_level).run(stop)
+        await Gateway(
+            cfg,
+            workers=args.workers,
+            worker=args.worker_index,
+            primary_pid=args.primary_pid,
+            log_level=args.log_level,
+        ).run(stop)
 
     asyncio.run(_until_signal(run))
     return EXIT_OK
@@ -174,34 +184,55 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="isthmus", description="Isthmus: an east-west gateway between clusters.")
+    p = argparse.ArgumentParser(
+        prog="isthmus", description="Isthmus: an east-west gateway between clusters."
+    )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     fed = sub.add_parser("federation", help="the federation service and its join tokens")
     fsub = fed.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
-    serve = fsub.add_parser("serve", help="run the federation service",
-                            description="Run the federation service (HTTP/JSON over mutual TLS 1.3).")
+    serve = fsub.add_parser(
+        "serve",
+        help="run the federation service",
+        description="Run the federation service (HTTP/JSON over mutual TLS 1.3).",
+    )
     serve.add_argument("--listen", type=_hostport, default=("127.0.0.1", 17443),
                        help="TLS API host:port (default 127.0.0.1:17443)")
     serve.add_argument("--admin", type=_hostport, default=("127.0.0.1", 17080),
                        help="plain-HTTP admin host:port for /healthz /readyz /metrics /status "
                             "(default 127.0.0.1:17080)")
-    serve.add_argument("--state-dir", type=Path, required=True, help="directory for the CA, keys and store")
-    serve.add_argument("--store", default=None, help="sqlite:PATH (default sqlite:STATE_DIR/federation.db)")
-    serve.add_argument("--lease-ttl", type=_duration, default=6.0,
-                       help="a cluster that stops renewing is withdrawn after this long (default 6s)")
+    serve.add_argument(
+        "--state-dir", type=Path, required=True, help="directory for the CA, keys and store"
+    )
+    serve.add_argument(
+        "--store", default=None, help="sqlite:PATH (default sqlite:STATE_DIR/federation.db)"
+    )
+    serve.add_argument(
+        "--lease-ttl",
+        type=_duration,
+        default=6.0,
+        help="a cluster that stops renewing is withdrawn after this long (default 6s)",
+    )
     serve.add_argument("--trust-domain", default="federation.isthmus.local")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=cmd_federation_serve)
 
     tok = fsub.add_parser("token", help="join tokens")
     tsub = tok.add_subparsers(dest="action", metavar="ACTION", required=True)
-    create = tsub.add_parser("create", help="print a single-use, expiring join token for one cluster")
+    create = tsub.add_parser(
+        "create", help="print a single-use, expiring join token for one cluster"
+    )
     create.add_argument("--cluster", required=True, help="the cluster the token may join as")
     create.add_argument("--ttl", type=_duration, default=900.0, help="token lifetime (default 15m)")
-    create.add_argument("--state-dir", type=Path, default=Path("."), help="the federation's state dir")
-    create.add_argument("--store", default=None, help="sqlite:PATH (default sqlite:STATE_DIR/federation.db)")
-    create.add_argument("--output", "-o", help="write the token to this file (0600) instead of stdout")
+    create.add_argument(
+        "--state-dir", type=Path, default=Path("."), help="the federation's state dir"
+    )
+    create.add_argument(
+        "--store", default=None, help="sqlite:PATH (default sqlite:STATE_DIR/federation.db)"
+    )
+    create.add_argument(
+        "--output", "-o", help="write the token to this file (0600) instead of stdout"
+    )
     create.set_defaults(func=cmd_token_create)
 
     gw = sub.add_parser("gateway", help="run a gateway")
@@ -209,11 +240,20 @@ def build_parser() -> argparse.ArgumentParser:
     run = gsub.add_parser("run", help="run the gateway of one cluster",
                           description="Run one cluster's gateway from its YAML config.")
     run.add_argument("--config", required=True, help="gateway config file (YAML)")
-    run.add_argument("--workers", type=int, default=1, metavar="N",
-                     help="processes sharing the listeners with SO_REUSEPORT, about one core each (default 1); "
-                          "this one is the primary and starts, restarts and stops the others")
-    run.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)  # set by the primary
-    run.add_argument("--primary-pid", type=int, default=0, help=argparse.SUPPRESS)  # set by the primary
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="processes sharing the listeners with SO_REUSEPORT, about one core each (default 1); "
+        "this one is the primary and starts, restarts and stops the others",
+    )
+    run.add_argument(
+        "--worker-index", type=int, default=0, help=argparse.SUPPRESS
+    )  # set by the primary
+    run.add_argument(
+        "--primary-pid", type=int, default=0, help=argparse.SUPPRESS
+    )  # set by the primary
     run.add_argument("--log-level", default="info")
     run.set_defaults(func=cmd_gateway_run)
 
@@ -236,20 +276,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_drill_parser(sub)
 
-    demo = sub.add_parser("demo", help="clusters on this machine, traffic, failover, a drill, reports",
-                          description="Start a federation, four gateways (east-1, east-2 in us-east; "
-                                      "west-1 in us-west; edge-1, consumer only, in eu-west) and echo "
-                                      "backends on loopback; drive traffic from east-1; fail east-1's then "
-                                      "east-2's backends; restore; report; then a blackhole drill of "
-                                      "us-east with its report (and drill-report.html in the state dir).")
+    demo = sub.add_parser(
+        "demo",
+        help="clusters on this machine, traffic, failover, a drill, reports",
+        description="Start a federation, four gateways (east-1, east-2 in us-east; "
+        "west-1 in us-west; edge-1, consumer only, in eu-west) and echo "
+        "backends on loopback; drive traffic from east-1; fail east-1's then "
+        "east-2's backends; restore; report; then a blackhole drill of "
+        "us-east with its report (and drill-report.html in the state dir).",
+    )
     demo.add_argument("--state-dir", type=Path, default=None,
                       help="where configs, keys and logs go (default: a new temporary directory)")
     demo.add_argument("--keep-running", action="store_true",
                       help="leave everything up afterwards (Ctrl-C to stop); try `isthmus status`")
-    demo.add_argument("--rate", type=int, default=40, help="new connections per second (default 40)")
-    demo.add_argument("--phase", type=_duration, default=4.0, help="length of each phase (default 4s)")
-    demo.add_argument("--port-offset", type=int, default=0,
-                      help="add this to every port (default 0: the ports of examples/three-clusters)")
+    demo.add_argument(
+        "--rate", type=int, default=40, help="new connections per second (default 40)"
+    )
+    demo.add_argument(
+        "--phase", type=_duration, default=4.0, help="length of each phase (default 4s)"
+    )
+    demo.add_argument(
+        "--port-offset",
+        type=int,
+        default=0,
+        help="add this to every port (default 0: the ports of examples/three-clusters)",
+    )
     demo.set_defaults(func=cmd_demo)
     return p
 

@@ -62,7 +62,9 @@ async def _routable_timeline(topo: Topology, key: str, until: float) -> list[tup
 def _counters(text: str) -> dict[str, float]:
     return {
         "served": metric_value(text, "isthmus_gateway_served_total", LISTENER),
-        "timeouts": metric_value(text, "isthmus_gateway_upstream_response_timeouts_total", LISTENER),
+        "timeouts": metric_value(
+            text, "isthmus_gateway_upstream_response_timeouts_total", LISTENER
+        ),
         "failed": metric_value(text, "isthmus_gateway_connections_failed_total", LISTENER),
     }
 
