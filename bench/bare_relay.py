@@ -68,7 +68,9 @@ class Accepted(Side):
 
     async def dial(self) -> None:
         try:
-            _, up = await asyncio.get_running_loop().create_connection(Side, "127.0.0.1", self.upstream)
+            _, up = await asyncio.get_running_loop().create_connection(
+                Side, "127.0.0.1", self.upstream
+            )
         except OSError:
             self.transport.abort()
             return
@@ -81,8 +83,9 @@ class Accepted(Side):
 
 async def main(listen: int, upstream: int) -> None:
     Accepted.upstream = upstream
-    server = await asyncio.get_running_loop().create_server(Accepted, "127.0.0.1", listen, backlog=4096,
-                                                            reuse_address=True)
+    server = await asyncio.get_running_loop().create_server(
+        Accepted, "127.0.0.1", listen, backlog=4096, reuse_address=True
+    )
     async with server:
         await server.serve_forever()
 

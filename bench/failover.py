@@ -63,7 +63,8 @@ def verify_blackhole(port: int) -> str:
             probe.connect(("127.0.0.1", port))
             return "NOT verified: a connect to the filled listen(0) socket succeeded"
         except TimeoutError:
-            return f"verified: a connect to the filled listen(0) socket timed out after {time.monotonic() - t:.1f} s"
+            took = time.monotonic() - t
+            return f"verified: a connect to the filled listen(0) socket timed out after {took:.1f}s"
         except OSError as e:
             return f"NOT verified: connect failed with {e}"
         finally:
@@ -127,7 +128,9 @@ async def run(state: Path, kills: int, log: Any) -> dict[str, dict]:
             failed: list[int] = []
             for k in range(kills):
                 if not await serving("east-1", loop.time()):
-                    raise RuntimeError(f"failover {mode} #{k}: traffic did not return to east-1 within 15 s")
+                    raise RuntimeError(
+                        f"failover {mode} #{k}: traffic did not return to east-1 within 15 s"
+                    )
                 await asyncio.sleep(0.2)
                 t_death = loop.time()
                 await be1.stop()
@@ -143,7 +146,9 @@ async def run(state: Path, kills: int, log: Any) -> dict[str, dict]:
                     bh.close()
                 await be1.start()
                 if first is None:
-                    raise RuntimeError(f"failover {mode} #{k}: no connection served by east-2 within 10 s")
+                    raise RuntimeError(
+                        f"failover {mode} #{k}: no connection served by east-2 within 10 s"
+                    )
                 times.append((first - t_death) * 1000)
                 failed.append(sum(1 for t, w in results if t_death <= t < t_restore and w is None))
                 del results[: max(0, len(results) - 200)]
@@ -156,8 +161,11 @@ async def run(state: Path, kills: int, log: Any) -> dict[str, dict]:
                 "failed_max_per_kill": max(failed),
                 "blackhole_check": note if mode == "blackholed" else "",
             }
-            log(f"failover {mode}: median {out[mode]['median_ms']:.1f} ms, max {out[mode]['max_ms']:.1f} ms, "
-                f"{sum(failed)} failed connections over {kills} kills")
+            log(
+                f"failover {mode}: median {out[mode]['median_ms']:.1f} ms, "
+                f"max {out[mode]['max_ms']:.1f} ms, "
+                f"{sum(failed)} failed connections over {kills} kills"
+            )
     finally:
         stop.set()
         await drive

@@ -61,7 +61,9 @@ def pct(values: list[float], q: float) -> float:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--requests", type=int, default=3000)
     args = ap.parse_args()
@@ -69,12 +71,25 @@ def main() -> int:
     (state / "logs").mkdir()
     procs = Processes(state / "logs")
     e2, w1, e1 = ports(OFFSET, 1), ports(OFFSET, 2), ports(OFFSET, 0)
-    echo = subprocess.Popen([sys.executable, "-m", "bench.echo_server", str(e2["ep1"]), str(e2["ep2"]),
-                             str(w1["ep1"]), str(w1["ep2"])])
+    echo = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bench.echo_server",
+            str(e2["ep1"]),
+            str(e2["ep2"]),
+            str(w1["ep1"]),
+            str(w1["ep2"]),
+        ]
+    )
     try:
         asyncio.run(start_topology(state, OFFSET, procs, None))
         time.sleep(1.0)  # let east-1's own (absent) endpoints be marked down
-        paths = {"direct": e2["ep1"], "local hop": e2["import"], "cross-cluster (mTLS)": e1["import"]}
+        paths = {
+            "direct": e2["ep1"],
+            "local hop": e2["import"],
+            "cross-cluster (mTLS)": e1["import"],
+        }
         results: dict[str, list[tuple[float, float]]] = {k: [] for k in paths}
         for _ in range(args.rounds):
             for name, port in paths.items():
@@ -88,7 +103,11 @@ def main() -> int:
         for name, rs in results.items():
             p50 = statistics.median(r[0] for r in rs)
             p99 = statistics.median(r[1] for r in rs)
-            added = "-" if name == "direct" else f"+{p50 - base50:.0f} µs ({(p50 - base50) / 1000:.3f} ms)"
+            added = (
+                "-"
+                if name == "direct"
+                else f"+{p50 - base50:.0f} µs ({(p50 - base50) / 1000:.3f} ms)"
+            )
             print(f"| {name} | {p50:.0f} | {p99:.0f} | {added} |")
         return 0
     finally:

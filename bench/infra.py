@@ -96,7 +96,10 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 5.0
 def require_tools() -> None:
     missing = [t for t in ("nginx", "haproxy", "wrk", "curl", "taskset") if shutil.which(t) is None]
     if missing:
-        raise SystemExit(f"bench: missing {', '.join(missing)}; install with: apt-get install -y haproxy wrk nginx curl")
+        raise SystemExit(
+            f"bench: missing {', '.join(missing)}; "
+            "install with: apt-get install -y haproxy wrk nginx curl"
+        )
     if len(os.sched_getaffinity(0)) < 2:
         raise SystemExit("bench: needs 2 cores (load generator on one, proxy on the other)")
 
@@ -155,8 +158,19 @@ http {{
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            ["taskset", "-c", str(LOAD_CORE), "nginx", "-p", str(self.dir), "-c", str(self.dir / "nginx.conf")],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(self.dir / "logs" / "stderr.log", "wb"),
+            [
+                "taskset",
+                "-c",
+                str(LOAD_CORE),
+                "nginx",
+                "-p",
+                str(self.dir),
+                "-c",
+                str(self.dir / "nginx.conf"),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.dir / "logs" / "stderr.log", "wb"),
         )
         for p in self.ports:
             wait_port(p)
@@ -185,25 +199,46 @@ def make_certs(d: Path) -> dict[str, Path]:
         return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (x509.CertificateBuilder().subject_name(name("bench-ca")).issuer_name(name("bench-ca"))
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-          .sign(ca_key, hashes.SHA256()))
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name("bench-ca"))
+        .issuer_name(name("bench-ca"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
     out = {"ca": d / "ca.pem"}
     out["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    for role, eku in (("server", ExtendedKeyUsageOID.SERVER_AUTH), ("client", ExtendedKeyUsageOID.CLIENT_AUTH)):
+    for role, eku in (
+        ("server", ExtendedKeyUsageOID.SERVER_AUTH),
+        ("client", ExtendedKeyUsageOID.CLIENT_AUTH),
+    ):
         key = ec.generate_private_key(ec.SECP256R1())
         cn = f"haproxy-{role}.bench.local"
-        cert = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(ca.subject)
-                .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-                .add_extension(x509.SubjectAlternativeName([x509.DNSName(cn)]), critical=False)
-                .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
-                .sign(ca_key, hashes.SHA256()))
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name(cn))
+            .issuer_name(ca.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(cn)]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
         path = d / f"{role}.pem"
-        path.write_bytes(cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        path.write_bytes(
+            cert.public_bytes(serialization.Encoding.PEM)
+            + key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
         path.chmod(0o600)
         out[role] = path
     return out
@@ -225,7 +260,9 @@ defaults
 
 
 class HAProxy:
-    def __init__(self, tmp: Path, name: str, body: str, nbthread: int = 1, pinned: bool = True) -> None:
+    def __init__(
+        self, tmp: Path, name: str, body: str, nbthread: int = 1, pinned: bool = True
+    ) -> None:
         self.cfg = tmp / f"haproxy-{name}.cfg"
         self.cfg.write_text(HAPROXY_GLOBAL.format(nbthread=nbthread) + body)
         self.pinned = pinned  # to PROXY_CORE
@@ -233,12 +270,18 @@ class HAProxy:
         self.proc: subprocess.Popen | None = None
 
     def start(self, port: int) -> None:
-        check = subprocess.run(["haproxy", "-c", "-f", str(self.cfg)], capture_output=True, text=True)
+        check = subprocess.run(
+            ["haproxy", "-c", "-f", str(self.cfg)], capture_output=True, text=True
+        )
         if check.returncode != 0:
             raise RuntimeError(f"haproxy config {self.cfg}: {check.stdout}{check.stderr}")
         pin = ["taskset", "-c", str(PROXY_CORE)] if self.pinned else []
-        self.proc = subprocess.Popen([*pin, "haproxy", "-db", "-f", str(self.cfg)],
-                                     stdin=subprocess.DEVNULL, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [*pin, "haproxy", "-db", "-f", str(self.cfg)],
+            stdin=subprocess.DEVNULL,
+            stdout=open(self.log, "wb"),
+            stderr=subprocess.STDOUT,
+        )
         wait_port(port)
 
     @property
@@ -261,7 +304,9 @@ backend b
 """, nbthread, pinned)
 
 
-def haproxy_chain(tmp: Path, listen: int, tls_port: int, backend: int, certs: dict[str, Path]) -> tuple[HAProxy, HAProxy]:
+def haproxy_chain(
+    tmp: Path, listen: int, tls_port: int, backend: int, certs: dict[str, Path]
+) -> tuple[HAProxy, HAProxy]:
     """A: plain in -> TLS 1.3 out with a client cert (verify the server against the CA);
     B: TLS 1.3 in requiring a client cert from the CA -> plain to the backend. HAProxy's
     defaults otherwise (including its client-side TLS session reuse)."""
@@ -272,12 +317,17 @@ backend b
   server s1 127.0.0.1:{tls_port} ssl crt {certs['client']} ca-file {certs['ca']} verify required \
 verifyhost haproxy-server.bench.local sni str(haproxy-server.bench.local) ssl-min-ver TLSv1.3
 """)
-    b = HAProxy(tmp, "chain-b", f"""frontend f
-  bind 127.0.0.1:{tls_port} ssl crt {certs['server']} ca-file {certs['ca']} verify required ssl-min-ver TLSv1.3
+    b = HAProxy(
+        tmp,
+        "chain-b",
+        f"""frontend f
+  bind 127.0.0.1:{tls_port} ssl crt {certs["server"]} ca-file {certs["ca"]} verify required \
+ssl-min-ver TLSv1.3
   default_backend b
 backend b
   server s1 127.0.0.1:{backend}
-""")
+""",
+    )
     return a, b
 
 
@@ -303,8 +353,18 @@ def _lat(text: str, pct: str) -> float | None:
 
 
 def wrk(port: int, conns: int, seconds: float, close: bool = False, path: str = "/") -> WrkResult:
-    cmd = ["taskset", "-c", str(LOAD_CORE), "wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s",
-           "--latency", "--timeout", "5s"]
+    cmd = [
+        "taskset",
+        "-c",
+        str(LOAD_CORE),
+        "wrk",
+        "-t1",
+        f"-c{conns}",
+        f"-d{max(1, round(seconds))}s",
+        "--latency",
+        "--timeout",
+        "5s",
+    ]
     if close:
         cmd += ["-H", "Connection: close"]
     cmd.append(f"http://127.0.0.1:{port}{path}")
@@ -320,14 +380,36 @@ def wrk(port: int, conns: int, seconds: float, close: bool = False, path: str = 
     if n:
         errors += int(n.group(1))
     reqs = re.search(r"(\d+) requests in", out)
-    return WrkResult(float(m.group(1)), _lat(out, "50"), _lat(out, "99"), errors, int(reqs.group(1)) if reqs else 0)
+    return WrkResult(
+        float(m.group(1)),
+        _lat(out, "50"),
+        _lat(out, "99"),
+        errors,
+        int(reqs.group(1)) if reqs else 0,
+    )
 
 
 def curl_mbps(port: int, path: str, expect: int, timeout: float = 120.0) -> float:
     """MB/s (10^6 bytes/s) of one download through 127.0.0.1:port, written to /dev/null."""
-    out = subprocess.run(["taskset", "-c", str(LOAD_CORE), "curl", "-s", "-o", "/dev/null", "--max-time", str(int(timeout)),
-                          "-w", "%{size_download} %{time_total}", f"http://127.0.0.1:{port}{path}"],
-                         capture_output=True, text=True, timeout=timeout + 10).stdout
+    out = subprocess.run(
+        [
+            "taskset",
+            "-c",
+            str(LOAD_CORE),
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "--max-time",
+            str(int(timeout)),
+            "-w",
+            "%{size_download} %{time_total}",
+            f"http://127.0.0.1:{port}{path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout + 10,
+    ).stdout
     size, secs = out.split()
     if int(size) != expect:
         raise RuntimeError(f"curl via port {port}: got {size} bytes, expected {expect}")

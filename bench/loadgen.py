@@ -110,7 +110,9 @@ async def run(port: int, rate: float, seconds: float, conns: int) -> dict:
     gen = Gen()
     for _ in range(conns):
         _, c = await loop.create_connection(lambda: Conn(gen), "127.0.0.1", port)
-        c.transport.get_extra_info("socket").setsockopt(6, 1, 1)  # TCP_NODELAY (once per connection)
+        c.transport.get_extra_info("socket").setsockopt(
+            6, 1, 1
+        )  # TCP_NODELAY (once per connection)
         gen.idle.append(c)
     total = int(rate * seconds)
     issued = 0
@@ -139,7 +141,9 @@ async def run(port: int, rate: float, seconds: float, conns: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--rate", type=float, required=True)
     ap.add_argument("--seconds", type=float, default=5.0)

@@ -38,7 +38,9 @@ class Idle(asyncio.Protocol):
 
 async def open_idle(port: int, n: int, held: list) -> None:
     loop = asyncio.get_running_loop()
-    batch = 50  # the import listener's accept backlog is asyncio's default (100): bigger bursts stall in SYN retries
+    # the import listener's accept backlog is asyncio's default (100): bigger bursts stall in
+    # SYN retries
+    batch = 50
     for i in range(0, n, batch):
         got = await asyncio.gather(*(loop.create_connection(Idle, "127.0.0.1", port)
                                      for _ in range(min(batch, n - i))), return_exceptions=True)
@@ -110,9 +112,13 @@ async def federation_catalog(state: Path, services: int, log: Any) -> dict:
         now = time.time()
         ca = CertificateAuthority.create(td, now)
         svid = ca.issue(gateway_id(td), now, 3600)
-        client = FederationClient(f"https://127.0.0.1:{FED_PORT}", load_federation_bundle(fed_dir / "ca.pem"))
+        client = FederationClient(
+            f"https://127.0.0.1:{FED_PORT}", load_federation_bundle(fed_dir / "ca.pem")
+        )
         try:
-            await client.join(token, ClusterRecord("bulk", "us-east", "a", td, "127.0.0.1:1"), ca.bundle(1))
+            await client.join(
+                token, ClusterRecord("bulk", "us-east", "a", td, "127.0.0.1:1"), ca.bundle(1)
+            )
             client.set_svid(svid)
             lease, ttl = await client.grant_lease("bulk")
             rss_before = rss_mib(fed.pid)
@@ -121,13 +127,17 @@ async def federation_catalog(state: Path, services: int, log: Any) -> dict:
                 while True:
                     await asyncio.sleep(ttl / 3)
                     if not await client.keepalive("bulk", lease):
-                        raise RuntimeError("federation lease of cluster bulk expired during the benchmark")
+                        raise RuntimeError(
+                            "federation lease of cluster bulk expired during the benchmark"
+                        )
 
             ka = asyncio.create_task(keepalive())
             sem = asyncio.Semaphore(32)
 
             async def put(i: int) -> None:
-                eps = tuple(Endpoint(f"10.{i // 250 % 250}.{i % 250}.{j + 1}", 8080) for j in range(10))
+                eps = tuple(
+                    Endpoint(f"10.{i // 250 % 250}.{i % 250}.{j + 1}", 8080) for j in range(10)
+                )
                 async with sem:
                     await client.put_export(Export("bulk", "default", f"svc-{i}", 8080, "tcp", eps))
 
@@ -142,7 +152,9 @@ async def federation_catalog(state: Path, services: int, log: Any) -> dict:
                 cat = await client.catalog()
                 catalog_s = time.perf_counter() - t1
                 if len(cat.exports) < services:
-                    raise RuntimeError(f"catalog holds {len(cat.exports)} exports, expected {services}")
+                    raise RuntimeError(
+                        f"catalog holds {len(cat.exports)} exports, expected {services}"
+                    )
                 await asyncio.sleep(1.0)
                 rss_after_read = rss_mib(fed.pid)
                 hwm = rss_mib(fed.pid, "VmHWM")
@@ -151,8 +163,11 @@ async def federation_catalog(state: Path, services: int, log: Any) -> dict:
         finally:
             await client.close()
         db = sum(p.stat().st_size for p in fed_dir.glob("federation.db*"))
-        log(f"memory: federation with {services} services x 10 endpoints: RSS {rss_published:.1f} MiB "
-            f"(after a catalog read {rss_after_read:.1f}, peak {hwm:.1f})")
+        log(
+            f"memory: federation with {services} services x 10 endpoints: "
+            f"RSS {rss_published:.1f} MiB "
+            f"(after a catalog read {rss_after_read:.1f}, peak {hwm:.1f})"
+        )
         return {"services": services, "rss_before": rss_before, "rss_published": rss_published,
                 "rss_after_read": rss_after_read, "hwm": hwm, "publish_per_s": services / publish_s,
                 "catalog_read_s": catalog_s, "db_mib": db / 2**20}

@@ -1,9 +1,10 @@
-"""The `isthmus` command. The only module that prints for people.
+"""The `isthmus` command: arguments and dispatch. Only the isthmus package (this module, demo,
+drill, status) prints for people; the gateway and the federation log.
 
 Exit codes: 0 ok, 1 failure, 2 bad usage or bad config (argparse's own convention for usage);
 `drill plan` also exits 3 when an import would be left with no healthy target. `gateway run`
-stops on a PermanentError (errors.py) with its reason on one line: 2 for a ConfigError (also
-found at start: federation.ca_file missing or not PEM, no join token), 1 otherwise (the
+stops on a PermanentError (gateway/errors.py) with its reason on one line: 2 for a ConfigError
+(also found at start: federation.ca_file missing or not PEM, no join token), 1 otherwise (the
 federation refused the join token: JoinRefused); what may pass by itself is retried, not exited.
 """
 
@@ -112,8 +113,11 @@ def cmd_token_create(args: argparse.Namespace) -> int:
         from federation.files import write_atomic
 
         write_atomic(args.output, (token + "\n").encode())
-        print(f"join token for {args.cluster} written to {args.output} (single use, expires in {args.ttl:g}s)",
-              file=sys.stderr)
+        print(
+            f"join token for {args.cluster} written to {args.output} "
+            f"(single use, expires in {args.ttl:g}s)",
+            file=sys.stderr,
+        )
     else:
         print(token)
     return EXIT_OK
@@ -131,7 +135,9 @@ def cmd_gateway_run(args: argparse.Namespace) -> int:
     if not 0 <= args.worker_index < args.workers:
         raise InputError(f"--worker-index: must be 0..{args.workers - 1}, got {args.worker_index}")
     if args.worker_index and args.primary_pid <= 1:
-        raise InputError("--worker-index needs --primary-pid (workers are started by their primary)")
+        raise InputError(
+            "--worker-index needs --primary-pid (workers are started by their primary)"
+        )
     if args.takeover and args.worker_index:
         raise InputError("--takeover is for the gateway you start, not for its workers")
     listen_fds = _listen_fds(args.listen_fds)
@@ -148,9 +154,10 @@ def cmd_gateway_run(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGQUIT, drain.set)
-        await Gateway(cfg, workers=args.workers, worker=args.worker_index, primary_pid=args.primary_pid,
-                      log_level=args.log_level, takeover=args.takeover, listen_fds=listen_fds,
-                      ready_fd=args.ready_fd, wait_serve=args.wait_serve).run(stop, drain)
+        await Gateway(cfg, workers=args.workers, worker=args.worker_index,
+                      primary_pid=args.primary_pid, log_level=args.log_level,
+                      takeover=args.takeover, listen_fds=listen_fds, ready_fd=args.ready_fd,
+                      wait_serve=args.wait_serve).run(stop, drain)
 
     asyncio.run(run())
     return EXIT_OK
@@ -216,34 +223,55 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="isthmus", description="Isthmus: an east-west gateway between clusters.")
+    p = argparse.ArgumentParser(
+        prog="isthmus", description="Isthmus: an east-west gateway between clusters."
+    )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     fed = sub.add_parser("federation", help="the federation service and its join tokens")
     fsub = fed.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
-    serve = fsub.add_parser("serve", help="run the federation service",
-                            description="Run the federation service (HTTP/JSON over mutual TLS 1.3).")
+    serve = fsub.add_parser(
+        "serve",
+        help="run the federation service",
+        description="Run the federation service (HTTP/JSON over mutual TLS 1.3).",
+    )
     serve.add_argument("--listen", type=_hostport, default=("127.0.0.1", 17443),
                        help="TLS API host:port (default 127.0.0.1:17443)")
     serve.add_argument("--admin", type=_hostport, default=("127.0.0.1", 17080),
                        help="plain-HTTP admin host:port for /healthz /readyz /metrics /status "
                             "(default 127.0.0.1:17080)")
-    serve.add_argument("--state-dir", type=Path, required=True, help="directory for the CA, keys and store")
-    serve.add_argument("--store", default=None, help="sqlite:PATH (default sqlite:STATE_DIR/federation.db)")
-    serve.add_argument("--lease-ttl", type=_duration, default=6.0,
-                       help="a cluster that stops renewing is withdrawn after this long (default 6s)")
+    serve.add_argument(
+        "--state-dir", type=Path, required=True, help="directory for the CA, keys and store"
+    )
+    serve.add_argument(
+        "--store", default=None, help="sqlite:PATH (default sqlite:STATE_DIR/federation.db)"
+    )
+    serve.add_argument(
+        "--lease-ttl",
+        type=_duration,
+        default=6.0,
+        help="a cluster that stops renewing is withdrawn after this long (default 6s)",
+    )
     serve.add_argument("--trust-domain", default="federation.isthmus.local")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=cmd_federation_serve)
 
     tok = fsub.add_parser("token", help="join tokens")
     tsub = tok.add_subparsers(dest="action", metavar="ACTION", required=True)
-    create = tsub.add_parser("create", help="print a single-use, expiring join token for one cluster")
+    create = tsub.add_parser(
+        "create", help="print a single-use, expiring join token for one cluster"
+    )
     create.add_argument("--cluster", required=True, help="the cluster the token may join as")
     create.add_argument("--ttl", type=_duration, default=900.0, help="token lifetime (default 15m)")
-    create.add_argument("--state-dir", type=Path, default=Path("."), help="the federation's state dir")
-    create.add_argument("--store", default=None, help="sqlite:PATH (default sqlite:STATE_DIR/federation.db)")
-    create.add_argument("--output", "-o", help="write the token to this file (0600) instead of stdout")
+    create.add_argument(
+        "--state-dir", type=Path, default=Path("."), help="the federation's state dir"
+    )
+    create.add_argument(
+        "--store", default=None, help="sqlite:PATH (default sqlite:STATE_DIR/federation.db)"
+    )
+    create.add_argument(
+        "--output", "-o", help="write the token to this file (0600) instead of stdout"
+    )
     create.set_defaults(func=cmd_token_create)
 
     gw = sub.add_parser("gateway", help="run a gateway")
@@ -256,16 +284,18 @@ def build_parser() -> argparse.ArgumentParser:
                                       "runs on the state dir.")
     run.add_argument("--config", required=True, help="gateway config file (YAML)")
     run.add_argument("--workers", type=int, default=1, metavar="N",
-                     help="processes sharing the listeners with SO_REUSEPORT, about one core each (default 1); "
-                          "this one is the primary and starts, restarts and stops the others")
+                     help="processes sharing the listeners with SO_REUSEPORT, about one core "
+                          "each (default 1); this one is the primary and starts, restarts and "
+                          "stops the others")
     run.add_argument("--takeover", action="store_true",
                      help="replace the gateway already running on this state dir without "
                           "dropping a connection: take over its listening sockets, get ready, "
                           "then it drains (limits.drain_timeout) and exits; it keeps serving if "
                           "this process is not ready within limits.takeover_timeout (exit 1). "
                           "Starts normally if no gateway runs there")
-    run.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)  # set by the primary
-    run.add_argument("--primary-pid", type=int, default=0, help=argparse.SUPPRESS)  # set by the primary
+    # set by the primary for its workers
+    run.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
+    run.add_argument("--primary-pid", type=int, default=0, help=argparse.SUPPRESS)
     # set by the primary for its workers: their sockets, a pipe to say "ready", wait for SIGUSR1
     run.add_argument("--listen-fds", default=None, help=argparse.SUPPRESS)
     run.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
@@ -292,20 +322,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_drill_parser(sub)
 
-    demo = sub.add_parser("demo", help="clusters on this machine, traffic, failover, a drill, reports",
-                          description="Start a federation, four gateways (east-1, east-2 in us-east; "
-                                      "west-1 in us-west; edge-1, consumer only, in eu-west) and echo "
-                                      "backends on loopback; drive traffic from east-1; fail east-1's then "
-                                      "east-2's backends; restore; report; then a blackhole drill of "
-                                      "us-east with its report (and drill-report.html in the state dir).")
+    demo = sub.add_parser(
+        "demo",
+        help="clusters on this machine, traffic, failover, a drill, reports",
+        description="Start a federation, four gateways (east-1, east-2 in us-east; "
+        "west-1 in us-west; edge-1, consumer only, in eu-west) and echo "
+        "backends on loopback; drive traffic from east-1; fail east-1's then "
+        "east-2's backends; restore; report; then a blackhole drill of "
+        "us-east with its report (and drill-report.html in the state dir).",
+    )
     demo.add_argument("--state-dir", type=Path, default=None,
                       help="where configs, keys and logs go (default: a new temporary directory)")
     demo.add_argument("--keep-running", action="store_true",
                       help="leave everything up afterwards (Ctrl-C to stop); try `isthmus status`")
-    demo.add_argument("--rate", type=int, default=40, help="new connections per second (default 40)")
-    demo.add_argument("--phase", type=_duration, default=4.0, help="length of each phase (default 4s)")
-    demo.add_argument("--port-offset", type=int, default=0,
-                      help="add this to every port (default 0: the ports of examples/three-clusters)")
+    demo.add_argument(
+        "--rate", type=int, default=40, help="new connections per second (default 40)"
+    )
+    demo.add_argument(
+        "--phase", type=_duration, default=4.0, help="length of each phase (default 4s)"
+    )
+    demo.add_argument(
+        "--port-offset",
+        type=int,
+        default=0,
+        help="add this to every port (default 0: the ports of examples/three-clusters)",
+    )
     demo.set_defaults(func=cmd_demo)
     return p
 

@@ -52,15 +52,24 @@ CLUSTERS = (("east-1", "us-east", "a"), ("east-2", "us-east", "b"), ("west-1", "
 # consumer-only clusters: export nothing, import echo (index continues CLUSTERS' port numbering)
 CONSUMERS = (("edge-1", "eu-west", "a"),)
 ALL_CLUSTERS = CLUSTERS + CONSUMERS
-EDGE_FAILOVER = {"tiers": ["cluster", "zone", "region", "any"], "region_preference": ["us-east", "us-west"],
-                 "failback_after": "2s"}
-DRILL_SPEC = {"scope": {"region": "us-east"}, "mode": "blackhole", "duration": "8s", "baseline": "2s",
-              "settle": "5s"}
+EDGE_FAILOVER = {
+    "tiers": ["cluster", "zone", "region", "any"],
+    "region_preference": ["us-east", "us-west"],
+    "failback_after": "2s",
+}
+DRILL_SPEC = {
+    "scope": {"region": "us-east"},
+    "mode": "blackhole",
+    "duration": "8s",
+    "baseline": "2s",
+    "settle": "5s",
+}
 FED_PORT, FED_ADMIN = 17443, 17080
 
 
 def ports(offset: int, i: int) -> dict[str, int]:
-    """Same numbering as examples/three-clusters: cluster i (1-based) uses 15i01.., 16i01, 18i01.."""
+    """Same numbering as examples/three-clusters: cluster i (1-based) uses 15i01.., 16i01,
+    18i01.."""
     n = i + 1
     return {
         "inbound": 15001 + 100 * n + offset,
@@ -86,19 +95,40 @@ def write_configs(state: Path, offset: int) -> list[Path]:
             "listen": {"inbound": f"127.0.0.1:{p['inbound']}", "admin": f"127.0.0.1:{p['admin']}"},
             "state_dir": name,
             "limits": {"connect_timeout": "500ms"},
-            "outlier_detection": {"consecutive_failures": 1, "base_ejection": "2s", "max_ejection": "30s"},
+            "outlier_detection": {
+                "consecutive_failures": 1,
+                "base_ejection": "2s",
+                "max_ejection": "30s",
+            },
             "peer_probe": {"interval": "300ms", "timeout": "300ms"},
-            "exports": [] if consumer else [{
-                "name": "echo", "namespace": "default", "port": 8080, "protocol": "tcp",
-                "endpoints": [f"127.0.0.1:{p['ep1']}", f"127.0.0.1:{p['ep2']}"],
-                "health_check": {"kind": "tcp", "interval": "300ms", "timeout": "200ms",
-                                 "healthy_threshold": 2, "unhealthy_threshold": 2},
-            }],
-            "imports": [{
-                "name": "echo", "namespace": "default", "listen": f"127.0.0.1:{p['import']}",
-                "failover": EDGE_FAILOVER if consumer else {"tiers": ["cluster", "zone", "region", "any"],
-                                                            "failback_after": "2s"},
-            }],
+            "exports": []
+            if consumer
+            else [
+                {
+                    "name": "echo",
+                    "namespace": "default",
+                    "port": 8080,
+                    "protocol": "tcp",
+                    "endpoints": [f"127.0.0.1:{p['ep1']}", f"127.0.0.1:{p['ep2']}"],
+                    "health_check": {
+                        "kind": "tcp",
+                        "interval": "300ms",
+                        "timeout": "200ms",
+                        "healthy_threshold": 2,
+                        "unhealthy_threshold": 2,
+                    },
+                }
+            ],
+            "imports": [
+                {
+                    "name": "echo",
+                    "namespace": "default",
+                    "listen": f"127.0.0.1:{p['import']}",
+                    "failover": EDGE_FAILOVER
+                    if consumer
+                    else {"tiers": ["cluster", "zone", "region", "any"], "failback_after": "2s"},
+                }
+            ],
         }
         path = state / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -143,7 +173,9 @@ class Backends:
 
     async def start(self) -> None:
         for port in self.ports:
-            self.servers.append(await asyncio.start_server(self._handle, "127.0.0.1", port, reuse_address=True))
+            self.servers.append(
+                await asyncio.start_server(self._handle, "127.0.0.1", port, reuse_address=True)
+            )
 
     async def stop(self) -> None:
         """Close the listening sockets (new connects are refused) and reset open connections."""
@@ -252,8 +284,12 @@ class Processes:
 
     def start(self, name: str, *args: str) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "wb")
-        proc = subprocess.Popen([sys.executable, "-m", "isthmus.cli", *args], stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "isthmus.cli", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
         self.procs.append((name, proc))
         return proc
 
@@ -279,7 +315,9 @@ class Processes:
 async def http_json(port: int, path: str) -> Any:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+        writer.write(
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
+        )
         data = await asyncio.wait_for(reader.read(), 5)
     finally:
         writer.close()
@@ -304,16 +342,31 @@ async def wait_until(what: str, check, procs: Processes, timeout: float = 20.0) 
     raise RuntimeError(f"timed out waiting for {what}" + (f" (last error: {last})" if last else ""))
 
 
-async def start_topology(state: Path, offset: int, procs: Processes, backends: dict[str, Backends] | None,
-                         workers: dict[str, int] | None = None) -> None:
+async def start_topology(
+    state: Path,
+    offset: int,
+    procs: Processes,
+    backends: dict[str, Backends] | None,
+    workers: dict[str, int] | None = None,
+) -> None:
     """Federation, join tokens, (optionally) backends, four gateways (ALL_CLUSTERS); returns when
     east-1 sees every cluster live and both remote gateways healthy, and edge-1 sees the three
     exporting gateways healthy. The operator credentials are in state/federation/operator.
     `workers`: cluster -> `gateway run --workers N` (default 1)."""
     configs = write_configs(state, offset)
-    procs.start("federation", "federation", "serve", "--state-dir", str(state / "federation"),
-                "--listen", f"127.0.0.1:{FED_PORT + offset}", "--admin", f"127.0.0.1:{FED_ADMIN + offset}",
-                "--lease-ttl", "3s")
+    procs.start(
+        "federation",
+        "federation",
+        "serve",
+        "--state-dir",
+        str(state / "federation"),
+        "--listen",
+        f"127.0.0.1:{FED_PORT + offset}",
+        "--admin",
+        f"127.0.0.1:{FED_ADMIN + offset}",
+        "--lease-ttl",
+        "3s",
+    )
     await wait_until("the federation", lambda: http_json(FED_ADMIN + offset, "/readyz"), procs)
 
     from federation.server.app import create_token
@@ -330,7 +383,15 @@ async def start_topology(state: Path, offset: int, procs: Processes, backends: d
     for b in (backends or {}).values():
         await b.start()
     for (name, _, _), path in zip(ALL_CLUSTERS, configs, strict=True):
-        procs.start(name, "gateway", "run", "--config", str(path), "--workers", str((workers or {}).get(name, 1)))
+        procs.start(
+            name,
+            "gateway",
+            "run",
+            "--config",
+            str(path),
+            "--workers",
+            str((workers or {}).get(name, 1)),
+        )
     # Ready when every cluster is live and east-1 and edge-1 have reached every other exporting
     # gateway (its PING probe is healthy). Endpoint health is not waited for: a cluster whose
     # endpoints are down (as in the benchmarks' topology) is a state to route around, not a hang.
@@ -345,8 +406,12 @@ async def start_topology(state: Path, offset: int, procs: Processes, backends: d
             return len(st["catalog"]["live"]) == len(ALL_CLUSTERS) and all(
                 health.get(k, {}).get("state") == "healthy" for k in peers)
 
-        await wait_until(f"{me} to see {len(ALL_CLUSTERS)} live clusters and reach {len(peers)} gateways",
-                         reached, procs, 30)
+        await wait_until(
+            f"{me} to see {len(ALL_CLUSTERS)} live clusters and reach {len(peers)} gateways",
+            reached,
+            procs,
+            30,
+        )
 
 
 def federation_url(offset: int) -> str:
@@ -370,9 +435,14 @@ async def demo(args: Any, state: Path, out) -> int:
         out(f"state and logs in {state}")
         await start_topology(state, offset, procs, backends)
         admin1 = ports(offset, 0)["admin"]
-        out("federation + 4 gateways up: east-1 (us-east/a), east-2 (us-east/b), west-1 (us-west/a), "
-            "edge-1 (eu-west/a, consumer only: prefers us-east, then us-west)")
-        out(f"driving {args.rate} new connections/s into east-1's local listener for default/echo\n")
+        out(
+            "federation + 4 gateways up: east-1 (us-east/a), east-2 (us-east/b), "
+            "west-1 (us-west/a), "
+            "edge-1 (eu-west/a, consumer only: prefers us-east, then us-west)"
+        )
+        out(
+            f"driving {args.rate} new connections/s into east-1's local listener for default/echo\n"
+        )
 
         loop = asyncio.get_running_loop()
         phases: list[Phase] = []
@@ -382,7 +452,9 @@ async def demo(args: Any, state: Path, out) -> int:
             phases.append(Phase(name, expect, loop.time()))
 
         begin("all up", "east-1")
-        driver = asyncio.create_task(drive(ports(offset, 0)["import"], args.rate, phases, stop, backends))
+        driver = asyncio.create_task(
+            drive(ports(offset, 0)["import"], args.rate, phases, stop, backends)
+        )
         try:
             await asyncio.sleep(args.phase)
             await backends["east-1"].stop()
@@ -401,8 +473,11 @@ async def demo(args: Any, state: Path, out) -> int:
         ok = report(phases, out)
         ok = await drill(state, offset, out) and ok
         if args.keep_running:
-            out(f"\nstill running; try: isthmus status --admin http://127.0.0.1:{FED_ADMIN + offset}"
-                f"  or  curl 127.0.0.1:{admin1}/status   (Ctrl-C to stop)")
+            out(
+                "\nstill running; try: isthmus status --admin "
+                f"http://127.0.0.1:{FED_ADMIN + offset}"
+                f"  or  curl 127.0.0.1:{admin1}/status   (Ctrl-C to stop)"
+            )
             forever = asyncio.Event()
             loop.add_signal_handler(signal.SIGINT, forever.set)
             loop.add_signal_handler(signal.SIGTERM, forever.set)
@@ -424,9 +499,12 @@ async def drill(state: Path, offset: int, out) -> bool:
 
     console = Console(width=max(100, shutil.get_terminal_size().columns), highlight=False)
     scope = DRILL_SPEC["scope"]["region"]
-    out(f"\nfailover drill: {DRILL_SPEC['mode']} of region {scope} for {DRILL_SPEC['duration']} "
-        f"(isthmus drill run --region {scope} --mode {DRILL_SPEC['mode']} --duration {DRILL_SPEC['duration']} "
-        f"--baseline {DRILL_SPEC['baseline']} --settle {DRILL_SPEC['settle']})")
+    out(
+        f"\nfailover drill: {DRILL_SPEC['mode']} of region {scope} for {DRILL_SPEC['duration']} "
+        f"(isthmus drill run --region {scope} --mode {DRILL_SPEC['mode']} "
+        f"--duration {DRILL_SPEC['duration']} "
+        f"--baseline {DRILL_SPEC['baseline']} --settle {DRILL_SPEC['settle']})"
+    )
     async with open_client(federation_url(offset), operator_credentials(state)) as client:
         print_plan(plan_drill(await client.catalog(), "region", scope), console)
         result = await run_drill(client, dict(DRILL_SPEC), console)
@@ -457,12 +535,25 @@ def report(phases: list[Phase], out) -> bool:
     for i, p in enumerate(phases):
         shift = "-"
         if i > 0:
-            shift = "never" if p.first_expected is None else (
-                f"{(p.last_unexpected or 0) * 1000:.0f} ms" if p.last_unexpected is not None else "0 ms")
+            shift = (
+                "never"
+                if p.first_expected is None
+                else (
+                    f"{(p.last_unexpected or 0) * 1000:.0f} ms"
+                    if p.last_unexpected is not None
+                    else "0 ms"
+                )
+            )
         all_ok &= p.ok
-        t.add_row(p.name, p.expect, *(str(p.served.get(c, 0)) for c, _, _ in CLUSTERS), str(p.failed),
-                  str(p.in_flight), shift,
-                  "[green]yes[/]" if p.ok else "[red]NO[/]")
+        t.add_row(
+            p.name,
+            p.expect,
+            *(str(p.served.get(c, 0)) for c, _, _ in CLUSTERS),
+            str(p.failed),
+            str(p.in_flight),
+            shift,
+            "[green]yes[/]" if p.ok else "[red]NO[/]",
+        )
     Console(width=max(100, shutil.get_terminal_size().columns)).print(t)
     total = sum(sum(p.served.values()) + p.failed + p.in_flight for p in phases)
     failed = sum(p.failed for p in phases)

@@ -131,8 +131,12 @@ def summary_rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
     mode_name = mode.get("mode") or d.get("mode") or "?"
     mode_text = str(mode_name)
     if mode_name == "degrade":
-        lat, err = _num(mode.get("latency", d.get("latency"))), _num(mode.get("error_rate", d.get("error_rate")))
-        mode_text += f" (latency {0 if lat is None else lat * 1000:.0f} ms, error rate {0 if err is None else err:.0%})"
+        lat, err = (
+            _num(mode.get("latency", d.get("latency"))),
+            _num(mode.get("error_rate", d.get("error_rate"))),
+        )
+        mode_text += (f" (latency {0 if lat is None else lat * 1000:.0f} ms, "
+                      f"error rate {0 if err is None else err:.0%})")
     attempts = int(_num(totals.get("attempts")) or 0)
     successes = int(_num(totals.get("successes")) or 0)
     failures = int(_num(totals.get("failures")) or 0)
@@ -143,13 +147,19 @@ def summary_rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("drill", str(d.get("id") or report.get("id") or "?")),
         ("scope", _scope_text(report)),
         ("mode", mode_text),
-        ("state", f"{report.get('state') or d.get('state') or '?'} ({report.get('end_reason') or d.get('end_reason') or '-'})"),
+        (
+            "state",
+            f"{report.get('state') or d.get('state') or '?'} "
+            f"({report.get('end_reason') or d.get('end_reason') or '-'})",
+        ),
         ("fault window", "-" if stop is None else f"0.0 s .. {stop:.1f} s"),
         ("detection", fmt_seconds(report.get("detection_s"))),
         ("time to shift", fmt_seconds(report.get("shift_s"))),
         ("failed during shift", str(report.get("failed_during_shift", "-"))),
-        ("p99 during fault (worst / median)",
-         f"{_fmt_ms(report.get('p99_ms_worst'))} / {_fmt_ms(report.get('p99_ms_median'))}"),
+        (
+            "p99 during fault (worst / median)",
+            f"{_fmt_ms(report.get('p99_ms_worst'))} / {_fmt_ms(report.get('p99_ms_median'))}",
+        ),
         ("failback after fault stop", fmt_seconds(report.get("failback_s"))),
         ("flapped", "-" if flapped is None else ("YES" if flapped else "no")),
         ("probes", f"{attempts} attempts, {successes} ok, {failures} failed{ratio}"),
@@ -168,11 +178,15 @@ def _svg(report: Mapping[str, Any], rows: list[dict[str, Any]]) -> str:
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" '
         'role="img" aria-labelledby="plot-title" font-family="sans-serif" font-size="12">',
-        '<title id="plot-title">Traffic share per serving region and error rate, per second</title>',
+        '<title id="plot-title">Traffic share per serving region and error rate, per second'
+        "</title>",
         f'<rect x="0" y="0" width="{W}" height="{H}" fill="#ffffff"/>',
     ]
     if not rows:
-        parts.append(f'<text x="{W / 2}" y="{H / 2}" text-anchor="middle" fill="#555">no samples</text></svg>')
+        parts.append(
+            f'<text x="{W / 2}" y="{H / 2}" text-anchor="middle" fill="#555">no samples</text>'
+            "</svg>"
+        )
         return "\n".join(parts)
     lo, hi = rows[0]["second"], rows[-1]["second"] + 1
     span = max(1, hi - lo)
@@ -191,13 +205,19 @@ def _svg(report: Mapping[str, Any], rows: list[dict[str, Any]]) -> str:
             parts.append(f'<rect class="fault-window" x="{x0:.1f}" y="{MT}" width="{x1 - x0:.1f}" '
                          f'height="{ph}" fill="#fbe3d6"/>')
             # the same window as a strip above the plot (the bars cover the shading)
-            parts.append(f'<rect class="fault-strip" x="{x0:.1f}" y="{MT - 9}" width="{x1 - x0:.1f}" '
-                         'height="6" fill="#e8a27c"/>')
+            parts.append(
+                f'<rect class="fault-strip" x="{x0:.1f}" y="{MT - 9}" width="{x1 - x0:.1f}" '
+                'height="6" fill="#e8a27c"/>'
+            )
     # grid + y axis
     for i in range(0, 11, 2):
         f = i / 10
-        parts.append(f'<line x1="{ML}" x2="{ML + pw}" y1="{y(f):.1f}" y2="{y(f):.1f}" stroke="#e4e4e4"/>')
-        parts.append(f'<text x="{ML - 8}" y="{y(f) + 4:.1f}" text-anchor="end" fill="#333">{i * 10}%</text>')
+        parts.append(
+            f'<line x1="{ML}" x2="{ML + pw}" y1="{y(f):.1f}" y2="{y(f):.1f}" stroke="#e4e4e4"/>'
+        )
+        parts.append(
+            f'<text x="{ML - 8}" y="{y(f) + 4:.1f}" text-anchor="end" fill="#333">{i * 10}%</text>'
+        )
     # stacked bars of share per serving region
     regions = sorted({r for row in rows for r in row["by_region"]})
     in_scope = _in_scope_regions(report)
@@ -216,9 +236,10 @@ def _svg(report: Mapping[str, Any], rows: list[dict[str, Any]]) -> str:
             share = min(1.0, n / att)
             top = y(acc + share)
             parts.append(
-                f'<rect class="share" data-region="{e(r)}" x="{x(row["second"]) + gap / 2:.1f}" y="{top:.1f}" '
+                f'<rect class="share" data-region="{e(r)}" x="{x(row["second"]) + gap / 2:.1f}" '
+                f'y="{top:.1f}" '
                 f'width="{max(0.5, bw - gap):.1f}" height="{y(acc) - top:.1f}" fill="{colors[r]}">'
-                f'<title>t={row["second"]} s: {e(r)} served {n}/{att}</title></rect>'
+                f"<title>t={row['second']} s: {e(r)} served {n}/{att}</title></rect>"
             )
             acc += share
     # error-rate line (a point per second, at the middle of its bar)
@@ -238,18 +259,29 @@ def _svg(report: Mapping[str, Any], rows: list[dict[str, Any]]) -> str:
         if at is None or not lo <= at <= hi:
             continue
         xm = x(at)
-        parts.append(f'<line class="marker" x1="{xm:.1f}" x2="{xm:.1f}" y1="{MT - 6}" y2="{MT + ph}" '
-                     'stroke="#222" stroke-width="1.5" stroke-dasharray="6 4"/>')
-        parts.append(f'<rect x="{xm + 2:.1f}" y="{MT + 2}" width="{6.6 * len(label) + 6:.1f}" height="15" '
-                     'fill="#ffffff" fill-opacity="0.85"/>')
-        parts.append(f'<text x="{xm + 5:.1f}" y="{MT + 14}" fill="#222" font-weight="bold">{label}</text>')
+        parts.append(
+            f'<line class="marker" x1="{xm:.1f}" x2="{xm:.1f}" y1="{MT - 6}" y2="{MT + ph}" '
+            'stroke="#222" stroke-width="1.5" stroke-dasharray="6 4"/>'
+        )
+        parts.append(
+            f'<rect x="{xm + 2:.1f}" y="{MT + 2}" width="{6.6 * len(label) + 6:.1f}" height="15" '
+            'fill="#ffffff" fill-opacity="0.85"/>'
+        )
+        parts.append(
+            f'<text x="{xm + 5:.1f}" y="{MT + 14}" fill="#222" font-weight="bold">{label}</text>'
+        )
     # x axis: a tick every few seconds so labels never collide
     step = next(s for s in (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 1800, 3600) if span / s <= 24)
     parts.append(f'<line x1="{ML}" x2="{ML + pw}" y1="{MT + ph}" y2="{MT + ph}" stroke="#333"/>')
     first = -(-lo // step) * step
     for s in range(first, hi + 1, step):
-        parts.append(f'<line x1="{x(s):.1f}" x2="{x(s):.1f}" y1="{MT + ph}" y2="{MT + ph + 5}" stroke="#333"/>')
-        parts.append(f'<text x="{x(s):.1f}" y="{MT + ph + 19}" text-anchor="middle" fill="#333">{s}</text>')
+        parts.append(
+            f'<line x1="{x(s):.1f}" x2="{x(s):.1f}" y1="{MT + ph}" y2="{MT + ph + 5}" '
+            'stroke="#333"/>'
+        )
+        parts.append(
+            f'<text x="{x(s):.1f}" y="{MT + ph + 19}" text-anchor="middle" fill="#333">{s}</text>'
+        )
     parts.append(f'<text x="{ML + pw / 2}" y="{H - 12}" text-anchor="middle" fill="#111">'
                  'seconds since fault start</text>')
     parts.append(f'<text x="16" y="{MT + ph / 2}" text-anchor="middle" fill="#111" '
@@ -261,10 +293,16 @@ def _svg(report: Mapping[str, Any], rows: list[dict[str, Any]]) -> str:
         parts.append(f'<rect x="{lx}" y="14" width="14" height="14" fill="{colors[r]}"/>')
         parts.append(f'<text x="{lx + 20}" y="26" fill="#111">{e(name)}</text>')
         lx += 34 + 7.2 * len(name)
-    parts.append(f'<line x1="{lx}" x2="{lx + 22}" y1="21" y2="21" stroke="{ERROR_COLOR}" stroke-width="2.5"/>')
+    parts.append(
+        f'<line x1="{lx}" x2="{lx + 22}" y1="21" y2="21" stroke="{ERROR_COLOR}" '
+        'stroke-width="2.5"/>'
+    )
     parts.append(f'<text x="{lx + 28}" y="26" fill="#111">error rate</text>')
     lx += 110
-    parts.append(f'<rect x="{lx}" y="14" width="14" height="14" fill="#fbe3d6" stroke="#e8a27c" stroke-width="2"/>')
+    parts.append(
+        f'<rect x="{lx}" y="14" width="14" height="14" fill="#fbe3d6" stroke="#e8a27c" '
+        'stroke-width="2"/>'
+    )
     parts.append(f'<text x="{lx + 20}" y="26" fill="#111">fault window</text>')
     parts.append("</svg>")
     return "\n".join(parts)
@@ -321,7 +359,8 @@ def render_report_html(report: Mapping[str, Any]) -> str:
 </head>
 <body>
 <h1>{e(title)}</h1>
-<p class="sub">mode {e(str(d.get('mode') or (report.get('by_mode') or {}).get('mode') or '?'))}; seconds are relative to the
+<p class="sub">mode {e(str(d.get("mode") or (report.get("by_mode") or {}).get("mode") or "?"))}; \
+seconds are relative to the
 fault start (negative: baseline before the fault).</p>
 <table class="summary">
 {chr(10).join(summary)}

@@ -41,7 +41,9 @@ async def fetch_status(admin_url: str, timeout: float = 5.0) -> dict[str, Any]:
                 if r.status != 200:
                     raise FederationError(f"{url} answered {r.status}: {body[:200]!r}", r.status)
     except (aiohttp.ClientError, TimeoutError) as e:
-        raise FederationError(f"cannot reach the federation admin at {url}: {e or 'timeout'}") from None
+        raise FederationError(
+            f"cannot reach the federation admin at {url}: {e or 'timeout'}"
+        ) from None
     try:
         data = json.loads(body)
     except ValueError:

@@ -22,11 +22,11 @@ The shell (`DrillActor`, one task in the runtime's TaskGroup) re-decides on ever
 federation and no CLI. It performs what was decided:
 
 - fault: `InboundListener.fault` is set to a `FaultHook` (mode, latency, error_rate, random
-  source) or None; l4's `LinkDown` consults it on each new OPEN/PING (streams already open are
-  never touched). `drain` also withdraws our exports at the federation (`Agent.exports_withdrawn`,
-  reconciled and retried by the agent's publish loop) and republishes them on restore;
-  `blackhole` and `degrade` leave the exports as they are (stale health on purpose: detection
-  must come from probes, timeouts and outlier ejection).
+  source) or None; the InboundListener (gateway/dataplane/l4.py) consults it on each new OPEN
+  and PING (streams already open are never touched). `drain` also withdraws our exports at the
+  federation (`Agent.exports_withdrawn`, reconciled and retried by the agent's publish loop) and
+  republishes them on restore; `blackhole` and `degrade` leave the exports as they are (stale
+  health on purpose: detection must come from probes, timeouts and outlier ejection).
 - observing: per (drill, service) a prober opens `probe_rate` synthetic connections per second
   through the import's own Router and the shared Dialer (`l4.connect_first`: the same tiers,
   failover and outlier reporting as real traffic), and closes each as soon as it is connected

@@ -1,5 +1,5 @@
 """Drills, operator identity and imports on the federation, in process, over real TLS 1.3 on
-127.0.0.1 (the same harness as test_federation_api)."""
+127.0.0.1 (the same harness as tests/federation/test_api.py)."""
 
 from __future__ import annotations
 

@@ -475,7 +475,7 @@ _ops = st.lists(
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=_ops, prefix=st.sampled_from(["", "a", "a/", "a%", "catalog/x", "z", "é"]))
-def test_fold_of_events_is_range(ops, prefix):
+async def test_fold_of_events_is_range(ops, prefix):
     async def run(path: str) -> None:
         s = SqliteStore(path)
         await s.open()
@@ -509,4 +509,4 @@ def test_fold_of_events_is_range(ops, prefix):
             await s.close()
 
     with tempfile.TemporaryDirectory() as d:
-        asyncio.run(run(os.path.join(d, "prop.sqlite")))
+        await run(os.path.join(d, "prop.sqlite"))

@@ -19,494 +19,32 @@ gateway's `/readyz` answers and its `/status` shows all three clusters live, and
 import listener serves a connection from its own cluster. `await topo.stop()` stops every
 process it started, by PID (SIGTERM, then SIGKILL), and closes the backends.
 
-Backends (`Backend`) run on the test's event loop. Each connection gets one reply line per line
-it sends: the cluster name (mode "echo"), or, in mode "count", nothing until EOF and then
-"<cluster> <byte count>"; a connection whose first line is `GET <path> HTTP/1.x` is an HTTP
-health check (200 for /healthz, 404 otherwise, then closed). A backend can be
-  * stopped  — the listening socket is closed, so connects get a RST (ECONNREFUSED);
-  * blackholed — a `listen(0)` socket whose accept queue is filled by idle client connections
-    and never accepted: the kernel drops further SYNs, so connects time out with no answer
-    (no root needed; `blackhole_times_out()` checks that this holds on the machine);
-  * restarted.
-`topo.use_process_backend(cluster)` (before `start()`) makes a cluster's first backend a
-`ProcessBackend`: the same Backend in a process of its own (`python -m
-tests.integration.harness backend CLUSTER PORT`), which a test can freeze with SIGSTOP and thaw
-with SIGCONT by its PID: the kernel then keeps completing handshakes into its accept queue
-(backlog 100) while the app answers nothing.
+Backends are tests/helpers/backends.py's `Backend`s (echo servers on the test's event loop,
+which a test can stop, blackhole or restart). `topo.use_process_backend(cluster)` (before
+`start()`) makes a cluster's first backend a `ProcessBackend` (a process of its own, which a test
+can freeze with SIGSTOP by its PID).
 
 `Topology(health_check={...}, outlier_detection={...})` replace the gateways' health check
 fields / add outlier_detection fields (values written into the YAML as given; `{cluster}` in a
 health check value becomes the gateway's cluster name).
 
-Ports come from 20000..32000 (below the ephemeral range, away from the fixed ports of
-`isthmus demo`), checked free by binding, and never handed out twice by one test process.
+Ports come from tests/helpers/processes.py's `free_port()`; every process is a `Proc` there.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import json
-import os
-import random
-import signal
-import socket
-import subprocess
 import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
+from tests.helpers.backends import Backend, ProcessBackend
+from tests.helpers.processes import Proc, free_port, isthmus_cmd, run_cli
+from tests.helpers.traffic import http_get, http_json, request, wait_for
 
 CLUSTERS = (("east-1", "us-east", "a"), ("east-2", "us-east", "b"), ("west-1", "us-west", "a"))
 NAMES = tuple(c[0] for c in CLUSTERS)
-PORT_RANGE = (20000, 32000)
-_handed_out: set[int] = set()
-
-
-# ---------------------------------------------------------------------------------------------
-# ports and commands
-
-
-def free_port() -> int:
-    """A port in PORT_RANGE that nothing listens on now (nor in TIME_WAIT), not handed out yet."""
-    for _ in range(500):
-        port = random.randint(*PORT_RANGE)
-        if port in _handed_out:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _handed_out.add(port)
-        return port
-    raise RuntimeError(f"no free port found in {PORT_RANGE}")
-
-
-def isthmus_cmd() -> list[str]:
-    """The `isthmus` console script of this interpreter (else `python -m isthmus.cli`)."""
-    script = Path(sys.executable).with_name("isthmus")
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, "-m", "isthmus.cli"]
-
-
-def run_cli(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess:
-    return subprocess.run([*isthmus_cmd(), *args], capture_output=True, text=True, timeout=timeout)
-
-
-# ---------------------------------------------------------------------------------------------
-# processes
-
-
-class Proc:
-    """One subprocess with its log file. Stopped only by its own PID."""
-
-    def __init__(self, name: str, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
-        self.name = name
-        self.args = args
-        self.log = log
-        self.env = env
-        self.popen: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        assert self.popen is None or self.popen.poll() is not None, f"{self.name} already running"
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "ab") as f:
-            f.write(f"=== {time.strftime('%H:%M:%S')} start: {' '.join(self.args)}\n".encode())
-            f.flush()
-            self.popen = subprocess.Popen(self.args, stdout=f, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL, env=self.env)
-
-    @property
-    def pid(self) -> int:
-        assert self.popen is not None
-        return self.popen.pid
-
-    @property
-    def running(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
-
-    def kill(self) -> None:
-        """SIGKILL (a crash) and reap."""
-        if self.running:
-            os.kill(self.pid, signal.SIGKILL)
-            self.popen.wait(10)
-
-    def stop(self, grace: float = 5.0) -> int | None:
-        """SIGTERM, then SIGKILL after `grace` seconds. Returns the exit code."""
-        if self.popen is None:
-            return None
-        if self.popen.poll() is None:
-            os.kill(self.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(grace)
-            except subprocess.TimeoutExpired:
-                os.kill(self.pid, signal.SIGKILL)
-                self.popen.wait(10)
-        return self.popen.returncode
-
-    def tail(self, lines: int = 60) -> str:
-        try:
-            text = self.log.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-
-# ---------------------------------------------------------------------------------------------
-# backends
-
-
-class Backend:
-    """One endpoint of a service, on the running event loop."""
-
-    def __init__(self, cluster: str, port: int) -> None:
-        self.cluster = cluster
-        self.port = port
-        self.mode = "echo"  # or "count"
-        self.state = "down"  # down | up | blackholed
-        self.served = 0
-        self._server: asyncio.base_events.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._hole: socket.socket | None = None
-        self._fillers: list[socket.socket] = []
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.add(writer)
-        self.served += 1
-        try:
-            if self.mode == "count":
-                total = 0
-                while chunk := await reader.read(65536):
-                    total += len(chunk)
-                writer.write(f"{self.cluster} {total}\n".encode())
-                await writer.drain()
-                return
-            line = await reader.readline()
-            if line.startswith(b"GET ") and b" HTTP/1." in line:  # an http health check
-                while (await reader.readline()).strip():
-                    pass
-                status = "200 OK" if line.split(b" ")[1] == b"/healthz" else "404 Not Found"
-                writer.write(f"HTTP/1.1 {status}\r\nContent-Length: 0\r\n"
-                             "Connection: close\r\n\r\n".encode())
-                await writer.drain()
-                return
-            while line:
-                writer.write(f"{self.cluster}\n".encode())
-                await writer.drain()
-                line = await reader.readline()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            self._writers.discard(writer)
-            writer.close()
-
-    async def start(self) -> None:
-        self._unhole()
-        if self._server is None:
-            self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port,
-                                                      reuse_address=True)
-        self.state = "up"
-
-    restart = start
-
-    def _close_server(self) -> None:
-        if self._server is not None:
-            self._server.close()  # listening socket closed now; open connections keep going
-            self._server = None
-
-    async def stop(self) -> None:
-        """Refuse: close the listening socket, so new connects get a RST."""
-        self._close_server()
-        self._unhole()
-        self.state = "down"
-
-    async def blackhole(self) -> None:
-        """Accept nothing and answer no SYN: connects time out."""
-        self._close_server()
-        if self._hole is None:
-            self._hole = make_blackhole(self.port, self._fillers)
-        self.state = "blackholed"
-
-    def _unhole(self) -> None:
-        for s in self._fillers:
-            s.close()
-        self._fillers.clear()
-        if self._hole is not None:
-            self._hole.close()
-            self._hole = None
-
-    async def close(self) -> None:
-        await self.stop()
-        for w in list(self._writers):
-            w.transport.abort()
-        self._writers.clear()
-
-
-class ProcessBackend:
-    """A Backend in a process of its own, which a test can freeze (SIGSTOP) and thaw (SIGCONT)
-    by its PID. Same start/stop/close/address as Backend; stopping ends the process."""
-
-    def __init__(self, cluster: str, port: int, log: Path) -> None:
-        self.cluster = cluster
-        self.port = port
-        root = str(Path(__file__).resolve().parents[2])
-        env = {**os.environ, "PYTHONPATH": root}
-        self.proc = Proc(f"backend-{cluster}-{port}",
-                         [sys.executable, "-m", "tests.integration.harness", "backend", cluster,
-                          str(port)], log, env=env)
-        self.state = "down"  # down | up | frozen
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    async def start(self) -> None:
-        if not self.proc.running:
-            self.proc.start()
-
-        async def answers() -> bool:
-            if not self.proc.running:
-                raise RuntimeError(f"{self.proc.name} exited:\n{self.proc.tail()}")
-            return await request(self.port, "ping", 1.0) == self.cluster
-
-        await wait_for(answers, 10.0, what=f"{self.proc.name} to answer")
-        self.state = "up"
-
-    restart = start
-
-    def freeze(self) -> None:
-        """SIGSTOP: the kernel still completes handshakes (accept queue); the app answers none."""
-        os.kill(self.pid, signal.SIGSTOP)
-        self.state = "frozen"
-
-    def thaw(self) -> None:
-        os.kill(self.pid, signal.SIGCONT)
-        self.state = "up"
-
-    async def stop(self) -> None:
-        if self.state == "frozen":
-            self.thaw()
-        self.proc.stop()
-        self.state = "down"
-
-    close = stop
-
-
-async def _serve_backend(cluster: str, port: int) -> None:
-    """Entry point of a ProcessBackend: one Backend until SIGTERM."""
-    b = Backend(cluster, port)
-    await b.start()
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    await stop.wait()
-    await b.close()
-
-
-def make_blackhole(port: int, fillers: list[socket.socket]) -> socket.socket:
-    """Listen with backlog 0 and fill the accept queue with idle connections that are never
-    accepted; from then on the kernel drops SYNs to this port (no RST, no SYN-ACK)."""
-    hole = socket.socket()
-    hole.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    hole.bind(("127.0.0.1", port))
-    hole.listen(0)
-    for _ in range(2):
-        c = socket.socket()
-        c.setblocking(False)
-        c.connect_ex(("127.0.0.1", port))
-        fillers.append(c)
-    return hole
-
-
-def blackhole_times_out(timeout: float = 0.5) -> tuple[bool, str]:
-    """Check on this machine that a connect to a blackholed port times out (no RST)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    fillers: list[socket.socket] = []
-    hole = make_blackhole(port, fillers)
-    try:
-        time.sleep(0.05)
-        c = socket.socket()
-        c.settimeout(timeout)
-        started = time.monotonic()
-        try:
-            c.connect(("127.0.0.1", port))
-        except TimeoutError:
-            return True, f"connect timed out after {time.monotonic() - started:.3f}s"
-        except OSError as e:
-            return False, f"connect failed at once: {e}"
-        finally:
-            c.close()
-        return False, "connect succeeded"
-    finally:
-        for f in fillers:
-            f.close()
-        hole.close()
-
-
-# ---------------------------------------------------------------------------------------------
-# talking to things
-
-
-async def request(port: int, line: str = "ping", timeout: float = 3.0) -> str:
-    """One connection to 127.0.0.1:port: send a line, return the reply line (stripped)."""
-
-    async def go() -> str:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        try:
-            writer.write(line.encode() + b"\n")
-            reply = await reader.readline()
-            if not reply:
-                raise ConnectionError("closed without a reply")
-            return reply.decode().strip()
-        finally:
-            writer.transport.abort()
-
-    return await asyncio.wait_for(go(), timeout)
-
-
-async def http_get(port: int, path: str, timeout: float = 3.0) -> tuple[int, str]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as s:
-        async with s.get(f"http://127.0.0.1:{port}{path}") as r:
-            return r.status, await r.text()
-
-
-async def http_json(port: int, path: str, timeout: float = 3.0) -> Any:
-    status, text = await http_get(port, path, timeout)
-    if status != 200:
-        raise AssertionError(f"GET :{port}{path} -> {status}: {text[:200]}")
-    return json.loads(text)
-
-
-def metric_value(text: str, name: str, labels: str = "") -> float:
-    """Sum of the samples of `name` (optionally those whose label text contains `labels`)."""
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith("#"):
-            continue
-        key, _, value = line.rpartition(" ")
-        if key == name or (key.startswith(name + "{") and labels in key):
-            total += float(value)
-    return total
-
-
-async def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "condition") -> float:
-    """Poll an async or sync predicate until truthy; returns the seconds it took."""
-    started = time.monotonic()
-    last: Any = None
-    while True:
-        try:
-            res = predicate()
-            if asyncio.iscoroutine(res):
-                res = await res
-            if res:
-                return time.monotonic() - started
-        except Exception as e:  # not up yet, connection refused, ...
-            last = e
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}"
-                                 + (f" (last error: {last!r})" if last else ""))
-        await asyncio.sleep(interval)
-
-
-# ---------------------------------------------------------------------------------------------
-# traffic
-
-
-@dataclass
-class Conn:
-    started: float
-    ended: float = 0.0
-    reply: str | None = None
-    error: str | None = None
-
-
-@dataclass
-class LoadStream:
-    """New connections at `rate`/s to one port, each sending a line and reading the reply.
-    Bounded by `max_count` connections and `max_seconds`; `stop()` waits for the last ones."""
-
-    port: int
-    rate: float = 50.0
-    max_seconds: float = 30.0
-    max_count: int = 2000
-    timeout: float = 3.0
-    conns: list[Conn] = field(default_factory=list)
-    _task: asyncio.Task | None = None
-    _inflight: set = field(default_factory=set)
-
-    def start(self) -> LoadStream:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-        return self
-
-    async def _one(self, c: Conn) -> None:
-        try:
-            c.reply = await request(self.port, "ping", self.timeout)
-        except Exception as e:
-            c.error = f"{type(e).__name__}: {e}"
-        c.ended = time.monotonic()
-
-    async def _run(self) -> None:
-        began = time.monotonic()
-        step = 1.0 / self.rate
-        n = 0
-        while n < self.max_count and time.monotonic() - began < self.max_seconds:
-            c = Conn(time.monotonic())
-            self.conns.append(c)
-            t = asyncio.get_running_loop().create_task(self._one(c))
-            self._inflight.add(t)
-            t.add_done_callback(self._inflight.discard)
-            n += 1
-            await asyncio.sleep(max(0.0, began + n * step - time.monotonic()))
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self._inflight:
-            await asyncio.wait(set(self._inflight), timeout=self.timeout + 2)
-
-    def done(self) -> list[Conn]:
-        return [c for c in self.conns if c.ended]
-
-    @property
-    def failed(self) -> list[Conn]:
-        return [c for c in self.done() if c.reply is None]
-
-    def first_served_by(self, cluster: str, after: float) -> float | None:
-        """Seconds from `after` until the first reply from `cluster` that ended after it."""
-        ends = [c.ended for c in self.done() if c.reply == cluster and c.ended > after]
-        return min(ends) - after if ends else None
-
-    def last_reply(self) -> str | None:
-        done = sorted(self.done(), key=lambda c: c.ended)
-        return done[-1].reply if done else None
-
-    def counts(self, since: float = 0.0) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for c in self.done():
-            if c.started >= since:
-                k = c.reply or "FAILED"
-                out[k] = out.get(k, 0) + 1
-        return out
-
-
-# ---------------------------------------------------------------------------------------------
-# the topology
 
 
 @dataclass
@@ -553,8 +91,9 @@ class Topology:
         self.fed_proc: Proc | None = None
         self.nodes: dict[str, Node] = {}
         for name, region, zone in CLUSTERS:
+            backends = [Backend(name, free_port()), Backend(name, free_port())]
             self.nodes[name] = Node(name, region, zone, self.root / name, free_port(), free_port(),
-                                    free_port(), [Backend(name, free_port()), Backend(name, free_port())])
+                                    free_port(), backends)
         self.procs: list[Proc] = []
         self.write_configs()
 
@@ -644,7 +183,8 @@ imports:
         if self.fed_proc is None:
             self.fed_proc = self._proc("federation", [
                 "federation", "serve", "--state-dir", str(self.fed_dir),
-                "--listen", f"127.0.0.1:{self.fed_port}", "--admin", f"127.0.0.1:{self.fed_admin_port}",
+                "--listen", f"127.0.0.1:{self.fed_port}",
+                "--admin", f"127.0.0.1:{self.fed_admin_port}",
                 "--lease-ttl", self.lease_ttl, "--log-level", "info",
             ])
         self.fed_proc.start()
@@ -670,7 +210,8 @@ imports:
     def start_gateway(self, name: str) -> None:
         n = self.nodes[name]
         if n.proc is None:
-            n.proc = self._proc(name, ["gateway", "run", "--config", str(n.config), "--log-level", "info",
+            n.proc = self._proc(name, ["gateway", "run", "--config", str(n.config),
+                                       "--log-level", "info",
                                        "--workers", str(self.workers.get(name, 1))])
         n.proc.start()
 
@@ -738,7 +279,8 @@ imports:
 
     def dump_logs(self, lines: int = 80) -> None:
         for p in self.procs:
-            print(f"\n----- {p.name} (pid {p.popen.pid if p.popen else '-'}): {p.log} -----\n{p.tail(lines)}",
+            pid = p.popen.pid if p.popen else "-"
+            print(f"\n----- {p.name} (pid {pid}): {p.log} -----\n{p.tail(lines)}",
                   file=sys.stderr)
 
     # -- observing ----------------------------------------------------------------------------
@@ -780,8 +322,3 @@ async def running(topo: Topology, request: Any):
     finally:
         await topo.stop()
 
-
-if __name__ == "__main__":  # python -m tests.integration.harness backend CLUSTER PORT
-    if len(sys.argv) != 4 or sys.argv[1] != "backend":
-        sys.exit("usage: python -m tests.integration.harness backend CLUSTER PORT")
-    asyncio.run(_serve_backend(sys.argv[2], int(sys.argv[3])))

@@ -24,16 +24,18 @@ from federation.errors import FederationError
 from federation.identity import CertificateAuthority, SpiffeId, Svid, gateway_id
 from federation.model import ClusterRecord, Endpoint, Export
 from gateway.dataplane import link
-from tests.integration.harness import (
+from tests.helpers.backends import blackhole_times_out
+from tests.helpers.processes import run_cli
+from tests.helpers.traffic import (
     LoadStream,
-    Topology,
-    blackhole_times_out,
+    chatter,
+    count_through,
     http_get,
     metric_value,
     request,
-    run_cli,
     wait_for,
 )
+from tests.integration.harness import Topology
 
 pytestmark = pytest.mark.integration
 
@@ -75,6 +77,8 @@ def _new_cluster(name: str, region: str = "eu-west", zone: str = "a"):
 
 
 async def test_join_token_single_use_and_expiring(topo: Topology):
+    """A join token joins once, only its own cluster and only within its ttl: reused -> 401, another
+    cluster's -> 403, a 1 s token after 1.3 s -> 401 and no record."""
     fed_bundle = load_federation_bundle(topo.fed_ca)
     record, bundle = _new_cluster("north-1")
     token = topo.create_token("north-1", ttl="5m")
@@ -112,6 +116,8 @@ async def test_join_token_single_use_and_expiring(topo: Topology):
 
 
 async def test_cluster_cannot_write_another_clusters_records(topo: Topology):
+    """east-1's SVID reads the catalog but cannot write east-2's records: put/delete export and
+    lease are 3 of 3 refused with 403, east-2's records unchanged, >= 3 denials counted."""
     east1 = topo.nodes["east-1"]
     svid = Svid.load(east1.state_dir / "identity")
     assert svid is not None and str(svid.spiffe_id) == str(gateway_id(east1.trust_domain))
@@ -206,6 +212,9 @@ async def _try_open(port: int, cert_pem: bytes, key_pem: bytes, tmp: Path) -> st
 
 
 async def test_inbound_refuses_unverified_identities(topo: Topology, tmp_path: Path):
+    """east-1's inbound listener accepts east-2's real SVID and refuses 4 of 4 forged identities
+    (unknown CA, fake east-2 CA, east-2 CA signing a west-1 ID, an east-2 non-gateway ID):
+    >= 2 failed handshakes, >= 2 SPIFFE refusals, 0 OPENs answered."""
     east1, east2 = topo.nodes["east-1"], topo.nodes["east-2"]
     port = east1.inbound_port
     metric = "isthmus_gateway_inbound_identity_refused_total"
@@ -272,7 +281,11 @@ async def _wait_first(stream: LoadStream, cluster: str, after: float, timeout: f
 
 
 async def test_failover_zone_then_region_then_back(topo: Topology):
-    stream = LoadStream(topo.nodes["east-1"].import_port, rate=50, max_seconds=30, max_count=1500).start()
+    """50 new conn/s while east-1's, then east-2's backends stop and then come back: east-1 ->
+    east-2 and east-2 -> west-1 each < 1 s, failback to east-1 >= 1 s (failback_after), 0
+    failed."""
+    stream = LoadStream(topo.nodes["east-1"].import_port, rate=50, max_seconds=30,
+                        max_count=1500).start()
     try:
         await asyncio.sleep(0.5)
         assert stream.counts() == {"east-1": len(stream.done())}, stream.counts()
@@ -311,15 +324,20 @@ async def test_failover_zone_then_region_then_back(topo: Topology):
 
 
 def test_blackhole_really_times_out():
+    """On this machine a connect to a full listen(0) socket times out after 0.5 s instead of
+    getting a RST (the premise of the blackhole tests)."""
     ok, why = blackhole_times_out(0.5)
     assert ok, f"a listen(0) socket with a full accept queue did not blackhole here: {why}"
 
 
 async def test_blackholed_endpoints_detected_within_a_second(topo: Topology):
+    """50 new conn/s while east-1's backends are blackholed (connects time out, no RST): served by
+    east-2 within 1 s, 0 failed."""
     ok, why = blackhole_times_out(0.5)
     if not ok:
         pytest.skip(f"cannot blackhole without root on this machine: {why}")
-    stream = LoadStream(topo.nodes["east-1"].import_port, rate=50, max_seconds=20, max_count=1000).start()
+    stream = LoadStream(topo.nodes["east-1"].import_port, rate=50, max_seconds=20,
+                        max_count=1000).start()
     try:
         await asyncio.sleep(0.5)
         t1 = time.monotonic()
@@ -335,9 +353,11 @@ async def test_blackholed_endpoints_detected_within_a_second(topo: Topology):
     finally:
         await stream.stop()
     slow = [c for c in stream.done() if c.started >= t1 and c.reply and c.ended - c.started > 0.25]
-    print(f"\nfailover blackhole east-1 -> east-2: {to_east2:.3f} s, {len(stream.failed)} failed of "
-          f"{len(stream.done())} (after the blackhole: {during}; {len(slow)} connections took "
-          f"> 0.25 s, the longest {max((c.ended - c.started for c in slow), default=0):.3f} s)")
+    print(
+        f"\nfailover blackhole east-1 -> east-2: {to_east2:.3f} s, {len(stream.failed)} failed of "
+        f"{len(stream.done())} (after the blackhole: {during}; {len(slow)} connections took "
+        f"> 0.25 s, the longest {max((c.ended - c.started for c in slow), default=0):.3f} s)"
+    )
     print(f"failback to east-1 after the blackhole ended: {back:.3f} s")
     assert to_east2 < 1.0
     assert not stream.failed, [c.error for c in stream.failed][:5]
@@ -348,15 +368,20 @@ async def test_blackholed_endpoints_detected_within_a_second(topo: Topology):
 
 
 async def test_lease_expiry_withdraws_cluster(topo: Topology):
+    """A SIGKILLed east-2 (lease ttl 2 s) leaves east-1's live set and the federation's echo
+    service within 3 s; east-1 and west-1 stay live."""
     topo.nodes["east-2"].proc.kill()
     t0 = time.monotonic()
 
     async def gone_from_east1() -> bool:
         return "east-2" not in (await topo.status("east-1"))["catalog"]["live"]
 
-    took = await wait_for(gone_from_east1, 2.0 + 1.0, interval=0.05, what="east-2 to leave east-1's live set")
+    took = await wait_for(
+        gone_from_east1, 2.0 + 1.0, interval=0.05, what="east-2 to leave east-1's live set"
+    )
     fed = await topo.fed_status()
-    print(f"\nlease expiry: east-2 withdrawn from east-1's catalog {took:.3f} s after SIGKILL (lease ttl 2s)")
+    print(f"\nlease expiry: east-2 withdrawn from east-1's catalog {took:.3f} s after SIGKILL "
+          "(lease ttl 2s)")
     assert fed["clusters"]["east-2"]["live"] is False
     assert fed["clusters"]["east-1"]["live"] and fed["clusters"]["west-1"]["live"]
     assert "east-2" not in fed["services"]["default/echo"]
@@ -370,8 +395,12 @@ async def test_lease_expiry_withdraws_cluster(topo: Topology):
 
 
 async def test_traffic_flows_without_federation_and_after_restart(topo: Topology):
+    """With the federation SIGKILLed, 50 new conn/s fail over east-1 -> east-2 in < 1 s with 0
+    failed, and east-1 restarted then routes from its cached catalog (5 of 5 served by
+    east-2)."""
     topo.fed_proc.kill()
-    stream = LoadStream(topo.nodes["east-1"].import_port, rate=50, max_seconds=15, max_count=750).start()
+    stream = LoadStream(topo.nodes["east-1"].import_port, rate=50, max_seconds=15,
+                        max_count=750).start()
     try:
         await asyncio.sleep(0.3)
         t1 = time.monotonic()
@@ -404,27 +433,10 @@ async def test_traffic_flows_without_federation_and_after_restart(topo: Topology
 # 8. SVID rotation drops no connection
 
 
-async def _chatter(port: int, stop: asyncio.Event, log: list[tuple[float, str | None]]) -> None:
-    """One long-lived connection: a line every 200 ms, every reply logged (None = failure)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        while not stop.is_set():
-            try:
-                writer.write(b"tick\n")
-                reply = await asyncio.wait_for(reader.readline(), 2.0)
-            except (OSError, TimeoutError) as e:
-                log.append((time.monotonic(), f"error {e!r}"))
-                return
-            log.append((time.monotonic(), reply.decode().strip() or "EOF"))
-            if not reply:
-                return
-            await asyncio.sleep(0.2)
-    finally:
-        writer.transport.abort()
-
-
 async def test_svid_rotation_drops_no_connection(make_topology):
     # identity.svid_ttl has a floor of 1m; SVIDs rotate at half their validity
+    """1 m SVIDs of east-1 and east-2 rotate (< 50 s) under 5 long-lived connections through the
+    east-1 -> east-2 hop: 0 failed lines, >= 2 lines on each after it, 5 of 5 new ones served."""
     topo = await make_topology(svid_ttl="1m")
     east1 = topo.nodes["east-1"]
     await topo.stop_backends("east-1")
@@ -435,7 +447,7 @@ async def test_svid_rotation_drops_no_connection(make_topology):
 
     stop = asyncio.Event()
     logs: list[list] = [[] for _ in range(5)]
-    tasks = [asyncio.create_task(_chatter(east1.import_port, stop, lg)) for lg in logs]
+    tasks = [asyncio.create_task(chatter(east1.import_port, stop, lg)) for lg in logs]
     try:
         await asyncio.sleep(0.5)
         first = await serials()
@@ -445,7 +457,9 @@ async def test_svid_rotation_drops_no_connection(make_topology):
             now = await serials()
             return all(now[n] != first[n] for n in now)
 
-        took = await wait_for(rotated, 45.0, interval=0.2, what="east-1 and east-2 to rotate their SVIDs")
+        took = await wait_for(
+            rotated, 45.0, interval=0.2, what="east-1 and east-2 to rotate their SVIDs"
+        )
         t_rot = time.monotonic()
         await asyncio.sleep(1.0)  # a few more lines on every connection after the rotation
     finally:
@@ -498,16 +512,22 @@ imports:
 
 BROKEN = [
     # (what to replace, replacement, line, field, words in the message)
-    ("  connect_timeout: 300ms", "  conect_timeout: 300ms", 13, "limits.conect_timeout", "unknown field"),
+    ("  connect_timeout: 300ms", "  conect_timeout: 300ms", 13, "limits.conect_timeout",
+     "unknown field"),
     ("  zone: a", "  zone: Zone_A", 4, "cluster.zone", "not a valid name"),
-    ("listen: 127.0.0.1:26101", "listen: 127.0.0.1:99999", 25, "imports[0].listen", "not in 1..65535"),
+    ("listen: 127.0.0.1:26101", "listen: 127.0.0.1:99999", 25, "imports[0].listen",
+     "not in 1..65535"),
     ("      interval: 200ms", "      interval: 30", 21, "exports[0].health_check.interval", "unit"),
-    ("      timeout: 150ms", "      timeout: 250ms", 22, "exports[0].health_check.timeout", "shorter than the interval"),
-    ("  url: https://127.0.0.1:17443", "  url: http://127.0.0.1:17443", 6, "federation.url", "https"),
+    ("      timeout: 150ms", "      timeout: 250ms", 22, "exports[0].health_check.timeout",
+     "shorter than the interval"),
+    ("  url: https://127.0.0.1:17443", "  url: http://127.0.0.1:17443", 6, "federation.url",
+     "https"),
 ]
 
 
 def test_bad_configs_name_file_line_and_field(tmp_path: Path):
+    """6 broken configs each exit 2 with `file:line: field: reason`; 2 problems give 2 lines sorted
+    by line; `gateway run` refuses the same file alike; a missing file exits 2."""
     good = tmp_path / "good.yaml"
     good.write_text(GOOD)
     r = run_cli("config", "validate", str(good))
@@ -525,7 +545,8 @@ def test_bad_configs_name_file_line_and_field(tmp_path: Path):
     both.write_text(GOOD.replace(BROKEN[0][0], BROKEN[0][1]).replace(BROKEN[1][0], BROKEN[1][1]))
     r = run_cli("config", "validate", str(both))
     assert r.returncode == 2
-    assert [ln.split(": ")[0] for ln in r.stderr.strip().splitlines()] == [f"{both}:4", f"{both}:13"]
+    lines = [ln.split(": ")[0] for ln in r.stderr.strip().splitlines()]
+    assert lines == [f"{both}:4", f"{both}:13"]
     # `gateway run` refuses the same file with the same message and exit code
     r = run_cli("gateway", "run", "--config", str(tmp_path / "bad0.yaml"))
     assert r.returncode == 2 and f"{tmp_path / 'bad0.yaml'}:13: limits.conect_timeout:" in r.stderr
@@ -538,24 +559,9 @@ def test_bad_configs_name_file_line_and_field(tmp_path: Path):
 # 10. half-close through a remote hop
 
 
-async def _count_through(port: int, n: int) -> str:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        chunk = bytes(range(256)) * 256  # 64 KiB
-        sent = 0
-        while sent < n:
-            piece = chunk[: min(len(chunk), n - sent)]
-            writer.write(piece)
-            sent += len(piece)
-            await writer.drain()
-        writer.write_eof()  # half-close: we still read the reply
-        reply = await asyncio.wait_for(reader.read(), 10.0)
-        return reply.decode().strip()
-    finally:
-        writer.transport.abort()
-
-
 async def test_half_close_through_remote_hop(topo: Topology):
+    """Half-closed connections through the east-1 -> east-2 hop carry 0, 1, 100,000 and 3 MiB + 7
+    bytes and still read the reply: 4 of 4 byte counts exact."""
     east1 = topo.nodes["east-1"]
     await topo.stop_backends("east-1")
     await topo.wait_served("east-1", "east-2", timeout=5.0)
@@ -563,7 +569,7 @@ async def test_half_close_through_remote_hop(topo: Topology):
         b.mode = "count"
     results = {}
     for n in (0, 1, 100_000, 3 * 1024 * 1024 + 7):
-        results[n] = await asyncio.wait_for(_count_through(east1.import_port, n), 15.0)
+        results[n] = await asyncio.wait_for(count_through(east1.import_port, n), 15.0)
     print(f"\nhalf-close through east-1 -> east-2: {results}")
     for n, reply in results.items():
         assert reply == f"east-2 {n}", (n, reply)

@@ -14,6 +14,8 @@ pytestmark = pytest.mark.integration
 
 
 def test_demo_fails_over_and_back_with_no_failed_connection(tmp_path):
+    """`isthmus demo` at 30 conn/s, 2 s phases: 4 of 4 phases end on the right cluster (east-1 ->
+    east-2 -> west-1 -> east-1), the gateway fails 0, the us-east drill shifts with no flap."""
     proc = subprocess.run(
         [sys.executable, "-m", "isthmus.cli", "demo", "--port-offset", "700", "--phase", "2s",
          "--rate", "30", "--state-dir", str(tmp_path / "demo")],

@@ -93,6 +93,8 @@ def _console():
 
 
 async def test_run_drill_sigint_aborts_and_still_reports():
+    """Ctrl-C 0.7 s into a 30 s drill aborts it (1 abort, "CLI interrupted"), still reports and
+    exits 0 within 5 s."""
     client = FakeClient(time.time(), fault=30.0, settle=0.5)
     loop = asyncio.get_running_loop()
     loop.call_later(0.7, os.kill, os.getpid(), signal.SIGINT)
@@ -105,6 +107,8 @@ async def test_run_drill_sigint_aborts_and_still_reports():
 
 
 async def test_run_drill_waits_out_an_unreachable_federation():
+    """A federation unreachable for 1.2 s of a 1 s drill is waited out: >= 4 polls, a report,
+    exit 0."""
     now = time.time()
     client = FakeClient(now, fault=1.0, settle=0.5, unreachable=(now + 0.3, now + 1.5))
     result = await run_drill(client, {}, _console(), handle_sigint=False)
@@ -113,6 +117,8 @@ async def test_run_drill_waits_out_an_unreachable_federation():
 
 
 def test_aggregate_seconds_sums_observers_and_maps_regions():
+    """Two observers' samples of one second sum to 40 attempts, 39 ok, 1 failed, p99 400 ms, and
+    west-1's 39 are shown as us-west's."""
     d = FakeClient(1000.0).drill
     s = [
         {"cluster": "edge-1", "second": 1001, "services": {"default/echo": {
@@ -333,6 +339,8 @@ def compare(report: dict, conns) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.integration
 def test_plan_table_json_and_no_target_warning(topo):
+    """`drill plan --region us-east` shows edge-1 shifting to us-west (2 healthy endpoints) and
+    exits 0; with west-1's backends down too it warns of 2 imports with no target and exits 3."""
     r = cli(topo, "plan", "--region", "us-east")
     assert r.returncode == 0, r.stdout + r.stderr
     edge = next(line for line in r.stdout.splitlines() if "edge-1" in line)
@@ -365,6 +373,8 @@ def test_plan_table_json_and_no_target_warning(topo):
 
 @pytest.mark.integration
 def test_unknown_region_and_overlap_refused(topo):
+    """An unknown region or cluster exits 2 naming the known ones; a drill overlapping a running one
+    exits 1 naming it; the first drill still exits 0."""
     r = cli(topo, "run", "--region", "mars", "--mode", "drain", "--duration", "3s")
     assert r.returncode == 2, r.stdout + r.stderr
     assert "mars" in r.stderr and "us-east" in r.stderr and "us-west" in r.stderr, r.stderr
@@ -391,6 +401,8 @@ def test_unknown_region_and_overlap_refused(topo):
 
 @pytest.mark.integration
 def test_blackhole_shifts_fast_and_agrees_with_independent_client(topo, tmp_path):
+    """A 5 s us-east blackhole under 20 conn/s from edge-1: shift < 2 s, <= 40 failed probes, no
+    flap; the client's ok ratio within 5 points and its shift within 1 s of the report's."""
     html = tmp_path / "bh.html"
     rc, rep, conns, err = run_with_traffic(topo, "--region", "us-east", "--mode", "blackhole",
                                            "--duration", "5s", *SHORT, "--report", str(html))
@@ -413,6 +425,8 @@ def test_blackhole_shifts_fast_and_agrees_with_independent_client(topo, tmp_path
 
 @pytest.mark.integration
 def test_drain_fails_nothing(topo):
+    """A 4 s us-east drain under 20 conn/s from edge-1: 0 failed in the report and at the client, no
+    flap, the client's shift within 1 s of the report's."""
     rc, rep, conns, err = run_with_traffic(topo, "--region", "us-east", "--mode", "drain",
                                            "--duration", "4s", *SHORT)
     assert rc == 0, err
@@ -427,6 +441,8 @@ def test_drain_fails_nothing(topo):
 
 @pytest.mark.integration
 def test_abort_on_slo_trips_and_restores(topo):
+    """A 300 ms degrade with --abort-on p99>100:2s aborts in < 6 s of fault (exit 1, < 25 s in all);
+    afterwards edge-1 is served by us-east again in < 0.2 s per connection."""
     t0 = time.time()
     rc, rep, conns, err = run_with_traffic(topo, "--region", "us-east", "--mode", "degrade", "--duration", "20s",
                                            "--latency", "300ms", "--abort-on", "p99>100:2s", *SHORT, extra=-15)
@@ -442,6 +458,8 @@ def test_abort_on_slo_trips_and_restores(topo):
 
 @pytest.mark.integration
 def test_cli_killed_mid_drill_gateways_restore_at_deadline(topo):
+    """The CLI SIGKILLed 2.5 s into a 4 s blackhole: the fault still holds (edge-1 served only by
+    west-1), ends at the deadline by itself, traffic is back in us-east within 35 s."""
     wait_quiet(topo)
     proc = cli_popen(topo, "run", "--region", "us-east", "--mode", "blackhole", "--duration", "4s", *SHORT)
     try:
@@ -466,6 +484,8 @@ def test_cli_killed_mid_drill_gateways_restore_at_deadline(topo):
 
 @pytest.mark.integration
 def test_federation_restarted_mid_drill_ends_safely_and_keeps_record(topo):
+    """The federation restarted 2.5 s into a 5 s blackhole: the CLI exits 0 with a report, the
+    drill is recorded as ended, faults clear and edge-1 is back in us-east within 35 s."""
     wait_quiet(topo)
     proc = cli_popen(topo, "run", "--region", "us-east", "--mode", "blackhole", "--duration", "5s", *SHORT)
     try:
@@ -491,7 +511,10 @@ def test_federation_restarted_mid_drill_ends_safely_and_keeps_record(topo):
 
 @pytest.mark.integration
 def test_degrade_refuses_and_delays_and_agrees_with_independent_client(topo):
-    """Last in the file: refused OPENs eject us-east's gateways (outlier detection, backoff
+    """A 4 s degrade (30% refused, +200 ms) under 20 conn/s from edge-1: 0 failed on both sides,
+    ratios within 5 points, traffic moves to west-1, us-east's answers take >= 190 ms.
+
+    Last in the file: refused OPENs eject us-east's gateways (outlier detection, backoff
     doubling up to max_ejection 30 s), which would slow the failback of the drills after it."""
     rc, rep, conns, err = run_with_traffic(topo, "--region", "us-east", "--mode", "degrade", "--duration", "4s",
                                            "--latency", "200ms", "--error-rate", "0.3", *SHORT)

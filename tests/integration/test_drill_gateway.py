@@ -21,7 +21,8 @@ from federation.client import operator_client
 from federation.identity import Svid
 from federation.model import Drill
 from gateway.dataplane import link
-from tests.integration.harness import Topology, http_get, metric_value, running, wait_for
+from tests.helpers.traffic import http_get, metric_value, wait_for
+from tests.integration.harness import Topology, running
 
 pytestmark = pytest.mark.integration
 
@@ -55,7 +56,11 @@ async def _connect(topo: Topology, tmp: Path, node: str = "east-2"):
     ctx.verify_mode = ssl.CERT_NONE  # we look at what the server answers, not at who it is
     ctx.load_cert_chain(tmp / "c.pem", tmp / "k.pem")
     return await asyncio.wait_for(
-        asyncio.open_connection("127.0.0.1", topo.nodes[node].inbound_port, ssl=ctx, server_hostname=node), 3.0)
+        asyncio.open_connection(
+            "127.0.0.1", topo.nodes[node].inbound_port, ssl=ctx, server_hostname=node
+        ),
+        3.0,
+    )
 
 
 async def relay_line(reader, writer, frames: link.FrameReader) -> bytes:
@@ -127,20 +132,28 @@ async def gateway_drills(topo: Topology, node: str) -> dict:
     return (await topo.status(node))["drills"]
 
 
-async def test_drain_refuses_opens_withdraws_exports_and_reports_samples(topo: Topology, tmp_path: Path):
+async def test_drain_refuses_opens_withdraws_exports_and_reports_samples(
+    topo: Topology, tmp_path: Path
+):
+    """A 3 s drain of east-2: OPEN -> ERR draining, PING -> PONG, open streams relay, exports
+    withdrawn; OPEN OK within 1 s of the deadline; observers send 17..23 probes/s, 0 failed."""
     assert await catalog_exports(topo) == {"east-1", "east-2", "west-1"}
 
     async def imports_published() -> bool:  # every gateway published its import (failover policy)
         async with operator(topo) as op:
             imports = (await op.catalog()).imports
         return {(r.cluster, str(r.service), r.tiers) for r in imports.values()} == {
-            (c, "default/echo", ("cluster", "zone", "region", "any")) for c in ("east-1", "east-2", "west-1")}
+            (c, "default/echo", ("cluster", "zone", "region", "any"))
+            for c in ("east-1", "east-2", "west-1")
+        }
 
     await wait_for(imports_published, 3.0, what="import records in the catalog")
     d = await start_drill(topo, mode="drain", duration="3s", settle="1s", probe_rate=20)
     assert d.services == ("default/echo",)
     streams: list = []
-    assert (await link_call(topo, tmp_path / "a", link.OPEN, 2.0, keep=streams))[0] == "OK"  # baseline
+    assert (await link_call(topo, tmp_path / "a", link.OPEN, 2.0, keep=streams))[
+        0
+    ] == "OK"  # baseline
 
     await wait_until_wall(d.fault_start + 0.3)
     assert (await link_call(topo, tmp_path / "b", link.OPEN, 2.0))[0] == "ERR draining"
@@ -152,13 +165,18 @@ async def test_drain_refuses_opens_withdraws_exports_and_reports_samples(topo: T
     st = await gateway_drills(topo, "east-2")
     assert st["fault"]["mode"] == "drain" and st["fault"]["drill"] == d.id
     metrics = await topo.metrics("east-2")
-    assert metric_value(metrics, "isthmus_gateway_drill_fault_active", f'drill="{d.id}",mode="drain"') == 1
+    assert (
+        metric_value(metrics, "isthmus_gateway_drill_fault_active", f'drill="{d.id}",mode="drain"')
+        == 1
+    )
     assert (await gateway_drills(topo, "west-1"))["observing"][0]["services"] == ["default/echo"]
     assert (await gateway_drills(topo, "east-1"))["observing"]
 
     # the deadline: east-2 restores by itself and republishes its exports
     await wait_until_wall(d.fault_end)
-    took = await wait_for(lambda: _answers_ok(topo, tmp_path / "d"), 1.0, what="east-2 answering OPEN again")
+    took = await wait_for(
+        lambda: _answers_ok(topo, tmp_path / "d"), 1.0, what="east-2 answering OPEN again"
+    )
     await wait_for(lambda: _exports_with(topo, "east-2"), 3.0, what="east-2's exports back")
     print(f"\ndrain: OPEN answered OK again {took:.3f}s after the deadline")
     metrics = await topo.metrics("east-2")
@@ -190,7 +208,10 @@ async def test_drain_refuses_opens_withdraws_exports_and_reports_samples(topo: T
         if d.fault_start + 1 <= s["second"] < d.fault_end - 1:
             assert "east-2" not in s["services"]["default/echo"]["served"], s
     m = await topo.metrics("west-1")
-    assert metric_value(m, "isthmus_gateway_drill_probes_total", f'drill="{d.id}",result="ok"') >= 20 * 4
+    assert (
+        metric_value(m, "isthmus_gateway_drill_probes_total", f'drill="{d.id}",result="ok"')
+        >= 20 * 4
+    )
 
 
 async def _exports_without(topo: Topology, cluster: str) -> bool:
@@ -211,6 +232,8 @@ async def _answers_pong(topo: Topology, tmp: Path) -> bool:
 
 async def test_blackhole_answers_nothing_until_the_deadline(topo: Topology, tmp_path: Path):
     # east-1 without endpoints of its own: its traffic (and its drill probes) goes to east-2
+    """A 3 s blackhole of east-2: OPEN and PING get no answer in 1 s, open streams relay, both are
+    answered within 1.5 s of the deadline; east-1's probes move to west-1, p99 < 2.1 s."""
     for b in topo.nodes["east-1"].backends:
         await b.stop()
     await topo.wait_served("east-1", "east-2")
@@ -227,19 +250,31 @@ async def test_blackhole_answers_nothing_until_the_deadline(topo: Topology, tmp_
     assert await relay_line(reader, writer, frames) == b"east-2"
     writer.transport.abort()
     await wait_until_wall(d.fault_end)
-    t_open = await wait_for(lambda: _answers_ok(topo, tmp_path / "c"), 1.5, what="OPEN answered again")
-    t_ping = await wait_for(lambda: _answers_pong(topo, tmp_path / "d"), 1.5, what="PING answered again")
-    print(f"\nblackhole: OPEN answered again {t_open:.3f}s and PING {t_ping:.3f}s after the deadline")
+    t_open = await wait_for(
+        lambda: _answers_ok(topo, tmp_path / "c"), 1.5, what="OPEN answered again"
+    )
+    t_ping = await wait_for(
+        lambda: _answers_pong(topo, tmp_path / "d"), 1.5, what="PING answered again"
+    )
+    print(
+        f"\nblackhole: OPEN answered again {t_open:.3f}s and PING {t_ping:.3f}s after the deadline"
+    )
 
     # east-1's probes went through its router: east-2 in the baseline, then (timeouts, outlier
     # ejection, failed PINGs) west-1 during the fault; no probe waited more than ~2 s
     await wait_until_wall(d.fault_end + d.settle + 1.5)
     async with operator(topo) as op:
         _, samples = await op.get_drill(d.id)
-    rows = [(s["second"] - d.fault_start, s["services"]["default/echo"]) for s in samples if s["cluster"] == "east-1"]
+    rows = [
+        (s["second"] - d.fault_start, s["services"]["default/echo"])
+        for s in samples
+        if s["cluster"] == "east-1"
+    ]
     print("blackhole, east-1's samples (t, attempts, failures, served, p99 ms):")
     for t, x in rows:
-        print(f"  {t:+.0f}  {x['attempts']:3d} {x['failures']:3d} {x['served']} {x['latency_p99_ms']}")
+        print(
+            f"  {t:+.0f}  {x['attempts']:3d} {x['failures']:3d} {x['served']} {x['latency_p99_ms']}"
+        )
     assert all(x["served"].keys() <= {"east-2"} for t, x in rows if t < 0), rows
     fault = [x for t, x in rows if 1 <= t < 3]
     assert fault and all(x["served"].keys() == {"west-1"} for x in fault), rows
@@ -247,10 +282,16 @@ async def test_blackhole_answers_nothing_until_the_deadline(topo: Topology, tmp_
     assert all(abs(x["attempts"] - 20) <= 3 for _, x in rows[1:-1]), rows
 
 
-async def test_degrade_refuses_at_error_rate_then_delays_ok_by_latency(topo: Topology, tmp_path: Path):
+async def test_degrade_refuses_at_error_rate_then_delays_ok_by_latency(
+    topo: Topology, tmp_path: Path
+):
+    """Degrade at error_rate 1.0: 10 of 10 OPENs -> ERR degraded (PING still PONG); at 300 ms: 5 of
+    5 OK after >= 0.3 s; after the deadline OK in < 0.3 s."""
     d = await start_drill(topo, mode="degrade", duration="2s", error_rate=1.0)
     await wait_until_wall(d.fault_start + 0.2)
-    results = await asyncio.gather(*(link_call(topo, tmp_path / f"e{i}", link.OPEN, 2.0) for i in range(10)))
+    results = await asyncio.gather(
+        *(link_call(topo, tmp_path / f"e{i}", link.OPEN, 2.0) for i in range(10))
+    )
     assert [r[0] for r in results] == ["ERR degraded"] * 10
     assert (await link_call(topo, tmp_path / "p", link.PING, 1.0))[0] == "PONG"
     await wait_until_wall(d.fault_end)
@@ -258,7 +299,9 @@ async def test_degrade_refuses_at_error_rate_then_delays_ok_by_latency(topo: Top
 
     d2 = await start_drill(topo, mode="degrade", duration="3s", latency="300ms")
     await wait_until_wall(d2.fault_start + 0.2)
-    results = await asyncio.gather(*(link_call(topo, tmp_path / f"l{i}", link.OPEN, 2.0) for i in range(5)))
+    results = await asyncio.gather(
+        *(link_call(topo, tmp_path / f"l{i}", link.OPEN, 2.0) for i in range(5))
+    )
     assert all(r[0] == "OK" for r in results), results  # and each stream relayed a line after
     assert all(r[1] >= 0.3 for r in results), results
     print(f"\ndegrade 300ms: OK after {', '.join(f'{r[1]:.3f}' for r in results)} s")
@@ -269,6 +312,8 @@ async def test_degrade_refuses_at_error_rate_then_delays_ok_by_latency(topo: Top
 
 
 async def test_restores_at_the_deadline_with_the_federation_killed(topo: Topology, tmp_path: Path):
+    """With the federation SIGKILLed mid-blackhole, east-2 answers OPEN again within 1.5 s of the
+    deadline, its fault is cleared and west-1 keeps >= 1 sample buffered."""
     d = await start_drill(topo, mode="blackhole", duration="4s")
     await wait_until_wall(d.fault_start + 0.3)
     assert (await link_call(topo, tmp_path / "a", link.OPEN, 0.5))[0] == "silent"
@@ -276,13 +321,16 @@ async def test_restores_at_the_deadline_with_the_federation_killed(topo: Topolog
     status, _ = await _fed_admin(topo)
     assert status is None  # really gone
     await wait_until_wall(d.fault_end)
-    took = await wait_for(lambda: _answers_ok(topo, tmp_path / "b"), 1.5, what="OPEN answered again")
+    took = await wait_for(
+        lambda: _answers_ok(topo, tmp_path / "b"), 1.5, what="OPEN answered again"
+    )
     assert await _answers_pong(topo, tmp_path / "c")
     st = await gateway_drills(topo, "east-2")
     assert st["fault"] is None
     # observers keep their samples for later
     assert (await gateway_drills(topo, "west-1"))["samples"]["buffered"] >= 1
-    print(f"\nfederation SIGKILLed mid-drill: east-2 answered OPEN again {took:.3f}s after the deadline")
+    print(f"\nfederation SIGKILLed mid-drill: east-2 answered OPEN again {took:.3f}s after "
+          "the deadline")
 
 
 async def _fed_admin(topo: Topology) -> tuple[int | None, str]:

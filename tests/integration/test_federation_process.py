@@ -77,6 +77,8 @@ def terminate(proc: subprocess.Popen) -> tuple[int, str]:
 
 
 async def test_federation_process_lifecycle(tmp_path: Path) -> None:
+    """`federation serve` starts with a 0600 CA key, joins/leases/publishes east-1, exits 0 on
+    SIGTERM without logging the token, and serves the same record after a restart."""
     port, admin = free_port(), free_port()
     proc = start(tmp_path, port, admin)
     try:

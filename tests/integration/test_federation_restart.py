@@ -17,7 +17,8 @@ import time
 
 import pytest
 
-from tests.integration.harness import LoadStream, Topology, running
+from tests.helpers.traffic import LoadStream
+from tests.integration.harness import Topology, running
 
 pytestmark = pytest.mark.integration
 
@@ -69,11 +70,15 @@ async def _outage_then_restart(topo: Topology, outage: float) -> None:
 
 
 async def test_federation_restart_after_30s_outage_withdraws_nothing(tmp_path, request):
+    """40 new conn/s through a 30 s federation outage and 8 s after the restart (own endpoints
+    dead): 0 failed, 0 exports withdrawn, leases kept."""
     async with running(Topology(tmp_path), request) as topo:
         await _outage_then_restart(topo, 30.0)
 
 
 @pytest.mark.timeout(300)
 async def test_federation_restart_after_3min_outage_withdraws_nothing(tmp_path, request):
+    """40 new conn/s through a 3 min federation outage and 8 s after the restart (own endpoints
+    dead): 0 failed, 0 exports withdrawn, leases kept."""
     async with running(Topology(tmp_path), request) as topo:
         await _outage_then_restart(topo, 180.0)

@@ -6,9 +6,10 @@ check succeeds, and outlier detection on connects sees successes, while every co
 committed to it waits for an answer that never comes (the client gives up after 3 s).
 
 Each scenario starts a topology whose health checks run every 1 s (timeout 500 ms, 2 failures
-to go unhealthy: the defaults), freezes the backend (harness.ProcessBackend, by PID), thaws it,
-and measures: how long until east-1's /status shows the endpoint unroutable, how many client
-connections failed, and when the last of them started. Run with `-s` to see the numbers.
+to go unhealthy: the defaults), freezes the backend (a ProcessBackend of tests/helpers/
+backends.py, by PID), thaws it, and measures: how long until east-1's /status shows the endpoint
+unroutable, how many client connections failed, and when the last of them started.
+Run with `-s` to see the numbers.
 
 - `tcp`: the blind spot, kept as the reference (a plain tcp check and no response_timeout).
 - `send-expect`, `http`: active checks that need the app: the endpoint goes unhealthy in about
@@ -26,7 +27,9 @@ import time
 
 import pytest
 
-from tests.integration.harness import LoadStream, ProcessBackend, Topology, metric_value, running
+from tests.helpers.backends import ProcessBackend
+from tests.helpers.traffic import LoadStream, metric_value
+from tests.integration.harness import Topology, running
 
 pytestmark = pytest.mark.integration
 
@@ -59,13 +62,17 @@ async def _routable_timeline(topo: Topology, key: str, until: float) -> list[tup
 def _counters(text: str) -> dict[str, float]:
     return {
         "served": metric_value(text, "isthmus_gateway_served_total", LISTENER),
-        "timeouts": metric_value(text, "isthmus_gateway_upstream_response_timeouts_total", LISTENER),
+        "timeouts": metric_value(
+            text, "isthmus_gateway_upstream_response_timeouts_total", LISTENER
+        ),
         "failed": metric_value(text, "isthmus_gateway_connections_failed_total", LISTENER),
     }
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 async def test_sigstopped_backend(tmp_path, request, scenario):
+    """One of two endpoints SIGSTOPped 10 s under 40 conn/s: a tcp check misses it (>= 40 lost);
+    the others take it out in < 4 s and lose none later (active) or <= 60 (passive)."""
     health_check, outlier = SCENARIOS[scenario]
     topo = Topology(tmp_path, health_check=health_check, outlier_detection=outlier)
     frozen: ProcessBackend = topo.use_process_backend("east-1")

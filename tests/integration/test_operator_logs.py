@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.harness import Topology, running, wait_for
+from tests.helpers.traffic import wait_for
+from tests.integration.harness import Topology, running
 
 pytestmark = pytest.mark.integration
 
 
 async def test_failover_events_are_logged_at_info(tmp_path, request):
+    """east-1's log names every failover event: 2 tier switches (exactly), 2 endpoints unhealthy and
+    healthy again, a peer lost after 2 failed probes and its lease expiry."""
     async with running(Topology(tmp_path), request) as topo:
         east1 = topo.nodes["east-1"]
 

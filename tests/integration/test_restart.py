@@ -1,4 +1,4 @@
-"""Zero-downtime restarts (`isthmus gateway run --takeover`, gateway/handoff.py) and binding
+"""Zero-downtime restarts (`isthmus gateway run --takeover`, gateway/control/handoff.py) and binding
 every listener first. Real processes and sockets; every process is stopped by its PID.
 
 Measured on this machine at 40 new connections/s through east-1's import listener (the
@@ -18,22 +18,11 @@ from pathlib import Path
 import pytest
 
 from federation.identity import CertificateAuthority
+from tests.helpers.backends import Backend, make_blackhole
+from tests.helpers.processes import Proc, free_port, isthmus_cmd, run_cli
+from tests.helpers.traffic import LoadStream, http_json, request, wait_for
 
-from .harness import (
-    Backend,
-    LoadStream,
-    Node,
-    Proc,
-    Topology,
-    free_port,
-    http_json,
-    isthmus_cmd,
-    make_blackhole,
-    request,
-    run_cli,
-    running,
-    wait_for,
-)
+from .harness import Node, Topology, running
 from .test_workers import gone
 
 pytestmark = pytest.mark.integration

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from gateway.dataplane import link
-from tests.integration.harness import Topology, metric_value, request, run_cli, running, wait_for
+from tests.helpers.processes import run_cli
+from tests.helpers.traffic import metric_value, request, wait_for
+from tests.integration.harness import Topology, running
 from tests.integration.test_drill_gateway import link_call, start_drill, wait_until_wall
 
 pytestmark = pytest.mark.integration
@@ -41,6 +43,8 @@ async def worker_1(topo: Topology, node: str = "east-1") -> dict:
 
 
 async def test_workers_share_the_listeners_and_are_restarted_and_stopped(topo: Topology):
+    """2 workers share east-1's listeners (80 of 80 served, some by each), a SIGKILLed one is
+    restarted once and 40 of 40 are served after; stopping the primary stops both."""
     east1 = topo.nodes["east-1"]
     primary = east1.proc.pid
 
@@ -56,8 +60,12 @@ async def test_workers_share_the_listeners_and_are_restarted_and_stopped(topo: T
     # is served, by east-1's own backends (the cluster tier).
     async def accepted() -> list[float]:
         text = await topo.metrics("east-1")
-        return [metric_value(text, "isthmus_gateway_connections_accepted_total", f'{IMPORT},worker="{w}"')
-                for w in ("0", "1")]
+        return [
+            metric_value(
+                text, "isthmus_gateway_connections_accepted_total", f'{IMPORT},worker="{w}"'
+            )
+            for w in ("0", "1")
+        ]
 
     before = await accepted()
     replies = await asyncio.gather(*(request(east1.import_port, "ping") for _ in range(80)))
@@ -87,6 +95,7 @@ async def test_workers_share_the_listeners_and_are_restarted_and_stopped(topo: T
 
 
 async def test_a_worker_stops_when_its_primary_is_killed(topo: Topology):
+    """A worker stops within 5 s of its primary being SIGKILLed."""
     async def running() -> bool:
         return (await worker_1(topo))["running"]
 
@@ -97,6 +106,8 @@ async def test_a_worker_stops_when_its_primary_is_killed(topo: Topology):
 
 
 async def test_every_worker_acts_out_a_drill_fault(tmp_path: Path, request):
+    """A drain of east-2 with 2 workers: 12 of 12 new links refused (ERR draining), 12 of 12 OK
+    after the deadline, links landed on both workers."""
     async with running(Topology(tmp_path / "topo", workers={"east-2": 2}), request) as topo:
         async def reporting() -> bool:
             row = await worker_1(topo, "east-2")
@@ -107,10 +118,14 @@ async def test_every_worker_acts_out_a_drill_fault(tmp_path: Path, request):
         await wait_until_wall(d.fault_start + 0.3)
         # Each new link lands on one of the two workers (4-tuple hash): all must refuse. A
         # worker ignoring the fault would answer OK to about half of them.
-        answers = [(await link_call(topo, tmp_path / f"drain{i}", link.OPEN, 2.0))[0] for i in range(12)]
+        answers = [
+            (await link_call(topo, tmp_path / f"drain{i}", link.OPEN, 2.0))[0] for i in range(12)
+        ]
         assert answers == ["ERR draining"] * 12
         await wait_until_wall(d.fault_end + 0.3)
-        answers = [(await link_call(topo, tmp_path / f"after{i}", link.OPEN, 2.0))[0] for i in range(12)]
+        answers = [
+            (await link_call(topo, tmp_path / f"after{i}", link.OPEN, 2.0))[0] for i in range(12)
+        ]
         assert answers == ["OK"] * 12
 
         async def both_workers_had_links() -> bool:  # inbound streams are counted per worker
@@ -127,6 +142,7 @@ async def test_every_worker_acts_out_a_drill_fault(tmp_path: Path, request):
     (["--workers", "2", "--worker-index", "1"], "--worker-index needs --primary-pid"),
 ])
 def test_bad_worker_arguments_exit_2(tmp_path: Path, args, message):
+    """3 bad --workers/--worker-index/--primary-pid combinations each exit 2 naming the flag."""
     topo = Topology(tmp_path / "t")
     r = run_cli("gateway", "run", "--config", str(topo.nodes["east-1"].config), *args)
     assert r.returncode == 2 and message in r.stderr, r.stderr

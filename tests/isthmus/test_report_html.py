@@ -24,13 +24,27 @@ def sample_report(mode: str = "blackhole") -> dict:
     """A real compute_report of synthetic samples: 2 s baseline, 8 s fault, 5 s settle; edge-1
     probes echo at 40/s, us-east serves it, then us-west during the fault, then us-east again."""
     drill = Drill(
-        id="d-20261130-120000-ab12", scope_kind="region", scope="us-east", mode=mode,
-        created_at=T0 - 2, fault_start=T0, fault_end=T0 + 8,
+        id="d-20261130-120000-ab12",
+        scope_kind="region",
+        scope="us-east",
+        mode=mode,
+        created_at=T0 - 2,
+        fault_start=T0,
+        fault_end=T0 + 8,
         clusters_in_scope=("east-1", "east-2"),
-        regions={"east-1": "us-east", "east-2": "us-east", "west-1": "us-west", "edge-1": "eu-west"},
-        services=("default/echo",), latency=0.2 if mode == "degrade" else 0.0,
-        error_rate=0.3 if mode == "degrade" else 0.0, settle=5.0,
-        state="ended", ended_at=T0 + 8, end_reason="deadline",
+        regions={
+            "east-1": "us-east",
+            "east-2": "us-east",
+            "west-1": "us-west",
+            "edge-1": "eu-west",
+        },
+        services=("default/echo",),
+        latency=0.2 if mode == "degrade" else 0.0,
+        error_rate=0.3 if mode == "degrade" else 0.0,
+        settle=5.0,
+        state="ended",
+        ended_at=T0 + 8,
+        end_reason="deadline",
     )
     samples = []
     for rel in range(-2, 13):
@@ -40,9 +54,22 @@ def sample_report(mode: str = "blackhole") -> dict:
             served, fail = {"east-1": 10, "west-1": 20}, 10
         else:
             served, fail = {"west-1": 40}, 0
-        samples.append({"cluster": "edge-1", "second": int(T0) + rel, "services": {"default/echo": {
-            "attempts": 40, "successes": 40 - fail, "failures": fail,
-            "latency_p50_ms": 1.0, "latency_p99_ms": 480.0 if rel == 0 else 2.0, "served": served}}})
+        samples.append(
+            {
+                "cluster": "edge-1",
+                "second": int(T0) + rel,
+                "services": {
+                    "default/echo": {
+                        "attempts": 40,
+                        "successes": 40 - fail,
+                        "failures": fail,
+                        "latency_p50_ms": 1.0,
+                        "latency_p99_ms": 480.0 if rel == 0 else 2.0,
+                        "served": served,
+                    }
+                },
+            }
+        )
     report = compute_report(drill, samples)
     report["drill"] = drill.to_json()  # what the CLI adds before rendering
     return report
@@ -74,7 +101,13 @@ def test_structure_self_contained():
     x0, x8 = (float(m.get("x1")) for m in markers)
     assert x8 > x0
     # summary table has the contract's fields
-    for label in ("detection", "time to shift", "failed during shift", "failback after fault stop", "flapped"):
+    for label in (
+        "detection",
+        "time to shift",
+        "failed during shift",
+        "failback after fault stop",
+        "flapped",
+    ):
         assert f"<th>{label}</th>" in page
 
 
@@ -89,7 +122,9 @@ def test_stacked_shares_sum_to_success_ratio():
             heights[x] = heights.get(x, 0.0) + float(r.get("height"))
     full = max(heights.values())
     assert len(heights) == 15
-    assert min(heights.values()) == pytest.approx(full * 30 / 40, abs=0.5)  # second 0: 10 of 40 failed
+    assert min(heights.values()) == pytest.approx(
+        full * 30 / 40, abs=0.5
+    )  # second 0: 10 of 40 failed
 
 
 def test_summary_rows_and_escaping():
@@ -118,7 +153,9 @@ def test_timeline_rows_derive_regions_from_clusters():
 
 
 def test_empty_report_renders():
-    page = render_report_html({"drill": {"id": "d-20261130-120000-ab12", "scope": {"cluster": "x"}}})
+    page = render_report_html(
+        {"drill": {"id": "d-20261130-120000-ab12", "scope": {"cluster": "x"}}}
+    )
     assert "no samples" in page and "never" in page
 
 
@@ -175,16 +212,31 @@ def decode_png(data: bytes) -> tuple[int, int, list[bytes]]:
 def test_renders_in_headless_chromium(tmp_path):
     browser = _chromium()
     if browser is None:
-        pytest.skip("no Chromium on this machine (apt-get install -y chromium) — cannot take the screenshot")
+        pytest.skip(
+            "no Chromium on this machine (apt-get install -y chromium) — cannot take the screenshot"
+        )
     page = tmp_path / "report.html"
     page.write_text(render_report_html(sample_report()), encoding="utf-8")
     shot = tmp_path / "r.png"
     proc = subprocess.Popen(
-        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
-         f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,900",
-         page.as_uri()],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            "--hide-scrollbars",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            f"--screenshot={shot}",
+            "--window-size=1200,900",
+            page.as_uri(),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
     )
     try:
         out, _ = proc.communicate(timeout=60)

@@ -82,7 +82,7 @@ async def test_status_finds_the_federation_by_host_port_or_environment(admin):
 
 
 async def test_status_of_an_unreachable_federation_exits_1_naming_the_url():
-    from tests.integration.harness import free_port
+    from tests.helpers.processes import free_port
 
     port = free_port()
     rc, out, err = await status("--admin", f"127.0.0.1:{port}")

@@ -319,7 +319,7 @@ class FakeDialer:
         return leg
 
 
-def test_observer_probes_at_rate_and_sends_samples():
+async def test_observer_probes_at_rate_and_sends_samples():
     async def main():
         now = T0 + 0.0
         import time as _time
@@ -344,7 +344,7 @@ def test_observer_probes_at_rate_and_sends_samples():
         await asyncio.gather(task, return_exceptions=True)
         return a, agent, dialer, router
 
-    a, agent, dialer, router = asyncio.run(main())
+    a, agent, dialer, router = await main()
     total = sum(s["services"]["default/echo"]["attempts"] for *_, s in agent.client.samples)
     assert 90 <= total <= 125  # 50/s for ~2.3 s
     assert all(s["services"]["default/echo"]["served"].keys() <= {"west-1"} for *_, s in agent.client.samples)
@@ -356,7 +356,7 @@ def test_observer_probes_at_rate_and_sends_samples():
     assert seconds == sorted(seconds) and len(set(seconds)) == len(seconds)
 
 
-def test_a_blackholed_probe_fails_after_the_timeout(monkeypatch):
+async def test_a_blackholed_probe_fails_after_the_timeout(monkeypatch):
     import gateway.control.drill_actor as m
 
     monkeypatch.setattr(m, "PROBE_TIMEOUT", 0.2)
@@ -366,11 +366,11 @@ def test_a_blackholed_probe_fails_after_the_timeout(monkeypatch):
                        FakeAgent(), {}, FakeDialer(), lambda: 0.5)
         return await a._probe(FakeRouter(["hole"]), ServiceKey("default", "echo"))
 
-    r = asyncio.run(main())
+    r = await main()
     assert not r.ok and r.served is None and 150 <= r.latency_ms < 1000
 
 
-def test_samples_are_retried_while_the_federation_is_down():
+async def test_samples_are_retried_while_the_federation_is_down():
     async def main():
         agent = FakeAgent()
         a, _ = actor("west-1", Clock(T0), agent)
@@ -391,4 +391,4 @@ def test_samples_are_retried_while_the_federation_is_down():
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
 
-    asyncio.run(main())
+    await main()

@@ -1,0 +1,1 @@
+"""Reusable pieces of the test suite (processes, backends, traffic, loops)."""
