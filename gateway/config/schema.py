@@ -41,14 +41,22 @@ from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from federation.errors import InputError
-from federation.model import PROTOCOLS, Locality, check_name
+from federation.model import (
+    PROTOCOLS,
+    Endpoint,
+    FailoverPolicy,
+    Locality,
+    OutlierPolicy,
+    TierKind,
+    check_name,
+)
 from federation.units import format_duration, format_hostport, parse_duration, parse_hostport
 from gateway.errors import ConfigError, Problem
 
 __all__ = [
     "ClusterConfig",
     "ConfigError",
-    "EndpointConfig",
+    "Endpoint",
     "ExportConfig",
     "FailoverPolicy",
     "FederationConfig",
@@ -58,7 +66,7 @@ __all__ = [
     "ImportConfig",
     "LimitsConfig",
     "ListenConfig",
-    "OutlierConfig",
+    "OutlierPolicy",
     "Problem",
     "ProbeConfig",
     "TIERS",
@@ -71,7 +79,7 @@ MAX_EXPORTS = 1000
 MAX_IMPORTS = 1000
 MAX_ENDPOINTS = 1000
 MAX_CONSUMERS = 1000
-TIERS = ("cluster", "zone", "region", "any")
+TIERS = tuple(t.value for t in TierKind)
 HEALTH_KINDS = ("tcp", "http")
 MAX_SEND_BYTES = 1024  # health_check.send
 MAX_EXPECT_BYTES = 256  # health_check.expect
@@ -124,14 +132,6 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class OutlierConfig:
-    consecutive_failures: int
-    base_ejection: float
-    max_ejection: float
-    response_timeout: float | None = None  # off unless set
-
-
-@dataclass(frozen=True, slots=True)
 class ProbeConfig:
     interval: float
     timeout: float
@@ -155,35 +155,16 @@ class HealthCheck:
 
 
 @dataclass(frozen=True, slots=True)
-class EndpointConfig:
-    host: str
-    port: int
-    weight: int
-
-    @property
-    def address(self) -> str:
-        return format_hostport(self.host, self.port)
-
-
-@dataclass(frozen=True, slots=True)
 class ExportConfig:
     name: str
     namespace: str
     port: int
     protocol: str
-    endpoints: tuple[EndpointConfig, ...]
+    endpoints: tuple[Endpoint, ...]
     health_check: HealthCheck
     # None: every federated cluster may call. Otherwise the listed clusters plus our own,
     # which the loader appends when it is not listed.
     allowed_consumers: tuple[str, ...] | None
-
-
-@dataclass(frozen=True, slots=True)
-class FailoverPolicy:
-    tiers: tuple[str, ...]
-    region_preference: tuple[str, ...]
-    failback_after: float
-    max_attempts: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,7 +184,7 @@ class GatewayConfig:
     state_dir: Path
     identity: IdentityConfig
     limits: LimitsConfig
-    outlier_detection: OutlierConfig
+    outlier_detection: OutlierPolicy
     peer_probe: ProbeConfig
     exports: tuple[ExportConfig, ...]
     imports: tuple[ImportConfig, ...]
@@ -212,7 +193,7 @@ class GatewayConfig:
 
 DEFAULT_IDENTITY = IdentityConfig(svid_ttl=_DAY, ca_cert_file=None, ca_key_file=None)
 DEFAULT_LIMITS = LimitsConfig(max_connections=10000, connect_timeout=1.0, idle_timeout=3600.0)
-DEFAULT_OUTLIER = OutlierConfig(consecutive_failures=2, base_ejection=2.0, max_ejection=60.0)
+DEFAULT_OUTLIER = OutlierPolicy()
 DEFAULT_PROBE = ProbeConfig(interval=0.5, timeout=0.5, healthy_threshold=2, unhealthy_threshold=2)
 DEFAULT_HEALTH_CHECK = HealthCheck(
     kind="tcp", path=None, interval=1.0, timeout=0.5, healthy_threshold=2, unhealthy_threshold=2
@@ -224,9 +205,7 @@ DEFAULT_HTTP_HEALTH_CHECK = HealthCheck(
     kind="http", path=DEFAULT_HTTP_PATH, interval=1.0, timeout=0.5, healthy_threshold=2,
     unhealthy_threshold=2, healthy_status_below=500,
 )
-DEFAULT_FAILOVER = FailoverPolicy(
-    tiers=TIERS, region_preference=(), failback_after=2.0, max_attempts=4
-)
+DEFAULT_FAILOVER = FailoverPolicy()
 
 # Allowed fields per section: name -> required.
 _TOP = {
@@ -761,7 +740,7 @@ class _Reader:
             return None
         return LimitsConfig(mc, ct, it)  # type: ignore[arg-type]
 
-    def outlier(self, node: Node) -> OutlierConfig | None:
+    def outlier(self, node: Node) -> OutlierPolicy | None:
         path = "outlier_detection"
         f = self.section(node, path, _OUTLIER)
         if f is None:
@@ -791,7 +770,7 @@ class _Reader:
             return None
         if None in (cf, base, top):
             return None
-        return OutlierConfig(cf, base, top, rt)  # type: ignore[arg-type]
+        return OutlierPolicy(cf, base, top, rt)  # type: ignore[arg-type]
 
     def probe(
         self, node: Node, path: str, default: ProbeConfig, *, strict_timeout: bool
@@ -988,14 +967,14 @@ class _Reader:
             return None
         return ExportConfig(name, namespace, port, protocol, endpoints, hc, consumers)  # type: ignore[arg-type]
 
-    def endpoints(self, node: Node, path: str) -> tuple[EndpointConfig, ...] | None:
+    def endpoints(self, node: Node, path: str) -> tuple[Endpoint, ...] | None:
         nodes = self.items(node, path, "endpoints", MAX_ENDPOINTS)
         if nodes is None:
             return None
         if not nodes:
             self.problem(node, path, "at least one endpoint is required")
             return None
-        out: list[EndpointConfig] = []
+        out: list[Endpoint] = []
         seen: dict[tuple[str, int], int] = {}
         ok = True
         for i, n in enumerate(nodes):
@@ -1028,10 +1007,10 @@ class _Reader:
             out.append(ep)
         return tuple(out) if ok else None
 
-    def endpoint(self, node: Node, path: str) -> EndpointConfig | None:
+    def endpoint(self, node: Node, path: str) -> Endpoint | None:
         if isinstance(node, ScalarNode):
             hp = self.hostport(node, path)
-            return None if hp is None else EndpointConfig(hp[0], hp[1], 1)
+            return None if hp is None else Endpoint(hp[0], hp[1])
         if not isinstance(node, MappingNode):
             self.problem(
                 node,
@@ -1046,7 +1025,7 @@ class _Reader:
         weight = self.integer(f["weight"], f"{path}.weight", 1, 1000) if "weight" in f else 1
         if hp is None or weight is None:
             return None
-        return EndpointConfig(hp[0], hp[1], weight)
+        return Endpoint(hp[0], hp[1], weight=weight)
 
     def unique_names(self, node: Node, path: str, what: str, limit: int, label: str = "") -> list[str] | None:
         """A list of distinct names; every bad or repeated item is a problem (None if any)."""

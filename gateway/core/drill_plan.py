@@ -32,7 +32,7 @@ from typing import Any
 from federation.errors import InputError
 from federation.model import Catalog, Export, ImportRecord, Locality, ServiceKey
 from federation.units import parse_hostport
-from gateway.core.balance import Policy, Target, build_tiers
+from gateway.core.balance import Target, build_tiers
 
 __all__ = ["Route", "ServicePlan", "DrillPlan", "scope_clusters", "plan_drill"]
 
@@ -156,9 +156,8 @@ def _remote_target(locality: Locality, gateway_address: str, ex: Export) -> Targ
 
 
 def _route(targets: list[Target], behind: dict[str, int], imp: ImportRecord, catalog: Catalog) -> Route:
-    policy = Policy(imp.tiers, imp.region_preference, imp.failback_after, imp.max_attempts)
     caller = catalog.clusters[imp.cluster].locality
-    for tier in build_tiers(targets, caller, policy):
+    for tier in build_tiers(targets, caller, imp.failover):
         if tier.eligible:
             healthy = [t for t in tier.targets if t.healthy]
             return Route(
