@@ -56,6 +56,11 @@ class Field:
 Table = tuple[Field, ...]
 
 
+def defaults(table: Table) -> dict[str, Any]:
+    """Field name -> default: the value of a section that is not in the file."""
+    return {f.name: f.default for f in table}
+
+
 @dataclass(slots=True)
 class Section:
     """One mapping being read: its value nodes by field name (null ones left out), the values
