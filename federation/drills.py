@@ -82,7 +82,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from federation.errors import InputError, IsthmusError
-from federation.model import DRILL_MODES, DRILL_STATES, Catalog, Drill, check_name
+from federation.model import DRILL_STATES, Catalog, Drill, DrillMode, check_name
 from federation.units import DECIMAL, format_duration, parse_duration
 
 __all__ = [
@@ -183,8 +183,8 @@ def new_drill(request: Any, catalog: Catalog, now: float, rand4: str) -> Drill:
         )
 
     mode = request.get("mode")
-    if mode not in DRILL_MODES:
-        raise InputError(f"mode: {mode!r} is not one of {', '.join(DRILL_MODES)}")
+    if mode not in tuple(DrillMode):
+        raise InputError(f"mode: {mode!r} is not one of {', '.join(DrillMode)}")
     if "duration" not in request:
         raise InputError("duration: missing (e.g. \"30s\"; 1s..1h)")
     duration = _duration(request["duration"], "duration", MIN_DURATION, MAX_DURATION)
@@ -195,9 +195,9 @@ def new_drill(request: Any, catalog: Catalog, now: float, rand4: str) -> Drill:
     error_rate = 0.0
     if request.get("error_rate") is not None:
         error_rate = _number(request["error_rate"], "error_rate", 0.0, 1.0)
-    if mode == "degrade" and latency == 0 and error_rate == 0:
+    if mode == DrillMode.DEGRADE and latency == 0 and error_rate == 0:
         raise InputError("degrade: set latency (e.g. \"200ms\") or error_rate (e.g. 0.3), or both")
-    if mode != "degrade" and (latency or error_rate):
+    if mode != DrillMode.DEGRADE and (latency or error_rate):
         raise InputError(f"latency and error_rate apply to mode 'degrade' only, not {mode!r}")
     probe_rate = DEFAULT_PROBE_RATE
     if request.get("probe_rate") is not None:
@@ -231,7 +231,7 @@ def new_drill(request: Any, catalog: Catalog, now: float, rand4: str) -> Drill:
         id=f"d-{stamp}-{rand4}",
         scope_kind=kind,
         scope=name,
-        mode=mode,
+        mode=DrillMode(mode),
         created_at=float(now),
         fault_start=fault_start,
         fault_end=fault_start + duration,

@@ -27,6 +27,7 @@ import json
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from types import MappingProxyType
 from typing import Any
 
@@ -42,8 +43,6 @@ IMPORTS = "catalog/imports/"
 DRILLS = "catalog/drills/"
 SAMPLES = "drills/"
 TOKENS = "tokens/"
-TIER_KINDS = ("cluster", "zone", "region", "any")
-DRILL_MODES = ("drain", "blackhole", "degrade")
 DRILL_STATES = ("running", "ended", "aborted")
 
 # DNS-label-like names: lowercase, digits, dashes; what Kubernetes allows for names/namespaces.
@@ -93,6 +92,73 @@ class Locality:
 
     def __str__(self) -> str:
         return f"{self.region}/{self.zone}/{self.cluster}"
+
+
+class TierKind(StrEnum):
+    """A locality tier relative to the caller; they nest: cluster < zone < region < any
+    (gateway/core/balance.py says how targets are sorted into them)."""
+
+    CLUSTER = "cluster"  # the caller's own cluster
+    ZONE = "zone"  # same region and zone
+    REGION = "region"  # same region
+    ANY = "any"  # anywhere
+
+
+class DrillMode(StrEnum):
+    """How a drill faults its scope: withdraw its exports, drop its inbound streams, or slow
+    and refuse some of them."""
+
+    DRAIN = "drain"
+    BLACKHOLE = "blackhole"
+    DEGRADE = "degrade"
+
+
+def _choices(kind: type[StrEnum]) -> str:
+    return ", ".join(kind)
+
+
+@dataclass(frozen=True, slots=True)
+class FailoverPolicy:
+    """How an import spreads over tiers: their order (best first), which other regions come
+    first inside `any`, how long a better tier must stay healthy before traffic fails back, and
+    how many connect attempts one connection gets. The defaults are the config's defaults.
+    Tier names given as strings become `TierKind`s; a bad value raises ValueError."""
+
+    tiers: tuple[TierKind, ...] = tuple(TierKind)
+    region_preference: tuple[str, ...] = ()
+    failback_after: float = 2.0
+    max_attempts: int = 4
+
+    def __post_init__(self) -> None:
+        unknown = [t for t in self.tiers if t not in tuple(TierKind)]
+        if unknown:
+            raise ValueError(
+                f"policy tiers: unknown tier kind(s) {unknown!r} (use {_choices(TierKind)})"
+            )
+        object.__setattr__(self, "tiers", tuple(TierKind(t) for t in self.tiers))
+        if len(set(self.tiers)) != len(self.tiers):
+            raise ValueError(f"policy tiers: {list(self.tiers)!r} lists a tier twice")
+        if len(set(self.region_preference)) != len(self.region_preference):
+            raise ValueError(
+                f"policy region_preference: {list(self.region_preference)!r} lists a region twice"
+            )
+        if self.failback_after < 0:
+            raise ValueError(f"policy failback_after must be >= 0, got {self.failback_after}")
+        if self.max_attempts < 1:
+            raise ValueError(f"policy max_attempts must be >= 1, got {self.max_attempts}")
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierPolicy:
+    """Passive health: eject a local endpoint or peer gateway after `consecutive_failures`
+    failed connects, for `base_ejection` doubling up to `max_ejection` seconds; with a
+    `response_timeout`, a local endpoint that accepts but does not answer in time counts as a
+    failure too (off when None). gateway/core/health.py holds the rules."""
+
+    consecutive_failures: int = 2
+    base_ejection: float = 2.0
+    max_ejection: float = 60.0
+    response_timeout: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,10 +316,7 @@ class ImportRecord:
     cluster: str
     namespace: str
     name: str
-    tiers: tuple[str, ...] = TIER_KINDS
-    region_preference: tuple[str, ...] = ()
-    failback_after: float = 2.0
-    max_attempts: int = 4
+    failover: FailoverPolicy = FailoverPolicy()
 
     @property
     def service(self) -> ServiceKey:
@@ -264,15 +327,16 @@ class ImportRecord:
         return f"{IMPORTS}{self.cluster}/{self.namespace}/{self.name}"
 
     def to_json(self) -> dict[str, Any]:
+        f = self.failover
         return {
             "cluster": self.cluster,
             "namespace": self.namespace,
             "name": self.name,
             "failover": {
-                "tiers": list(self.tiers),
-                "region_preference": list(self.region_preference),
-                "failback_after": self.failback_after,
-                "max_attempts": self.max_attempts,
+                "tiers": [t.value for t in f.tiers],
+                "region_preference": list(f.region_preference),
+                "failback_after": f.failback_after,
+                "max_attempts": f.max_attempts,
             },
         }
 
@@ -284,10 +348,13 @@ class ImportRecord:
         f = _field(obj, "failover", what, dict)
         w = f"{what}.failover"
         tiers = _field(f, "tiers", w, list)
+        kinds = tuple(TierKind)
         if not tiers or len(tiers) > 4 or len(set(map(str, tiers))) != len(tiers) or any(
-            t not in TIER_KINDS for t in tiers
+            t not in kinds for t in tiers
         ):
-            raise InputError(f"{w}.tiers: {tiers!r} is not an ordered subset of {list(TIER_KINDS)}")
+            raise InputError(
+                f"{w}.tiers: {tiers!r} is not an ordered subset of {[k.value for k in kinds]}"
+            )
         prefs = _field(f, "region_preference", w, list)
         if len(prefs) > 64:
             raise InputError(f"{w}.region_preference: at most 64 regions")
@@ -296,7 +363,11 @@ class ImportRecord:
         attempts = _field(f, "max_attempts", w, int)
         if not 0 <= failback <= 3600 or not 1 <= attempts <= 16:
             raise InputError(f"{w}: failback_after must be 0..3600 s and max_attempts 1..16")
-        return cls(cluster, namespace, name, tuple(tiers), prefs, failback, attempts)
+        try:
+            policy = FailoverPolicy(tuple(tiers), prefs, failback, attempts)
+        except ValueError as e:  # a region listed twice
+            raise InputError(f"{w}: {e}") from None
+        return cls(cluster, namespace, name, policy)
 
 
 DRILL_ID_PATTERN = "d-[0-9]{8}-[0-9]{6}-[a-z0-9]{4}"
@@ -318,7 +389,7 @@ class Drill:
     id: str
     scope_kind: str  # "region" | "cluster"
     scope: str
-    mode: str  # drain | blackhole | degrade
+    mode: DrillMode
     created_at: float
     fault_start: float
     fault_end: float  # the deadline: every gateway restores by itself at this time
@@ -380,17 +451,21 @@ class Drill:
             raise InputError(f"{what}.id: {did!r} is not a drill id (d-YYYYMMDD-HHMMSS-xxxx)")
         scope = _field(obj, "scope", what, dict)
         if len(scope) != 1 or next(iter(scope)) not in ("region", "cluster"):
-            raise InputError(f"{what}.scope: expected {{'region': R}} or {{'cluster': C}}, got {scope!r}")
+            raise InputError(
+                f"{what}.scope: expected {{'region': R}} or {{'cluster': C}}, got {scope!r}"
+            )
         kind, value = next(iter(scope.items()))
         check_name(value, f"{what}.scope.{kind}")
         mode = _field(obj, "mode", what, str)
-        if mode not in DRILL_MODES:
-            raise InputError(f"{what}.mode: {mode!r} is not one of {', '.join(DRILL_MODES)}")
+        if mode not in tuple(DrillMode):
+            raise InputError(f"{what}.mode: {mode!r} is not one of {_choices(DrillMode)}")
         state = _field(obj, "state", what, str)
         if state not in DRILL_STATES:
             raise InputError(f"{what}.state: {state!r} is not one of {', '.join(DRILL_STATES)}")
         num = (int, float)
-        times = [float(_field(obj, k, what, num)) for k in ("created_at", "fault_start", "fault_end")]
+        times = [
+            float(_field(obj, k, what, num)) for k in ("created_at", "fault_start", "fault_end")
+        ]
         if not times[0] <= times[1] <= times[2]:
             raise InputError(f"{what}: expected created_at <= fault_start <= fault_end")
         clusters = _field(obj, "clusters_in_scope", what, list)
@@ -402,8 +477,13 @@ class Drill:
         error_rate = float(_field(obj, "error_rate", what, num))
         probe_rate = float(_field(obj, "probe_rate", what, num))
         settle = float(_field(obj, "settle", what, num))
-        if not (0 <= latency <= 60 and 0 <= error_rate <= 1 and 0 < probe_rate <= 1000 and 0 <= settle <= 600):
-            raise InputError(f"{what}: latency 0..60 s, error_rate 0..1, probe_rate 0..1000/s, settle 0..600 s")
+        if not (
+            0 <= latency <= 60 and 0 <= error_rate <= 1 and 0 < probe_rate <= 1000
+            and 0 <= settle <= 600
+        ):
+            raise InputError(
+                f"{what}: latency 0..60 s, error_rate 0..1, probe_rate 0..1000/s, settle 0..600 s"
+            )
         abort_on = obj.get("abort_on")
         if abort_on is not None and (not isinstance(abort_on, str) or len(abort_on) > 200):
             raise InputError(f"{what}.abort_on: expected a short string like 'success<99%:5s'")
@@ -417,12 +497,15 @@ class Drill:
             id=did,
             scope_kind=kind,
             scope=value,
-            mode=mode,
+            mode=DrillMode(mode),
             created_at=times[0],
             fault_start=times[1],
             fault_end=times[2],
             clusters_in_scope=tuple(check_name(c, f"{what}.clusters_in_scope") for c in clusters),
-            regions={check_name(k, f"{what}.regions"): check_name(v, f"{what}.regions.{k}") for k, v in regions.items()},
+            regions={
+                check_name(k, f"{what}.regions"): check_name(v, f"{what}.regions.{k}")
+                for k, v in regions.items()
+            },
             services=tuple(str(x) for x in services),
             latency=latency,
             error_rate=error_rate,
@@ -488,7 +571,9 @@ class Catalog:
         return [
             e
             for e in self.exports.values()
-            if e.namespace == service.namespace and e.name == service.name and e.cluster in self.live
+            if e.namespace == service.namespace
+            and e.name == service.name
+            and e.cluster in self.live
         ]
 
     def to_json(self) -> dict[str, Any]:

@@ -46,7 +46,15 @@ from typing import Any
 from federation.errors import IsthmusError, PermanentError
 from federation.identity import Svid, TrustBundle
 from federation.logs import LogLimiter
-from federation.model import Catalog, Endpoint, Export, Locality, ServiceKey
+from federation.model import (
+    Catalog,
+    Endpoint,
+    Export,
+    FailoverPolicy,
+    Locality,
+    ServiceKey,
+    TierKind,
+)
 from federation.units import parse_hostport
 from gateway.config.schema import GatewayConfig
 from gateway.control.agent import Agent, Backoff, Identity, federation_ca
@@ -64,15 +72,12 @@ from gateway.control.handoff import (
     send_sockets,
 )
 from gateway.control.workers import STATS_EVERY, Supervisor, read_stats, watch_parent, write_stats
-from gateway.core.balance import Policy
 from gateway.core.health import HealthState
 from gateway.core.takeover import Progress, missing, wanted_listeners
 from gateway.dataplane.l4 import Dialer, ImportListener, InboundListener
 from gateway.dataplane.probes import checker, probe_loop
 from gateway.dataplane.router import (
     HealthBook,
-    LocalEndpoint,
-    OutlierRules,
     Router,
     local_key,
     remote_key,
@@ -117,9 +122,7 @@ class Gateway:
         self.rng = rng or random.Random()
         c = cfg.cluster
         self.locality = Locality(c.region, c.zone, c.name)
-        o = cfg.outlier_detection
-        self.book = HealthBook(OutlierRules(o.consecutive_failures, o.base_ejection, o.max_ejection,
-                                            o.response_timeout))
+        self.book = HealthBook(cfg.outlier_detection)
         self.book.on_change.append(self._health_changed)
         self.events = LogLimiter(log, interval=30.0, burst=4)  # transitions (_log_transitions)
         self.identity: Identity | None = None
@@ -146,15 +149,13 @@ class Gateway:
         cfg = self.cfg
         for ex in cfg.exports:
             svc = ServiceKey(ex.namespace, ex.name)
-            router = Router(svc, self.locality, Policy(tiers=("cluster",), max_attempts=max(1, len(ex.endpoints))),
-                            self.book, self._mono, self.rng.random)
-            router.set_local([LocalEndpoint(e.host, e.port, e.weight) for e in ex.endpoints])
+            own_only = FailoverPolicy((TierKind.CLUSTER,), max_attempts=max(1, len(ex.endpoints)))
+            router = Router(svc, self.locality, own_only, self.book, self._mono, self.rng.random)
+            router.set_local(ex.endpoints)
             self.export_routers[svc] = (self._export_value(ex, health=False), router)
         for im in cfg.imports:
             svc = ServiceKey(im.namespace, im.name)
-            f = im.failover
-            policy = Policy(f.tiers, f.region_preference, f.failback_after, f.max_attempts)
-            router = Router(svc, self.locality, policy, self.book, self._mono, self.rng.random,
+            router = Router(svc, self.locality, im.failover, self.book, self._mono, self.rng.random,
                             gateway_address=self.gateways.get)
             own = self.export_routers.get(svc)
             if own is not None:

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from federation.errors import FederationError, InputError, IsthmusError
-from federation.model import DRILL_MODES, Drill
+from federation.model import Drill, DrillMode
 from federation.units import parse_decimal, parse_duration
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_PLAN_WARNING = 0, 1, 2, 3
@@ -529,7 +529,7 @@ def add_drill_parser(sub: Any) -> None:
                                       "is still printed). The gateways restore at the deadline by "
                                       "themselves even if this command dies.")
     _scope(run)
-    run.add_argument("--mode", required=True, choices=DRILL_MODES,
+    run.add_argument("--mode", required=True, choices=[m.value for m in DrillMode],
                      help="drain: withdraw exports, refuse new streams politely; blackhole: stop "
                           "answering at all; degrade: add latency and/or refuse a fraction of streams")
     run.add_argument("--duration", required=True, type=_duration_text,

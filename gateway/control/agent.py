@@ -267,8 +267,7 @@ class Agent:
     def import_records(self) -> list[ImportRecord]:
         name = self.cfg.cluster.name
         return [
-            ImportRecord(name, im.namespace, im.name, tuple(im.failover.tiers), tuple(im.failover.region_preference),
-                         float(im.failover.failback_after), im.failover.max_attempts)
+            ImportRecord(name, im.namespace, im.name, im.failover)
             for im in self.cfg.imports
         ]
 

@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from federation.errors import FederationError
-from federation.model import Drill, ServiceKey
+from federation.model import Drill, DrillMode, ServiceKey
 from gateway.dataplane.l4 import ListenerStats, connect_first
 
 log = logging.getLogger("isthmus.gateway.drill")
@@ -69,7 +69,7 @@ MAX_WAIT = 5.0  # re-decide at least this often (covers wall-clock jumps)
 @dataclass(frozen=True, slots=True)
 class Fault:
     drill: str
-    mode: str  # drain | blackhole | degrade
+    mode: DrillMode
     latency: float = 0.0  # degrade only: added before each OK, seconds
     error_rate: float = 0.0  # degrade only: fraction of OPENs refused
     until: float = 0.0  # the deadline (fault_end), for status
@@ -90,7 +90,7 @@ def fault_for(drills: Iterable[Drill], cluster: str, now: float) -> Fault | None
     if not holding:
         return None
     d = min(holding, key=lambda d: (d.fault_start, d.id))
-    if d.mode == "degrade":
+    if d.mode == DrillMode.DEGRADE:
         return Fault(d.id, d.mode, d.latency, d.error_rate, d.fault_end)
     return Fault(d.id, d.mode, 0.0, 0.0, d.fault_end)
 
@@ -172,7 +172,7 @@ def probe_limit(rate: float) -> int:
 class FaultHook:
     """What `InboundListener.fault` holds while a drill holds this cluster (read by l4)."""
 
-    mode: str
+    mode: DrillMode
     latency: float
     error_rate: float
     random: Callable[[], float]
@@ -265,7 +265,7 @@ class DrillActor:
             for key in [k for k, v in self.fault_gauge.items() if v == 0][: len(self.fault_gauge) - 64]:
                 del self.fault_gauge[key]
         if self.agent is not None:
-            self.agent.set_exports_withdrawn(fault is not None and fault.mode == "drain")
+            self.agent.set_exports_withdrawn(fault is not None and fault.mode == DrillMode.DRAIN)
 
     def _wanted(self, drill: str, svc: str) -> bool:
         return any(o.drill == drill and svc in o.services for o in self.observing)

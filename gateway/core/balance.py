@@ -11,13 +11,13 @@ Tiers (``build_tiers``)
 
 - The tier kinds, relative to the caller's locality, nest: ``cluster`` (the caller's own
   cluster) within ``zone`` (same region and zone) within ``region`` (same region) within ``any``.
-- ``Policy.tiers`` lists the kinds in priority order (default: all four, best first). Each target
-  goes to the FIRST listed kind whose predicate it satisfies; so with the default order ``zone``
-  effectively holds the other clusters of the caller's zone, ``region`` the other zones, and
-  ``any`` the other regions. A target matching no listed kind is dropped: tiers
-  ``("cluster", "region")`` never use other regions.
-- ``any`` is split by ``Policy.region_preference``: one tier ``any:<region>`` per listed region,
-  in the listed order, then ``any`` for the rest.
+- ``FailoverPolicy.tiers`` (federation/model.py) lists the kinds in priority order (default:
+  all four, best first). Each target goes to the FIRST listed kind whose predicate it
+  satisfies; so with the default order ``zone`` effectively holds the other clusters of the
+  caller's zone, ``region`` the other zones, and ``any`` the other regions. A target matching
+  no listed kind is dropped: tiers ``("cluster", "region")`` never use other regions.
+- ``any`` is split by ``FailoverPolicy.region_preference``: one tier ``any:<region>`` per listed
+  region, in the listed order, then ``any`` for the rest.
 - Empty tiers are omitted. Inside a tier, targets are sorted by key (deterministic output).
 - A tier is *eligible* when it has at least one healthy target.
 
@@ -62,12 +62,10 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from federation.model import Locality
+from federation.model import FailoverPolicy, Locality, TierKind
 
 __all__ = [
-    "TIER_KINDS",
     "Target",
-    "Policy",
     "Tier",
     "FailoverState",
     "build_tiers",
@@ -75,9 +73,6 @@ __all__ = [
     "plan",
     "describe",
 ]
-
-TIER_KINDS = ("cluster", "zone", "region", "any")
-
 
 @dataclass(frozen=True)
 class Target:
@@ -97,31 +92,6 @@ class Target:
 
 
 @dataclass(frozen=True)
-class Policy:
-    tiers: tuple[str, ...] = TIER_KINDS
-    region_preference: tuple[str, ...] = ()
-    failback_after: float = 2.0
-    max_attempts: int = 4
-
-    def __post_init__(self) -> None:
-        unknown = [t for t in self.tiers if t not in TIER_KINDS]
-        if unknown:
-            raise ValueError(
-                f"policy tiers: unknown tier kind(s) {unknown!r} (use {', '.join(TIER_KINDS)})"
-            )
-        if len(set(self.tiers)) != len(self.tiers):
-            raise ValueError(f"policy tiers: {list(self.tiers)!r} lists a tier twice")
-        if len(set(self.region_preference)) != len(self.region_preference):
-            raise ValueError(
-                f"policy region_preference: {list(self.region_preference)!r} lists a region twice"
-            )
-        if self.failback_after < 0:
-            raise ValueError(f"policy failback_after must be >= 0, got {self.failback_after}")
-        if self.max_attempts < 1:
-            raise ValueError(f"policy max_attempts must be >= 1, got {self.max_attempts}")
-
-
-@dataclass(frozen=True)
 class Tier:
     name: str  # "cluster", "zone", "region", "any" or "any:us-west" when split by preference
     targets: tuple[Target, ...]
@@ -132,24 +102,26 @@ class Tier:
         return any(t.healthy for t in self.targets)
 
 
-def _matches(kind: str, loc: Locality, caller: Locality) -> bool:
-    if kind == "cluster":
+def _matches(kind: TierKind, loc: Locality, caller: Locality) -> bool:
+    if kind is TierKind.CLUSTER:
         return loc.cluster == caller.cluster
-    if kind == "zone":
+    if kind is TierKind.ZONE:
         return loc.region == caller.region and loc.zone == caller.zone
-    if kind == "region":
+    if kind is TierKind.REGION:
         return loc.region == caller.region
-    return True  # "any"
+    return True  # TierKind.ANY
 
 
-def build_tiers(targets: Iterable[Target], caller: Locality, policy: Policy) -> tuple[Tier, ...]:
+def build_tiers(
+    targets: Iterable[Target], caller: Locality, policy: FailoverPolicy
+) -> tuple[Tier, ...]:
     """Group targets into priority tiers for this caller (see the module docstring)."""
     buckets: dict[str, list[Target]] = {}
     order: list[str] = []
     for kind in policy.tiers:
-        if kind == "any":
+        if kind is TierKind.ANY:
             order.extend(f"any:{r}" for r in policy.region_preference)
-        order.append(kind)
+        order.append(kind.value)
     for name in order:
         buckets[name] = []
     seen: set[str] = set()
@@ -159,8 +131,8 @@ def build_tiers(targets: Iterable[Target], caller: Locality, policy: Policy) -> 
         seen.add(t.key)
         for kind in policy.tiers:
             if _matches(kind, t.locality, caller):
-                name = kind
-                if kind == "any" and t.locality.region in policy.region_preference:
+                name = kind.value
+                if kind is TierKind.ANY and t.locality.region in policy.region_preference:
                     name = f"any:{t.locality.region}"
                 buckets[name].append(t)
                 break
@@ -184,9 +156,9 @@ class FailoverState:
 
 
 def advance(
-    state: FailoverState, tiers: Sequence[Tier], now: float, policy: Policy
+    state: FailoverState, tiers: Sequence[Tier], now: float, policy: FailoverPolicy
 ) -> FailoverState:
-    """Observe the tiers at ``now`` and return the next failover state (see the module docstring)."""
+    """Observe the tiers at ``now``; return the next failover state (see the module docstring)."""
     since = {t.name: state.since.get(t.name, now) for t in tiers if t.eligible}
     names = [t.name for t in tiers]
     eligible = [t.name for t in tiers if t.eligible]

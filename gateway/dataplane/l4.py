@@ -58,7 +58,7 @@ from typing import Any, Protocol
 
 from federation.errors import IdentityError
 from federation.logs import LogLimiter, quote
-from federation.model import ServiceKey
+from federation.model import DrillMode, ServiceKey
 from gateway.core.balance import Target
 from gateway.core.health import Response, Wait, client_sent, expire, response_verdict, upstream_sent
 from gateway.dataplane import link as link_codec
@@ -811,11 +811,11 @@ class InboundListener(Listener):
 
     def _answer_ping(self) -> bool:
         fault = self.fault
-        return fault is None or fault.mode != "blackhole"
+        return fault is None or fault.mode != DrillMode.BLACKHOLE
 
     def _open(self, link: MuxLink, sid: int, request: dict) -> None:
         fault = self.fault
-        if fault is not None and fault.mode == "blackhole":
+        if fault is not None and fault.mode == DrillMode.BLACKHOLE:
             return  # no answer at all: the caller times out (and sends RST)
         raw = request.get("service")
         ns, _, name = raw.partition("/") if isinstance(raw, str) else ("", "", "")
@@ -830,9 +830,9 @@ class InboundListener(Listener):
                             quote(link.peer), quote(service))
             return _refuse(link, sid, "forbidden", f"cluster {link.peer} may not consume {service}")
         delay = 0.0
-        if fault is not None and fault.mode == "drain":
+        if fault is not None and fault.mode == DrillMode.DRAIN:
             return _refuse(link, sid, "draining", f"{service}: this cluster is draining (drill)")
-        if fault is not None and fault.mode == "degrade":
+        if fault is not None and fault.mode == DrillMode.DEGRADE:
             if fault.random() < fault.error_rate:
                 return _refuse(link, sid, "degraded", f"{service}: refused by a degrade drill")
             delay = fault.latency

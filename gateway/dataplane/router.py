@@ -32,10 +32,16 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from federation.model import Export, Locality, ServiceKey
+from federation.model import (
+    Endpoint,
+    Export,
+    FailoverPolicy,
+    Locality,
+    OutlierPolicy,
+    ServiceKey,
+)
 from gateway.core.balance import (
     FailoverState,
-    Policy,
     Target,
     Tier,
     _weighted_order,
@@ -94,14 +100,6 @@ def _bounded_append(items: list[Any], item: Any) -> int:
     return 0
 
 
-@dataclass(frozen=True)
-class OutlierRules:
-    consecutive_failures: int = 2
-    base_ejection: float = 2.0
-    max_ejection: float = 60.0
-    response_timeout: float | None = None  # watch the first answer of local endpoints (health.py)
-
-
 def local_key(host: str, port: int) -> str:
     return f"local:[{host}]:{port}" if ":" in host else f"local:{host}:{port}"
 
@@ -111,7 +109,7 @@ def remote_key(cluster: str) -> str:
 
 
 class HealthBook:
-    def __init__(self, rules: OutlierRules) -> None:
+    def __init__(self, rules: OutlierPolicy) -> None:
         self.rules = rules
         self.active: dict[str, ActiveHealth] = {}
         self.outlier: dict[str, Outlier] = {}
@@ -126,7 +124,9 @@ class HealthBook:
         for fn in self.on_change:
             fn(key)
 
-    def probe(self, key: str, ok: bool, now: float, healthy_threshold: int, unhealthy_threshold: int) -> None:
+    def probe(
+        self, key: str, ok: bool, now: float, healthy_threshold: int, unhealthy_threshold: int
+    ) -> None:
         old = self.active.get(key, ActiveHealth())
         new = probe_result(old, ok, now, healthy_threshold, unhealthy_threshold)
         self.active[key] = new
@@ -194,13 +194,6 @@ class HealthBook:
         }
 
 
-@dataclass(frozen=True)
-class LocalEndpoint:
-    host: str
-    port: int
-    weight: int = 1
-
-
 class Router:
     """Candidates, tiers and failover state of one service, as seen by one caller."""
 
@@ -208,7 +201,7 @@ class Router:
         self,
         service: ServiceKey,
         caller: Locality,
-        policy: Policy,
+        policy: FailoverPolicy,
         book: HealthBook,
         clock: Callable[[], float],
         random: Callable[[], float],
@@ -221,7 +214,7 @@ class Router:
         self.clock = clock
         self.random = random
         self.gateway_address = gateway_address  # cluster -> host, port of its inbound listener
-        self.local: tuple[LocalEndpoint, ...] = ()
+        self.local: tuple[Endpoint, ...] = ()  # as configured: `healthy` is the book's to say
         self.remote: tuple[tuple[Locality, Export], ...] = ()
         self.tiers: tuple[Tier, ...] = ()
         self.state = FailoverState()
@@ -236,7 +229,7 @@ class Router:
         self._panic_of: tuple[Tier, ...] | None = None  # the tiers _panic_now was computed for
         self._panic_now = False
 
-    def set_local(self, endpoints: Sequence[LocalEndpoint]) -> None:
+    def set_local(self, endpoints: Sequence[Endpoint]) -> None:
         self.local = tuple(endpoints)
         self._built_version = -1
 
@@ -385,7 +378,9 @@ def _plan_groups(tiers: tuple[Tier, ...], state: FailoverState) -> tuple[tuple[T
     return tuple(groups)
 
 
-def _plan_from_groups(groups: tuple[tuple[Target, ...], ...], random: Callable[[], float], limit: int) -> list[Target]:
+def _plan_from_groups(
+    groups: tuple[tuple[Target, ...], ...], random: Callable[[], float], limit: int
+) -> list[Target]:
     """balance.plan's list from its groups (_plan_groups): a weighted order inside each group,
     up to `limit` in all; `random` is called exactly as balance.plan calls it."""
     out: list[Target] = []

@@ -17,7 +17,7 @@ from federation.client import FederationClient, operator_client
 from federation.drills import compute_report
 from federation.errors import FederationError
 from federation.identity import SpiffeId, Svid, verify_svid
-from federation.model import Drill, ImportRecord
+from federation.model import Drill, FailoverPolicy, ImportRecord
 from federation.server.app import FederationServer, operator_id
 from federation.store.sqlite import SqliteStore
 from tests.federation.test_api import Cluster, Fed, make_cluster, raw_session
@@ -384,7 +384,9 @@ async def test_restart_mid_drill_ends_it_and_keeps_record(tmp_path: Path) -> Non
 
 async def test_imports_publish_delete_and_authz(world: World) -> None:
     e1, w = world.c["east-1"], world.c["west-1"]
-    rec = ImportRecord("east-1", "default", "echo", ("zone", "region", "any"), ("us-west",), 3.0, 2)
+    rec = ImportRecord(
+        "east-1", "default", "echo", FailoverPolicy(("zone", "region", "any"), ("us-west",), 3.0, 2)
+    )
     r1 = await e1.put_import(rec)
     assert await e1.put_import(rec) == r1  # identical: skipped
     cat = await w.catalog()

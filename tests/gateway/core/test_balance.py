@@ -10,11 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from federation.model import Locality
+from federation.model import FailoverPolicy, Locality, TierKind
 from gateway.core.balance import (
-    TIER_KINDS,
     FailoverState,
-    Policy,
     Target,
     Tier,
     advance,
@@ -52,7 +50,7 @@ def layout(tiers) -> list[tuple[str, list[str]]]:
     "policy, expected",
     [
         (
-            Policy(),
+            FailoverPolicy(),
             [
                 ("cluster", ["a-own"]),
                 ("zone", ["b-zone"]),
@@ -61,7 +59,7 @@ def layout(tiers) -> list[tuple[str, list[str]]]:
             ],
         ),
         (
-            Policy(region_preference=("us-west",)),
+            FailoverPolicy(region_preference=("us-west",)),
             [
                 ("cluster", ["a-own"]),
                 ("zone", ["b-zone"]),
@@ -71,7 +69,7 @@ def layout(tiers) -> list[tuple[str, list[str]]]:
             ],
         ),
         (
-            Policy(region_preference=("eu-central", "us-west")),
+            FailoverPolicy(region_preference=("eu-central", "us-west")),
             [
                 ("cluster", ["a-own"]),
                 ("zone", ["b-zone"]),
@@ -81,7 +79,7 @@ def layout(tiers) -> list[tuple[str, list[str]]]:
             ],  # "any" for the rest is empty, so omitted
         ),
         (
-            Policy(region_preference=("ap-south",)),  # preferred region without targets
+            FailoverPolicy(region_preference=("ap-south",)),  # preferred region without targets
             [
                 ("cluster", ["a-own"]),
                 ("zone", ["b-zone"]),
@@ -90,21 +88,21 @@ def layout(tiers) -> list[tuple[str, list[str]]]:
             ],
         ),
         (
-            Policy(tiers=("cluster", "region")),  # other regions are never used
+            FailoverPolicy(tiers=("cluster", "region")),  # other regions are never used
             [("cluster", ["a-own"]), ("region", ["b-zone", "c-region"])],
         ),
-        (Policy(tiers=("cluster",)), [("cluster", ["a-own"])]),
+        (FailoverPolicy(tiers=("cluster",)), [("cluster", ["a-own"])]),
         (
-            Policy(tiers=("zone", "any")),  # own cluster shares the zone tier
+            FailoverPolicy(tiers=("zone", "any")),  # own cluster shares the zone tier
             [("zone", ["a-own", "b-zone"]), ("any", ["c-region", "d-west", "e-eu"])],
         ),
         (
-            Policy(tiers=("any",)),
+            FailoverPolicy(tiers=("any",)),
             [("any", ["a-own", "b-zone", "c-region", "d-west", "e-eu"])],
         ),
         (
             # Predicates nest: listing a wider kind first swallows the narrower ones.
-            Policy(tiers=("region", "cluster")),
+            FailoverPolicy(tiers=("region", "cluster")),
             [("region", ["a-own", "b-zone", "c-region"])],
         ),
     ],
@@ -114,19 +112,19 @@ def test_build_tiers_table(policy, expected):
 
 
 def test_build_tiers_empty_and_sorted():
-    assert build_tiers([], CALLER, Policy()) == ()
-    tiers = build_tiers([tgt("z"), tgt("m"), tgt("a")], CALLER, Policy())
+    assert build_tiers([], CALLER, FailoverPolicy()) == ()
+    tiers = build_tiers([tgt("z"), tgt("m"), tgt("a")], CALLER, FailoverPolicy())
     assert layout(tiers) == [("cluster", ["a", "m", "z"])]
 
 
 def test_build_tiers_same_cluster_name_other_zone_is_still_cluster():
     # Tier membership of "cluster" is by cluster name alone.
-    assert layout(build_tiers([tgt("x", "us-east/a/east-1")], CALLER, Policy()))[0][0] == "cluster"
+    assert layout(build_tiers([tgt("x", "us-east/a/east-1")], CALLER, FailoverPolicy()))[0][0] == "cluster"
 
 
 def test_build_tiers_rejects_duplicate_keys():
     with pytest.raises(ValueError, match="twice"):
-        build_tiers([tgt("a"), tgt("a")], CALLER, Policy())
+        build_tiers([tgt("a"), tgt("a")], CALLER, FailoverPolicy())
 
 
 @pytest.mark.parametrize(
@@ -141,7 +139,7 @@ def test_build_tiers_rejects_duplicate_keys():
 )
 def test_policy_validation(kwargs):
     with pytest.raises(ValueError):
-        Policy(**kwargs)
+        FailoverPolicy(**kwargs)
 
 
 def test_target_weight_must_be_positive():
@@ -159,8 +157,8 @@ def tiers_from(spec: str) -> tuple[Tier, ...]:
     )
 
 
-def run(steps: list[tuple[float, str]], policy: Policy | None = None):
-    policy = policy or Policy(failback_after=2.0)
+def run(steps: list[tuple[float, str]], policy: FailoverPolicy | None = None):
+    policy = policy or FailoverPolicy(failback_after=2.0)
     state = FailoverState()
     actives = []
     for now, spec in steps:
@@ -207,20 +205,20 @@ def test_advance_table(steps, expected):
 
 
 def test_advance_failback_zero_is_immediate():
-    _, actives = run([(0, "0 1"), (1, "1 1")], Policy(failback_after=0.0))
+    _, actives = run([(0, "0 1"), (1, "1 1")], FailoverPolicy(failback_after=0.0))
     assert actives == ["t1", "t0"]
 
 
 def test_advance_tier_that_disappears():
-    state = advance(FailoverState(), tiers_from("1 1"), 0.0, Policy())
+    state = advance(FailoverState(), tiers_from("1 1"), 0.0, FailoverPolicy())
     assert state.active == "t0"
     only = (Tier("t1", (tgt("t1-x"),)),)
-    state = advance(state, only, 1.0, Policy())
+    state = advance(state, only, 1.0, FailoverPolicy())
     assert state.active == "t1" and set(state.since) == {"t1"}
 
 
 def test_advance_records_since_and_switched_at():
-    policy = Policy(failback_after=2.0)
+    policy = FailoverPolicy(failback_after=2.0)
     s = advance(FailoverState(), tiers_from("0 1"), 10.0, policy)
     assert (s.active, dict(s.since), s.switched_at) == ("t1", {"t1": 10.0}, 10.0)
     s = advance(s, tiers_from("1 1"), 11.0, policy)
@@ -236,11 +234,11 @@ def test_flapping_tier_never_pulls_traffic_back():
         now = i * 0.25
         up = (int(now / 0.5) % 2) == 0 and now > 0
         steps.append((now, f"{int(up)} 1"))
-    _, actives = run(steps, Policy(failback_after=2.0))
+    _, actives = run(steps, FailoverPolicy(failback_after=2.0))
     assert actives[0] == "t1"
     assert set(actives) == {"t1"}
     # Contrast: without enough hysteresis the same flapping does move traffic back and forth.
-    _, actives = run(steps, Policy(failback_after=0.25))
+    _, actives = run(steps, FailoverPolicy(failback_after=0.25))
     assert actives.count("t0") > 10 and actives.count("t1") > 10
 
 
@@ -306,7 +304,7 @@ def test_plan_stops_calling_random_when_full():
 
 def test_plan_panic_uses_unhealthy_targets():
     tiers = tiers_from("0 0")
-    state = advance(FailoverState(), tiers, 0.0, Policy())
+    state = advance(FailoverState(), tiers, 0.0, FailoverPolicy())
     assert [t.key for t in plan(tiers, state, fake_random([0.0]), 4)] == ["t0-x", "t1-x"]
 
 
@@ -318,8 +316,8 @@ def test_plan_empty():
 
 
 def test_describe_is_json_ready():
-    tiers = build_tiers(ALL, CALLER, Policy())
-    state = advance(FailoverState(), tiers, 5.0, Policy())
+    tiers = build_tiers(ALL, CALLER, FailoverPolicy())
+    state = advance(FailoverState(), tiers, 5.0, FailoverPolicy())
     d = describe(tiers, state)
     assert json.loads(json.dumps(d)) == d
     assert d["active"] == "cluster" and d["panic"] is False
@@ -363,8 +361,8 @@ def target_sets(draw):
 
 
 policies = st.builds(
-    Policy,
-    tiers=st.lists(st.sampled_from(TIER_KINDS), unique=True, min_size=1).map(tuple),
+    FailoverPolicy,
+    tiers=st.lists(st.sampled_from(tuple(TierKind)), unique=True, min_size=1).map(tuple),
     region_preference=st.lists(st.sampled_from(["us-west", "eu", "ap"]), unique=True).map(tuple),
     failback_after=st.floats(0, 5),
     max_attempts=st.integers(1, 15),
@@ -422,7 +420,7 @@ def test_build_tiers_properties(targets, policy):
 def test_advance_properties(n_tiers, failback_after, steps):
     """Random eligibility over time: never an ineligible tier while an eligible one exists, and
     a move to a better tier only after it was observed eligible for >= failback_after."""
-    policy = Policy(failback_after=failback_after)
+    policy = FailoverPolicy(failback_after=failback_after)
     state, now = FailoverState(), 0.0
     eligible_since: dict[str, float] = {}  # the test's own bookkeeping, independent of `since`
     for dt, flags in steps:

@@ -7,7 +7,7 @@ from types import MappingProxyType
 import pytest
 
 from federation.errors import InputError
-from federation.model import Catalog, ClusterRecord, Endpoint, Export, ImportRecord
+from federation.model import Catalog, ClusterRecord, Endpoint, Export, FailoverPolicy, ImportRecord
 from gateway.core.drill_plan import Route, plan_drill, scope_clusters
 
 ANY4 = ("cluster", "zone", "region", "any")
@@ -24,7 +24,7 @@ def export(name: str, healthy: tuple[bool, ...] = (True, True), allowed=None, sv
 
 
 def imp(name: str, tiers=ANY4, prefs=(), svc: str = "echo") -> ImportRecord:
-    return ImportRecord(name, "default", svc, tuple(tiers), tuple(prefs), 2.0, 4)
+    return ImportRecord(name, "default", svc, FailoverPolicy(tuple(tiers), tuple(prefs), 2.0, 4))
 
 
 CLUSTERS = {

@@ -1156,9 +1156,10 @@ def test_leg_flow_control_and_half_close_plumbing():
 
 import random as _random  # noqa: E402
 
+from federation.model import FailoverPolicy, OutlierPolicy  # noqa: E402
 from gateway.core import balance  # noqa: E402
 from gateway.dataplane import router as router_mod  # noqa: E402
-from gateway.dataplane.router import HealthBook, LocalEndpoint, OutlierRules  # noqa: E402
+from gateway.dataplane.router import HealthBook  # noqa: E402
 
 
 def _counting(seed: int):
@@ -1203,12 +1204,12 @@ def test_router_plan_and_state_equal_uncached_advance_and_plan_over_time():
     rng = _random.Random(11)
     now = [100.0]
     me = Locality("us-east", "b", "east-2")
-    book = HealthBook(OutlierRules(consecutive_failures=1, base_ejection=0.7, max_ejection=3.0))
-    policy = balance.Policy(failback_after=0.5, max_attempts=4)
+    book = HealthBook(OutlierPolicy(consecutive_failures=1, base_ejection=0.7, max_ejection=3.0))
+    policy = FailoverPolicy(failback_after=0.5, max_attempts=4)
     draw, _ = _counting(1)
     r = router_mod.Router(SERVICE, me, policy, book, lambda: now[0], draw,
                           gateway_address={"east-1": (HOST, 1), "west-1": (HOST, 2)}.get)
-    r.set_local([LocalEndpoint(HOST, 18201, 1), LocalEndpoint(HOST, 18202, 3)])
+    r.set_local([Endpoint(HOST, 18201, weight=1), Endpoint(HOST, 18202, weight=3)])
 
     def export(cluster: str, healthy: bool) -> Export:
         return Export(cluster, "shop", "cart", 80, "tcp", (Endpoint(HOST, 1, healthy, 2),), ())

@@ -15,8 +15,8 @@ import socket
 import struct
 import time
 
-from gateway.core.balance import Policy
-from gateway.dataplane.router import HealthBook, LocalEndpoint, OutlierRules, Router, local_key
+from federation.model import Endpoint, FailoverPolicy, OutlierPolicy
+from gateway.dataplane.router import HealthBook, Router, local_key
 from tests.gateway.dataplane.test_l4 import (
     HOST,
     LOC_A,
@@ -170,11 +170,11 @@ async def test_the_passive_path_ejects_a_frozen_endpoint_from_new_connections(st
     endpoint is ejected by that one timeout (consecutive_failures 1), and every later connection
     goes to the live one."""
     frozen, live = await frozen_backend(stack), await echo_server(stack)
-    book = HealthBook(OutlierRules(consecutive_failures=1, base_ejection=30.0, max_ejection=60.0,
+    book = HealthBook(OutlierPolicy(consecutive_failures=1, base_ejection=30.0, max_ejection=60.0,
                                    response_timeout=RT))
-    router = Router(SERVICE, LOC_A, Policy(tiers=("cluster",)), book, time.monotonic,
+    router = Router(SERVICE, LOC_A, FailoverPolicy(tiers=("cluster",)), book, time.monotonic,
                     random.Random(7).random)
-    router.set_local([LocalEndpoint(HOST, frozen), LocalEndpoint(HOST, live)])
+    router.set_local([Endpoint(HOST, frozen), Endpoint(HOST, live)])
     lst = await import_listener(stack, router)
     results = []
     for i in range(12):

@@ -7,15 +7,12 @@ import random
 
 import pytest
 
-from federation.model import Endpoint, Export, Locality, ServiceKey
-from gateway.core.balance import Policy
+from federation.model import Endpoint, Export, FailoverPolicy, Locality, OutlierPolicy, ServiceKey
 from gateway.core.health import HealthState
 from gateway.dataplane.router import (
     MAX_EVENTS,
     HealthBook,
     HealthEvent,
-    LocalEndpoint,
-    OutlierRules,
     Router,
     TierSwitch,
     local_key,
@@ -28,8 +25,8 @@ EAST_2 = Locality("us-east", "b", "east-2")
 WEST_1 = Locality("us-west", "a", "west-1")
 GATEWAYS = {"east-2": ("10.2.0.1", 15443), "west-1": ("10.3.0.1", 15443)}
 
-A = LocalEndpoint("10.1.0.1", 8080)
-B = LocalEndpoint("10.1.0.2", 8080)
+A = Endpoint("10.1.0.1", 8080)
+B = Endpoint("10.1.0.2", 8080)
 KA, KB = local_key(A.host, A.port), local_key(B.host, B.port)
 KE2, KW1 = remote_key("east-2"), remote_key("west-1")
 
@@ -53,16 +50,16 @@ def healthy_export(cluster: str, weight: int = 1) -> Export:
 def make(
     local=(A, B),
     remote=None,
-    policy: Policy | None = None,
-    rules: OutlierRules | None = None,
+    policy: FailoverPolicy | None = None,
+    rules: OutlierPolicy | None = None,
     seed: int = 7,
 ):
     clock = Clock()
-    book = HealthBook(rules or OutlierRules(consecutive_failures=2, base_ejection=2.0))
+    book = HealthBook(rules or OutlierPolicy(consecutive_failures=2, base_ejection=2.0))
     router = Router(
         SERVICE,
         EAST_1,
-        policy or Policy(failback_after=5.0, max_attempts=8),
+        policy or FailoverPolicy(failback_after=5.0, max_attempts=8),
         book,
         clock,
         random.Random(seed).random,
@@ -113,12 +110,12 @@ def test_tiers_for_east_1_with_east_2_and_west_1():
 
 
 def test_region_preference_and_restricted_tiers():
-    router, _, _ = make(policy=Policy(tiers=("cluster", "region"), failback_after=1.0))
+    router, _, _ = make(policy=FailoverPolicy(tiers=("cluster", "region"), failback_after=1.0))
     router.tick()
     assert [t.name for t in router.tiers] == ["cluster", "region"]  # other regions never used
     assert KW1 not in keys(router.plan())
 
-    router, _, _ = make(policy=Policy(region_preference=("us-west",)))
+    router, _, _ = make(policy=FailoverPolicy(region_preference=("us-west",)))
     router.tick()
     assert [t.name for t in router.tiers] == ["cluster", "region", "any:us-west"]
 
@@ -136,7 +133,7 @@ def test_local_endpoints_come_first():
 
 
 def test_weighted_pick_follows_local_weights():
-    heavy = LocalEndpoint("10.1.0.3", 8080, weight=3)
+    heavy = Endpoint("10.1.0.3", 8080, weight=3)
     router, _, _ = make(local=(A, heavy), seed=11)
     n = 4000
     first_heavy = sum(router.plan()[0].host == heavy.host for _ in range(n))
@@ -150,7 +147,7 @@ def test_same_seed_same_plans():
 
 
 def test_max_attempts_truncates_the_plan():
-    router, _, _ = make(policy=Policy(max_attempts=2))
+    router, _, _ = make(policy=FailoverPolicy(max_attempts=2))
     assert len(router.plan()) == 2
 
 
@@ -247,7 +244,7 @@ def test_ejected_only_local_endpoint_fails_over_then_fails_back_after_hysteresis
 
 
 def test_flapping_tier_never_pulls_traffic_back():
-    router, book, clock = make(local=(A,), rules=OutlierRules(1, 2.0, 2.0))
+    router, book, clock = make(local=(A,), rules=OutlierPolicy(1, 2.0, 2.0))
     router.tick()
     eject(router, KA)
     router.tick()
@@ -402,7 +399,7 @@ def test_describe_of_a_router_without_candidates():
 
 
 def test_book_notifies_changes_and_forgets():
-    book = HealthBook(OutlierRules(consecutive_failures=1, base_ejection=1.0, max_ejection=4.0))
+    book = HealthBook(OutlierPolicy(consecutive_failures=1, base_ejection=1.0, max_ejection=4.0))
     seen = []
     book.on_change.append(seen.append)
     book.probe(KA, True, 0.0, 1, 1)  # UNKNOWN -> HEALTHY
@@ -421,7 +418,7 @@ def test_ipv6_local_key():
 
 
 def test_success_on_a_clean_endpoint_records_nothing_and_failures_still_count():
-    book = HealthBook(OutlierRules(consecutive_failures=2, base_ejection=1.0, max_ejection=4.0))
+    book = HealthBook(OutlierPolicy(consecutive_failures=2, base_ejection=1.0, max_ejection=4.0))
     book.connect("local:a", True, 0.0)
     assert "local:a" not in book.outlier  # fast path: nothing to record
     book.connect("local:a", False, 1.0)
@@ -449,7 +446,7 @@ def test_book_reports_ejection_then_its_return_once_it_runs_out():
 
 
 def test_book_reports_unhealthy_and_healthy_again_but_not_a_first_success():
-    book = HealthBook(OutlierRules())
+    book = HealthBook(OutlierPolicy())
     book.probe(KE2, True, 1.0, 2, 3)  # UNKNOWN -> HEALTHY: first contact, no event
     for t in (2.0, 3.0, 4.0):
         book.probe(KE2, False, t, 2, 3)
@@ -507,7 +504,7 @@ def test_router_reports_panic_and_losing_every_candidate():
 
 
 def test_transitions_are_bounded_and_the_clean_hot_path_records_none():
-    book = HealthBook(OutlierRules(consecutive_failures=1, base_ejection=1.0, max_ejection=4.0))
+    book = HealthBook(OutlierPolicy(consecutive_failures=1, base_ejection=1.0, max_ejection=4.0))
     for i in range(MAX_EVENTS + 44):
         book.connect(f"local:10.0.0.{i}:80", False, float(i))
     assert len(book.events) == MAX_EVENTS and book.dropped == 44
