@@ -32,6 +32,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from federation import metrics
 from federation.drills import MAX_PROBE_RATE, MAX_REASON
 from federation.errors import InputError
 from federation.identity import MAX_BUNDLE_KEYS
@@ -45,7 +46,7 @@ MAX_WATCH_TIMEOUT = 60.0
 DEFAULT_WATCH_TIMEOUT = 25.0
 MAX_ID = 2**63 - 1  # lease ids and revisions (SQLite and etcd integers are int64)
 MAX_SECOND = 999_999_999_999  # drill sample seconds: epoch seconds, at most 12 digits
-METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # Prometheus text format
+METRICS_CONTENT_TYPE = metrics.CONTENT_TYPE  # Prometheus text format
 
 
 @dataclass(frozen=True)

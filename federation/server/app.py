@@ -85,6 +85,7 @@ from aiohttp import web
 from federation import api
 from federation import drills as drill_logic
 from federation.errors import (
+    ApiError,
     BundleSequenceError,
     CompactedError,
     FutureRevisionError,
@@ -113,6 +114,7 @@ from federation.identity import (
     verify_svid,
 )
 from federation.logs import LogLimiter, quote
+from federation.metrics import Exposition
 from federation.model import (
     BUNDLES,
     CATALOG_PREFIX,
@@ -168,13 +170,6 @@ async def create_token(store: Store, cluster: str, ttl: float, now: float) -> st
     value = api.canonical_json({"cluster": cluster, "expires_at": now + ttl})
     await store.put(_token_key(token), value)
     return token
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, **extra: Any):
-        super().__init__(message)
-        self.status = status
-        self.body = {"error": message, **extra}
 
 
 class FederationServer:
@@ -1104,37 +1099,26 @@ class FederationServer:
         if self._store_open:
             kvs, _ = await self.store.range(LIVE)
             live = len(kvs)
-        lines = [
-            "# HELP isthmus_federation_requests_total HTTP requests by route and status code.",
-            "# TYPE isthmus_federation_requests_total counter",
-        ]
-        for (route, code), n in sorted(self._requests.items()):
-            lines.append(
-                f'isthmus_federation_requests_total{{route="{_label(route)}",code="{code}"}} {n}'
-            )
-        lines += [
-            "# HELP isthmus_federation_authz_denied_total Requests refused for the caller's identity.",
-            "# TYPE isthmus_federation_authz_denied_total counter",
-            f"isthmus_federation_authz_denied_total {self._denied}",
-            "# HELP isthmus_federation_watchers Long-polls in progress.",
-            "# TYPE isthmus_federation_watchers gauge",
-            f"isthmus_federation_watchers {self._watchers}",
-            "# HELP isthmus_federation_revision Latest store revision.",
-            "# TYPE isthmus_federation_revision gauge",
-            f"isthmus_federation_revision {rev}",
-            "# HELP isthmus_federation_clusters Joined clusters.",
-            "# TYPE isthmus_federation_clusters gauge",
-            f"isthmus_federation_clusters {len(self._records)}",
-            "# HELP isthmus_federation_live_clusters Clusters holding a live lease.",
-            "# TYPE isthmus_federation_live_clusters gauge",
-            f"isthmus_federation_live_clusters {live}",
-        ]
-        lines += serving_metrics(
-            "isthmus_federation_http", {n: site.stats for n, site in self._sites.items()}
-        )
+        page = Exposition()
+        page.counter("isthmus_federation_requests_total",
+                     "HTTP requests by route and status code.",
+                     [({"route": route, "code": code}, n)
+                      for (route, code), n in sorted(self._requests.items())])
+        page.counter("isthmus_federation_authz_denied_total",
+                     "Requests refused for the caller's identity.", [({}, self._denied)])
+        page.gauge("isthmus_federation_watchers", "Long-polls in progress.",
+                   [({}, self._watchers)])
+        page.gauge("isthmus_federation_revision", "Latest store revision.", [({}, rev)])
+        page.gauge("isthmus_federation_clusters", "Joined clusters.",
+                   [({}, len(self._records))])
+        page.gauge("isthmus_federation_live_clusters", "Clusters holding a live lease.",
+                   [({}, live)])
+        serving_metrics(page, "isthmus_federation_http",
+                        {n: site.stats for n, site in self._sites.items()})
         return web.Response(
-            body=("\n".join(lines) + "\n").encode(),
-            headers={"Content-Type": api.METRICS_CONTENT_TYPE, "X-Content-Type-Options": "nosniff"},
+            body=page.text().encode(),
+            headers={"Content-Type": api.METRICS_CONTENT_TYPE,
+                     "X-Content-Type-Options": "nosniff"},
         )
 
     async def h_status(self, request: web.Request) -> web.Response:
@@ -1189,9 +1173,3 @@ def _route_name(request: web.Request) -> str:
     if resource is None or getattr(info, "http_exception", None) is not None:
         return "unmatched"
     return resource.canonical
-
-
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
