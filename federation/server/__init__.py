@@ -1,7 +1,17 @@
-"""Transitional (one commit): the server's app.py was renamed to clusters.py; split next."""
+"""The federation service (see app.py for how its parts compose)."""
 
-import sys
+from federation.server.app import (
+    FEDERATION_TRUST_DOMAIN,
+    REAP_INTERVAL,
+    FederationServer,
+    create_token,
+    operator_id,
+)
 
-from federation.server import clusters as _app
-
-sys.modules[__name__ + ".app"] = _app
+__all__ = [
+    "FEDERATION_TRUST_DOMAIN",
+    "REAP_INTERVAL",
+    "FederationServer",
+    "create_token",
+    "operator_id",
+]
