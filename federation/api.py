@@ -110,7 +110,7 @@ ROUTES: tuple[Route, ...] = (
           "One drill and its samples (sorted by second, then cluster).",
           "any", None, "DrillDetail", (401, 404), tags=("drills",)),
     Route("GET", "/v1/drills/{id}/report", "drillReport",
-          "The drill's report (federation.drills.compute_report over its samples).",
+          "The drill's report (federation.drill_report.compute_report over its samples).",
           "any", None, "DrillReport", (401, 404), tags=("drills",)),
     Route("POST", "/v1/drills/{id}/abort", "abortDrill",
           "Abort a running drill (operator only); 409 if it already ended.",
@@ -323,7 +323,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     }),
     "DrillReport": {
         "type": "object",
-        "description": "see docs/drills.md and federation/drills.py: detection_s, shift_s, "
+        "description": "see docs/drills.md and federation/drill_report.py: detection_s, shift_s, "
         "failed_during_shift, p99_ms_worst, p99_ms_median, failback_s (relative to "
         "fault_stop), flapped, totals, by_mode, state, end_reason, scope, timeline",
         "properties": {

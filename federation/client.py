@@ -269,7 +269,7 @@ class FederationClient:
         return self._drill(obj.get("drill"), "drill"), obj["samples"]
 
     async def drill_report(self, drill_id: str) -> dict:
-        """federation.drills.compute_report of the drill, computed by the federation."""
+        """federation.drill_report.compute_report of the drill, computed by the federation."""
         obj = await self._ok("GET", f"/v1/drills/{drill_id}/report")
         if not isinstance(obj, dict):
             raise FederationError(f"federation at {self.url}: malformed drill report")

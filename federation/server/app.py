@@ -35,9 +35,10 @@ from typing import Any
 from aiohttp import web
 
 from federation import api
+from federation.ca import CertificateAuthority
 from federation.errors import ApiError, StoreError
 from federation.http_serving import ADMIN_LIMITS, TLS_LIMITS, BoundedSite, ServingLimits, where
-from federation.identity import CertificateAuthority, Svid
+from federation.identity import Svid
 from federation.logs import quote
 from federation.server.admin import ADMIN, Admin
 from federation.server.auth import Auth

@@ -31,10 +31,10 @@ import ssl
 from pathlib import Path
 
 from federation import api
+from federation.ca import CertificateAuthority
 from federation.errors import ApiError, IdentityError, InputError, StoreError
 from federation.identity import (
     SYSTEM_NAMESPACE,
-    CertificateAuthority,
     SpiffeId,
     Svid,
     TrustBundle,

@@ -25,6 +25,7 @@ from aiohttp import web
 
 from federation import api
 from federation import drills as drill_logic
+from federation.drill_report import compute_report
 from federation.errors import ApiError, InputError, StoreError
 from federation.logs import quote
 from federation.model import DRILLS, SAMPLES, Drill, is_drill_id
@@ -156,7 +157,7 @@ class Drills:
     async def h_drill_report(self, request: web.Request) -> web.Response:
         self.auth.caller(request)
         drill = await self.get(request.match_info["id"])
-        return web.json_response(drill_logic.compute_report(drill, await self.samples(drill.id)))
+        return web.json_response(compute_report(drill, await self.samples(drill.id)))
 
     async def h_abort_drill(self, request: web.Request) -> web.Response:
         operator = self.auth.operator(request, "abort drills")

@@ -18,9 +18,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from federation import api
+from federation.ca import CertificateAuthority
 from federation.client import FederationClient, load_federation_bundle
 from federation.errors import CompactedError, FederationError, FutureRevisionError, InputError
-from federation.identity import CertificateAuthority, Svid, TrustBundle, gateway_id
+from federation.identity import Svid, TrustBundle, gateway_id
 from federation.model import Catalog, ClusterRecord, Endpoint, Export, check_name, is_drill_id
 from federation.server.app import REAP_INTERVAL, FederationServer, create_token
 from federation.store.sqlite import SqliteStore

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from federation.client import FederationClient, operator_client
-from federation.drills import compute_report
+from federation.drill_report import compute_report
 from federation.errors import FederationError
 from federation.identity import SpiffeId, Svid, verify_svid
 from federation.model import Drill, ImportRecord
