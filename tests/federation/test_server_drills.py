@@ -20,7 +20,7 @@ from federation.identity import SpiffeId, Svid, verify_svid
 from federation.model import Drill, ImportRecord
 from federation.server.app import FederationServer, operator_id
 from federation.store.sqlite import SqliteStore
-from tests.federation.test_api import Cluster, Fed, make_cluster, raw_session
+from tests.helpers.federation import Cluster, Fed, make_cluster, raw_session
 
 SVC = "default/echo"
 

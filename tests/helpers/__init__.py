@@ -1,0 +1,1 @@
+"""Shared test helpers (import them; fixtures live in conftest.py files)."""
