@@ -185,7 +185,8 @@ class CertificateAuthority:
         dns_names: Iterable[str] = (),
         ip_addresses: Iterable[str | ipaddress.IPv4Address | ipaddress.IPv6Address] = (),
     ) -> Svid:
-        """A fresh P-256 key and leaf SVID for `spiffe_id`, valid now-60s .. min(now+ttl, CA end)."""
+        """A fresh P-256 key and leaf SVID for `spiffe_id`, valid now-60s .. min(now+ttl,
+        CA end)."""
         q = f"SVID {str(spiffe_id)!r}"
         if spiffe_id.trust_domain != self.trust_domain:
             raise IdentityError(

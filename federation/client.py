@@ -318,7 +318,9 @@ class FederationClient:
                 raise TypeError
             events = [api.event_from_json(e, f"events[{i}]") for i, e in enumerate(raw_events)]
         except (KeyError, TypeError, InputError) as e:
-            raise FederationError(f"federation at {self.url}: malformed watch answer: {e}") from None
+            raise FederationError(
+                f"federation at {self.url}: malformed watch answer: {e}"
+            ) from None
         return revision, events
 
     async def status(self) -> dict:

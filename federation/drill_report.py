@@ -143,7 +143,8 @@ def compute_report(drill: Drill, samples: Iterable[Mapping[str, Any]]) -> dict[s
     baseline_share = base.share
     threshold = None
     if baseline_share is not None:
-        threshold = SHIFT_SUCCESS if baseline_share >= SHIFT_SUCCESS else FAILBACK_FRACTION * baseline_share
+        threshold = (SHIFT_SUCCESS if baseline_share >= SHIFT_SUCCESS
+                     else FAILBACK_FRACTION * baseline_share)
     failback = None
     if threshold is not None:
         failback = next(

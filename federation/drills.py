@@ -144,7 +144,8 @@ def new_drill(request: Any, catalog: Catalog, now: float, rand4: str) -> Drill:
         raise InputError(f"rand4: {rand4!r} is not 4 characters of [a-z0-9]")
 
     scope = request.get("scope")
-    if not isinstance(scope, Mapping) or len(scope) != 1 or next(iter(scope)) not in ("region", "cluster"):
+    if (not isinstance(scope, Mapping) or len(scope) != 1
+            or next(iter(scope)) not in ("region", "cluster")):
         raise InputError(f'scope: {scope!r}: expected {{"region": R}} or {{"cluster": C}}')
     kind, name = next(iter(scope.items()))
     check_name(name, f"scope.{kind}")
@@ -310,7 +311,9 @@ def parse_slo(text: Any) -> Slo:
     return Slo(metric, op, threshold, window, f"{metric}{op}{num}{pct} for {window}s")
 
 
-def slo_tripped(slo: Slo, drill: Drill, samples: Iterable[Mapping[str, Any]], now: float) -> str | None:
+def slo_tripped(
+    slo: Slo, drill: Drill, samples: Iterable[Mapping[str, Any]], now: float
+) -> str | None:
     """The abort reason when `slo` held for each of the last `slo.window` fault seconds that
     have samples (and a defined metric); None otherwise."""
     per_second: dict[int, list[Mapping[str, Any]]] = {}
@@ -384,7 +387,9 @@ def validate_sample(obj: Any, drill: Drill, cluster: str, second: int) -> dict[s
     if unknown:
         raise InputError(f"{w}: unknown field(s) {', '.join(map(repr, unknown))}")
     if obj.get("cluster") != cluster:
-        raise InputError(f"{w}.cluster: {obj.get('cluster')!r} does not match the path's {cluster!r}")
+        raise InputError(
+            f"{w}.cluster: {obj.get('cluster')!r} does not match the path's {cluster!r}"
+        )
     sec = obj.get("second")
     if isinstance(sec, bool) or not isinstance(sec, int) or sec != second:
         raise InputError(f"{w}.second: {sec!r} does not match the path's {second!r}")
@@ -415,7 +420,9 @@ def validate_sample(obj: Any, drill: Drill, cluster: str, second: int) -> dict[s
             )
         served = svc.get("served", {})
         if not isinstance(served, Mapping) or len(served) > MAX_SAMPLE_SERVED:
-            raise InputError(f"{sw}.served: expected an object of at most {MAX_SAMPLE_SERVED} clusters")
+            raise InputError(
+                f"{sw}.served: expected an object of at most {MAX_SAMPLE_SERVED} clusters"
+            )
         served_out: dict[str, int] = {}
         for c in sorted(served):
             check_name(c, f"{sw}.served")

@@ -284,7 +284,9 @@ def _load_pem_cert(cert_pem: bytes, what: str) -> x509.Certificate:
         raise IdentityError(f"{what}: not a PEM X.509 certificate ({e})") from None
 
 
-def _load_pair(cert_pem: bytes, key_pem: bytes, what: str, cert_part: str, key_part: str) -> tuple[x509.Certificate, Any]:
+def _load_pair(
+    cert_pem: bytes, key_pem: bytes, what: str, cert_part: str, key_part: str
+) -> tuple[x509.Certificate, Any]:
     """A certificate and its private key, checked to belong together."""
     cert = _load_pem_cert(cert_pem, f"{what}: {cert_part}")
     key = _load_key(key_pem, f"{what}: {key_part}")
@@ -343,7 +345,8 @@ class TrustBundle:
                 }
             else:
                 raise IdentityError(
-                    f"bundle {self.trust_domain}: authorities[{i}]: only EC and RSA keys are supported"
+                    f"bundle {self.trust_domain}: authorities[{i}]: "
+                    "only EC and RSA keys are supported"
                 )
             key["x5c"] = [base64.b64encode(der).decode("ascii")]
             keys.append(key)

@@ -157,7 +157,8 @@ class Clusters:
                     f"{other!r}",
                 )
             old = self.state.records.get(record.name)
-            await self.state.store.put(BUNDLES + record.trust_domain, api.canonical_json(bundle.to_jwks()))
+            store = self.state.store
+            await store.put(BUNDLES + record.trust_domain, api.canonical_json(bundle.to_jwks()))
             await self.state.store.put(CLUSTERS + record.name, api.canonical_json(record.to_json()))
             bundles = dict(self.state.bundles)
             by_td = dict(self.state.cluster_by_td)
@@ -269,7 +270,9 @@ class Clusters:
             rev = await self.state.store.put(rec.key, value, lease=lease)
         except StoreError:
             self.state.leases.pop(name, None)
-            raise ApiError(409, f"cluster {name!r} has no live lease (lease {lease} expired)") from None
+            raise ApiError(
+                409, f"cluster {name!r} has no live lease (lease {lease} expired)"
+            ) from None
         return web.json_response({"revision": rev})
 
     async def _delete_leased(self, request: web.Request, prefix: str) -> web.Response:

@@ -71,7 +71,8 @@ class Drills:
                     await self.put(drill_logic.end(drill, now, "ended", "deadline"))
                     log.info("drill %s ended at its deadline", drill.id)
                 elif drill.state == "running":
-                    earliest = drill.fault_end if earliest is None else min(earliest, drill.fault_end)
+                    deadline = drill.fault_end
+                    earliest = deadline if earliest is None else min(earliest, deadline)
             return earliest
 
     async def load(self) -> list[Drill]:
@@ -219,7 +220,8 @@ class Drills:
         rev = await self.state.store.put(key, api.canonical_json(sample))
         if drill.state == "running" and drill.abort_on:
             slo = drill_logic.parse_slo(drill.abort_on)
-            reason = drill_logic.slo_tripped(slo, drill, await self.samples(drill.id), self.state.clock())
+            samples = await self.samples(drill.id)
+            reason = drill_logic.slo_tripped(slo, drill, samples, self.state.clock())
             if reason is not None:
                 with contextlib.suppress(ApiError):  # already ended meanwhile: nothing to do
                     await self.end(drill.id, "aborted", reason)

@@ -252,7 +252,8 @@ async def test_malformed_and_oversize_bodies(fed: Fed) -> None:
         async with s.post(f"{fed.url}/v1/join", json=body) as r:
             assert r.status == 401  # no valid token: nothing else is looked at
             assert "join token unknown" in (await r.json())["error"]
-        async with s.post(f"{fed.url}/v1/join", json={"token": token, "cluster": {"name": "A"}}) as r:
+        body = {"token": token, "cluster": {"name": "A"}}
+        async with s.post(f"{fed.url}/v1/join", json=body) as r:
             assert r.status == 400
             assert "bundle" in (await r.json())["error"]
         body = {"token": token, "cluster": {**west.record.to_json(), "zone": "A"},

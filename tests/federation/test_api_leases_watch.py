@@ -159,7 +159,8 @@ async def test_watch_bad_parameters_are_400(fed: Fed) -> None:
     east = make_cluster("east-1")
     await fed.join(east)
     async with raw_session(fed, east.svid) as s:
-        for params, field in (({"after": "x"}, "after"), ({"after": "0", "timeout": "5"}, "timeout")):
+        cases = (({"after": "x"}, "after"), ({"after": "0", "timeout": "5"}, "timeout"))
+        for params, field in cases:
             async with s.get(f"{fed.url}/v1/watch", params=params) as r:
                 assert r.status == 400
                 assert (await r.json())["error"].startswith(field)
