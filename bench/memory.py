@@ -88,8 +88,9 @@ async def gateway_idle(state: Path, target: int, log: Any) -> dict:
 
 
 async def federation_catalog(state: Path, services: int, log: Any) -> dict:
+    from federation.ca import CertificateAuthority
     from federation.client import FederationClient, load_federation_bundle
-    from federation.identity import CertificateAuthority, gateway_id
+    from federation.identity import gateway_id
     from federation.model import ClusterRecord, Endpoint, Export
     from federation.server.app import create_token
     from federation.store.sqlite import SqliteStore

@@ -32,6 +32,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from federation import metrics
 from federation.drills import MAX_PROBE_RATE, MAX_REASON
 from federation.errors import InputError
 from federation.identity import MAX_BUNDLE_KEYS
@@ -45,7 +46,7 @@ MAX_WATCH_TIMEOUT = 60.0
 DEFAULT_WATCH_TIMEOUT = 25.0
 MAX_ID = 2**63 - 1  # lease ids and revisions (SQLite and etcd integers are int64)
 MAX_SECOND = 999_999_999_999  # drill sample seconds: epoch seconds, at most 12 digits
-METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # Prometheus text format
+METRICS_CONTENT_TYPE = metrics.CONTENT_TYPE  # Prometheus text format
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ ROUTES: tuple[Route, ...] = (
           "One drill and its samples (sorted by second, then cluster).",
           "any", None, "DrillDetail", (401, 404), tags=("drills",)),
     Route("GET", "/v1/drills/{id}/report", "drillReport",
-          "The drill's report (federation.drills.compute_report over its samples).",
+          "The drill's report (federation.drill_report.compute_report over its samples).",
           "any", None, "DrillReport", (401, 404), tags=("drills",)),
     Route("POST", "/v1/drills/{id}/abort", "abortDrill",
           "Abort a running drill (operator only); 409 if it already ended.",
@@ -322,7 +323,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     }),
     "DrillReport": {
         "type": "object",
-        "description": "see docs/drills.md and federation/drills.py: detection_s, shift_s, "
+        "description": "see docs/drills.md and federation/drill_report.py: detection_s, shift_s, "
         "failed_during_shift, p99_ms_worst, p99_ms_median, failback_s (relative to "
         "fault_stop), flapped, totals, by_mode, state, end_reason, scope, timeline",
         "properties": {

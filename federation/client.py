@@ -269,7 +269,7 @@ class FederationClient:
         return self._drill(obj.get("drill"), "drill"), obj["samples"]
 
     async def drill_report(self, drill_id: str) -> dict:
-        """federation.drills.compute_report of the drill, computed by the federation."""
+        """federation.drill_report.compute_report of the drill, computed by the federation."""
         obj = await self._ok("GET", f"/v1/drills/{drill_id}/report")
         if not isinstance(obj, dict):
             raise FederationError(f"federation at {self.url}: malformed drill report")
@@ -318,7 +318,9 @@ class FederationClient:
                 raise TypeError
             events = [api.event_from_json(e, f"events[{i}]") for i, e in enumerate(raw_events)]
         except (KeyError, TypeError, InputError) as e:
-            raise FederationError(f"federation at {self.url}: malformed watch answer: {e}") from None
+            raise FederationError(
+                f"federation at {self.url}: malformed watch answer: {e}"
+            ) from None
         return revision, events
 
     async def status(self) -> dict:

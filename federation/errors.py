@@ -14,6 +14,18 @@ class InputError(IsthmusError, ValueError):
     """Input from a user or a peer was malformed; the message quotes the bad value."""
 
 
+class ApiError(IsthmusError):
+    """The federation refuses a request, nearly always for the caller's fault: malformed input,
+    no or the wrong identity, a conflict with the stored state (the message says which and what
+    to do). `status` is the HTTP status of the answer, `body` its JSON (`{"error": message}`
+    plus any `extra` fields a client can act on, such as the held bundle sequence)."""
+
+    def __init__(self, status: int, message: str, **extra: object):
+        super().__init__(message)
+        self.status = status
+        self.body = {"error": message, **extra}
+
+
 class IdentityError(IsthmusError):
     """A SPIFFE ID, SVID or trust bundle was invalid or did not verify."""
 

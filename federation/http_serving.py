@@ -58,7 +58,7 @@ import socket
 import ssl
 import traceback
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,6 +66,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from federation.logs import LogLimiter, quote
+from federation.metrics import Exposition, Sample
 
 __all__ = [
     "ADMIN_LIMITS",
@@ -156,40 +157,38 @@ def where(exc: BaseException) -> str:
     return f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} in {f.name}"
 
 
-def serving_metrics(prefix: str, ports: Mapping[str, ServingStats]) -> list[str]:
-    """Prometheus text lines (HELP, TYPE, samples) of the ports' stats, labelled `listener`."""
-    lines: list[str] = []
-
-    def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
-        lines.append(f"# HELP {prefix}_{name} {help_}")
-        lines.append(f"# TYPE {prefix}_{name} {kind}")
-        lines.extend(f"{prefix}_{name}{{{labels}}} {value}" for labels, value in samples)
-
+def serving_metrics(page: Exposition, prefix: str, ports: Mapping[str, ServingStats]) -> None:
+    """The ports' stats as metric families of `page`, labelled `listener`."""
     items = sorted(ports.items())
-    metric("connections_accepted_total", "counter", "Connections accepted (before any check).",
-           [(f'listener="{n}"', s.accepted) for n, s in items])
-    metric("connections_open", "gauge", "Connections open now, TLS handshakes included.",
-           [(f'listener="{n}"', s.open) for n, s in items])
-    metric("connections_anonymous", "gauge",
-           "Open connections without a client certificate (every one on a plain port).",
-           [(f'listener="{n}"', s.anonymous) for n, s in items])
-    metric("tls_handshakes_in_progress", "gauge", "TLS handshakes in progress.",
-           [(f'listener="{n}"', s.handshaking) for n, s in items])
-    metric("connections_refused_total", "counter",
-           "Connections closed at once by a bound: connections, handshakes, anonymous.",
-           [(f'listener="{n}",reason="{r}"', s.refused[r]) for n, s in items for r in REFUSALS])
-    metric("connections_timed_out_total", "counter",
-           "Connections closed by a timeout, by phase: handshake, header, body, idle.",
-           [(f'listener="{n}",phase="{p}"', s.timed_out[p]) for n, s in items for p in PHASES])
-    metric("tls_handshake_failures_total", "counter",
-           "TLS handshakes that failed (not TLS, certificate refused, peer gone), not timeouts.",
-           [(f'listener="{n}"', s.handshake_failed) for n, s in items])
-    metric("bad_requests_total", "counter", "Malformed HTTP requests (answered 400 by the parser).",
-           [(f'listener="{n}"', s.bad_requests) for n, s in items])
-    metric("handler_errors_total", "counter",
-           "Requests that failed with an exception no middleware answered (answered 500).",
-           [(f'listener="{n}"', s.handler_errors) for n, s in items])
-    return lines
+
+    def per_port(value: Callable[[ServingStats], float]) -> list[Sample]:
+        return [({"listener": n}, value(s)) for n, s in items]
+
+    page.counter(f"{prefix}_connections_accepted_total", "Connections accepted (before any check).",
+                 per_port(lambda s: s.accepted))
+    page.gauge(f"{prefix}_connections_open", "Connections open now, TLS handshakes included.",
+               per_port(lambda s: s.open))
+    page.gauge(f"{prefix}_connections_anonymous",
+               "Open connections without a client certificate (every one on a plain port).",
+               per_port(lambda s: s.anonymous))
+    page.gauge(f"{prefix}_tls_handshakes_in_progress", "TLS handshakes in progress.",
+               per_port(lambda s: s.handshaking))
+    page.counter(f"{prefix}_connections_refused_total",
+                 "Connections closed at once by a bound: connections, handshakes, anonymous.",
+                 [({"listener": n, "reason": r}, s.refused[r]) for n, s in items for r in REFUSALS])
+    page.counter(f"{prefix}_connections_timed_out_total",
+                 "Connections closed by a timeout, by phase: handshake, header, body, idle.",
+                 [({"listener": n, "phase": p}, s.timed_out[p]) for n, s in items for p in PHASES])
+    page.counter(f"{prefix}_tls_handshake_failures_total",
+                 "TLS handshakes that failed (not TLS, certificate refused, peer gone), "
+                 "not timeouts.",
+                 per_port(lambda s: s.handshake_failed))
+    page.counter(f"{prefix}_bad_requests_total",
+                 "Malformed HTTP requests (answered 400 by the parser).",
+                 per_port(lambda s: s.bad_requests))
+    page.counter(f"{prefix}_handler_errors_total",
+                 "Requests that failed with an exception no middleware answered (answered 500).",
+                 per_port(lambda s: s.handler_errors))
 
 
 class BoundedSite(web.BaseSite):

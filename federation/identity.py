@@ -1,4 +1,4 @@
-"""SPIFFE identity as values: trust domains, SPIFFE IDs, trust bundles, a cluster CA and its SVIDs.
+"""SPIFFE identity as values: trust domains, SPIFFE IDs, trust bundles, SVIDs (the CA: ca.py).
 
 Theory of operation
 -------------------
@@ -6,7 +6,8 @@ Every cluster is one SPIFFE trust domain with one certificate authority (a self-
 CA, or one the operator provides). The CA issues X.509 SVIDs **directly** -- there are no
 intermediate CAs -- so verifying an SVID is one signature check: read the SPIFFE ID the
 certificate claims, take the bundle of *that* trust domain, and require that one of its
-authorities signed the certificate directly (`verify_svid`). Bundles of different trust domains
+authorities signed the certificate directly (`verify_svid`). The CA that issues them is
+`federation.ca.CertificateAuthority`. Bundles of different trust domains
 are never merged: a CA of trust domain B can never vouch for an ID in trust domain A, even if
 both bundles are loaded in the same process.
 
@@ -35,11 +36,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import ipaddress
-import math
 import os
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -47,9 +45,8 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from federation.errors import BundleSequenceError, IdentityError
 from federation.files import private_dir, write_atomic
@@ -61,7 +58,6 @@ __all__ = [
     "federation_id",
     "TrustBundle",
     "Svid",
-    "CertificateAuthority",
     "spiffe_id_of",
     "verify_svid",
 ]
@@ -72,7 +68,6 @@ MAX_BUNDLE_KEYS = 64
 MAX_CERT_BYTES = 16 * 1024
 MAX_SPIFFE_ID = 2048
 DEFAULT_SVID_TTL = 86400.0
-DEFAULT_CA_VALIDITY = 10 * 365 * 86400.0
 
 _TD_RE = re.compile(r"[a-z0-9._-]{1,255}")
 _SEGMENT_RE = re.compile(r"[A-Za-z0-9._-]+")
@@ -289,7 +284,9 @@ def _load_pem_cert(cert_pem: bytes, what: str) -> x509.Certificate:
         raise IdentityError(f"{what}: not a PEM X.509 certificate ({e})") from None
 
 
-def _load_pair(cert_pem: bytes, key_pem: bytes, what: str, cert_part: str, key_part: str) -> tuple[x509.Certificate, Any]:
+def _load_pair(
+    cert_pem: bytes, key_pem: bytes, what: str, cert_part: str, key_part: str
+) -> tuple[x509.Certificate, Any]:
     """A certificate and its private key, checked to belong together."""
     cert = _load_pem_cert(cert_pem, f"{what}: {cert_part}")
     key = _load_key(key_pem, f"{what}: {key_part}")
@@ -348,7 +345,8 @@ class TrustBundle:
                 }
             else:
                 raise IdentityError(
-                    f"bundle {self.trust_domain}: authorities[{i}]: only EC and RSA keys are supported"
+                    f"bundle {self.trust_domain}: authorities[{i}]: "
+                    "only EC and RSA keys are supported"
                 )
             key["x5c"] = [base64.b64encode(der).decode("ascii")]
             keys.append(key)
@@ -596,229 +594,3 @@ def verify_svid(cert_der: bytes, bundle: TrustBundle, now: float) -> SpiffeId:
         f"{q}: not signed by any authority in the bundle of {bundle.trust_domain!r} "
         f"(sequence {bundle.sequence})"
     )
-
-
-# ---------------------------------------------------------------------------- CA
-
-
-class CertificateAuthority:
-    """One trust domain's CA. Issues SVIDs directly (no intermediates)."""
-
-    CERT_FILE = "ca.pem"
-    KEY_FILE = "ca-key.pem"
-
-    trust_domain: TrustDomain
-    cert_der: bytes
-
-    def __init__(self, trust_domain: TrustDomain, cert: x509.Certificate, key: Any):
-        self.trust_domain = trust_domain
-        self._cert = cert
-        self._key = key
-        self.cert_der = cert.public_bytes(serialization.Encoding.DER)
-
-    def __repr__(self) -> str:
-        return (
-            f"CertificateAuthority(trust_domain={self.trust_domain.name!r}, "
-            f"serial={self._cert.serial_number}, not_after={self.not_after:.0f})"
-        )
-
-    @property
-    def not_before(self) -> float:
-        return self._cert.not_valid_before_utc.timestamp()
-
-    @property
-    def not_after(self) -> float:
-        return self._cert.not_valid_after_utc.timestamp()
-
-    @property
-    def cert_pem(self) -> bytes:
-        return self._cert.public_bytes(serialization.Encoding.PEM)
-
-    @classmethod
-    def create(
-        cls, trust_domain: str | TrustDomain, now: float, validity: float = DEFAULT_CA_VALIDITY
-    ) -> CertificateAuthority:
-        td = _as_td(trust_domain)
-        if validity <= 0:
-            raise IdentityError(f"CA for {td.name!r}: validity must be positive")
-        key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name(
-            [
-                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Isthmus"),
-                x509.NameAttribute(NameOID.COMMON_NAME, f"Isthmus CA {td.name}"[:64]),
-            ]
-        )
-        pub = key.public_key()
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(pub)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(_dt(math.floor(now - CLOCK_SKEW)))
-            .not_valid_after(_dt(math.floor(now + validity)))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(
-                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(td.id))]),
-                critical=False,
-            )
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(pub), critical=False)
-            .sign(key, hashes.SHA256())
-        )
-        return cls(td, cert, key)
-
-    @classmethod
-    def load(
-        cls, cert_pem: bytes, key_pem: bytes, trust_domain: str | TrustDomain
-    ) -> CertificateAuthority:
-        td = _as_td(trust_domain)
-        w = f"CA for {td.name!r}"
-        cert, key = _load_pair(cert_pem, key_pem, w, "certificate", "key")
-        if not _is_ca(cert):
-            raise IdentityError(f"{w}: the certificate is not a CA (basicConstraints CA not set)")
-        try:
-            ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
-            if not ku.key_cert_sign:
-                raise IdentityError(f"{w}: the certificate's key usage lacks keyCertSign")
-        except x509.ExtensionNotFound:
-            pass
-        for uri in _uri_sans(cert):
-            if uri.startswith("spiffe://") and SpiffeId.parse(uri).trust_domain != td:
-                raise IdentityError(f"{w}: the certificate names {uri!r}, another trust domain")
-        return cls(td, cert, key)
-
-    @classmethod
-    def load_or_create(
-        cls,
-        directory: str | os.PathLike[str],
-        trust_domain: str | TrustDomain,
-        now: float,
-        cert_file: str | os.PathLike[str] | None = None,
-        key_file: str | os.PathLike[str] | None = None,
-    ) -> CertificateAuthority:
-        """Operator-provided files if given; else directory/ca.pem + ca-key.pem, made if absent."""
-        td = _as_td(trust_domain)
-        if (cert_file is None) != (key_file is None):
-            raise IdentityError(f"CA for {td.name!r}: give both the cert file and the key file")
-        if cert_file is not None and key_file is not None:
-            return cls.load(_read(cert_file), _read(key_file), td)
-        d = Path(directory)
-        cert_path, key_path = d / cls.CERT_FILE, d / cls.KEY_FILE
-        have_cert, have_key = cert_path.exists(), key_path.exists()
-        if have_cert and have_key:
-            return cls.load(_read(cert_path), _read(key_path), td)
-        if have_cert or have_key:
-            missing = key_path if have_cert else cert_path
-            raise IdentityError(
-                f"CA for {td.name!r}: {missing} is missing while its pair exists; "
-                "restore it (or remove both to create a new CA, which breaks federation trust)"
-            )
-        ca = cls.create(td, now)
-        private_dir(d)
-        write_atomic(key_path, _key_pem(ca._key), 0o600)
-        write_atomic(cert_path, ca.cert_pem, 0o644)
-        return ca
-
-    def issue(
-        self,
-        spiffe_id: SpiffeId,
-        now: float,
-        ttl: float = DEFAULT_SVID_TTL,
-        dns_names: Iterable[str] = (),
-        ip_addresses: Iterable[str | ipaddress.IPv4Address | ipaddress.IPv6Address] = (),
-    ) -> Svid:
-        """A fresh P-256 key and leaf SVID for `spiffe_id`, valid now-60s .. min(now+ttl, CA end)."""
-        q = f"SVID {str(spiffe_id)!r}"
-        if spiffe_id.trust_domain != self.trust_domain:
-            raise IdentityError(
-                f"{q}: this CA issues only for trust domain {self.trust_domain.name!r}"
-            )
-        if not spiffe_id.path:
-            raise IdentityError(f"{q}: a trust domain ID names no workload")
-        if ttl <= 0:
-            raise IdentityError(f"{q}: ttl must be positive, got {ttl}")
-        nb = max(math.floor(now - CLOCK_SKEW), math.ceil(self.not_before))
-        na = min(math.floor(now + ttl), math.floor(self.not_after))
-        if na <= now:
-            raise IdentityError(
-                f"{q}: the CA of {self.trust_domain.name!r} expired at "
-                f"{_dt(self.not_after).isoformat()}; replace it"
-            )
-        sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(spiffe_id))]
-        sans += [x509.DNSName(n) for n in dns_names]
-        try:
-            sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in ip_addresses]
-        except ValueError as e:
-            raise IdentityError(f"{q}: {e}") from None
-        key = ec.generate_private_key(ec.SECP256R1())
-        pub = key.public_key()
-        serial = x509.random_serial_number()
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Isthmus")]))
-            .issuer_name(self._cert.subject)
-            .public_key(pub)
-            .serial_number(serial)
-            .not_valid_before(_dt(nb))
-            .not_valid_after(_dt(na))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=True,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(
-                x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-                ),
-                critical=False,
-            )
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(pub), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()),
-                critical=False,
-            )
-            .sign(self._key, hashes.SHA256())
-        )
-        return Svid(
-            spiffe_id,
-            cert.public_bytes(serialization.Encoding.PEM),
-            _key_pem(key),
-            float(nb),
-            float(na),
-            serial,
-        )
-
-    def bundle(self, sequence: int, refresh_hint: int = 300) -> TrustBundle:
-        return TrustBundle(self.trust_domain.name, (self.cert_der,), sequence, refresh_hint)
-
-
-def _read(path: str | os.PathLike[str]) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as e:
-        raise IdentityError(f"cannot read {path}: {e}") from None

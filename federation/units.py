@@ -62,14 +62,18 @@ def parse_decimal(text: str, what: str) -> float:
     """`text` as a non-negative number like 5, 0.25 or 99.9, in ASCII digits only (no sign,
     exponent, nan, inf or digits of other scripts). InputError names `what`."""
     if not isinstance(text, str) or len(text) > MAX_DECIMAL or not _DECIMAL.fullmatch(text):
-        raise InputError(f"{what}: {_shown(text)} is not a number like 5 or 0.25 (ASCII digits 0-9)")
+        raise InputError(
+            f"{what}: {_shown(text)} is not a number like 5 or 0.25 (ASCII digits 0-9)"
+        )
     return float(text)
 
 
 def parse_duration(text: str | int | float) -> float:
     """'200ms', '5s', '1m', '24h' -> seconds. Bare numbers are refused: units are required."""
     if isinstance(text, bool) or not isinstance(text, str):
-        raise InputError(f"{text!r} is not a duration: write it with a unit, like 200ms, 5s, 1m or 24h")
+        raise InputError(
+            f"{text!r} is not a duration: write it with a unit, like 200ms, 5s, 1m or 24h"
+        )
     m = _DURATION.fullmatch(text)
     if not m:
         raise InputError(f"{text!r} is not a duration: write it like 200ms, 5s, 1m or 24h")

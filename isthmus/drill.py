@@ -2,7 +2,7 @@
 
 Everything here talks to the federation as the *operator* (the SVID `isthmus federation serve`
 writes to `<state-dir>/operator/`); see docs/drills.md for the contract. The decisions are
-elsewhere: `drill_plan.plan_drill` (pure) for plans, `federation.drills.compute_report` (on the
+elsewhere: `drill_plan.plan_drill` (pure) for plans, `federation.drill_report.compute_report` (on the
 server) for reports, `report_html` for the HTML page. This module only fetches, waits, prints.
 
 `drill run`, step by step:

@@ -1,6 +1,6 @@
 """A drill report as one self-contained HTML page (no external URLs, no JavaScript).
 
-`render_report_html(report)` takes the dict of `federation.drills.compute_report` (as served by
+`render_report_html(report)` takes the dict of `federation.drill_report.compute_report` (as served by
 `GET /v1/drills/{id}/report`) and returns the page: a title, the summary table, an inline SVG
 timeline — one stacked bar per second with the share of probes served by each region, a red
 error-rate line, the fault window shaded with "fault start" / "fault stop" markers, axes in

@@ -20,25 +20,16 @@ from federation.http_serving import (
     ServingStats,
     serving_metrics,
 )
+from federation.metrics import Exposition, Sample
 
 log = logging.getLogger("isthmus.gateway.admin")
 
 
-def _esc(v: str) -> str:
-    return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
 def render_metrics(gw: Any, http: ServingStats | None = None) -> str:
-    """Prometheus text exposition format, written by hand (it is small); `http`: the admin
-    port's own connection counters."""
-    lines: list[str] = []
-
-    def metric(name: str, kind: str, help_: str, samples: list[tuple[dict[str, str], float]]) -> None:
-        lines.append(f"# HELP {name} {help_}")
-        lines.append(f"# TYPE {name} {kind}")
-        for labels, value in samples:
-            lab = ",".join(f'{k}="{_esc(v)}"' for k, v in labels.items())
-            lines.append(f"{name}{{{lab}}} {value}" if lab else f"{name} {value}")
+    """Prometheus text exposition format (`federation.metrics`); `http`: the admin port's own
+    connection counters."""
+    page = Exposition()
+    metric = page.family
 
     # Listener counters of every worker (only this process's with one worker); with several,
     # each series carries a `worker` label: sum without(worker) for the gateway's totals.
@@ -48,45 +39,55 @@ def render_metrics(gw: Any, http: ServingStats | None = None) -> str:
         for name, st in got["listeners"].items():
             per.append(({"listener": name, **({"worker": str(worker)} if several else {})}, st))
 
-    def counter(key: str) -> list[tuple[dict[str, str], float]]:
+    def counter(key: str) -> list[Sample]:
         return [(lab, st.get(key, 0)) for lab, st in per]
 
-    metric("isthmus_gateway_connections_accepted_total", "counter", "Connections accepted.", counter("accepted"))
-    metric("isthmus_gateway_connections_active", "gauge", "Connections open now.", counter("active"))
+    metric("isthmus_gateway_connections_accepted_total", "counter", "Connections accepted.",
+           counter("accepted"))
+    metric("isthmus_gateway_connections_active", "gauge", "Connections open now.",
+           counter("active"))
     metric("isthmus_gateway_connections_failed_total", "counter",
            "Client connections closed because no candidate could be reached.", counter("failed"))
     metric("isthmus_gateway_connections_refused_limit_total", "counter",
            "Connections refused by the connection limit.", counter("refused_limit"))
     metric("isthmus_gateway_connections_idle_closed_total", "counter",
            "Connections closed by the idle timeout.", counter("idle_closed"))
-    metric("isthmus_gateway_connect_attempts_total", "counter", "Connect attempts to targets.", counter("attempts"))
+    metric("isthmus_gateway_connect_attempts_total", "counter", "Connect attempts to targets.",
+           counter("attempts"))
     metric("isthmus_gateway_connect_attempt_failures_total", "counter",
-           "Connect attempts that failed (and moved to the next candidate).", counter("attempt_failures"))
+           "Connect attempts that failed (and moved to the next candidate).",
+           counter("attempt_failures"))
     metric("isthmus_gateway_served_total", "counter", "Connections served, by target.",
-           [({**lab, "target": t}, n) for lab, st in per for t, n in sorted(st.get("served_by", {}).items())])
+           [({**lab, "target": t}, n) for lab, st in per
+            for t, n in sorted(st.get("served_by", {}).items())])
     metric("isthmus_gateway_upstream_response_timeouts_total", "counter",
            "Connections reset because the target sent nothing within outlier_detection."
            "response_timeout of the client's first bytes (not counted as served).",
            [({**lab, "target": t}, n) for lab, st in per
             for t, n in sorted(st.get("response_timeouts_by", {}).items())])
-    inbound = [({k: v for k, v in lab.items() if k != "listener"}, st) for lab, st in per if "denied" in st]
+    inbound = [({k: v for k, v in lab.items() if k != "listener"}, st)
+               for lab, st in per if "denied" in st]
     metric("isthmus_gateway_inbound_identity_refused_total", "counter",
            "Inbound links refused because the peer SVID did not verify.",
            [(lab, st["identity_refused"]) for lab, st in inbound])
     metric("isthmus_gateway_inbound_handshake_failed_total", "counter",
            "Inbound links refused in the TLS handshake (certificate from no known CA, no client "
-           "certificate, not TLS, timeout).", [(lab, st.get("handshake_failed", 0)) for lab, st in inbound])
+           "certificate, not TLS, timeout).",
+           [(lab, st.get("handshake_failed", 0)) for lab, st in inbound])
     metric("isthmus_gateway_inbound_denied_total", "counter",
-           "Inbound streams refused because the consumer is not allowed.", [(lab, st["denied"]) for lab, st in inbound])
+           "Inbound streams refused because the consumer is not allowed.",
+           [(lab, st["denied"]) for lab, st in inbound])
     now = gw._mono()
     metric("isthmus_gateway_target_routable", "gauge", "1 if a target may get traffic now.",
            [({"target": k}, 1 if v["routable"] else 0) for k, v in gw.book.snapshot(now).items()])
-    tiers = []
+    tiers: list[Sample] = []
     for router in gw.import_routers.values():
         active = router.state.active
         for tier in router.tiers:
-            tiers.append(({"service": str(router.service), "tier": tier.name}, 1 if tier.name == active else 0))
-    metric("isthmus_gateway_tier_active", "gauge", "1 for the tier each import sends traffic to.", tiers)
+            tiers.append(({"service": str(router.service), "tier": tier.name},
+                          1 if tier.name == active else 0))
+    metric("isthmus_gateway_tier_active", "gauge", "1 for the tier each import sends traffic to.",
+           tiers)
     actor = getattr(gw, "drill_actor", None)
     if actor is not None:
         metric("isthmus_gateway_drill_fault_active", "gauge",
@@ -99,15 +100,15 @@ def render_metrics(gw: Any, http: ServingStats | None = None) -> str:
                "Drill samples waiting to reach the federation.", [({}, len(actor.queue))])
     agent = gw.agent
     if agent is not None:
-        metric("isthmus_gateway_federation_connected", "gauge", "1 if the last federation call worked.",
-               [({}, 1 if agent.connected else 0)])
+        metric("isthmus_gateway_federation_connected", "gauge",
+               "1 if the last federation call worked.", [({}, 1 if agent.connected else 0)])
         metric("isthmus_gateway_catalog_revision", "gauge", "Catalog revision in use.",
                [({}, agent.catalog.revision)])
-        metric("isthmus_gateway_svid_expiry_timestamp_seconds", "gauge", "When the current SVID expires.",
-               [({}, agent.identity.svid.not_after)])
+        metric("isthmus_gateway_svid_expiry_timestamp_seconds", "gauge",
+               "When the current SVID expires.", [({}, agent.identity.svid.not_after)])
     if http is not None:
-        lines += serving_metrics("isthmus_gateway_http", {"admin": http})
-    return "\n".join(lines) + "\n"
+        serving_metrics(page, "isthmus_gateway_http", {"admin": http})
+    return page.text()
 
 
 async def start_admin(gw: Any, host: str, port: int, sock: Any = None,

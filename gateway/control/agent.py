@@ -49,6 +49,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+from federation.ca import CertificateAuthority
 from federation.client import FederationClient, load_federation_bundle
 from federation.errors import (
     CompactedError,
@@ -60,7 +61,7 @@ from federation.errors import (
     JoinRefused,
 )
 from federation.files import write_atomic
-from federation.identity import CertificateAuthority, Svid, TrustBundle, gateway_id
+from federation.identity import Svid, TrustBundle, gateway_id
 from federation.logs import LogLimiter
 from federation.model import Catalog, ClusterRecord, Export, ImportRecord
 from gateway.config.schema import GatewayConfig

@@ -11,10 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from federation import drills
+from federation.drill_report import compute_report
 from federation.drills import (
     DrillStateError,
-    compute_report,
     due,
     end,
     new_drill,
@@ -276,9 +275,11 @@ def _svc(**kw: Any) -> dict[str, Any]:
     ({"cluster": "west-1", "second": 5, "services": {SVC: _svc(attempts=True)}}, "attempts: True"),
     ({"cluster": "west-1", "second": 5, "services": {SVC: _svc(successes=21)}}, "successes (21)"),
     ({"cluster": "west-1", "second": 5, "services": {SVC: _svc(failures=None)}}, "failures: None"),
-    ({"cluster": "west-1", "second": 5, "services": {SVC: _svc(served={"east-2": 20})}}, "20 served"),
+    ({"cluster": "west-1", "second": 5, "services": {SVC: _svc(served={"east-2": 20})}},
+     "20 served"),
     ({"cluster": "west-1", "second": 5, "services": {SVC: _svc(served={"East": 1})}}, "'East'"),
-    ({"cluster": "west-1", "second": 5, "services": {SVC: _svc(latency_p99_ms=-3)}}, "latency_p99_ms: -3"),
+    ({"cluster": "west-1", "second": 5, "services": {SVC: _svc(latency_p99_ms=-3)}},
+     "latency_p99_ms: -3"),
     ({"cluster": "west-1", "second": 5, "services": {SVC: _svc(latency_p50_ms="1ms")}}, "'1ms'"),
     ({"cluster": "west-1", "second": 5,
       "services": {SVC: _svc(served={f"c{i}": 0 for i in range(1001)})}}, "at most 1000"),
@@ -505,4 +506,4 @@ def test_report_properties(data) -> None:
         assert r["p99_ms_median"] <= r["p99_ms_worst"]
     assert r["failed_during_shift"] <= r["totals"]["failures"]
     json.dumps(r)  # the report is plain JSON
-    assert drills.compute_report(d, list(reversed(samples))) == r  # order does not matter
+    assert compute_report(d, list(reversed(samples))) == r  # order does not matter

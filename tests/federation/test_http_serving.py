@@ -30,7 +30,7 @@ from federation.tls import client_context
 from gateway.config.schema import parse_config
 from gateway.control.admin import start_admin
 from gateway.runtime import Gateway
-from tests.federation.test_api import make_cluster
+from tests.helpers.federation import make_cluster
 
 HOST = "127.0.0.1"
 LOOPS = pytest.mark.parametrize(

@@ -9,9 +9,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from federation.ca import CertificateAuthority
 from federation.errors import BundleSequenceError, IdentityError
 from federation.identity import (
-    CertificateAuthority,
     SpiffeId,
     Svid,
     TrustBundle,

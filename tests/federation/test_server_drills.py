@@ -14,13 +14,13 @@ from typing import Any
 import pytest
 
 from federation.client import FederationClient, operator_client
-from federation.drills import compute_report
+from federation.drill_report import compute_report
 from federation.errors import FederationError
 from federation.identity import SpiffeId, Svid, verify_svid
 from federation.model import Drill, FailoverPolicy, ImportRecord
 from federation.server.app import FederationServer, operator_id
 from federation.store.sqlite import SqliteStore
-from tests.federation.test_api import Cluster, Fed, make_cluster, raw_session
+from tests.helpers.federation import Cluster, Fed, make_cluster, raw_session
 
 SVC = "default/echo"
 
@@ -146,7 +146,9 @@ async def test_other_ids_of_federation_domain_are_forbidden(world: World) -> Non
 
 async def test_cluster_cannot_join_with_federation_trust_domain(world: World) -> None:
     bad = make_cluster("north-1")
-    bad.record = bad.record.__class__("north-1", "eu", "a", "federation.isthmus.local", "127.0.0.1:1")
+    bad.record = bad.record.__class__(
+        "north-1", "eu", "a", "federation.isthmus.local", "127.0.0.1:1"
+    )
     with pytest.raises(FederationError) as e:
         await world.fed.client().join(await world.fed.token("north-1"), bad.record, bad.bundle())
     assert e.value.status == 400 and "federation's own" in str(e.value)
@@ -295,14 +297,16 @@ async def test_report_endpoint_is_compute_report(world: World) -> None:
     d = await world.op.create_drill(spec(baseline="2s"))
     w = world.c["west-1"]
     fs = int(d.fault_start)
-    plan = {fs - 2: {"east-1": 20}, fs - 1: {"east-1": 20}, fs: {"west-1": 15}, fs + 1: {"west-1": 20}}
+    plan = {fs - 2: {"east-1": 20}, fs - 1: {"east-1": 20},
+            fs: {"west-1": 15}, fs + 1: {"west-1": 20}}
     for sec, served in plan.items():
         ok = sum(served.values())
         await w.put_sample(d.id, "west-1", sec, sample("west-1", sec, 20, ok, served))
     report = await world.op.drill_report(d.id)
     drill, samples = await world.op.get_drill(d.id)
     assert report == compute_report(drill, samples)
-    assert (report["detection_s"], report["shift_s"], report["failed_during_shift"]) == (0.0, 1.0, 5)
+    got = (report["detection_s"], report["shift_s"], report["failed_during_shift"])
+    assert got == (0.0, 1.0, 5)
     with pytest.raises(FederationError) as e:
         await world.op.drill_report("d-20200101-000000-zzzz")
     assert e.value.status == 404

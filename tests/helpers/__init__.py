@@ -1,1 +1,2 @@
-"""Reusable pieces of the test suite (processes, backends, traffic, loops)."""
+"""Reusable pieces of the test suite: processes, backends, traffic, loops, relays, TLS and
+federation fixtures (import them; fixtures live in conftest.py files)."""

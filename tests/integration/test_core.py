@@ -19,9 +19,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from federation.ca import CertificateAuthority
 from federation.client import FederationClient, load_federation_bundle
 from federation.errors import FederationError
-from federation.identity import CertificateAuthority, SpiffeId, Svid, gateway_id
+from federation.identity import SpiffeId, Svid, gateway_id
 from federation.model import ClusterRecord, Endpoint, Export
 from gateway.dataplane import link
 from tests.helpers.backends import blackhole_times_out

@@ -14,8 +14,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from federation.ca import CertificateAuthority
 from federation.client import FederationClient, load_federation_bundle
-from federation.identity import CertificateAuthority, gateway_id
+from federation.identity import gateway_id
 from federation.model import ClusterRecord, Endpoint, Export
 from federation.server.app import create_token
 from federation.store.sqlite import SqliteStore

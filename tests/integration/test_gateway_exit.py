@@ -12,8 +12,8 @@ import time
 
 import pytest
 
+from federation.ca import CertificateAuthority
 from federation.client import FederationClient, load_federation_bundle
-from federation.identity import CertificateAuthority
 from federation.model import ClusterRecord
 from tests.helpers.processes import run_cli
 from tests.helpers.traffic import wait_for

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from federation.ca import CertificateAuthority
 from federation.client import FederationClient, load_federation_bundle
-from federation.identity import CertificateAuthority, gateway_id
+from federation.identity import gateway_id
 from federation.model import ClusterRecord, Endpoint, Export
 from tests.helpers.processes import Proc, free_port, isthmus_cmd, run_cli
 from tests.helpers.traffic import http_get, wait_for

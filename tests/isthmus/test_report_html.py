@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from federation.drills import compute_report
+from federation.drill_report import compute_report
 from federation.model import Drill
 from isthmus.report_html import render_report_html, summary_rows, timeline_rows
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from federation.ca import CertificateAuthority
 from federation.errors import FederationError, JoinRefused, PermanentError
-from federation.identity import CertificateAuthority
 from federation.model import Catalog
 from gateway.config.schema import parse_config
 from gateway.control.agent import Agent, Identity, federation_ca, join_refused_for_good

@@ -22,7 +22,8 @@ import weakref
 import pytest
 import uvloop
 
-from federation.identity import CertificateAuthority, SpiffeId, TrustBundle, gateway_id
+from federation.ca import CertificateAuthority
+from federation.identity import SpiffeId, TrustBundle, gateway_id
 from federation.model import Endpoint, Export, Locality, ServiceKey
 from gateway.core.balance import Target
 from gateway.dataplane import l4, link

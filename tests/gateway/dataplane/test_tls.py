@@ -9,8 +9,9 @@ import time
 import pytest
 from cryptography import x509
 
+from federation.ca import CertificateAuthority
 from federation.errors import IdentityError
-from federation.identity import CertificateAuthority, SpiffeId, TrustDomain, gateway_id
+from federation.identity import SpiffeId, TrustDomain, gateway_id
 from federation.tls import (
     client_context,
     peer_cert_der,

@@ -1,0 +1,52 @@
+"""Prometheus text exposition (format 0.0.4), the one writer every /metrics page uses.
+
+A page is a list of metric families; each family is `# HELP`, `# TYPE` and one sample line per
+label set, `name{k="v",...} value` (`name value` without labels). Label values are escaped as
+the format requires (backslash, double quote, newline). A family with no samples still has its
+HELP and TYPE lines, so a scraper sees every metric a process can expose from its first scrape.
+Values are written as Python prints them (`3`, `0.25`, `1735689600.0`).
+
+    page = Exposition()
+    page.counter("isthmus_x_total", "Things done.", [({"kind": "a"}, 3)])
+    page.gauge("isthmus_y", "Things now.", [({}, 1)])
+    body = page.text()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+__all__ = ["CONTENT_TYPE", "Exposition", "Sample", "escape"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+Sample = tuple[Mapping[str, object], float]
+
+
+def escape(value: object) -> str:
+    """A label value as the text format needs it: backslash, double quote and newline escaped."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class Exposition:
+    """The lines of one /metrics page, built family by family."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def family(self, name: str, kind: str, help_: str, samples: Iterable[Sample] = ()) -> None:
+        """`# HELP`, `# TYPE` and the samples of one metric; `kind` is counter or gauge."""
+        self.lines.append(f"# HELP {name} {help_}")
+        self.lines.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            lab = ",".join(f'{k}="{escape(v)}"' for k, v in labels.items())
+            self.lines.append(f"{name}{{{lab}}} {value}" if lab else f"{name} {value}")
+
+    def counter(self, name: str, help_: str, samples: Iterable[Sample] = ()) -> None:
+        self.family(name, "counter", help_, samples)
+
+    def gauge(self, name: str, help_: str, samples: Iterable[Sample] = ()) -> None:
+        self.family(name, "gauge", help_, samples)
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
