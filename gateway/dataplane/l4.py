@@ -52,7 +52,8 @@ from federation.model import ServiceKey
 from gateway.core.balance import Target
 from gateway.core.health import Response, Wait, client_sent, expire, response_verdict, upstream_sent
 from gateway.dataplane import link as link_codec
-from gateway.dataplane.mux import LinkPool, MuxLink, Stream, StreamRefused
+from gateway.dataplane.mux import LinkPool, MuxLink, Stream
+from gateway.errors import DialError, StreamRefused
 
 log = logging.getLogger("isthmus.gateway.l4")
 # What peers and anonymous clients cause (refused handshakes, identities, streams): one line per
@@ -91,10 +92,6 @@ class ListenerStats:
 
     def response_timed_out(self, key: str) -> None:
         self.response_timeouts_by[key] = self.response_timeouts_by.get(key, 0) + 1
-
-
-class DialError(Exception):
-    """One connect attempt failed; the message says which target and why."""
 
 
 # ---------------------------------------------------------------------------------------------

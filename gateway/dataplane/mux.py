@@ -52,14 +52,13 @@ from gateway.dataplane.link import (
     WINDOW,
     WINDOW_SIZE,
     FrameReader,
-    LinkProtocolError,
-    OpenRefused,
     check_open_id,
     control,
     frame,
     parse_control,
     parse_open,
 )
+from gateway.errors import LinkProtocolError, OpenRefused, StreamRefused
 
 log = logging.getLogger("isthmus.gateway.mux")
 # What peers send (refused identities, protocol violations): one line per event class,
@@ -520,12 +519,6 @@ class MuxLink(asyncio.Protocol):
             return False
         finally:
             self.pings.pop(token, None)
-
-
-class StreamRefused(Exception):
-    def __init__(self, code: Any, error: Any) -> None:
-        super().__init__(f"{code}: {error}")
-        self.code = code
 
 
 class LinkPool:

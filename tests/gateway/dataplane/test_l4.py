@@ -26,9 +26,10 @@ from federation.identity import CertificateAuthority, SpiffeId, TrustBundle, gat
 from federation.model import Endpoint, Export, Locality, ServiceKey
 from gateway.core.balance import Target
 from gateway.dataplane import l4, link
-from gateway.dataplane.l4 import Dialer, DialError, ImportListener, InboundListener
+from gateway.dataplane.l4 import Dialer, ImportListener, InboundListener
 from gateway.dataplane.mux import LinkPool
 from gateway.dataplane.tls import GatewayTls, TlsSnapshot
+from gateway.errors import DialError
 
 HOST = "127.0.0.1"
 SERVICE = ServiceKey("shop", "cart")

@@ -21,9 +21,10 @@ import pytest
 
 from federation.model import ServiceKey
 from gateway.dataplane import link, mux
-from gateway.dataplane.l4 import Dialer, DialError, ImportListener
+from gateway.dataplane.l4 import Dialer, ImportListener
 from gateway.dataplane.link import WINDOW_SIZE
 from gateway.dataplane.mux import LinkPool
+from gateway.errors import DialError
 from tests.gateway.dataplane.test_l4 import (
     HOST,
     SERVICE,
