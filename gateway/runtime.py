@@ -40,12 +40,11 @@ from gateway.control.agent import Agent, Backoff, Identity, federation_ca
 from gateway.control.drill_actor import DrillActor
 from gateway.control.workers import STATS_EVERY, Supervisor, read_stats, watch_parent, write_stats
 from gateway.core.balance import Policy
+from gateway.core.health import HealthBook, OutlierRules
 from gateway.dataplane.l4 import Dialer, ImportListener, InboundListener
 from gateway.dataplane.probes import checker, probe_loop
 from gateway.dataplane.router import (
-    HealthBook,
     LocalEndpoint,
-    OutlierRules,
     Router,
     local_key,
     remote_key,

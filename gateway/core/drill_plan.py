@@ -46,7 +46,11 @@ class Route:
     healthy_endpoints: int
 
     def to_json(self) -> dict[str, Any]:
-        return {"tier": self.tier, "clusters": list(self.clusters), "healthy_endpoints": self.healthy_endpoints}
+        return {
+            "tier": self.tier,
+            "clusters": list(self.clusters),
+            "healthy_endpoints": self.healthy_endpoints,
+        }
 
     def __str__(self) -> str:
         if self.tier is None:
@@ -91,7 +95,8 @@ class DrillPlan:
     scope_kind: str
     scope: str
     clusters_in_scope: tuple[str, ...]
-    services: tuple[str, ...]  # "ns/name" exported by a live cluster in scope (the drill's services)
+    # "ns/name" exported by a live cluster in scope (the drill's services)
+    services: tuple[str, ...]
     rows: tuple[ServicePlan, ...]  # sorted by (cluster, service)
 
     @property
@@ -115,12 +120,16 @@ def scope_clusters(catalog: Catalog, scope_kind: str, scope: str) -> tuple[str, 
         known = sorted({c.region for c in catalog.clusters.values()})
         found = tuple(sorted(n for n, c in catalog.clusters.items() if c.region == scope))
         if not found:
-            raise InputError(f"unknown region {scope!r}; known regions: {', '.join(known) or '(none)'}")
+            raise InputError(
+                f"unknown region {scope!r}; known regions: {', '.join(known) or '(none)'}"
+            )
         return found
     if scope_kind == "cluster":
         if scope not in catalog.clusters:
             known = sorted(catalog.clusters)
-            raise InputError(f"unknown cluster {scope!r}; known clusters: {', '.join(known) or '(none)'}")
+            raise InputError(
+                f"unknown cluster {scope!r}; known clusters: {', '.join(known) or '(none)'}"
+            )
         return (scope,)
     raise InputError(f"scope kind {scope_kind!r}: expected 'region' or 'cluster'")
 
@@ -138,7 +147,9 @@ def _targets(catalog: Catalog, imp: ImportRecord) -> tuple[list[Target], dict[st
                 key = f"local:{ep.address}"
                 if key in behind:
                     continue
-                targets.append(Target(key, me.locality, ep.host, ep.port, ep.weight, ep.healthy, False))
+                targets.append(
+                    Target(key, me.locality, ep.host, ep.port, ep.weight, ep.healthy, False)
+                )
                 behind[key] = 1 if ep.healthy else 0
             continue
         rec = catalog.clusters.get(ex.cluster)
@@ -155,7 +166,9 @@ def _remote_target(locality: Locality, gateway_address: str, ex: Export) -> Targ
     return Target(f"remote:{ex.cluster}", locality, host, port, max(1, weight), weight > 0, True)
 
 
-def _route(targets: list[Target], behind: dict[str, int], imp: ImportRecord, catalog: Catalog) -> Route:
+def _route(
+    targets: list[Target], behind: dict[str, int], imp: ImportRecord, catalog: Catalog
+) -> Route:
     policy = Policy(imp.tiers, imp.region_preference, imp.failback_after, imp.max_attempts)
     caller = catalog.clusters[imp.cluster].locality
     for tier in build_tiers(targets, caller, policy):
@@ -174,7 +187,11 @@ def plan_drill(catalog: Catalog, scope_kind: str, scope: str) -> DrillPlan:
     in_scope = scope_clusters(catalog, scope_kind, scope)
     lost = set(in_scope)
     services = sorted(
-        {str(e.service) for e in catalog.exports.values() if e.cluster in lost and e.cluster in catalog.live}
+        {
+            str(e.service)
+            for e in catalog.exports.values()
+            if e.cluster in lost and e.cluster in catalog.live
+        }
     )
     rows: list[ServicePlan] = []
     for imp in sorted(catalog.imports.values(), key=lambda i: (i.cluster, i.namespace, i.name)):

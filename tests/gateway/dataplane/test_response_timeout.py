@@ -16,7 +16,8 @@ import struct
 import time
 
 from gateway.core.balance import Policy
-from gateway.dataplane.router import HealthBook, LocalEndpoint, OutlierRules, Router, local_key
+from gateway.core.health import HealthBook, OutlierRules
+from gateway.dataplane.router import LocalEndpoint, Router, local_key
 from tests.gateway.dataplane.test_l4 import (
     HOST,
     LOC_A,
