@@ -35,6 +35,7 @@ from typing import Any
 
 from federation.errors import IdentityError
 from federation.logs import LogLimiter, quote
+from gateway.dataplane.legs import Leg
 from gateway.dataplane.link import (
     CREDIT,
     DATA,
@@ -74,56 +75,29 @@ _pack = HEADER.pack
 
 
 class _StreamTransport:
-    """What the other leg sees as this stream's transport: pausing reads withholds credit."""
+    """A stream's legs.LegTransport: what its listener's idle sweeper reads of it."""
 
     __slots__ = ("stream",)
 
     def __init__(self, stream: Stream) -> None:
         self.stream = stream
 
-    def pause_reading(self) -> None:
-        self.stream.held = True
-
-    def resume_reading(self) -> None:
-        s = self.stream
-        s.held = False
-        if s.unacked:
-            s.grant()
-
     def is_closing(self) -> bool:
         return self.stream.closed or self.stream.closing
-
-    def close(self) -> None:
-        self.stream.close()
-
-    def abort(self) -> None:
-        self.stream.abort()
-
-    def write(self, data: bytes) -> None:
-        self.stream.send(data)
-
-    def can_write_eof(self) -> bool:
-        return True
-
-    def write_eof(self) -> None:
-        self.stream.send_eof()
 
     def get_write_buffer_size(self) -> int:
         return sum(map(len, self.stream.pending_out))
 
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        t = self.stream.link.transport
-        return t.get_extra_info(name, default) if t is not None else default
 
+class Stream(Leg):
+    """One proxied connection on a link: a Leg of the relay (legs.py) whose wire is the link."""
 
-class Stream:
-    """One proxied connection on a link; a leg for l4's relay (send/send_eof/close/other...)."""
-
-    def __init__(self, link: MuxLink, sid: int) -> None:
+    def __init__(self, link: MuxLink, sid: int,
+                 on_close: Callable[[Stream], None] | None = None) -> None:
         self.link = link
         self.sid = sid
         self.transport = _StreamTransport(self)
-        self.other: Any = None
+        self.other: Leg | None = None
         self.eof_in = False
         self.eof_out = False
         self.lost = False
@@ -140,10 +114,11 @@ class Stream:
         self.eof_pending = False
         self.source_paused = False
         self.ready: asyncio.Future | None = None  # caller side: OK/ERR
-        self.on_close: Callable[[Stream], None] | None = None
+        self.on_close = on_close  # answerer: the listener forgets the stream
+        self._connecting: asyncio.Task | None = None  # answerer: the task that connects it
 
-    # l4 leg interface -------------------------------------------------------------------------
-    def attach(self, other: Any) -> None:
+    # Leg --------------------------------------------------------------------------------------
+    def attach(self, other: Leg) -> None:
         """Connect the other leg, handing it what the peer sent before we had one: the answerer
         writes OK and the backend's first bytes (even its EOF, or an RST) back to back, and the
         caller attaches the client only a few loop turns after OK."""
@@ -214,8 +189,7 @@ class Stream:
             self.link.write(frame(RST, self.sid))
         self.pending_out.clear()
         self.link.forget(self)
-        if self.on_close is not None:
-            self.on_close(self)
+        self._ended()
         other = self.other
         if other is not None and not other.lost:
             other.close()
@@ -225,33 +199,51 @@ class Stream:
         self.closed = self.lost = True
         self.pending_out.clear()
         self.link.forget(self)
+        self._ended()
+
+    def _ended(self) -> None:
         if self.on_close is not None:
             self.on_close(self)
+        task, self._connecting = self._connecting, None
+        if task is not None and not task.done():
+            task.cancel()
 
-    def pause_writing(self) -> None:  # not called by a transport; kept for the leg interface
-        pass
+    def own(self, task: asyncio.Task) -> None:
+        """The task that connects this (answerer's) stream: cancelled if the stream ends first."""
+        self._connecting = task
 
-    def resume_writing(self) -> None:
-        pass
+    def detach(self) -> None:
+        self.other = None
+
+    def pause_reading(self) -> None:
+        """The other leg is full: withhold credit (the peer stops sending)."""
+        self.held = True
+        self.paused_for_other = True
+
+    def resume_reading(self) -> None:
+        if self.paused_for_other:
+            self.paused_for_other = False
+            self.held = False
+            if self.unacked:
+                self.grant()
 
     # from the link --------------------------------------------------------------------------
     def _pause_source(self) -> None:
         """Stop reading the other leg (no credit, or the link's transport is full). Like a
-        transport's pause_writing for l4: the source is marked paused_for_other, so nothing else
-        (PlainLeg.attach resuming what PENDING_LIMIT paused) resumes it behind our back."""
+        transport's pause_writing for a PlainLeg: the source pauses as paused_for_other, so
+        nothing else (PlainLeg.attach resuming what PENDING_LIMIT paused) resumes it behind our
+        back."""
         other = self.other
         if other is not None and other.transport is not None:
             self.source_paused = True
-            other.paused_for_other = True
-            other.transport.pause_reading()
+            other.pause_reading()
 
     def resume_source(self) -> None:
         if self.source_paused and not self.pending_out and not self.link.write_paused:
             other = self.other
             self.source_paused = False
-            if other is not None and other.transport is not None and other.paused_for_other:
-                other.paused_for_other = False
-                other.transport.resume_reading()
+            if other is not None:
+                other.resume_reading()
 
     def on_window(self, n: int) -> None:
         self.credit += n
@@ -503,8 +495,9 @@ class MuxLink(asyncio.Protocol):
         self.write(control(OPEN, sid, {"v": VERSION, "service": service}))
         return s
 
-    def accept_stream(self, sid: int) -> Stream:
-        s = Stream(self, sid)
+    def accept_stream(self, sid: int,
+                      on_close: Callable[[Stream], None] | None = None) -> Stream:
+        s = Stream(self, sid, on_close)
         self.streams[sid] = s
         return s
 

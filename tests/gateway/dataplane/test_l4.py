@@ -25,7 +25,7 @@ import uvloop
 from federation.identity import CertificateAuthority, SpiffeId, TrustBundle, gateway_id
 from federation.model import Endpoint, Export, Locality, ServiceKey
 from gateway.core.balance import Target
-from gateway.dataplane import l4, link
+from gateway.dataplane import l4, legs, link
 from gateway.dataplane.l4 import Dialer, ImportListener, InboundListener
 from gateway.dataplane.mux import LinkPool
 from gateway.dataplane.tls import GatewayTls, TlsSnapshot
@@ -1058,7 +1058,7 @@ async def test_client_leaving_while_dialing_resets_the_remote_stream(stack):
 
 
 def test_pending_limit_is_sane():
-    assert 64 * 1024 <= l4.PENDING_LIMIT <= 4 * 1024 * 1024
+    assert 64 * 1024 <= legs.PENDING_LIMIT <= 4 * 1024 * 1024
 
 
 # ------------------------------------------------------------------------------ leg plumbing
@@ -1115,12 +1115,12 @@ class FakeTransport:
 
 
 def test_pending_bytes_flushed_into_a_full_up_leg_keep_the_client_paused():
-    down, up = l4.PlainLeg(), l4.PlainLeg()
+    down, up = legs.PlainLeg(), legs.PlainLeg()
     td, tu = FakeTransport(down), FakeTransport(up)
     chunk = b"x" * 65536
     while td.reading:  # the client sends while we are still connecting
         down.data_received(chunk)
-    assert down.pending_size > l4.PENDING_LIMIT
+    assert down.pending_size > legs.PENDING_LIMIT
 
     up.attach(down)
     down.attach(up)  # the flush overfills the up leg, which asks the client leg to pause
@@ -1132,7 +1132,7 @@ def test_pending_bytes_flushed_into_a_full_up_leg_keep_the_client_paused():
 
 
 def test_leg_flow_control_and_half_close_plumbing():
-    down, up = l4.PlainLeg(), l4.PlainLeg()
+    down, up = legs.PlainLeg(), legs.PlainLeg()
     td, tu = FakeTransport(down), FakeTransport(up)
     up.attach(down)
     down.attach(up)

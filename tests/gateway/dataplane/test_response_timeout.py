@@ -1,4 +1,4 @@
-"""outlier_detection.response_timeout in the relay (l4.WatchedLeg), on real sockets under uvloop.
+"""outlier_detection.response_timeout in the relay (legs.WatchedLeg), on real sockets under uvloop.
 
 A *frozen* backend is a socket that listens and is never accepted from: exactly what the kernel
 shows of a SIGSTOPped process (handshakes complete from the backlog, bytes are taken, nothing
