@@ -18,7 +18,7 @@ import time
 from gateway.core.balance import Policy
 from gateway.core.health import HealthBook, OutlierRules
 from gateway.dataplane.router import LocalEndpoint, Router, local_key
-from tests.gateway.dataplane.test_l4 import (
+from tests.helpers.relay import (
     HOST,
     LOC_A,
     SERVICE,

@@ -1,0 +1,1 @@
+"""Helpers shared by several test modules (real sockets, real TLS; no mocks)."""
