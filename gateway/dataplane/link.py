@@ -144,7 +144,8 @@ class FrameReader:
             if stop > end:
                 self._need = 9 + length
                 break
-            append((kind, stream, view[pos + 9 : stop] if kind == DATA else bytes(view[pos + 9 : stop])))
+            append((kind, stream,
+                    view[pos + 9 : stop] if kind == DATA else bytes(view[pos + 9 : stop])))
             pos = stop
         if pos < end:
             self._parts = [view[pos:]]

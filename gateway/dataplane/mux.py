@@ -8,8 +8,8 @@ gateway keeps ONE long-lived TLS 1.3 link to each peer gateway (`LinkPool`), ver
 the handshake (both SVIDs against the bundle of the claimed trust domain, exactly as before),
 and carries every proxied connection to that peer as a *stream* on it.
 
-The frames are gateway/dataplane/link.py's: OPEN / OK / ERR set a stream up, DATA / EOF / RST carry and
-end it, WINDOW returns credit, PING / PONG (stream 0) check liveness.
+The frames are gateway/dataplane/link.py's: OPEN / OK / ERR set a stream up, DATA / EOF / RST
+carry and end it, WINDOW returns credit, PING / PONG (stream 0) check liveness.
 
 Flow control is per stream, as in HTTP/2: each side may have at most WINDOW_SIZE bytes of a
 stream in flight. A receiver grants credit back (WINDOW) as it hands data to the local socket,
@@ -92,8 +92,9 @@ class _StreamTransport:
 class Stream(Leg):
     """One proxied connection on a link: a Leg of the relay (legs.py) whose wire is the link."""
 
-    def __init__(self, link: MuxLink, sid: int,
-                 on_close: Callable[[Stream], None] | None = None) -> None:
+    def __init__(
+        self, link: MuxLink, sid: int, on_close: Callable[[Stream], None] | None = None
+    ) -> None:
         self.link = link
         self.sid = sid
         self.transport = _StreamTransport(self)
@@ -272,7 +273,9 @@ class Stream(Leg):
         n = len(payload)
         self.recv_window -= n
         if self.recv_window < 0:
-            raise LinkProtocolError(f"stream {self.sid} sent {-self.recv_window} bytes beyond its window")
+            raise LinkProtocolError(
+                f"stream {self.sid} sent {-self.recv_window} bytes beyond its window"
+            )
         other = self.other
         if other is None:
             self.pending_in.append(payload)  # bounded: no credit is granted before attach
@@ -374,13 +377,16 @@ class MuxLink(asyncio.Protocol):
                     s = self.streams.get(sid)
                     if s is not None:
                         s.on_data(payload)
-                    elif sid % 2 == 0 or sid > (self.next_sid - 2 if self.role == "caller" else self.last_open):
+                    elif sid % 2 == 0 or sid > (
+                        self.next_sid - 2 if self.role == "caller" else self.last_open
+                    ):
                         raise LinkProtocolError(f"DATA on stream {sid} that was never opened")
                     continue
                 self._control(kind, sid, payload)
         except LinkProtocolError as e:
+            peer = self.peer or self.transport.get_extra_info("peername")
             limited.warning("link-protocol", "link with %s broke protocol: %s",
-                            quote(self.peer or self.transport.get_extra_info("peername")), quote(e))
+                            quote(peer), quote(e))
             self.transport.abort()
 
     def _control(self, kind: int, sid: int, payload: bytes) -> None:
@@ -418,7 +424,9 @@ class MuxLink(asyncio.Protocol):
                 self.write(control(ERR, sid, {"code": e.code, "error": str(e)}))
                 return
             if len(self.streams) >= MAX_STREAMS:
-                self.write(control(ERR, sid, {"code": "busy", "error": "too many streams on this link"}))
+                self.write(
+                    control(ERR, sid, {"code": "busy", "error": "too many streams on this link"})
+                )
                 return
             self.on_open(self, sid, request)
         elif kind in (OK, ERR):
@@ -458,7 +466,9 @@ class MuxLink(asyncio.Protocol):
                 fut.set_result(False)
         self.pings.clear()
         if self.ready is not None and not self.ready.done():
-            self.ready.set_exception(ConnectionError(f"link closed during setup: {exc or 'closed'}"))
+            self.ready.set_exception(
+                ConnectionError(f"link closed during setup: {exc or 'closed'}")
+            )
         if self.on_lost is not None:
             self.on_lost(self)
 
@@ -483,7 +493,8 @@ class MuxLink(asyncio.Protocol):
             self.transport.close()
 
     def usable(self, now: float) -> bool:
-        return (not self.closed and not self.transport.is_closing() and now - self.created < MAX_LINK_AGE
+        return (not self.closed and not self.transport.is_closing()
+                and now - self.created < MAX_LINK_AGE
                 and self.next_sid < MAX_STREAM_ID - 2 and len(self.streams) < MAX_STREAMS)
 
     def open_stream(self, service: str) -> Stream:
@@ -495,8 +506,7 @@ class MuxLink(asyncio.Protocol):
         self.write(control(OPEN, sid, {"v": VERSION, "service": service}))
         return s
 
-    def accept_stream(self, sid: int,
-                      on_close: Callable[[Stream], None] | None = None) -> Stream:
+    def accept_stream(self, sid: int, on_close: Callable[[Stream], None] | None = None) -> Stream:
         s = Stream(self, sid, on_close)
         self.streams[sid] = s
         return s
@@ -581,8 +591,13 @@ class LinkPool:
         try:
             link = await asyncio.wait_for(self.link(cluster, host, port), timeout)
         except Exception as e:  # any failure to reach or verify the peer is a failed probe
-            log.debug("gateway probe %s (%s:%s) failed: %s", cluster, host, port,
-                      quote(str(e) or type(e).__name__))
+            log.debug(
+                "gateway probe %s (%s:%s) failed: %s",
+                cluster,
+                host,
+                port,
+                quote(str(e) or type(e).__name__),
+            )
             return False
         return await link.ping(max(0.01, deadline - loop.time()))
 

@@ -27,22 +27,36 @@ SLOW = ServiceKey("shop", "slow")
 OTHER = ServiceKey("shop", "other")
 
 
-async def gateways(stack, services: dict[ServiceKey, int], *, allowed=("cluster-a",), connect_timeout=2.0,
-                   max_connections=1000, idle_timeout=30.0):
+async def gateways(
+    stack,
+    services: dict[ServiceKey, int],
+    *,
+    allowed=("cluster-a",),
+    connect_timeout=2.0,
+    max_connections=1000,
+    idle_timeout=30.0,
+):
     """b exports `services` (service -> local backend port); a imports each of them through
     its own ImportListener, all sharing ONE LinkPool (so one link to b)."""
     tls_a, tls_b = tls_pair()
     exports = Exports()
     for svc, port in services.items():
         exports.add(svc, port, allowed)
-    b = await inbound(stack, tls_b, exports, max_connections=max_connections, idle_timeout=idle_timeout)
+    b = await inbound(
+        stack, tls_b, exports, max_connections=max_connections, idle_timeout=idle_timeout
+    )
     pool = LinkPool(tls_a, connect_timeout)
     stack.push_async_callback(pool.close)
     dialer = Dialer(tls_a, connect_timeout, pool)
     imports = {}
     for svc in services:
-        lst = ImportListener(svc, FakeRouter(remote_target(b.port)), dialer,
-                             max_connections=max_connections, idle_timeout=idle_timeout)
+        lst = ImportListener(
+            svc,
+            FakeRouter(remote_target(b.port)),
+            dialer,
+            max_connections=max_connections,
+            idle_timeout=idle_timeout,
+        )
         await lst.start(HOST, 0)
         stack.push_async_callback(lst.close)
         imports[svc] = lst

@@ -64,7 +64,9 @@ async def test_two_hundred_streams_share_one_link_and_relay_distinct_payloads(st
     assert lk.next_sid == 1 + 2 * 200  # 200 odd ids, none reused
     assert g.a[SERVICE].stats.served_by == {"remote:cluster-b": 200}
     assert sum(g.b.stats.served_by.values()) == 200
-    await until(lambda: not g.a[SERVICE].legs and not g.b.legs and not lk.streams, what="all streams ended")
+    await until(
+        lambda: not g.a[SERVICE].legs and not g.b.legs and not lk.streams, what="all streams ended"
+    )
     (blink,) = g.b.links
     assert not blink.streams
 
@@ -101,14 +103,18 @@ async def test_a_stalled_stream_neither_stalls_its_link_nor_grows_buffers(stack)
 
     # The other streams of the same link still relay at full speed.
     stalled = await batch()
-    assert stalled < 3 * baseline + 1.0, f"16 x 1 MiB took {stalled:.2f}s next to a stalled stream ({baseline:.2f}s alone)"
+    assert stalled < 3 * baseline + 1.0, (
+        f"16 x 1 MiB took {stalled:.2f}s next to a stalled stream ({baseline:.2f}s alone)"
+    )
     assert len(g.pool.links) == 1 and len(g.b.links) == 1
 
     # Bounded buffers on both gateways.
     (down,) = g.a[SLOW].legs
     stream = down.other
     assert isinstance(stream, mux.Stream)
-    assert not down.transport.is_reading(), "the caller keeps reading a client whose stream has no credit"
+    assert not down.transport.is_reading(), (
+        "the caller keeps reading a client whose stream has no credit"
+    )
     assert sum(map(len, stream.pending_out)) <= WINDOW_SIZE
     assert stream.credit == 0
     lk = only_link(g.pool)
@@ -149,7 +155,9 @@ async def test_a_client_that_stops_reading_is_bounded_on_both_gateways(stack):
         finally:
             writer.close()
 
-    g = await gateways(stack, {SLOW: await server(stack, firehose), SERVICE: await echo_server(stack)})
+    g = await gateways(
+        stack, {SLOW: await server(stack, firehose), SERVICE: await echo_server(stack)}
+    )
     reader, writer = await small_buffer_client(stack, g.a[SLOW].port, rcvbuf=64 * 1024)
     writer.write(b"go")
     await asyncio.sleep(0.05)
@@ -160,7 +168,10 @@ async def test_a_client_that_stops_reading_is_bounded_on_both_gateways(stack):
             break
         before = total
     assert total < 64 * 1024 * 1024
-    assert await exchange(g.a[SERVICE].port, b"x" * 100_000) == hashlib.sha256(b"x" * 100_000).hexdigest()
+    assert (
+        await exchange(g.a[SERVICE].port, b"x" * 100_000)
+        == hashlib.sha256(b"x" * 100_000).hexdigest()
+    )
 
     (down,) = g.a[SLOW].legs
     stream = down.other
@@ -200,8 +211,13 @@ async def test_half_close_from_the_backend_first_then_the_client(stack):
     writer.write(payload)  # the client's direction is still open across the hop
     await writer.drain()
     writer.write_eof()
-    assert await asyncio.wait_for(result, 5.0) == (len(payload), hashlib.sha256(payload).hexdigest())
-    await until(lambda: not g.a[SERVICE].legs and not g.b.legs, what="both gateways closed the stream")
+    assert await asyncio.wait_for(result, 5.0) == (
+        len(payload),
+        hashlib.sha256(payload).hexdigest(),
+    )
+    await until(
+        lambda: not g.a[SERVICE].legs and not g.b.legs, what="both gateways closed the stream"
+    )
 
 
 @on_uvloop
@@ -220,7 +236,9 @@ async def test_half_close_from_the_client_first_with_a_large_reply(stack):
     await writer.drain()
     reply = await asyncio.wait_for(reader.read(), 5.0)
     assert reply == hashlib.sha256(payload).digest() * (2 * 1024 * 1024 // 32)
-    await until(lambda: not g.a[SERVICE].legs and not g.b.legs, what="both gateways closed the stream")
+    await until(
+        lambda: not g.a[SERVICE].legs and not g.b.legs, what="both gateways closed the stream"
+    )
 
 
 @on_uvloop
@@ -233,7 +251,9 @@ async def test_client_reset_resets_the_remote_stream_and_closes_the_backend_conn
     assert backend.open == 1
     reset_connection(writer)
     await until(lambda: backend.open == 0, what="backend connection closed")
-    await until(lambda: not g.b.legs and not g.a[SERVICE].legs and not lk.streams, what="stream forgotten")
+    await until(
+        lambda: not g.b.legs and not g.a[SERVICE].legs and not lk.streams, what="stream forgotten"
+    )
     (blink,) = g.b.links
     assert not blink.streams
     # The link itself is fine.
@@ -255,7 +275,7 @@ async def test_backend_reset_closes_the_client_connection(stack):
     assert not only_link(g.pool).closed
 
 
-# ------------------------------------------------------------------------------ bugs found in review
+# ---------------------------------------------------------------------------- bugs found in review
 
 
 @on_uvloop
@@ -274,7 +294,9 @@ async def test_backend_that_speaks_first_is_heard(stack):
         await writer.drain()
         writer.close()
 
-    g = await gateways(stack, {SERVICE: await server(stack, banner), OTHER: await server(stack, banner_and_close)})
+    g = await gateways(
+        stack, {SERVICE: await server(stack, banner), OTHER: await server(stack, banner_and_close)}
+    )
     for _ in range(5):  # a fresh stream each time; the first one also dials the link
         reader, writer = await connect(stack, g.a[SERVICE].port)
         assert await asyncio.wait_for(reader.readexactly(11), 2.0) == b"220 hello\r\n"
@@ -282,7 +304,9 @@ async def test_backend_that_speaks_first_is_heard(stack):
         reader, writer = await connect(stack, g.a[OTHER].port)
         assert await asyncio.wait_for(reader.read(), 2.0) == b"bye" * 1000
         writer.close()
-    await until(lambda: not g.b.legs and not g.a[SERVICE].legs and not g.a[OTHER].legs, what="all closed")
+    await until(
+        lambda: not g.b.legs and not g.a[SERVICE].legs and not g.a[OTHER].legs, what="all closed"
+    )
 
 
 @on_uvloop
@@ -318,7 +342,9 @@ async def test_bytes_sent_while_the_stream_opens_stay_bounded(stack):
     stream = down.other
     assert stream is not None, "the stream should be open by now"
     queued = sum(map(len, stream.pending_out))
-    assert queued <= 2 * WINDOW_SIZE, f"the caller queued {queued} bytes for a stream without credit"
+    assert queued <= 2 * WINDOW_SIZE, (
+        f"the caller queued {queued} bytes for a stream without credit"
+    )
     assert not down.transport.is_reading()
     assert received == WINDOW_SIZE
 
@@ -354,5 +380,10 @@ async def test_clean_close_flushes_what_the_stream_still_holds(stack, monkeypatc
     writer.write_eof()
     await writer.drain()
     assert await asyncio.wait_for(reader.read(), 5.0) == b"hi"
-    assert await asyncio.wait_for(result, 5.0) == (len(payload), hashlib.sha256(payload).hexdigest())
-    await until(lambda: not g.b.legs and not g.a[SERVICE].legs, what="both gateways closed the stream")
+    assert await asyncio.wait_for(result, 5.0) == (
+        len(payload),
+        hashlib.sha256(payload).hexdigest(),
+    )
+    await until(
+        lambda: not g.b.legs and not g.a[SERVICE].legs, what="both gateways closed the stream"
+    )

@@ -46,7 +46,7 @@ from tests.helpers.relay import (
 )
 from tests.helpers.tls import tls_pair
 
-# ------------------------------------------------------------------------------ (3) window violations
+# ---------------------------------------------------------------------------- (3) window violations
 
 
 @on_uvloop
@@ -58,7 +58,10 @@ async def test_answerer_sending_beyond_the_window_cuts_the_link_and_all_its_stre
     a = await import_listener(stack, FakeRouter(remote_target(port)), tls=tls_a)
     dialer = a.dialer
     clients = [await connect(stack, a.port) for _ in range(2)]
-    await until(lambda: len(a.legs) == 2 and all(leg.other is not None for leg in a.legs), what="2 streams attached")
+    await until(
+        lambda: len(a.legs) == 2 and all(leg.other is not None for leg in a.legs),
+        what="2 streams attached",
+    )
     stream = await dialer.dial(remote_target(port), SERVICE)  # never attached: never grants
     assert stream.sid == 5
     lk = only_link(dialer.pool)
@@ -86,12 +89,17 @@ async def test_caller_sending_beyond_the_window_cuts_the_link_and_all_its_stream
     writer.write(open_frame(1))
     await until(lambda: "OK" in peer.kinds(1), what="OK for stream 1")
     writer.write(data_frame(1, b"hello"))
-    await until(lambda: any(k == link.DATA and s == 1 and p == b"hello" for k, s, p in peer.frames), what="echo")
+    await until(
+        lambda: any(k == link.DATA and s == 1 and p == b"hello" for k, s, p in peer.frames),
+        what="echo",
+    )
     assert backend.open == 1
 
     writer.write(open_frame(3) + data_frame(3, b"w" * WINDOW_SIZE) + data_frame(3, b"!"))
     await asyncio.wait_for(peer.closed.wait(), 3.0)
-    await until(lambda: not b.links and not b.legs and backend.open == 0, what="link and streams closed")
+    await until(
+        lambda: not b.links and not b.legs and backend.open == 0, what="link and streams closed"
+    )
 
 
 # ------------------------------------------------------------------------------ (4) link loss
@@ -111,7 +119,10 @@ async def test_link_loss_closes_every_stream_and_the_next_dial_makes_a_new_link(
     blink.transport.abort()
     for reader, _ in clients:
         assert await closed_by_peer(reader)
-    await until(lambda: not g.a[SERVICE].legs and not g.b.legs and backend.open == 0, what="every leg closed")
+    await until(
+        lambda: not g.a[SERVICE].legs and not g.b.legs and backend.open == 0,
+        what="every leg closed",
+    )
     assert old.closed and not old.streams
     assert not g.pool.links and not g.b.links
 
@@ -135,7 +146,9 @@ async def test_err_drops_the_stream_without_rst_and_the_link_stays_usable(stack)
             if service == str(SERVICE):
                 peer.send(ok_frame(sid))
             else:
-                peer.send(link.control(link.ERR, sid, {"code": "unknown-service", "error": service}))
+                peer.send(
+                    link.control(link.ERR, sid, {"code": "unknown-service", "error": service})
+                )
         elif kind == link.PING:
             peer.send(link.frame(link.PONG, 0, payload))
 
@@ -202,8 +215,12 @@ async def test_late_ok_and_err_are_ignored(stack):
     lk = only_link(dialer.pool)
     assert not lk.streams
     # Now the answers come, too late; DATA/EOF on the abandoned stream as well.
-    peer.send(ok_frame(1) + data_frame(1, b"late") + link.frame(link.EOF, 1)
-              + link.control(link.ERR, 3, {"code": "busy", "error": "late"}))
+    peer.send(
+        ok_frame(1)
+        + data_frame(1, b"late")
+        + link.frame(link.EOF, 1)
+        + link.control(link.ERR, 3, {"code": "busy", "error": "late"})
+    )
     assert await dialer.pool.ping("cluster-b", HOST, port, 2.0)
     assert only_link(dialer.pool) is lk and not lk.closed and not lk.streams
     stream = await dialer.dial(remote_target(port), SERVICE)
@@ -310,8 +327,15 @@ async def test_caller_opens_odd_rising_stream_ids(stack):
         ([open_frame(link.MAX_STREAM_ID + 2)], f"stream id {link.MAX_STREAM_ID + 2} (max"),
         ([open_frame(1), open_frame(2**32 - 1)], f"stream id {2**32 - 1} (max"),
     ],
-    ids=["even", "reused-after-end", "falling", "reused-while-open", "data-never-opened",
-         "above-max", "max-u32"],
+    ids=[
+        "even",
+        "reused-after-end",
+        "falling",
+        "reused-while-open",
+        "data-never-opened",
+        "above-max",
+        "max-u32",
+    ],
 )
 @on_uvloop
 async def test_bad_stream_ids_are_protocol_errors(stack, frames, said, caplog):
@@ -332,7 +356,7 @@ async def test_bad_stream_ids_are_protocol_errors(stack, frames, said, caplog):
 
 @on_uvloop
 async def test_open_of_an_unknown_version_is_refused_and_the_link_survives(stack):
-    """"v":999 (or none) gets ERR unsupported-version naming what was sent, and no stream; the
+    """ "v":999 (or none) gets ERR unsupported-version naming what was sent, and no stream; the
     same link then opens a stream of our version, which works."""
     tls_a, tls_b = tls_pair()
     exports = Exports()
@@ -350,6 +374,7 @@ async def test_open_of_an_unknown_version_is_refused_and_the_link_survives(stack
     (lk,) = b.links
     assert not lk.streams and not b.legs
     writer.write(open_frame(5) + data_frame(5, b"hello") + link.frame(link.EOF, 5))
+
     def echoed() -> bytes:
         return b"".join(bytes(p) for k, s, p in peer.frames if k == link.DATA and s == 5)
 

@@ -200,7 +200,8 @@ async def test_inbound_counts_a_client_that_is_not_tls_and_keeps_serving(stack):
     writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert await closed_by_peer(reader)
     await eventually(lambda: b.handshake_failed == 1, what="failed handshake counted")
-    stream = await Dialer(tls_a, 2.0).dial(remote_target(b.port), SERVICE)  # a real peer still gets in
+    # a real peer still gets in
+    stream = await Dialer(tls_a, 2.0).dial(remote_target(b.port), SERVICE)
     stream.close()
     assert b.handshake_failed == 1 and b.handshaking == 0
 
@@ -289,7 +290,9 @@ async def test_ping_gets_pong(stack):
     stack.callback(writer.close)
     writer.write(link.frame(link.PING, 0, b"12345678"))
     header = await asyncio.wait_for(reader.readexactly(link.HEADER.size + 8), 2.0)
-    assert link.HEADER.unpack(header[: link.HEADER.size]) == (link.PONG, 0, 8) and header.endswith(b"12345678")
+    assert link.HEADER.unpack(header[: link.HEADER.size]) == (link.PONG, 0, 8) and header.endswith(
+        b"12345678"
+    )
 
     plain = await echo_server(stack)
     assert await pool.ping("cluster-b", HOST, plain, 1.0) is False
