@@ -95,7 +95,7 @@ class Dialer:
         self.tls = tls
         self.connect_timeout = connect_timeout
         self.pool = pool if pool is not None else LinkPool(tls, connect_timeout)
-        self._loop: asyncio.AbstractEventLoop | None = None  # the loop of the first dial (pool's too)
+        self._loop: asyncio.AbstractEventLoop | None = None  # of the first dial (pool's too)
 
     async def dial(self, target: Target, service: ServiceKey) -> Leg:
         if not target.remote:
@@ -109,7 +109,8 @@ class Dialer:
             )
             stream = link.open_stream(str(service))
             try:
-                await asyncio.wait_for(asyncio.shield(stream.ready), max(0.0, deadline - loop.time()))
+                left = max(0.0, deadline - loop.time())
+                await asyncio.wait_for(asyncio.shield(stream.ready), left)
             except BaseException:
                 stream.ready.add_done_callback(_consume)
                 stream.close()  # timed out or our client left: RST, the answerer lets it go
@@ -120,7 +121,8 @@ class Dialer:
         except StreamRefused as e:
             raise DialError(f"{target.key}: remote gateway refused: {e}") from None
         except (OSError, ssl.SSLError, IdentityError) as e:
-            raise DialError(f"{target.key}: {e.strerror if isinstance(e, OSError) and e.strerror else e}") from None
+            why = e.strerror if isinstance(e, OSError) and e.strerror else e
+            raise DialError(f"{target.key}: {why}") from None
         except LookupError as e:  # no bundle/context for that cluster
             raise DialError(f"{target.key}: {e}") from None
 
