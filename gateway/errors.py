@@ -13,6 +13,7 @@ reason on one line). Any other error on the way to the federation is retried wit
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from federation.errors import IsthmusError, PermanentError
 
@@ -57,3 +58,39 @@ class ConfigError(GatewayError, PermanentError):
         self.problems: list[Problem] = list(problems)
         self.warnings: list[Problem] = list(warnings)
         super().__init__("\n".join(str(p) for p in self.problems))
+
+
+# -- the data plane: links, streams and dials ------------------------------------------------
+
+
+class LinkProtocolError(GatewayError):
+    """A peer gateway's bytes broke the link protocol (dataplane/link.py): the fault is the
+    peer's (a bug or a hostile sender, not our config). The message says what it sent; the link
+    is cut, its streams reset, and the next connection dials a new link."""
+
+
+class OpenRefused(GatewayError):
+    """A well-framed OPEN from a peer gateway that this side will not serve (unknown protocol
+    version, no service named): the peer's request is at fault. It is answered with ERR `code`
+    and the link stays up."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class StreamRefused(GatewayError):
+    """The remote gateway answered our OPEN with ERR, or reset the stream before OK: its
+    decision, not a broken peer (unknown-service, forbidden, busy, draining, no-endpoint...;
+    `code` says which). The caller fails over to its next candidate."""
+
+    def __init__(self, code: Any, error: Any) -> None:
+        super().__init__(f"{code}: {error}")
+        self.code = code
+
+
+class DialError(GatewayError):
+    """One connect attempt failed: the endpoint or the remote gateway was unreachable, refused
+    the connection or our stream, or timed out (the far side's state, not our config nor the
+    client's). The message names the target and why; connect_first moves on to the next
+    candidate and reports the failure to outlier detection."""

@@ -72,12 +72,11 @@ from gateway.control.handoff import (
     send_sockets,
 )
 from gateway.control.workers import STATS_EVERY, Supervisor, read_stats, watch_parent, write_stats
-from gateway.core.health import HealthState
+from gateway.core.health import HealthBook, HealthState
 from gateway.core.takeover import Progress, missing, wanted_listeners
 from gateway.dataplane.l4 import Dialer, ImportListener, InboundListener
 from gateway.dataplane.probes import checker, probe_loop
 from gateway.dataplane.router import (
-    HealthBook,
     Router,
     local_key,
     remote_key,

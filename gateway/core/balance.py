@@ -53,6 +53,21 @@ Connect attempts for one client connection (``plan``)
 
 The list is truncated to ``max_attempts`` and never holds a target key twice. ``random`` is
 called once per pick among two or more candidates, and never after the list is full.
+
+The hot path's forms (a router plans once per new connection; tests/gateway/core/
+test_balance_cache.py proves them equal to the plain ones)
+
+- ``plan_groups(tiers, state)``: the candidate groups of ``plan`` in order (steps 1-3, each
+  group without the keys of earlier groups, first entry per key), computed once per
+  (tiers, state); ``draw(groups, random, max_attempts)`` then returns exactly ``plan``'s list,
+  with the same calls to ``random``. ``plan`` draws every group fully or fills the list and
+  stops, so the keys it has seen before a group are exactly those of the earlier groups.
+- ``is_fixed_point(state, tiers)``: for a ``state`` that ``advance`` returned over these same
+  tiers, True when ``advance(state, tiers, now, policy)`` returns ``state`` again for every
+  ``now`` (so the call can be skipped until the tiers change): ``since`` then holds exactly the
+  eligible tiers, and nothing can move ``active``: it is already the best eligible tier (no
+  failback pending), or the panic choice (best tier) with none eligible, or None without tiers.
+  While a better tier waits out ``failback_after``, it is False.
 """
 
 from __future__ import annotations
@@ -71,6 +86,9 @@ __all__ = [
     "build_tiers",
     "advance",
     "plan",
+    "plan_groups",
+    "draw",
+    "is_fixed_point",
     "describe",
 ]
 
@@ -180,7 +198,20 @@ def advance(
     return FailoverState(active=active, since=_frozen(since), switched_at=switched_at)
 
 
-def _weighted_order(targets: list[Target], random: Callable[[], float], limit: int) -> list[Target]:
+def is_fixed_point(state: FailoverState, tiers: Sequence[Tier]) -> bool:
+    """True when ``advance(state, tiers, now, policy)`` == ``state`` for every ``now``, given
+    that ``state`` came from ``advance`` over these same tiers (see the module docstring)."""
+    if not tiers:
+        return state.active is None
+    for t in tiers:
+        if t.eligible:
+            return state.active == t.name
+    return state.active == tiers[0].name
+
+
+def _weighted_order(
+    targets: Sequence[Target], random: Callable[[], float], limit: int
+) -> list[Target]:
     """Up to ``limit`` targets in weighted random order, without replacement."""
     pool = list(targets)
     out: list[Target] = []
@@ -201,6 +232,15 @@ def _weighted_order(targets: list[Target], random: Callable[[], float], limit: i
     return out
 
 
+def _active_first(tiers: Sequence[Tier], state: FailoverState) -> list[Tier]:
+    ordered = list(tiers)
+    for i, t in enumerate(ordered):
+        if t.name == state.active:
+            ordered.insert(0, ordered.pop(i))
+            break
+    return ordered
+
+
 def plan(
     tiers: Sequence[Tier],
     state: FailoverState,
@@ -208,11 +248,7 @@ def plan(
     max_attempts: int,
 ) -> list[Target]:
     """The ordered connect attempts for one client connection (see the module docstring)."""
-    ordered = list(tiers)
-    for i, t in enumerate(ordered):
-        if t.name == state.active:
-            ordered.insert(0, ordered.pop(i))
-            break
+    ordered = _active_first(tiers, state)
     out: list[Target] = []
     seen: set[str] = set()
     for want_healthy in (True, False):
@@ -230,6 +266,41 @@ def plan(
             for t in _weighted_order(list(unique.values()), random, room):
                 seen.add(t.key)
                 out.append(t)
+    return out
+
+
+Groups = tuple[tuple[Target, ...], ...]
+
+
+def plan_groups(tiers: Sequence[Tier], state: FailoverState) -> Groups:
+    """``plan``'s candidate groups, in order, for ``draw`` (see the module docstring)."""
+    groups: list[tuple[Target, ...]] = []
+    seen: set[str] = set()
+    ordered = _active_first(tiers, state)
+    for want_healthy in (True, False):
+        for tier in ordered:
+            unique: dict[str, Target] = {}
+            for t in tier.targets:
+                if t.healthy is want_healthy and t.key not in seen:
+                    unique.setdefault(t.key, t)
+            if unique:
+                groups.append(tuple(unique.values()))
+                seen.update(unique)
+    return tuple(groups)
+
+
+def draw(groups: Groups, random: Callable[[], float], max_attempts: int) -> list[Target]:
+    """``plan``'s list from ``plan_groups``: a weighted order inside each group, up to
+    ``max_attempts`` in all; ``random`` is called exactly as ``plan`` calls it."""
+    out: list[Target] = []
+    for group in groups:
+        room = max_attempts - len(out)
+        if room <= 0:
+            break
+        if len(group) == 1:
+            out.append(group[0])
+        else:
+            out.extend(_weighted_order(group, random, room))
     return out
 
 

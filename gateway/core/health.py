@@ -66,12 +66,32 @@ the endpoint it relays to, with its own setting):
   reset ``consecutive_failures`` between timeouts and keep the endpoint from ever being ejected.
 - A timed-out connection is lost (L4 cannot replay the bytes the upstream already took): the
   shell resets both legs and counts it as a response timeout, not as served.
+
+The health book (``HealthBook``: the state the gateway keeps; still pure, ``now`` passed in)
+
+- It holds both machines of every target key (local endpoints ``local:<host:port>``, remote
+  cluster gateways ``remote:<cluster>``), fed by ``probe`` and ``connect``, and bumps
+  ``version`` (and calls ``on_change``) on every change that can alter routing, so a router
+  rebuilds its tiers only then (or when an ejection it knows of runs out).
+- ``routable(key, now)`` is ``routable`` above of the key's two machines; a key never probed and
+  never failed is routable.
+- A clean success (no failures counted, never ejected) changes nothing and records nothing:
+  that is the per-connection hot path.
+- Transitions are reported as values, never logged here: ``HealthEvent``s (a target turned
+  unhealthy, or healthy again, by its probes; was ejected by outlier detection; came back when
+  the ejection ran out, which ``take_events(now)`` notices). They are made only on transitions
+  and bounded (``MAX_EVENTS``; the oldest go first, counted in ``dropped``); the runtime drains
+  and logs them on its tick.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from enum import StrEnum
+from typing import Any
+
+from federation.model import OutlierPolicy
 
 __all__ = [
     "HealthState",
@@ -87,6 +107,10 @@ __all__ = [
     "upstream_sent",
     "expire",
     "response_verdict",
+    "MAX_EVENTS",
+    "HealthEvent",
+    "HealthBook",
+    "bounded_append",
 ]
 
 
@@ -233,3 +257,123 @@ def response_verdict(r: Response) -> bool | None:
     if r.wait is Wait.TIMED_OUT:
         return False
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The health book
+
+
+MAX_EVENTS = 256  # transitions held between two drains; beyond that the oldest are dropped
+
+
+@dataclass(frozen=True, slots=True)
+class HealthEvent:
+    """A target's routability changed. kind: "unhealthy" (after `count` failed checks/probes),
+    "healthy" (again, after `count` good ones; a first success from UNKNOWN is not an event),
+    "ejected" (after `count` failed connects, until `until`), "returned" (its ejection ran out,
+    at `at` = the ejection's end)."""
+
+    key: str
+    kind: str
+    at: float
+    count: int = 0
+    until: float = 0.0
+
+
+def bounded_append(items: list[Any], item: Any) -> int:
+    """Append, dropping the oldest beyond MAX_EVENTS; returns how many were dropped."""
+    items.append(item)
+    if len(items) > MAX_EVENTS:
+        del items[0]
+        return 1
+    return 0
+
+
+_UNKNOWN = ActiveHealth()  # the state of a key never probed
+_CLEAN = Outlier(ejected_until=float("-inf"))  # of a key that never failed a connect
+
+
+class HealthBook:
+    """The health machines of every target key and what changed (see "The health book")."""
+
+    def __init__(self, rules: OutlierPolicy) -> None:
+        self.rules = rules
+        self.active: dict[str, ActiveHealth] = {}
+        self.outlier: dict[str, Outlier] = {}
+        self.version = 0
+        self.on_change: list[Callable[[str], None]] = []
+        self.events: list[HealthEvent] = []  # since the last take_events
+        self.dropped = 0  # events lost to the MAX_EVENTS bound
+        self._ejected: dict[str, float] = {}  # key -> ejected_until, until take_events sees it end
+
+    def _changed(self, key: str) -> None:
+        self.version += 1
+        for fn in self.on_change:
+            fn(key)
+
+    def probe(
+        self, key: str, ok: bool, now: float, healthy_threshold: int, unhealthy_threshold: int
+    ) -> None:
+        old = self.active.get(key, _UNKNOWN)
+        new = probe_result(old, ok, now, healthy_threshold, unhealthy_threshold)
+        self.active[key] = new
+        if new.state != old.state:
+            if new.state is HealthState.UNHEALTHY:
+                self._event(HealthEvent(key, "unhealthy", now, unhealthy_threshold))
+            elif old.state is HealthState.UNHEALTHY:
+                self._event(HealthEvent(key, "healthy", now, healthy_threshold))
+            self._changed(key)
+
+    def connect(self, key: str, ok: bool, now: float) -> None:
+        r = self.rules
+        old = self.outlier.get(key)
+        if ok and (old is None or (old.consecutive_failures == 0 and old.ejections == 0)):
+            return  # the hot path: connect_result would give back the same clean state
+        old = old or Outlier()
+        new = connect_result(old, ok, now, r.consecutive_failures, r.base_ejection, r.max_ejection)
+        self.outlier[key] = new
+        if new.ejected_until != old.ejected_until:
+            self._ejected[key] = new.ejected_until
+            self._event(HealthEvent(key, "ejected", now, r.consecutive_failures, new.ejected_until))
+            self._changed(key)
+
+    def _event(self, ev: HealthEvent) -> None:
+        self.dropped += bounded_append(self.events, ev)
+
+    def take_events(self, now: float) -> list[HealthEvent]:
+        """The transitions since the last call, oldest first, with a "returned" event for every
+        ejection that has run out by `now`."""
+        for key, until in list(self._ejected.items()):
+            if until <= now:
+                del self._ejected[key]
+                self._event(HealthEvent(key, "returned", until))
+        out, self.events = self.events, []
+        return out
+
+    def state(self, key: str) -> HealthState:
+        return self.active.get(key, _UNKNOWN).state
+
+    def routable(self, key: str, now: float) -> bool:
+        """health.routable of the key's two machines (never probed, never failed: routable)."""
+        return routable(self.active.get(key, _UNKNOWN), self.outlier.get(key, _CLEAN), now)
+
+    def ejected_until(self, key: str) -> float:
+        o = self.outlier.get(key)
+        return o.ejected_until if o is not None else 0.0
+
+    def forget(self, keep: Iterable[str]) -> None:
+        keep = set(keep)
+        for d in (self.active, self.outlier, self._ejected):
+            for k in [k for k in d if k not in keep]:
+                del d[k]
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        keys = sorted(set(self.active) | set(self.outlier))
+        return {
+            k: {
+                "state": str(self.state(k)),
+                "ejected_for": round(max(0.0, self.ejected_until(k) - now), 3),
+                "routable": self.routable(k, now),
+            }
+            for k in keys
+        }

@@ -1,23 +1,14 @@
-"""The TCP data plane: listeners, relays and connect-time failover, on asyncio Protocols.
+"""The TCP data plane: listeners, dialing and connect-time failover, on asyncio Protocols.
 
 Theory of operation
 -------------------
-A proxied connection has two legs: the *down* leg (accepted) and the *up* leg (dialled). A leg
-is a plain TCP Protocol (`PlainLeg`) or a stream on a multiplexed link to another gateway
-(`mux.Stream`); each knows how to write its own wire and forwards what it reads to the other
-leg. So the relay itself is four small methods:
+A proxied connection has two legs, the accepted *down* leg and the dialled *up* leg, each a
+`Leg` (legs.py: a plain TCP leg, or a stream on a multiplexed link to another gateway, mux.py);
+legs.py describes the relay between them (data, flow control, half-close, close).
 
-- data: read on one leg -> `other.send(data)`; the hot path is one call and one write;
-- flow control: when a leg's transport asks to pause writing, the *other* leg stops reading
-  (for a stream: stops granting window credit), and resumes when it drains, so a slow reader
-  never makes us buffer without bound;
-- half-close: EOF read on one leg -> `other.send_eof()` (write_eof on TCP, an EOF frame on a
-  stream); when both directions ended, both close;
-- close: a leg lost -> the other closes after flushing what it holds (a stream sends RST).
-
-Before the up leg exists (while connecting), the down leg buffers what the client sends, up
-to PENDING_LIMIT, then stops reading. Connecting walks the router's plan — the ordered
-candidates the pure core chose — and reports each attempt back (outlier detection). A refused,
+While connecting, the down leg buffers what the client sends (legs.PENDING_LIMIT). Connecting
+walks the router's plan — the ordered candidates the pure core chose — and reports each attempt
+back (outlier detection). A refused,
 reset or timed-out attempt, or a remote gateway answering ERR or nothing, moves on to the next
 candidate with the same client connection, so a dead endpoint costs the client nothing but the
 time to try it. Only when every attempt failed is the client connection closed (counted).
@@ -26,8 +17,8 @@ What connect-time failover cannot save: once committed, a connection belongs to 
 If that process then dies or hangs, the connection fails: the bytes it already took cannot be
 replayed elsewhere at L4. A stopped process even completes handshakes (its kernel does), so its
 connects succeed; `outlier_detection.response_timeout` (off by default) is the passive signal
-for that case: the up leg to a local endpoint is then a `WatchedLeg` (health.py, "Response
-timeout"), and an endpoint silent for that long after the client's first bytes is reported
+for that case: the up leg to a local endpoint is then a `WatchedLeg` (legs.py; health.py,
+"Response timeout"), and an endpoint silent for that long after the client's first bytes is reported
 failed (ejecting it from new connections), and its connection is reset and counted as a
 response timeout instead of as served.
 
@@ -60,16 +51,16 @@ from federation.errors import IdentityError
 from federation.logs import LogLimiter, quote
 from federation.model import DrillMode, ServiceKey
 from gateway.core.balance import Target
-from gateway.core.health import Response, Wait, client_sent, expire, response_verdict, upstream_sent
 from gateway.dataplane import link as link_codec
-from gateway.dataplane.mux import LinkPool, MuxLink, Stream, StreamRefused
+from gateway.dataplane.legs import ImportLeg, Leg, PlainLeg, WatchedLeg
+from gateway.dataplane.mux import LinkPool, MuxLink, Stream
+from gateway.errors import DialError, StreamRefused
 
 log = logging.getLogger("isthmus.gateway.l4")
 # What peers and anonymous clients cause (refused handshakes, identities, streams): one line per
 # event class, rate-limited; the listener's counters (/metrics) carry the volume.
 limited = LogLimiter(log)
 
-PENDING_LIMIT = 256 * 1024
 DRAIN_GRACE = 2.0  # after the drain bound, half-closed connections get this long to end
 GOAWAY = "goaway"  # ERR code on stream 0: open no new streams on this link
 
@@ -105,248 +96,6 @@ class ListenerStats:
         self.response_timeouts_by[key] = self.response_timeouts_by.get(key, 0) + 1
 
 
-class DialError(Exception):
-    """One connect attempt failed; the message says which target and why."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Legs
-
-
-class Leg(asyncio.Protocol):
-    """One side of a relay. Subclasses implement send/send_eof for their wire."""
-
-    transport: Any = None
-    other: Leg | None = None
-    eof_in = False  # the far end of this leg sent EOF
-    eof_out = False  # we half-closed this leg
-    lost = False
-    activity = 0
-    paused_for_other = False
-
-    def send(self, data: bytes) -> None:
-        raise NotImplementedError
-
-    def send_eof(self) -> None:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
-
-    # relay plumbing -------------------------------------------------------------------------
-    def attach(self, other: Leg) -> None:
-        self.other = other
-
-    def pause_writing(self) -> None:
-        other = self.other
-        if other is not None and other.transport is not None:
-            other.transport.pause_reading()
-            other.paused_for_other = True
-
-    def resume_writing(self) -> None:
-        other = self.other
-        if other is not None and other.transport is not None and other.paused_for_other:
-            other.paused_for_other = False
-            other.transport.resume_reading()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-        other = self.other
-        if other is not None:
-            if not other.lost:
-                other.close()
-            else:  # both ended: drop the pair's cycle so refcounting frees it, not the GC
-                self.other = other.other = None
-
-
-class PlainLeg(Leg):
-    """A plain TCP leg: an app's connection to a local listener, or a dial to a local endpoint."""
-
-    def __init__(self) -> None:
-        self.pending: list[bytes] | None = []
-        self.pending_size = 0
-
-    def connection_made(self, transport: Any) -> None:
-        self.transport = transport
-
-    def attach(self, other: Leg) -> None:
-        self.other = other
-        pending, self.pending = self.pending, None
-        for chunk in pending or ():
-            other.send(chunk)
-        if self.eof_in:
-            other.send_eof()
-        # Resume what PENDING_LIMIT paused, unless the flush above overfilled the other leg,
-        # which then paused us for flow control (it resumes us when it drains).
-        if self.pending_size > PENDING_LIMIT and not self.lost and not self.paused_for_other:
-            self.transport.resume_reading()
-
-    def data_received(self, data: bytes) -> None:
-        self.activity += 1
-        other = self.other
-        if other is not None:
-            other.send(data)
-            return
-        self.pending.append(data)
-        self.pending_size += len(data)
-        if self.pending_size > PENDING_LIMIT:
-            self.transport.pause_reading()
-
-    def eof_received(self) -> bool:
-        self.eof_in = True
-        other = self.other
-        if other is not None:
-            other.send_eof()
-            if other.eof_in:
-                return False  # both directions done: let the transport close
-        return True
-
-    def send(self, data: bytes) -> None:
-        self.transport.write(data)
-
-    def send_eof(self) -> None:
-        if self.eof_out or self.transport.is_closing():
-            return
-        self.eof_out = True
-        if self.eof_in:
-            self.close()
-        elif self.transport.can_write_eof():
-            self.transport.write_eof()
-        else:
-            self.close()
-
-
-_timeout_log = LogLimiter(log)
-
-
-@dataclass(frozen=True, slots=True)
-class _Watch:
-    """Who hears the verdict of a WatchedLeg: the listener that committed the connection."""
-
-    target: Target
-    router: Router
-    stats: ListenerStats
-    timeout: float
-    loop: asyncio.AbstractEventLoop
-
-
-class WatchedLeg(PlainLeg):
-    """The up leg to a local endpoint while outlier_detection.response_timeout is set: the shell
-    of health.Response. Until `commit` it is a PlainLeg that remembers whether the endpoint
-    spoke. After it: the client's first bytes (or EOF) written here start the clock, the
-    endpoint's first bytes (or EOF) stop it, and the verdict goes out once — answered: served,
-    reported ok; silent until the deadline: reported failed, counted as a response timeout, both
-    legs reset; closed before either: served, no report (nothing was learnt)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.response = Response()
-        self.watch: _Watch | None = None
-        self.settled = False
-        self.timer: asyncio.TimerHandle | None = None
-
-    def commit(self, target: Target, router: Router, stats: ListenerStats, timeout: float,
-               loop: asyncio.AbstractEventLoop) -> None:
-        """The listener relays the client's connection over this leg (instead of counting it as
-        served at once); a banner the endpoint sent already is its answer."""
-        self.watch = _Watch(target, router, stats, timeout, loop)
-        self._settle()
-
-    def send(self, data: bytes) -> None:
-        self.transport.write(data)
-        if self.response.wait is Wait.QUIET:
-            self._asked()
-
-    def send_eof(self) -> None:
-        PlainLeg.send_eof(self)
-        if self.response.wait is Wait.QUIET:  # a client that half-closes has asked, and waits
-            self._asked()
-
-    def _asked(self) -> None:
-        w = self.watch
-        if w is not None:
-            self.response = r = client_sent(self.response, w.loop.time(), w.timeout)
-            self.timer = w.loop.call_at(r.deadline, self._expire)
-
-    def data_received(self, data: bytes) -> None:
-        if not self.settled:
-            self.response = upstream_sent(self.response)
-            self._settle()
-        PlainLeg.data_received(self, data)
-
-    def eof_received(self) -> bool:
-        if not self.settled:  # only a running app closes its side: a FIN is an answer too
-            self.response = upstream_sent(self.response)
-            self._settle()
-        return PlainLeg.eof_received(self)
-
-    def _expire(self) -> None:
-        self.timer = None
-        w = self.watch
-        self.response = r = expire(self.response, w.loop.time())
-        if r.wait is Wait.WAITING:  # the timer ran a hair early: wait out the real deadline
-            self.timer = w.loop.call_at(r.deadline, self._expire)
-            return
-        self._settle()
-
-    def _settle(self) -> None:
-        """Act on the verdict, once, when there is one and someone to tell."""
-        w = self.watch
-        verdict = response_verdict(self.response)
-        if w is None or verdict is None or self.settled:
-            return
-        self.settled = True
-        self._cancel_timer()
-        if verdict:
-            w.stats.served(w.target.key)
-            w.router.report(w.target, True)
-            return
-        w.stats.response_timed_out(w.target.key)
-        w.router.report(w.target, False)
-        _timeout_log.warning(
-            "response-timeout", "%s sent nothing within %gs of the client's first bytes; its "
-            "connection is reset (L4 cannot replay it elsewhere)", w.target.key, w.timeout)
-        other = self.other
-        self.abort()
-        if other is not None:
-            other.abort()
-
-    def _cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        w = self.watch
-        if not self.settled and w is not None:
-            self.settled = True  # ended before a verdict: relayed, nothing learnt
-            self._cancel_timer()
-            w.stats.served(w.target.key)
-        PlainLeg.connection_lost(self, exc)
-
-
-class ImportLeg(PlainLeg):
-    """An app's connection to an import listener, which admits it and connects it."""
-
-    def __init__(self, listener: ImportListener) -> None:
-        super().__init__()
-        self.listener = listener
-        self.task: asyncio.Task | None = None
-
-    def connection_made(self, transport: Any) -> None:
-        self.transport = transport
-        self.listener.made(self)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        super().connection_lost(exc)
-        self.listener.lost(self)
-
-
 # ---------------------------------------------------------------------------------------------
 # Dialing
 
@@ -360,9 +109,9 @@ class Dialer:
         self.tls = tls
         self.connect_timeout = connect_timeout
         self.pool = pool if pool is not None else LinkPool(tls, connect_timeout)
-        self._loop: asyncio.AbstractEventLoop | None = None  # the loop of the first dial (pool's too)
+        self._loop: asyncio.AbstractEventLoop | None = None  # of the first dial (pool's too)
 
-    async def dial(self, target: Target, service: ServiceKey) -> Leg | Stream:
+    async def dial(self, target: Target, service: ServiceKey) -> Leg:
         if not target.remote:
             return await self.dial_local(target)
         loop = asyncio.get_running_loop()
@@ -374,7 +123,8 @@ class Dialer:
             )
             stream = link.open_stream(str(service))
             try:
-                await asyncio.wait_for(asyncio.shield(stream.ready), max(0.0, deadline - loop.time()))
+                left = max(0.0, deadline - loop.time())
+                await asyncio.wait_for(asyncio.shield(stream.ready), left)
             except BaseException:
                 stream.ready.add_done_callback(_consume)
                 stream.close()  # timed out or our client left: RST, the answerer lets it go
@@ -385,7 +135,8 @@ class Dialer:
         except StreamRefused as e:
             raise DialError(f"{target.key}: remote gateway refused: {e}") from None
         except (OSError, ssl.SSLError, IdentityError) as e:
-            raise DialError(f"{target.key}: {e.strerror if isinstance(e, OSError) and e.strerror else e}") from None
+            why = e.strerror if isinstance(e, OSError) and e.strerror else e
+            raise DialError(f"{target.key}: {why}") from None
         except LookupError as e:  # no bundle/context for that cluster
             raise DialError(f"{target.key}: {e}") from None
 
@@ -459,7 +210,7 @@ async def connect_first(
     return None
 
 
-def _commit(up: Leg | Stream, target: Target, router: Router, stats: ListenerStats,
+def _commit(up: Leg, target: Target, router: Router, stats: ListenerStats,
             timeout: float | None, loop: asyncio.AbstractEventLoop) -> None:
     """Count a connection that connect_first found as served, or let its WatchedLeg decide."""
     if timeout is not None and isinstance(up, WatchedLeg):
@@ -654,19 +405,16 @@ class ImportListener(Listener):
 
     def made(self, leg: ImportLeg) -> None:
         if self.admit(leg):
-            leg.task = self.spawn(self._connect(leg))
+            leg.own(self.spawn(self._connect(leg)))
 
     def lost(self, leg: ImportLeg) -> None:
-        self.forget(leg)
-        task, leg.task = leg.task, None
-        if task is not None and not task.done():
-            task.cancel()
+        self.forget(leg)  # the leg cancelled its connect task
 
     async def _connect(self, down: ImportLeg) -> None:
         router = self.router
         timeout = router.response_timeout
         found = await connect_first(router, self.dialer, self.service, self.stats, timeout)
-        down.task = None
+        down.connected()
         if found is None:
             self.stats.failed += 1
             down.abort()
@@ -840,17 +588,10 @@ class InboundListener(Listener):
         if len(self.legs) >= self.max_connections:
             self.stats.refused_limit += 1
             return _refuse(link, sid, "busy", "the gateway is at its connection limit")
-        stream = link.accept_stream(sid)
+        stream = link.accept_stream(sid, on_close=self.forget)  # the stream cancels its task
         self.legs.add(stream)
         self.stats.active = len(self.legs)
-        stream.on_close = self._closed
-        stream.task = self.spawn(self._connect(link, stream, service, router, delay))
-
-    def _closed(self, stream: Stream) -> None:
-        self.forget(stream)
-        task = getattr(stream, "task", None)
-        if task is not None and not task.done():
-            task.cancel()
+        stream.own(self.spawn(self._connect(link, stream, service, router, delay)))
 
     async def _connect(self, link: MuxLink, stream: Stream, service: ServiceKey, router: Router, delay: float) -> None:
         if delay > 0:  # degrade drill: the OK comes `delay` later (cancelled if the stream goes)

@@ -38,6 +38,7 @@ import struct
 from typing import Any
 
 from federation.logs import quote
+from gateway.errors import LinkProtocolError, OpenRefused
 
 OPEN, OK, ERR, DATA, EOF, PING, PONG, RST, WINDOW = 1, 2, 3, 4, 5, 6, 7, 8, 9
 NAMES = {OPEN: "OPEN", OK: "OK", ERR: "ERR", DATA: "DATA", EOF: "EOF", PING: "PING",
@@ -51,18 +52,6 @@ WINDOW_SIZE = 1024 * 1024
 MAX_STREAMS = 100_000  # open streams per link
 MAX_STREAM_ID = 2**31 - 1
 
-
-
-class LinkProtocolError(Exception):
-    """The peer broke the link protocol; the message says how."""
-
-
-class OpenRefused(Exception):
-    """A well-framed OPEN this side will not serve: answered with ERR `code`; the link stays."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def frame(kind: int, stream: int, payload: bytes = b"") -> bytes:
@@ -156,7 +145,8 @@ class FrameReader:
             if stop > end:
                 self._need = 9 + length
                 break
-            append((kind, stream, view[pos + 9 : stop] if kind == DATA else bytes(view[pos + 9 : stop])))
+            append((kind, stream,
+                    view[pos + 9 : stop] if kind == DATA else bytes(view[pos + 9 : stop])))
             pos = stop
         if pos < end:
             self._parts = [view[pos:]]

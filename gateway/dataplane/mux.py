@@ -8,8 +8,8 @@ gateway keeps ONE long-lived TLS 1.3 link to each peer gateway (`LinkPool`), ver
 the handshake (both SVIDs against the bundle of the claimed trust domain, exactly as before),
 and carries every proxied connection to that peer as a *stream* on it.
 
-The frames are gateway/dataplane/link.py's: OPEN / OK / ERR set a stream up, DATA / EOF / RST carry and
-end it, WINDOW returns credit, PING / PONG (stream 0) check liveness.
+The frames are gateway/dataplane/link.py's: OPEN / OK / ERR set a stream up, DATA / EOF / RST
+carry and end it, WINDOW returns credit, PING / PONG (stream 0) check liveness.
 
 Flow control is per stream, as in HTTP/2: each side may have at most WINDOW_SIZE bytes of a
 stream in flight. A receiver grants credit back (WINDOW) as it hands data to the local socket,
@@ -38,6 +38,7 @@ from typing import Any
 
 from federation.errors import IdentityError
 from federation.logs import LogLimiter, quote
+from gateway.dataplane.legs import Leg
 from gateway.dataplane.link import (
     CREDIT,
     DATA,
@@ -55,14 +56,13 @@ from gateway.dataplane.link import (
     WINDOW,
     WINDOW_SIZE,
     FrameReader,
-    LinkProtocolError,
-    OpenRefused,
     check_open_id,
     control,
     frame,
     parse_control,
     parse_open,
 )
+from gateway.errors import LinkProtocolError, OpenRefused, StreamRefused
 
 log = logging.getLogger("isthmus.gateway.mux")
 # What peers send (refused identities, protocol violations): one line per event class,
@@ -78,56 +78,30 @@ _pack = HEADER.pack
 
 
 class _StreamTransport:
-    """What the other leg sees as this stream's transport: pausing reads withholds credit."""
+    """A stream's legs.LegTransport: what its listener's idle sweeper reads of it."""
 
     __slots__ = ("stream",)
 
     def __init__(self, stream: Stream) -> None:
         self.stream = stream
 
-    def pause_reading(self) -> None:
-        self.stream.held = True
-
-    def resume_reading(self) -> None:
-        s = self.stream
-        s.held = False
-        if s.unacked:
-            s.grant()
-
     def is_closing(self) -> bool:
         return self.stream.closed or self.stream.closing
-
-    def close(self) -> None:
-        self.stream.close()
-
-    def abort(self) -> None:
-        self.stream.abort()
-
-    def write(self, data: bytes) -> None:
-        self.stream.send(data)
-
-    def can_write_eof(self) -> bool:
-        return True
-
-    def write_eof(self) -> None:
-        self.stream.send_eof()
 
     def get_write_buffer_size(self) -> int:
         return sum(map(len, self.stream.pending_out))
 
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        t = self.stream.link.transport
-        return t.get_extra_info(name, default) if t is not None else default
 
+class Stream(Leg):
+    """One proxied connection on a link: a Leg of the relay (legs.py) whose wire is the link."""
 
-class Stream:
-    """One proxied connection on a link; a leg for l4's relay (send/send_eof/close/other...)."""
-
-    def __init__(self, link: MuxLink, sid: int) -> None:
+    def __init__(
+        self, link: MuxLink, sid: int, on_close: Callable[[Stream], None] | None = None
+    ) -> None:
         self.link = link
         self.sid = sid
         self.transport = _StreamTransport(self)
-        self.other: Any = None
+        self.other: Leg | None = None
         self.eof_in = False
         self.eof_out = False
         self.lost = False
@@ -144,10 +118,11 @@ class Stream:
         self.eof_pending = False
         self.source_paused = False
         self.ready: asyncio.Future | None = None  # caller side: OK/ERR
-        self.on_close: Callable[[Stream], None] | None = None
+        self.on_close = on_close  # answerer: the listener forgets the stream
+        self._connecting: asyncio.Task | None = None  # answerer: the task that connects it
 
-    # l4 leg interface -------------------------------------------------------------------------
-    def attach(self, other: Any) -> None:
+    # Leg --------------------------------------------------------------------------------------
+    def attach(self, other: Leg) -> None:
         """Connect the other leg, handing it what the peer sent before we had one: the answerer
         writes OK and the backend's first bytes (even its EOF, or an RST) back to back, and the
         caller attaches the client only a few loop turns after OK."""
@@ -218,8 +193,7 @@ class Stream:
             self.link.write(frame(RST, self.sid))
         self.pending_out.clear()
         self.link.forget(self)
-        if self.on_close is not None:
-            self.on_close(self)
+        self._ended()
         other = self.other
         if other is not None and not other.lost:
             other.close()
@@ -229,33 +203,51 @@ class Stream:
         self.closed = self.lost = True
         self.pending_out.clear()
         self.link.forget(self)
+        self._ended()
+
+    def _ended(self) -> None:
         if self.on_close is not None:
             self.on_close(self)
+        task, self._connecting = self._connecting, None
+        if task is not None and not task.done():
+            task.cancel()
 
-    def pause_writing(self) -> None:  # not called by a transport; kept for the leg interface
-        pass
+    def own(self, task: asyncio.Task) -> None:
+        """The task that connects this (answerer's) stream: cancelled if the stream ends first."""
+        self._connecting = task
 
-    def resume_writing(self) -> None:
-        pass
+    def detach(self) -> None:
+        self.other = None
+
+    def pause_reading(self) -> None:
+        """The other leg is full: withhold credit (the peer stops sending)."""
+        self.held = True
+        self.paused_for_other = True
+
+    def resume_reading(self) -> None:
+        if self.paused_for_other:
+            self.paused_for_other = False
+            self.held = False
+            if self.unacked:
+                self.grant()
 
     # from the link --------------------------------------------------------------------------
     def _pause_source(self) -> None:
         """Stop reading the other leg (no credit, or the link's transport is full). Like a
-        transport's pause_writing for l4: the source is marked paused_for_other, so nothing else
-        (PlainLeg.attach resuming what PENDING_LIMIT paused) resumes it behind our back."""
+        transport's pause_writing for a PlainLeg: the source pauses as paused_for_other, so
+        nothing else (PlainLeg.attach resuming what PENDING_LIMIT paused) resumes it behind our
+        back."""
         other = self.other
         if other is not None and other.transport is not None:
             self.source_paused = True
-            other.paused_for_other = True
-            other.transport.pause_reading()
+            other.pause_reading()
 
     def resume_source(self) -> None:
         if self.source_paused and not self.pending_out and not self.link.write_paused:
             other = self.other
             self.source_paused = False
-            if other is not None and other.transport is not None and other.paused_for_other:
-                other.paused_for_other = False
-                other.transport.resume_reading()
+            if other is not None:
+                other.resume_reading()
 
     def on_window(self, n: int) -> None:
         self.credit += n
@@ -284,7 +276,9 @@ class Stream:
         n = len(payload)
         self.recv_window -= n
         if self.recv_window < 0:
-            raise LinkProtocolError(f"stream {self.sid} sent {-self.recv_window} bytes beyond its window")
+            raise LinkProtocolError(
+                f"stream {self.sid} sent {-self.recv_window} bytes beyond its window"
+            )
         other = self.other
         if other is None:
             self.pending_in.append(payload)  # bounded: no credit is granted before attach
@@ -386,13 +380,16 @@ class MuxLink(asyncio.Protocol):
                     s = self.streams.get(sid)
                     if s is not None:
                         s.on_data(payload)
-                    elif sid % 2 == 0 or sid > (self.next_sid - 2 if self.role == "caller" else self.last_open):
+                    elif sid % 2 == 0 or sid > (
+                        self.next_sid - 2 if self.role == "caller" else self.last_open
+                    ):
                         raise LinkProtocolError(f"DATA on stream {sid} that was never opened")
                     continue
                 self._control(kind, sid, payload)
         except LinkProtocolError as e:
+            peer = self.peer or self.transport.get_extra_info("peername")
             limited.warning("link-protocol", "link with %s broke protocol: %s",
-                            quote(self.peer or self.transport.get_extra_info("peername")), quote(e))
+                            quote(peer), quote(e))
             self.transport.abort()
 
     def _control(self, kind: int, sid: int, payload: bytes) -> None:
@@ -430,7 +427,9 @@ class MuxLink(asyncio.Protocol):
                 self.write(control(ERR, sid, {"code": e.code, "error": str(e)}))
                 return
             if len(self.streams) >= MAX_STREAMS:
-                self.write(control(ERR, sid, {"code": "busy", "error": "too many streams on this link"}))
+                self.write(
+                    control(ERR, sid, {"code": "busy", "error": "too many streams on this link"})
+                )
                 return
             self.on_open(self, sid, request)
         elif kind == ERR and sid == 0:  # about the link: GOAWAY (the answerer is restarting)
@@ -474,7 +473,9 @@ class MuxLink(asyncio.Protocol):
                 fut.set_result(False)
         self.pings.clear()
         if self.ready is not None and not self.ready.done():
-            self.ready.set_exception(ConnectionError(f"link closed during setup: {exc or 'closed'}"))
+            self.ready.set_exception(
+                ConnectionError(f"link closed during setup: {exc or 'closed'}")
+            )
         if self.on_lost is not None:
             self.on_lost(self)
 
@@ -512,8 +513,8 @@ class MuxLink(asyncio.Protocol):
         self.write(control(OPEN, sid, {"v": VERSION, "service": service}))
         return s
 
-    def accept_stream(self, sid: int) -> Stream:
-        s = Stream(self, sid)
+    def accept_stream(self, sid: int, on_close: Callable[[Stream], None] | None = None) -> Stream:
+        s = Stream(self, sid, on_close)
         self.streams[sid] = s
         return s
 
@@ -528,12 +529,6 @@ class MuxLink(asyncio.Protocol):
             return False
         finally:
             self.pings.pop(token, None)
-
-
-class StreamRefused(Exception):
-    def __init__(self, code: Any, error: Any) -> None:
-        super().__init__(f"{code}: {error}")
-        self.code = code
 
 
 class LinkPool:
@@ -603,8 +598,13 @@ class LinkPool:
         try:
             link = await asyncio.wait_for(self.link(cluster, host, port), timeout)
         except Exception as e:  # any failure to reach or verify the peer is a failed probe
-            log.debug("gateway probe %s (%s:%s) failed: %s", cluster, host, port,
-                      quote(str(e) or type(e).__name__))
+            log.debug(
+                "gateway probe %s (%s:%s) failed: %s",
+                cluster,
+                host,
+                port,
+                quote(str(e) or type(e).__name__),
+            )
             return False
         return await link.ping(max(0.01, deadline - loop.time()))
 

@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable
 
 from federation.units import format_hostport
 from gateway.config.schema import HealthCheck
-from gateway.dataplane.router import HealthBook
+from gateway.core.health import HealthBook
 
 log = logging.getLogger("isthmus.gateway.probes")
 

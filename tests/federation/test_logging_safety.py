@@ -24,15 +24,8 @@ from federation.model import CATALOG_PREFIX
 from federation.store.sqlite import SqliteStore
 from federation.tls import client_context
 from tests.federation.test_http_serving import Junk, Servers, http_get, metric, open_many
-from tests.gateway.dataplane.test_l4 import (
-    SERVICE,
-    Exports,
-    connect,
-    echo_server,
-    inbound,
-    on_uvloop,
-    tls_pair,
-)
+from tests.helpers.relay import SERVICE, Exports, connect, echo_server, inbound, on_uvloop
+from tests.helpers.tls import tls_pair
 
 FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")  # as the CLI's
 BURST = LogLimiter(logging.getLogger("x")).burst

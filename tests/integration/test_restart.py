@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from federation.identity import CertificateAuthority
+from federation.ca import CertificateAuthority
 from tests.helpers.backends import Backend, make_blackhole
 from tests.helpers.processes import Proc, free_port, isthmus_cmd, run_cli
 from tests.helpers.traffic import LoadStream, http_json, request, wait_for

@@ -307,7 +307,7 @@ class FakeDialer:
         self.legs: list[FakeLeg] = []
 
     async def dial(self, target, service):
-        from gateway.dataplane.l4 import DialError
+        from gateway.errors import DialError
 
         c = target.locality.cluster
         if c == "hole":

@@ -17,7 +17,9 @@ def cluster(name: str, region: str, zone: str, n: int) -> ClusterRecord:
     return ClusterRecord(name, region, zone, f"{name}.isthmus.local", f"127.0.0.1:{15000 + n}")
 
 
-def export(name: str, healthy: tuple[bool, ...] = (True, True), allowed=None, svc: str = "echo") -> Export:
+def export(
+    name: str, healthy: tuple[bool, ...] = (True, True), allowed=None, svc: str = "echo"
+) -> Export:
     base = 18000 + 100 * sum(map(ord, name)) % 5000
     eps = tuple(Endpoint("127.0.0.1", base + i, h, 1) for i, h in enumerate(healthy))
     return Export(name, "default", svc, 8080, "tcp", eps, allowed)
@@ -49,7 +51,9 @@ def catalog(exports=(), imports=(), live=None, clusters=None) -> Catalog:
 # The demo topology: three clusters export and import echo; edge-1 only imports it.
 DEMO = catalog(
     exports=[export("east-1"), export("east-2"), export("west-1")],
-    imports=[imp("east-1"), imp("east-2"), imp("west-1"), imp("edge-1", prefs=("us-east", "us-west"))],
+    imports=[
+        imp("east-1"), imp("east-2"), imp("west-1"), imp("edge-1", prefs=("us-east", "us-west"))
+    ],
 )
 
 
@@ -87,14 +91,20 @@ CASES = [
         {
             "east-1": (R("cluster", ["east-1"], 2), R("cluster", ["east-1"], 2)),
             "east-2": (R("cluster", ["east-2"], 2), R("cluster", ["east-2"], 2)),
-            "edge-1": (R("any:us-east", ["east-1", "east-2"], 4), R("any:us-east", ["east-1", "east-2"], 4)),
+            "edge-1": (
+                R("any:us-east", ["east-1", "east-2"], 4),
+                R("any:us-east", ["east-1", "east-2"], 4),
+            ),
         },
         (),
     ),
     (
-        "east-1's own endpoints down: it goes to the zone-less region tier today, any after us-east lost",
+        "east-1's own endpoints down: it goes to the zone-less region tier today, any after "
+        "us-east lost",
         catalog(
-            exports=[export("east-1", (False, False)), export("east-2", (True, False)), export("west-1")],
+            exports=[
+                export("east-1", (False, False)), export("east-2", (True, False)), export("west-1")
+            ],
             imports=[imp("east-1")],
         ),
         "cluster", "east-2",
@@ -195,7 +205,8 @@ def test_unaffected_service_is_listed_but_not_affected():
     "kind,scope,needle",
     [
         ("region", "mars", "unknown region 'mars'; known regions: eu-west, us-east, us-west"),
-        ("cluster", "east-9", "unknown cluster 'east-9'; known clusters: east-1, east-2, edge-1, west-1"),
+        ("cluster", "east-9",
+         "unknown cluster 'east-9'; known clusters: east-1, east-2, edge-1, west-1"),
         ("zone", "a", "expected 'region' or 'cluster'"),
     ],
 )

@@ -10,7 +10,7 @@ import time
 
 from gateway.dataplane import mux
 from gateway.dataplane.l4 import Dialer, ImportListener
-from tests.gateway.dataplane.test_l4 import (
+from tests.helpers.relay import (
     HOST,
     SERVICE,
     Exports,
@@ -23,8 +23,8 @@ from tests.gateway.dataplane.test_l4 import (
     on_uvloop,
     remote_target,
     roundtrip,
-    tls_pair,
 )
+from tests.helpers.tls import tls_pair
 
 
 def listening() -> socket.socket:

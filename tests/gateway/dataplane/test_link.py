@@ -24,11 +24,11 @@ from gateway.dataplane.link import (
     RST,
     WINDOW,
     FrameReader,
-    LinkProtocolError,
     control,
     frame,
     parse_control,
 )
+from gateway.errors import LinkProtocolError, OpenRefused
 
 KINDS = sorted(NAMES)
 CONTROL_KINDS = (OPEN, OK, ERR)
@@ -286,7 +286,7 @@ def test_open_stream_ids_up_to_the_maximum_are_accepted():
 )
 def test_open_of_another_version_is_refused_naming_what_was_sent(request_, shown):
     payload = control(OPEN, 7, request_)[HEADER.size :]
-    with pytest.raises(link.OpenRefused) as e:
+    with pytest.raises(OpenRefused) as e:
         link.parse_open(7, payload)
     assert e.value.code == "unsupported-version"
     assert "OPEN on stream 7" in str(e.value) and shown in str(e.value)

@@ -1,10 +1,10 @@
-"""outlier_detection.response_timeout in the relay (l4.WatchedLeg), on real sockets under uvloop.
+"""outlier_detection.response_timeout in the relay (legs.WatchedLeg), on real sockets under uvloop.
 
 A *frozen* backend is a socket that listens and is never accepted from: exactly what the kernel
 shows of a SIGSTOPped process (handshakes complete from the backlog, bytes are taken, nothing
-comes back). The rules themselves are health.py's (tests/gateway/core/test_health.py has their tables); this
-checks that the relay acts on them: what is reported to the router, what is counted, and what
-the client sees.
+comes back). The rules themselves are health.py's (tests/gateway/core/test_health.py has their
+tables); this checks that the relay acts on them: what is reported to the router, what is
+counted, and what the client sees.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ import struct
 import time
 
 from federation.model import Endpoint, FailoverPolicy, OutlierPolicy
-from gateway.dataplane.router import HealthBook, Router, local_key
-from tests.gateway.dataplane.test_l4 import (
+from gateway.core.health import HealthBook
+from gateway.dataplane.router import Router, local_key
+from tests.helpers.relay import (
     HOST,
     LOC_A,
     SERVICE,
@@ -103,8 +104,9 @@ async def test_a_connection_that_ends_before_a_verdict_is_served_without_a_repor
     lst = await import_listener(stack, router)
     reader, writer = await connect(stack, lst.port)
     writer.write(b"ping\n")
-    await eventually(lambda: lst.legs and next(iter(lst.legs)).other is not None,
-                     what="connection relayed")
+    await eventually(
+        lambda: lst.legs and next(iter(lst.legs)).other is not None, what="connection relayed"
+    )
     sock = writer.transport.get_extra_info("socket")
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     writer.transport.abort()  # the client gives up first (an RST): nothing was learnt
@@ -170,10 +172,14 @@ async def test_the_passive_path_ejects_a_frozen_endpoint_from_new_connections(st
     endpoint is ejected by that one timeout (consecutive_failures 1), and every later connection
     goes to the live one."""
     frozen, live = await frozen_backend(stack), await echo_server(stack)
-    book = HealthBook(OutlierPolicy(consecutive_failures=1, base_ejection=30.0, max_ejection=60.0,
-                                   response_timeout=RT))
-    router = Router(SERVICE, LOC_A, FailoverPolicy(tiers=("cluster",)), book, time.monotonic,
-                    random.Random(7).random)
+    book = HealthBook(
+        OutlierPolicy(
+            consecutive_failures=1, base_ejection=30.0, max_ejection=60.0, response_timeout=RT
+        )
+    )
+    router = Router(
+        SERVICE, LOC_A, FailoverPolicy(tiers=("cluster",)), book, time.monotonic, random.Random(7).random
+    )
     router.set_local([Endpoint(HOST, frozen), Endpoint(HOST, live)])
     lst = await import_listener(stack, router)
     results = []
@@ -189,7 +195,7 @@ async def test_the_passive_path_ejects_a_frozen_endpoint_from_new_connections(st
     frozen_key = local_key(HOST, frozen)
     timeouts = lst.stats.response_timeouts_by.get(frozen_key, 0)
     assert results.count(False) == timeouts == 1, results  # (seeded: it is picked early)
-    assert all(results[results.index(False) + 1:])  # after the one loss, all served
+    assert all(results[results.index(False) + 1 :])  # after the one loss, all served
     assert not book.routable(frozen_key, time.monotonic())
     assert lst.stats.served_by == {local_key(HOST, live): results.count(True)}
 

@@ -1,4 +1,5 @@
-"""HealthBook + Router driven by a fake clock and seeded randomness: tiers, ejection, failback."""
+"""Router (over a HealthBook) driven by a fake clock and seeded randomness: tiers, ejection,
+failback, and its plan cache."""
 
 from __future__ import annotations
 
@@ -8,11 +9,9 @@ import random
 import pytest
 
 from federation.model import Endpoint, Export, FailoverPolicy, Locality, OutlierPolicy, ServiceKey
-from gateway.core.health import HealthState
+from gateway.core import balance
+from gateway.core.health import HealthBook, HealthEvent, HealthState
 from gateway.dataplane.router import (
-    MAX_EVENTS,
-    HealthBook,
-    HealthEvent,
     Router,
     TierSwitch,
     local_key,
@@ -398,35 +397,9 @@ def test_describe_of_a_router_without_candidates():
     json.dumps(desc)
 
 
-def test_book_notifies_changes_and_forgets():
-    book = HealthBook(OutlierPolicy(consecutive_failures=1, base_ejection=1.0, max_ejection=4.0))
-    seen = []
-    book.on_change.append(seen.append)
-    book.probe(KA, True, 0.0, 1, 1)  # UNKNOWN -> HEALTHY
-    book.probe(KA, True, 1.0, 1, 1)  # no change
-    book.connect(KB, False, 1.0)  # ejected
-    book.connect(KB, False, 1.5)  # already ejected: no change
-    assert seen == [KA, KB]
-    assert book.version == 2
-    book.forget([KA])
-    assert set(book.snapshot(2.0)) == {KA}
-
-
 def test_ipv6_local_key():
     assert local_key("::1", 80) == "local:[::1]:80"
     assert local_key("127.0.0.1", 80) == "local:127.0.0.1:80"
-
-
-def test_success_on_a_clean_endpoint_records_nothing_and_failures_still_count():
-    book = HealthBook(OutlierPolicy(consecutive_failures=2, base_ejection=1.0, max_ejection=4.0))
-    book.connect("local:a", True, 0.0)
-    assert "local:a" not in book.outlier  # fast path: nothing to record
-    book.connect("local:a", False, 1.0)
-    book.connect("local:a", True, 1.1)  # resets the count
-    book.connect("local:a", False, 1.2)
-    assert book.routable("local:a", 1.2)
-    book.connect("local:a", False, 1.3)  # two in a row: ejected
-    assert not book.routable("local:a", 1.3) and book.routable("local:a", 2.4)
 
 
 # ------------------------------------------------------------------------------ transitions
@@ -443,21 +416,6 @@ def test_book_reports_ejection_then_its_return_once_it_runs_out():
     clock.t = t0 + 7.0  # noticed late: the event says when it really ended
     assert book.take_events(clock.t) == [HealthEvent(KA, "returned", t0 + 2.0)]
     assert book.take_events(clock.t) == []
-
-
-def test_book_reports_unhealthy_and_healthy_again_but_not_a_first_success():
-    book = HealthBook(OutlierPolicy())
-    book.probe(KE2, True, 1.0, 2, 3)  # UNKNOWN -> HEALTHY: first contact, no event
-    for t in (2.0, 3.0, 4.0):
-        book.probe(KE2, False, t, 2, 3)
-    book.probe(KE2, True, 5.0, 2, 3)
-    book.probe(KE2, True, 6.0, 2, 3)
-    book.probe(KW1, False, 6.5, 2, 1)  # UNKNOWN -> UNHEALTHY
-    assert book.take_events(7.0) == [
-        HealthEvent(KE2, "unhealthy", 4.0, 3),
-        HealthEvent(KE2, "healthy", 6.0, 2),
-        HealthEvent(KW1, "unhealthy", 6.5, 1),
-    ]
 
 
 def test_router_reports_each_tier_switch_with_the_clusters_it_moves_to():
@@ -503,12 +461,60 @@ def test_router_reports_panic_and_losing_every_candidate():
     assert [(s.old, s.new) for s in router.take_switches()] == [("cluster", None)]
 
 
-def test_transitions_are_bounded_and_the_clean_hot_path_records_none():
-    book = HealthBook(OutlierPolicy(consecutive_failures=1, base_ejection=1.0, max_ejection=4.0))
-    for i in range(MAX_EVENTS + 44):
-        book.connect(f"local:10.0.0.{i}:80", False, float(i))
-    assert len(book.events) == MAX_EVENTS and book.dropped == 44
-    assert book.events[0].key == "local:10.0.0.44:80"  # the oldest went first
-    book.take_events(0.0)
-    book.connect("local:a", True, 0.0)  # the per-connection fast path: nothing at all
-    assert book.events == [] and book.take_events(0.0) == []
+# ------------------------------------------------------------------------------ the plan cache
+# Router.plan runs once per new connection, so it uses balance's cached forms (groups per
+# tiers and state; `advance` skipped at a fixed point). It must stay exactly balance.plan +
+# balance.advance: the same lists and the same calls to `random`
+# (tests/gateway/core/test_balance_cache.py checks the forms themselves).
+
+
+def _counting(seed: int):
+    rng = random.Random(seed)
+    calls = []
+
+    def draw() -> float:
+        calls.append(1)
+        return rng.random()
+
+    return draw, calls
+
+
+def test_router_plan_and_state_equal_uncached_advance_and_plan_over_time():
+    """Health flaps, ejections and failback waits, ticked on a moving clock: the cached
+    router's state and plans equal those of advance + balance.plan recomputed every time."""
+    rng = random.Random(11)
+    now = [100.0]
+    me = Locality("us-east", "b", "east-2")
+    book = HealthBook(OutlierPolicy(consecutive_failures=1, base_ejection=0.7, max_ejection=3.0))
+    policy = FailoverPolicy(failback_after=0.5, max_attempts=4)
+    draw, _ = _counting(1)
+    host = "127.0.0.1"
+    r = Router(SERVICE, me, policy, book, lambda: now[0], draw,
+               gateway_address={"east-1": (host, 1), "west-1": (host, 2)}.get)
+    r.set_local([Endpoint(host, 18201, weight=1), Endpoint(host, 18202, weight=3)])
+
+    def one(cluster: str, healthy: bool) -> Export:
+        return Export(cluster, "shop", "cart", 80, "tcp", (Endpoint(host, 1, healthy, 2),), ())
+
+    east1, west1 = Locality("us-east", "a", "east-1"), Locality("us-west", "a", "west-1")
+    keys = ["local:127.0.0.1:18201", "local:127.0.0.1:18202", "remote:east-1", "remote:west-1"]
+    shadow = balance.FailoverState()
+    for step in range(4000):
+        now[0] += rng.choice((0.0, 0.01, 0.1, 0.3, 0.6))
+        action = rng.random()
+        if action < 0.15:
+            book.probe(rng.choice(keys), rng.random() < 0.5, now[0], 1, 1)
+        elif action < 0.25:
+            book.connect(rng.choice(keys), rng.random() < 0.4, now[0])
+        elif action < 0.28:
+            r.set_remote([(east1, one("east-1", rng.random() < 0.5)), (west1, one("west-1", True))])
+        seed = rng.randint(0, 10**9)
+        cached_draw, cached_calls = _counting(seed)
+        plain_draw, plain_calls = _counting(seed)
+        r.random = cached_draw
+        got = r.plan()
+        shadow = balance.advance(shadow, r.tiers, now[0], policy)
+        assert r.state == shadow, f"step {step}"
+        want = balance.plan(r.tiers, shadow, plain_draw, policy.max_attempts)
+        assert got == want, f"step {step}"
+        assert len(cached_calls) == len(plain_calls), f"step {step}"
