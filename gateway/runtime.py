@@ -74,7 +74,8 @@ from gateway.control.handoff import (
 from gateway.control.workers import STATS_EVERY, Supervisor, read_stats, watch_parent, write_stats
 from gateway.core.health import HealthBook, HealthState
 from gateway.core.takeover import Progress, missing, wanted_listeners
-from gateway.dataplane.l4 import Dialer, ImportListener, InboundListener
+from gateway.dataplane.dial import Dialer
+from gateway.dataplane.l4 import ImportListener, InboundListener
 from gateway.dataplane.probes import checker, probe_loop
 from gateway.dataplane.router import (
     Router,

@@ -28,7 +28,7 @@ federation and no CLI. It performs what was decided:
   republishes them on restore; `blackhole` and `degrade` leave the exports as they are (stale
   health on purpose: detection must come from probes, timeouts and outlier ejection).
 - observing: per (drill, service) a prober opens `probe_rate` synthetic connections per second
-  through the import's own Router and the shared Dialer (`l4.connect_first`: the same tiers,
+  through the import's own Router and the shared Dialer (`dial.connect_first`: the same tiers,
   failover and outlier reporting as real traffic), and closes each as soon as it is connected
   (for a remote target: after OPEN -> OK). A probe that is not connected within PROBE_TIMEOUT
   counts as failed; probes in flight are bounded so a blackhole cannot pile up tasks. Probes
@@ -53,7 +53,7 @@ from typing import Any
 
 from federation.errors import FederationError
 from federation.model import Drill, DrillMode, ServiceKey
-from gateway.dataplane.l4 import ListenerStats, connect_first
+from gateway.dataplane.dial import ListenerStats, connect_first
 
 log = logging.getLogger("isthmus.gateway.drill")
 

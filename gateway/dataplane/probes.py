@@ -1,5 +1,5 @@
 """Active probes of local endpoints: TCP connect (optionally send/expect) or HTTP GET. (Remote
-gateways are probed with PING over their pooled link: mux.LinkPool.ping.)
+gateways are probed with PING over their pooled link: pool.LinkPool.ping.)
 
 What each check proves, against a process that is stopped (SIGSTOP) or wedged: its kernel still
 completes the TCP handshake from the listen backlog and takes the bytes we send, so

@@ -10,8 +10,9 @@ from types import SimpleNamespace
 
 from federation.model import ServiceKey
 from gateway.dataplane import link, mux
-from gateway.dataplane.l4 import Dialer, ImportListener
-from gateway.dataplane.mux import LinkPool
+from gateway.dataplane.dial import Dialer
+from gateway.dataplane.l4 import ImportListener
+from gateway.dataplane.pool import LinkPool
 from tests.helpers.relay import (
     HOST,
     SERVICE,

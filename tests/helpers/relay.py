@@ -12,7 +12,8 @@ import time
 
 from federation.model import Endpoint, Export, Locality, ServiceKey
 from gateway.core.balance import Target
-from gateway.dataplane.l4 import Dialer, ImportListener, InboundListener
+from gateway.dataplane.dial import Dialer
+from gateway.dataplane.l4 import ImportListener, InboundListener
 from gateway.dataplane.tls import GatewayTls
 from tests.helpers.loops import TEST_TIMEOUT, on_uvloop  # noqa: F401 (re-exported)
 from tests.helpers.tls import tls_pair

@@ -3,7 +3,7 @@ half-close, connect-time failover, limits, idle timeout, listener close. The mut
 is in test_remote_hop.py, the legs' plumbing in test_legs.py, the harness in tests/helpers/.
 
 Every test coroutine runs on a fresh uvloop loop (`on_uvloop`), and asserts that it does.
-The router is an interface here (`l4.Router`: plan/report), so a tiny scripted fake stands
+The router is an interface here (`dial.Router`: plan/report), so a tiny scripted fake stands
 in.
 """
 
@@ -22,8 +22,8 @@ import weakref
 import pytest
 import uvloop
 
-from gateway.dataplane import l4
-from gateway.dataplane.l4 import Dialer
+from gateway.dataplane import dial
+from gateway.dataplane.dial import Dialer
 from gateway.errors import DialError
 from tests.helpers.relay import (
     HOST,
@@ -338,13 +338,13 @@ async def test_local_dial_cancelled_from_outside_stays_cancelled(stack, monkeypa
         await task
     # The timeout firing in the same instant as an outside cancel: still cancelled, not a
     # timeout that connect_first would answer by trying the next target.
-    real = l4._Expiry.__call__
+    real = dial._Expiry.__call__
 
     def expire_and_cancel(self):
         real(self)
         self.task.cancel()
 
-    monkeypatch.setattr(l4._Expiry, "__call__", expire_and_cancel)
+    monkeypatch.setattr(dial._Expiry, "__call__", expire_and_cancel)
     dialer = Dialer(None, 0.1)
     task = asyncio.get_running_loop().create_task(dialer.dial(local_target(hole), SERVICE))
     with pytest.raises(asyncio.CancelledError):

@@ -9,7 +9,8 @@ import socket
 import time
 
 from gateway.dataplane import mux
-from gateway.dataplane.l4 import Dialer, ImportListener
+from gateway.dataplane.dial import Dialer
+from gateway.dataplane.l4 import ImportListener
 from tests.helpers.relay import (
     HOST,
     SERVICE,

@@ -13,7 +13,7 @@ import pytest
 
 from federation.model import ServiceKey
 from gateway.dataplane import link, mux
-from gateway.dataplane.l4 import Dialer
+from gateway.dataplane.dial import Dialer
 from gateway.dataplane.link import WINDOW_SIZE
 from gateway.errors import DialError
 from tests.helpers.mux import (

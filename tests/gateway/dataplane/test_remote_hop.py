@@ -18,8 +18,8 @@ from federation.ca import CertificateAuthority
 from federation.identity import SpiffeId, TrustBundle
 from federation.model import ServiceKey
 from gateway.dataplane import link
-from gateway.dataplane.l4 import Dialer
-from gateway.dataplane.mux import LinkPool
+from gateway.dataplane.dial import Dialer
+from gateway.dataplane.pool import LinkPool
 from gateway.dataplane.tls import GatewayTls, TlsSnapshot
 from gateway.errors import DialError
 from tests.helpers.relay import (
