@@ -33,10 +33,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from federation import metrics
+from federation.drill_model import DRILL_ID_PATTERN
 from federation.drills import MAX_PROBE_RATE, MAX_REASON
 from federation.errors import InputError
+from federation.fields import NAME_PATTERN
 from federation.identity import MAX_BUNDLE_KEYS
-from federation.model import DRILL_ID_PATTERN, NAME_PATTERN
 from federation.store.base import Event
 from federation.units import HOSTPORT_PATTERN
 

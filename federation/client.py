@@ -30,6 +30,7 @@ from typing import Any
 import aiohttp
 
 from federation import api
+from federation.drill_model import Drill
 from federation.errors import (
     CompactedError,
     FederationError,
@@ -38,7 +39,7 @@ from federation.errors import (
     InputError,
 )
 from federation.identity import Svid, TrustBundle
-from federation.model import Catalog, ClusterRecord, Drill, Export, ImportRecord
+from federation.model import Catalog, ClusterRecord, Export, ImportRecord
 from federation.store.base import Event
 from federation.tls import client_context
 from federation.units import format_duration

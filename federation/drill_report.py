@@ -38,8 +38,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from federation.drill_model import Drill
 from federation.drills import FAILBACK_FRACTION, SHIFT_SUCCESS
-from federation.model import Drill
 
 __all__ = ["compute_report"]
 

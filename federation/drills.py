@@ -54,8 +54,10 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from federation.drill_model import DRILL_STATES, Drill, DrillMode
 from federation.errors import InputError, IsthmusError
-from federation.model import DRILL_STATES, Catalog, Drill, DrillMode, check_name
+from federation.fields import check_name
+from federation.model import Catalog
 from federation.units import DECIMAL, format_duration, parse_duration
 
 __all__ = [

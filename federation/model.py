@@ -31,7 +31,9 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Any
 
+from federation.drill_model import DRILLS, Drill
 from federation.errors import InputError
+from federation.fields import check_name, choices, get_field
 from federation.units import parse_hostport
 
 CATALOG_PREFIX = "catalog/"
@@ -40,48 +42,15 @@ BUNDLES = "catalog/bundles/"
 LIVE = "catalog/live/"
 EXPORTS = "catalog/exports/"
 IMPORTS = "catalog/imports/"
-DRILLS = "catalog/drills/"
+# DRILLS = "catalog/drills/" is drill_model's (with the Drill it holds)
 SAMPLES = "drills/"
 TOKENS = "tokens/"
-DRILL_STATES = ("running", "ended", "aborted")
 
-# DNS-label-like names: lowercase, digits, dashes; what Kubernetes allows for names/namespaces.
-# ASCII only, matched whole (`fullmatch`: a `$` would let a trailing newline through).
-NAME_PATTERN = "[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
-_NAME = re.compile(NAME_PATTERN)
 MAX_ENDPOINTS = 1000
 MAX_CONSUMERS = 1000
 # Export protocols: the app protocol behind the port. Both are relayed at L4 for now; an `http`
 # export gets an HTTP health check by default (gateway config).
 PROTOCOLS = ("tcp", "http")
-
-
-def check_name(value: Any, what: str) -> str:
-    if not isinstance(value, str) or not _NAME.fullmatch(value):
-        raise InputError(
-            f"{what}: {value!r} is not a valid name (lowercase letters, digits and '-', "
-            "1-63 characters, starting and ending with a letter or digit)"
-        )
-    return value
-
-
-def _field(obj: Mapping[str, Any], key: str, what: str, kind: type | tuple[type, ...]) -> Any:
-    if not isinstance(obj, Mapping):
-        raise InputError(f"{what}: expected an object, got {type(obj).__name__}")
-    if key not in obj:
-        raise InputError(f"{what}.{key}: missing")
-    value = obj[key]
-    if isinstance(value, bool) and kind is not bool:
-        raise InputError(f"{what}.{key}: expected {_kind_name(kind)}, got {value!r}")
-    if not isinstance(value, kind):
-        raise InputError(f"{what}.{key}: expected {_kind_name(kind)}, got {value!r}")
-    return value
-
-
-def _kind_name(kind: type | tuple[type, ...]) -> str:
-    if isinstance(kind, tuple):
-        return " or ".join(k.__name__ for k in kind)
-    return kind.__name__
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,19 +73,6 @@ class TierKind(StrEnum):
     ANY = "any"  # anywhere
 
 
-class DrillMode(StrEnum):
-    """How a drill faults its scope: withdraw its exports, drop its inbound streams, or slow
-    and refuse some of them."""
-
-    DRAIN = "drain"
-    BLACKHOLE = "blackhole"
-    DEGRADE = "degrade"
-
-
-def _choices(kind: type[StrEnum]) -> str:
-    return ", ".join(kind)
-
-
 @dataclass(frozen=True, slots=True)
 class FailoverPolicy:
     """How an import spreads over tiers: their order (best first), which other regions come
@@ -133,7 +89,7 @@ class FailoverPolicy:
         unknown = [t for t in self.tiers if t not in tuple(TierKind)]
         if unknown:
             raise ValueError(
-                f"policy tiers: unknown tier kind(s) {unknown!r} (use {_choices(TierKind)})"
+                f"policy tiers: unknown tier kind(s) {unknown!r} (use {choices(TierKind)})"
             )
         object.__setattr__(self, "tiers", tuple(TierKind(t) for t in self.tiers))
         if len(set(self.tiers)) != len(self.tiers):
@@ -179,13 +135,13 @@ class Endpoint:
 
     @classmethod
     def from_json(cls, obj: Any, what: str = "endpoint") -> Endpoint:
-        address = _field(obj, "address", what, str)
+        address = get_field(obj, "address", what, str)
         try:
             host, port = parse_hostport(address)
         except InputError as e:
             raise InputError(f"{what}.address: {e}") from None
-        healthy = _field(obj, "healthy", what, bool)
-        weight = _field(obj, "weight", what, int)
+        healthy = get_field(obj, "healthy", what, bool)
+        weight = get_field(obj, "weight", what, int)
         if not 1 <= weight <= 1000:
             raise InputError(f"{what}.weight: {weight} is not in 1..1000")
         return cls(host, port, healthy, weight)
@@ -241,18 +197,18 @@ class Export:
 
     @classmethod
     def from_json(cls, obj: Any, what: str = "export") -> Export:
-        cluster = check_name(_field(obj, "cluster", what, str), f"{what}.cluster")
-        namespace = check_name(_field(obj, "namespace", what, str), f"{what}.namespace")
-        name = check_name(_field(obj, "name", what, str), f"{what}.name")
-        port = _field(obj, "port", what, int)
+        cluster = check_name(get_field(obj, "cluster", what, str), f"{what}.cluster")
+        namespace = check_name(get_field(obj, "namespace", what, str), f"{what}.namespace")
+        name = check_name(get_field(obj, "name", what, str), f"{what}.name")
+        port = get_field(obj, "port", what, int)
         if not 0 < port < 65536:
             raise InputError(f"{what}.port: {port} is not in 1..65535")
-        protocol = _field(obj, "protocol", what, str)
+        protocol = get_field(obj, "protocol", what, str)
         if protocol not in PROTOCOLS:
             raise InputError(
                 f"{what}.protocol: {protocol!r} is not supported (use {' or '.join(PROTOCOLS)})"
             )
-        raw_eps = _field(obj, "endpoints", what, list)
+        raw_eps = get_field(obj, "endpoints", what, list)
         if len(raw_eps) > MAX_ENDPOINTS:
             raise InputError(f"{what}.endpoints: {len(raw_eps)} endpoints, at most {MAX_ENDPOINTS}")
         endpoints = tuple(
@@ -295,13 +251,13 @@ class ClusterRecord:
 
     @classmethod
     def from_json(cls, obj: Any, what: str = "cluster") -> ClusterRecord:
-        name = check_name(_field(obj, "name", what, str), f"{what}.name")
-        region = check_name(_field(obj, "region", what, str), f"{what}.region")
-        zone = check_name(_field(obj, "zone", what, str), f"{what}.zone")
-        td = _field(obj, "trust_domain", what, str)
+        name = check_name(get_field(obj, "name", what, str), f"{what}.name")
+        region = check_name(get_field(obj, "region", what, str), f"{what}.region")
+        zone = check_name(get_field(obj, "zone", what, str), f"{what}.zone")
+        td = get_field(obj, "trust_domain", what, str)
         if not re.fullmatch(r"[a-z0-9._-]{1,255}", td):
             raise InputError(f"{what}.trust_domain: {td!r} is not a valid trust domain")
-        gw = _field(obj, "gateway_address", what, str)
+        gw = get_field(obj, "gateway_address", what, str)
         try:
             parse_hostport(gw)
         except InputError as e:
@@ -342,12 +298,12 @@ class ImportRecord:
 
     @classmethod
     def from_json(cls, obj: Any, what: str = "import") -> ImportRecord:
-        cluster = check_name(_field(obj, "cluster", what, str), f"{what}.cluster")
-        namespace = check_name(_field(obj, "namespace", what, str), f"{what}.namespace")
-        name = check_name(_field(obj, "name", what, str), f"{what}.name")
-        f = _field(obj, "failover", what, dict)
+        cluster = check_name(get_field(obj, "cluster", what, str), f"{what}.cluster")
+        namespace = check_name(get_field(obj, "namespace", what, str), f"{what}.namespace")
+        name = check_name(get_field(obj, "name", what, str), f"{what}.name")
+        f = get_field(obj, "failover", what, dict)
         w = f"{what}.failover"
-        tiers = _field(f, "tiers", w, list)
+        tiers = get_field(f, "tiers", w, list)
         kinds = tuple(TierKind)
         if not tiers or len(tiers) > 4 or len(set(map(str, tiers))) != len(tiers) or any(
             t not in kinds for t in tiers
@@ -355,12 +311,12 @@ class ImportRecord:
             raise InputError(
                 f"{w}.tiers: {tiers!r} is not an ordered subset of {[k.value for k in kinds]}"
             )
-        prefs = _field(f, "region_preference", w, list)
+        prefs = get_field(f, "region_preference", w, list)
         if len(prefs) > 64:
             raise InputError(f"{w}.region_preference: at most 64 regions")
         prefs = tuple(check_name(r, f"{w}.region_preference[{i}]") for i, r in enumerate(prefs))
-        failback = float(_field(f, "failback_after", w, (int, float)))
-        attempts = _field(f, "max_attempts", w, int)
+        failback = float(get_field(f, "failback_after", w, (int, float)))
+        attempts = get_field(f, "max_attempts", w, int)
         if not 0 <= failback <= 3600 or not 1 <= attempts <= 16:
             raise InputError(f"{w}: failback_after must be 0..3600 s and max_attempts 1..16")
         try:
@@ -368,154 +324,6 @@ class ImportRecord:
         except ValueError as e:  # a region listed twice
             raise InputError(f"{w}: {e}") from None
         return cls(cluster, namespace, name, policy)
-
-
-DRILL_ID_PATTERN = "d-[0-9]{8}-[0-9]{6}-[a-z0-9]{4}"
-_DRILL_ID = re.compile(DRILL_ID_PATTERN)
-
-
-def is_drill_id(value: Any) -> bool:
-    """d-YYYYMMDD-HHMMSS-xxxx, ASCII, matched whole."""
-    return isinstance(value, str) and _DRILL_ID.fullmatch(value) is not None
-
-
-@dataclass(frozen=True, slots=True)
-class Drill:
-    """A planned, bounded, reversible fault of a region or a cluster. Times are wall-clock
-    seconds (epoch). Probes run from `created_at` (a baseline before the fault) until `settle`
-    seconds after the fault ended; the fault itself lasts from `fault_start` to `fault_end`
-    unless the drill ends earlier (aborted)."""
-
-    id: str
-    scope_kind: str  # "region" | "cluster"
-    scope: str
-    mode: DrillMode
-    created_at: float
-    fault_start: float
-    fault_end: float  # the deadline: every gateway restores by itself at this time
-    clusters_in_scope: tuple[str, ...]
-    regions: Mapping[str, str]  # cluster -> region, as the catalog had it at creation
-    services: tuple[str, ...]  # "ns/name" of the exports in scope (the services affected)
-    latency: float = 0.0  # degrade: added latency per stream, seconds
-    error_rate: float = 0.0  # degrade: fraction of streams refused
-    probe_rate: float = 20.0  # synthetic probes per second per service per observing cluster
-    settle: float = 5.0
-    abort_on: str | None = None  # e.g. "success<99%:5s"
-    state: str = "running"  # running | ended | aborted
-    ended_at: float | None = None
-    end_reason: str | None = None
-
-    @property
-    def key(self) -> str:
-        return f"{DRILLS}{self.id}"
-
-    def in_scope(self, cluster: str) -> bool:
-        return cluster in self.clusters_in_scope
-
-    def fault_active(self, now: float) -> bool:
-        return self.state == "running" and self.fault_start <= now < self.fault_end
-
-    @property
-    def fault_stop(self) -> float:
-        """When the fault stopped (or will stop): the deadline, or the end if it came first."""
-        return min(self.fault_end, self.ended_at) if self.ended_at is not None else self.fault_end
-
-    def observing(self, now: float) -> bool:
-        return self.created_at <= now < self.fault_stop + self.settle
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "scope": {self.scope_kind: self.scope},
-            "mode": self.mode,
-            "created_at": self.created_at,
-            "fault_start": self.fault_start,
-            "fault_end": self.fault_end,
-            "clusters_in_scope": list(self.clusters_in_scope),
-            "regions": dict(self.regions),
-            "services": list(self.services),
-            "latency": self.latency,
-            "error_rate": self.error_rate,
-            "probe_rate": self.probe_rate,
-            "settle": self.settle,
-            "abort_on": self.abort_on,
-            "state": self.state,
-            "ended_at": self.ended_at,
-            "end_reason": self.end_reason,
-        }
-
-    @classmethod
-    def from_json(cls, obj: Any, what: str = "drill") -> Drill:
-        did = _field(obj, "id", what, str)
-        if not is_drill_id(did):
-            raise InputError(f"{what}.id: {did!r} is not a drill id (d-YYYYMMDD-HHMMSS-xxxx)")
-        scope = _field(obj, "scope", what, dict)
-        if len(scope) != 1 or next(iter(scope)) not in ("region", "cluster"):
-            raise InputError(
-                f"{what}.scope: expected {{'region': R}} or {{'cluster': C}}, got {scope!r}"
-            )
-        kind, value = next(iter(scope.items()))
-        check_name(value, f"{what}.scope.{kind}")
-        mode = _field(obj, "mode", what, str)
-        if mode not in tuple(DrillMode):
-            raise InputError(f"{what}.mode: {mode!r} is not one of {_choices(DrillMode)}")
-        state = _field(obj, "state", what, str)
-        if state not in DRILL_STATES:
-            raise InputError(f"{what}.state: {state!r} is not one of {', '.join(DRILL_STATES)}")
-        num = (int, float)
-        times = [
-            float(_field(obj, k, what, num)) for k in ("created_at", "fault_start", "fault_end")
-        ]
-        if not times[0] <= times[1] <= times[2]:
-            raise InputError(f"{what}: expected created_at <= fault_start <= fault_end")
-        clusters = _field(obj, "clusters_in_scope", what, list)
-        regions = _field(obj, "regions", what, dict)
-        services = _field(obj, "services", what, list)
-        if len(clusters) > 1000 or len(regions) > 1000 or len(services) > 10000:
-            raise InputError(f"{what}: too many clusters, regions or services")
-        latency = float(_field(obj, "latency", what, num))
-        error_rate = float(_field(obj, "error_rate", what, num))
-        probe_rate = float(_field(obj, "probe_rate", what, num))
-        settle = float(_field(obj, "settle", what, num))
-        if not (
-            0 <= latency <= 60 and 0 <= error_rate <= 1 and 0 < probe_rate <= 1000
-            and 0 <= settle <= 600
-        ):
-            raise InputError(
-                f"{what}: latency 0..60 s, error_rate 0..1, probe_rate 0..1000/s, settle 0..600 s"
-            )
-        abort_on = obj.get("abort_on")
-        if abort_on is not None and (not isinstance(abort_on, str) or len(abort_on) > 200):
-            raise InputError(f"{what}.abort_on: expected a short string like 'success<99%:5s'")
-        ended_at = obj.get("ended_at")
-        if ended_at is not None and (isinstance(ended_at, bool) or not isinstance(ended_at, num)):
-            raise InputError(f"{what}.ended_at: expected a number or null")
-        reason = obj.get("end_reason")
-        if reason is not None and (not isinstance(reason, str) or len(reason) > 500):
-            raise InputError(f"{what}.end_reason: expected a short string or null")
-        return cls(
-            id=did,
-            scope_kind=kind,
-            scope=value,
-            mode=DrillMode(mode),
-            created_at=times[0],
-            fault_start=times[1],
-            fault_end=times[2],
-            clusters_in_scope=tuple(check_name(c, f"{what}.clusters_in_scope") for c in clusters),
-            regions={
-                check_name(k, f"{what}.regions"): check_name(v, f"{what}.regions.{k}")
-                for k, v in regions.items()
-            },
-            services=tuple(str(x) for x in services),
-            latency=latency,
-            error_rate=error_rate,
-            probe_rate=probe_rate,
-            settle=settle,
-            abort_on=abort_on,
-            state=state,
-            ended_at=None if ended_at is None else float(ended_at),
-            end_reason=reason,
-        )
 
 
 def _frozen(d: dict) -> Mapping:
@@ -590,15 +398,15 @@ class Catalog:
     @classmethod
     def from_json(cls, obj: Any) -> Catalog:
         """Inverse of to_json (used for the on-disk cache a gateway restarts from)."""
-        revision = _field(obj, "revision", "catalog", int)
+        revision = get_field(obj, "revision", "catalog", int)
         items: list[tuple[str, bytes]] = []
-        for name, rec in _field(obj, "clusters", "catalog", dict).items():
+        for name, rec in get_field(obj, "clusters", "catalog", dict).items():
             items.append((f"{CLUSTERS}{name}", json.dumps(rec).encode()))
-        for td, b in _field(obj, "bundles", "catalog", dict).items():
+        for td, b in get_field(obj, "bundles", "catalog", dict).items():
             items.append((f"{BUNDLES}{td}", json.dumps(b).encode()))
-        for name in _field(obj, "live", "catalog", list):
+        for name in get_field(obj, "live", "catalog", list):
             items.append((f"{LIVE}{check_name(name, 'catalog.live')}", b"{}"))
-        for e in _field(obj, "exports", "catalog", list):
+        for e in get_field(obj, "exports", "catalog", list):
             exp = Export.from_json(e, "catalog.exports")
             items.append((exp.key, json.dumps(exp.to_json()).encode()))
         for i in obj.get("imports", []) if isinstance(obj, Mapping) else []:

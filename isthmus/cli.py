@@ -94,7 +94,7 @@ def cmd_federation_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:
-    from federation.model import check_name
+    from federation.fields import check_name
     from federation.server.app import create_token
     from federation.store.base import open_store
 

@@ -44,8 +44,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from federation.drill_model import Drill, DrillMode
 from federation.errors import FederationError, InputError, IsthmusError
-from federation.model import Drill, DrillMode
 from federation.units import parse_decimal, parse_duration
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_PLAN_WARNING = 0, 1, 2, 3

@@ -36,6 +36,7 @@ from federation.errors import (
     InputError,
     StoreError,
 )
+from federation.fields import check_name
 from federation.identity import TrustBundle, spiffe_id_of
 from federation.logs import quote
 from federation.model import (
@@ -48,7 +49,6 @@ from federation.model import (
     ClusterRecord,
     Export,
     ImportRecord,
-    check_name,
 )
 from federation.server.auth import Auth
 from federation.server.credentials import Credentials, token_cluster, token_key

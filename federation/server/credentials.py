@@ -33,6 +33,7 @@ from pathlib import Path
 from federation import api
 from federation.ca import CertificateAuthority
 from federation.errors import ApiError, IdentityError, InputError, StoreError
+from federation.fields import check_name
 from federation.identity import (
     SYSTEM_NAMESPACE,
     SpiffeId,
@@ -42,7 +43,7 @@ from federation.identity import (
     federation_id,
     verify_svid,
 )
-from federation.model import TOKENS, check_name
+from federation.model import TOKENS
 from federation.server.state import State, log
 from federation.store.base import KV, Store
 from federation.tls import reload_server_context, server_context

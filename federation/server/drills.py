@@ -25,10 +25,11 @@ from aiohttp import web
 
 from federation import api
 from federation import drills as drill_logic
+from federation.drill_model import DRILLS, Drill, is_drill_id
 from federation.drill_report import compute_report
 from federation.errors import ApiError, InputError, StoreError
 from federation.logs import quote
-from federation.model import DRILLS, SAMPLES, Drill, is_drill_id
+from federation.model import SAMPLES
 from federation.server.auth import Auth
 from federation.server.catalog import CatalogView
 from federation.server.state import State, log, read_json

@@ -29,7 +29,7 @@ from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from federation.errors import InputError
-from federation.model import check_name
+from federation.fields import check_name
 from federation.units import format_duration, parse_duration, parse_hostport
 from gateway.errors import ConfigError, Problem
 

@@ -51,8 +51,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from federation.drill_model import Drill, DrillMode
 from federation.errors import FederationError
-from federation.model import Drill, DrillMode, ServiceKey
+from federation.model import ServiceKey
 from gateway.dataplane.dial import ListenerStats, connect_first
 
 log = logging.getLogger("isthmus.gateway.drill")

@@ -30,9 +30,10 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+from federation.drill_model import DrillMode
 from federation.errors import IdentityError
 from federation.logs import LogLimiter, quote
-from federation.model import DrillMode, ServiceKey
+from federation.model import ServiceKey
 from gateway.core.balance import Target
 from gateway.dataplane import link as link_codec
 from gateway.dataplane.dial import Dialer, ListenerStats, Router, connect_first

@@ -15,8 +15,9 @@ import pytest
 from federation import api
 from federation.ca import CertificateAuthority
 from federation.client import FederationClient
+from federation.drill_model import is_drill_id
 from federation.errors import FederationError, InputError
-from federation.model import check_name, is_drill_id
+from federation.fields import check_name
 from federation.server.app import REAP_INTERVAL
 from federation.units import parse_duration, parse_int
 from tests.helpers.federation import Fed, make_cluster, raw_session

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from federation.drill_model import Drill
 from federation.drill_report import compute_report
 from federation.drills import (
     DrillStateError,
@@ -24,7 +25,7 @@ from federation.drills import (
     validate_sample,
 )
 from federation.errors import InputError
-from federation.model import Catalog, ClusterRecord, Drill, Endpoint, Export
+from federation.model import Catalog, ClusterRecord, Endpoint, Export
 
 NOW = 1_796_000_000.25  # fault_start = ceil(NOW + 2s baseline) = 1_796_000_003
 SVC = "default/echo"

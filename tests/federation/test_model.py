@@ -140,7 +140,7 @@ def test_abort_on_takes_ascii_digits_only():
 
 @pytest.mark.parametrize("name", ["east-1\n", "east-1\r", "ëast-1", "east\u20131", "ｅａｓｔ"])
 def test_names_are_ascii_and_matched_whole(name):
-    from federation.model import check_name
+    from federation.fields import check_name
 
     with pytest.raises(InputError, match="is not a valid name"):
         check_name(name, "cluster")
@@ -149,7 +149,7 @@ def test_names_are_ascii_and_matched_whole(name):
 
 
 def test_drill_ids_are_matched_whole():
-    from federation.model import is_drill_id
+    from federation.drill_model import is_drill_id
 
     assert is_drill_id("d-20250101-000000-abcd")
     assert not is_drill_id("d-20250101-000000-abcd\n")

@@ -14,10 +14,11 @@ from typing import Any
 import pytest
 
 from federation.client import FederationClient, operator_client
+from federation.drill_model import Drill
 from federation.drill_report import compute_report
 from federation.errors import FederationError
 from federation.identity import SpiffeId, Svid, verify_svid
-from federation.model import Drill, FailoverPolicy, ImportRecord
+from federation.model import FailoverPolicy, ImportRecord
 from federation.server.app import FederationServer, operator_id
 from federation.store.sqlite import SqliteStore
 from tests.helpers.federation import Cluster, Fed, make_cluster, raw_session

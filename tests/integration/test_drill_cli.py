@@ -37,8 +37,8 @@ from typing import Any
 
 import pytest
 
+from federation.drill_model import Drill
 from federation.errors import FederationError
-from federation.model import Drill
 from isthmus import demo
 from isthmus.drill import EXIT_FAIL, EXIT_OK, aggregate_seconds, run_drill
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from federation.client import operator_client
+from federation.drill_model import Drill
 from federation.identity import Svid
-from federation.model import Drill
 from gateway.dataplane import link
 from tests.helpers.traffic import http_get, metric_value, wait_for
 from tests.integration.harness import Topology, running

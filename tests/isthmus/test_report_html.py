@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from federation.drill_model import Drill
 from federation.drill_report import compute_report
-from federation.model import Drill
 from isthmus.report_html import render_report_html, summary_rows, timeline_rows
 
 T0 = 1_796_000_000.0

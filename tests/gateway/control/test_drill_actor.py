@@ -7,8 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from federation.drill_model import Drill
 from federation.errors import FederationError
-from federation.model import Catalog, Drill, Locality, ServiceKey
+from federation.model import Catalog, Locality, ServiceKey
 from gateway.control.drill_actor import (
     SAMPLE_BUFFER,
     DrillActor,
