@@ -230,7 +230,8 @@ class Listener:
 class ImportListener(Listener):
     """Plain TCP from local apps for one imported service; picks targets through its router."""
 
-    def __init__(self, service: ServiceKey, router: Router, dialer: Dialer, *, max_connections: int, idle_timeout: float) -> None:
+    def __init__(self, service: ServiceKey, router: Router, dialer: Dialer, *,
+                 max_connections: int, idle_timeout: float) -> None:
         super().__init__(f"import {service}", max_connections, idle_timeout)
         self.service = service
         self.router = router
@@ -281,7 +282,8 @@ class InboundListener(Listener):
 
     MAX_HANDSHAKES = 256  # in flight at once; more are closed at accept (a flood, not peers)
 
-    def __init__(self, tls: Any, exports: Callable[[ServiceKey], Any], dialer: Dialer, *, max_connections: int, idle_timeout: float) -> None:
+    def __init__(self, tls: Any, exports: Callable[[ServiceKey], Any], dialer: Dialer, *,
+                 max_connections: int, idle_timeout: float) -> None:
         super().__init__("inbound", max_connections, idle_timeout)
         self.tls = tls
         self.exports = exports  # service -> (federation.model.Export, Router) or None
@@ -307,7 +309,8 @@ class InboundListener(Listener):
         if sock is not None:
             self.sock = sock.dup()
         else:
-            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                           flags=socket.AI_PASSIVE)
             self.sock = socket.create_server((host, port), family=infos[0][0], backlog=4096,
                                              reuse_port=reuse_port)
         self.sock.setblocking(False)
@@ -371,8 +374,10 @@ class InboundListener(Listener):
                 return
             try:
                 await self.loop.connect_accepted_socket(  # type: ignore[union-attr]
-                    self._new_link, conn, ssl=self.tls.server_context, ssl_handshake_timeout=timeout)
-            except (OSError, TimeoutError) as e:  # ssl.SSLError is an OSError; the transport closed conn
+                    self._new_link, conn, ssl=self.tls.server_context,
+                    ssl_handshake_timeout=timeout)
+            # ssl.SSLError is an OSError; the transport closed conn
+            except (OSError, TimeoutError) as e:
                 self.handshake_failed += 1
                 limited.warning("handshake-refused", "inbound link from %s refused in the TLS "
                                 "handshake: %s", quote(peer), quote(str(e) or type(e).__name__))
@@ -409,7 +414,8 @@ class InboundListener(Listener):
         service = ServiceKey(ns, name)
         entry = self.exports(service) if ns and name else None
         if entry is None:
-            return _refuse(link, sid, "unknown-service", f"service {raw!r} is not exported by this cluster")
+            return _refuse(link, sid, "unknown-service",
+                           f"service {raw!r} is not exported by this cluster")
         export, router = entry
         if not export.allows(link.peer):
             self.denied += 1
@@ -432,7 +438,8 @@ class InboundListener(Listener):
         self.stats.active = len(self.legs)
         stream.own(self.spawn(self._connect(link, stream, service, router, delay)))
 
-    async def _connect(self, link: MuxLink, stream: Stream, service: ServiceKey, router: Router, delay: float) -> None:
+    async def _connect(self, link: MuxLink, stream: Stream, service: ServiceKey, router: Router,
+                       delay: float) -> None:
         if delay > 0:  # degrade drill: the OK comes `delay` later (cancelled if the stream goes)
             await asyncio.sleep(delay)
         timeout = router.response_timeout
@@ -443,7 +450,8 @@ class InboundListener(Listener):
             return
         if found is None:
             self.stats.failed += 1
-            _refuse(link, stream.sid, "no-endpoint", f"no local endpoint of {service} could be reached")
+            _refuse(link, stream.sid, "no-endpoint",
+                    f"no local endpoint of {service} could be reached")
             stream.drop()
             return
         target, up = found

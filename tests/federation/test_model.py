@@ -31,7 +31,10 @@ def test_snapshot_fold_and_json_round_trip():
         (EAST.key, _put(EAST)),
         ("catalog/live/east-1", b"{}"),
         (ECHO.key, _put(ECHO)),
-        (ImportRecord("east-1", "default", "echo").key, _put(ImportRecord("east-1", "default", "echo"))),
+        (
+            ImportRecord("east-1", "default", "echo").key,
+            _put(ImportRecord("east-1", "default", "echo")),
+        ),
     ]
     cat = Catalog.from_items(items, 7)
     assert cat.revision == 7 and cat.clusters["east-1"] == EAST and cat.live == {"east-1"}
@@ -41,7 +44,9 @@ def test_snapshot_fold_and_json_round_trip():
 
 
 def test_lease_gone_hides_exports_and_delete_removes():
-    cat = Catalog.from_items([(EAST.key, _put(EAST)), ("catalog/live/east-1", b"{}"), (ECHO.key, _put(ECHO))], 3)
+    cat = Catalog.from_items(
+        [(EAST.key, _put(EAST)), ("catalog/live/east-1", b"{}"), (ECHO.key, _put(ECHO))], 3
+    )
     cat = cat.apply("catalog/live/east-1", None, 4)
     assert cat.exports_of(ECHO.service) == [] and cat.revision == 4
     cat = cat.apply(ECHO.key, None, 5)
@@ -52,13 +57,19 @@ def test_lease_gone_hides_exports_and_delete_removes():
     "key, value, phrase",
     [
         (ECHO.key, b"{not json", "not valid JSON"),
-        (ECHO.key, json.dumps({**ECHO.to_json(), "port": 0}).encode(), "port: 0 is not in 1..65535"),
-        (ECHO.key, json.dumps({**ECHO.to_json(), "cluster": "west-1"}).encode(), "the export inside names"),
-        (EAST.key, json.dumps({**EAST.to_json(), "gateway_address": "nowhere"}).encode(), "gateway_address"),
+        (ECHO.key, json.dumps({**ECHO.to_json(), "port": 0}).encode(),
+         "port: 0 is not in 1..65535"),
+        (ECHO.key, json.dumps({**ECHO.to_json(), "cluster": "west-1"}).encode(),
+         "the export inside names"),
+        (EAST.key, json.dumps({**EAST.to_json(), "gateway_address": "nowhere"}).encode(),
+         "gateway_address"),
         (ECHO.key, json.dumps({**ECHO.to_json(), "protocol": "grpc"}).encode(),
          "protocol: 'grpc' is not supported .use tcp or http."),
         ("catalog/exports/east-1/default/echo",
-         json.dumps({**ECHO.to_json(), "endpoints": [{"address": "1.2.3.4:5", "healthy": "yes", "weight": 1}]}).encode(),
+         json.dumps({
+             **ECHO.to_json(),
+             "endpoints": [{"address": "1.2.3.4:5", "healthy": "yes", "weight": 1}],
+         }).encode(),
          "endpoints[0].healthy"),
     ],
 )

@@ -119,7 +119,8 @@ def test_build_tiers_empty_and_sorted():
 
 def test_build_tiers_same_cluster_name_other_zone_is_still_cluster():
     # Tier membership of "cluster" is by cluster name alone.
-    assert layout(build_tiers([tgt("x", "us-east/a/east-1")], CALLER, FailoverPolicy()))[0][0] == "cluster"
+    tiers = build_tiers([tgt("x", "us-east/a/east-1")], CALLER, FailoverPolicy())
+    assert layout(tiers)[0][0] == "cluster"
 
 
 def test_build_tiers_rejects_duplicate_keys():

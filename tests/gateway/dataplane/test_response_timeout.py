@@ -178,7 +178,8 @@ async def test_the_passive_path_ejects_a_frozen_endpoint_from_new_connections(st
         )
     )
     router = Router(
-        SERVICE, LOC_A, FailoverPolicy(tiers=("cluster",)), book, time.monotonic, random.Random(7).random
+        SERVICE, LOC_A, FailoverPolicy(tiers=("cluster",)), book, time.monotonic,
+        random.Random(7).random
     )
     router.set_local([Endpoint(HOST, frozen), Endpoint(HOST, live)])
     lst = await import_listener(stack, router)
