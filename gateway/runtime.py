@@ -58,17 +58,19 @@ from federation.model import (
 from federation.units import parse_hostport
 from gateway.config.schema import GatewayConfig
 from gateway.control.agent import Agent, Backoff, Identity, federation_ca
+from gateway.control.claim import (
+    ListenSockets,
+    StateLock,
+    already_running,
+    control_socket,
+    remove_control_socket,
+)
 from gateway.control.drill_actor import DrillActor
 from gateway.control.handoff import (
     Channel,
     ControlServer,
-    ListenSockets,
-    StateLock,
     Takeover,
     TakeoverFailed,
-    already_running,
-    control_socket,
-    remove_control_socket,
     send_sockets,
 )
 from gateway.control.workers import STATS_EVERY, Supervisor, read_stats, watch_parent, write_stats
