@@ -84,7 +84,8 @@ class Gateway:
         self.cfg = cfg
         self.restart = Restart(cfg, workers=workers, worker=worker, takeover=takeover,
                                listen_fds=listen_fds, ready_fd=ready_fd, wait_serve=wait_serve,
-                               speak=self._speak, quiet=self._quiet, drain=self._want_drain)
+                               speak=self._speak, quiet=self._quiet,
+                               drain=lambda: self._drain_wanted.set())  # type: ignore[union-attr]
         self.catalog_from = "none"  # "cache" | "federation": what the catalog in use came from
         self._tg: asyncio.TaskGroup | None = None
         self._speaker: asyncio.Task | None = None
@@ -149,7 +150,9 @@ class Gateway:
             port=ex.port,
             protocol=ex.protocol,
             endpoints=tuple(
-                Endpoint(e.host, e.port, self.book.routable(local_key(e.host, e.port), now) if health else True, e.weight)
+                Endpoint(e.host, e.port,
+                         self.book.routable(local_key(e.host, e.port), now) if health else True,
+                         e.weight)
                 for e in ex.endpoints
             ),
             allowed_consumers=ex.allowed_consumers,
@@ -286,7 +289,8 @@ class Gateway:
             async def one(cluster: str) -> None:
                 host, port = self.gateways[cluster]
                 ok = await self.dialer.pool.ping(cluster, host, port, p.timeout)
-                self.book.probe(remote_key(cluster), ok, self._mono(), p.healthy_threshold, p.unhealthy_threshold)
+                self.book.probe(remote_key(cluster), ok, self._mono(), p.healthy_threshold,
+                                p.unhealthy_threshold)
 
             if clusters:
                 await asyncio.gather(*(one(c) for c in clusters))
@@ -352,9 +356,6 @@ class Gateway:
             await asyncio.wait({self._speaker})
             self._speaker = None
 
-    def _want_drain(self) -> None:
-        self._drain_wanted.set()  # type: ignore[union-attr]
-
     def _on_federation_catalog(self, cat: Catalog) -> None:
         self.catalog_from = "federation"
         self.apply_catalog(cat)
@@ -368,7 +369,8 @@ class Gateway:
 
     async def _report_stats(self) -> None:
         while True:
-            await asyncio.to_thread(write_stats, self.cfg.state_dir, self.worker, self.listener_stats())
+            await asyncio.to_thread(write_stats, self.cfg.state_dir, self.worker,
+                                    self.listener_stats())
             await asyncio.sleep(STATS_EVERY)
 
     async def _stop_with_parent(self, stop: asyncio.Event) -> None:
@@ -387,16 +389,15 @@ class Gateway:
         return out
 
     # -- lifecycle -------------------------------------------------------------------------------
-    def _sock(self, hostport: tuple[str, int]) -> Any:
-        return self.restart.sock(hostport)
-
     async def start(self) -> None:
         cfg = self.cfg
         federation_ca(cfg)  # a ConfigError now, before anything is bound, rather than at the join
         await self.restart.claim()
-        self.identity = Identity(cfg, self.wall(), persist=self.primary and self.restart.handoff is None)
+        self.identity = Identity(cfg, self.wall(),
+                                 persist=self.primary and self.restart.handoff is None)
         self.tls = GatewayTls(
-            TlsSnapshot(self.identity.svid, {self.identity.bundle.trust_domain: self.identity.bundle},
+            TlsSnapshot(self.identity.svid,
+                        {self.identity.bundle.trust_domain: self.identity.bundle},
                         {cfg.cluster.trust_domain: cfg.cluster.name}),
             self.wall,
         )
@@ -408,23 +409,27 @@ class Gateway:
         if cached is not None:
             self.catalog_from = "cache"
             self.apply_catalog(cached)
-            log.info("routing from cached catalog revision %d until the federation answers", cached.revision)
+            log.info("routing from cached catalog revision %d until the federation answers",
+                     cached.revision)
         lim = cfg.limits
         serving = self.restart.serving
         dialer = self.dialer = Dialer(self.tls, lim.connect_timeout)
         self.inbound = InboundListener(self.tls, self.export_routers.get, dialer,
-                                       max_connections=lim.max_connections, idle_timeout=lim.idle_timeout)
-        await self.inbound.start(*cfg.listen.inbound, sock=self._sock(cfg.listen.inbound),
+                                       max_connections=lim.max_connections,
+                                       idle_timeout=lim.idle_timeout)
+        await self.inbound.start(*cfg.listen.inbound, sock=self.restart.sock(cfg.listen.inbound),
                                  serving=serving)
         self.listeners.append(self.inbound)
         self.drill_actor = DrillActor(cfg.cluster.name, self.wall, self._mono, self.inbound,
-                                      self.agent if self.primary else None, self.import_routers, dialer,
-                                      self.rng.random, observe=self.primary)
+                                      self.agent if self.primary else None,
+                                      self.import_routers, dialer, self.rng.random,
+                                      observe=self.primary)
         self.drill_actor.on_catalog(self.catalog)  # a cached catalog may hold a drill in progress
         for svc, router in self.import_routers.items():
             im = next(i for i in cfg.imports if (i.namespace, i.name) == (svc.namespace, svc.name))
-            lst = ImportListener(svc, router, dialer, max_connections=lim.max_connections, idle_timeout=lim.idle_timeout)
-            await lst.start(*im.listen, sock=self._sock(im.listen), serving=serving)
+            lst = ImportListener(svc, router, dialer, max_connections=lim.max_connections,
+                                 idle_timeout=lim.idle_timeout)
+            await lst.start(*im.listen, sock=self.restart.sock(im.listen), serving=serving)
             self.listeners.append(lst)
         if not self.primary:
             self.ready = True
@@ -446,7 +451,7 @@ class Gateway:
         from gateway.control.admin import start_admin
 
         admin = self.cfg.listen.admin
-        self.admin = await start_admin(self, *admin, sock=self._sock(admin))
+        self.admin = await start_admin(self, *admin, sock=self.restart.sock(admin))
 
     async def run(self, stop: asyncio.Event, drain: asyncio.Event | None = None) -> None:
         """Until `stop` (close now) or `drain` (stop accepting, drain, close): SIGTERM / SIGQUIT
@@ -551,7 +556,8 @@ class Gateway:
             "ready": self.ready,
             "uptime_seconds": round(now - self.started_at, 1),
             "agent": self.agent.status() if self.agent else None,
-            "catalog": {"revision": self.catalog.revision, "clusters": sorted(self.catalog.clusters),
+            "catalog": {"revision": self.catalog.revision,
+                        "clusters": sorted(self.catalog.clusters),
                         "live": sorted(self.catalog.live)},
             "imports": [r.describe() for r in self.import_routers.values()],
             "exports": [e.to_json() for e in self.export_state()],

@@ -57,7 +57,8 @@ def stats_path(state_dir: Path, worker: int) -> Path:
 def write_stats(state_dir: Path, worker: int, listeners: dict[str, dict[str, Any]]) -> None:
     path = stats_path(state_dir, worker)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    write_atomic(path, json.dumps({"pid": os.getpid(), "written_at": time.time(), "listeners": listeners}).encode())
+    write_atomic(path, json.dumps({"pid": os.getpid(), "written_at": time.time(),
+                                   "listeners": listeners}).encode())
 
 
 def read_stats(state_dir: Path, workers: int, now: float) -> dict[int, dict[str, Any]]:
@@ -67,7 +68,8 @@ def read_stats(state_dir: Path, workers: int, now: float) -> dict[int, dict[str,
     for i in range(1, workers):
         try:
             obj = json.loads(stats_path(state_dir, i).read_text())
-            if now - float(obj["written_at"]) <= STATS_STALE and isinstance(obj.get("listeners"), dict):
+            if (now - float(obj["written_at"]) <= STATS_STALE
+                    and isinstance(obj.get("listeners"), dict)):
                 out[i] = obj
         except (OSError, ValueError, KeyError, TypeError):
             continue
@@ -196,7 +198,8 @@ class Supervisor:
             if time.monotonic() - started > 60:
                 backoff = 1.0
             self.restarts[worker] += 1
-            log.warning("worker %d (pid %d) exited with code %s; restarting in %.0fs", worker, proc.pid, code, backoff)
+            log.warning("worker %d (pid %d) exited with code %s; restarting in %.0fs", worker,
+                        proc.pid, code, backoff)
             if self.sockets is not None:
                 self.sockets.drop(worker)
             await asyncio.sleep(backoff)
@@ -238,7 +241,8 @@ class Supervisor:
 
     def status(self) -> list[dict[str, Any]]:
         return [{"worker": i, "pid": p.pid if (p := self.procs.get(i)) else None,
-                 "running": bool(p is not None and p.returncode is None), "restarts": self.restarts[i]}
+                 "running": bool(p is not None and p.returncode is None),
+                 "restarts": self.restarts[i]}
                 for i in range(1, self.workers)]
 
 
