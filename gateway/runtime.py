@@ -19,16 +19,16 @@ worker 0 (the primary) does everything above and supervises the others; workers 
 data plane only (their own catalog watch, health checks and drill faults; no join, lease,
 publishing, admin or drill observers).
 
-Lifecycle (handoff.py has the protocol):
-1. claim: bind every listening socket (or, with --takeover, receive them from the gateway running
-   on the state dir) before writing anything; take the state dir's lock;
+Lifecycle (restart.py orchestrates restarts; control/handoff.py has the protocol):
+1. claim: bind every listening socket (or, with --takeover, receive them from the gateway
+   running on the state dir) before writing anything; take the state dir's lock;
 2. build identity, routers, listeners (a takeover builds them not accepting yet), admin;
 3. run the data plane's tasks; the primary *speaks* for the cluster (join, lease, publishing,
    catalog file, SVID rotation, drill actor: everything that writes the state dir or the
    federation) in one task that a handoff stops and, if the handoff fails, starts again;
 4. a takeover waits until ready (takeover.missing), is released by the old process, starts
-   accepting and speaking; the old one then drains (`_drain`) and exits 0. SIGQUIT drains too;
-   SIGTERM/SIGINT stop at once.
+   accepting and speaking; the old one then drains (`Restart.drain`) and exits 0. SIGQUIT
+   drains too; SIGTERM/SIGINT stop at once.
 """
 
 from __future__ import annotations
@@ -38,8 +38,6 @@ import gc
 import logging
 import os
 import random
-import signal
-import socket
 import time
 from typing import Any
 
@@ -59,21 +57,10 @@ from federation.units import parse_hostport
 from gateway.config.schema import GatewayConfig
 from gateway.control.agent import Agent, Backoff, Identity, federation_ca
 from gateway.control.drill_actor import DrillActor
-from gateway.control.handoff import (
-    Channel,
-    ControlServer,
-    ListenSockets,
-    StateLock,
-    Takeover,
-    TakeoverFailed,
-    already_running,
-    control_socket,
-    remove_control_socket,
-    send_sockets,
-)
+from gateway.control.handoff import TakeoverFailed
 from gateway.control.workers import STATS_EVERY, Supervisor, read_stats, watch_parent, write_stats
-from gateway.core.health import HealthBook, HealthState
-from gateway.core.takeover import Progress, missing, wanted_listeners
+from gateway.core.health import HealthBook
+from gateway.core.takeover import Progress
 from gateway.dataplane.dial import Dialer
 from gateway.dataplane.l4 import ImportListener, InboundListener
 from gateway.dataplane.probes import checker, probe_loop
@@ -83,6 +70,7 @@ from gateway.dataplane.router import (
     remote_key,
 )
 from gateway.dataplane.tls import GatewayTls, TlsSnapshot
+from gateway.restart import Restart, first_of, readiness
 
 log = logging.getLogger("isthmus.gateway")
 
@@ -95,18 +83,10 @@ class Gateway:
                  takeover: bool = False, listen_fds: dict[str, int] | None = None,
                  ready_fd: int | None = None, wait_serve: bool = False) -> None:
         self.cfg = cfg
-        self.takeover_wanted = takeover  # --takeover: take the sockets of the running gateway
-        self.listen_fds = listen_fds  # a worker's sockets, from its primary: address -> fd
-        self.ready_fd = ready_fd  # a worker tells its primary it is ready here
-        self.wait_serve = wait_serve  # a worker started in a takeover: accept on SIGUSR1 only
-        self.sockets: ListenSockets | None = None
-        self.handoff: Takeover | None = None  # a takeover in progress (this is the new process)
-        self.lock: StateLock | None = None
-        self.control_sock: Any = None
-        self.control: ControlServer | None = None
-        self.handed_over_to = False  # the old process, after a handoff
-        self._released = False  # the old process, between release and taken (or resume)
-        self.draining = False
+        self.restart = Restart(cfg, workers=workers, worker=worker, takeover=takeover,
+                               listen_fds=listen_fds, ready_fd=ready_fd, wait_serve=wait_serve,
+                               speak=self._speak, quiet=self._quiet,
+                               drain=lambda: self._drain_wanted.set())  # type: ignore[union-attr]
         self.catalog_from = "none"  # "cache" | "federation": what the catalog in use came from
         self._tg: asyncio.TaskGroup | None = None
         self._speaker: asyncio.Task | None = None
@@ -171,7 +151,9 @@ class Gateway:
             port=ex.port,
             protocol=ex.protocol,
             endpoints=tuple(
-                Endpoint(e.host, e.port, self.book.routable(local_key(e.host, e.port), now) if health else True, e.weight)
+                Endpoint(e.host, e.port,
+                         self.book.routable(local_key(e.host, e.port), now) if health else True,
+                         e.weight)
                 for e in ex.endpoints
             ),
             allowed_consumers=ex.allowed_consumers,
@@ -308,7 +290,8 @@ class Gateway:
             async def one(cluster: str) -> None:
                 host, port = self.gateways[cluster]
                 ok = await self.dialer.pool.ping(cluster, host, port, p.timeout)
-                self.book.probe(remote_key(cluster), ok, self._mono(), p.healthy_threshold, p.unhealthy_threshold)
+                self.book.probe(remote_key(cluster), ok, self._mono(), p.healthy_threshold,
+                                p.unhealthy_threshold)
 
             if clusters:
                 await asyncio.gather(*(one(c) for c in clusters))
@@ -364,7 +347,15 @@ class Gateway:
             tg.create_task(self.drill_actor.run())
 
     def _speak(self) -> None:
-        self._speaker = self._tg.create_task(self._speaking())  # type: ignore[union-attr]
+        if self._speaker is None:
+            self._speaker = self._tg.create_task(self._speaking())  # type: ignore[union-attr]
+
+    async def _quiet(self) -> None:
+        """Stop speaking for the cluster (a handoff releases that role to the new process)."""
+        if self._speaker is not None:
+            self._speaker.cancel()
+            await asyncio.wait({self._speaker})
+            self._speaker = None
 
     def _on_federation_catalog(self, cat: Catalog) -> None:
         self.catalog_from = "federation"
@@ -379,7 +370,8 @@ class Gateway:
 
     async def _report_stats(self) -> None:
         while True:
-            await asyncio.to_thread(write_stats, self.cfg.state_dir, self.worker, self.listener_stats())
+            await asyncio.to_thread(write_stats, self.cfg.state_dir, self.worker,
+                                    self.listener_stats())
             await asyncio.sleep(STATS_EVERY)
 
     async def _stop_with_parent(self, stop: asyncio.Event) -> None:
@@ -398,49 +390,15 @@ class Gateway:
         return out
 
     # -- lifecycle -------------------------------------------------------------------------------
-    async def _claim(self) -> None:
-        """Bind (or, taking over, receive) every listening socket before anything is written to
-        the state dir; then the primary takes the state dir's lock and its control socket."""
-        cfg = self.cfg
-        wanted = wanted_listeners(cfg, self.workers)
-        if not self.primary:
-            self.sockets = ListenSockets.for_worker(wanted, self.listen_fds or {}, self.worker,
-                                                    cfg.source)
-            return
-        if self.takeover_wanted:
-            self.handoff = await Takeover.begin(cfg.state_dir, self.workers,
-                                                cfg.limits.takeover_timeout)
-            if self.handoff is None:
-                log.info("--takeover: no gateway runs on %s; starting normally", cfg.state_dir)
-            else:
-                try:
-                    self.sockets = self.handoff.sockets(wanted, cfg.source)
-                except Exception as e:
-                    await self.handoff.abort(str(e))
-                    self.handoff = None
-                    raise
-                return
-        pid = StateLock.holder(cfg.state_dir)
-        if pid is not None:
-            raise already_running(cfg.state_dir, pid, cfg.source)
-        self.sockets = ListenSockets.bind(wanted, cfg.source)
-        cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.lock = StateLock.acquire(cfg.state_dir, cfg.source)
-        self.lock.write_pid(os.getpid())
-        self.control_sock = control_socket(cfg.state_dir)
-
-    def _sock(self, hostport: tuple[str, int]) -> Any:
-        from federation.units import format_hostport
-
-        return self.sockets.get(format_hostport(*hostport), self.worker)
-
     async def start(self) -> None:
         cfg = self.cfg
         federation_ca(cfg)  # a ConfigError now, before anything is bound, rather than at the join
-        await self._claim()
-        self.identity = Identity(cfg, self.wall(), persist=self.primary and self.handoff is None)
+        await self.restart.claim()
+        self.identity = Identity(cfg, self.wall(),
+                                 persist=self.primary and self.restart.handoff is None)
         self.tls = GatewayTls(
-            TlsSnapshot(self.identity.svid, {self.identity.bundle.trust_domain: self.identity.bundle},
+            TlsSnapshot(self.identity.svid,
+                        {self.identity.bundle.trust_domain: self.identity.bundle},
                         {cfg.cluster.trust_domain: cfg.cluster.name}),
             self.wall,
         )
@@ -452,33 +410,38 @@ class Gateway:
         if cached is not None:
             self.catalog_from = "cache"
             self.apply_catalog(cached)
-            log.info("routing from cached catalog revision %d until the federation answers", cached.revision)
+            log.info("routing from cached catalog revision %d until the federation answers",
+                     cached.revision)
         lim = cfg.limits
-        serving = self.handoff is None and not self.wait_serve
+        serving = self.restart.serving
         dialer = self.dialer = Dialer(self.tls, lim.connect_timeout)
         self.inbound = InboundListener(self.tls, self.export_routers.get, dialer,
-                                       max_connections=lim.max_connections, idle_timeout=lim.idle_timeout)
-        await self.inbound.start(*cfg.listen.inbound, sock=self._sock(cfg.listen.inbound),
+                                       max_connections=lim.max_connections,
+                                       idle_timeout=lim.idle_timeout)
+        await self.inbound.start(*cfg.listen.inbound, sock=self.restart.sock(cfg.listen.inbound),
                                  serving=serving)
         self.listeners.append(self.inbound)
         self.drill_actor = DrillActor(cfg.cluster.name, self.wall, self._mono, self.inbound,
-                                      self.agent if self.primary else None, self.import_routers, dialer,
-                                      self.rng.random, observe=self.primary)
+                                      self.agent if self.primary else None,
+                                      self.import_routers, dialer, self.rng.random,
+                                      observe=self.primary)
         self.drill_actor.on_catalog(self.catalog)  # a cached catalog may hold a drill in progress
         for svc, router in self.import_routers.items():
             im = next(i for i in cfg.imports if (i.namespace, i.name) == (svc.namespace, svc.name))
-            lst = ImportListener(svc, router, dialer, max_connections=lim.max_connections, idle_timeout=lim.idle_timeout)
-            await lst.start(*im.listen, sock=self._sock(im.listen), serving=serving)
+            lst = ImportListener(svc, router, dialer, max_connections=lim.max_connections,
+                                 idle_timeout=lim.idle_timeout)
+            await lst.start(*im.listen, sock=self.restart.sock(im.listen), serving=serving)
             self.listeners.append(lst)
         if not self.primary:
             self.ready = True
             log.info("gateway %s worker %d/%d up", cfg.cluster.name, self.worker, self.workers)
             return
         if self.workers > 1:
-            self.supervisor = Supervisor(cfg.source, self.workers, self.log_level, self.sockets,
-                                         wait_serve=self.handoff is not None)
-        if self.handoff is not None:
-            return  # _take_over() goes on once ready
+            self.supervisor = Supervisor(cfg.source, self.workers, self.log_level,
+                                         self.restart.sockets,
+                                         wait_serve=self.restart.handoff is not None)
+        if self.restart.handoff is not None:
+            return  # run() takes over once ready
         await self._start_admin()
         self.ready = True
         log.info("gateway %s (%s) up: inbound %s, admin %s:%s, %d import listener(s), %d worker(s)",
@@ -489,7 +452,7 @@ class Gateway:
         from gateway.control.admin import start_admin
 
         admin = self.cfg.listen.admin
-        self.admin = await start_admin(self, *admin, sock=self._sock(admin))
+        self.admin = await start_admin(self, *admin, sock=self.restart.sock(admin))
 
     async def run(self, stop: asyncio.Event, drain: asyncio.Event | None = None) -> None:
         """Until `stop` (close now) or `drain` (stop accepting, drain, close): SIGTERM / SIGQUIT
@@ -516,18 +479,22 @@ class Gateway:
                 tg.create_task(self._probe_gateways())
                 tg.create_task(self._ticker())
                 if self.primary:
-                    if self.handoff is not None:
+                    if self.restart.handoff is not None:
                         try:
-                            await self._take_over(stop)
+                            await self.restart.take_over(
+                                follow=self._follow_saved, progress=self._progress,
+                                stopping=lambda: stop.is_set() or drain.is_set(),
+                                identity=self.identity, accept=self._accept,
+                                imports=len(self.import_routers))
                         except TakeoverFailed as e:
                             failure = e
                             raise _Stop from None
                     self._speak()
-                    self.control = ControlServer(self.control_sock, self)
-                    tg.create_task(self.control.run())
+                    tg.create_task(self.restart.control_server().run())
                 else:
-                    tg.create_task(self._worker_ready())
-                await _first(stop, drain)
+                    tg.create_task(self.restart.worker_ready(self._progress, drain.is_set,
+                                                             self.listeners))
+                await first_of(stop, drain)
                 if drain.is_set() and self.supervisor is not None:
                     self.supervisor.draining = True  # its workers drain too, not stop
                 raise _Stop
@@ -537,168 +504,36 @@ class Gateway:
             raise _first_error(group) from None
         finally:
             if drain.is_set() and not stop.is_set() and failure is None:
-                await self._drain(stop)
+                self.ready = False
+                await self.restart.drain(stop, self.listeners, self.supervisor, self._close_admin)
             await self.close()
         if failure is not None:
             raise failure
 
-    # -- restarts (handoff.py) ----------------------------------------------------------------
+    # -- restarts (restart.py) ---------------------------------------------------------------
     def _progress(self, waited: float) -> Progress:
-        unknown = tuple(local_key(e.host, e.port) for ex in self.cfg.exports for e in ex.endpoints
-                        if self.book.state(local_key(e.host, e.port)) == HealthState.UNKNOWN)
-        peers = tuple(c for c in self._peers()
-                      if self.book.state(remote_key(c)) == HealthState.UNKNOWN)
-        workers = self.supervisor.waiting() if self.supervisor is not None else ()
-        return Progress(waited, self.catalog_from, unknown, peers, workers)
+        return readiness(waited, self.cfg, self.book, self._peers(), self.catalog_from,
+                         self.supervisor)
 
-    async def _until_ready(self, stop: asyncio.Event, timeout: float | None) -> str | None:
-        """Wait until takeover.missing() says ready; what is missing if `timeout` passes first."""
-        loop = asyncio.get_running_loop()
-        began = loop.time()
-        while (why := missing(self._progress(loop.time() - began))) is not None:
-            if stop.is_set() or (self._drain_wanted is not None and self._drain_wanted.is_set()):
-                return "nothing (it was told to stop)"
-            if timeout is not None and loop.time() - began >= timeout:
-                return why
-            await asyncio.sleep(0.05)
-        return None
-
-    async def _take_over(self, stop: asyncio.Event) -> None:
-        """This process is the new one: get ready, be released, accept, speak; the old drains."""
-        t, cfg = self.handoff, self.cfg
-        assert t is not None
-        began = time.monotonic()
+    async def _follow_saved(self) -> None:
+        """Taking over: follow the catalog at once if the old process had joined."""
         if self.agent.joined_path.exists():
             await self.agent.ensure_joined()  # the saved federation bundle: no request yet
             self._watch()
-        timeout = cfg.limits.takeover_timeout
-        why = await self._until_ready(stop, timeout)
-        if why is not None:
-            reason = (f"not ready after {timeout:g}s (limits.takeover_timeout): "
-                      f"still waiting for {why}")
-            await t.abort(reason)
-            self.handoff = None
-            raise TakeoverFailed(f"takeover aborted, {reason}; the running gateway (pid {t.pid}) "
-                                 "keeps serving")
-        got = await t.ready()  # TakeoverFailed if it gave up on us
-        try:
-            if got is None:
-                log.warning("the running gateway (pid %d) went away during the takeover; "
-                            "going on alone", t.pid)
-                self.lock = StateLock.acquire(cfg.state_dir, cfg.source, wait=2.0)
-                self.control_sock = control_socket(cfg.state_dir)
-            else:
-                self.lock, self.control_sock = got
-        except IsthmusError as e:
-            await t.abort(str(e))
-            self.handoff = None
-            raise TakeoverFailed(f"takeover aborted: {e}") from None
-        self.lock.write_pid(os.getpid())
-        self._persist_identity()
+
+    async def _accept(self) -> None:
+        """Taking over, released: accept (this process and its workers), serve the admin port."""
         for lst in self.listeners:
             await lst.serve()
         if self.supervisor is not None:
             self.supervisor.serve()
         await self._start_admin()
         self.ready = True
-        if got is not None:
-            await t.taken()
-        self.handoff = None
-        log.info("gateway %s took over from pid %d in %.1fs: %d import listener(s), %d worker(s)",
-                 cfg.cluster.name, t.pid, time.monotonic() - began, len(self.import_routers),
-                 self.workers)
 
-    def _persist_identity(self) -> None:
-        """Now the writer of the state dir: keep what was issued in memory while taking over."""
-        ident = self.identity
-        ident.persist = True
-        ident.bundle = ident._bundle()  # writes bundle.json if the CA changed; same sequence
-        try:
-            on_disk = Svid.load(ident.dir)
-        except IsthmusError:
-            on_disk = None
-        if on_disk is None or on_disk.serial != ident.svid.serial:
-            ident.svid.write(ident.dir)
-
-    async def _worker_ready(self) -> None:
-        """A worker: accept now, or (in a takeover) once ready and its primary says so; tell the
-        primary it is ready, with its sockets, on the socket it gave (`--ready-fd`)."""
-        if self.wait_serve:
-            loop = asyncio.get_running_loop()
-            serve = asyncio.Event()
-            loop.add_signal_handler(signal.SIGUSR1, serve.set)
-            await self._until_ready(asyncio.Event(), None)  # the primary bounds the wait
-            await self._signal_ready()
-            await serve.wait()
-            for lst in self.listeners:
-                await lst.serve()
-            log.info("worker %d accepting", self.worker)
-        else:
-            await self._signal_ready()
-
-    async def _signal_ready(self) -> None:
-        if self.ready_fd is None:
-            return
-        ch = Channel(socket.socket(fileno=self.ready_fd))
-        self.ready_fd = None
-        try:
-            await send_sockets(ch, "ready", self.sockets.offer())
-        except (IsthmusError, OSError) as e:
-            log.warning("cannot tell the primary this worker is ready: %s", e)
-        finally:
-            ch.close()
-
-    # handoff.Handing, for the control server (this is the old process)
-    def handoff_sockets(self) -> ListenSockets:
-        return self.sockets
-
-    async def release(self) -> tuple[int, Any]:
-        if self._speaker is not None:
-            self._speaker.cancel()
-            await asyncio.wait({self._speaker})
-            self._speaker = None
-        self._released = True
-        log.info("released the state dir and the federation role to the new process")
-        return self.lock.fd, self.control_sock
-
-    def resume(self) -> None:
-        self._released = False
-        self.lock.write_pid(os.getpid())
-        if self._speaker is None:
-            self._speak()
-
-    def handed_over(self) -> None:
-        self.handed_over_to = True
-        self._drain_wanted.set()
-
-    async def _drain(self, stop: asyncio.Event) -> None:
-        """Stop accepting (the new process, if any, accepts from the same sockets); let open
-        connections finish within limits.drain_timeout; a SIGTERM meanwhile cuts it short."""
-        timeout = self.cfg.limits.drain_timeout
-        self.ready = False
-        self.draining = True
-        for lst in self.listeners:
-            lst.stop_accepting()
+    async def _close_admin(self) -> None:
         if self.admin is not None:
             await self.admin.cleanup()
             self.admin = None
-        if self.sockets is not None:
-            self.sockets.close()
-        open_now = sum(len(lst.legs) for lst in self.listeners)
-        log.info("draining: accepting no more; %d open connection(s) get up to %gs",
-                 open_now, timeout)
-        jobs = [lst.drain(timeout) for lst in self.listeners]
-        if self.supervisor is not None:
-            jobs.append(self.supervisor.drain(timeout))
-        work = asyncio.ensure_future(asyncio.gather(*jobs))
-        await _first(stop, work)
-        if work.done():
-            left = sum(n for n in work.result() if isinstance(n, int))
-            log.info("drained: %d connection(s) were still open at the bound and were closed", left)
-        else:
-            log.warning("told to stop while draining: closing the open connections now")
-            work.cancel()
-            await asyncio.wait({work})
 
     async def close(self) -> None:
         self.ready = False
@@ -707,24 +542,10 @@ class Gateway:
         self.listeners.clear()
         if self.dialer is not None:
             await self.dialer.pool.close()
-        if self.admin is not None:
-            await self.admin.cleanup()
-            self.admin = None
+        await self._close_admin()
         if self.agent is not None:
             await self.agent.close()
-        if self.handoff is not None:  # this process never took over: the old one keeps serving
-            await self.handoff.abort("the new process stopped before it was ready")
-            self.handoff = None
-        if self.sockets is not None:
-            self.sockets.close()
-        if self.control_sock is not None:
-            if not (self.handed_over_to or self._released):  # else the new process's now
-                remove_control_socket(self.cfg.state_dir)
-            self.control_sock.close()
-            self.control_sock = None
-        if self.lock is not None:
-            self.lock.close()
-            self.lock = None
+        await self.restart.close()
 
     # -- introspection -----------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -736,7 +557,8 @@ class Gateway:
             "ready": self.ready,
             "uptime_seconds": round(now - self.started_at, 1),
             "agent": self.agent.status() if self.agent else None,
-            "catalog": {"revision": self.catalog.revision, "clusters": sorted(self.catalog.clusters),
+            "catalog": {"revision": self.catalog.revision,
+                        "clusters": sorted(self.catalog.clusters),
                         "live": sorted(self.catalog.live)},
             "imports": [r.describe() for r in self.import_routers.values()],
             "exports": [e.to_json() for e in self.export_state()],
@@ -744,9 +566,7 @@ class Gateway:
             "listeners": self.listener_stats(),
             "drills": self.drill_actor.status() if self.drill_actor else None,
             "workers": self._workers_status(),
-            "restart": {"draining": self.draining,
-                        "handoff": self.control.state if self.control is not None else None,
-                        "successor": self.control.successor if self.control is not None else None},
+            "restart": self.restart.status(),
         }
 
     def _workers_status(self) -> list[dict[str, Any]]:
@@ -779,15 +599,3 @@ def _first_error(group: BaseExceptionGroup) -> BaseException:
     while isinstance(e, BaseExceptionGroup):
         e = e.exceptions[0]
     return e
-
-
-async def _first(*waitables: Any) -> None:
-    """Until the first of these events (set) or futures (done)."""
-    tasks = {w if isinstance(w, asyncio.Future) else asyncio.ensure_future(w.wait())
-             for w in waitables}
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for t in tasks:
-            if t not in waitables:
-                t.cancel()

@@ -15,10 +15,10 @@ Theory of operation
   lease expired while we were away) means our exports were withdrawn: grant a new lease and
   publish them all again. Another cluster's lease expiring shows in the catalog (it leaves
   `live`, its exports stop counting): logged at INFO, as is its return (`log_peers`; the
-  primary only, so workers do not repeat it), rate-limited per cluster. A keepalive that fails (federation down) is retried every ttl/3 at
-  most, not after the usual growing backoff: a restarted federation gives every stored lease
-  one ttl of grace, and the first keepalive must land inside it, or the federation withdraws
-  exports of a gateway that was alive all along.
+  primary only, so workers do not repeat it), rate-limited per cluster. A keepalive that fails
+  (federation down) is retried every ttl/3 at most, not after the usual growing backoff: a
+  restarted federation gives every stored lease one ttl of grace, and the first keepalive must
+  land inside it, or the federation withdraws exports of a gateway that was alive all along.
 - Exports carry health: when the HealthBook changes a local endpoint, the export is published
   again (coalesced: at most one publish in flight per export, the latest state wins).
 - Imports are published the same way (an `ImportRecord` per configured import: its failover
@@ -95,9 +95,10 @@ class Identity:
         self.dir = cfg.state_dir / "identity"
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         ic = cfg.identity
-        if not persist and ic.ca_cert_file is None and not (self.dir / CertificateAuthority.CERT_FILE).exists():
-            raise GatewayError(f"{self.dir}: no cluster CA to issue from (a worker never creates one; "
-                               "its primary does, before it starts the workers)")
+        if (not persist and ic.ca_cert_file is None
+                and not (self.dir / CertificateAuthority.CERT_FILE).exists()):
+            raise GatewayError(f"{self.dir}: no cluster CA to issue from (a worker never creates "
+                               "one; its primary does, before it starts the workers)")
         self.ca = CertificateAuthority.load_or_create(
             self.dir, cfg.cluster.trust_domain, now, ic.ca_cert_file, ic.ca_key_file
         )
@@ -129,11 +130,13 @@ class Identity:
             return False
 
     def issue(self, now: float) -> Svid:
-        svid = self.ca.issue(gateway_id(self.cfg.cluster.trust_domain), now, self.cfg.identity.svid_ttl)
+        svid = self.ca.issue(gateway_id(self.cfg.cluster.trust_domain), now,
+                             self.cfg.identity.svid_ttl)
         if self.persist:
             svid.write(self.dir)
         self.svid = svid
-        log.info("issued SVID %s serial %x, valid until %.0f", svid.spiffe_id, svid.serial, svid.not_after)
+        log.info("issued SVID %s serial %x, valid until %.0f", svid.spiffe_id, svid.serial,
+                 svid.not_after)
         return svid
 
 
@@ -225,7 +228,8 @@ class Agent:
         finally:
             await client.close()
         write_atomic(self.joined_path, json.dumps(reply).encode())
-        log.info("joined the federation at %s as %s", self.cfg.federation.url, self.cfg.cluster.name)
+        log.info("joined the federation at %s as %s", self.cfg.federation.url,
+                 self.cfg.cluster.name)
         self._make_client(fed_bundle)
 
     def _make_client(self, fed_bundle: TrustBundle) -> None:
@@ -248,7 +252,8 @@ class Agent:
                     self.withdrawn.clear()
                     self.imports_unsupported = False
                     await self.publish_all()
-                    log.info("lease %s granted (ttl %.1fs); exports published", self.lease, self.lease_ttl)
+                    log.info("lease %s granted (ttl %.1fs); exports published", self.lease,
+                             self.lease_ttl)
                 elif not await self.client.keepalive(name, self.lease):
                     self.events.warning("own-lease", "cluster %s: lease %s expired at the "
                                         "federation (our exports were withdrawn); re-registering",
@@ -307,8 +312,9 @@ class Agent:
             except FederationError as e:
                 if e.status in (404, 405):
                     self.imports_unsupported = True
-                    log.warning("federation does not take import records (%s); drill plans will not see "
-                                "our failover policies (retried after the next lease grant)", e)
+                    log.warning("federation does not take import records (%s); drill plans "
+                                "will not see our failover policies (retried after the next "
+                                "lease grant)", e)
                     return
                 raise
             self.published[rec.key] = body

@@ -96,7 +96,8 @@ def fault_for(drills: Iterable[Drill], cluster: str, now: float) -> Fault | None
     return Fault(d.id, d.mode, 0.0, 0.0, d.fault_end)
 
 
-def observations(drills: Iterable[Drill], cluster: str, imports: Iterable[str], now: float) -> tuple[Observation, ...]:
+def observations(drills: Iterable[Drill], cluster: str, imports: Iterable[str],
+                 now: float) -> tuple[Observation, ...]:
     """What this cluster must probe now: per observed drill, our imports among its services."""
     mine = set(imports)
     out = []
@@ -136,7 +137,8 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return s[rank - 1]
 
 
-def make_sample(cluster: str, second: int, results: Mapping[str, Sequence[ProbeResult]]) -> dict[str, Any]:
+def make_sample(cluster: str, second: int,
+                results: Mapping[str, Sequence[ProbeResult]]) -> dict[str, Any]:
     """One sample in the docs/drills.md format. Latency percentiles are over the *successful*
     probes of that second (null when none succeeded: failures are counted, not timed)."""
     services: dict[str, Any] = {}
@@ -212,9 +214,11 @@ class DrillActor:
         self.observing: tuple[Observation, ...] = ()
         self.stats = ListenerStats()  # probes' own counters (not app traffic)
         self.probes: dict[tuple[str, str], int] = {}  # (drill, ok|failed|skipped) -> count
-        self.fault_gauge: dict[tuple[str, str], int] = {}  # (drill, mode) -> 1 in force / 0 restored
+        # (drill, mode) -> 1 in force / 0 restored
+        self.fault_gauge: dict[tuple[str, str], int] = {}
         self.buckets: dict[tuple[str, int], _Bucket] = {}
-        self.queue: collections.deque[tuple[str, int, dict]] = collections.deque(maxlen=SAMPLE_BUFFER)
+        self.queue: collections.deque[tuple[str, int, dict]] = collections.deque(
+            maxlen=SAMPLE_BUFFER)
         self.sent = 0
         self.dropped = 0
         self._wake = asyncio.Event()
@@ -246,8 +250,10 @@ class DrillActor:
                     task = self._probers.get(key)
                     if task is None or task.done():
                         if task is None:
-                            log.info("drill %s: probing %s at %g/s until %.0f", obs.drill, svc, obs.rate, obs.until)
-                        self._probers[key] = self._tg.create_task(self._observe(obs.drill, svc, obs.rate))
+                            log.info("drill %s: probing %s at %g/s until %.0f", obs.drill, svc,
+                                     obs.rate, obs.until)
+                        self._probers[key] = self._tg.create_task(
+                            self._observe(obs.drill, svc, obs.rate))
 
     def _apply(self, fault: Fault | None) -> None:
         old = self.fault
@@ -260,10 +266,11 @@ class DrillActor:
         else:
             self.fault_gauge[(fault.drill, fault.mode)] = 1
             self.inbound.fault = FaultHook(fault.mode, fault.latency, fault.error_rate, self.random)
-            log.warning("drill %s: acting out %s (latency %gs, error rate %g) until %.3f", fault.drill,
-                        fault.mode, fault.latency, fault.error_rate, fault.until)
+            log.warning("drill %s: acting out %s (latency %gs, error rate %g) until %.3f",
+                        fault.drill, fault.mode, fault.latency, fault.error_rate, fault.until)
         if len(self.fault_gauge) > 64:  # keep the restored ones of the last few drills only
-            for key in [k for k, v in self.fault_gauge.items() if v == 0][: len(self.fault_gauge) - 64]:
+            restored = [k for k, v in self.fault_gauge.items() if v == 0]
+            for key in restored[: len(self.fault_gauge) - 64]:
                 del self.fault_gauge[key]
         if self.agent is not None:
             self.agent.set_exports_withdrawn(fault is not None and fault.mode == DrillMode.DRAIN)
@@ -282,7 +289,8 @@ class DrillActor:
                     self._wake.clear()
                     self.evaluate()
                     nxt = next_change(self.drills, self.wall())
-                    delay = MAX_WAIT if nxt is None else min(MAX_WAIT, max(0.0, nxt - self.wall()) + 0.002)
+                    delay = (MAX_WAIT if nxt is None
+                             else min(MAX_WAIT, max(0.0, nxt - self.wall()) + 0.002))
                     try:
                         async with asyncio.timeout(delay):
                             await self._wake.wait()
@@ -403,7 +411,8 @@ class DrillActor:
         return {
             "fault": None if f is None else {"drill": f.drill, "mode": f.mode, "latency": f.latency,
                                              "error_rate": f.error_rate, "until": f.until},
-            "observing": [{"drill": o.drill, "services": list(o.services), "probe_rate": o.rate, "until": o.until}
+            "observing": [{"drill": o.drill, "services": list(o.services), "probe_rate": o.rate,
+                           "until": o.until}
                           for o in self.observing],
             "probes": {f"{d}/{r}": n for (d, r), n in sorted(self.probes.items())},
             "samples": {"buffered": len(self.queue), "sent": self.sent, "dropped": self.dropped},

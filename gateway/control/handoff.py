@@ -4,10 +4,10 @@ writer of its state dir, to a new process (`isthmus gateway run --config F --tak
 Theory of operation
 -------------------
 Every listening socket is bound before anything is written to the state dir
-(`ListenSockets.bind`: a port in use is an error naming the field and the address, exit 2).
-The process that owns a state dir holds `STATE/gateway.lock` (flock; the file says its PID) and
-answers on `STATE/gateway.sock`, a unix SOCK_SEQPACKET socket (0600, in the 0700 state dir;
-peers of another uid are refused). A second plain start finds the lock held and exits 2 naming
+(claim.py, `ListenSockets.bind`: a port in use is an error naming the field and the address,
+exit 2). The process that owns a state dir holds `STATE/gateway.lock` (flock; the file says its
+PID) and answers on `STATE/gateway.sock`, a unix SOCK_SEQPACKET socket (0600, in the 0700 state
+dir; peers of another uid are refused). A second plain start finds the lock held and exits 2 naming
 the PID. A start with --takeover connects to the control socket instead:
 
     new -> old   hello     {protocol, pid, workers, ready_within}
@@ -41,43 +41,29 @@ worker count must stay the same (each worker keeps the socket of its index, and 
 from __future__ import annotations
 
 import asyncio
-import errno
-import fcntl
 import json
 import logging
 import os
 import socket
 import struct
-import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 from federation.errors import InputError
 from federation.logs import LogLimiter, quote
+from gateway.control.claim import CONTROL_FILE, ListenSockets, StateLock, short_path
 from gateway.core.takeover import PlanError, Wanted, plan_sockets
 from gateway.errors import GatewayError
 
 log = logging.getLogger("isthmus.gateway.handoff")
 limited = LogLimiter(log)  # for what peers on the control socket make us say
 
-CONTROL_FILE = "gateway.sock"
-LOCK_FILE = "gateway.lock"
 PROTOCOL = 1
-BACKLOG = 4096
 MAX_MESSAGE = 64 * 1024
 MAX_FDS = 200  # per message (the kernel takes at most 253)
 STEP_TIMEOUT = 10.0  # every answer but `ready`
 MAX_READY_WITHIN = 600.0  # bound on what a peer may ask us to wait for `ready`
-
-
-class BindError(InputError):
-    """A listening address cannot be bound (in use, not ours, not an address here)."""
-
-
-class AlreadyRunning(InputError):
-    """A gateway already runs on this state dir."""
 
 
 class TakeoverRefused(InputError):
@@ -90,220 +76,6 @@ class TakeoverFailed(GatewayError):
 
 class PeerGone(GatewayError):
     """The other side of the control connection went away."""
-
-
-# ---------------------------------------------------------------------------------------------
-# listening sockets
-
-
-def _listen(host: str, port: int, reuse_port: bool) -> socket.socket:
-    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
-    return socket.create_server((host, port), family=family, backlog=BACKLOG, reuse_port=reuse_port)
-
-
-def _bind_error(source: Any, w: Wanted, e: OSError) -> BindError:
-    hint = {errno.EADDRINUSE: " (another process listens there)",
-            errno.EACCES: " (ports below 1024 need privileges)",
-            errno.EADDRNOTAVAIL: " (not an address of this machine)"}.get(e.errno or 0, "")
-    return BindError(f"{source}: {w.field}: cannot listen on {w.address}: {e.strerror or e}{hint}")
-
-
-class ListenSockets:
-    """Every listening socket of a gateway: address -> {worker index: socket}. The primary holds
-    them all (one per worker for SO_REUSEPORT listeners, so it can hand them over, and to each
-    worker its own); a worker holds those of its index. The primary binds index 0 (the check
-    that every address is free); a worker binds its own as it starts, so nothing queues on a
-    socket nobody accepts from yet, and sends them to its primary when it is ready (`adopt`).
-    In a takeover the new workers get the old workers' sockets instead (`held`)."""
-
-    def __init__(self, wanted: tuple[Wanted, ...],
-                 socks: dict[str, dict[int, socket.socket]]) -> None:
-        self.wanted = {w.address: w for w in wanted}
-        self.socks = socks
-
-    @classmethod
-    def bind(cls, wanted: tuple[Wanted, ...], source: Any) -> ListenSockets:
-        """Index 0 of every address (the primary's)."""
-        out = cls(wanted, {})
-        try:
-            for w in wanted:
-                out._bind(w, [0], source)
-        except BaseException:
-            out.close()
-            raise
-        return out
-
-    def _bind(self, w: Wanted, indexes: Any, source: Any) -> None:
-        for i in indexes:
-            try:
-                sock = _listen(w.host, w.port, w.count > 1)
-            except OSError as e:
-                raise _bind_error(source, w, e) from None
-            self.socks.setdefault(w.address, {})[i] = sock
-
-    @classmethod
-    def for_worker(cls, wanted: tuple[Wanted, ...], fds: Mapping[str, int], worker: int,
-                   source: Any) -> ListenSockets:
-        """A worker's sockets: those its primary passed (address -> fd), the rest bound here."""
-        out = cls(wanted, {})
-        try:
-            for w in wanted:
-                if worker >= w.count:
-                    continue
-                fd = fds.get(w.address)
-                if fd is not None:
-                    out.socks[w.address] = {worker: socket.socket(fileno=fd)}
-                else:
-                    out._bind(w, [worker], source)
-        except BaseException:
-            out.close()
-            raise
-        return out
-
-    def get(self, address: str, index: int = 0) -> socket.socket:
-        return self.socks[address][index]
-
-    def held(self, index: int) -> dict[str, socket.socket]:
-        """The sockets of worker `index` this process holds (address -> socket)."""
-        return {a: d[index] for a, d in self.socks.items() if index in d}
-
-    def adopt(self, index: int, socks: Mapping[str, socket.socket]) -> None:
-        """Hold worker `index`'s sockets (as it reported them); drop those no longer wanted."""
-        for address, sock in socks.items():
-            if address not in self.wanted:
-                sock.close()
-                continue
-            old = self.socks.setdefault(address, {}).get(index)
-            if old is not None and old is not sock:
-                old.close()
-            self.socks[address][index] = sock
-
-    def drop(self, index: int) -> None:
-        """Close worker `index`'s sockets (it died: what was queued on them goes with them)."""
-        for d in self.socks.values():
-            if index in d:
-                d.pop(index).close()
-
-    def offer(self) -> list[tuple[str, int, socket.socket]]:
-        return [(a, i, s) for a, d in sorted(self.socks.items()) for i, s in sorted(d.items())]
-
-    def close(self) -> None:
-        for d in self.socks.values():
-            for s in d.values():
-                s.close()
-        self.socks.clear()
-
-
-# ---------------------------------------------------------------------------------------------
-# the state dir's lock
-
-
-class StateLock:
-    """`STATE/gateway.lock`, flock'ed by the process that writes the state dir (its PID inside).
-    Handed over as an fd: the new process shares the same open file, so the lock stays held."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    @staticmethod
-    def holder(state_dir: Path) -> int | None:
-        """PID of the gateway holding the lock (0 if unreadable), or None if nobody does."""
-        try:
-            fd = os.open(state_dir / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return None
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return _read_pid(fd)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            return None
-        finally:
-            os.close(fd)
-
-    @classmethod
-    def acquire(cls, state_dir: Path, source: Any, wait: float = 0.2) -> StateLock:
-        """Take the lock, retrying for `wait` seconds (someone's holder() check holds it for a
-        moment; a holder that just died frees it as it exits)."""
-        fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        for _ in range(int(wait / 0.05) + 1):
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return cls(fd)
-            except BlockingIOError:
-                time.sleep(0.05)
-        pid = _read_pid(fd)
-        os.close(fd)
-        raise already_running(state_dir, pid, source)
-
-    def write_pid(self, pid: int) -> None:
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"{pid}\n".encode(), 0)
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
-def _read_pid(fd: int) -> int:
-    try:
-        return int(os.pread(fd, 32, 0).decode().strip() or 0)
-    except (OSError, ValueError, UnicodeDecodeError):
-        return 0
-
-
-def already_running(state_dir: Path, pid: int, source: Any) -> AlreadyRunning:
-    who = f"pid {pid}" if pid else "pid unknown"
-    return AlreadyRunning(f"{state_dir}: a gateway already runs on this state dir ({who}); "
-                          "stop it, or replace it without dropping connections: "
-                          f"isthmus gateway run --config {source} --takeover")
-
-
-# ---------------------------------------------------------------------------------------------
-# the control socket
-
-
-@contextmanager
-def _short(path: Path) -> Iterator[str]:
-    """A unix socket path under the kernel's 108-byte limit: long ones go through an O_PATH fd
-    of the directory (/proc/self/fd/N/name)."""
-    if len(os.fsencode(path)) < 100:
-        yield str(path)
-        return
-    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        yield f"/proc/self/fd/{fd}/{path.name}"
-    finally:
-        os.close(fd)
-
-
-def control_socket(state_dir: Path) -> socket.socket:
-    """Bind STATE/gateway.sock (the caller holds the lock, so a file there is stale)."""
-    path = state_dir / CONTROL_FILE
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    try:
-        with _short(path) as p:
-            try:
-                os.unlink(p)
-            except FileNotFoundError:
-                pass
-            sock.bind(p)
-            os.chmod(p, 0o600)
-        sock.listen(8)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def remove_control_socket(state_dir: Path) -> None:
-    with _short(state_dir / CONTROL_FILE) as p:
-        try:
-            os.unlink(p)
-        except FileNotFoundError:
-            pass
 
 
 def _peer_uid(sock: socket.socket) -> int:
@@ -562,7 +334,7 @@ class Takeover:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         sock.setblocking(False)
         try:
-            with _short(state_dir / CONTROL_FILE) as p:
+            with short_path(state_dir / CONTROL_FILE) as p:
                 await asyncio.wait_for(loop.sock_connect(sock, p), STEP_TIMEOUT)
         except (FileNotFoundError, ConnectionRefusedError):
             sock.close()
@@ -615,7 +387,7 @@ class Takeover:
         out = ListenSockets(wanted, {w.address: self.socks.pop(w.address) for w in plan.adopt})
         try:
             for w in plan.bind:
-                out._bind(w, [0], source)
+                out.add(w, [0], source)
         except BaseException:
             out.close()
             raise

@@ -24,8 +24,8 @@ Every worker binds the same listeners with SO_REUSEPORT, so the kernel spreads n
 - a worker whose primary is gone (its parent changed) stops within a second;
 - the primary binds every listening socket, one per worker for each SO_REUSEPORT listener, and
   each worker inherits those of its index (the primary keeps them all, to hand them over in a
-  restart: gateway/handoff.py); a worker told SIGQUIT stops accepting and drains, like the
-  primary, and one that starts during a takeover accepts only when its primary says so.
+  restart: gateway/control/handoff.py); a worker told SIGQUIT stops accepting and drains, like
+  the primary, and one that starts during a takeover accepts only when its primary says so.
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ def stats_path(state_dir: Path, worker: int) -> Path:
 def write_stats(state_dir: Path, worker: int, listeners: dict[str, dict[str, Any]]) -> None:
     path = stats_path(state_dir, worker)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    write_atomic(path, json.dumps({"pid": os.getpid(), "written_at": time.time(), "listeners": listeners}).encode())
+    write_atomic(path, json.dumps({"pid": os.getpid(), "written_at": time.time(),
+                                   "listeners": listeners}).encode())
 
 
 def read_stats(state_dir: Path, workers: int, now: float) -> dict[int, dict[str, Any]]:
@@ -67,7 +68,8 @@ def read_stats(state_dir: Path, workers: int, now: float) -> dict[int, dict[str,
     for i in range(1, workers):
         try:
             obj = json.loads(stats_path(state_dir, i).read_text())
-            if now - float(obj["written_at"]) <= STATS_STALE and isinstance(obj.get("listeners"), dict):
+            if (now - float(obj["written_at"]) <= STATS_STALE
+                    and isinstance(obj.get("listeners"), dict)):
                 out[i] = obj
         except (OSError, ValueError, KeyError, TypeError):
             continue
@@ -80,7 +82,7 @@ class Supervisor:
     Worker i binds its own SO_REUSEPORT sockets as it starts (so nothing queues where nobody
     accepts yet), or, in a takeover, inherits those the old worker i had (pass_fds,
     `--listen-fds`); when ready it sends them to the primary over a socket pair (`--ready-fd`),
-    which holds them (handoff.ListenSockets) to hand them over in the next restart. During a
+    which holds them (claim.ListenSockets) to hand them over in the next restart. During a
     takeover (`wait_serve`) workers do not accept until the primary sends SIGUSR1 (`serve()`),
     so a takeover given up never leaves a worker with connections. When a worker exits, the
     primary closes its copies at once (what was queued on them is lost, as with any crash; new
@@ -92,7 +94,7 @@ class Supervisor:
         self.config_path = config_path
         self.workers = workers
         self.log_level = log_level
-        self.sockets = sockets  # handoff.ListenSockets (None: workers bind their own; unit tests)
+        self.sockets = sockets  # claim.ListenSockets (None: workers bind their own; unit tests)
         self.wait_serve = wait_serve
         self.procs: dict[int, asyncio.subprocess.Process] = {}
         self.restarts: dict[int, int] = {i: 0 for i in range(1, workers)}
@@ -196,7 +198,8 @@ class Supervisor:
             if time.monotonic() - started > 60:
                 backoff = 1.0
             self.restarts[worker] += 1
-            log.warning("worker %d (pid %d) exited with code %s; restarting in %.0fs", worker, proc.pid, code, backoff)
+            log.warning("worker %d (pid %d) exited with code %s; restarting in %.0fs", worker,
+                        proc.pid, code, backoff)
             if self.sockets is not None:
                 self.sockets.drop(worker)
             await asyncio.sleep(backoff)
@@ -238,7 +241,8 @@ class Supervisor:
 
     def status(self) -> list[dict[str, Any]]:
         return [{"worker": i, "pid": p.pid if (p := self.procs.get(i)) else None,
-                 "running": bool(p is not None and p.returncode is None), "restarts": self.restarts[i]}
+                 "running": bool(p is not None and p.returncode is None),
+                 "restarts": self.restarts[i]}
                 for i in range(1, self.workers)]
 
 

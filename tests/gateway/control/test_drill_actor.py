@@ -56,12 +56,17 @@ FAULT_CASES = [
     ("at the deadline: restored", {}, "east-1", T0 + 12, None),
     ("after the deadline", {}, "east-1", T0 + 13, None),
     ("not in scope", {}, "west-1", T0 + 7, None),
-    ("aborted mid fault", {"state": "aborted", "ended_at": T0 + 5, "end_reason": "x"}, "east-1", T0 + 7, None),
-    ("ended", {"state": "ended", "ended_at": T0 + 12, "end_reason": "deadline"}, "east-1", T0 + 7, None),
+    ("aborted mid fault", {"state": "aborted", "ended_at": T0 + 5, "end_reason": "x"},
+     "east-1", T0 + 7, None),
+    ("ended", {"state": "ended", "ended_at": T0 + 12, "end_reason": "deadline"},
+     "east-1", T0 + 7, None),
     ("blackhole", {"mode": "blackhole"}, "east-1", T0 + 3, ("blackhole", 0.0, 0.0)),
-    ("degrade", {"mode": "degrade", "latency": 0.3, "error_rate": 0.5}, "east-1", T0 + 3, ("degrade", 0.3, 0.5)),
-    ("latency ignored unless degrade", {"mode": "drain", "latency": 0.3}, "east-1", T0 + 3, ("drain", 0.0, 0.0)),
-    ("cluster scope", {"scope_kind": "cluster", "scope": "west-1", "clusters_in_scope": ("west-1",)},
+    ("degrade", {"mode": "degrade", "latency": 0.3, "error_rate": 0.5},
+     "east-1", T0 + 3, ("degrade", 0.3, 0.5)),
+    ("latency ignored unless degrade", {"mode": "drain", "latency": 0.3},
+     "east-1", T0 + 3, ("drain", 0.0, 0.0)),
+    ("cluster scope",
+     {"scope_kind": "cluster", "scope": "west-1", "clusters_in_scope": ("west-1",)},
      "west-1", T0 + 3, ("drain", 0.0, 0.0)),
 ]
 
@@ -89,20 +94,23 @@ OBS_CASES = [
     ("before created_at", {}, "west-1", ["default/echo"], T0 - 0.5, ()),
     ("baseline", {}, "west-1", ["default/echo"], T0, (("default/echo",),)),
     ("during fault", {}, "west-1", ["default/echo"], T0 + 5, (("default/echo",),)),
-    ("settling after the deadline", {}, "west-1", ["default/echo"], T0 + 16.9, (("default/echo",),)),
+    ("settling after the deadline", {}, "west-1", ["default/echo"], T0 + 16.9,
+     (("default/echo",),)),
     ("settle over", {}, "west-1", ["default/echo"], T0 + 17, ()),
     ("in scope: never observes", {}, "east-1", ["default/echo"], T0 + 5, ()),
     ("import not affected", {}, "west-1", ["default/other"], T0 + 5, ()),
     ("only the affected imports", {"services": ("default/echo", "ns/b", "ns/c")}, "west-1",
      ["ns/c", "default/echo", "ns/z"], T0 + 5, (("default/echo", "ns/c"),)),
-    ("aborted: settle counts from ended_at", {"state": "aborted", "ended_at": T0 + 4, "end_reason": "x"},
+    ("aborted: settle counts from ended_at",
+     {"state": "aborted", "ended_at": T0 + 4, "end_reason": "x"},
      "west-1", ["default/echo"], T0 + 9.5, ()),
     ("aborted: still settling", {"state": "aborted", "ended_at": T0 + 4, "end_reason": "x"},
      "west-1", ["default/echo"], T0 + 8.5, (("default/echo",),)),
 ]
 
 
-@pytest.mark.parametrize("name,kw,cluster,imports,now,want", OBS_CASES, ids=[c[0] for c in OBS_CASES])
+@pytest.mark.parametrize("name,kw,cluster,imports,now,want", OBS_CASES,
+                         ids=[c[0] for c in OBS_CASES])
 def test_observations(name, kw, cluster, imports, now, want):
     d = drill(**kw)
     got = observations([d], cluster, imports, now)
@@ -120,8 +128,8 @@ NEXT_CASES = [
     ("fault -> deadline", {}, T0 + 5, T0 + 12),
     ("settling -> observe end", {}, T0 + 12, T0 + 17),
     ("all over", {}, T0 + 17, None),
-    ("aborted: observe end from ended_at", {"state": "aborted", "ended_at": T0 + 4, "end_reason": "x"},
-     T0 + 5, T0 + 9),
+    ("aborted: observe end from ended_at",
+     {"state": "aborted", "ended_at": T0 + 4, "end_reason": "x"}, T0 + 5, T0 + 9),
 ]
 
 
@@ -139,7 +147,8 @@ def test_next_change_is_when_the_decision_changes():
             for frac in (0.0, 0.3, 0.99):
                 probe = t + (nxt - t) * frac
                 assert fault_for([d], c, probe) == fault_for([d], c, t)
-                assert observations([d], c, ["default/echo"], probe) == observations([d], c, ["default/echo"], t)
+                assert (observations([d], c, ["default/echo"], probe)
+                        == observations([d], c, ["default/echo"], t))
         t = nxt
     assert t == d.fault_end + d.settle
 
@@ -158,7 +167,8 @@ def test_percentile_nearest_rank():
 def test_make_sample_format():
     rs = [ProbeResult(True, 1.0, "east-2")] * 18 + [ProbeResult(True, 480.0, "west-1"),
                                                     ProbeResult(False, 2000.0, None)]
-    s = make_sample("west-1", 1796000000, {"default/echo": rs, "ns/dead": [ProbeResult(False, 2000.0, None)]})
+    s = make_sample("west-1", 1796000000,
+                    {"default/echo": rs, "ns/dead": [ProbeResult(False, 2000.0, None)]})
     assert s == {
         "cluster": "west-1",
         "second": 1796000000,
@@ -215,9 +225,11 @@ class Clock:
         return self.t
 
 
-def actor(cluster: str, clock: Clock, agent=None, routers=None, dialer=None) -> tuple[DrillActor, SimpleNamespace]:
+def actor(cluster: str, clock: Clock, agent=None, routers=None,
+          dialer=None) -> tuple[DrillActor, SimpleNamespace]:
     inbound = SimpleNamespace(fault=None)
-    a = DrillActor(cluster, clock, clock, inbound, agent or FakeAgent(), routers or {}, dialer, lambda: 0.5)
+    a = DrillActor(cluster, clock, clock, inbound, agent or FakeAgent(), routers or {}, dialer,
+                   lambda: 0.5)
     return a, inbound
 
 
@@ -276,7 +288,8 @@ def test_sample_queue_is_bounded():
     from gateway.control.drill_actor import _Bucket
 
     for i in range(SAMPLE_BUFFER + 10):
-        a.buckets[("d1", int(T0) - 1000 + i)] = _Bucket({"default/echo": [ProbeResult(False, 1, None)]})
+        a.buckets[("d1", int(T0) - 1000 + i)] = _Bucket(
+            {"default/echo": [ProbeResult(False, 1, None)]})
     a.flush(T0)
     assert len(a.queue) == SAMPLE_BUFFER and a.dropped == 10
     assert a.queue[0][1] == int(T0) - 1000 + 10  # the oldest went
@@ -288,7 +301,8 @@ class FakeRouter:
         self.reports: list[bool] = []
 
     def plan(self):
-        return [Target(f"remote:{c}", Locality("r", "z", c), "127.0.0.1", 1, 1, True, True) for c in self.clusters]
+        return [Target(f"remote:{c}", Locality("r", "z", c), "127.0.0.1", 1, 1, True, True)
+                for c in self.clusters]
 
     def report(self, target, ok):
         self.reports.append(ok)
@@ -337,7 +351,8 @@ async def test_observer_probes_at_rate_and_sends_samples():
                        {ServiceKey("default", "echo"): router}, dialer, lambda: 0.5)
         # created 0.2 s ago; observing ends 2.3 s from now (fault_stop + settle)
         d = drill(created_at=wall() - 0.2, fault_start=wall(), fault_end=wall() + 1.3, settle=1.0,
-                  probe_rate=50.0, clusters_in_scope=("east-1",), scope_kind="cluster", scope="east-1")
+                  probe_rate=50.0, clusters_in_scope=("east-1",), scope_kind="cluster",
+                  scope="east-1")
         a.on_catalog(Catalog(drills={d.id: d}))
         task = asyncio.create_task(a.run())
         await asyncio.sleep(3.5)
@@ -348,11 +363,13 @@ async def test_observer_probes_at_rate_and_sends_samples():
     a, agent, dialer, router = await main()
     total = sum(s["services"]["default/echo"]["attempts"] for *_, s in agent.client.samples)
     assert 90 <= total <= 125  # 50/s for ~2.3 s
-    assert all(s["services"]["default/echo"]["served"].keys() <= {"west-1"} for *_, s in agent.client.samples)
-    assert sum(s["services"]["default/echo"]["successes"] for *_, s in agent.client.samples) == total
+    samples = agent.client.samples
+    assert all(s["services"]["default/echo"]["served"].keys() <= {"west-1"} for *_, s in samples)
+    assert sum(s["services"]["default/echo"]["successes"] for *_, s in samples) == total
     assert all(leg.closed for leg in dialer.legs)
     assert a.probes[(a.drills[0].id, "ok")] == total
-    assert a.stats.attempt_failures == total  # east-1 refused each time first; not app-traffic stats
+    # east-1 refused each time first; not app-traffic stats
+    assert a.stats.attempt_failures == total
     seconds = [sec for _, _, sec, _ in agent.client.samples]
     assert seconds == sorted(seconds) and len(set(seconds)) == len(seconds)
 
@@ -363,8 +380,8 @@ async def test_a_blackholed_probe_fails_after_the_timeout(monkeypatch):
     monkeypatch.setattr(m, "PROBE_TIMEOUT", 0.2)
 
     async def main():
-        a = DrillActor("west-1", lambda: T0, asyncio.get_running_loop().time, SimpleNamespace(fault=None),
-                       FakeAgent(), {}, FakeDialer(), lambda: 0.5)
+        a = DrillActor("west-1", lambda: T0, asyncio.get_running_loop().time,
+                       SimpleNamespace(fault=None), FakeAgent(), {}, FakeDialer(), lambda: 0.5)
         return await a._probe(FakeRouter(["hole"]), ServiceKey("default", "echo"))
 
     r = await main()

@@ -1,6 +1,7 @@
-"""The pure decisions of a restart (gateway/takeover.py) and the I/O pieces of the handoff
-(gateway/handoff.py) that need no gateway: the state dir's lock, binding every listener first,
-and control messages with file descriptors over a real unix socket."""
+"""The pure decisions of a restart (gateway/core/takeover.py) and the I/O pieces of the handoff
+that need no gateway: the state dir's lock and binding every listener first
+(gateway/control/claim.py), control messages with file descriptors over a real unix socket
+(gateway/control/handoff.py)."""
 
 from __future__ import annotations
 
@@ -12,15 +13,14 @@ from pathlib import Path
 import pytest
 
 from gateway.config.schema import parse_config
-from gateway.control.handoff import (
+from gateway.control.claim import (
     AlreadyRunning,
     BindError,
-    Channel,
     ListenSockets,
-    PeerGone,
     StateLock,
     control_socket,
 )
+from gateway.control.handoff import Channel, PeerGone
 from gateway.core.takeover import (
     CATALOG_WAIT,
     PlanError,

@@ -1,5 +1,6 @@
 """Unit tests of what `--workers` adds outside the processes: a worker's read-only identity and
-the counters files workers leave for their primary (the processes: tests/integration/test_workers.py)."""
+the counters files workers leave for their primary (the processes:
+tests/integration/test_workers.py)."""
 
 from __future__ import annotations
 
