@@ -495,7 +495,8 @@ async def drill(state: Path, offset: int, out) -> bool:
     from rich.console import Console
 
     from gateway.core.drill_plan import plan_drill
-    from isthmus.drill import open_client, print_plan, print_report, run_drill, write_html
+    from isthmus.drill import open_client, run_drill
+    from isthmus.drill_print import print_plan, print_report, write_html
 
     console = Console(width=max(100, shutil.get_terminal_size().columns), highlight=False)
     scope = DRILL_SPEC["scope"]["region"]

@@ -2,8 +2,9 @@
 
 Everything here talks to the federation as the *operator* (the SVID `isthmus federation serve`
 writes to `<state-dir>/operator/`); see docs/drills.md for the contract. The decisions are
-elsewhere: `drill_plan.plan_drill` (pure) for plans, `federation.drill_report.compute_report` (on the
-server) for reports, `report_html` for the HTML page. This module only fetches, waits, prints.
+elsewhere: `drill_plan.plan_drill` (pure) for plans, `federation.drill_report.compute_report`
+(on the server) for reports, `report_html` for the HTML page. This module only fetches, waits,
+prints (the tables through `drill_print`).
 
 `drill run`, step by step:
 
@@ -40,13 +41,15 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from federation.drill_model import Drill, DrillMode
 from federation.errors import FederationError, InputError, IsthmusError
 from federation.units import parse_decimal, parse_duration
+from isthmus.drill_print import console as _console
+from isthmus.drill_print import print_drills, print_plan, print_report, write_html
+from isthmus.drill_print import utc as _utc
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_PLAN_WARNING = 0, 1, 2, 3
 DEFAULT_FEDERATION = "https://127.0.0.1:17443"
@@ -66,7 +69,8 @@ def open_client(url: str, credentials: Path | None):
     """The operator's federation client (an async context manager)."""
     from federation.client import operator_client
 
-    return operator_client(url, Path(credentials) if credentials is not None else default_credentials())
+    return operator_client(url, Path(credentials) if credentials is not None
+                           else default_credentials())
 
 
 def _as_drill(x: Any) -> Drill:
@@ -94,17 +98,19 @@ class SecondLine:
             for r, n in sorted(self.by_region.items(), key=lambda kv: -kv[1])
         ) or "-"
         p99 = "-" if self.p99_ms is None else f"{self.p99_ms:.1f} ms"
-        return (f"t={self.second:+4d}s  attempts {self.attempts:4d}  ok {ok}  failed {self.failures:3d}  "
-                f"p99 {p99:>9}  served: {served}")
+        return (f"t={self.second:+4d}s  attempts {self.attempts:4d}  ok {ok}  "
+                f"failed {self.failures:3d}  p99 {p99:>9}  served: {served}")
 
 
 def aggregate_seconds(drill: Drill, samples: list[dict[str, Any]]) -> dict[int, SecondLine]:
-    """Per-second sums over observing clusters and services of the drill's samples (abs second ->)."""
+    """Per-second sums over observing clusters and services of the drill's samples (abs
+    second ->)."""
     acc: dict[int, dict[str, Any]] = {}
     for s in samples:
         if not isinstance(s, dict) or not isinstance(s.get("second"), int):
             continue
-        a = acc.setdefault(s["second"], {"attempts": 0, "successes": 0, "failures": 0, "regions": {}, "p99": None})
+        a = acc.setdefault(s["second"], {"attempts": 0, "successes": 0, "failures": 0,
+                                         "regions": {}, "p99": None})
         for svc in (s.get("services") or {}).values():
             if not isinstance(svc, dict):
                 continue
@@ -119,7 +125,8 @@ def aggregate_seconds(drill: Drill, samples: list[dict[str, Any]]) -> dict[int, 
                 a["regions"][region] = a["regions"].get(region, 0) + int(n)
     start = int(drill.fault_start)
     return {
-        sec: SecondLine(sec - start, a["attempts"], a["successes"], a["failures"], a["regions"], a["p99"])
+        sec: SecondLine(sec - start, a["attempts"], a["successes"], a["failures"], a["regions"],
+                        a["p99"])
         for sec, a in sorted(acc.items())
     }
 
@@ -148,67 +155,10 @@ def build_spec(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # -- output ---------------------------------------------------------------------------------------
-def _console(stderr: bool = False):
-    """A rich Console; 140 columns when the output is not a terminal (pipes, logs, CI)."""
-    from rich.console import Console
-
-    con = Console(stderr=stderr, highlight=False)
-    if not con.is_terminal:
-        con = Console(stderr=stderr, highlight=False, width=max(con.width, 140))
-    return con
-
-
-def print_report(report: dict[str, Any], console) -> None:
-    from rich.table import Table
-
-    from isthmus.report_html import summary_rows
-
-    t = Table(title="drill report", show_header=False)
-    t.add_column("field", style="bold")
-    t.add_column("value")
-    for label, value in summary_rows(report):
-        if label == "flapped" and value == "YES":
-            value = "[red]YES[/]"
-        elif label == "time to shift" and value == "never":
-            value = "[red]never[/]"
-        t.add_row(label, value)
-    console.print(t)
-
-
-def print_plan(plan: Any, console) -> None:
-    from rich.table import Table
-
-    kind, scope = plan.scope_kind, plan.scope
-    t = Table(title=f"drill plan: {kind} {scope} lost (clusters {', '.join(plan.clusters_in_scope)}; "
-                    f"affected services {', '.join(plan.services) or 'none'})")
-    for col in ("cluster", "locality", "service", "today", f"with {scope} lost", ""):
-        t.add_column(col)
-    for r in plan.rows:
-        note = ("[red]NO HEALTHY TARGET[/]" if r.no_target else
-                "[yellow]shifts[/]" if r.changed else "unchanged")
-        t.add_row(r.cluster, f"{r.region}/{r.zone}", r.service, str(r.today),
-                  f"[red]{r.after}[/]" if r.no_target else str(r.after), note)
-    console.print(t)
-    if not plan.rows:
-        console.print("no imports outside the scope: nothing to plan")
-
-
-def write_html(report: dict[str, Any], path: Path) -> Path:
-    from isthmus.report_html import render_report_html
-
-    path = Path(path)
-    path.write_text(render_report_html(report), encoding="utf-8")
-    return path
-
-
 def _with_drill(report: dict[str, Any], drill: Drill) -> dict[str, Any]:
     if "drill" not in report:
         report = {**report, "drill": drill.to_json()}
     return report
-
-
-def _utc(t: float) -> str:
-    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 # -- run ------------------------------------------------------------------------------------------
@@ -237,7 +187,8 @@ async def run_drill(
     regions_hit = in_scope_regions(drill)
     console.print(
         f"drill [bold]{drill.id}[/]: {drill.mode} of {drill.scope_kind} {drill.scope} "
-        f"(clusters {', '.join(drill.clusters_in_scope)}; services {', '.join(drill.services) or '-'}); "
+        f"(clusters {', '.join(drill.clusters_in_scope)}; "
+        f"services {', '.join(drill.services) or '-'}); "
         f"fault {drill.fault_end - drill.fault_start:g}s from {_utc(drill.fault_start)} UTC, "
         f"deadline {_utc(drill.fault_end)} UTC",
         soft_wrap=True,
@@ -278,13 +229,16 @@ async def run_drill(
                 if interrupts and not aborted_sent:
                     aborted_sent = True
                     try:
-                        drill = _as_drill(await client.abort_drill(drill.id, "aborted: CLI interrupted"))
+                        drill = _as_drill(await client.abort_drill(drill.id,
+                                                                   "aborted: CLI interrupted"))
                         progress.console.print(
-                            f"[yellow]interrupted: drill aborted; the gateways restore now. Observing "
-                            f"failback for {drill.settle:g}s (Ctrl-C again to stop waiting).[/]")
+                            f"[yellow]interrupted: drill aborted; the gateways restore now. "
+                            f"Observing failback for {drill.settle:g}s (Ctrl-C again to stop "
+                            f"waiting).[/]")
                     except FederationError as e:
-                        progress.console.print(f"[red]interrupted, but the abort failed: {e}; the gateways "
-                                               f"restore at the deadline {_utc(drill.fault_end)} UTC[/]")
+                        progress.console.print(f"[red]interrupted, but the abort failed: {e}; the "
+                                               f"gateways restore at the deadline "
+                                               f"{_utc(drill.fault_end)} UTC[/]")
                 if interrupts >= 2:
                     message = "stopped waiting (interrupted twice)"
                     break
@@ -299,11 +253,12 @@ async def run_drill(
                         raise
                     if unreachable_since is None:
                         unreachable_since = now
-                        progress.console.print(f"[yellow]federation unreachable ({e}); the gateways do not "
-                                               "need it to restore; retrying[/]")
+                        progress.console.print(f"[yellow]federation unreachable ({e}); the "
+                                               "gateways do not need it to restore; retrying[/]")
                 window_end = drill.fault_stop + drill.settle
                 progress.update(fault_task, completed=min(now, drill.fault_stop) - drill.created_at)
-                progress.update(settle_task, completed=max(0.0, min(now, window_end) - drill.fault_stop))
+                progress.update(settle_task,
+                                completed=max(0.0, min(now, window_end) - drill.fault_stop))
                 lines = aggregate_seconds(drill, samples)
                 done = now >= window_end + TAIL_GRACE
                 for sec in sorted(lines):
@@ -324,7 +279,8 @@ async def run_drill(
     try:
         report = await client.drill_report(drill.id)
     except FederationError as e:
-        return RunResult(drill, None, EXIT_FAIL, f"{message + '; ' if message else ''}no report: {e}")
+        return RunResult(drill, None, EXIT_FAIL,
+                         f"{message + '; ' if message else ''}no report: {e}")
     report = _with_drill(report, drill)
     code = EXIT_OK
     reason = report.get("end_reason") or drill.end_reason or ""
@@ -368,8 +324,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         print_plan(plan, _console())
     if plan.no_target:
-        print(f"isthmus drill plan: WARNING: with {kind} {scope} lost these imports have no healthy target: "
-              f"{'; '.join(plan.no_target)}", file=sys.stderr)
+        print(f"isthmus drill plan: WARNING: with {kind} {scope} lost these imports have no "
+              f"healthy target: {'; '.join(plan.no_target)}", file=sys.stderr)
         return EXIT_PLAN_WARNING
     return EXIT_OK
 
@@ -411,7 +367,8 @@ def cmd_abort(args: argparse.Namespace) -> int:
         drill = _run(go())
     except IsthmusError as e:
         return _fail("drill abort", e)
-    print(f"drill {drill.id}: {drill.state} ({drill.end_reason or '-'}); the gateways in scope restore now")
+    print(f"drill {drill.id}: {drill.state} ({drill.end_reason or '-'}); "
+          "the gateways in scope restore now")
     return EXIT_OK
 
 
@@ -427,16 +384,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"drills": [d.to_json() for d in drills]}, indent=2))
         return EXIT_OK
-    from rich.table import Table
-
-    t = Table(title=f"drills ({len(drills)}, newest first)")
-    for col in ("id", "scope", "mode", "state", "created (UTC)", "fault", "end reason"):
-        t.add_column(col, no_wrap=col in ("id", "created (UTC)"))
-    for d in drills:
-        state = {"running": "[yellow]running[/]", "aborted": "[red]aborted[/]"}.get(d.state, d.state)
-        t.add_row(d.id, f"{d.scope_kind} {d.scope}", d.mode, state, _utc(d.created_at),
-                  f"{d.fault_stop - d.fault_start:g}s", d.end_reason or "-")
-    _console().print(t)
+    print_drills(drills, _console())
     return EXIT_OK
 
 
@@ -461,7 +409,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# -- argparse ---------------------------------------------------------------------------------------
+# -- argparse ------------------------------------------------------------------------------------
 def _duration_text(text: str) -> str:
     """Validate a duration but keep the user's spelling (it goes to the federation as is)."""
     try:
@@ -495,8 +443,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--federation", default=DEFAULT_FEDERATION, metavar="URL",
                    help=f"the federation's API URL (default {DEFAULT_FEDERATION})")
     p.add_argument("--credentials", type=Path, default=None, metavar="DIR",
-                   help="operator credentials: svid.pem, svid-key.pem, ca.pem (default $ISTHMUS_CREDENTIALS, "
-                        "else ./federation/operator)")
+                   help="operator credentials: svid.pem, svid-key.pem, ca.pem "
+                        "(default $ISTHMUS_CREDENTIALS, else ./federation/operator)")
 
 
 def _scope(p: argparse.ArgumentParser) -> None:
@@ -508,43 +456,50 @@ def _scope(p: argparse.ArgumentParser) -> None:
 def add_drill_parser(sub: Any) -> None:
     """Add `drill` and its subcommands to the `isthmus` parser's subparsers."""
     drill = sub.add_parser("drill", help="failover drills: plan, run, abort, list, show",
-                           description="Planned, bounded, reversible faults of a region or cluster, "
-                                       "with a measured report. Exit codes: 0 ok, 1 failure, 2 bad usage, "
-                                       "3 plan warning (a service would have no healthy target).")
+                           description="Planned, bounded, reversible faults of a region or "
+                                       "cluster, with a measured report. Exit codes: 0 ok, 1 "
+                                       "failure, 2 bad usage, 3 plan warning (a service would "
+                                       "have no healthy target).")
     dsub = drill.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
 
-    plan = dsub.add_parser("plan", help="dry run: where each import's traffic would go with the scope lost",
-                           description="Compute from the live catalog and import policies where every "
-                                       "import outside the scope sends traffic today and would with the "
-                                       "scope lost. No traffic is touched. Exit 3 when some import would "
-                                       "have no healthy target.")
+    plan = dsub.add_parser("plan",
+                           help="dry run: where each import's traffic would go with the scope lost",
+                           description="Compute from the live catalog and import policies where "
+                                       "every import outside the scope sends traffic today and "
+                                       "would with the scope lost. No traffic is touched. Exit 3 "
+                                       "when some import would have no healthy target.")
     _scope(plan)
     plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _common(plan)
     plan.set_defaults(func=cmd_plan)
 
     run = dsub.add_parser("run", help="run a drill, watch it live, print its report",
-                          description="Create a drill, show a live view until its observation window "
-                                      "ends, then print the report. Ctrl-C aborts the drill (the report "
-                                      "is still printed). The gateways restore at the deadline by "
-                                      "themselves even if this command dies.")
+                          description="Create a drill, show a live view until its observation "
+                                      "window ends, then print the report. Ctrl-C aborts the "
+                                      "drill (the report is still printed). The gateways restore "
+                                      "at the deadline by themselves even if this command dies.")
     _scope(run)
     run.add_argument("--mode", required=True, choices=[m.value for m in DrillMode],
-                     help="drain: withdraw exports, refuse new streams politely; blackhole: stop "
-                          "answering at all; degrade: add latency and/or refuse a fraction of streams")
+                     help="drain: withdraw exports, refuse new streams politely; blackhole: "
+                          "stop answering at all; degrade: add latency and/or refuse a fraction "
+                          "of streams")
     run.add_argument("--duration", required=True, type=_duration_text,
                      help="how long the fault lasts, 1s..1h (e.g. 30s): the deadline")
-    run.add_argument("--latency", type=_duration_text, default=None, help="degrade: added latency (e.g. 200ms)")
-    run.add_argument("--error-rate", type=_ratio, default=None, help="degrade: fraction of streams refused (0.3 or 30%%)")
+    run.add_argument("--latency", type=_duration_text, default=None,
+                     help="degrade: added latency (e.g. 200ms)")
+    run.add_argument("--error-rate", type=_ratio, default=None,
+                     help="degrade: fraction of streams refused (0.3 or 30%%)")
     run.add_argument("--probe-rate", type=_rate, default=None,
-                     help="synthetic probes per second per affected service per observing cluster (default 20)")
+                     help="synthetic probes per second per affected service per observing cluster "
+                          "(default 20)")
     run.add_argument("--abort-on", default=None, metavar="SLO",
                      help="abort when the SLO trips, e.g. 'success<99%%:5s' or 'p99>500:3s'")
     run.add_argument("--baseline", type=_duration_text, default=None,
                      help="probes before the fault starts (default 2s)")
     run.add_argument("--settle", type=_duration_text, default=None,
                      help="probes after the fault stops, to measure failback (default 5s)")
-    run.add_argument("--json", action="store_true", help="print the report as JSON (live view on stderr)")
+    run.add_argument("--json", action="store_true",
+                     help="print the report as JSON (live view on stderr)")
     run.add_argument("--report", type=Path, default=None, metavar="FILE.html",
                      help="also write the report as a self-contained HTML page")
     _common(run)

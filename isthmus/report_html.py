@@ -1,11 +1,12 @@
 """A drill report as one self-contained HTML page (no external URLs, no JavaScript).
 
-`render_report_html(report)` takes the dict of `federation.drill_report.compute_report` (as served by
-`GET /v1/drills/{id}/report`) and returns the page: a title, the summary table, an inline SVG
-timeline — one stacked bar per second with the share of probes served by each region, a red
-error-rate line, the fault window shaded with "fault start" / "fault stop" markers, axes in
-seconds relative to the fault start and in percent — and the per-second rows in a collapsed
-table. `summary_rows(report)` gives the (label, value) pairs the CLI prints as its table too.
+`render_report_html(report)` takes the dict of `federation.drill_report.compute_report` (as
+served by `GET /v1/drills/{id}/report`) and returns the page: a title, the summary table, an
+inline SVG timeline — one stacked bar per second with the share of probes served by each
+region, a red error-rate line, the fault window shaded with "fault start" / "fault stop" markers,
+axes in seconds relative to the fault start and in percent — and the per-second rows in a
+collapsed table. `summary_rows(report)` gives the (label, value) pairs the CLI prints as its
+table too.
 
 Pure formatting: this module reads no clock and does no I/O. It is tolerant of missing fields
 (a report of a drill that never got samples still renders), so a partial report never hides

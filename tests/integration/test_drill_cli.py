@@ -55,11 +55,13 @@ SHORT = ["--baseline", "1s", "--settle", "4s"]
 # ---------------------------------------------------------------------------------------------
 # run_drill with a fake client (no processes)
 class FakeClient:
-    def __init__(self, now: float, fault: float = 1.0, settle: float = 0.5, unreachable: tuple = ()):
+    def __init__(self, now: float, fault: float = 1.0, settle: float = 0.5,
+                 unreachable: tuple = ()):
         self.drill = Drill(
             id="d-20261130-120000-ab12", scope_kind="region", scope="us-east", mode="blackhole",
             created_at=now, fault_start=now + 0.5, fault_end=now + 0.5 + fault,
-            clusters_in_scope=("east-1",), regions={"east-1": "us-east", "edge-1": "eu-west", "west-1": "us-west"},
+            clusters_in_scope=("east-1",),
+            regions={"east-1": "us-east", "edge-1": "eu-west", "west-1": "us-west"},
             services=("default/echo",), settle=settle,
         )
         self.aborts: list[str] = []
@@ -72,7 +74,8 @@ class FakeClient:
     async def get_drill(self, did):
         self.gets += 1
         if self.unreachable and self.unreachable[0] <= time.time() < self.unreachable[1]:
-            raise FederationError(f"federation at {FED_URL}: GET /v1/drills/{did}: connection refused")
+            raise FederationError(
+                f"federation at {FED_URL}: GET /v1/drills/{did}: connection refused")
         return self.drill, []
 
     async def abort_drill(self, did, reason):
@@ -83,7 +86,8 @@ class FakeClient:
         return self.drill
 
     async def drill_report(self, did):
-        return {"id": did, "state": self.drill.state, "end_reason": self.drill.end_reason, "timeline": []}
+        return {"id": did, "state": self.drill.state, "end_reason": self.drill.end_reason,
+                "timeline": []}
 
 
 def _console():
@@ -122,9 +126,11 @@ def test_aggregate_seconds_sums_observers_and_maps_regions():
     d = FakeClient(1000.0).drill
     s = [
         {"cluster": "edge-1", "second": 1001, "services": {"default/echo": {
-            "attempts": 20, "successes": 19, "failures": 1, "latency_p99_ms": 400.0, "served": {"west-1": 19}}}},
+            "attempts": 20, "successes": 19, "failures": 1, "latency_p99_ms": 400.0,
+            "served": {"west-1": 19}}}},
         {"cluster": "west-1", "second": 1001, "services": {"default/echo": {
-            "attempts": 20, "successes": 20, "failures": 0, "latency_p99_ms": 2.0, "served": {"west-1": 20}}}},
+            "attempts": 20, "successes": 20, "failures": 0, "latency_p99_ms": 2.0,
+            "served": {"west-1": 20}}}},
     ]
     line = aggregate_seconds(d, s)[1001]
     assert (line.second, line.attempts, line.successes, line.failures) == (1, 40, 39, 1)
@@ -165,7 +171,8 @@ class Topo:
 
     def restart_federation(self) -> None:
         """SIGTERM the federation by PID, start it again on the same state dir and ports."""
-        name, proc = next((n, p) for n, p in self.procs.procs if n.startswith("federation") and p.poll() is None)
+        name, proc = next((n, p) for n, p in self.procs.procs
+                          if n.startswith("federation") and p.poll() is None)
         proc.send_signal(signal.SIGTERM)
         proc.wait(10)
         self.procs.procs.remove((name, proc))
@@ -226,7 +233,8 @@ def wait_quiet(topo: Topo, timeout: float = 40) -> None:
         if r.returncode == 0:
             drills = json.loads(r.stdout)["drills"]
             busy = [d for d in drills if d["state"] == "running" or
-                    time.time() < min(d["fault_end"], d["ended_at"] or d["fault_end"]) + d["settle"] + 0.5]
+                    time.time() < min(d["fault_end"], d["ended_at"] or d["fault_end"])
+                    + d["settle"] + 0.5]
             if not busy:
                 return
         time.sleep(0.5)
@@ -307,13 +315,14 @@ def client_shift(conns, fault_start: float, fault_stop: float) -> float | None:
 
 
 def run_with_traffic(topo: Topo, *args: str, extra: float = 0.0):
-    """Run `drill run ... --json` while the independent client drives edge-1; (rc, report, conns, err)."""
+    """Run `drill run ... --json` while the independent client drives edge-1; (rc, report, conns,
+    err)."""
     wait_quiet(topo)
     proc = cli_popen(topo, "run", *args, "--json")
     # baseline + fault + settle + the CLI's tail, from the args
     spec = dict(zip(args[::2], args[1::2], strict=False))
-    total = sum(float(spec.get(k, d).rstrip("s")) for k, d in (("--baseline", "2s"), ("--duration", "0s"),
-                                                              ("--settle", "5s")))
+    total = sum(float(spec.get(k, d).rstrip("s"))
+                for k, d in (("--baseline", "2s"), ("--duration", "0s"), ("--settle", "5s")))
     conns = traffic(total + 1.5 + extra)
     rc, out, err = finish(proc, 60)
     assert out.strip(), f"rc={rc}\n{err}\n{topo.logs_tail()}"
@@ -347,8 +356,8 @@ def test_plan_table_json_and_no_target_warning(topo):
     assert "any:us-east" in edge and "any:us-west" in edge and "shifts" in edge, r.stdout
     j = json.loads(cli(topo, "plan", "--region", "us-east", "--json").stdout)
     rows = {(x["cluster"], x["service"]): x for x in j["imports"]}
-    assert rows[("edge-1", "default/echo")]["after"] == {"tier": "any:us-west", "clusters": ["west-1"],
-                                                         "healthy_endpoints": 2}
+    assert rows[("edge-1", "default/echo")]["after"] == {
+        "tier": "any:us-west", "clusters": ["west-1"], "healthy_endpoints": 2}
     assert rows[("west-1", "default/echo")]["changed"] is False
     assert j["no_target"] == []
     # west-1's endpoints down: with us-east lost, nobody outside has a healthy echo -> exit 3
@@ -361,7 +370,8 @@ def test_plan_table_json_and_no_target_warning(topo):
                 break
             time.sleep(0.3)
         assert r.returncode == 3, r.stdout + r.stderr
-        assert "WARNING" in r.stderr and "edge-1: default/echo" in r.stderr and "west-1: default/echo" in r.stderr
+        assert ("WARNING" in r.stderr and "edge-1: default/echo" in r.stderr
+                and "west-1: default/echo" in r.stderr)
         assert "NO HEALTHY TARGET" in r.stdout
     finally:
         topo.call(topo.backends["west-1"].start())
@@ -381,7 +391,8 @@ def test_unknown_region_and_overlap_refused(topo):
     r = cli(topo, "plan", "--cluster", "nope-1")
     assert r.returncode == 2 and "known clusters" in r.stderr, r.stderr
     wait_quiet(topo)
-    first = cli_popen(topo, "run", "--cluster", "west-1", "--mode", "drain", "--duration", "2s", *SHORT, "--json")
+    first = cli_popen(topo, "run", "--cluster", "west-1", "--mode", "drain", "--duration", "2s",
+                      *SHORT, "--json")
     try:
         deadline = time.time() + 10
         while True:
@@ -408,9 +419,9 @@ def test_blackhole_shifts_fast_and_agrees_with_independent_client(topo, tmp_path
                                            "--duration", "5s", *SHORT, "--report", str(html))
     assert rc == 0, err
     c = compare(rep, conns)
-    print(f"\nblackhole: shift {rep['shift_s']} s, detection {rep['detection_s']} s, failed during shift "
-          f"{rep['failed_during_shift']}, failback {rep['failback_s']} s, p99 worst {rep['p99_ms_worst']} ms; "
-          f"client {c}")
+    print(f"\nblackhole: shift {rep['shift_s']} s, detection {rep['detection_s']} s, failed "
+          f"during shift {rep['failed_during_shift']}, failback {rep['failback_s']} s, p99 worst "
+          f"{rep['p99_ms_worst']} ms; client {c}")
     assert rep["state"] == "ended" and rep["end_reason"] == "deadline"
     assert rep["shift_s"] is not None and rep["shift_s"] < 2.0, rep
     assert rep["failed_during_shift"] <= 40, rep
@@ -444,11 +455,14 @@ def test_abort_on_slo_trips_and_restores(topo):
     """A 300 ms degrade with --abort-on p99>100:2s aborts in < 6 s of fault (exit 1, < 25 s in all);
     afterwards edge-1 is served by us-east again in < 0.2 s per connection."""
     t0 = time.time()
-    rc, rep, conns, err = run_with_traffic(topo, "--region", "us-east", "--mode", "degrade", "--duration", "20s",
-                                           "--latency", "300ms", "--abort-on", "p99>100:2s", *SHORT, extra=-15)
-    print(f"\nabort-on: {rep['end_reason']} after {rep['fault_stop'] - rep['fault_start']:.1f} s of fault")
+    rc, rep, conns, err = run_with_traffic(topo, "--region", "us-east", "--mode", "degrade",
+                                           "--duration", "20s", "--latency", "300ms",
+                                           "--abort-on", "p99>100:2s", *SHORT, extra=-15)
+    print(f"\nabort-on: {rep['end_reason']} after "
+          f"{rep['fault_stop'] - rep['fault_start']:.1f} s of fault")
     assert rc == EXIT_FAIL, err
-    assert rep["state"] == "aborted" and "SLO" in rep["end_reason"] and "p99>100" in rep["end_reason"], rep
+    assert (rep["state"] == "aborted" and "SLO" in rep["end_reason"]
+            and "p99>100" in rep["end_reason"]), rep
     assert rep["fault_stop"] - rep["fault_start"] < 6, rep
     assert time.time() - t0 < 25
     # restored: new connections from edge-1 are served by us-east again, fast
@@ -461,7 +475,8 @@ def test_cli_killed_mid_drill_gateways_restore_at_deadline(topo):
     """The CLI SIGKILLed 2.5 s into a 4 s blackhole: the fault still holds (edge-1 served only by
     west-1), ends at the deadline by itself, traffic is back in us-east within 35 s."""
     wait_quiet(topo)
-    proc = cli_popen(topo, "run", "--region", "us-east", "--mode", "blackhole", "--duration", "4s", *SHORT)
+    proc = cli_popen(topo, "run", "--region", "us-east", "--mode", "blackhole", "--duration", "4s",
+                     *SHORT)
     try:
         time.sleep(2.5)  # inside the fault (baseline ≤ 2 s)
         os.kill(proc.pid, signal.SIGKILL)
@@ -473,9 +488,11 @@ def test_cli_killed_mid_drill_gateways_restore_at_deadline(topo):
     conns = traffic(max(0.0, d["fault_end"] - time.time()) + 0.5)
     during = window(conns, d["fault_start"] + 1.5, d["fault_end"])
     assert during and all(x[1] == "west-1" for x in during), during
-    assert faults_cleared(), "us-east gateways still faulted after the deadline"  # restored by themselves
+    # restored by themselves
+    assert faults_cleared(), "us-east gateways still faulted after the deadline"
     wait_back_in_scope(35)
-    print(f"\nCLI killed: edge-1 back in us-east {time.time() - 1.0 - d['fault_end']:.1f}s after the deadline")
+    print(f"\nCLI killed: edge-1 back in us-east {time.time() - 1.0 - d['fault_end']:.1f}s "
+          "after the deadline")
     r = cli(topo, "show", d["id"], "--json")
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
@@ -487,7 +504,8 @@ def test_federation_restarted_mid_drill_ends_safely_and_keeps_record(topo):
     """The federation restarted 2.5 s into a 5 s blackhole: the CLI exits 0 with a report, the
     drill is recorded as ended, faults clear and edge-1 is back in us-east within 35 s."""
     wait_quiet(topo)
-    proc = cli_popen(topo, "run", "--region", "us-east", "--mode", "blackhole", "--duration", "5s", *SHORT)
+    proc = cli_popen(topo, "run", "--region", "us-east", "--mode", "blackhole", "--duration", "5s",
+                     *SHORT)
     try:
         time.sleep(2.5)
         topo.restart_federation()
@@ -516,12 +534,14 @@ def test_degrade_refuses_and_delays_and_agrees_with_independent_client(topo):
 
     Last in the file: refused OPENs eject us-east's gateways (outlier detection, backoff
     doubling up to max_ejection 30 s), which would slow the failback of the drills after it."""
-    rc, rep, conns, err = run_with_traffic(topo, "--region", "us-east", "--mode", "degrade", "--duration", "4s",
-                                           "--latency", "200ms", "--error-rate", "0.3", *SHORT)
+    rc, rep, conns, err = run_with_traffic(topo, "--region", "us-east", "--mode", "degrade",
+                                           "--duration", "4s", "--latency", "200ms",
+                                           "--error-rate", "0.3", *SHORT)
     assert rc == 0, err
     c = compare(rep, conns)
-    print(f"\ndegrade: detection {rep['detection_s']} s, shift {rep['shift_s']} s, p99 worst {rep['p99_ms_worst']} ms, "
-          f"ok ratio {c['report_ratio']:.3f}, failback {rep['failback_s']} s; client {c}")
+    print(f"\ndegrade: detection {rep['detection_s']} s, shift {rep['shift_s']} s, "
+          f"p99 worst {rep['p99_ms_worst']} ms, ok ratio {c['report_ratio']:.3f}, "
+          f"failback {rep['failback_s']} s; client {c}")
     assert rep["by_mode"] == {"mode": "degrade", "latency": 0.2, "error_rate": 0.3}
     # ERR degraded is refused at connect time: the caller fails over, nothing fails
     assert rep["totals"]["failures"] == 0 and c["client_failed"] == 0, (rep["totals"], c)
@@ -531,4 +551,5 @@ def test_degrade_refuses_and_delays_and_agrees_with_independent_client(topo):
     fault = window(conns, rep["fault_start"] + 0.05, rep["fault_stop"])
     assert any(x[1] == "west-1" for x in fault), fault
     # whatever us-east still served during the fault came with the added latency
-    assert all(x[2] >= 0.19 for x in fault if x[1] in US_EAST), [x for x in fault if x[1] in US_EAST]
+    assert all(x[2] >= 0.19 for x in fault if x[1] in US_EAST), [
+        x for x in fault if x[1] in US_EAST]

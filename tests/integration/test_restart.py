@@ -85,6 +85,10 @@ async def topo(tmp_path, request):
 
 
 async def test_takeover_under_load_loses_no_connection_and_drains_the_old_ones(topo: Topology):
+    """A takeover of east-1 under 40 new conn/s: 0 of > 400 failed, all served by east-1, which
+    stays live in the catalog; 3 long-lived connections drained, 1 closed by its client, 2 with a
+    clean EOF at the 3 s bound, the old process exiting 0 after >= 2.5 s; a second takeover from
+    the new process exits that one 0."""
     east1 = topo.nodes["east-1"]
     old = east1.proc
     kept = [await LongLived(east1.import_port).open() for _ in range(3)]
@@ -133,7 +137,11 @@ async def test_takeover_under_load_loses_no_connection_and_drains_the_old_ones(t
 
 
 async def test_takeover_of_the_inbound_side_moves_remote_links_without_a_failover(topo: Topology):
-    """east-1's own backends are down, so its import goes to east-2 over a link to east-2's
+    """A takeover of east-2, the inbound side of east-1's link, under 40 new conn/s: 0 failed,
+    all still served by east-2, the old east-2 exits 0 and the stream on the old link ends with a
+    clean EOF.
+
+    east-1's own backends are down, so its import goes to east-2 over a link to east-2's
     inbound listener. east-2 restarts: east-1 is told GOAWAY, opens a new link to the new east-2,
     and no connection fails or moves to another cluster (no outlier ejection)."""
     await topo.stop_backends("east-1")
@@ -157,6 +165,9 @@ async def test_takeover_of_the_inbound_side_moves_remote_links_without_a_failove
 
 
 async def test_takeover_with_workers(tmp_path: Path, request):
+    """A takeover of east-1 on --workers 2 under 40 new conn/s: one without --workers 2 exits 2,
+    then 0 failed, all served by east-1, the old primary exits 0, its worker is gone and a new
+    primary and worker 1 run."""
     async with running(RestartTopology(tmp_path / "topo", workers={"east-1": 2}), request) as topo:
         east1 = topo.nodes["east-1"]
 
@@ -254,6 +265,8 @@ async def lone(tmp_path: Path):
 
 
 async def test_a_second_plain_start_exits_2_naming_the_running_pid(lone):
+    """A plain start on the state dir of a running gateway exits 2 naming its pid and --takeover,
+    and the running gateway keeps serving."""
     cfg, ports, _, start, ready = lone
     first = start()
     await ready(first)
@@ -266,6 +279,8 @@ async def test_a_second_plain_start_exits_2_naming_the_running_pid(lone):
 
 @pytest.mark.parametrize("field", ["listen.inbound", "listen.admin", "imports[0].listen"])
 async def test_a_port_in_use_exits_2_before_anything_is_written(tmp_path: Path, field):
+    """With listen.inbound, listen.admin or imports[0].listen in use, a start exits 2 naming the
+    field, the address and "in use", and writes no state dir."""
     ports = {"inbound": free_port(), "admin": free_port(), "import_port": free_port()}
     cfg = lone_config(tmp_path / "gw", **ports, endpoints=[free_port()])
     taken = {"listen.inbound": ports["inbound"], "listen.admin": ports["admin"],
@@ -279,6 +294,9 @@ async def test_a_port_in_use_exits_2_before_anything_is_written(tmp_path: Path, 
 
 
 async def test_a_takeover_that_never_gets_ready_leaves_the_old_gateway_serving(lone, tmp_path):
+    """A takeover not ready within takeover_timeout 2s exits 1 after >= 2 s, and one killed after
+    receiving the sockets changes nothing either: under 40 new conn/s 0 failed, the old gateway
+    keeps serving and owning the state dir (a plain start exits 2 naming its pid)."""
     cfg, ports, backend, start, ready = lone
     old = start()
     await ready(old)
@@ -320,6 +338,9 @@ async def test_a_takeover_that_never_gets_ready_leaves_the_old_gateway_serving(l
 
 
 async def test_when_the_old_gateway_dies_mid_takeover_the_new_one_goes_on_alone(lone):
+    """The old gateway killed after handing over its sockets: 5 of 5 requests are served by the
+    new one within 8 s, which goes on alone, is ready and owns the state dir (a plain start exits
+    2 naming its pid)."""
     cfg, ports, _, start, ready = lone
     old = start()
     await ready(old)
@@ -340,6 +361,8 @@ async def test_when_the_old_gateway_dies_mid_takeover_the_new_one_goes_on_alone(
 
 
 async def test_sigquit_drains_and_exits_0(lone):
+    """SIGQUIT: new connections are refused 0.5 s later, an open one still answers and ends with a
+    clean EOF at the 2 s drain bound, and the process exits 0."""
     cfg, ports, _, start, ready = lone
     gw = start()
     await ready(gw)
