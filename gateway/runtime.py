@@ -64,11 +64,7 @@ from gateway.core.takeover import Progress
 from gateway.dataplane.dial import Dialer
 from gateway.dataplane.l4 import ImportListener, InboundListener
 from gateway.dataplane.probes import checker, probe_loop
-from gateway.dataplane.router import (
-    Router,
-    local_key,
-    remote_key,
-)
+from gateway.dataplane.router import Router, local_key, remote_key
 from gateway.dataplane.tls import GatewayTls, TlsSnapshot
 from gateway.restart import Restart, first_of, readiness
 
