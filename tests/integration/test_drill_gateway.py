@@ -142,7 +142,7 @@ async def test_drain_refuses_opens_withdraws_exports_and_reports_samples(
     async def imports_published() -> bool:  # every gateway published its import (failover policy)
         async with operator(topo) as op:
             imports = (await op.catalog()).imports
-        return {(r.cluster, str(r.service), r.tiers) for r in imports.values()} == {
+        return {(r.cluster, str(r.service), r.failover.tiers) for r in imports.values()} == {
             (c, "default/echo", ("cluster", "zone", "region", "any"))
             for c in ("east-1", "east-2", "west-1")
         }
