@@ -323,7 +323,7 @@ def run_with_traffic(topo: Topo, *args: str, extra: float = 0.0):
     spec = dict(zip(args[::2], args[1::2], strict=False))
     total = sum(float(spec.get(k, d).rstrip("s"))
                 for k, d in (("--baseline", "2s"), ("--duration", "0s"), ("--settle", "5s")))
-    conns = traffic(total + 1.5 + extra)
+    conns = traffic(total + 3.5 + extra)  # + the CLI's start and the fault's second rounding
     rc, out, err = finish(proc, 60)
     assert out.strip(), f"rc={rc}\n{err}\n{topo.logs_tail()}"
     return rc, json.loads(out), conns, err
