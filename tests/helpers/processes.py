@@ -38,16 +38,26 @@ def free_port() -> int:
 
 
 def isthmus_cmd() -> list[str]:
-    """The `isthmus` console script of this interpreter (else `python -m isthmus.cli`)."""
-    script = Path(sys.executable).with_name("isthmus")
-    if script.exists():
-        return [str(script)]
+    """`python -m isthmus.cli` of this interpreter, with this tree first on its path (see
+    `tree_env`): a test runs the code it sits beside, not whatever an installed console script
+    points at (an editable install of another checkout, say)."""
     return [sys.executable, "-m", "isthmus.cli"]
 
 
-def run_cli(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess:
-    return subprocess.run([*isthmus_cmd(), *args], capture_output=True, text=True, timeout=timeout)
+ROOT = Path(__file__).resolve().parents[2]
 
+
+def tree_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a child process that must import this tree's packages."""
+    base = dict(os.environ if env is None else env)
+    old = base.get("PYTHONPATH")
+    base["PYTHONPATH"] = str(ROOT) + (os.pathsep + old if old else "")
+    return base
+
+
+def run_cli(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess:
+    return subprocess.run([*isthmus_cmd(), *args], capture_output=True, text=True,
+                          timeout=timeout, env=tree_env())
 
 
 class Proc:
@@ -68,7 +78,7 @@ class Proc:
             f.write(f"=== {time.strftime('%H:%M:%S')} start: {' '.join(self.args)}\n".encode())
             f.flush()
             self.popen = subprocess.Popen(self.args, stdout=f, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL, env=self.env)
+                                          stdin=subprocess.DEVNULL, env=tree_env(self.env))
 
     @property
     def pid(self) -> int:
