@@ -37,7 +37,7 @@ from federation.drill_model import DRILL_ID_PATTERN
 from federation.drills import MAX_PROBE_RATE, MAX_REASON
 from federation.errors import InputError
 from federation.fields import NAME_PATTERN
-from federation.identity import MAX_BUNDLE_KEYS
+from federation.identity import MAX_BUNDLE_KEYS, MAX_CERT_BYTES
 from federation.store.base import Event
 from federation.units import HOSTPORT_PATTERN
 
@@ -73,8 +73,18 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/join", "join",
           "Join the federation with a single-use join token; returns the federation's bundle.",
           "token", "JoinRequest", "JoinResponse", (400, 401, 403, 409, 413)),
+    Route("PUT", "/v1/clusters/{name}", "putCluster",
+          "Publish the cluster's record again (gateway address, region, zone); its trust "
+          "domain is fixed (409: changing it is a re-join with a --replace token).",
+          "svid", "ClusterRecord", "Revision", _W + (409,)),
+    Route("DELETE", "/v1/clusters/{name}", "removeCluster",
+          "Remove a cluster (operator only): its record, bundle, liveness, exports, imports and "
+          "tokens are deleted and its trust domain is trusted no more; 404 if unknown.",
+          "operator", None, "Removed", (401, 403, 404)),
     Route("PUT", "/v1/clusters/{name}/bundle", "putBundle",
-          "Replace the cluster's trust bundle (a lower spiffe_sequence is refused).",
+          "Replace the cluster's trust bundle. A changed bundle must carry a higher "
+          "spiffe_sequence than the one held (409 with held_sequence otherwise); the same "
+          "bundle again is not a new revision.",
           "svid", "Jwks", "Revision", _W + (409,)),
     Route("POST", "/v1/clusters/{name}/lease", "grantLease",
           "Grant a liveness lease; marks the cluster live until it expires.",
@@ -240,15 +250,25 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "JoinRequest": _obj({
         "token": {"type": "string", "minLength": 1,
                   "description": "the single-use join token (`isthmus federation token create`); "
-                  "it is the join's only credential, no client certificate is needed"},
+                  "a new cluster needs nothing else; an existing one also needs a proof (or "
+                  "a token made with --replace)"},
         "cluster": _ref("ClusterRecord"), "bundle": _ref("Jwks"),
-    }),
+        "proof": _obj({
+            "svid": {"type": "string", "maxLength": 2 * MAX_CERT_BYTES,
+                     "description": "PEM: the cluster's current gateway SVID"},
+            "signature": {"type": "string", "maxLength": 2048, "pattern": "^[A-Za-z0-9_=-]*$",
+                          "description": "base64url signature, by the SVID's key, of the "
+                          "re-join message (federation/proof.py)"},
+        }),
+    }, required=["token", "cluster", "bundle"]),
     "JoinResponse": _obj({
         "federation_trust_domain": _STR, "federation_bundle": _ref("Jwks"), "lease_ttl": _NUM,
     }),
     "Lease": _obj({"lease": _INT, "ttl": _NUM}),
     "Revision": _obj({"revision": _INT}),
     "Deleted": _obj({"deleted": {"type": "boolean"}, "revision": _INT}),
+    "Removed": _obj({"removed": _NAME, "trust_domain": _STR, "deleted_keys": _INT,
+                     "revoked_tokens": _INT, "revision": _INT}),
     "Catalog": _obj({
         "revision": _INT,
         "clusters": {"type": "object", "additionalProperties": _ref("ClusterRecord")},

@@ -40,6 +40,7 @@ from federation.errors import (
 )
 from federation.identity import Svid, TrustBundle
 from federation.model import Catalog, ClusterRecord, Export, ImportRecord
+from federation.proof import message, sign_proof
 from federation.store.base import Event
 from federation.tls import client_context
 from federation.units import format_duration
@@ -199,14 +200,26 @@ class FederationClient:
 
     # ---- API -----------------------------------------------------------------------------
 
-    async def join(self, token: str, record: ClusterRecord, bundle: TrustBundle) -> dict:
+    async def join(self, token: str, record: ClusterRecord, bundle: TrustBundle,
+                   prove_with: Svid | None = None) -> dict:
         """Join with a single-use token. Returns {federation_trust_domain, federation_bundle
-        (JWKS), lease_ttl}."""
-        return await self._ok(
-            "POST",
-            "/v1/join",
-            {"token": token, "cluster": record.to_json(), "bundle": bundle.to_jwks()},
-        )
+        (JWKS), lease_ttl}. `prove_with`: the cluster's current SVID, signing a proof of
+        possession, which a re-join of an existing cluster needs (federation/proof.py)."""
+        jwks = bundle.to_jwks()
+        body: dict[str, Any] = {"token": token, "cluster": record.to_json(), "bundle": jwks}
+        if prove_with is not None:
+            body["proof"] = sign_proof(prove_with,
+                                       message(token, record.name, api.canonical_json(jwks)))
+        return await self._ok("POST", "/v1/join", body)
+
+    async def put_record(self, record: ClusterRecord) -> int:
+        """Publish our cluster record again (gateway address, region, zone)."""
+        return (await self._ok("PUT", f"/v1/clusters/{record.name}", record.to_json()))[
+            "revision"]
+
+    async def remove_cluster(self, name: str) -> dict:
+        """Remove a cluster (operator). 404 if unknown: FederationError."""
+        return await self._ok("DELETE", f"/v1/clusters/{name}")
 
     async def put_bundle(self, name: str, bundle: TrustBundle) -> int:
         return (await self._ok("PUT", f"/v1/clusters/{name}/bundle", bundle.to_jwks()))["revision"]

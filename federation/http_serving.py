@@ -128,6 +128,7 @@ class ServingStats:
     refused: Counter[str] = field(default_factory=Counter)
     timed_out: Counter[str] = field(default_factory=Counter)
     handshake_failed: int = 0
+    certificates_refused: int = 0  # of handshake_failed: a client certificate TLS refused
     bad_requests: int = 0
     handler_errors: int = 0
 
@@ -146,6 +147,11 @@ def refusal(stats: ServingStats, limits: ServingLimits, stage: str, tls: bool) -
     if stats.anonymous >= limits.max_anonymous:
         return "anonymous"
     return None
+
+
+def _certificate_refused(e: BaseException) -> bool:
+    """A handshake that failed on the peer's certificate (OpenSSL's verify step)."""
+    return isinstance(e, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(e)
 
 
 def where(exc: BaseException) -> str:
@@ -183,6 +189,11 @@ def serving_metrics(page: Exposition, prefix: str, ports: Mapping[str, ServingSt
                  "TLS handshakes that failed (not TLS, certificate refused, peer gone), "
                  "not timeouts.",
                  per_port(lambda s: s.handshake_failed))
+    page.counter(f"{prefix}_tls_client_certificates_refused_total",
+                 "Of the failed handshakes: a client certificate that chains to no CA the port "
+                 "trusts now (an unknown cluster, a removed one, a retired CA), refused with a "
+                 "TLS alert.",
+                 per_port(lambda s: s.certificates_refused))
     page.counter(f"{prefix}_bad_requests_total",
                  "Malformed HTTP requests (answered 400 by the parser).",
                  per_port(lambda s: s.bad_requests))
@@ -320,12 +331,23 @@ class BoundedSite(web.BaseSite):
                 self.stats.timed_out["handshake"] += 1
                 self.log.info("timeout-handshake", "%s: closed %s: no TLS handshake within %gs",
                               self.label, quote(peer), timeout)
+            elif _certificate_refused(e):
+                self.stats.handshake_failed += 1
+                self.stats.certificates_refused += 1
+                self.log.warning("certificate-refused", "%s: refused the client certificate of "
+                                 "%s (TLS alert sent): %s", self.label, quote(peer), quote(e))
             else:
                 self.stats.handshake_failed += 1
                 self.log.warning("handshake-failed", "%s: TLS handshake with %s failed: %s",
                                  self.label, quote(peer), quote(str(e) or type(e).__name__))
         finally:
             self.stats.handshaking -= 1
+
+    def set_ssl_context(self, ctx: ssl.SSLContext) -> None:
+        """The context of every handshake from now on (open connections keep theirs)."""
+        if self._ssl_context is None:
+            raise ValueError(f"{self.label}: a plain-HTTP site has no TLS context to replace")
+        self._ssl_context = ctx
 
     def _protocol(self) -> _BoundedHandler:
         server = self._runner.server

@@ -14,7 +14,8 @@ both bundles are loaded in the same process.
 Bundles travel in the SPIFFE bundle format (a JWKS with `spiffe_sequence` and
 `spiffe_refresh_hint`). `TrustBundle.from_jwks` is the only way a bundle enters from the wire;
 it validates every field, bounds sizes and names the field that was wrong. A bundle update
-replaces the whole frozen value (`successor`), and a lower sequence is refused.
+replaces the whole frozen value (`successor`): a lower sequence is refused, and so is a
+changed bundle at the sequence already held.
 
 Decisions worth knowing:
 - A bundle must carry `spiffe_sequence` (we compare sequences) and at least one `x509-svid`
@@ -404,8 +405,14 @@ class TrustBundle:
             out.append(cert.public_bytes(serialization.Encoding.PEM).decode("ascii"))
         return "".join(out)
 
+    def same_keys(self, other: TrustBundle) -> bool:
+        """The same authorities (in any order) and refresh hint: the same trust."""
+        return (set(self.authorities) == set(other.authorities)
+                and self.refresh_hint == other.refresh_hint)
+
     def successor(self, new: TrustBundle) -> TrustBundle:
-        """The bundle to hold after receiving `new`: `new` itself, or an error."""
+        """The bundle to hold after receiving `new`: `new` itself, or an error. A changed
+        bundle must carry a higher sequence; the same one may come again at the same."""
         if new.trust_domain != self.trust_domain:
             raise IdentityError(
                 f"bundle {self.trust_domain}: an update for trust domain "
@@ -415,6 +422,11 @@ class TrustBundle:
             raise BundleSequenceError(
                 f"bundle {self.trust_domain}: sequence {new.sequence} is lower than the "
                 f"{self.sequence} already held; refusing the update"
+            )
+        if new.sequence == self.sequence and not self.same_keys(new):
+            raise BundleSequenceError(
+                f"bundle {self.trust_domain}: different keys at the sequence {new.sequence} "
+                "already held; a changed bundle must carry a higher sequence"
             )
         return new
 

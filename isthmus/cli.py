@@ -16,7 +16,6 @@ import json
 import logging
 import signal
 import sys
-import time
 from pathlib import Path
 
 from federation.errors import InputError, IsthmusError
@@ -90,36 +89,6 @@ def cmd_federation_serve(args: argparse.Namespace) -> int:
     server = FederationServer(store, args.state_dir, args.listen, args.admin,
                               lease_ttl=args.lease_ttl, trust_domain=args.trust_domain)
     asyncio.run(server.run_forever())
-    return EXIT_OK
-
-
-def cmd_token_create(args: argparse.Namespace) -> int:
-    from federation.fields import check_name
-    from federation.server.app import create_token
-    from federation.store.base import open_store
-
-    check_name(args.cluster, "--cluster")
-    store = open_store(args.store or f"sqlite:{args.state_dir / 'federation.db'}")
-
-    async def go() -> str:
-        await store.open()
-        try:
-            return await create_token(store, args.cluster, args.ttl, time.time())
-        finally:
-            await store.close()
-
-    token = asyncio.run(go())
-    if args.output:
-        from federation.files import write_atomic
-
-        write_atomic(args.output, (token + "\n").encode())
-        print(
-            f"join token for {args.cluster} written to {args.output} "
-            f"(single use, expires in {args.ttl:g}s)",
-            file=sys.stderr,
-        )
-    else:
-        print(token)
     return EXIT_OK
 
 
@@ -228,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    fed = sub.add_parser("federation", help="the federation service and its join tokens")
+    fed = sub.add_parser("federation", help="the federation service, join tokens, clusters")
     fsub = fed.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
     serve = fsub.add_parser(
         "serve",
@@ -256,23 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=cmd_federation_serve)
 
-    tok = fsub.add_parser("token", help="join tokens")
-    tsub = tok.add_subparsers(dest="action", metavar="ACTION", required=True)
-    create = tsub.add_parser(
-        "create", help="print a single-use, expiring join token for one cluster"
-    )
-    create.add_argument("--cluster", required=True, help="the cluster the token may join as")
-    create.add_argument("--ttl", type=_duration, default=900.0, help="token lifetime (default 15m)")
-    create.add_argument(
-        "--state-dir", type=Path, default=Path("."), help="the federation's state dir"
-    )
-    create.add_argument(
-        "--store", default=None, help="sqlite:PATH (default sqlite:STATE_DIR/federation.db)"
-    )
-    create.add_argument(
-        "--output", "-o", help="write the token to this file (0600) instead of stdout"
-    )
-    create.set_defaults(func=cmd_token_create)
+    from isthmus.federation_admin import add_cluster_parser, add_token_parser
+
+    add_token_parser(fsub)
+    add_cluster_parser(fsub)
 
     gw = sub.add_parser("gateway", help="run a gateway")
     gsub = gw.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)

@@ -439,7 +439,7 @@ def _rate(text: str) -> float:
     return v
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def add_operator_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--federation", default=DEFAULT_FEDERATION, metavar="URL",
                    help=f"the federation's API URL (default {DEFAULT_FEDERATION})")
     p.add_argument("--credentials", type=Path, default=None, metavar="DIR",
@@ -470,7 +470,7 @@ def add_drill_parser(sub: Any) -> None:
                                        "when some import would have no healthy target.")
     _scope(plan)
     plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    _common(plan)
+    add_operator_args(plan)
     plan.set_defaults(func=cmd_plan)
 
     run = dsub.add_parser("run", help="run a drill, watch it live, print its report",
@@ -502,18 +502,18 @@ def add_drill_parser(sub: Any) -> None:
                      help="print the report as JSON (live view on stderr)")
     run.add_argument("--report", type=Path, default=None, metavar="FILE.html",
                      help="also write the report as a self-contained HTML page")
-    _common(run)
+    add_operator_args(run)
     run.set_defaults(func=cmd_run)
 
     abort = dsub.add_parser("abort", help="abort a running drill (the gateways restore now)")
     abort.add_argument("id", help="drill id, d-YYYYMMDD-HHMMSS-xxxx")
     abort.add_argument("--reason", default="aborted by operator", help="recorded as the end reason")
-    _common(abort)
+    add_operator_args(abort)
     abort.set_defaults(func=cmd_abort)
 
     ls = dsub.add_parser("list", help="drill history, newest first")
     ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    _common(ls)
+    add_operator_args(ls)
     ls.set_defaults(func=cmd_list)
 
     show = dsub.add_parser("show", help="one drill's report")
@@ -521,6 +521,6 @@ def add_drill_parser(sub: Any) -> None:
     show.add_argument("--json", action="store_true", help="print the report as JSON")
     show.add_argument("--report", type=Path, default=None, metavar="FILE.html",
                       help="also write the report as a self-contained HTML page")
-    _common(show)
+    add_operator_args(show)
     show.set_defaults(func=cmd_show)
 

@@ -3,8 +3,9 @@
 Theory of operation
 -------------------
 The server is composed here from parts that share one `State` (state.py): `Credentials`
-(federation CA, server SVID and its rotation, operator credentials, join tokens),
-`Auth` (who is calling, and may they), `Clusters` (join, bundles, leases, exports, imports),
+(federation CA, server SVID and its rotation, operator credentials, the TLS context),
+`Auth` (who is calling, and may they), `Membership` (join, re-join, record, removal; join
+tokens are tokens.py's), `Clusters` (bundles, leases, exports, imports),
 `CatalogView` (snapshot, watch), `Drills` (drill handlers, timer, samples) and `Admin`
 (healthz, readyz, metrics, status). Each part's docstring tells its part of the story.
 
@@ -44,14 +45,11 @@ from federation.server.admin import ADMIN, Admin
 from federation.server.auth import Auth
 from federation.server.catalog import CatalogView
 from federation.server.clusters import REAP_INTERVAL, Clusters
-from federation.server.credentials import (
-    FEDERATION_TRUST_DOMAIN,
-    Credentials,
-    create_token,
-    operator_id,
-)
+from federation.server.credentials import FEDERATION_TRUST_DOMAIN, Credentials, operator_id
 from federation.server.drills import Drills
+from federation.server.membership import Membership
 from federation.server.state import State, log
+from federation.server.tokens import create_token
 from federation.store.base import Store
 from federation.units import format_hostport
 
@@ -93,6 +91,7 @@ class FederationServer:
         self.credentials = Credentials(self.state, self.state_dir, listen[0])
         self.auth = Auth(self.state, self.credentials)
         self.clusters = Clusters(self.state, self.credentials, self.auth)
+        self.membership = Membership(self.state, self.credentials, self.auth)
         self.catalog = CatalogView(self.state, self.auth)
         self.drills = Drills(self.state, self.auth, self.catalog)
         self.admin = Admin(self.state, self.auth, self.catalog,
@@ -135,6 +134,7 @@ class FederationServer:
         site = BoundedSite(runner, self.listen[0], self.listen[1], ssl_context=ssl_context,
                            limits=self.limits, name="api", logger=log)
         await site.start()
+        self.credentials.on_context = site.set_ssl_context  # trust changes: rebuilt contexts
         self._sites["api"] = site
         self.port = site.port
         state.bound = True
@@ -215,7 +215,9 @@ class FederationServer:
         """The route table: every `api.ROUTES` operation id and the handler that answers it."""
         clusters, drills, admin = self.clusters, self.drills, self.admin
         return {
-            "join": clusters.h_join,
+            "join": self.membership.h_join,
+            "putCluster": self.membership.h_put_cluster,
+            "removeCluster": self.membership.h_remove_cluster,
             "putBundle": clusters.h_put_bundle,
             "grantLease": clusters.h_grant_lease,
             "keepAlive": clusters.h_keepalive,

@@ -7,12 +7,14 @@
   the operator ID verified against the federation's own bundle (the *operator*; any other ID
   of the federation's trust domain is 403). `caller` returns ("cluster", name) or
   ("operator", id). (OpenSSL cannot forget a CA in place: after a bundle drops an authority
-  the handshake may still pass, but `verify_peer` checks against the current bundle only, so
-  the request is refused with 401.) No cluster may join with the federation's own trust domain.
+  the handshake may still pass on a connection opened before the change, but `verify_peer` checks
+  against the current bundles only, so the request is refused with 401; new connections get a
+  context rebuilt from the current bundles, which refuses such a certificate with a TLS alert,
+  logged and counted: credentials.py.) No cluster may join with the federation's own trust domain.
 * Authorization. A cluster writes only its own records (`/v1/clusters/{name}/...` with
   name == caller) and its own drill samples; anything else is 403 naming both, logged and
-  counted. The operator reads the catalog, the watch and drills, and creates and aborts
-  drills; it writes no cluster record (403). Creating or aborting drills is operator-only.
+  counted. The operator reads the catalog, the watch and drills, creates and aborts drills and
+  removes clusters; it writes no cluster record (403). Those three are operator-only.
 * Refusals. 401/403s are logged through one `LogLimiter` (the counter carries the volume),
   quoting what came off the wire (`logs.quote`).
 """

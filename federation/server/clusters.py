@@ -1,14 +1,13 @@
-"""Clusters at the federation: join, trust bundles, leases, exports and imports.
+"""Clusters at the federation: trust bundles, leases, exports and imports (joining, re-joining
+and removal are membership.py's).
 
 * State. A cluster's record (`catalog/clusters/<c>`) and bundle (`catalog/bundles/<td>`) are
   written by its join; `load_state` rebuilds the in-memory maps (`State`) from the store at
   start. A stored value that does not parse is skipped with one log line.
-* Join. The token is checked first (a caller without a valid one gets 401 before the server
-  parses a bundle's certificates for it), then consumed by an atomic `store.delete`. A re-join
-  with a fresh token replaces the record and the bundle (even with a lower sequence: a cluster
-  that lost its state starts again from 0). A trust domain belongs to one cluster (409).
-* Bundles. A bundle update must not lower the sequence held (409); every authority that names a
-  SPIFFE trust domain must name the cluster's. Joins and updates reload the live TLS trust.
+* Bundles. A changed bundle must carry a higher sequence than the one held (409 with
+  `held_sequence` otherwise, so the cluster can publish above it); the same bundle again is
+  not a new revision. Every authority that names a SPIFFE trust domain must name the
+  cluster's. Joins, updates and removals rebuild the TLS trust (credentials.py).
 * Leases. A reaper calls `store.expire_leases()` every 200 ms, so a cluster that stops renewing
   loses `catalog/live/<c>` and its exports within ttl + 0.2 s; watchers see the deletes.
   A restart knows nothing new about liveness: `load_state` renews every stored lease for a
@@ -51,7 +50,7 @@ from federation.model import (
     ImportRecord,
 )
 from federation.server.auth import Auth
-from federation.server.credentials import Credentials, token_cluster, token_key
+from federation.server.credentials import Credentials
 from federation.server.state import State, log, read_json
 from federation.units import parse_int
 
@@ -63,7 +62,6 @@ class Clusters:
         self.state = state
         self.credentials = credentials
         self.auth = auth
-        self._join_lock = asyncio.Lock()
 
     async def load_state(self) -> None:
         renewed = await self.state.store.renew_all_leases()
@@ -113,76 +111,6 @@ class Clusters:
 
     # ---- /v1/join and /v1/clusters/{name}/... ---------------------------------------------
 
-    async def h_join(self, request: web.Request) -> web.Response:
-        body = await read_json(request)
-        if not isinstance(body, dict):
-            raise ApiError(400, "request body: expected an object")
-        token = body.get("token")
-        if not isinstance(token, str) or not token:
-            raise ApiError(400, "token: missing or not a string")
-        # The token first: a caller without a valid one gets 401 before the server parses a
-        # bundle's certificates for it. Only peeked here; consumed atomically below.
-        token_cluster(await self.state.store.get(token_key(token)), self.state.clock())
-        if "bundle" not in body:
-            raise ApiError(400, "bundle: missing")
-        try:
-            record = ClusterRecord.from_json(body.get("cluster"), "cluster")
-            bundle = TrustBundle.from_jwks(record.trust_domain, body["bundle"])
-        except (InputError, IdentityError) as e:
-            raise ApiError(400, str(e)) from None
-        if record.trust_domain == self.state.trust_domain:
-            raise ApiError(
-                400, f"cluster.trust_domain: {record.trust_domain!r} is the federation's own"
-            )
-        _check_bundle_domain(bundle, record.trust_domain)
-        async with self._join_lock:
-            kv = await self.state.store.delete(token_key(token))
-            owner = token_cluster(kv, self.state.clock())  # again: used or expired meanwhile
-            assert kv is not None
-            if owner != record.name:
-                self.state.limited.warning("join-token-mismatch",
-                                           "join token for %s presented for cluster %s",
-                                           quote(owner), quote(record.name))
-                raise ApiError(
-                    403,
-                    f"join token was issued for cluster {owner!r}, "
-                    f"not {record.name!r}",
-                )
-            other = self.state.cluster_by_td.get(record.trust_domain)
-            if other is not None and other != record.name:
-                await self.state.store.put(kv.key, kv.value)  # authorized but conflicting: keep it
-                raise ApiError(
-                    409,
-                    f"trust domain {record.trust_domain!r} is already used by cluster "
-                    f"{other!r}",
-                )
-            old = self.state.records.get(record.name)
-            store = self.state.store
-            await store.put(BUNDLES + record.trust_domain, api.canonical_json(bundle.to_jwks()))
-            await self.state.store.put(CLUSTERS + record.name, api.canonical_json(record.to_json()))
-            bundles = dict(self.state.bundles)
-            by_td = dict(self.state.cluster_by_td)
-            if old is not None and old.trust_domain != record.trust_domain:
-                await self.state.store.delete(BUNDLES + old.trust_domain)
-                bundles.pop(old.trust_domain, None)
-                by_td.pop(old.trust_domain, None)
-            bundles[record.trust_domain] = bundle
-            by_td[record.trust_domain] = record.name
-            self.state.bundles = bundles
-            self.state.cluster_by_td = by_td
-            self.state.records = {**self.state.records, record.name: record}
-            self.credentials.reload_trust()
-        log.info(
-            "cluster %s %s (trust domain %s, %s/%s, gateway %s)",
-            record.name, "re-joined" if old else "joined", record.trust_domain,
-            record.region, record.zone, quote(record.gateway_address),
-        )
-        return web.json_response({
-            "federation_trust_domain": self.state.trust_domain,
-            "federation_bundle": self.credentials.federation_bundle().to_jwks(),
-            "lease_ttl": self.state.lease_ttl,
-        })
-
     async def h_put_bundle(self, request: web.Request) -> web.Response:
         name = self.auth.owner(request)
         body = await read_json(request)
@@ -191,19 +119,12 @@ class Clusters:
             new = TrustBundle.from_jwks(td, body)
         except (InputError, IdentityError) as e:
             raise ApiError(400, f"bundle: {e}") from None
-        _check_bundle_domain(new, td)
+        check_bundle_domain(new, td)
         held = self.state.bundles.get(td)
         if held is not None:
-            try:
-                new = held.successor(new)
-            except BundleSequenceError:
-                raise ApiError(
-                    409,
-                    f"bundle of {td}: sequence {new.sequence} is lower than the held "
-                    f"sequence {held.sequence}",
-                    held_sequence=held.sequence,
-                    sequence=new.sequence,
-                ) from None
+            sequence_check(held, new)
+            if new.sequence == held.sequence:  # the same bundle again: nothing to write
+                return web.json_response({"revision": await self.state.store.revision()})
         rev = await self.state.store.put(BUNDLES + td, api.canonical_json(new.to_jwks()))
         self.state.bundles = {**self.state.bundles, td: new}
         self.credentials.reload_trust()
@@ -290,7 +211,17 @@ class Clusters:
         })
 
 
-def _check_bundle_domain(bundle: TrustBundle, td: str) -> None:
+def sequence_check(held: TrustBundle, new: TrustBundle) -> None:
+    """ApiError 409 (with `held_sequence`, so the cluster can publish above it) unless `new` may
+    replace `held`: a higher sequence, or the same bundle at the same sequence."""
+    try:
+        held.successor(new)
+    except BundleSequenceError as e:
+        raise ApiError(409, f"{e}: publish it at a sequence above {held.sequence}",
+                       held_sequence=held.sequence, sequence=new.sequence) from None
+
+
+def check_bundle_domain(bundle: TrustBundle, td: str) -> None:
     """A JWKS carries no trust domain; but an authority whose URI SAN is a SPIFFE ID (as our CAs
     have: `spiffe://<td>`) must name the cluster's trust domain."""
     for i, der in enumerate(bundle.authorities):

@@ -1,5 +1,5 @@
 """The federation's own credentials: its CA, its server SVID and rotation, the operator's
-credentials, and join tokens.
+credentials, and the TLS context built from them and the joined clusters' bundles.
 
 * Identity. The federation has its own trust domain (default `federation.isthmus.local`) and a
   CA kept in `--state-dir` (`ca.pem`, `ca-key.pem`); gateways trust only that CA for the
@@ -11,29 +11,28 @@ credentials, and join tokens.
   `svid.pem` + `svid-key.pem`, key 0600) issued by the federation CA, reissued when missing,
   unreadable, past half life or not issued by the current CA, plus a copy of `ca.pem`: that
   directory is all the CLI needs (`client.operator_client`).
-* Trust. The server context trusts the federation CA and every joined cluster's bundle; a join
-  or bundle update adds the new authorities to the live context (`reload_trust`).
-* Join tokens: 32 random bytes, urlsafe; only the sha256 is stored (`tokens/<hex>`), consumed by
-  an atomic `store.delete`; expired ones are swept every minute.
+* Trust. The server context trusts the federation CA and every joined cluster's bundle, and is
+  REBUILT from the current bundles on every change (a join, a bundle update, a removal, an SVID
+  rotation; `reload_trust`): OpenSSL cannot forget a CA in place, and a context that only grows
+  would go on completing handshakes for a CA retired or a cluster removed. New handshakes get
+  the new context (`on_context`: the TLS site's setter); open connections keep theirs, and
+  every request is authorized against the current bundles anyway (auth.py).
+* Join tokens are tokens.py's; expired ones are swept here every minute.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hashlib
 import ipaddress
-import json
 import os
 import secrets
 import socket
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 
-from federation import api
 from federation.ca import CertificateAuthority
-from federation.errors import ApiError, IdentityError, InputError, StoreError
-from federation.fields import check_name
+from federation.errors import IdentityError, StoreError
 from federation.identity import (
     SYSTEM_NAMESPACE,
     SpiffeId,
@@ -43,10 +42,9 @@ from federation.identity import (
     federation_id,
     verify_svid,
 )
-from federation.model import TOKENS
 from federation.server.state import State, log
-from federation.store.base import KV, Store
-from federation.tls import reload_server_context, server_context
+from federation.server.tokens import list_tokens
+from federation.tls import server_context
 
 FEDERATION_TRUST_DOMAIN = "federation.isthmus.local"
 TOKEN_SWEEP_INTERVAL = 60.0
@@ -61,37 +59,6 @@ def operator_id(td: str | TrustDomain) -> SpiffeId:
                     f"/ns/{SYSTEM_NAMESPACE}/sa/operator")
 
 
-def token_key(token: str) -> str:
-    return TOKENS + hashlib.sha256(token.encode()).hexdigest()
-
-
-async def create_token(store: Store, cluster: str, ttl: float, now: float) -> str:
-    """A single-use join token for `cluster`, valid `ttl` seconds from `now`. The store must be
-    open; only the token's sha256 is stored. Returns the token (show it once, never log it)."""
-    check_name(cluster, "cluster")
-    if ttl <= 0:
-        raise InputError(f"token ttl {ttl!r}: must be positive")
-    token = secrets.token_urlsafe(32)
-    value = api.canonical_json({"cluster": cluster, "expires_at": now + ttl})
-    await store.put(token_key(token), value)
-    return token
-
-
-def token_cluster(kv: KV | None, now: float) -> str:
-    """The cluster a stored join token was issued for; ApiError 401 if it is unknown, used,
-    unreadable or expired at `now`."""
-    if kv is None:
-        raise ApiError(401, "join token unknown or already used")
-    try:
-        meta = json.loads(kv.value)
-        cluster, expires_at = meta["cluster"], float(meta["expires_at"])
-    except (ValueError, KeyError, TypeError):
-        raise ApiError(401, "join token unreadable; create a new one") from None
-    if expires_at <= now:
-        raise ApiError(401, "join token expired")
-    return str(cluster)
-
-
 class Credentials:
     """The federation CA, the server SVID (rotated at half life), the operator SVID, and the
     live server SSL context with the trust of every joined cluster."""
@@ -104,6 +71,7 @@ class Credentials:
         self.svid: Svid | None = None
         self.operator_svid: Svid | None = None
         self.ssl_context: ssl.SSLContext | None = None
+        self.on_context: Callable[[ssl.SSLContext], None] | None = None  # the TLS site's setter
 
     def load(self, now: float) -> None:
         """The CA (made at the first start), a fresh server SVID, the operator's directory."""
@@ -132,8 +100,12 @@ class Credentials:
         return {**self.state.bundles, self.state.trust_domain: self.federation_bundle()}
 
     def reload_trust(self) -> None:
-        if self.ssl_context is not None:
-            reload_server_context(self.ssl_context, trust=self.trust())
+        """A new context from the current SVID and bundles, for every new handshake."""
+        if self.ssl_context is None:
+            return
+        self.make_context()
+        if self.on_context is not None:
+            self.on_context(self.ssl_context)
 
     def issue_svid(self, now: float) -> Svid:
         assert self.ca is not None
@@ -200,10 +172,13 @@ class Credentials:
             now = self.state.clock()
             if self.svid is not None and self.svid.rotation_due(now):
                 try:
-                    svid = self.issue_svid(now)
-                    assert self.ssl_context is not None
-                    reload_server_context(self.ssl_context, svid=svid)
+                    svid, old = self.issue_svid(now), self.svid
                     self.svid = svid
+                    try:
+                        self.reload_trust()
+                    except Exception:
+                        self.svid = old
+                        raise
                     log.info("federation SVID rotated (serial %s)", svid.serial)
                 except Exception:  # keep serving with the old one; try again next tick
                     log.exception("federation SVID rotation failed")
@@ -213,11 +188,9 @@ class Credentials:
         while True:
             await asyncio.sleep(TOKEN_SWEEP_INTERVAL)
             try:
-                kvs, _ = await store.range(TOKENS)
                 now = self.state.clock()
-                for kv in kvs:
-                    with contextlib.suppress(ValueError, KeyError, TypeError):
-                        if json.loads(kv.value)["expires_at"] < now:
-                            await store.delete(kv.key)
+                for t in await list_tokens(store):
+                    if t.expired(now):
+                        await store.delete(t.key)
             except StoreError as e:
                 log.warning("token sweep: %s", e)

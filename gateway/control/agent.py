@@ -217,7 +217,10 @@ class Agent:
         url, name = self.cfg.federation.url, self.cfg.cluster.name
         client = FederationClient(url, fed_bundle, None)
         try:
-            reply = await client.join(token, self._record(), self.identity.bundle)
+            # signed with our current SVID: if the cluster exists already (we lost joined.json
+            # but kept our CA), that proves we are it; a new cluster's join ignores it
+            reply = await client.join(token, self._record(), self.identity.bundle,
+                                      prove_with=self.identity.svid)
         except FederationError as e:
             if not join_refused_for_good(e.status):
                 raise

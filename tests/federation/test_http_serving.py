@@ -135,7 +135,7 @@ class Servers:
         """A joined cluster's gateway (east-1), as a real gateway talks to the federation."""
         assert self.fed is not None
         east = self.east = make_cluster("east-1")
-        token = await create_token(self.fed.store, "east-1", 60.0, time.time())
+        token, _ = await create_token(self.fed.store, "east-1", 60.0, time.time())
         anonymous = self.client()
         await anonymous.join(token, east.record, east.bundle())
         await anonymous.close()  # its pooled connection would count as anonymous

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from federation.ca import CertificateAuthority
-from federation.client import FederationClient, load_federation_bundle
+from federation.client import FederationClient, load_federation_bundle, operator_client
 from federation.identity import Svid, TrustBundle, gateway_id
 from federation.model import ClusterRecord, Endpoint, Export
 from federation.server.app import FederationServer, create_token
@@ -88,14 +88,24 @@ class Fed:
         self.clients.append(c)
         return c
 
-    async def token(self, cluster: str, ttl: float = 60.0, now: float | None = None) -> str:
+    async def token(self, cluster: str, ttl: float = 60.0, now: float | None = None,
+                    replace: bool = False) -> str:
         assert self.server is not None
-        return await create_token(self.server.store, cluster, ttl, now or time.time())
+        token, _ = await create_token(self.server.store, cluster, ttl, now or time.time(),
+                                      replace=replace)
+        return token
 
-    async def join(self, c: Cluster, sequence: int = 1) -> FederationClient:
+    async def join(self, c: Cluster, sequence: int = 1, *, prove_with: Svid | None = None,
+                   replace: bool = False) -> FederationClient:
         anon = self.client()
-        await anon.join(await self.token(c.name), c.record, c.bundle(sequence))
+        await anon.join(await self.token(c.name, replace=replace), c.record, c.bundle(sequence),
+                        prove_with=prove_with)
         return self.client(c.svid)
+
+    def operator(self) -> FederationClient:
+        c = operator_client(self.url, self.tmp / "state" / "operator", timeout=5.0)
+        self.clients.append(c)
+        return c
 
     async def stop(self) -> None:
         for c in self.clients:

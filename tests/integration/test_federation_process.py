@@ -91,7 +91,7 @@ async def test_federation_process_lifecycle(tmp_path: Path) -> None:
         store = SqliteStore(str(tmp_path / "fed.db"))
         await store.open()
         try:
-            token = await create_token(store, "east-1", 900, time.time())
+            token, _ = await create_token(store, "east-1", 900, time.time())
         finally:
             await store.close()
 
