@@ -11,10 +11,11 @@ Theory of operation
   `federation.ca_file` or no token at all (ConfigError), a join the federation refuses with a
   4xx other than 408/429 (JoinRefused: token unknown, used, expired, for another cluster).
   Unreachable, timeouts, 408/429 and 5xx are retried by the caller (runtime) with backoff.
-- Lease: grant, publish every export, then keep alive every ttl/3. A keepalive refused (the
-  lease expired while we were away) means our exports were withdrawn: grant a new lease and
-  publish them all again. Another cluster's lease expiring shows in the catalog (it leaves
-  `live`, its exports stop counting): logged at INFO, as is its return (`log_peers`; the
+- Lease: publish our cluster record (inbound address, region, zone: they may have changed since
+  the join) and bundle, grant, publish every export, then keep alive every ttl/3. A keepalive
+  refused (the lease expired while we were away) means our exports were withdrawn: grant a new
+  lease and publish them all again. Another cluster's lease expiring shows in the catalog (it
+  leaves `live`, its exports stop counting): logged at INFO, as is its return (`log_peers`; the
   primary only, so workers do not repeat it), rate-limited per cluster. A keepalive that fails
   (federation down) is retried every ttl/3 at most, not after the usual growing backoff: a
   restarted federation gives every stored lease one ttl of grace, and the first keepalive must
@@ -249,6 +250,9 @@ class Agent:
         while True:
             try:
                 if self.lease is None:
+                    # our record first: a gateway back with another inbound address (or
+                    # region, zone) is found there, not at the one it joined with
+                    await self.client.put_record(self._record())
                     await self.client.put_bundle(name, self.identity.bundle)
                     self.lease, self.lease_ttl = await self.client.grant_lease(name)
                     self.published.clear()
