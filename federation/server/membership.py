@@ -138,7 +138,9 @@ class Membership:
                 self.state.limited.warning("rejoin-refused", "re-join of cluster %s refused: "
                                            "bad proof: %s", quote(record.name), quote(e))
                 raise ApiError(409, f"cluster {record.name!r} is already joined and the proof "
-                               f"of possession does not hold: {e}") from None
+                               f"of possession does not hold: {e}; a gateway with a new identity "
+                               "needs a token made with `isthmus federation token create "
+                               f"--cluster {record.name} --replace`") from None
             if old.trust_domain != record.trust_domain:
                 raise ApiError(409, f"cluster {record.name!r} is joined with trust domain "
                                f"{old.trust_domain!r}; moving it to {record.trust_domain!r} "
