@@ -45,6 +45,7 @@ IMPORTS = "catalog/imports/"
 # DRILLS = "catalog/drills/" is drill_model's (with the Drill it holds)
 SAMPLES = "drills/"
 TOKENS = "tokens/"
+SILENT = "silent/"  # silent/<c>: {"since": t}, when c's lease ended (not pushed to watchers)
 
 MAX_ENDPOINTS = 1000
 MAX_CONSUMERS = 1000

@@ -87,7 +87,8 @@ def cmd_federation_serve(args: argparse.Namespace) -> int:
     args.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     store = open_store(args.store or f"sqlite:{args.state_dir / 'federation.db'}")
     server = FederationServer(store, args.state_dir, args.listen, args.admin,
-                              lease_ttl=args.lease_ttl, trust_domain=args.trust_domain)
+                              lease_ttl=args.lease_ttl, trust_domain=args.trust_domain,
+                              forget_silent_after=args.forget_silent_after)
     asyncio.run(server.run_forever())
     return EXIT_OK
 
@@ -221,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=6.0,
         help="a cluster that stops renewing is withdrawn after this long (default 6s)",
     )
+    serve.add_argument("--forget-silent-after", type=_duration, default=None, metavar="D",
+                       help="remove a cluster (withdraw its trust from every peer) once it has "
+                            "had no lease for this long, e.g. 168h (default: never; remove "
+                            "clusters by hand with `federation cluster remove`)")
     serve.add_argument("--trust-domain", default="federation.isthmus.local")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=cmd_federation_serve)

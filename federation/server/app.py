@@ -76,6 +76,7 @@ class FederationServer:
         clock: Callable[[], float] = time.time,
         limits: ServingLimits = TLS_LIMITS,
         admin_limits: ServingLimits = ADMIN_LIMITS,
+        forget_silent_after: float | None = None,
     ):
         self.store = store
         self.state_dir = Path(state_dir)
@@ -84,6 +85,7 @@ class FederationServer:
         self.trust_domain = trust_domain
         self.limits = limits
         self.admin_limits = admin_limits
+        self.forget_silent_after = forget_silent_after  # None: a silent cluster stays trusted
         self.port: int | None = None  # bound TLS port (useful with port 0)
         self.admin_port: int | None = None
 
@@ -168,6 +170,9 @@ class FederationServer:
             "svid-rotator": self.credentials.svid_rotator,
             "drill-timer": self.drills.timer,
         }
+        if self.forget_silent_after is not None:
+            after = self.forget_silent_after
+            loops["forget-silent"] = lambda: self.membership.forget_silent(after)
         try:
             async with asyncio.TaskGroup() as group:
                 for name, loop in loops.items():

@@ -45,6 +45,7 @@ from federation.model import (
     EXPORTS,
     IMPORTS,
     LIVE,
+    SILENT,
     ClusterRecord,
     Export,
     ImportRecord,
@@ -104,6 +105,14 @@ class Clusters:
                     if not await self._lease_alive(name, lease):
                         log.info("cluster %s: lease %d expired, exports withdrawn", name, lease)
                         self.state.leases.pop(name, None)
+                        await self._silent_since(name, self.state.clock())
+
+    async def _silent_since(self, name: str, now: float) -> None:
+        """Remember when `name` went silent (membership.forget_silent reads it)."""
+        try:
+            await self.state.store.put(SILENT + name, api.canonical_json({"since": now}))
+        except StoreError as e:
+            log.warning("cluster %s: cannot record when it went silent: %s", name, e)
 
     async def _lease_alive(self, name: str, lease: int) -> bool:
         kv = await self.state.store.get(LIVE + name)
@@ -138,6 +147,7 @@ class Clusters:
         await self.state.store.put(LIVE + name, api.canonical_json({"since": now}), lease=lease)
         self.state.leases[name] = lease
         self.state.renewed[name] = now
+        await self.state.store.delete(SILENT + name)
         log.info("cluster %s: lease %d granted (ttl %gs)", name, lease, self.state.lease_ttl)
         return web.json_response({"lease": lease, "ttl": self.state.lease_ttl})
 

@@ -19,25 +19,32 @@
   imports and tokens of the cluster are deleted; the TLS layer forgets its CA at once (the
   context is rebuilt), watchers see the deletes, and peers drop their links to it and refuse
   it. A copy of its state dir then opens nothing. Re-adding it takes a new token.
+* Silence (`federation serve --forget-silent-after D`, off by default): a cluster with no lease
+  for longer than D is removed the same way, logged at WARNING. When its lease ended is kept at
+  `silent/<c>`; a cluster already silent when the federation starts counts from the start.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 
 from aiohttp import web
 
 from federation import api
-from federation.errors import ApiError, IdentityError, InputError
+from federation.errors import ApiError, IdentityError, InputError, StoreError
 from federation.identity import TrustBundle, gateway_id
 from federation.logs import quote
-from federation.model import BUNDLES, CLUSTERS, EXPORTS, IMPORTS, LIVE, ClusterRecord
+from federation.model import BUNDLES, CLUSTERS, EXPORTS, IMPORTS, LIVE, SILENT, ClusterRecord
 from federation.proof import message, verify_proof
 from federation.server.auth import Auth
 from federation.server.clusters import check_bundle_domain, sequence_check
 from federation.server.credentials import Credentials
 from federation.server.state import State, log, read_json
 from federation.server.tokens import TokenInfo, revoke_tokens, token_for_join, token_key
+from federation.units import format_duration
+
+FORGET_CHECK = 60.0  # seconds between checks for clusters silent too long
 
 
 class Membership:
@@ -189,32 +196,69 @@ class Membership:
     async def h_remove_cluster(self, request: web.Request) -> web.Response:
         operator = self.auth.operator(request, "remove clusters")
         name = request.match_info["name"]
-        store = self.state.store
         async with self.lock:
-            rec = self.state.records.get(name)
-            if rec is None:
+            if name not in self.state.records:
                 known = ", ".join(sorted(self.state.records)) or "none"
                 raise ApiError(404, f"no cluster named {name!r} (joined: {known})")
-            deleted = 0
-            for prefix in (f"{EXPORTS}{name}/", f"{IMPORTS}{name}/"):
-                kvs, _ = await store.range(prefix)
-                for kv in kvs:
-                    deleted += await store.delete(kv.key) is not None
-            for key in (LIVE + name, BUNDLES + rec.trust_domain, CLUSTERS + name):
-                deleted += await store.delete(key) is not None
-            tokens = await revoke_tokens(store, cluster=name)
-            self.state.records = {k: v for k, v in self.state.records.items() if k != name}
-            self.state.bundles = {k: v for k, v in self.state.bundles.items()
-                                  if k != rec.trust_domain}
-            self.state.cluster_by_td = {k: v for k, v in self.state.cluster_by_td.items()
-                                        if v != name}
-            self.state.leases.pop(name, None)
-            self.state.renewed.pop(name, None)
-            self.credentials.reload_trust()
-            rev = await store.revision()
+            out = await self._remove(name)
         log.warning("cluster %s removed by %s: trust domain %s no longer trusted, %d stored "
                     "keys and %d unused token(s) deleted", name, quote(operator),
-                    rec.trust_domain, deleted, len(tokens))
-        return web.json_response({"removed": name, "trust_domain": rec.trust_domain,
-                                  "deleted_keys": deleted, "revoked_tokens": len(tokens),
-                                  "revision": rev})
+                    out["trust_domain"], out["deleted_keys"], out["revoked_tokens"])
+        return web.json_response(out)
+
+    async def _remove(self, name: str) -> dict:
+        """Delete everything of cluster `name` and forget its trust (the caller holds the lock)."""
+        store = self.state.store
+        rec = self.state.records[name]
+        deleted = 0
+        for prefix in (f"{EXPORTS}{name}/", f"{IMPORTS}{name}/"):
+            kvs, _ = await store.range(prefix)
+            for kv in kvs:
+                deleted += await store.delete(kv.key) is not None
+        for key in (LIVE + name, BUNDLES + rec.trust_domain, CLUSTERS + name):
+            deleted += await store.delete(key) is not None
+        await store.delete(SILENT + name)
+        tokens = await revoke_tokens(store, cluster=name)
+        self.state.records = {k: v for k, v in self.state.records.items() if k != name}
+        self.state.bundles = {k: v for k, v in self.state.bundles.items()
+                              if k != rec.trust_domain}
+        self.state.cluster_by_td = {k: v for k, v in self.state.cluster_by_td.items()
+                                    if v != name}
+        self.state.leases.pop(name, None)
+        self.state.renewed.pop(name, None)
+        self.credentials.reload_trust()
+        return {"removed": name, "trust_domain": rec.trust_domain, "deleted_keys": deleted,
+                "revoked_tokens": len(tokens), "revision": await store.revision()}
+
+    # ---- trust of silent clusters expires (federation serve --forget-silent-after) --------
+    async def forget_silent(self, after: float) -> None:
+        """Every so often, remove the clusters that have had no lease for `after` seconds. A
+        cluster silent since before this process started counts from its start."""
+        started = self.state.clock()
+        while True:
+            await asyncio.sleep(min(FORGET_CHECK, after / 4))
+            try:
+                await self._forget_once(after, started)
+            except StoreError as e:
+                log.warning("forgetting silent clusters: %s", e)
+
+    async def _forget_once(self, after: float, started: float) -> None:
+        now = self.state.clock()
+        for name in sorted(self.state.records):
+            if name in self.state.leases:
+                continue
+            kv = await self.state.store.get(SILENT + name)
+            try:
+                since = max(float(json.loads(kv.value)["since"]), started) if kv else started
+            except (ValueError, KeyError, TypeError):
+                since = started
+            if now - since < after:
+                continue
+            async with self.lock:
+                if name not in self.state.records or name in self.state.leases:
+                    continue
+                out = await self._remove(name)
+            log.warning("cluster %s removed: silent (no lease) for %s, longer than "
+                        "--forget-silent-after %s; trust domain %s no longer trusted",
+                        name, format_duration(now - since), format_duration(after),
+                        out["trust_domain"])

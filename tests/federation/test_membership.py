@@ -3,6 +3,7 @@ rules, record updates, cluster removal (trust withdrawn at the TLS layer too), j
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -197,3 +198,23 @@ async def test_tokens_are_bounded_listed_revoked_one_per_cluster(fed: Fed) -> No
     with pytest.raises(FederationError):
         await fed.client().join(second, east.record, east.bundle())
     assert await list_tokens(store) == []
+
+
+async def test_trust_of_a_silent_cluster_expires(make_fed, caplog) -> None:
+    fed = await make_fed(forget_silent_after=1.2)  # lease ttl 1 s; checked every 0.3 s
+    east, west = make_cluster("east-1"), make_cluster("west-1")
+    ce = await fed.join(east)
+    cw = await fed.join(west)
+    await ce.grant_lease("east-1")
+    west_lease, _ = await cw.grant_lease("west-1")
+    deadline = time.monotonic() + 6.0
+    with caplog.at_level(logging.WARNING):
+        while time.monotonic() < deadline:  # west-1 renews; east-1 went silent
+            assert await cw.keepalive("west-1", west_lease)
+            if "east-1" not in (await cw.catalog()).clusters:
+                break
+            await asyncio.sleep(0.2)
+    cat = await cw.catalog()
+    assert "east-1" not in cat.clusters and east.td not in cat.bundles
+    assert "west-1" in cat.clusters
+    assert any("silent (no lease)" in r.getMessage() for r in caplog.records)

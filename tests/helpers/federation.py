@@ -53,11 +53,12 @@ class Fed:
     """A running federation server plus helpers to make clients and join clusters."""
 
     def __init__(self, tmp: Path, history: int = 10000, lease_ttl: float = 1.0,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, forget_silent_after: float | None = None):
         self.tmp = tmp
         self.history = history
         self.lease_ttl = lease_ttl
         self.clock = clock
+        self.forget_silent_after = forget_silent_after
         self.server: FederationServer | None = None
         self.clients: list[FederationClient] = []
 
@@ -66,6 +67,7 @@ class Fed:
         self.server = FederationServer(
             store, self.tmp / "state", ("127.0.0.1", 0), ("127.0.0.1", 0),
             lease_ttl=self.lease_ttl, clock=self.clock,
+            forget_silent_after=self.forget_silent_after,
         )
         await self.server.start()
         return self.server

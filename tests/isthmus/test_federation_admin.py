@@ -7,7 +7,6 @@ import asyncio
 import json
 from pathlib import Path
 
-from tests.federation.conftest import fed, make_fed  # noqa: F401  (fixtures)
 from tests.helpers.federation import make_cluster
 from tests.helpers.processes import run_cli
 
