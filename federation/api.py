@@ -374,6 +374,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "trust_domain": _STR,
         "clusters": {"type": "object", "additionalProperties": _obj({
             "region": _STR, "zone": _STR, "trust_domain": _STR, "gateway_address": _STR,
+            "bundle_sequence": {"type": ["integer", "null"]}, "bundle_authorities": _INT,
             "live": {"type": "boolean"},
             "lease_age_seconds": {"type": ["number", "null"]},
         })},

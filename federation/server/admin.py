@@ -85,6 +85,8 @@ class Admin:
                 "zone": rec.zone,
                 "trust_domain": rec.trust_domain,
                 "gateway_address": rec.gateway_address,
+                "bundle_sequence": _bundle_field(cat, rec.trust_domain, "spiffe_sequence"),
+                "bundle_authorities": len(_bundle_field(cat, rec.trust_domain, "keys") or ()),
                 "live": name in cat.live,
                 "lease_age_seconds": None if renewed is None else round(now - renewed, 3),
             }
@@ -99,3 +101,8 @@ class Admin:
             "clusters": clusters,
             "services": services,
         })
+
+
+def _bundle_field(cat, td: str, field: str):
+    bundle = cat.bundles.get(td)
+    return bundle.get(field) if bundle is not None else None
