@@ -84,6 +84,7 @@ def cmd_federation_serve(args: argparse.Namespace) -> int:
 
     _setup_logging(args.log_level)
     _install_uvloop()
+    _fix_wait_for()
     args.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     store = open_store(args.store or f"sqlite:{args.state_dir / 'federation.db'}")
     server = FederationServer(store, args.state_dir, args.listen, args.admin,
