@@ -347,7 +347,7 @@ class InboundListener(Listener):
         if self.sock is not None:
             self.sock.close()
         for link in list(self.links):
-            _goaway(link, RESTARTING)
+            _goaway(link, RESTARTING, "restarting")
 
     def _drained(self) -> bool:
         return not self.legs and not self.tasks and not self.links
@@ -424,7 +424,7 @@ class InboundListener(Listener):
             return False
         self.links.add(link)
         if self.draining:  # its handshake began before we stopped accepting
-            _goaway(link, RESTARTING)
+            _goaway(link, RESTARTING, "restarting")
         return True
 
     def sweep(self) -> None:
@@ -437,10 +437,9 @@ class InboundListener(Listener):
             if verdict.action is Action.CLOSE:
                 close_link(link, verdict.reason, self.link_stats)
             elif verdict.action is Action.REPLACE and not link.goaway:
-                link.goaway = verdict.reason
                 self.link_stats.count(self.link_stats.replaced, verdict.reason)
                 _goaway(link, f"replace this link ({verdict.reason}): open new streams on a "
-                        "new link")
+                        "new link", verdict.reason)
 
     def describe(self, now: float) -> list[dict[str, Any]]:
         """/status rows of the inbound links."""
@@ -522,5 +521,8 @@ def _refuse(link: MuxLink, sid: int, code: str, message: str) -> None:
 RESTARTING = "this gateway is restarting: open new streams on a new link"
 
 
-def _goaway(link: MuxLink, message: str) -> None:
-    _refuse(link, 0, GOAWAY, message)
+def _goaway(link: MuxLink, message: str, why: str) -> None:
+    """Tell the caller to open no new streams here (once per link; `why` shows in /status)."""
+    if not link.goaway:
+        link.goaway = why
+        _refuse(link, 0, GOAWAY, message)

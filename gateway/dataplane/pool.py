@@ -121,9 +121,6 @@ class LinkPool:
         old = self.links.get(key)
         self.links[key] = link
         if old is not None and old is not link:
-            reason = old.replacing or old.goaway
-            if reason:
-                self.stats.count(self.stats.replaced, reason)
             self.retired.add(old)
             old.retire()
         return link
@@ -139,7 +136,17 @@ class LinkPool:
         if self.links.get(key) is not link or key in self.dialing:
             return
         fut = self._dialing(key)
-        fut.add_done_callback(lambda f: _dial_failed(f, key, link))
+        fut.add_done_callback(lambda f: self._replaced(f, key, link))
+
+    def _replaced(self, fut: asyncio.Future, key: tuple[str, str, int], old: MuxLink) -> None:
+        """The successor of `old` is up (counted by the reason), or could not be dialled."""
+        if fut.cancelled():
+            return
+        e = fut.exception()
+        if e is None:
+            self.stats.count(self.stats.replaced, old.replacing or old.goaway or "unknown")
+        else:
+            _dial_failed(e, key, old)
 
     def sweep(self) -> None:
         """Judge every link (gateway/core/links.py) and do what it says."""
@@ -193,12 +200,7 @@ class LinkPool:
             fut.cancel()
 
 
-def _dial_failed(fut: asyncio.Future, key: tuple[str, str, int], old: MuxLink) -> None:
-    if fut.cancelled():
-        return
-    e = fut.exception()
-    if e is None:
-        return
+def _dial_failed(e: BaseException, key: tuple[str, str, int], old: MuxLink) -> None:
     why = quote(str(e) or type(e).__name__)
     if old.retired:  # GOAWAY: e.g. the peer is shutting down; the next OPEN dials again
         log.debug("no new link to cluster %s after its GOAWAY: %s", quote(key[0]), why)

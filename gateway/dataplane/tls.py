@@ -79,6 +79,9 @@ class GatewayTls:
 
     def identify(self, ssl_object: Any) -> str:
         """The cluster of an inbound peer, or IdentityError saying why not."""
+        return self._identify(ssl_object)[0]
+
+    def _identify(self, ssl_object: Any) -> tuple[str, str]:
         snap = self.snapshot
         sid = verify_peer(peer_cert_der(ssl_object), snap.bundles, self.clock())
         td = sid.trust_domain.name
@@ -87,16 +90,14 @@ class GatewayTls:
             raise IdentityError(f"peer {sid}: trust domain {td!r} belongs to no federated cluster")
         if sid != gateway_id(td):
             raise IdentityError(f"peer {sid} is not the gateway of {cluster} ({gateway_id(td)})")
-        return cluster
+        return cluster, td
 
     def identify_link(self, ssl_object: Any, presented: Svid) -> LinkFacts:
         """An inbound link's facts (its peer identified as `identify` does); `presented`: our
         SVID in the server context its handshake used (`server_side`)."""
-        cluster = self.identify(ssl_object)
-        snap = self.snapshot
-        td = snap.trust_domain_of(cluster)
+        cluster, td = self._identify(ssl_object)
         return _facts("answerer", cluster, td, peer_cert_der(ssl_object), presented,
-                      snap.bundles[td], self.clock())
+                      self.snapshot.bundles[td], self.clock())
 
     def for_peer(self, cluster: str) -> tuple[ssl.SSLContext, Callable[[Any], LinkFacts]]:
         """Client context trusting only `cluster`'s bundle, and the post-handshake check, which

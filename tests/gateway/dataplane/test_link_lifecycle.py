@@ -103,6 +103,21 @@ async def test_the_answerers_rotation_sends_goaway_and_the_caller_moves_to_its_n
 
 
 @on_uvloop
+async def test_an_idle_link_told_goaway_is_followed_by_a_new_one_at_once(stack):
+    """No stream holds the old link open (it closes on GOAWAY): the pool dials its successor
+    anyway, without waiting for the next OPEN, and counts the replacement."""
+    g = await gateways(stack, {SERVICE: await echo_server(stack)})
+    keeping(stack, g.tls_b, g.b)
+    assert await g.pool.ping("cluster-b", HOST, g.b.port, 2.0)
+    old = only_link(g.pool)
+    new_svid = rotate(g.tls_b, TD_B)
+    await until(lambda: old.closed and g.pool.links and only_link(g.pool) is not old,
+                what="the idle link closed and a new one dialled")
+    assert only_link(g.pool).facts.peer_serial == new_svid.serial
+    assert g.pool.stats.replaced == {"goaway": 1}
+
+
+@on_uvloop
 async def test_a_replaced_link_without_streams_closes_at_once_and_the_pool_closes_all(stack):
     g = await gateways(stack, {SERVICE: await echo_server(stack)})
     keeping(stack, g.tls_a, g.pool)
