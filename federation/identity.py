@@ -61,6 +61,7 @@ __all__ = [
     "Svid",
     "spiffe_id_of",
     "verify_svid",
+    "half_life",
 ]
 
 SYSTEM_NAMESPACE = "isthmus-system"
@@ -484,6 +485,14 @@ def _x5c_cert(k: dict[str, Any], kw: str) -> bytes:
 # ---------------------------------------------------------------------------- SVIDs
 
 
+def half_life(not_before: float, not_after: float) -> float:
+    """When a certificate valid not_before..not_after is due for rotation: at half life, counted
+    from issuance. not_before is backdated by CLOCK_SKEW for peers with slow clocks, and counting
+    from it would rotate a short-lived SVID at once."""
+    issued = min(not_before + CLOCK_SKEW, not_after)
+    return issued + (not_after - issued) / 2
+
+
 @dataclass(frozen=True)
 class Svid:
     """An X.509 SVID with its private key. The key never appears in repr or logs."""
@@ -506,10 +515,8 @@ class Svid:
 
     @property
     def rotate_at(self) -> float:
-        """Half life, counted from issuance: not_before is backdated by CLOCK_SKEW for peers with
-        slow clocks, and counting from it would rotate a short-lived SVID at once."""
-        issued = min(self.not_before + CLOCK_SKEW, self.not_after)
-        return issued + (self.not_after - issued) / 2
+        """Half life (`half_life`), when this SVID is due for rotation."""
+        return half_life(self.not_before, self.not_after)
 
     def rotation_due(self, now: float) -> bool:
         return now >= self.rotate_at

@@ -63,6 +63,7 @@ from gateway.core.health import HealthBook
 from gateway.core.takeover import Progress
 from gateway.dataplane.dial import Dialer
 from gateway.dataplane.l4 import ImportListener, InboundListener
+from gateway.dataplane.pool import keep_links
 from gateway.dataplane.probes import checker, probe_loop
 from gateway.dataplane.router import Router, local_key, remote_key
 from gateway.dataplane.tls import GatewayTls, TlsSnapshot
@@ -375,7 +376,7 @@ class Gateway:
         stop.set()
 
     def listener_stats(self) -> dict[str, dict[str, Any]]:
-        return {lst.name: _stats(lst) for lst in self.listeners}
+        return {lst.name: lst.counters() for lst in self.listeners}
 
     def worker_stats(self) -> dict[int, dict[str, Any]]:
         """Listener counters of every worker: 0 is this process (the primary), the others from
@@ -473,6 +474,7 @@ class Gateway:
                     tg.create_task(self.drill_actor.run())
                 await self._probe_exports(tg)
                 tg.create_task(self._probe_gateways())
+                tg.create_task(keep_links(self.tls, (self.dialer.pool, self.inbound)))
                 tg.create_task(self._ticker())
                 if self.primary:
                     if self.restart.handoff is not None:
@@ -560,6 +562,8 @@ class Gateway:
             "exports": [e.to_json() for e in self.export_state()],
             "health": self.book.snapshot(now),
             "listeners": self.listener_stats(),
+            "links": [*self.dialer.pool.describe(self.wall()), *self.inbound.describe(self.wall())]
+            if self.inbound else [],
             "drills": self.drill_actor.status() if self.drill_actor else None,
             "workers": self._workers_status(),
             "restart": self.restart.status(),
@@ -574,16 +578,6 @@ class Gateway:
             got = fresh.get(row["worker"])
             row["listeners"] = got["listeners"] if got else None
         return rows
-
-
-def _stats(lst: Any) -> dict[str, Any]:
-    s = lst.stats
-    out = {k: v for k, v in vars(s).items()}
-    if isinstance(lst, InboundListener):
-        out["identity_refused"] = lst.identity_refused
-        out["handshake_failed"] = lst.handshake_failed
-        out["denied"] = lst.denied
-    return out
 
 
 class _Stop(Exception):

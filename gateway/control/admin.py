@@ -77,6 +77,22 @@ def render_metrics(gw: Any, http: ServingStats | None = None) -> str:
     metric("isthmus_gateway_inbound_denied_total", "counter",
            "Inbound streams refused because the consumer is not allowed.",
            [(lab, st["denied"]) for lab, st in inbound])
+    # link lifecycle (gateway/core/links.py): the caller's pool and the answerer's links
+    sides = [(lab, role, st.get(key) or {}) for lab, st in inbound
+             for role, key in (("caller", "caller_links"), ("answerer", "links"))]
+    metric("isthmus_gateway_links_replaced_total", "counter",
+           "East-west links replaced make-before-break, by reason (caller: a new link took over; "
+           "answerer: GOAWAY sent).",
+           [({**lab, "role": role, "reason": r}, n) for lab, role, ls in sides
+            for r, n in sorted(ls.get("replaced", {}).items())])
+    metric("isthmus_gateway_links_closed_total", "counter",
+           "East-west links aborted at once, by reason (cluster-removed, revoked, "
+           "peer-cert-expired, own-cert-expired).",
+           [({**lab, "role": role, "reason": r}, n) for lab, role, ls in sides
+            for r, n in sorted(ls.get("closed", {}).items())])
+    metric("isthmus_gateway_link_streams_reset_total", "counter",
+           "Streams reset because their link was aborted (see links_closed).",
+           [({**lab, "role": role}, ls.get("streams_reset", 0)) for lab, role, ls in sides])
     now = gw._mono()
     metric("isthmus_gateway_target_routable", "gauge", "1 if a target may get traffic now.",
            [({"target": k}, 1 if v["routable"] else 0) for k, v in gw.book.snapshot(now).items()])

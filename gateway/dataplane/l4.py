@@ -20,6 +20,14 @@ bound what is left is half-closed both ways (EOF to the client and to the target
 sees a clean end), given DRAIN_GRACE, and only then closed. The inbound listener also tells
 every link's caller GOAWAY (an ERR frame on stream 0): the caller opens no new streams on that
 link, dials a new one (to the new process), and closes the old link after its last stream.
+
+Link lifecycle (gateway/core/links.py): the inbound listener judges its links as the caller's
+pool does (`sweep`, run by pool.keep_links). For "replace" (our SVID rotated, the caller's
+bundle changed, a certificate passed its half life) it sends GOAWAY once, and the caller moves
+to a new link, which gets our new SVID; for "close" (the caller's cluster was removed, its
+certificate no longer verifies, a certificate expires) it aborts the link. A removed cluster's
+new handshakes fail: its CA is gone from the server context (tls.py), and `identify` finds no
+bundle for it.
 """
 
 from __future__ import annotations
@@ -35,10 +43,12 @@ from federation.errors import IdentityError
 from federation.logs import LogLimiter, quote
 from federation.model import ServiceKey
 from gateway.core.balance import Target
+from gateway.core.links import Action
 from gateway.dataplane import link as link_codec
 from gateway.dataplane.dial import Dialer, ListenerStats, Router, connect_first
 from gateway.dataplane.legs import ImportLeg, Leg, WatchedLeg
 from gateway.dataplane.mux import MuxLink, Stream
+from gateway.dataplane.pool import EXPIRY_MARGIN, LinkStats, close_link
 
 log = logging.getLogger("isthmus.gateway.l4")
 # What peers and anonymous clients cause (refused handshakes, identities, streams): one line per
@@ -103,6 +113,10 @@ class Listener:
     def forget(self, leg: Leg) -> None:
         self.legs.discard(leg)
         self.stats.active = len(self.legs)
+
+    def counters(self) -> dict[str, Any]:
+        """The listener's counters as plain values (/status, /metrics, workers' stats files)."""
+        return dict(vars(self.stats))
 
     async def _sweep(self) -> None:
         """Close connections that moved no data for idle_timeout (checked every tenth of it).
@@ -293,6 +307,7 @@ class InboundListener(Listener):
         self.handshake_failed = 0
         self.handshaking = 0
         self.links: set[MuxLink] = set()
+        self.link_stats = LinkStats()  # answerer side: "replaced" counts GOAWAYs we sent
         self.sock: socket.socket | None = None
         self._acceptor: asyncio.Task | None = None
         self.handshake_timeout = 5.0
@@ -332,10 +347,18 @@ class InboundListener(Listener):
         if self.sock is not None:
             self.sock.close()
         for link in list(self.links):
-            _goaway(link)
+            _goaway(link, RESTARTING, "restarting")
 
     def _drained(self) -> bool:
         return not self.legs and not self.tasks and not self.links
+
+    def counters(self) -> dict[str, Any]:
+        """Besides the connection counters: refused links and streams, and the link lifecycle
+        of this process (`links`: answerer side, ours; `caller_links`: the dialer's pool)."""
+        return {**super().counters(), "identity_refused": self.identity_refused,
+                "handshake_failed": self.handshake_failed, "denied": self.denied,
+                "links": self.link_stats.to_json(),
+                "caller_links": self.dialer.pool.stats.to_json()}
 
     def _end_open(self) -> None:
         super()._end_open()
@@ -372,9 +395,10 @@ class InboundListener(Listener):
                 self.handshake_failed += 1
                 conn.close()
                 return
+            ctx, snap = self.tls.server_side()  # the SVID this handshake presents: snap's
             try:
                 await self.loop.connect_accepted_socket(  # type: ignore[union-attr]
-                    self._new_link, conn, ssl=self.tls.server_context,
+                    lambda: self._new_link(snap.svid), conn, ssl=ctx,
                     ssl_handshake_timeout=timeout)
             # ssl.SSLError is an OSError; the transport closed conn
             except (OSError, TimeoutError) as e:
@@ -384,13 +408,15 @@ class InboundListener(Listener):
         finally:
             self.handshaking -= 1
 
-    def _new_link(self) -> MuxLink:
-        return MuxLink("answerer", on_ready=self._identify, on_open=self._open,
-                       on_lost=self.links.discard, answer_ping=self._answer_ping)
+    def _new_link(self, presented: Any) -> MuxLink:
+        return MuxLink("answerer", on_ready=lambda lk: self._identify(lk, presented),
+                       on_open=self._open, on_lost=self.links.discard,
+                       answer_ping=self._answer_ping)
 
-    def _identify(self, link: MuxLink) -> bool:
+    def _identify(self, link: MuxLink, presented: Any) -> bool:
         try:
-            link.peer = self.tls.identify(link.transport.get_extra_info("ssl_object"))
+            facts = self.tls.identify_link(link.transport.get_extra_info("ssl_object"), presented)
+            link.facts, link.peer = facts, facts.peer
         except IdentityError as e:
             self.identity_refused += 1
             limited.warning("identity-refused", "inbound link from %s refused: %s",
@@ -398,8 +424,26 @@ class InboundListener(Listener):
             return False
         self.links.add(link)
         if self.draining:  # its handshake began before we stopped accepting
-            _goaway(link)
+            _goaway(link, RESTARTING, "restarting")
         return True
+
+    def sweep(self) -> None:
+        """Judge every link (gateway/core/links.py): GOAWAY once for "replace", abort for
+        "close"."""
+        for link in list(self.links):
+            if link.facts is None or link.closed:
+                continue
+            verdict = self.tls.judge(link.facts, EXPIRY_MARGIN)
+            if verdict.action is Action.CLOSE:
+                close_link(link, verdict.reason, self.link_stats)
+            elif verdict.action is Action.REPLACE and not link.goaway:
+                self.link_stats.count(self.link_stats.replaced, verdict.reason)
+                _goaway(link, f"replace this link ({verdict.reason}): open new streams on a "
+                        "new link", verdict.reason)
+
+    def describe(self, now: float) -> list[dict[str, Any]]:
+        """/status rows of the inbound links."""
+        return [lk.describe(now) for lk in self.links]
 
     def _answer_ping(self) -> bool:
         fault = self.fault
@@ -474,5 +518,11 @@ def _refuse(link: MuxLink, sid: int, code: str, message: str) -> None:
     link.write(link_codec.control(link_codec.ERR, sid, {"code": code, "error": message}))
 
 
-def _goaway(link: MuxLink) -> None:
-    _refuse(link, 0, GOAWAY, "this gateway is restarting: open new streams on a new link")
+RESTARTING = "this gateway is restarting: open new streams on a new link"
+
+
+def _goaway(link: MuxLink, message: str, why: str) -> None:
+    """Tell the caller to open no new streams here (once per link; `why` shows in /status)."""
+    if not link.goaway:
+        link.goaway = why
+        _refuse(link, 0, GOAWAY, message)

@@ -23,9 +23,17 @@ so an ERR or a silent peer (no OK within connect_timeout) moves the client to it
 A link that dies takes its streams with it (their local legs are closed); the next OPEN to that
 peer dials a new link. An answerer that restarts sends GOAWAY (ERR on stream 0, code "goaway"):
 the caller retires that link (no new streams; closed after its last one) and the next OPEN
-dials a new link, which reaches the process that took over. Links are replaced after
-MAX_LINK_AGE so a rotated SVID or a new bundle reaches long-lived peers; old links finish their
-streams first.
+dials a new link, which reaches the process that took over.
+
+Links are replaced for identity, not age: each link records what it was authenticated with at
+its handshake (`facts`: both certificates, the peer's bundle), and gateway/core/links.py judges
+every link again when our TLS material changes and on a sweep about once a second
+(pool.keep_links). When our SVID rotated, the peer's bundle changed or a certificate of the
+link passed its half life, the caller dials a new link first and then retires the old one (its
+streams finish there), and the answerer sends GOAWAY so its caller does the same; so a rotated
+SVID reaches every peer within a second, and no stream is dropped by a replacement. When the
+peer's cluster left the federation, its certificate no longer verifies, or a certificate of the
+link is about to expire, the link is aborted (`close_now`): its streams are reset and counted.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from typing import Any
 
 from federation.errors import IdentityError
 from federation.logs import LogLimiter, quote
+from gateway.core.links import LinkFacts
 from gateway.dataplane.legs import Leg
 from gateway.dataplane.link import (
     CREDIT,
@@ -69,7 +78,6 @@ log = logging.getLogger("isthmus.gateway.mux")
 # rate-limited, quoted.
 limited = LogLimiter(log)
 
-MAX_LINK_AGE = 3600.0
 _pack = HEADER.pack
 
 
@@ -324,16 +332,18 @@ class Stream(Leg):
 class MuxLink(asyncio.Protocol):
     """One TLS connection to or from a peer gateway, carrying many streams."""
 
-    def __init__(self, role: str, *, verify: Callable[[Any], Any] | None = None,
+    def __init__(self, role: str, *, verify: Callable[[Any], LinkFacts | None] | None = None,
                  on_open: Callable[[MuxLink, int, dict], None] | None = None,
                  on_ready: Callable[[MuxLink], bool] | None = None,
                  on_lost: Callable[[MuxLink], None] | None = None,
+                 on_goaway: Callable[[MuxLink], None] | None = None,
                  answer_ping: Callable[[], bool] = lambda: True) -> None:
         self.role = role  # "caller" | "answerer"
-        self.verify = verify  # caller: checks the answerer's identity
+        self.verify = verify  # caller: checks the answerer's identity, returns the link's facts
         self.on_open = on_open  # answerer: a new OPEN
-        self.on_ready = on_ready  # answerer: identify/admit the peer; False -> abort
+        self.on_ready = on_ready  # answerer: identify/admit the peer (sets facts); False -> abort
         self.on_lost = on_lost
+        self.on_goaway = on_goaway  # caller: the answerer sent GOAWAY (we retired the link)
         self.answer_ping = answer_ping
         self.transport: Any = None
         self.reader = FrameReader()
@@ -344,6 +354,9 @@ class MuxLink(asyncio.Protocol):
         self.closed = False
         self.retired = False  # replaced in its pool: close once the last stream ends
         self.peer: Any = None  # answerer: the peer's cluster
+        self.facts: LinkFacts | None = None  # what the handshake authenticated (core/links.py)
+        self.replacing = ""  # caller: why a replacement is being dialled
+        self.goaway = ""  # answerer: why we sent GOAWAY (replace) / caller: "goaway" received
         self.created = 0.0
         self.pings: dict[bytes, asyncio.Future] = {}
         self.ready: asyncio.Future | None = None
@@ -356,7 +369,7 @@ class MuxLink(asyncio.Protocol):
         self.created = loop.time()
         try:
             if self.verify is not None:
-                self.verify(transport.get_extra_info("ssl_object"))
+                self.facts = self.verify(transport.get_extra_info("ssl_object"))
             if self.on_ready is not None and not self.on_ready(self):
                 transport.abort()
                 self.closed = True
@@ -435,7 +448,10 @@ class MuxLink(asyncio.Protocol):
         elif kind == ERR and sid == 0:  # about the link: GOAWAY (the answerer is restarting)
             info = parse_control(kind, payload)
             if self.role == "caller" and info.get("code") == "goaway":
+                self.goaway = "goaway"
                 self.retire()  # no new streams here; the pool dials a new link
+                if self.on_goaway is not None:
+                    self.on_goaway(self)
         elif kind in (OK, ERR):
             s = self.streams.get(sid)
             if s is None or s.ready is None or s.ready.done():
@@ -499,10 +515,40 @@ class MuxLink(asyncio.Protocol):
         if not self.streams and not self.closed:
             self.transport.close()
 
-    def usable(self, now: float) -> bool:
+    def close_now(self) -> int:
+        """Abort the link (its certificates expire, its peer was removed): every stream on it
+        is reset. Returns how many streams that was."""
+        n = len(self.streams)
+        if not self.closed and self.transport is not None:
+            self.retired = True
+            self.transport.abort()
+        return n
+
+    def usable(self) -> bool:
         return (not self.closed and not self.retired and not self.transport.is_closing()
-                and now - self.created < MAX_LINK_AGE
                 and self.next_sid < MAX_STREAM_ID - 2 and len(self.streams) < MAX_STREAMS)
+
+    @property
+    def state(self) -> str:
+        """active | retired (no new streams: replaced, or GOAWAY sent) | closing"""
+        if self.closed or self.transport is None or self.transport.is_closing():
+            return "closing"
+        return "retired" if self.retired or self.goaway else "active"
+
+    def describe(self, now: float) -> dict[str, Any]:
+        """One row of /status (`now`: epoch seconds)."""
+        f = self.facts
+        row: dict[str, Any] = {"role": self.role, "peer": f.peer if f else self.peer,
+                               "state": self.state, "streams": len(self.streams)}
+        if f is not None:
+            row |= {"age_seconds": round(now - f.made_at, 1),
+                    "peer_serial": f"{f.peer_serial:x}", "peer_not_after": f.peer_not_after,
+                    "peer_expires_in": round(f.peer_not_after - now, 1),
+                    "own_serial": f"{f.own_serial:x}", "own_not_after": f.own_not_after,
+                    "bundle_sequence": f.bundle.sequence}
+        if self.replacing or self.goaway:
+            row["replaced_for"] = self.replacing or self.goaway
+        return row
 
     def open_stream(self, service: str) -> Stream:
         sid = self.next_sid

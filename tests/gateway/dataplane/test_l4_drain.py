@@ -146,6 +146,6 @@ async def inbound_on(stack, tls, exports, sock):
 def test_a_retired_link_is_not_usable():
     lk = mux.MuxLink("caller")
     lk.transport = type("T", (), {"is_closing": lambda self: False, "close": lambda self: None})()
-    assert lk.usable(0.0)
+    assert lk.usable()
     lk.retire()
-    assert not lk.usable(0.0)
+    assert not lk.usable()

@@ -1,6 +1,6 @@
 """Multiplexed east-west links (gateway/dataplane/mux.py), the link: window violations, link
-loss, ERR and late answers, PING, link age, stream ids; on real sockets and real mutual TLS
-under uvloop (harness: tests/helpers/mux.py).
+loss, ERR and late answers, PING, stream ids; on real sockets and real mutual TLS under uvloop
+(harness: tests/helpers/mux.py). Replacing and closing links: test_link_lifecycle.py.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from federation.model import ServiceKey
-from gateway.dataplane import link, mux
+from gateway.dataplane import link
 from gateway.dataplane.dial import Dialer
 from gateway.dataplane.link import WINDOW_SIZE
 from gateway.errors import DialError
@@ -244,62 +244,6 @@ async def test_ping_and_a_blackholed_answerer(stack):
     g.b.fault = None
     assert await g.pool.ping("cluster-b", HOST, g.b.port, 2.0) is True
     assert only_link(g.pool) is lk
-
-
-# ------------------------------------------------------------------------------ (9) link age
-
-
-@on_uvloop
-async def test_an_expired_link_is_replaced_and_retired_once_its_streams_end(stack, monkeypatch):
-    monkeypatch.setattr(mux, "MAX_LINK_AGE", 0.5)
-    g = await gateways(stack, {SERVICE: await echo_server(stack)})
-    r1, w1 = await connect(stack, g.a[SERVICE].port)
-    await roundtrip(r1, w1)
-    old = only_link(g.pool)
-    await asyncio.sleep(0.6)
-
-    r2, w2 = await connect(stack, g.a[SERVICE].port)
-    await roundtrip(r2, w2, b"new link")
-    new = only_link(g.pool)
-    assert new is not old and len(g.b.links) == 2
-    # the stream on the old link keeps working
-    await roundtrip(r1, w1, b"old link, still relaying")
-    assert not old.closed and len(old.streams) == 1
-
-    w1.write_eof()
-    assert await asyncio.wait_for(r1.read(), 2.0) == b""
-    await until(lambda: old.closed, what="the retired link closed after its last stream")
-    await until(lambda: len(g.b.links) == 1, what="the answerer dropped the retired link")
-    assert only_link(g.pool) is new
-    await roundtrip(r2, w2, b"new link unaffected")
-
-
-@on_uvloop
-async def test_closing_the_pool_closes_retired_links_too(stack, monkeypatch):
-    monkeypatch.setattr(mux, "MAX_LINK_AGE", 0.3)
-    g = await gateways(stack, {SERVICE: await echo_server(stack)})
-    r1, w1 = await connect(stack, g.a[SERVICE].port)
-    await roundtrip(r1, w1)
-    old = only_link(g.pool)
-    await asyncio.sleep(0.4)
-    assert await g.pool.ping("cluster-b", HOST, g.b.port, 2.0)
-    new = only_link(g.pool)
-    assert new is not old and not old.closed
-    await g.pool.close()
-    await until(lambda: old.closed and new.closed, what="every link of the pool closed")
-    assert await closed_by_peer(r1)
-
-
-@on_uvloop
-async def test_an_expired_link_without_streams_is_closed_at_once(stack, monkeypatch):
-    monkeypatch.setattr(mux, "MAX_LINK_AGE", 0.3)
-    g = await gateways(stack, {SERVICE: await echo_server(stack)})
-    assert await g.pool.ping("cluster-b", HOST, g.b.port, 2.0)
-    old = only_link(g.pool)
-    await asyncio.sleep(0.4)
-    assert await g.pool.ping("cluster-b", HOST, g.b.port, 2.0)
-    assert only_link(g.pool) is not old
-    await until(lambda: old.closed and len(g.b.links) == 1, what="old link closed")
 
 
 # ------------------------------------------------------------------------------ (10) stream ids
