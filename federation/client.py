@@ -189,7 +189,7 @@ class FederationClient:
         message = parsed.get("error") if isinstance(parsed, dict) else None
         if not isinstance(message, str):
             message = raw[:200].decode("utf-8", "replace") or f"HTTP {status}"
-        raise FederationError(message, status)
+        raise FederationError(message, status, parsed if isinstance(parsed, dict) else None)
 
     async def _ok(self, method: str, path: str, body: Any = None) -> Any:
         status, parsed = await self._request(method, path, body)

@@ -64,11 +64,15 @@ class FutureRevisionError(StoreError):
 
 
 class FederationError(IsthmusError):
-    """The federation answered with an error, or could not be reached."""
+    """The federation answered with an error, or could not be reached. `status` is the HTTP
+    status (None: no answer), `body` the answer's JSON object ({} if none), e.g. a refused
+    bundle's `held_sequence`."""
 
-    def __init__(self, message: str, status: int | None = None):
+    def __init__(self, message: str, status: int | None = None,
+                 body: dict | None = None):
         super().__init__(message)
         self.status = status
+        self.body = body or {}
 
 
 class JoinRefused(FederationError, PermanentError):
