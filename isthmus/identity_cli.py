@@ -24,7 +24,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from federation.identity import CLOCK_SKEW
-from federation.units import format_duration
 
 EXIT_OK = 0
 
@@ -39,12 +38,20 @@ def _duration(text: str) -> float:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _span(seconds: float) -> str:
+    """4s, 1m7s, 1h, 24h1m: whole seconds, the two largest units."""
+    n = max(0, round(seconds))
+    parts = [(n // 86400 * 24 + n % 86400 // 3600, "h"), (n % 3600 // 60, "m"), (n % 60, "s")]
+    shown = [f"{v}{u}" for v, u in parts if v]
+    return "".join(shown[:2]) or "0s"
+
+
 def _when(t: float | None, now: float) -> str:
     if t is None:
         return "-"
     at = datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
     left = t - now
-    return f"{at} (in {format_duration(left)})" if left > 0 else f"{at} (due)"
+    return f"{at} (in {_span(left)})" if left > 0 else f"{at} (due)"
 
 
 def cmd_rotate_ca(args: argparse.Namespace) -> int:
@@ -61,9 +68,9 @@ def cmd_rotate_ca(args: argparse.Namespace) -> int:
           f"  new CA  {plan.new}\n"
           "  prepare  now: the gateway publishes a bundle with both CAs (within a second if it "
           "runs, else when it starts); the old CA signs\n"
-          f"  switch   {format_duration(plan.overlap)} after the federation accepted that "
+          f"  switch   {_span(plan.overlap)} after the federation accepted that "
           "bundle: the new CA signs, the SVID is reissued\n"
-          f"  retire   {format_duration(retire_after)} after the switch (every SVID of the old "
+          f"  retire   {_span(retire_after)} after the switch (every SVID of the old "
           "CA has expired): the bundle holds the new CA only; the old one is archived\n"
           f"Follow it with `isthmus identity status --config {args.config}`.")
     return EXIT_OK
@@ -88,7 +95,7 @@ def render_status(d: dict[str, Any], now: float) -> str:
     seq = d["bundle_sequence"]
     lines = [f"trust domain  {d['trust_domain']} (CA from {src})",
              f"bundle        sequence {seq if seq is not None else '-'}, refresh hint "
-             f"{format_duration(d['refresh_hint'])}"]
+             f"{_span(d['refresh_hint'])}"]
     phase = d["phase"]
     if phase is None:
         lines.append("rotation      none")
@@ -96,7 +103,7 @@ def render_status(d: dict[str, Any], now: float) -> str:
         plan = d["plan"]
         if d["switch_at"] is None:
             step = ("switch: waiting for the federation to accept the bundle with both CAs, "
-                    f"then {format_duration(plan['overlap'])}")
+                    f"then {_span(plan['overlap'])}")
         elif phase == "prepare":
             step = f"switch at {_when(d['switch_at'], now)}"
         elif phase == "switch":

@@ -212,3 +212,24 @@ async def test_a_refused_bundle_is_retried_and_the_gateway_is_not_ready_meanwhil
         await asyncio.gather(task, return_exceptions=True)
         await agent.close()
         await fed.stop()
+
+
+@pytest.mark.parametrize(("held", "ours", "raised", "reason"), [
+    (5, 1, 6, "bundle_sequence"),  # the federation is ahead (a state dir from a backup)
+    (1, 1, 2, "bundle_sequence"),  # the same sequence with other keys (refused as well)
+    (0, 1, 1, "bundle_409"),  # a 409 we cannot fix by counting: a plain refusal
+    (None, 1, 1, "bundle_409"),
+])
+def test_which_409s_raise_our_bundle_sequence(tmp_path, held, ours, raised, reason):
+    cfg, _ = _config(tmp_path)
+    agent = Agent(cfg, Identity(cfg, time.time()), time.time, lambda c: None, lambda s: None, list)
+    assert agent.identity.bundle.sequence == ours
+    body = {"error": "refused"} if held is None else {"held_sequence": held, "sequence": ours}
+    assert agent._refused("bundle", FederationError("refused", 409, body)) is True
+    assert agent.identity.bundle.sequence == raised and agent.refusals == {reason: 1}
+    assert agent.not_ready() is not None  # no lease: not ready, whatever the reason
+    agent.lease = 7
+    assert agent.not_ready() is None  # a lease held: peers route to us, the data plane works
+    for status in (None, 500, 503, 408, 429):  # unreachable or busy: no refusal
+        assert agent._refused("bundle", FederationError("x", status)) is False
+    assert agent._refused("publish", FederationError("x", 409)) is False
