@@ -433,7 +433,7 @@ class Agent:
             svid, bundle = self.identity.svid, self.identity.bundle
             try:
                 self.identity.refresh(now)
-            except IsthmusError as e:  # e.g. the new CA's files could not be written
+            except (IsthmusError, OSError) as e:  # e.g. the new CA's files cannot be written
                 self.events.error("identity", "CA rotation: %s (retrying)", e)
             if self.identity.svid is svid and svid.rotation_due(now):
                 self.identity.issue(now)

@@ -284,7 +284,11 @@ class Identity:
                 or self.next is None or self.next.cert_der not in bundle.authorities):
             return False
         self.plan = plan.prepared(now)
-        write_atomic(self.dir / PLAN_FILE, json.dumps(self.plan.to_json()).encode(), 0o644)
+        try:
+            write_atomic(self.dir / PLAN_FILE, json.dumps(self.plan.to_json()).encode(), 0o644)
+        except OSError as e:  # a failing disk: this process goes on; its workers cannot follow
+            log.error("cannot record in %s that the federation has the new CA: %s",
+                      self.dir / PLAN_FILE, e)
         self._plan_stamp = _stamp(self.dir / PLAN_FILE)
         st = decide(self.plan, now)
         self._say("CA rotation: the federation holds bundle sequence %d with the new CA; it "
