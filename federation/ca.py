@@ -7,13 +7,20 @@ signature check. An SVID starts 60 s in the past (clock skew between clusters), 
 the CA, and gets a fresh P-256 key. The CA's key is written 0600 into a 0700 directory,
 atomically; a half-present pair is an error naming the missing file, never a new CA (that would
 break federation trust). The clock is a parameter (`now`, epoch seconds).
+
+A certificate file may hold several CA certificates (`load_ca_set`): the one whose public key is
+the key file's signs, every one is trusted (an operator's own overlap while replacing a CA). Each
+is checked (a CA, keyCertSign, the trust domain if it names one, not expired) and an error names
+the file and the certificate's place in it; nothing in the file is dropped.
 """
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import math
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -36,13 +43,23 @@ from federation.identity import (
     _dt,
     _is_ca,
     _key_pem,
+    _load_key,
     _load_pair,
+    _same_public_key,
     _uri_sans,
 )
 
-__all__ = ["CertificateAuthority", "DEFAULT_CA_VALIDITY"]
+__all__ = ["CertificateAuthority", "DEFAULT_CA_VALIDITY", "fingerprint", "load_ca_set"]
 
 DEFAULT_CA_VALIDITY = 10 * 365 * 86400.0
+MAX_CA_CERTS = 16  # certificates in one CA file (a bundle holds at most MAX_BUNDLE_KEYS)
+_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----(.*?)-----END \1-----", re.DOTALL)
+
+
+def fingerprint(der: bytes) -> str:
+    """SHA-256 of a certificate's DER, lowercase hex (what `openssl x509 -fingerprint -sha256`
+    prints, without the colons)."""
+    return hashlib.sha256(der).hexdigest()
 
 
 class CertificateAuthority:
@@ -77,6 +94,17 @@ class CertificateAuthority:
     @property
     def cert_pem(self) -> bytes:
         return self._cert.public_bytes(serialization.Encoding.PEM)
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.cert_der)
+
+    def write(self, cert_path: str | os.PathLike[str], key_path: str | os.PathLike[str]) -> None:
+        """The key (0600, first) and the certificate (0644), each written atomically; the
+        directory is made 0700 if missing."""
+        private_dir(Path(key_path).parent)
+        write_atomic(key_path, _key_pem(self._key), 0o600)
+        write_atomic(cert_path, self.cert_pem, 0o644)
 
     @classmethod
     def create(
@@ -172,9 +200,7 @@ class CertificateAuthority:
                 "restore it (or remove both to create a new CA, which breaks federation trust)"
             )
         ca = cls.create(td, now)
-        private_dir(d)
-        write_atomic(key_path, _key_pem(ca._key), 0o600)
-        write_atomic(cert_path, ca.cert_pem, 0o644)
+        ca.write(cert_path, key_path)
         return ca
 
     def issue(
@@ -260,6 +286,71 @@ class CertificateAuthority:
 
     def bundle(self, sequence: int, refresh_hint: int = 300) -> TrustBundle:
         return TrustBundle(self.trust_domain.name, (self.cert_der,), sequence, refresh_hint)
+
+
+def load_ca_set(
+    cert_pem: bytes, key_pem: bytes, trust_domain: str | TrustDomain, now: float,
+    cert_name: str = "certificate file", key_name: str = "key file",
+) -> tuple[CertificateAuthority, tuple[bytes, ...]]:
+    """The CA that signs (the certificate in `cert_pem` whose public key is `key_pem`'s; of
+    several with that key, the one valid longest) and the DER of every certificate in
+    `cert_pem`, in file order (the signer among them): all of them are trusted. Errors name
+    `cert_name` and the certificate as `certificate I of N`."""
+    td = _as_td(trust_domain)
+    blocks = _PEM_BLOCK.findall(cert_pem)
+    if not blocks:
+        raise IdentityError(f"{cert_name}: no PEM certificate in it")
+    if len(blocks) > MAX_CA_CERTS:
+        raise IdentityError(f"{cert_name}: {len(blocks)} PEM blocks, at most {MAX_CA_CERTS}")
+    certs: list[x509.Certificate] = []
+    ders: list[bytes] = []
+    for i, (label, body) in enumerate(blocks):
+        w = f"{cert_name}: certificate {i + 1} of {len(blocks)}"
+        if label != b"CERTIFICATE":
+            raise IdentityError(f"{w}: a {label.decode()!r} block, not a CERTIFICATE")
+        pem = b"-----BEGIN CERTIFICATE-----" + body + b"-----END CERTIFICATE-----\n"
+        try:
+            cert = x509.load_pem_x509_certificate(pem)
+        except ValueError as e:
+            raise IdentityError(f"{w}: not a PEM X.509 certificate ({e})") from None
+        _check_ca_cert(cert, td, now, w)
+        der = cert.public_bytes(serialization.Encoding.DER)
+        if der in ders:
+            raise IdentityError(f"{w}: the same certificate as certificate {ders.index(der) + 1}")
+        certs.append(cert)
+        ders.append(der)
+    key = _load_key(key_pem, key_name)
+    mine = [c for c in certs if _same_public_key(key.public_key(), c.public_key())]
+    if not mine:
+        raise IdentityError(f"{key_name}: the private key belongs to none of the {len(certs)} "
+                            f"certificate(s) in {cert_name}")
+    signer = max(mine, key=lambda c: c.not_valid_after_utc)
+    if signer.not_valid_before_utc.timestamp() > now:
+        raise IdentityError(f"{cert_name}: certificate {certs.index(signer) + 1} of "
+                            f"{len(certs)} (the key's) is not valid before "
+                            f"{signer.not_valid_before_utc.isoformat()}")
+    return CertificateAuthority(td, signer, key), tuple(ders)
+
+
+def _check_ca_cert(cert: x509.Certificate, td: TrustDomain, now: float, w: str) -> None:
+    if not _is_ca(cert):
+        raise IdentityError(f"{w}: not a CA certificate (basicConstraints CA not set)")
+    try:
+        if not cert.extensions.get_extension_for_class(x509.KeyUsage).value.key_cert_sign:
+            raise IdentityError(f"{w}: its key usage lacks keyCertSign")
+    except x509.ExtensionNotFound:
+        pass
+    for uri in _uri_sans(cert):
+        if not uri.startswith("spiffe://"):
+            continue
+        try:
+            other = SpiffeId.parse(uri).trust_domain != td
+        except IdentityError as e:
+            raise IdentityError(f"{w}: {e}") from None
+        if other:
+            raise IdentityError(f"{w}: names {uri!r}, not trust domain {td.name!r}")
+    if cert.not_valid_after_utc.timestamp() <= now:
+        raise IdentityError(f"{w}: expired at {cert.not_valid_after_utc.isoformat()}; remove it")
 
 
 def _read(path: str | os.PathLike[str]) -> bytes:

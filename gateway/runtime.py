@@ -164,9 +164,9 @@ class Gateway:
         if key.startswith("local:") and self.agent is not None:
             self.agent.publish_wanted.set()
 
-    def _on_svid(self, svid: Svid) -> None:
-        snap = self.tls.snapshot
-        self.tls.update(TlsSnapshot(svid, snap.bundles, snap.owners))
+    def _on_identity(self, svid: Svid) -> None:  # a new SVID and/or own bundle (CA rotation)
+        snap, own = self.tls.snapshot, self.identity.bundle
+        self.tls.update(TlsSnapshot(svid, {**snap.bundles, own.trust_domain: own}, snap.owners))
 
     def apply_catalog(self, cat: Catalog) -> None:
         """New catalog: trust bundles, gateway addresses, remote candidates of every import."""
@@ -401,7 +401,7 @@ class Gateway:
         )
         self._build_routers()
         self.agent = Agent(cfg, self.identity, self.wall, self._on_federation_catalog,
-                           self._on_svid, self.export_state)
+                           self._on_identity, self.export_state)
         self.agent.log_peers = self.primary  # workers follow the same catalog: one line is enough
         cached = self.agent.load_cached_catalog()
         if cached is not None:
@@ -552,7 +552,7 @@ class Gateway:
             "cluster": self.cfg.cluster.name,
             "locality": {"region": self.locality.region, "zone": self.locality.zone},
             "trust_domain": self.cfg.cluster.trust_domain,
-            "ready": self.ready,
+            "ready": self.ready and (self.agent is None or self.agent.not_ready() is None),
             "uptime_seconds": round(now - self.started_at, 1),
             "agent": self.agent.status() if self.agent else None,
             "catalog": {"revision": self.catalog.revision,

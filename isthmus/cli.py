@@ -281,8 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(func=cmd_status)
 
     from isthmus.drill import add_drill_parser
+    from isthmus.identity_cli import add_identity_parser
 
     add_drill_parser(sub)
+    add_identity_parser(sub)
 
     demo = sub.add_parser(
         "demo",

@@ -128,6 +128,10 @@ IDENTITY: Table = (
     Field("svid_ttl", duration(minimum=60, maximum=30 * _DAY), _DAY),
     Field("ca_cert_file", _filepath, None, doc="with ca_key_file: use this CA, not our own"),
     Field("ca_key_file", _filepath, None),
+    Field("bundle_refresh_hint", duration(minimum=1, maximum=_DAY), 300.0,
+          doc="spiffe_refresh_hint of our bundle: how often peers should refresh it"),
+    Field("rotation_overlap", duration(minimum=1, maximum=30 * _DAY), 3600.0,
+          doc="`identity rotate-ca`: >= 3 x bundle_refresh_hint"),
 )
 LIMITS: Table = (
     Field("max_connections", integer(1, 1_000_000), 10000),
@@ -162,6 +166,20 @@ TOP: Table = (
     Field("exports", None, ()),
     Field("imports", None, ()),
 )
+
+
+MIN_OVERLAP_FACTOR = 3  # a CA change lasts >= 3 bundle refresh hints (gateway/core/ca_rotation)
+
+
+def check_overlap(overlap: float, refresh_hint: float) -> str | None:
+    """Why a CA rotation `overlap` is too short for bundles refreshed every `refresh_hint`, or
+    None: a peer polling at the hint must get MIN_OVERLAP_FACTOR chances to see each bundle."""
+    least = MIN_OVERLAP_FACTOR * refresh_hint
+    if overlap < least:
+        return (f"{format_duration(overlap)} is shorter than {MIN_OVERLAP_FACTOR} x the bundle "
+                f"refresh hint ({format_duration(refresh_hint)}), {format_duration(least)}: "
+                "peers polling at the hint could miss the new CA")
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,7 +308,14 @@ class _Schema(Services):
                 "or neither to let the gateway make its own CA",
             )
             return None
-        return IdentityConfig(**sec.values) if sec.ok else None
+        v = sec.values
+        hint, overlap = v.get("bundle_refresh_hint"), v.get("rotation_overlap")
+        why = check_overlap(overlap, hint) if hint is not None and overlap is not None else None
+        if why is not None:
+            self.problem(f.get("rotation_overlap", f.get("bundle_refresh_hint", node)),
+                         f"{path}.rotation_overlap", why)
+            return None
+        return IdentityConfig(**v) if sec.ok else None
 
     def outlier(self, node: Node, path: str) -> OutlierPolicy | None:
         sec = self.section(node, path, OUTLIER)

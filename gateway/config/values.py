@@ -58,6 +58,8 @@ class IdentityConfig:
     svid_ttl: float
     ca_cert_file: Path | None
     ca_key_file: Path | None
+    bundle_refresh_hint: float = 300.0  # our bundle's spiffe_refresh_hint
+    rotation_overlap: float = 3600.0  # `identity rotate-ca`: each CA change lasts this long
 
 
 @dataclass(frozen=True, slots=True)

@@ -118,6 +118,15 @@ def render_metrics(gw: Any, http: ServingStats | None = None) -> str:
     if agent is not None:
         metric("isthmus_gateway_federation_connected", "gauge",
                "1 if the last federation call worked.", [({}, 1 if agent.connected else 0)])
+        metric("isthmus_gateway_federation_registered", "gauge",
+               "1 while this gateway holds a lease at the federation (its exports count).",
+               [({}, 1 if agent.lease is not None else 0)])
+        metric("isthmus_gateway_federation_refusals_total", "counter",
+               "Times the federation refused our bundle or a lease grant, by reason "
+               "(bundle_sequence, unauthenticated, forbidden, bundle_invalid, ...).",
+               [({"reason": r}, n) for r, n in sorted(agent.refusals.items())])
+        metric("isthmus_gateway_bundle_sequence", "gauge",
+               "spiffe_sequence of our own trust bundle.", [({}, agent.identity.bundle.sequence)])
         metric("isthmus_gateway_catalog_revision", "gauge", "Catalog revision in use.",
                [({}, agent.catalog.revision)])
         metric("isthmus_gateway_svid_expiry_timestamp_seconds", "gauge",
@@ -138,9 +147,12 @@ async def start_admin(gw: Any, host: str, port: int, sock: Any = None,
         return web.Response(text="ok\n")
 
     async def readyz(_: web.Request) -> web.Response:
-        if gw.ready:
-            return web.Response(text="ready\n")
-        return web.Response(status=503, text="not ready\n")
+        if not gw.ready:
+            return web.Response(status=503, text="not ready\n")
+        why = gw.agent.not_ready() if gw.agent is not None else None
+        if why is not None:  # the federation refuses us (agent.py: "Refusals and readiness")
+            return web.Response(status=503, text=f"not ready: {why}\n")
+        return web.Response(text="ready\n")
 
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(text=render_metrics(gw, site.stats if site else None),

@@ -4,18 +4,33 @@ lease, follows the catalog, rotates its SVID, and keeps what it learnt on disk.
 Theory of operation
 -------------------
 - Identity is local: the cluster's CA lives in the state dir (or is the user's), and the agent
-  issues its own SVID from it, rotating at half life (`Identity`).
+  issues its own SVID from it, rotating at half life (`Identity`, control/identity.py, which
+  also follows a CA rotation plan: `rotation_loop` calls `Identity.refresh` every second, hands
+  a new SVID or a new own bundle to `on_svid` (the runtime's TLS snapshot) and wakes
+  `lease_loop` to publish a changed bundle before anything depends on it).
 - First start: join with the single-use token (token_file or ISTHMUS_JOIN_TOKEN); the answer's
   federation bundle is saved in `joined.json`. Later starts skip the join. What cannot get
   better by retrying is a PermanentError and stops the gateway: a missing or unreadable
   `federation.ca_file` or no token at all (ConfigError), a join the federation refuses with a
   4xx other than 408/429 (JoinRefused: token unknown, used, expired, for another cluster).
   Unreachable, timeouts, 408/429 and 5xx are retried by the caller (runtime) with backoff.
+- Bundle: published (PUT) before every lease grant and whenever `Identity.bundle` changed (a CA
+  rotation phase); once the federation took it, `Identity.published` is told (the rotation's
+  switch is timed from then). A 409 whose `held_sequence` is at least ours (a state dir
+  restored from a backup, or the same sequence with other keys) raises our persisted sequence
+  to held_sequence + 1 (one WARNING with both numbers) and publishes again.
+- Refusals and readiness: a 4xx (but 408/425/429) answer to our bundle or to a lease grant is a
+  *refusal*: counted by reason (`refusals`, a metric), kept in `refusal` (in /status), and
+  retried with the usual backoff, forever. While refused and without a lease the gateway is
+  not ready (`not_ready()`: /readyz answers 503 with the cause): the federation will not route
+  to us, and an operator must look. A federation that is merely unreachable or answers 5xx is
+  no refusal: the gateway stays ready and routes from its catalog (the data plane does not need
+  the federation). `refusal` is cleared when a lease is granted.
 - Lease: publish our cluster record (inbound address, region, zone: they may have changed since
-  the join) and bundle, grant, publish every export, then keep alive every ttl/3. A keepalive
-  refused (the lease expired while we were away) means our exports were withdrawn: grant a new
-  lease and publish them all again. Another cluster's lease expiring shows in the catalog (it
-  leaves `live`, its exports stop counting): logged at INFO, as is its return (`log_peers`; the
+  the join), grant, publish every export, then keep alive every ttl/3. A keepalive refused (the
+  lease expired while we were away) means our exports were withdrawn: grant a new lease and
+  publish them all again. Another cluster's lease expiring shows in the catalog (it leaves
+  `live`, its exports stop counting): logged at INFO, as is its return (`log_peers`; the
   primary only, so workers do not repeat it), rate-limited per cluster. A keepalive that fails
   (federation down) is retried every ttl/3 at most, not after the usual growing backoff: a
   restarted federation gives every stored lease one ttl of grace, and the first keepalive must
@@ -50,7 +65,6 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from federation.ca import CertificateAuthority
 from federation.client import FederationClient, load_federation_bundle
 from federation.errors import (
     CompactedError,
@@ -62,15 +76,20 @@ from federation.errors import (
     JoinRefused,
 )
 from federation.files import write_atomic
-from federation.identity import Svid, TrustBundle, gateway_id
+from federation.identity import Svid, TrustBundle
 from federation.logs import LogLimiter
 from federation.model import Catalog, ClusterRecord, Export, ImportRecord
 from gateway.config.schema import GatewayConfig
-from gateway.errors import ConfigError, GatewayError, Problem
+from gateway.control.identity import Identity
+from gateway.errors import ConfigError, Problem
+
+__all__ = ["Agent", "Backoff", "Identity", "federation_ca", "join_refused_for_good"]
 
 log = logging.getLogger("isthmus.gateway.agent")
 
 RETRIED_4XX = (408, 425, 429)  # a 4xx a join may get past by waiting (timeout, too early, busy)
+_CALLS = {"record": "cluster record", "bundle": "bundle", "lease": "lease grant"}  # refused calls
+PLAN_POLL = 1.0  # the CA rotation plan file is looked at this often
 
 
 def federation_ca(cfg: GatewayConfig) -> TrustBundle:
@@ -85,60 +104,6 @@ def federation_ca(cfg: GatewayConfig) -> TrustBundle:
 def join_refused_for_good(status: int | None) -> bool:
     """A join answer that no retry can change: any 4xx but RETRIED_4XX (None: no answer)."""
     return status is not None and 400 <= status < 500 and status not in RETRIED_4XX
-
-
-class Identity:
-    """The cluster CA, our current SVID and our bundle (sequence persisted in the state dir)."""
-
-    def __init__(self, cfg: GatewayConfig, now: float, persist: bool = True) -> None:
-        self.cfg = cfg
-        self.persist = persist  # False in extra workers: their SVIDs live in memory only
-        self.dir = cfg.state_dir / "identity"
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        ic = cfg.identity
-        if (not persist and ic.ca_cert_file is None
-                and not (self.dir / CertificateAuthority.CERT_FILE).exists()):
-            raise GatewayError(f"{self.dir}: no cluster CA to issue from (a worker never creates "
-                               "one; its primary does, before it starts the workers)")
-        self.ca = CertificateAuthority.load_or_create(
-            self.dir, cfg.cluster.trust_domain, now, ic.ca_cert_file, ic.ca_key_file
-        )
-        self.bundle = self._bundle()
-        svid = Svid.load(self.dir)
-        if svid is None or svid.rotation_due(now) or not self._issued_by_ca(svid, now):
-            svid = self.issue(now)
-        self.svid = svid
-
-    def _bundle(self) -> TrustBundle:
-        """Sequence goes up whenever the CA certificate changes."""
-        meta_path = self.dir / "bundle.json"
-        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-        fingerprint = self.ca.cert_der.hex()[-64:]
-        seq = int(meta.get("sequence", 0))
-        if meta.get("ca") != fingerprint:
-            seq += 1
-            if self.persist:  # a worker only reads what its primary keeps
-                write_atomic(meta_path, json.dumps({"sequence": seq, "ca": fingerprint}).encode())
-        return self.ca.bundle(seq)
-
-    def _issued_by_ca(self, svid: Svid, now: float) -> bool:
-        from federation.identity import verify_svid
-
-        try:
-            verify_svid(svid.cert_der(), self.bundle, now)
-            return True
-        except IsthmusError:
-            return False
-
-    def issue(self, now: float) -> Svid:
-        svid = self.ca.issue(gateway_id(self.cfg.cluster.trust_domain), now,
-                             self.cfg.identity.svid_ttl)
-        if self.persist:
-            svid.write(self.dir)
-        self.svid = svid
-        log.info("issued SVID %s serial %x, valid until %.0f", svid.spiffe_id, svid.serial,
-                 svid.not_after)
-        return svid
 
 
 class Agent:
@@ -170,6 +135,10 @@ class Agent:
         self.publish_wanted = asyncio.Event()
         self.connected = False
         self.last_error: str | None = None
+        self.published_bundle: TrustBundle | None = None  # what the federation took from us last
+        self.bundle_wanted = asyncio.Event()  # our bundle changed: publish it now
+        self.refusal: dict[str, Any] | None = None  # the federation refuses our bundle or lease
+        self.refusals: dict[str, int] = {}  # reason -> count
         self._persist_wanted = asyncio.Event()
         self.log_peers = True  # log other clusters' leases expiring / coming back
         self.events = LogLimiter(log, interval=30.0, burst=4)
@@ -218,10 +187,7 @@ class Agent:
         url, name = self.cfg.federation.url, self.cfg.cluster.name
         client = FederationClient(url, fed_bundle, None)
         try:
-            # signed with our current SVID: if the cluster exists already (we lost joined.json
-            # but kept our CA), that proves we are it; a new cluster's join ignores it
-            reply = await client.join(token, self._record(), self.identity.bundle,
-                                      prove_with=self.identity.svid)
+            reply = await self._join_once(client, token)
         except FederationError as e:
             if not join_refused_for_good(e.status):
                 raise
@@ -232,9 +198,31 @@ class Agent:
         finally:
             await client.close()
         write_atomic(self.joined_path, json.dumps(reply).encode())
+        self.published_bundle = self.identity.bundle
+        self.identity.published(self.identity.bundle, self.clock())
         log.info("joined the federation at %s as %s", self.cfg.federation.url,
                  self.cfg.cluster.name)
         self._make_client(fed_bundle)
+
+    async def _join_once(self, client: FederationClient, token: str) -> dict:
+        """POST /v1/join, signed with our current SVID: if the cluster exists already (we lost
+        joined.json but kept our CA), that proves we are it; a new cluster's join ignores it.
+        A re-join (or a --replace takeover) below the sequence the federation holds is refused
+        with 409 and `held_sequence`, and the token kept: publish above it, once."""
+        for attempt in (1, 2):
+            try:
+                return await client.join(token, self._record(), self.identity.bundle,
+                                         prove_with=self.identity.svid)
+            except FederationError as e:
+                held = e.body.get("held_sequence")
+                if (attempt == 2 or e.status != 409 or not isinstance(held, int)
+                        or isinstance(held, bool) or held < self.identity.bundle.sequence):
+                    raise
+                log.warning("cluster %s: the federation holds bundle sequence %d, ours is %d; "
+                            "joining with sequence %d", self.cfg.cluster.name, held,
+                            self.identity.bundle.sequence, held + 1)
+                self.identity.raise_sequence(held + 1)
+        raise AssertionError("unreachable")
 
     def _make_client(self, fed_bundle: TrustBundle) -> None:
         self.client = FederationClient(self.cfg.federation.url, fed_bundle, self.identity.svid)
@@ -248,34 +236,108 @@ class Agent:
         backoff = Backoff()
         name = self.cfg.cluster.name
         while True:
+            step, bundle_ok = "record", True
             try:
                 if self.lease is None:
                     # our record first: a gateway back with another inbound address (or
                     # region, zone) is found there, not at the one it joined with
                     await self.client.put_record(self._record())
-                    await self.client.put_bundle(name, self.identity.bundle)
+                step = "bundle"
+                if self.lease is None or self.identity.bundle != self.published_bundle:
+                    try:
+                        await self._put_bundle()
+                    except FederationError as e:
+                        if self.lease is None:
+                            raise
+                        bundle_ok = False  # keep the lease alive; the bundle is retried below
+                        if not self._refused("bundle", e):
+                            self._failed("bundle", e)
+                if self.lease is None:
+                    step = "lease"
                     self.lease, self.lease_ttl = await self.client.grant_lease(name)
+                    self.refusal = None
                     self.published.clear()
                     self.withdrawn.clear()
                     self.imports_unsupported = False
+                    step = "publish"
                     await self.publish_all()
                     log.info("lease %s granted (ttl %.1fs); exports published", self.lease,
                              self.lease_ttl)
-                elif not await self.client.keepalive(name, self.lease):
-                    self.events.warning("own-lease", "cluster %s: lease %s expired at the "
-                                        "federation (our exports were withdrawn); re-registering",
-                                        name, self.lease)
-                    self.lease = None
-                    continue
-                self.connected = True
-                self.last_error = None
-                backoff.reset()
-                await asyncio.sleep(self.lease_ttl / 3)
+                else:
+                    step = "keepalive"
+                    if not await self.client.keepalive(name, self.lease):
+                        self.events.warning("own-lease", "cluster %s: lease %s expired at the "
+                                            "federation (our exports were withdrawn); "
+                                            "re-registering", name, self.lease)
+                        self.lease = None
+                        continue
+                if bundle_ok:
+                    self.connected = True
+                    self.last_error = None
+                    backoff.reset()
+                    await self._pause(self.lease_ttl / 3)
+                else:
+                    await asyncio.sleep(min(backoff.next(), self.lease_ttl / 3))
             except FederationError as e:
-                self._failed("lease", e)
-                if e.status == 409:  # e.g. "no live lease" racing an expiry: start over
+                if not self._refused(step, e):
+                    self._failed("bundle" if step == "bundle" else "lease", e)
+                if e.status == 409 and step != "bundle":  # "no live lease" racing an expiry
                     self.lease = None
                 await asyncio.sleep(min(backoff.next(), self.lease_ttl / 3))
+
+    async def _put_bundle(self) -> None:
+        bundle = self.identity.bundle
+        await self.client.put_bundle(self.cfg.cluster.name, bundle)
+        self.published_bundle = bundle
+        if self.refusal is not None and self.refusal["call"] == "bundle":
+            self.refusal = None
+        self.identity.published(bundle, self.clock())
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep `seconds`, or less if our bundle changed meanwhile (publish it at once)."""
+        try:
+            async with asyncio.timeout(seconds):
+                await self.bundle_wanted.wait()
+        except TimeoutError:
+            pass
+        self.bundle_wanted.clear()
+
+    def _refused(self, call: str, e: FederationError) -> bool:
+        """Record a refusal of our bundle or lease grant (False: not one). A sequence conflict
+        raises our sequence past the federation's, so the retry is accepted."""
+        if call not in ("record", "bundle", "lease") or not join_refused_for_good(e.status):
+            return False
+        name, ours = self.cfg.cluster.name, self.identity.bundle.sequence
+        held = e.body.get("held_sequence")
+        if (call == "bundle" and e.status == 409 and isinstance(held, int)
+                and not isinstance(held, bool) and held >= ours):
+            reason = "bundle_sequence"
+            self.identity.raise_sequence(held + 1)
+            self.events.warning("bundle-sequence", "cluster %s: the federation holds bundle "
+                                "sequence %d, ours is %d; publishing ours as sequence %d", name,
+                                held, ours, held + 1)
+        else:
+            reason = {401: "unauthenticated", 403: "forbidden"}.get(
+                e.status or 0, f"{call}_{'invalid' if e.status == 400 else e.status}")
+            if self.refusal is None or self.refusal["reason"] != reason:
+                log.warning("federation refuses cluster %s's %s (%s, retrying): %s", name,
+                            _CALLS[call], e.status, e)
+        self.refusals[reason] = self.refusals.get(reason, 0) + 1
+        since = self.refusal["since"] if self.refusal and self.refusal["reason"] == reason else None
+        self.refusal = {"call": call, "reason": reason, "status": e.status, "error": str(e),
+                        "since": since or self.clock()}
+        self.last_error = f"{call}: {e}"
+        self.connected = False
+        return True
+
+    def not_ready(self) -> str | None:
+        """Why this gateway must not be ready, or None: the federation refuses us and we hold no
+        lease (so no cluster routes to us). A federation that does not answer is no reason."""
+        r = self.refusal
+        if r is None or self.lease is not None:
+            return None
+        return (f"the federation refuses our {_CALLS[r['call']]} ({r['reason']}, "
+                f"HTTP {r['status']}): {r['error']}")
 
     def import_records(self) -> list[ImportRecord]:
         name = self.cfg.cluster.name
@@ -390,14 +452,25 @@ class Agent:
             await asyncio.sleep(0.2)
 
     async def rotation_loop(self) -> None:
-        """Reissue the SVID at half life; open connections keep theirs."""
+        """Reissue the SVID at half life and follow a CA rotation plan (`Identity.refresh`,
+        every second); open connections keep their SVIDs."""
         while True:
-            delay = max(1.0, self.identity.svid.rotate_at - self.clock())
-            await asyncio.sleep(delay)
-            svid = self.identity.issue(self.clock())
-            self.on_svid(svid)
-            if self.client is not None:
-                self.client.set_svid(svid)
+            now = self.clock()
+            svid, bundle = self.identity.svid, self.identity.bundle
+            try:
+                self.identity.refresh(now)
+            except (IsthmusError, OSError) as e:  # e.g. the new CA's files cannot be written
+                self.events.error("identity", "CA rotation: %s (retrying)", e)
+            if self.identity.svid is svid and svid.rotation_due(now):
+                self.identity.issue(now)
+            if self.identity.svid is not svid or self.identity.bundle != bundle:
+                self.on_svid(self.identity.svid)  # the TLS snapshot: our SVID and own bundle
+            if self.identity.svid is not svid and self.client is not None:
+                self.client.set_svid(self.identity.svid)
+            if self.identity.bundle != bundle:
+                self.bundle_wanted.set()
+            left = self.identity.svid.rotate_at - self.clock()
+            await asyncio.sleep(min(PLAN_POLL, max(0.05, left)))
 
     def _failed(self, what: str, e: Exception) -> None:
         msg = f"{what}: {e}"
@@ -421,6 +494,10 @@ class Agent:
                 "rotate_at": self.identity.svid.rotate_at,
             },
             "bundle_sequence": self.identity.bundle.sequence,
+            "registered": self.lease is not None,
+            "refusal": self.refusal,
+            "refusals": dict(self.refusals),
+            "identity": self.identity.status(),
         }
 
 

@@ -26,7 +26,10 @@ can freeze with SIGSTOP by its PID).
 
 `Topology(health_check={...}, outlier_detection={...})` replace the gateways' health check
 fields / add outlier_detection fields (values written into the YAML as given; `{cluster}` in a
-health check value becomes the gateway's cluster name).
+health check value becomes the gateway's cluster name). `identity={cluster: {field: value}}`
+adds identity fields to one cluster's config. `topo.add_service(name, exporter, importers)`
+(before `start()`) adds a service exported by one cluster (its backends) and imported by others
+(tiers [any]); it returns each importer's listen port.
 
 Ports come from tests/helpers/processes.py's `free_port()`; every process is a `Proc` there.
 """
@@ -76,13 +79,16 @@ class Topology:
     def __init__(self, root: Path, *, lease_ttl: str = "2s", svid_ttl: str | None = None,
                  connect_timeout: str = "300ms", failback_after: str = "1s",
                  workers: dict[str, int] | None = None, health_check: dict[str, str] | None = None,
-                 outlier_detection: dict[str, str] | None = None) -> None:
+                 outlier_detection: dict[str, str] | None = None,
+                 identity: dict[str, dict[str, str]] | None = None) -> None:
         self.root = Path(root)
         self.health_check = health_check or {"kind": "tcp", "interval": "200ms", "timeout": "150ms"}
         self.outlier_detection = {"consecutive_failures": "1", **(outlier_detection or {})}
         self.workers = workers or {}  # cluster -> `gateway run --workers N`
         self.lease_ttl = lease_ttl
         self.svid_ttl = svid_ttl
+        self.identity = identity or {}
+        self.services: list[tuple[str, str, dict[str, int]]] = []  # name, exporter, ports
         self.connect_timeout = connect_timeout
         self.failback_after = failback_after
         self.fed_dir = self.root / "fed"
@@ -109,12 +115,36 @@ class Topology:
     def token_file(self, name: str) -> Path:
         return self.root / "tokens" / f"{name}.token"
 
+    def add_service(self, name: str, exporter: str, importers: tuple[str, ...]) -> dict[str, int]:
+        ports = {i: free_port() for i in importers}
+        self.services.append((name, exporter, ports))
+        self.write_configs()
+        return ports
+
+    def _services_text(self, n: Node, health: str) -> tuple[str, str]:
+        exports = imports = ""
+        for name, exporter, ports in self.services:
+            if exporter == n.name:
+                eps = "".join(f"      - {b.address}\n" for b in n.backends)
+                exports += (f"  - name: {name}\n    namespace: default\n    port: 8080\n"
+                            f"    endpoints:\n{eps}    health_check:\n{health}")
+            if n.name in ports:
+                imports += (f"  - name: {name}\n    namespace: default\n"
+                            f"    listen: 127.0.0.1:{ports[n.name]}\n    failover:\n"
+                            f"      tiers: [any]\n      failback_after: {self.failback_after}\n"
+                            "      max_attempts: 4\n")
+        return exports, imports
+
     def config_text(self, n: Node) -> str:
-        identity = f"identity:\n  svid_ttl: {self.svid_ttl}\n\n" if self.svid_ttl else ""
+        fields = {**({"svid_ttl": self.svid_ttl} if self.svid_ttl else {}),
+                  **self.identity.get(n.name, {})}
+        identity = ("identity:\n" + "".join(f"  {k}: {v}\n" for k, v in fields.items()) + "\n"
+                    if fields else "")
         endpoints = "".join(f"      - {b.address}\n" for b in n.backends)
         health = "".join(f"      {k}: {v.replace('{cluster}', n.name)}\n"
                          for k, v in self.health_check.items())
         outlier = "".join(f"  {k}: {v}\n" for k, v in self.outlier_detection.items())
+        more_exports, more_imports = self._services_text(n, health)
         return f"""\
 # written by tests/integration/harness.py
 cluster:
@@ -148,7 +178,7 @@ exports:
     port: 8080
     endpoints:
 {endpoints}    health_check:
-{health}
+{health}{more_exports}
 imports:
   - name: echo
     namespace: default
@@ -157,7 +187,7 @@ imports:
       tiers: [cluster, zone, region, any]
       failback_after: {self.failback_after}
       max_attempts: 4
-"""
+{more_imports}"""
 
     def write_configs(self) -> None:
         (self.root / "tokens").mkdir(parents=True, exist_ok=True)

@@ -117,3 +117,29 @@ async def test_removed_cluster_is_refused_by_its_peers(tmp_path, request):
         await wait_for(refused, 15.0, what="east-2's peers to refuse it")
         for _ in range(5):
             assert await refused()
+
+
+async def test_replace_token_gives_a_cluster_that_lost_its_ca_a_new_identity(tmp_path, request):
+    """east-2 loses its state dir (its CA): its fresh start is refused with an ordinary token
+    and joins with a --replace one, above the bundle sequence the federation held; peers
+    then trust the new CA and route to it."""
+    import shutil
+
+    topo = Topology(tmp_path)
+    async with running(topo, request):
+        n = topo.nodes["east-2"]
+        n.proc.stop()
+        shutil.rmtree(n.state_dir)
+        topo.create_token("east-2", output=topo.token_file("east-2"))
+        topo.start_gateway("east-2")
+        await wait_for(lambda: n.proc.popen.poll() is not None, 20.0, what="east-2 to exit")
+        assert n.proc.popen.returncode == 1 and "--replace" in n.proc.tail()
+        r = run_cli("federation", "token", "create", "--cluster", "east-2", "--replace",
+                    "--state-dir", str(topo.fed_dir), "-o", str(topo.token_file("east-2")))
+        assert r.returncode == 0, r.stderr
+        topo.start_gateway("east-2")
+        await topo.wait_ready("east-2")
+        await topo.wait_live("east-1")
+        assert "REPLACED" in topo.fed_proc.log.read_text()
+        await topo.stop_backends("east-1")
+        await topo.wait_served("east-1", "east-2", timeout=15.0)
