@@ -37,7 +37,8 @@ from federation.drill_model import DRILL_ID_PATTERN
 from federation.drills import MAX_PROBE_RATE, MAX_REASON
 from federation.errors import InputError
 from federation.fields import NAME_PATTERN
-from federation.identity import MAX_BUNDLE_KEYS, MAX_CERT_BYTES
+from federation.identity import MAX_BUNDLE_KEYS
+from federation.jwk import MAX_CERT_BYTES
 from federation.store.base import Event
 from federation.units import HOSTPORT_PATTERN
 

@@ -41,13 +41,13 @@ from federation.identity import (
     TrustDomain,
     _as_td,
     _dt,
-    _is_ca,
     _key_pem,
     _load_key,
     _load_pair,
     _same_public_key,
     _uri_sans,
 )
+from federation.jwk import _is_ca
 
 __all__ = ["CertificateAuthority", "DEFAULT_CA_VALIDITY", "fingerprint", "load_ca_set"]
 

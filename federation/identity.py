@@ -35,8 +35,6 @@ explicit `write`/`load` helpers.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import os
 import re
 from dataclasses import dataclass, field
@@ -51,6 +49,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from federation.errors import BundleSequenceError, IdentityError
 from federation.files import private_dir, write_atomic
+from federation.jwk import (
+    _is_ca,
+    _load_der,
+    authority_key,
+    authority_of,
+)
 
 __all__ = [
     "TrustDomain",
@@ -67,18 +71,11 @@ __all__ = [
 SYSTEM_NAMESPACE = "isthmus-system"
 CLOCK_SKEW = 60.0
 MAX_BUNDLE_KEYS = 64
-MAX_CERT_BYTES = 16 * 1024
 MAX_SPIFFE_ID = 2048
 DEFAULT_SVID_TTL = 86400.0
 
 _TD_RE = re.compile(r"[a-z0-9._-]{1,255}")
 _SEGMENT_RE = re.compile(r"[A-Za-z0-9._-]+")
-_B64URL_RE = re.compile(r"[A-Za-z0-9_-]*")
-_CURVES: dict[str, tuple[type[ec.EllipticCurve], int]] = {
-    "P-256": (ec.SECP256R1, 32),
-    "P-384": (ec.SECP384R1, 48),
-    "P-521": (ec.SECP521R1, 66),
-}
 
 
 # ---------------------------------------------------------------------------- names
@@ -217,21 +214,8 @@ def _dt(t: float) -> datetime:
     return datetime.fromtimestamp(t, tz=UTC)
 
 
-def _load_der(der: bytes, what: str) -> x509.Certificate:
-    if not isinstance(der, bytes | bytearray):
-        raise IdentityError(f"{what}: expected DER bytes, got {type(der).__name__}")
-    try:
-        return x509.load_der_x509_certificate(bytes(der))
-    except ValueError as e:
-        raise IdentityError(f"{what}: not a DER X.509 certificate ({e})") from None
 
 
-def _is_ca(cert: x509.Certificate) -> bool:
-    try:
-        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-    except x509.ExtensionNotFound:
-        return False
-    return bool(bc.ca)
 
 
 def _uri_sans(cert: x509.Certificate) -> list[str]:
@@ -248,17 +232,8 @@ def _same_public_key(a: Any, b: Any) -> bool:
     return a.public_bytes(enc, fmt) == b.public_bytes(enc, fmt)
 
 
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
-def _b64url_decode(text: Any, what: str, max_len: int = 2048) -> bytes:
-    if not isinstance(text, str) or len(text) > max_len or not _B64URL_RE.fullmatch(text):
-        raise IdentityError(f"{what}: expected base64url text")
-    try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (binascii.Error, ValueError):
-        raise IdentityError(f"{what}: not valid base64url") from None
 
 
 def _key_pem(key: Any) -> bytes:
@@ -320,38 +295,7 @@ class TrustBundle:
     def to_jwks(self) -> dict[str, Any]:
         keys = []
         for i, der in enumerate(self.authorities):
-            cert = _load_der(der, f"bundle {self.trust_domain}: authorities[{i}]")
-            pub = cert.public_key()
-            key: dict[str, Any] = {"use": "x509-svid"}
-            if isinstance(pub, ec.EllipticCurvePublicKey):
-                crv = next((n for n, (c, _) in _CURVES.items() if c.name == pub.curve.name), None)
-                if crv is None:
-                    raise IdentityError(
-                        f"bundle {self.trust_domain}: authorities[{i}]: curve {pub.curve.name} "
-                        "is not supported"
-                    )
-                size = _CURVES[crv][1]
-                nums = pub.public_numbers()
-                key |= {
-                    "kty": "EC",
-                    "crv": crv,
-                    "x": _b64url(nums.x.to_bytes(size, "big")),
-                    "y": _b64url(nums.y.to_bytes(size, "big")),
-                }
-            elif isinstance(pub, rsa.RSAPublicKey):
-                nums = pub.public_numbers()
-                key |= {
-                    "kty": "RSA",
-                    "n": _b64url(nums.n.to_bytes((nums.n.bit_length() + 7) // 8, "big")),
-                    "e": _b64url(nums.e.to_bytes((nums.e.bit_length() + 7) // 8, "big")),
-                }
-            else:
-                raise IdentityError(
-                    f"bundle {self.trust_domain}: authorities[{i}]: "
-                    "only EC and RSA keys are supported"
-                )
-            key["x5c"] = [base64.b64encode(der).decode("ascii")]
-            keys.append(key)
+            keys.append(authority_key(der, f"bundle {self.trust_domain}: authorities[{i}]"))
         return {
             "keys": keys,
             "spiffe_sequence": self.sequence,
@@ -391,7 +335,7 @@ class TrustBundle:
                 continue
             if use != "x509-svid":
                 raise IdentityError(f"{kw}.use: {use!r} is not 'x509-svid' or 'jwt-svid'")
-            der = _x5c_cert(k, kw)
+            der = authority_of(k, kw)
             if der not in authorities:
                 authorities.append(der)
         if not authorities:
@@ -430,56 +374,6 @@ class TrustBundle:
                 "already held; a changed bundle must carry a higher sequence"
             )
         return new
-
-
-def _x5c_cert(k: dict[str, Any], kw: str) -> bytes:
-    kty = k.get("kty")
-    if kty not in ("EC", "RSA"):
-        raise IdentityError(f"{kw}.kty: {kty!r} is not 'EC' or 'RSA'")
-    x5c = k.get("x5c")
-    if x5c is None:
-        raise IdentityError(f"{kw}.x5c: missing (an x509-svid key carries its certificate)")
-    if not isinstance(x5c, list) or len(x5c) != 1:
-        raise IdentityError(f"{kw}.x5c: expected a list of exactly one certificate")
-    b64 = x5c[0]
-    if not isinstance(b64, str):
-        raise IdentityError(f"{kw}.x5c[0]: expected base64 text, got {type(b64).__name__}")
-    if len(b64) > (MAX_CERT_BYTES + 2) // 3 * 4:
-        raise IdentityError(f"{kw}.x5c[0]: certificate larger than {MAX_CERT_BYTES} bytes")
-    try:
-        der = base64.b64decode(b64, validate=True)
-    except (binascii.Error, ValueError):
-        raise IdentityError(f"{kw}.x5c[0]: not valid base64") from None
-    cert = _load_der(der, f"{kw}.x5c[0]")
-    if not _is_ca(cert):
-        raise IdentityError(f"{kw}.x5c[0]: not a CA certificate (basicConstraints CA is not set)")
-    pub = cert.public_key()
-    if kty == "EC":
-        crv = k.get("crv")
-        if crv not in _CURVES:
-            raise IdentityError(f"{kw}.crv: {crv!r} is not one of {', '.join(_CURVES)}")
-        curve, size = _CURVES[crv]
-        x = _b64url_decode(k.get("x"), f"{kw}.x")
-        y = _b64url_decode(k.get("y"), f"{kw}.y")
-        if len(x) != size or len(y) != size:
-            raise IdentityError(f"{kw}: x and y must be {size} bytes for {crv}")
-        ok = (
-            isinstance(pub, ec.EllipticCurvePublicKey)
-            and pub.curve.name == curve.name
-            and pub.public_numbers().x == int.from_bytes(x, "big")
-            and pub.public_numbers().y == int.from_bytes(y, "big")
-        )
-    else:
-        n = _b64url_decode(k.get("n"), f"{kw}.n", max_len=4096)
-        e = _b64url_decode(k.get("e"), f"{kw}.e", max_len=16)
-        ok = (
-            isinstance(pub, rsa.RSAPublicKey)
-            and pub.public_numbers().n == int.from_bytes(n, "big")
-            and pub.public_numbers().e == int.from_bytes(e, "big")
-        )
-    if not ok:
-        raise IdentityError(f"{kw}: the key does not match the public key of x5c[0]")
-    return der
 
 
 # ---------------------------------------------------------------------------- SVIDs

@@ -29,7 +29,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from federation.errors import IdentityError
-from federation.identity import MAX_CERT_BYTES, SpiffeId, Svid, TrustBundle, verify_svid
+from federation.identity import SpiffeId, Svid, TrustBundle, verify_svid
+from federation.jwk import MAX_CERT_BYTES
 
 LABEL = b"isthmus re-join proof v1\n"
 MAX_SIGNATURE = 1024

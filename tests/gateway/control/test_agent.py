@@ -161,7 +161,7 @@ async def test_a_bundle_sequence_behind_the_federations_is_raised_past_it_and_pu
         assert agent._refused("bundle", e.value) is True
         why = agent.not_ready()
         assert why is not None and why.startswith(
-            "the federation refuses our bundle (bundle_sequence, HTTP 409): bundle of "
+            "the federation refuses our bundle (bundle_sequence, HTTP 409): bundle "
             "east-1.isthmus.local: sequence 1")
         assert agent.identity.bundle.sequence == 6 and agent.refusals == {"bundle_sequence": 1}
         meta = json.loads((agent.identity.dir / "bundle.json").read_text())
