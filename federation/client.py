@@ -340,6 +340,20 @@ class FederationClient:
     async def status(self) -> dict:
         return await self._ok("GET", "/status")
 
+    async def refuses_our_certificate(self) -> bool:
+        """After a request with our SVID got no answer: does the federation answer without a
+        client certificate? Then it is up and its TLS layer refused our SVID (a CA it does not
+        trust: TLS 1.3 reports that as a closed connection, not as an HTTP status)."""
+        if self.svid is None:
+            return False
+        async with FederationClient(self.url, self.federation_bundle, None,
+                                    timeout=min(self.timeout, 5.0)) as anonymous:
+            try:
+                await anonymous.openapi()
+            except FederationError:
+                return False
+        return True
+
     async def openapi(self) -> dict:
         return await self._ok("GET", "/v1/openapi.json")
 

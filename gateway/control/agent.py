@@ -279,11 +279,29 @@ class Agent:
                 else:
                     await asyncio.sleep(min(backoff.next(), self.lease_ttl / 3))
             except FederationError as e:
+                if e.status is None and self.lease is None:
+                    e = await self._certificate_refusal(e)
                 if not self._refused(step, e):
                     self._failed("bundle" if step == "bundle" else "lease", e)
                 if e.status == 409 and step != "bundle":  # "no live lease" racing an expiry
                     self.lease = None
                 await asyncio.sleep(min(backoff.next(), self.lease_ttl / 3))
+
+    async def _certificate_refusal(self, e: FederationError) -> FederationError:
+        """A request without an answer, while we hold no lease: if the federation answers
+        anonymous requests, it is its TLS layer refusing our SVID (e.g. CA files replaced
+        without an overlap): a refusal (401), not an outage, so we are not ready and say why."""
+        try:
+            refused = await self.client.refuses_our_certificate()
+        except Exception:  # the diagnosis is best effort; the original error stands
+            return e
+        if not refused:
+            return e
+        return FederationError(
+            f"the federation's TLS layer refuses our SVID (it answers without a client "
+            f"certificate): its CA is not in the bundle the federation holds for "
+            f"{self.cfg.cluster.trust_domain}; rotate CAs with overlap (isthmus identity "
+            f"rotate-ca), or re-join with a --replace token ({e})", 401)
 
     async def _put_bundle(self) -> None:
         bundle = self.identity.bundle

@@ -233,3 +233,32 @@ def test_which_409s_raise_our_bundle_sequence(tmp_path, held, ours, raised, reas
     for status in (None, 500, 503, 408, 429):  # unreachable or busy: no refusal
         assert agent._refused("bundle", FederationError("x", status)) is False
     assert agent._refused("publish", FederationError("x", 409)) is False
+
+
+async def test_an_svid_the_federations_tls_refuses_is_a_refusal_not_an_outage(
+        tmp_path, monkeypatch):
+    """CA files replaced without an overlap: the federation's TLS layer refuses our new SVID
+    (TLS 1.3 shows it as a closed connection). The federation answers anonymous requests, so
+    that is a refusal: the gateway is not ready and says what to do; never "just down"."""
+    import asyncio
+
+    from federation.identity import gateway_id
+    from tests.helpers.federation import Fed
+
+    fed = Fed(tmp_path / "fed")
+    await fed.start()
+    agent = await _joined_agent(tmp_path, monkeypatch, fed)
+    stranger = CertificateAuthority.create("east-1.isthmus.local", time.time())
+    agent.client.set_svid(stranger.issue(gateway_id("east-1.isthmus.local"), time.time()))
+    task = asyncio.create_task(agent.lease_loop())
+    try:
+        await _until(lambda: agent.refusals.get("unauthenticated", 0) >= 1)
+        why = agent.not_ready()
+        assert why is not None and "TLS layer refuses our SVID" in why and "rotate-ca" in why
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await agent.close()
+    await fed.stop()
+    # a federation that is down is no refusal: nobody answers the anonymous request either
+    assert await agent.client.refuses_our_certificate() is False
