@@ -106,7 +106,7 @@ async def federation_catalog(state: Path, services: int, log: Any) -> dict:
         store = SqliteStore(str(fed_dir / "federation.db"))
         await store.open()
         try:
-            token = await create_token(store, "bulk", 600, time.time())
+            token, _ = await create_token(store, "bulk", 600, time.time())
         finally:
             await store.close()
         td = "bulk.isthmus.local"

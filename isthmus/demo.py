@@ -376,7 +376,7 @@ async def start_topology(
     await store.open()
     try:
         for name, _, _ in ALL_CLUSTERS:
-            token = await create_token(store, name, 600, time.time())
+            token, _ = await create_token(store, name, 600, time.time())
             write_atomic(state / f"{name}.token", token.encode())
     finally:
         await store.close()

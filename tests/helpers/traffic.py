@@ -95,6 +95,25 @@ async def chatter(port: int, stop: asyncio.Event, log: list[tuple[float, str | N
         writer.transport.abort()
 
 
+async def chatter_rounds(port: int, stop: asyncio.Event, log: list[tuple[float, str | None]],
+                         each: float) -> None:
+    """`chatter` connections one after another, each `each` seconds long, until `stop`: long-lived
+    connections within what a link guarantees them (about half the SVID lifetime)."""
+    while not stop.is_set():
+        done = asyncio.Event()
+        timer = asyncio.get_running_loop().call_later(each, done.set)
+        watch = asyncio.create_task(stop.wait())
+        watch.add_done_callback(lambda _, d=done: d.set())
+        try:
+            await chatter(port, done, log)
+        finally:
+            timer.cancel()
+            watch.cancel()
+        if log and (log[-1][1] is None or log[-1][1] == "EOF" or str(log[-1][1]).startswith(
+                "error")):
+            return
+
+
 async def count_through(port: int, n: int) -> str:
     """One connection: send `n` bytes, half-close, return the reply line (stripped)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)

@@ -78,7 +78,7 @@ async def test_a_refused_join_token_exits_1_with_the_reason(topo, how):
     if how == "used":
         token = topo.create_token("east-1", output=topo.token_file("east-1"))
         await _join_once(topo, "east-1", token)
-        reason = "join token unknown or already used"
+        reason = "join token unknown, revoked or already used"
     else:
         topo.create_token("east-1", ttl="1s", output=topo.token_file("east-1"))
         await asyncio.sleep(1.3)

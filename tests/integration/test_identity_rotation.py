@@ -22,7 +22,7 @@ from federation.client import operator_client
 from federation.errors import IsthmusError
 from federation.identity import TrustBundle, verify_svid
 from tests.helpers.processes import run_cli
-from tests.helpers.traffic import LoadStream, chatter, http_get, metric_value, wait_for
+from tests.helpers.traffic import LoadStream, chatter_rounds, http_get, metric_value, wait_for
 from tests.helpers.traffic import request as ask
 from tests.integration.harness import Topology, running
 
@@ -76,9 +76,10 @@ def ca_der(path: Path) -> bytes:
 async def test_rotate_ca_under_traffic_in_both_directions_fails_no_connection(tmp_path, request):
     """east-1 (2 workers) rotates its CA (1 m SVIDs, refresh hint 1 s, overlap 4 s, skew 2 s:
     about 70 s) while new connections flow into it from east-2 and west-1 and out of it to
-    east-2 and west-1, and two long-lived connections stay open: 0 fail. Then the federation's
-    bundle of east-1 holds the new CA only, every east-1 process presents an SVID of it, and a
-    restarted east-2 (new links both ways, east-1's bundle from the federation) works."""
+    east-2 and west-1, and two long-lived connections (20 s each, one after another) stay open:
+    0 fail. Then the federation's bundle of east-1 holds the new CA only, every east-1 process
+    presents an SVID of it, and a restarted east-2 (new links both ways, east-1's bundle from
+    the federation) works."""
     topo = Topology(tmp_path, svid_ttl="1m", workers={"east-1": 2},
                     identity={"east-1": {"bundle_refresh_hint": "1s", "rotation_overlap": "4s"}})
     inward = topo.add_service("inward", "east-1", ("east-2", "west-1"))
@@ -98,7 +99,8 @@ async def test_rotate_ca_under_traffic_in_both_directions_fails_no_connection(tm
         loads = {k: LoadStream(port, rate=8, max_seconds=150, max_count=1500).start()
                  for k, (port, _) in flows.items()}
         stop, chats = asyncio.Event(), {"east-2 -> east-1": [], "east-1 -> east-2": []}
-        chat_tasks = [asyncio.create_task(chatter(flows[k][0], stop, lg))
+        # each 20 s long: a link guarantees a stream about half the SVID lifetime (30 s here)
+        chat_tasks = [asyncio.create_task(chatter_rounds(flows[k][0], stop, lg, 20.0))
                       for k, lg in chats.items()]
         try:
             await asyncio.sleep(2.0)
@@ -312,7 +314,7 @@ async def test_a_bundle_sequence_behind_the_federations_recovers_and_readyz_says
             refused = [b for s, b in seen if s == 503]
             assert refused and refused[0].startswith(
                 "not ready: the federation refuses our bundle (bundle_sequence, HTTP 409): "
-                "bundle of east-1.isthmus.local: sequence 0 is lower"), seen
+                "bundle east-1.isthmus.local: sequence 0 is lower"), seen
             await topo.wait_live("east-2")
             status = (await topo.status("east-1"))["agent"]
             assert status["registered"] and status["bundle_sequence"] == 2
