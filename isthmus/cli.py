@@ -166,7 +166,14 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
             print(w.warning(), file=sys.stderr)
         warned = f", {len(cfg.warnings)} warning(s)" if cfg.warnings else ""
         print(f"{path}: ok (cluster {cfg.cluster.name}, {len(cfg.exports)} export(s), "
-              f"{len(cfg.imports)} import(s){warned})")
+              f"{len(cfg.imports)} import(s){warned}"
+              f"{f', {len(cfg.service_files)} service file(s)' if cfg.services_dir else ''})")
+        for f in cfg.service_files:  # each service file's own part
+            mine = [s for s in cfg.service_sources if s.file == f]
+            exports = sum(s.section == "exports" for s in mine)
+            shown = Path(path).parent / f.relative_to(cfg.source.parent) \
+                if f.is_relative_to(cfg.source.parent) else f
+            print(f"  {shown}: ok ({exports} export(s), {len(mine) - exports} import(s))")
     return EXIT_USAGE if bad else EXIT_OK
 
 

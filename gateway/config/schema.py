@@ -31,10 +31,19 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from yaml.nodes import MappingNode, Node, SequenceNode
+from yaml.nodes import MappingNode, Node
 
 from federation.model import Endpoint, FailoverPolicy, OutlierPolicy
 from federation.units import format_duration, format_hostport
+from gateway.config.files import ServiceFile, find, read_service_file, services_dir
+from gateway.config.owners import (
+    Listener,
+    declared,
+    import_listeners,
+    listener_clashes,
+    ownership_clashes,
+)
+from gateway.config.policy import check, parse_policy
 from gateway.config.reader import (
     Field,
     Reader,
@@ -42,8 +51,8 @@ from gateway.config.reader import (
     _absolute,
     _child,
     _is_wildcard,
+    _line,
     _quiet_hostport,
-    _same_bind,
     defaults,
     duration,
     integer,
@@ -58,6 +67,7 @@ from gateway.config.services import (
     _timing,
 )
 from gateway.config.values import (
+    NO_POLICY,
     ClusterConfig,
     ExportConfig,
     FederationConfig,
@@ -67,7 +77,9 @@ from gateway.config.values import (
     ImportConfig,
     LimitsConfig,
     ListenConfig,
+    PolicyConfig,
     ProbeConfig,
+    ServiceSource,
 )
 from gateway.errors import ConfigError, Problem
 
@@ -165,6 +177,8 @@ TOP: Table = (
     Field("peer_probe", lambda r, n, p: _Schema.probe(r, n, p), DEFAULT_PROBE),
     Field("exports", None, ()),
     Field("imports", None, ()),
+    Field("services_dir", services_dir, None, doc="a directory or a list of globs"),
+    Field("policy", parse_policy, NO_POLICY, doc="guard rails on service files"),
 )
 
 
@@ -187,12 +201,83 @@ def check_overlap(overlap: float, refresh_hint: float) -> str | None:
 
 
 def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
-    """Read and validate one config file. Every failure, I/O included, is a ConfigError."""
-    return parse_config(read_text(path), Path(path))
+    """Read and validate a gateway file and the service files its `services_dir` names, as one
+    config. Every failure, I/O included, is a ConfigError naming every problem of every file."""
+    shown = Path(path)
+    gateway = _absolute(shown)
+    reader = _Schema(str(shown), gateway.parent)
+    root = reader.compose(read_text(path))
+    config = reader.gateway(root, gateway) if root is not None else None
+    spec = reader.services_spec
+    files: list[ServiceFile] = []
+    if spec is not None:
+        paths, problems, warnings = find(spec, gateway, shown)
+        node, where = reader.top.get("services_dir"), "services_dir"
+        reader.problems += [Problem(reader.file, _line(node), where, m) for m in problems]
+        reader.warnings += [Problem(reader.file, _line(node), where, m) for m in warnings]
+        own = config.cluster.name if config is not None else reader.own
+        files = [read_service_file(p, name, own, reader._listeners) for p, name in paths]
+    return _merge(reader, config, files)
+
+
+def _merge(reader: _Schema, config: GatewayConfig | None, files: list[ServiceFile]
+           ) -> GatewayConfig:
+    """The gateway file's config with its service files' services; the cross-file rules
+    (listeners, one owner per service, the policy) checked over all of them."""
+    problems, warnings = list(reader.problems), list(reader.warnings)
+    top = reader.top
+    listeners = reader.own_listeners(top) + import_listeners(reader.file, top.get("imports"))
+    owned = [d for s in ("exports", "imports") for d in declared(reader.file, s, top.get(s))]
+    policy = config.policy if config is not None else reader.policy
+    for f in files:
+        problems += f.problems
+        warnings += f.warnings
+        listeners += import_listeners(f.name, f.root.get("imports"))
+        owned += [d for s in ("exports", "imports") for d in declared(f.name, s, f.root.get(s))]
+        if policy is not None:
+            guard = Reader(f.name, f.path.parent)
+            check(guard, policy, _relative(f.path, reader.base), f.root)
+            problems += guard.problems
+    problems += listener_clashes(listeners, skip_within=reader.file)
+    problems += ownership_clashes(owned)
+    order = {reader.file: 0, **{f.name: i + 1 for i, f in enumerate(files)}}
+
+    def key(p: Problem) -> tuple[int, int]:
+        return order.get(p.file, 0), p.line or 0
+
+    if problems or config is None:
+        raise ConfigError(sorted(problems, key=key), sorted(warnings, key=key))
+    by_file = [(config.source, config.exports, config.imports)]
+    by_file += [(f.path, f.exports, f.imports) for f in files]
+    lines = {(d.file, d.section, d.service): d.line for d in owned}
+    names = {config.source: reader.file, **{f.path: f.name for f in files}}
+    sources = tuple(
+        ServiceSource(section, e.namespace, e.name, file,
+                      lines.get((names[file], section, (e.namespace, e.name))))
+        for file, exports, imports in by_file
+        for section, entries in (("exports", exports), ("imports", imports))
+        for e in entries
+    )
+    return replace(
+        config,
+        exports=tuple(e for _, exports, _ in by_file for e in exports),
+        imports=tuple(i for _, _, imports in by_file for i in imports),
+        warnings=tuple(sorted(warnings, key=key)),
+        service_files=tuple(f.path for f in files),
+        service_sources=sources,
+    )
+
+
+def _relative(p: Path, base: Path) -> str:
+    try:
+        return p.relative_to(base).as_posix()
+    except ValueError:
+        return p.as_posix()
 
 
 def parse_config(text: str, source: Path) -> GatewayConfig:
-    """Validate config text; relative paths in it are resolved against source's directory."""
+    """Validate the text of a gateway file (its inline services only; `load_config` reads its
+    service files too); relative paths are resolved against source's directory."""
     source = Path(source)
     reader = _Schema(str(source), _absolute(source).parent)
     root = reader.compose(text)
@@ -208,12 +293,20 @@ def parse_config(text: str, source: Path) -> GatewayConfig:
 
 
 class _Schema(Services):
+    # What `load_config` needs of the gateway file even when it has problems elsewhere.
+    top: dict[str, Node] = {}  # replaced per reader, never mutated
+    services_spec: Path | tuple[str, ...] | None = None
+    policy: PolicyConfig | None = None
+    own: str | None = None
+
     def gateway(self, root: Node, source: Path) -> GatewayConfig | None:
         top = self.section(root, "", TOP)
         if top is None:
             return None
         v = top.values
         own = v["cluster"].name if v.get("cluster") is not None else None
+        self.top, self.own = top.nodes, own
+        self.services_spec, self.policy = v.get("services_dir"), v.get("policy")
         self.check_listeners(top.nodes)
         f = top.nodes
         exports = self.exports(f["exports"], own) if "exports" in f else ()
@@ -340,30 +433,19 @@ class _Schema(Services):
 
     def check_listeners(self, top: dict[str, Node]) -> None:
         """No two sockets this gateway binds may share a port (a wildcard clashes with all)."""
-        found: list[tuple[str, Node, tuple[str, int]]] = []
+        found = self.own_listeners(top)
+        found += import_listeners(self.file, top.get("imports"))
+        self.problems += listener_clashes(found)
+        self._listeners = [(x.path, x.address) for x in found]
+
+    def own_listeners(self, top: dict[str, Node]) -> list[Listener]:
+        """listen.inbound and listen.admin, where their addresses are valid."""
+        found: list[Listener] = []
         listen_node = top.get("listen")
         if isinstance(listen_node, MappingNode):
             for key in ("inbound", "admin"):
                 n = _child(listen_node, key)
                 hp = _quiet_hostport(n)
                 if n is not None and hp is not None:
-                    found.append((f"listen.{key}", n, hp))
-        imports_node = top.get("imports")
-        if isinstance(imports_node, SequenceNode):
-            for i, item in enumerate(imports_node.value):
-                n = _child(item, "listen")
-                hp = _quiet_hostport(n)
-                if n is not None and hp is not None:
-                    found.append((f"imports[{i}].listen", n, hp))
-        for j, (path, node, (host, port)) in enumerate(found):
-            for other_path, _, (other_host, other_port) in found[:j]:
-                if port == other_port and _same_bind(host, other_host):
-                    self.problem(
-                        node,
-                        path,
-                        f"{format_hostport(host, port)!r} clashes with {other_path} "
-                        f"({format_hostport(other_host, other_port)}); every listener needs "
-                        "its own port",
-                    )
-                    break
-        self._listeners = [(p, hp) for p, _, hp in found]
+                    found.append(Listener(self.file, _line(n), f"listen.{key}", hp))
+        return found

@@ -7,7 +7,9 @@ federation (Endpoint, FailoverPolicy, OutlierPolicy) are federation.model's valu
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 from federation.model import Endpoint, FailoverPolicy, Locality, OutlierPolicy
@@ -23,8 +25,13 @@ __all__ = [
     "ImportConfig",
     "LimitsConfig",
     "ListenConfig",
+    "NamespaceGrant",
+    "PolicyConfig",
     "ProbeConfig",
+    "ServiceSource",
 ]
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +123,44 @@ class ImportConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class NamespaceGrant:
+    files: str  # glob of service file paths, relative to the gateway file; "*": every file
+    namespaces: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    namespaces: tuple[NamespaceGrant, ...] | None = None  # None: any namespace
+    import_listen: tuple[Network, ...] | None = None  # None: any address
+    max_endpoints: int | None = None
+    max_services_per_file: int | None = None
+
+    def allowed_namespaces(self, file: str) -> tuple[str, ...] | None:
+        """The namespaces service file `file` (relative to the gateway file) may use."""
+        if self.namespaces is None:
+            return None
+        out: list[str] = []
+        for g in self.namespaces:
+            if fnmatchcase(file, g.files):
+                out += [n for n in g.namespaces if n not in out]
+        return tuple(out)
+
+
+NO_POLICY = PolicyConfig()
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSource:
+    """The file (absolute; the gateway file for inline services) and line of one service."""
+
+    section: str  # "exports" | "imports"
+    namespace: str
+    name: str
+    file: Path
+    line: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     source: Path  # absolute path of the config file
     cluster: ClusterConfig
@@ -129,3 +174,14 @@ class GatewayConfig:
     exports: tuple[ExportConfig, ...]
     imports: tuple[ImportConfig, ...]
     warnings: tuple[Problem, ...] = ()  # valid but risky settings (schema.py docstring)
+    services_dir: Path | tuple[str, ...] | None = None  # a directory, or glob patterns
+    policy: PolicyConfig = NO_POLICY  # the guard rails on service files
+    service_files: tuple[Path, ...] = ()  # absolute, in the order read (sorted)
+    service_sources: tuple[ServiceSource, ...] = ()  # where each service was declared
+
+    def source_of(self, section: str, namespace: str, name: str) -> ServiceSource | None:
+        """Where the export (section "exports") or import ("imports") was declared."""
+        for s in self.service_sources:
+            if (s.section, s.namespace, s.name) == (section, namespace, name):
+                return s
+        return None
