@@ -259,8 +259,10 @@ def test_anonymous_half_request_tls_clients_are_closed_while_real_clients_get_in
             assert s.stats("tls").anonymous > 0  # (still open)
             t = limits.header_timeout
             closed = await asyncio.gather(*(j.until_closed(t + 15) for j in junk))
+            # the server's clock starts when ITS side of the handshake is done, which a client
+            # busy with 200 handshakes sees up to a few hundred ms later: hence t - 0.5
             late = [c and c - j.ready_at for j, c in zip(junk, closed, strict=True)
-                    if c is None or not t - 0.2 <= c - j.ready_at <= t + SLACK]
+                    if c is None or not t - 0.5 <= c - j.ready_at <= t + SLACK]
             assert late == [], f"{len(late)} of 200 not closed about 3s after the handshake"
             assert all(j.got == b"" for j in junk)  # aborted, nothing answered
             text = await s.metrics()
