@@ -39,6 +39,8 @@ class Backend:
         self.state = "down"  # down | up | blackholed
         self.served = 0
         self._server: asyncio.base_events.Server | None = None
+        self._listener: socket.socket | None = None
+        self._adopted: set[asyncio.Task] = set()
         self._writers: set[asyncio.StreamWriter] = set()
         self._hole: socket.socket | None = None
         self._fillers: list[socket.socket] = []
@@ -80,16 +82,48 @@ class Backend:
     async def start(self) -> None:
         self._unhole()
         if self._server is None:
-            self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port,
-                                                      reuse_address=True)
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", self.port))
+            sock.listen(100)
+            sock.setblocking(False)
+            self._listener = sock
+            self._server = await asyncio.start_server(self._handle, sock=sock)
         self.state = "up"
 
     restart = start
 
     def _close_server(self) -> None:
         if self._server is not None:
+            self._adopt_queued()
             self._server.close()  # listening socket closed now; open connections keep going
             self._server = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+
+    def _adopt_queued(self) -> None:
+        """Serve the connections the kernel already completed but the loop has not accepted yet.
+        They are open connections (the client's connect succeeded), and closing the listening
+        socket would reset them: a stopped backend then fails connections no proxy could move,
+        a race with the loop rather than the refusal the tests mean."""
+        assert self._listener is not None
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            task = asyncio.ensure_future(self._serve_adopted(conn))
+            self._adopted.add(task)
+            task.add_done_callback(self._adopted.discard)
+
+    async def _serve_adopted(self, conn: socket.socket) -> None:
+        try:
+            reader, writer = await asyncio.open_connection(sock=conn)
+        except OSError:
+            conn.close()
+            return
+        await self._handle(reader, writer)
 
     async def stop(self) -> None:
         """Refuse: close the listening socket, so new connects get a RST."""
