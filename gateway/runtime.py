@@ -38,6 +38,7 @@ import gc
 import logging
 import os
 import random
+import signal
 import time
 from typing import Any
 
@@ -53,14 +54,18 @@ from federation.model import (
     ServiceKey,
     TierKind,
 )
-from federation.units import parse_hostport
-from gateway.config.schema import GatewayConfig
+from federation.units import format_hostport, parse_hostport
+from gateway.config.schema import ConfigError, GatewayConfig, load_config
+from gateway.config.values import ExportConfig, ImportConfig
 from gateway.control.agent import Agent, Backoff, Identity, federation_ca
+from gateway.control.claim import BindError
 from gateway.control.drill_actor import DrillActor
 from gateway.control.handoff import TakeoverFailed
+from gateway.control.reload import ConfigReloads, watch_config
 from gateway.control.workers import STATS_EVERY, Supervisor, read_stats, watch_parent, write_stats
 from gateway.core.health import HealthBook
-from gateway.core.takeover import Progress
+from gateway.core.reconcile import ConfigChanges, effective, moved_listeners, reconcile
+from gateway.core.takeover import Progress, Wanted
 from gateway.dataplane.dial import Dialer
 from gateway.dataplane.l4 import ImportListener, InboundListener
 from gateway.dataplane.pool import keep_links
@@ -117,27 +122,55 @@ class Gateway:
         self.ready = False
         self.started_at = time.monotonic()
         self.bundle_refused: dict[str, str] = {}
+        self.reloads = ConfigReloads(cfg, wall)
+        self._reload_lock = asyncio.Lock()
+        self._reload_pending: str | None = None  # a SIGHUP before the task group runs
+        self._probes: dict[tuple[ServiceKey, str], asyncio.Task] = {}  # health check loops
+        self.import_listeners: dict[ServiceKey, ImportListener] = {}
+        self._retiring: set[ImportListener] = set()  # removed by a reload, draining
 
     # -- construction --------------------------------------------------------------------------
     def _mono(self) -> float:
         return time.monotonic()
 
     def _build_routers(self) -> None:
-        cfg = self.cfg
-        for ex in cfg.exports:
-            svc = ServiceKey(ex.namespace, ex.name)
-            own_only = FailoverPolicy((TierKind.CLUSTER,), max_attempts=max(1, len(ex.endpoints)))
+        for ex in self.cfg.exports:
+            self._set_export(ex)
+        for im in self.cfg.imports:
+            self._add_import_router(im)
+
+    def _set_export(self, ex: ExportConfig) -> None:
+        """The router of export `ex` (made, or given the new endpoints), and the local
+        endpoints of our import of the same service, if any."""
+        svc = ServiceKey(ex.namespace, ex.name)
+        own_only = FailoverPolicy((TierKind.CLUSTER,), max_attempts=max(1, len(ex.endpoints)))
+        held = self.export_routers.get(svc)
+        if held is None:
             router = Router(svc, self.locality, own_only, self.book, self._mono, self.rng.random)
-            router.set_local(ex.endpoints)
-            self.export_routers[svc] = (self._export_value(ex, health=False), router)
-        for im in cfg.imports:
-            svc = ServiceKey(im.namespace, im.name)
-            router = Router(svc, self.locality, im.failover, self.book, self._mono, self.rng.random,
-                            gateway_address=self.gateways.get)
-            own = self.export_routers.get(svc)
-            if own is not None:
-                router.set_local(own[1].local)
-            self.import_routers[svc] = router
+        else:
+            router = held[1]
+            router.set_policy(own_only)
+        router.set_local(ex.endpoints)
+        self.export_routers[svc] = (self._export_value(ex, health=False), router)
+        if svc in self.import_routers:
+            self.import_routers[svc].set_local(ex.endpoints)
+
+    def _remove_export(self, ex: ExportConfig) -> None:
+        svc = ServiceKey(ex.namespace, ex.name)
+        self.export_routers.pop(svc, None)  # new streams for it are refused from now on
+        self._stop_probes(svc)
+        if svc in self.import_routers:
+            self.import_routers[svc].set_local(())
+
+    def _add_import_router(self, im: ImportConfig) -> Router:
+        svc = ServiceKey(im.namespace, im.name)
+        router = Router(svc, self.locality, im.failover, self.book, self._mono, self.rng.random,
+                        gateway_address=self.gateways.get)
+        own = self.export_routers.get(svc)
+        if own is not None:
+            router.set_local(own[1].local)
+        self.import_routers[svc] = router
+        return router
 
     def _export_value(self, ex: Any, health: bool = True) -> Export:
         now = self._mono()
@@ -203,15 +236,16 @@ class Gateway:
         self.gateways.clear()
         self.gateways.update(gateways)
         for svc, router in self.import_routers.items():
-            remote = [
-                (cat.clusters[e.cluster].locality, e)
-                for e in cat.exports_of(svc)
-                if e.cluster != me and e.cluster in gateways and e.allows(me)
-            ]
-            router.set_remote(remote)
+            router.set_remote(self._remote_of(svc))
         self.book.forget(self._known_keys())
         if self.drill_actor is not None:
             self.drill_actor.on_catalog(cat)
+
+    def _remote_of(self, svc: ServiceKey) -> list[tuple[Locality, Export]]:
+        """Other clusters' exports of `svc` that may serve us (catalog and gateways known)."""
+        me, cat = self.cfg.cluster.name, self.catalog
+        return [(cat.clusters[e.cluster].locality, e) for e in cat.exports_of(svc)
+                if e.cluster != me and e.cluster in self.gateways and e.allows(me)]
 
     def _log_transitions(self) -> None:
         """What the routers and the health book report as changed (router.py), one INFO line
@@ -268,14 +302,135 @@ class Gateway:
         keys |= {remote_key(c) for c in self.gateways}
         return keys
 
+    # -- live reload (core/reconcile.py says what changed; this applies it) ----------------------
+    def reload_soon(self, trigger: str) -> None:
+        """Reload in a task of the gateway's group (a signal handler's way in)."""
+        if self._tg is None:
+            self._reload_pending = trigger  # run() starts it once the group runs
+        else:
+            self._tg.create_task(self.reload(trigger))
+
+    async def reload(self, trigger: str) -> str:
+        """Read and validate every file, then apply what changed: 'applied', 'unchanged' or
+        'refused' (then nothing changed at all). One reload at a time."""
+        async with self._reload_lock:
+            try:
+                wanted = await asyncio.to_thread(load_config, self.cfg.source)
+            except ConfigError as e:
+                self.reloads.refused(trigger, [str(p) for p in e.problems])
+                return "refused"
+            changes = reconcile(self.cfg, wanted)
+            self.reloads.needs_restart(changes.restart_needed)
+            if not changes.services and not changes.other:
+                self.reloads.unchanged(trigger)
+                return "unchanged"
+            cfg = effective(self.cfg, wanted)
+            try:
+                fresh = self._bind_added(changes, moved_listeners(changes))
+            except BindError as e:
+                self.reloads.refused(trigger, [str(e)])
+                return "refused"
+            await self._apply(changes, cfg, fresh)
+            self.reloads.applied(trigger, cfg, changes)
+        if self.supervisor is not None:
+            self.supervisor.signal_ready(signal.SIGHUP)  # the workers reload too
+        return "applied"
+
+    def _bind_added(self, changes: ConfigChanges, moved: set[tuple[str, int]]
+                    ) -> dict[tuple[str, int], Any]:
+        """Bind every added import's listener that no removed import holds (all or none: a
+        port in use refuses the reload before anything changed)."""
+        out: dict[tuple[str, int], Any] = {}
+        try:
+            for i, im in enumerate(changes.imports_added):
+                if im.listen not in moved:
+                    out[im.listen] = self._bind(im, i)
+        except BaseException:
+            for addr in out:
+                self.restart.sockets.remove(format_hostport(*addr))
+            raise
+        return out
+
+    def _bind(self, im: ImportConfig, i: int) -> Any:
+        src = self.cfg.source_of("imports", im.namespace, im.name)
+        where = f"{src.file}:{src.line}" if src is not None and src.line else str(self.cfg.source)
+        w = Wanted(f"imports {im.namespace}/{im.name}: listen", *im.listen, self.workers)
+        return self.restart.sockets.open(w, self.worker, where)
+
+    async def _apply(self, changes: ConfigChanges, cfg: GatewayConfig,
+                     fresh: dict[tuple[str, int], Any]) -> None:
+        self.cfg = self.agent.cfg = self.restart.cfg = cfg
+        for ex in changes.exports_removed:
+            self._remove_export(ex)
+        for old, ex in changes.exports_changed:
+            svc = ServiceKey(ex.namespace, ex.name)
+            keys = {local_key(e.host, e.port) for e in old.endpoints}
+            kept = {local_key(e.host, e.port) for e in ex.endpoints}
+            self._stop_probes(svc, None if old.health_check != ex.health_check else keys - kept)
+            self._set_export(ex)
+            self._start_probes(ex)
+        for ex in changes.exports_added:
+            self._set_export(ex)
+            self._start_probes(ex)
+        for _, im in changes.imports_changed:
+            self.import_routers[ServiceKey(im.namespace, im.name)].set_policy(im.failover)
+        for im in changes.imports_removed:
+            self._retire(ServiceKey(im.namespace, im.name), im)
+        for i, im in enumerate(changes.imports_added):
+            sock = fresh.get(im.listen)
+            if sock is None:  # a removed import held the address: it is free now
+                try:
+                    sock = self._bind(im, i)
+                except BindError as e:
+                    log.error("config reload: import %s/%s not opened: %s", im.namespace,
+                              im.name, e)
+                    continue
+            router = self._add_import_router(im)
+            router.set_remote(self._remote_of(router.service))
+            await self._open_import(im, sock, serving=True)
+        self.book.forget(self._known_keys())
+        if self.agent.lease is not None:
+            self.agent.publish_wanted.set()
+
+    def _retire(self, svc: ServiceKey, im: ImportConfig) -> None:
+        """A removed import: accept no more, drain what is open (reload.drain_timeout), close."""
+        self.import_routers.pop(svc, None)
+        lst = self.import_listeners.pop(svc, None)
+        if lst is None:
+            return
+        lst.stop_accepting()
+        self.restart.sockets.remove(format_hostport(*im.listen))
+        self.listeners.remove(lst)
+        self._retiring.add(lst)
+        self._tg.create_task(self._drain_retired(lst))  # type: ignore[union-attr]
+
+    async def _drain_retired(self, lst: ImportListener) -> None:
+        try:
+            left = await lst.drain(self.cfg.reload.drain_timeout)
+            if left:
+                log.info("%s: removed by a reload; %d connection(s) still open after %gs "
+                         "(reload.drain_timeout) were ended", lst.name, left,
+                         self.cfg.reload.drain_timeout)
+        finally:
+            await lst.close()
+            self._retiring.discard(lst)
+
     # -- tasks -----------------------------------------------------------------------------------
-    async def _probe_exports(self, tg: asyncio.TaskGroup) -> None:
-        for ex in self.cfg.exports:
-            hc = ex.health_check
-            for e in ex.endpoints:
-                check = checker(hc, e.host, e.port)
-                tg.create_task(probe_loop(self.book, local_key(e.host, e.port), check, hc.interval,
-                                          hc.healthy_threshold, hc.unhealthy_threshold, self._mono))
+    def _start_probes(self, ex: ExportConfig, only: set[str] | None = None) -> None:
+        """Health check loops of export `ex`'s endpoints (those keyed in `only`, if given)."""
+        svc, hc = ServiceKey(ex.namespace, ex.name), ex.health_check
+        for e in ex.endpoints:
+            key = local_key(e.host, e.port)
+            if (only is not None and key not in only) or (svc, key) in self._probes:
+                continue
+            check = checker(hc, e.host, e.port)
+            self._probes[(svc, key)] = self._tg.create_task(  # type: ignore[union-attr]
+                probe_loop(self.book, key, check, hc.interval, hc.healthy_threshold,
+                           hc.unhealthy_threshold, self._mono))
+
+    def _stop_probes(self, svc: ServiceKey, only: set[str] | None = None) -> None:
+        for k in [k for k in self._probes if k[0] == svc and (only is None or k[1] in only)]:
+            self._probes.pop(k).cancel()
 
     async def _probe_gateways(self) -> None:
         """Probe every remote gateway we may send traffic to, all at once, every interval."""
@@ -423,12 +578,8 @@ class Gateway:
                                       self.import_routers, dialer, self.rng.random,
                                       observe=self.primary)
         self.drill_actor.on_catalog(self.catalog)  # a cached catalog may hold a drill in progress
-        for svc, router in self.import_routers.items():
-            im = next(i for i in cfg.imports if (i.namespace, i.name) == (svc.namespace, svc.name))
-            lst = ImportListener(svc, router, dialer, max_connections=lim.max_connections,
-                                 idle_timeout=lim.idle_timeout)
-            await lst.start(*im.listen, sock=self.restart.sock(im.listen), serving=serving)
-            self.listeners.append(lst)
+        for im in cfg.imports:
+            await self._open_import(im, self.restart.sock(im.listen), serving)
         if not self.primary:
             self.ready = True
             log.info("gateway %s worker %d/%d up", cfg.cluster.name, self.worker, self.workers)
@@ -444,6 +595,14 @@ class Gateway:
         log.info("gateway %s (%s) up: inbound %s, admin %s:%s, %d import listener(s), %d worker(s)",
                  cfg.cluster.name, self.locality, cfg.listen.advertise, *cfg.listen.admin,
                  len(self.import_routers), self.workers)
+
+    async def _open_import(self, im: ImportConfig, sock: Any, serving: bool) -> None:
+        svc, lim = ServiceKey(im.namespace, im.name), self.cfg.limits
+        lst = ImportListener(svc, self.import_routers[svc], self.dialer,  # type: ignore[arg-type]
+                             max_connections=lim.max_connections, idle_timeout=lim.idle_timeout)
+        await lst.start(*im.listen, sock=sock, serving=serving)
+        self.listeners.append(lst)
+        self.import_listeners[svc] = lst
 
     async def _start_admin(self) -> None:
         from gateway.control.admin import start_admin
@@ -464,6 +623,10 @@ class Gateway:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 if self.primary:
+                    tg.create_task(watch_config(lambda: self.cfg, self.reload))
+                if self._reload_pending is not None:
+                    self.reload_soon(self._reload_pending)
+                if self.primary:
                     if self.supervisor is not None:
                         tg.create_task(self.supervisor.run())
                 else:
@@ -472,7 +635,8 @@ class Gateway:
                     tg.create_task(self._stop_with_parent(stop))
                     tg.create_task(self.agent.rotation_loop())
                     tg.create_task(self.drill_actor.run())
-                await self._probe_exports(tg)
+                for ex in self.cfg.exports:
+                    self._start_probes(ex)
                 tg.create_task(self._probe_gateways())
                 tg.create_task(keep_links(self.tls, (self.dialer.pool, self.inbound)))
                 tg.create_task(self._ticker())
@@ -535,7 +699,7 @@ class Gateway:
 
     async def close(self) -> None:
         self.ready = False
-        for lst in self.listeners:
+        for lst in [*self.listeners, *self._retiring]:
             await lst.close()
         self.listeners.clear()
         if self.dialer is not None:
@@ -567,6 +731,7 @@ class Gateway:
             "drills": self.drill_actor.status() if self.drill_actor else None,
             "workers": self._workers_status(),
             "restart": self.restart.status(),
+            "config": self.reloads.status(),
         }
 
     def _workers_status(self) -> list[dict[str, Any]]:

@@ -125,10 +125,12 @@ def cmd_gateway_run(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGQUIT, drain.set)
-        await Gateway(cfg, workers=args.workers, worker=args.worker_index,
-                      primary_pid=args.primary_pid, log_level=args.log_level,
-                      takeover=args.takeover, listen_fds=listen_fds, ready_fd=args.ready_fd,
-                      wait_serve=args.wait_serve).run(stop, drain)
+        gateway = Gateway(cfg, workers=args.workers, worker=args.worker_index,
+                          primary_pid=args.primary_pid, log_level=args.log_level,
+                          takeover=args.takeover, listen_fds=listen_fds, ready_fd=args.ready_fd,
+                          wait_serve=args.wait_serve)
+        loop.add_signal_handler(signal.SIGHUP, gateway.reload_soon, "SIGHUP")
+        await gateway.run(stop, drain)
 
     asyncio.run(run())
     return EXIT_OK

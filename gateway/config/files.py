@@ -7,6 +7,9 @@ gateway file (reader.read_text), sorted by path so every run reads them in the s
 A service file holds only `exports` and `imports`, read by the same `Services` reader as the
 inline sections, one reader per file so every problem names its own file and line.
 
+`watched_dirs` and `may_be_read` tell the live reload (gateway/control/reload.py) where to
+watch and which changes matter.
+
 Pure apart from listing the directory or globs and reading the files: no asyncio, socket, time.
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 import glob
 import os
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 from yaml.nodes import Node, ScalarNode
@@ -94,6 +98,44 @@ def find(
         problems.append(f"includes the gateway file itself ({shown}); keep service files apart")
         found.discard(gateway)
     return [(p, _shown(p, base, shown.parent)) for p in sorted(found)], problems, warnings
+
+
+def watched_dirs(spec: Path | tuple[str, ...] | None, gateway: Path,
+                 files: tuple[Path, ...]) -> set[Path]:
+    """The directories to watch (not recursively) to see every change that could change what
+    `load_config(gateway)` reads: the gateway file's, the services directory, and for globs the
+    fixed part of each pattern and the directories of the files it matched."""
+    out = {gateway.parent, *(f.parent for f in files)}
+    if isinstance(spec, Path):
+        out.add(spec)
+    elif spec is not None:
+        for pattern in spec:
+            full = Path(os.path.expanduser(pattern if os.path.isabs(pattern)
+                                           else str(gateway.parent / pattern)))
+            fixed = [part for part in full.parts[:-1]]
+            for i, part in enumerate(fixed):
+                if glob.has_magic(part):
+                    fixed = fixed[:i]
+                    break
+            out.add(Path(*fixed) if fixed else gateway.parent)
+    return out
+
+
+def may_be_read(path: Path, spec: Path | tuple[str, ...] | None, gateway: Path,
+                files: tuple[Path, ...]) -> bool:
+    """Whether a change at `path` (absolute) can change what `load_config(gateway)` reads."""
+    if path == gateway or path in files:
+        return True
+    if isinstance(spec, Path):
+        return path.parent == spec and path.name.endswith(SUFFIXES)
+    if spec is None:
+        return False
+    for pattern in spec:
+        full = os.path.expanduser(pattern if os.path.isabs(pattern)
+                                  else str(gateway.parent / pattern))
+        if fnmatchcase(str(path), full):
+            return True
+    return False
 
 
 def _shown(p: Path, base: Path, shown_base: Path) -> str:

@@ -53,6 +53,7 @@ from gateway.config.reader import (
     _is_wildcard,
     _line,
     _quiet_hostport,
+    choice,
     defaults,
     duration,
     integer,
@@ -79,6 +80,7 @@ from gateway.config.values import (
     ListenConfig,
     PolicyConfig,
     ProbeConfig,
+    ReloadConfig,
     ServiceSource,
 )
 from gateway.errors import ConfigError, Problem
@@ -102,11 +104,13 @@ __all__ = [
     "OutlierPolicy",
     "Problem",
     "ProbeConfig",
+    "ReloadConfig",
     "TIERS",
     "load_config",
     "parse_config",
 ]
 
+WATCH_MODES = ("auto", "inotify", "poll", "off")
 _TRUST_DOMAIN = re.compile(r"[a-z0-9._-]{1,255}")
 _DAY = 86400.0
 DEFAULT_OUTLIER = OutlierPolicy()
@@ -161,6 +165,16 @@ OUTLIER: Table = (
     Field("response_timeout", duration(maximum=3600), DEFAULT_OUTLIER.response_timeout,
           doc="off unless set"),
 )
+RELOAD: Table = (
+    Field("watch", choice(WATCH_MODES, "a watch mode"), "auto",
+          doc="auto (inotify, else polling), inotify, poll, or off (SIGHUP only)"),
+    Field("poll_interval", duration(minimum=0.1, maximum=60.0), 1.0,
+          doc="how often `poll` looks at the files"),
+    Field("debounce", duration(maximum=10.0, zero_ok=True), 0.2,
+          doc="writes within this are one reload"),
+    Field("drain_timeout", duration(maximum=_DAY, zero_ok=True), 30.0,
+          doc="a removed import's open connections may last this long, then are closed"),
+)
 
 PEER_PROBE: Table = _timing(0.5, 0.5)
 DEFAULT_IDENTITY = IdentityConfig(**defaults(IDENTITY))
@@ -179,6 +193,8 @@ TOP: Table = (
     Field("imports", None, ()),
     Field("services_dir", services_dir, None, doc="a directory or a list of globs"),
     Field("policy", parse_policy, NO_POLICY, doc="guard rails on service files"),
+    Field("reload", lambda r, n, p: _Schema.simple(r, n, p, RELOAD, ReloadConfig),
+          ReloadConfig(), doc="live reload of service files"),
 )
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "NamespaceGrant",
     "PolicyConfig",
     "ProbeConfig",
+    "ReloadConfig",
     "ServiceSource",
 ]
 
@@ -76,6 +77,16 @@ class LimitsConfig:
     idle_timeout: float
     drain_timeout: float = 30.0  # a handed-over or SIGQUIT-stopped process drains this long
     takeover_timeout: float = 30.0  # a `--takeover` process must be ready within this
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadConfig:
+    """How service files are reloaded while the gateway runs (runtime: Gateway.reload)."""
+
+    watch: str = "auto"  # "auto" (inotify, else polling) | "inotify" | "poll" | "off" (SIGHUP only)
+    poll_interval: float = 1.0  # "poll" (and "auto" without inotify): look this often
+    debounce: float = 0.2  # a burst of writes within this is one reload
+    drain_timeout: float = 30.0  # a removed import's open connections may last this long
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +187,7 @@ class GatewayConfig:
     warnings: tuple[Problem, ...] = ()  # valid but risky settings (schema.py docstring)
     services_dir: Path | tuple[str, ...] | None = None  # a directory, or glob patterns
     policy: PolicyConfig = NO_POLICY  # the guard rails on service files
+    reload: ReloadConfig = ReloadConfig()
     service_files: tuple[Path, ...] = ()  # absolute, in the order read (sorted)
     service_sources: tuple[ServiceSource, ...] = ()  # where each service was declared
 

@@ -131,6 +131,21 @@ def render_metrics(gw: Any, http: ServingStats | None = None) -> str:
                [({}, agent.catalog.revision)])
         metric("isthmus_gateway_svid_expiry_timestamp_seconds", "gauge",
                "When the current SVID expires.", [({}, agent.identity.svid.not_after)])
+    reloads = getattr(gw, "reloads", None)
+    if reloads is not None:
+        metric("isthmus_config_reload_total", "counter",
+               "Config reloads (file change or SIGHUP), by result: applied, unchanged, refused "
+               "(the last good version kept serving).",
+               [({"result": r}, n) for r, n in reloads.counts.items()])
+        metric("isthmus_config_version", "gauge",
+               "Version of the config in use (1 at start, +1 per applied reload).",
+               [({"fingerprint": reloads.fingerprint}, reloads.version)])
+        metric("isthmus_config_last_reload_successful", "gauge",
+               "0 while the last reload was refused (its problems are in /status config).",
+               [({}, 0 if reloads.last_error else 1)])
+        metric("isthmus_config_restart_needed", "gauge",
+               "1 while gateway-file fields differ from the running ones (they take effect on "
+               "a restart).", [({}, 1 if reloads.restart_needed else 0)])
     if http is not None:
         serving_metrics(page, "isthmus_gateway_http", {"admin": http})
     return page.text()

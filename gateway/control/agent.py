@@ -78,7 +78,7 @@ from federation.errors import (
 from federation.files import write_atomic
 from federation.identity import Svid, TrustBundle
 from federation.logs import LogLimiter
-from federation.model import Catalog, ClusterRecord, Export, ImportRecord
+from federation.model import EXPORTS, IMPORTS, Catalog, ClusterRecord, Export, ImportRecord
 from gateway.config.schema import GatewayConfig
 from gateway.control.identity import Identity
 from gateway.errors import ConfigError, Problem
@@ -388,6 +388,20 @@ class Agent:
                 self.published[export.key] = body
         if not self.imports_unsupported:
             await self._publish_imports()
+        await self._withdraw_removed()
+
+    async def _withdraw_removed(self) -> None:
+        """Delete what we published that the config no longer has (a reload removed it)."""
+        wanted = {e.key for e in self.export_state()} | {r.key for r in self.import_records()}
+        name = self.cfg.cluster.name
+        for key in [k for k in self.published if k not in wanted]:
+            for prefix, delete in ((EXPORTS, self.client.delete_export),
+                                   (IMPORTS, self.client.delete_import)):
+                if key.startswith(prefix):  # <prefix><cluster>/<namespace>/<name>
+                    _, ns, svc = key.removeprefix(prefix).split("/", 2)
+                    await delete(name, ns, svc)
+            del self.published[key]
+        self.withdrawn &= wanted
 
     async def _publish_imports(self) -> None:
         for rec in self.import_records():

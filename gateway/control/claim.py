@@ -85,6 +85,19 @@ class ListenSockets:
                 raise _bind_error(source, w, e) from None
             self.socks.setdefault(w.address, {})[i] = sock
 
+    def open(self, w: Wanted, index: int, source: Any) -> socket.socket:
+        """Bind `w` for worker `index` now (a reload added it); BindError if it cannot be."""
+        self.wanted[w.address] = w
+        self.add(w, [index], source)
+        return self.socks[w.address][index]
+
+    def remove(self, address: str) -> None:
+        """Close every copy of `address` this process holds (a reload removed it): a copy left
+        open would keep the kernel queueing connections there that nobody accepts."""
+        self.wanted.pop(address, None)
+        for s in self.socks.pop(address, {}).values():
+            s.close()
+
     @classmethod
     def for_worker(cls, wanted: tuple[Wanted, ...], fds: Mapping[str, int], worker: int,
                    source: Any) -> ListenSockets:

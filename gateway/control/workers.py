@@ -218,6 +218,15 @@ class Supervisor:
             if p.returncode is None:
                 p.send_signal(signal.SIGUSR1)
 
+    def signal_ready(self, sig: int) -> None:
+        """Send `sig` to every worker that is up (one still starting reads the files itself)."""
+        for i, p in self.procs.items():
+            if i in self.ready and p.returncode is None:
+                try:
+                    p.send_signal(sig)
+                except ProcessLookupError:
+                    pass
+
     async def drain(self, timeout: float) -> None:
         """SIGQUIT every worker (stop accepting, drain for `timeout`, exit 0); SIGKILL what is
         left 5 s after that. No worker is restarted any more."""

@@ -107,6 +107,12 @@ class Router:
         self.local = tuple(endpoints)
         self._built_version = -1
 
+    def set_policy(self, policy: FailoverPolicy) -> None:
+        """A reloaded failover policy: the next plan (new connections) follows it."""
+        self.policy = policy
+        self._built_version = -1
+        self._advanced = None
+
     def set_remote(self, exports: Sequence[tuple[Locality, Export]]) -> None:
         """Remote clusters' exports of this service (live clusters only; own cluster excluded)."""
         self.remote = tuple(exports)
