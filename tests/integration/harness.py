@@ -27,7 +27,10 @@ can freeze with SIGSTOP by its PID).
 `Topology(health_check={...}, outlier_detection={...})` replace the gateways' health check
 fields / add outlier_detection fields (values written into the YAML as given; `{cluster}` in a
 health check value becomes the gateway's cluster name). `identity={cluster: {field: value}}`
-adds identity fields to one cluster's config. `topo.add_service(name, exporter, importers)`
+adds identity fields to one cluster's config. `top={cluster: yaml}` adds top-level sections to one
+cluster's gateway file (e.g. `services_dir: services`, `policy:`, `reload:`; a services dir named
+there is made empty under <c>/), and `extra_imports={cluster: [(service, port)]}` imports more
+services of namespace default there (tiers [any]). `topo.add_service(name, exporter, importers)`
 (before `start()`) adds a service exported by one cluster (its backends) and imported by others
 (tiers [any]); it returns each importer's listen port.
 
@@ -80,7 +83,9 @@ class Topology:
                  connect_timeout: str = "300ms", failback_after: str = "1s",
                  workers: dict[str, int] | None = None, health_check: dict[str, str] | None = None,
                  outlier_detection: dict[str, str] | None = None,
-                 identity: dict[str, dict[str, str]] | None = None) -> None:
+                 identity: dict[str, dict[str, str]] | None = None,
+                 top: dict[str, str] | None = None,
+                 extra_imports: dict[str, list[tuple[str, int]]] | None = None) -> None:
         self.root = Path(root)
         self.health_check = health_check or {"kind": "tcp", "interval": "200ms", "timeout": "150ms"}
         self.outlier_detection = {"consecutive_failures": "1", **(outlier_detection or {})}
@@ -88,6 +93,8 @@ class Topology:
         self.lease_ttl = lease_ttl
         self.svid_ttl = svid_ttl
         self.identity = identity or {}
+        self.top = top or {}
+        self.extra_imports = extra_imports or {}
         self.services: list[tuple[str, str, dict[str, int]]] = []  # name, exporter, ports
         self.connect_timeout = connect_timeout
         self.failback_after = failback_after
@@ -129,11 +136,16 @@ class Topology:
                 exports += (f"  - name: {name}\n    namespace: default\n    port: 8080\n"
                             f"    endpoints:\n{eps}    health_check:\n{health}")
             if n.name in ports:
-                imports += (f"  - name: {name}\n    namespace: default\n"
-                            f"    listen: 127.0.0.1:{ports[n.name]}\n    failover:\n"
-                            f"      tiers: [any]\n      failback_after: {self.failback_after}\n"
-                            "      max_attempts: 4\n")
+                imports += self._import_text(name, ports[n.name])
+        for name, port in self.extra_imports.get(n.name, []):
+            imports += self._import_text(name, port)
         return exports, imports
+
+    def _import_text(self, name: str, port: int) -> str:
+        return (f"  - name: {name}\n    namespace: default\n"
+                f"    listen: 127.0.0.1:{port}\n    failover:\n"
+                f"      tiers: [any]\n      failback_after: {self.failback_after}\n"
+                "      max_attempts: 4\n")
 
     def config_text(self, n: Node) -> str:
         fields = {**({"svid_ttl": self.svid_ttl} if self.svid_ttl else {}),
@@ -172,6 +184,8 @@ peer_probe:
   interval: 200ms
   timeout: 200ms
 
+{self.top.get(n.name, "")}
+
 exports:
   - name: echo
     namespace: default
@@ -194,6 +208,8 @@ imports:
         for n in self.nodes.values():
             n.dir.mkdir(parents=True, exist_ok=True)
             n.config.write_text(self.config_text(n))
+            if "services_dir: services" in self.top.get(n.name, ""):
+                (n.dir / "services").mkdir(exist_ok=True)
 
     def use_process_backend(self, cluster: str, index: int = 0) -> ProcessBackend:
         """Make one backend of `cluster` a ProcessBackend (same port); call before start()."""
