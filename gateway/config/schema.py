@@ -110,7 +110,7 @@ __all__ = [
     "parse_config",
 ]
 
-WATCH_MODES = ("auto", "inotify", "poll", "off")
+WATCH_MODES = ("auto", "inotify", "poll", "sighup")
 _TRUST_DOMAIN = re.compile(r"[a-z0-9._-]{1,255}")
 _DAY = 86400.0
 DEFAULT_OUTLIER = OutlierPolicy()
@@ -167,7 +167,7 @@ OUTLIER: Table = (
 )
 RELOAD: Table = (
     Field("watch", choice(WATCH_MODES, "a watch mode"), "auto",
-          doc="auto (inotify, else polling), inotify, poll, or off (SIGHUP only)"),
+          doc="auto (inotify, else polling), inotify, poll, or sighup (SIGHUP only)"),
     Field("poll_interval", duration(minimum=0.1, maximum=60.0), 1.0,
           doc="how often `poll` looks at the files"),
     Field("debounce", duration(maximum=10.0, zero_ok=True), 0.2,

@@ -83,7 +83,7 @@ class LimitsConfig:
 class ReloadConfig:
     """How service files are reloaded while the gateway runs (runtime: Gateway.reload)."""
 
-    watch: str = "auto"  # "auto" (inotify, else polling) | "inotify" | "poll" | "off" (SIGHUP only)
+    watch: str = "auto"  # "auto" (inotify, else polling) | "inotify" | "poll" | "sighup" (only)
     poll_interval: float = 1.0  # "poll" (and "auto" without inotify): look this often
     debounce: float = 0.2  # a burst of writes within this is one reload
     drain_timeout: float = 30.0  # a removed import's open connections may last this long

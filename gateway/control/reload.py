@@ -17,6 +17,7 @@ the record of it for /status, /metrics and the log:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
@@ -114,24 +115,29 @@ async def watch_config(cfg: Callable[[], GatewayConfig],
     is the running config: after each reload the watched directories follow it (a new glob
     match, another services_dir)."""
     mode = cfg().reload.watch
-    if mode == "off":
+    if mode == "sighup":
         return
     polling = mode == "poll"
     while True:
         running = cfg()
-        dirs = sorted(d for d in watched_dirs(running.services_dir, running.source,
-                                              running.service_files) if d.is_dir())
+        watched = watched_dirs(running.services_dir, running.source, running.service_files)
+        dirs = sorted(d for d in watched if d.is_dir())  # a directory made later: on SIGHUP
         changed = False
         try:
-            watch = awatch(*dirs, recursive=False, force_polling=polling,
-                           poll_delay_ms=int(running.reload.poll_interval * 1000),
-                           debounce=max(1, int(running.reload.debounce * 1000)), step=50)
-            async with contextlib.aclosing(watch):  # closed (its thread ends) when we break
-                async for events in watch:
-                    if any(may_be_read(Path(p), running.services_dir, running.source,
-                                       running.service_files) for _, p in events):
-                        changed = True
-                        break
+            if polling:
+                await _poll(running, dirs)
+                changed = True
+            else:
+                watch = awatch(*dirs, recursive=False,
+                               debounce=max(1, int(running.reload.debounce * 1000)), step=50)
+                async with contextlib.aclosing(watch):  # closed (its thread ends) on break
+                    async for events in watch:
+                        paths = {Path(p) for _, p in events}
+                        if paths & watched or any(
+                                may_be_read(p, running.services_dir, running.source,
+                                            running.service_files) for p in paths):
+                            changed = True
+                            break
         except (OSError, RuntimeError) as e:
             if polling or mode == "inotify":
                 log.error("config watch failed (%s); reload with SIGHUP", e)
@@ -143,3 +149,25 @@ async def watch_config(cfg: Callable[[], GatewayConfig],
         if changed:
             await reload("file change")
 
+
+
+async def _poll(cfg: GatewayConfig, dirs: list[Path]) -> None:
+    """Return once a file that may be read appeared, went or changed (mtime, size, inode:
+    a file replaced by a rename within the same second is a change too), looking every
+    reload.poll_interval; then wait reload.debounce for the rest of the burst."""
+    def look() -> dict[Path, tuple[int, int, int]]:
+        out = {}
+        for d in dirs:
+            try:
+                for p in d.iterdir():
+                    if may_be_read(p, cfg.services_dir, cfg.source, cfg.service_files):
+                        st = p.stat()
+                        out[p] = (st.st_mtime_ns, st.st_size, st.st_ino)
+            except OSError:
+                continue
+        return out
+
+    before = await asyncio.to_thread(look)
+    while await asyncio.to_thread(look) == before:
+        await asyncio.sleep(cfg.reload.poll_interval)
+    await asyncio.sleep(cfg.reload.debounce)
