@@ -326,7 +326,7 @@ class Gateway:
                 return "unchanged"
             cfg = effective(self.cfg, wanted)
             try:
-                fresh = self._bind_added(changes, moved_listeners(changes))
+                fresh = self._bind_added(changes, cfg)
             except BindError as e:
                 self.reloads.refused(trigger, [str(e)])
                 return "refused"
@@ -336,25 +336,31 @@ class Gateway:
             self.supervisor.signal_ready(signal.SIGHUP)  # the workers reload too
         return "applied"
 
-    def _bind_added(self, changes: ConfigChanges, moved: set[tuple[str, int]]
+    def _bind_added(self, changes: ConfigChanges, cfg: GatewayConfig
                     ) -> dict[tuple[str, int], Any]:
         """Bind every added import's listener that no removed import holds (all or none: a
         port in use refuses the reload before anything changed)."""
         out: dict[tuple[str, int], Any] = {}
+        moved = moved_listeners(changes)
         try:
-            for i, im in enumerate(changes.imports_added):
+            for im in changes.imports_added:
                 if im.listen not in moved:
-                    out[im.listen] = self._bind(im, i)
+                    out[im.listen] = self._bind(im, cfg)
         except BaseException:
             for addr in out:
                 self.restart.sockets.remove(format_hostport(*addr))
             raise
         return out
 
-    def _bind(self, im: ImportConfig, i: int) -> Any:
-        src = self.cfg.source_of("imports", im.namespace, im.name)
-        where = f"{src.file}:{src.line}" if src is not None and src.line else str(self.cfg.source)
-        w = Wanted(f"imports {im.namespace}/{im.name}: listen", *im.listen, self.workers)
+    def _bind(self, im: ImportConfig, cfg: GatewayConfig) -> Any:
+        """Bind import `im`'s listener; a BindError names its file, line and field in `cfg`."""
+        src, field = cfg.source_of("imports", im.namespace, im.name), "imports[?].listen"
+        where = str(cfg.source)
+        if src is not None:
+            same = [s for s in cfg.service_sources
+                    if s.section == "imports" and s.file == src.file]
+            where, field = f"{src.file}:{src.line}", f"imports[{same.index(src)}].listen"
+        w = Wanted(field, *im.listen, self.workers)
         return self.restart.sockets.open(w, self.worker, where)
 
     async def _apply(self, changes: ConfigChanges, cfg: GatewayConfig,
@@ -376,11 +382,11 @@ class Gateway:
             self.import_routers[ServiceKey(im.namespace, im.name)].set_policy(im.failover)
         for im in changes.imports_removed:
             self._retire(ServiceKey(im.namespace, im.name), im)
-        for i, im in enumerate(changes.imports_added):
+        for im in changes.imports_added:
             sock = fresh.get(im.listen)
             if sock is None:  # a removed import held the address: it is free now
                 try:
-                    sock = self._bind(im, i)
+                    sock = self._bind(im, cfg)
                 except BindError as e:
                     log.error("config reload: import %s/%s not opened: %s", im.namespace,
                               im.name, e)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -241,6 +242,9 @@ async def test_bad_files_are_refused_whole_and_the_last_good_keeps_serving(topo:
             "listen range": ("team-b.yaml", "imports:\n" + import_text("web2", other).replace(
                 "127.0.0.1", "0.0.0.0"), "import_listen"),
         }
+        busy = socket.create_server(("127.0.0.1", 0))
+        cases["port in use"] = ("team-b.yaml", "imports:\n" + import_text(
+            "web2", busy.getsockname()[1]), "imports[0].listen: cannot listen")
         for what, (name, text, expect) in cases.items():
             cfg = await r.after(lambda n=name, t=text: r.write(n, t))
             assert cfg["last_reload"]["result"] == "refused", (what, cfg)
@@ -256,6 +260,7 @@ async def test_bad_files_are_refused_whole_and_the_last_good_keeps_serving(topo:
                 await r.after(lambda: r.write("team-a.yaml", good_text))
             await wait_for(lambda: _applied_or_unchanged(r), 5.0, what="the fix to be taken")
 
+        busy.close()
         metrics = await topo.metrics("east-1")
         refused = metric_value(metrics, "isthmus_config_reload_total", 'result="refused"')
         assert refused >= len(cases), metrics
@@ -312,6 +317,12 @@ async def test_sighup_without_change_and_restart_only_fields(topo: Topology):
     await wait_for(lambda: _is(answered(web), "west-1"), 5.0, what="web to be served")
     metrics = await topo.metrics("east-1")
     assert metric_value(metrics, "isthmus_config_restart_needed") == 1
+
+    # another service at the same address: the old listener closes before the new one binds
+    cfg = await r.after(lambda: r.write("team-a.yaml", "imports:\n" + import_text("api", web)))
+    assert cfg["last_reload"]["summary"] == "imports +default/api -default/web", cfg
+    listeners = (await topo.status("east-1"))["listeners"]
+    assert "import default/api" in listeners and "import default/web" not in listeners
 
 
 # -- small predicates --------------------------------------------------------------------------
