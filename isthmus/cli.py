@@ -250,7 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = gsub.add_parser("run", help="run the gateway of one cluster",
                           description="Run one cluster's gateway from its YAML config. SIGTERM or "
                                       "SIGINT: stop now; SIGQUIT: stop accepting, drain open "
-                                      "connections (limits.drain_timeout), exit 0. Exit 2 if a "
+                                      "connections (limits.drain_timeout), exit 0; SIGHUP: "
+                                      "reload the service files now (they also reload when "
+                                      "they change: config field reload). Exit 2 if a "
                                       "listener's address cannot be bound or a gateway already "
                                       "runs on the state dir.")
     run.add_argument("--config", required=True, help="gateway config file (YAML)")
