@@ -140,6 +140,10 @@ async def test_replace_token_gives_a_cluster_that_lost_its_ca_a_new_identity(tmp
         topo.start_gateway("east-2")
         await topo.wait_ready("east-2")
         await topo.wait_live("east-1")
-        assert "REPLACED" in topo.fed_proc.log.read_text()
+
+        async def replaced() -> bool:  # /readyz answers before the join is through
+            return "REPLACED" in topo.fed_proc.log.read_text()
+
+        await wait_for(replaced, 10.0, what="the federation to log the REPLACED takeover")
         await topo.stop_backends("east-1")
         await topo.wait_served("east-1", "east-2", timeout=15.0)
