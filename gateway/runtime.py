@@ -260,13 +260,15 @@ class Gateway:
             self._dns_serial += 1
             recs = build(settings, self.cfg.imports, self.catalog, me, self._dns_serial)
         self.dns_records = recs
+        if self.dns is not None:
+            self.dns.set_records(recs)
 
     async def _start_dns(self) -> None:
         d = self.cfg.dns
         if d is None or self.dns is not None:
             return
         self._refresh_dns()
-        dns = DnsResponder(lambda: self.dns_records)  # type: ignore[arg-type,return-value]
+        dns = DnsResponder(self.dns_records)  # type: ignore[arg-type]
         try:
             await dns.start(*d.listen)
         except OSError as e:

@@ -14,6 +14,14 @@ One asyncio DatagramProtocol and one Protocol per TCP connection, on the gateway
   is cut to the client's payload (512 without EDNS, at most 1232) with TC set, and the client
   retries over TCP, where up to 65535 bytes go.
 
+The fast path: the response is a function of the query's bytes after its ID and the Records,
+so a plain query (one question, at most an OPT record) answered before from the same Records is
+answered from a cache: by its exact bytes (the cached response with the query's ID), or else by
+everything the response depends on (header flags, the name in lowercase, type and class, EDNS
+payload, version and padding, the size bound), then with the query's own question name (the
+case as asked, 0x20-style; the answer's names point at it). Each cache holds CACHE_SIZE
+responses and starts over when full; `set_records` empties both.
+
 Bounds for anonymous clients: at most MAX_TCP connections (more are closed at once), each idle
 at most TCP_IDLE seconds and at most TCP_QUERIES queries; a client that does not read its
 answers (more than TCP_BACKLOG bytes waiting) is cut off. Metric labels are bounded: the query
@@ -26,8 +34,8 @@ import asyncio
 import logging
 import socket
 import time
+from bisect import bisect_left
 from collections import Counter
-from collections.abc import Callable
 from typing import Any
 
 import dns.flags
@@ -48,6 +56,7 @@ TCP_QUERIES = 1000
 TCP_BACKLOG = 256 * 1024
 QTYPES = frozenset({"A", "AAAA", "SRV", "SOA", "NS", "ANY", "TXT", "CNAME", "PTR", "MX",
                     "HTTPS", "SVCB"})
+CACHE_SIZE = 4096
 BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 
 
@@ -69,10 +78,51 @@ class DnsStats:
     def observe(self, seconds: float) -> None:
         self.count += 1
         self.seconds += seconds
-        for i, le in enumerate(BUCKETS):
-            if seconds <= le:
-                self.buckets[i] += 1
-                break
+        i = bisect_left(BUCKETS, seconds)
+        if i < len(BUCKETS):
+            self.buckets[i] += 1
+
+
+def _cache_key(wire: bytes, limit: int | None) -> tuple[tuple, int] | None:
+    """(cache key, end of the question name) of a plain query: opcode QUERY, one question
+    with an uncompressed name, no answer or authority records, at most an OPT record and
+    nothing after it. None for anything else (the full path reads it)."""
+    n = len(wire)
+    if n < 17 or n > 512 or wire[4:10] != b"\x00\x01\x00\x00\x00\x00" or wire[2] & 0xF8:
+        return None
+    arcount = wire[10] << 8 | wire[11]
+    i = 12
+    while True:
+        if i >= n:
+            return None
+        length = wire[i]
+        if length == 0:
+            break
+        if length > 63:  # a compression pointer, or not a label
+            return None
+        i += length + 1
+    end = i  # the root label of the question name
+    i += 5
+    if i > n:
+        return None
+    edns: tuple = ()
+    if arcount == 1:
+        if n < i + 11 or wire[i] != 0 or wire[i + 1:i + 3] != b"\x00\x29":
+            return None
+        rdlen = wire[i + 9] << 8 | wire[i + 10]
+        options, j, padded = wire[i + 11:], 0, False
+        if len(options) != rdlen:
+            return None
+        while j + 4 <= rdlen:
+            padded |= options[j:j + 2] == b"\x00\x0c"
+            j += 4 + (options[j + 2] << 8 | options[j + 3])
+        if j != rdlen:
+            return None
+        edns = (wire[i + 3] << 8 | wire[i + 4], wire[i + 6], padded)  # payload, version, pad
+    elif arcount != 0 or i != n:
+        return None
+    key = (wire[2:4], wire[12:end].lower(), wire[end + 1:end + 5], edns, limit)
+    return key, end
 
 
 def _error(wire: bytes, rcode: int) -> bytes:
@@ -85,7 +135,7 @@ def _error(wire: bytes, rcode: int) -> bytes:
 class DnsResponder:
     """Answers queries on one UDP and one TCP socket of the same address."""
 
-    def __init__(self, records: Callable[[], Records]) -> None:
+    def __init__(self, records: Records) -> None:
         self.records = records
         self.stats = DnsStats()
         self.events = LogLimiter(log, interval=30.0, burst=3)
@@ -93,6 +143,17 @@ class DnsResponder:
         self.tcp: asyncio.base_events.Server | None = None
         self.conns: set[_TcpConn] = set()
         self.address: tuple[str, int] | None = None
+        # Responses computed from `records` (module docstring: the fast path): by the exact
+        # bytes after the ID, and by (flags, name in lowercase, type and class, EDNS, size).
+        self._exact: dict[tuple, tuple[bytes, tuple[str, str, str], bool]] = {}
+        self._cache: dict[tuple, tuple[bytes, tuple[str, str, str], bool]] = {}
+        self._last: tuple[str, str] | None = None  # what _respond counted (qtype, rcode)
+
+    def set_records(self, records: Records) -> None:
+        """Answer from `records` from now on (the catalog or the imports changed)."""
+        self.records = records
+        self._exact.clear()
+        self._cache.clear()
 
     # -- answering -------------------------------------------------------------------------
     def respond(self, wire: bytes, transport: str, limit: int | None) -> bytes | None:
@@ -100,7 +161,25 @@ class DnsResponder:
         query's EDNS (None over TCP)."""
         started = time.perf_counter()
         try:
-            return self._respond(wire, transport, limit)
+            exact = (wire[2:], limit)
+            hit = self._exact.get(exact)
+            if hit is not None:
+                return self._hit(wire[:2] + hit[0], hit)
+            key = _cache_key(wire, limit)
+            if key is not None:
+                hit = self._cache.get(key[0])
+                if hit is not None:
+                    end = key[1]
+                    return self._hit(wire[:2] + hit[0][:10] + wire[12:end] + hit[0][end - 2:],
+                                     hit)
+            out = self._respond(wire, transport, limit)
+            if key is not None and out is not None and self._last is not None:
+                entry = (out[2:], (transport, *self._last), bool(out[2] & 0x02))
+                for cache, k in ((self._exact, exact), (self._cache, key[0])):
+                    if len(cache) >= CACHE_SIZE:
+                        cache.clear()  # random names from a client: start over, bounded
+                    cache[k] = entry
+            return out
         except Exception as e:  # a bug of ours: SERVFAIL, one log line, never a dead responder
             self.events.error("servfail", "DNS query failed (%s: %s); answered SERVFAIL",
                               type(e).__name__, e)
@@ -108,7 +187,13 @@ class DnsResponder:
         finally:
             self.stats.observe(time.perf_counter() - started)
 
+    def _hit(self, out: bytes, hit: tuple[bytes, tuple[str, str, str], bool]) -> bytes:
+        self.stats.queries[hit[1]] += 1
+        self.stats.truncated += hit[2]
+        return out
+
     def _respond(self, wire: bytes, transport: str, limit: int | None) -> bytes | None:
+        self._last = None
         if len(wire) < 12 or wire[2] & 0x80:  # no header, or a response: nothing to answer
             self.stats.malformed[transport] += 1
             return None
@@ -133,7 +218,7 @@ class DnsResponder:
             question = q.question[0]
             name = dns.rdatatype.to_text(question.rdtype)
             qtype = name if name in QTYPES else "other"
-            got = resolve(self.records(), question.name, question.rdtype, question.rdclass)
+            got = resolve(self.records, question.name, question.rdtype, question.rdclass)
             r.set_rcode(got.rcode)
             if got.rcode == dns.rcode.REFUSED:
                 r.flags &= ~dns.flags.AA
@@ -149,7 +234,8 @@ class DnsResponder:
         return out
 
     def _count(self, transport: str, qtype: str, rcode: int) -> None:
-        self.stats.queries[(transport, qtype, dns.rcode.to_text(rcode))] += 1
+        self._last = (qtype, dns.rcode.to_text(rcode))
+        self.stats.queries[(transport, *self._last)] += 1
 
     # -- serving ---------------------------------------------------------------------------
     async def start(self, host: str, port: int, *, reuse_port: bool = True) -> None:
@@ -166,7 +252,7 @@ class DnsResponder:
         self.address = (host, udp.getsockname()[1])
 
     def describe(self) -> dict[str, Any]:
-        r = self.records()
+        r = self.records
         return {"listen": f"{self.address[0]}:{self.address[1]}" if self.address else None,
                 "zone": r.zone.to_text(omit_final_dot=True), "ttl": r.ttl,
                 "names": list(r.services)}

@@ -32,7 +32,7 @@ NEEDS_DIG = pytest.mark.skipif(DIG is None, reason="needs dig: apt-get install -
 
 def responder(**settings) -> DnsResponder:
     recs = build(DnsSettings(**settings), (imp(),), catalog(export("east-2")), ME, 1)
-    return DnsResponder(lambda: recs)
+    return DnsResponder(recs)
 
 
 @pytest.fixture
@@ -79,7 +79,7 @@ async def test_big_answers_truncate_over_udp_and_come_whole_over_tcp():
     many = tuple(f"10.0.{i // 250}.{i % 250 + 1}" for i in range(60))  # 60 A records
     recs = build(DnsSettings(addresses=many), (imp(host="0.0.0.0"),),
                  catalog(export("east-2")), ME, 1)
-    r = DnsResponder(lambda: recs)
+    r = DnsResponder(recs)
     await r.start("127.0.0.1", 0)
     try:
         q = dns.message.make_query(NAME, T.A)  # no EDNS: 512 bytes
@@ -204,3 +204,42 @@ async def test_tcp_connections_are_bounded(server, monkeypatch):
     writer.close()
     await asyncio.sleep(0.05)
     assert (await tcp(server, NAME)).answer
+
+
+# -- the fast path (cached responses) --------------------------------------------------------
+
+def _ask(r: DnsResponder, name: str, rdtype=T.A, **kw) -> dns.message.Message:
+    q = dns.message.make_query(name, rdtype, **kw)
+    out = r.respond(q.to_wire(), "udp", 1232)
+    got = dns.message.from_wire(out)
+    assert got.id == q.id
+    return got
+
+
+def test_a_cached_answer_keeps_the_case_and_id_of_each_query():
+    r = responder()
+    first = _ask(r, NAME)
+    for name in (NAME.upper(), "eChO.DeFault.svc.clusterset.local", NAME):
+        got = _ask(r, name)
+        assert got.question[0].name.to_text() == name + "."
+        assert got.answer[0].name.to_text() == name + "."
+        assert got.answer[0].to_text().lower() == first.answer[0].to_text().lower()
+    assert len(r._cache) == 1 and len(r._exact) == 1  # case variants: from the name key
+    assert r.stats.queries[("udp", "A", "NOERROR")] == 4
+
+
+def test_the_cache_keys_on_what_the_response_depends_on():
+    r = responder()
+    assert _ask(r, NAME).edns == -1
+    assert _ask(r, NAME, use_edns=0).edns == 0  # same name, with EDNS: another response
+    assert _ask(r, NAME, T.SRV).answer[0].rdtype == T.SRV
+    assert _ask(r, "nope.default.svc.clusterset.local").rcode() == dns.rcode.NXDOMAIN
+    assert len(r._cache) == 4
+
+
+def test_new_records_are_answered_at_once():
+    r = DnsResponder(build(DnsSettings(), (imp(),), catalog(export("east-2")), ME, 1))
+    assert _ask(r, NAME).answer
+    assert _ask(r, NAME).answer  # from the cache
+    r.set_records(build(DnsSettings(), (imp(),), catalog(), ME, 2))  # nobody exports echo
+    assert _ask(r, NAME).rcode() == dns.rcode.NXDOMAIN
