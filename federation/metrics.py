@@ -14,7 +14,7 @@ Values are written as Python prints them (`3`, `0.25`, `1735689600.0`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 __all__ = ["CONTENT_TYPE", "Exposition", "Sample", "escape"]
 
@@ -47,6 +47,20 @@ class Exposition:
 
     def gauge(self, name: str, help_: str, samples: Iterable[Sample] = ()) -> None:
         self.family(name, "gauge", help_, samples)
+
+    def histogram(self, name: str, help_: str, buckets: Sequence[float], counts: Sequence[int],
+                  total: float, count: int) -> None:
+        """One histogram without labels: `counts[i]` observations fell in (buckets[i-1],
+        buckets[i]] (not cumulative; written cumulative, with +Inf = count)."""
+        self.lines.append(f"# HELP {name} {help_}")
+        self.lines.append(f"# TYPE {name} histogram")
+        running = 0
+        for le, n in zip(buckets, counts, strict=True):
+            running += n
+            self.lines.append(f'{name}_bucket{{le="{le}"}} {running}')
+        self.lines.append(f'{name}_bucket{{le="+Inf"}} {count}')
+        self.lines.append(f"{name}_sum {total}")
+        self.lines.append(f"{name}_count {count}")
 
     def text(self) -> str:
         return "\n".join(self.lines) + "\n"

@@ -72,6 +72,8 @@ from gateway.dataplane.pool import keep_links
 from gateway.dataplane.probes import checker, probe_loop
 from gateway.dataplane.router import Router, local_key, remote_key
 from gateway.dataplane.tls import GatewayTls, TlsSnapshot
+from gateway.dns.answers import DnsSettings, Records, build
+from gateway.dns.responder import DnsResponder
 from gateway.restart import Restart, first_of, readiness
 
 log = logging.getLogger("isthmus.gateway")
@@ -128,6 +130,9 @@ class Gateway:
         self._probes: dict[tuple[ServiceKey, str], asyncio.Task] = {}  # health check loops
         self.import_listeners: dict[ServiceKey, ImportListener] = {}
         self._retiring: set[ImportListener] = set()  # removed by a reload, draining
+        self.dns: DnsResponder | None = None  # the primary's, with a `dns:` section
+        self.dns_records: Records | None = None
+        self._dns_serial = 0
 
     # -- construction --------------------------------------------------------------------------
     def _mono(self) -> float:
@@ -238,8 +243,38 @@ class Gateway:
         for svc, router in self.import_routers.items():
             router.set_remote(self._remote_of(svc))
         self.book.forget(self._known_keys())
+        self._refresh_dns()
         if self.drill_actor is not None:
             self.drill_actor.on_catalog(cat)
+
+    def _refresh_dns(self) -> None:
+        """The DNS answers from the catalog and imports now (replaced whole; the SOA serial goes
+        up only when a record changed)."""
+        d = self.cfg.dns
+        if d is None:
+            return
+        settings = DnsSettings(d.zone, d.ttl, d.listen[0], d.addresses)
+        me, old = self.cfg.cluster.name, self.dns_records
+        recs = build(settings, self.cfg.imports, self.catalog, me, self._dns_serial)
+        if old is None or recs.names != old.names:
+            self._dns_serial += 1
+            recs = build(settings, self.cfg.imports, self.catalog, me, self._dns_serial)
+        self.dns_records = recs
+        if self.dns is not None:
+            self.dns.set_records(recs)
+
+    async def _start_dns(self) -> None:
+        d = self.cfg.dns
+        if d is None or self.dns is not None:
+            return
+        self._refresh_dns()
+        dns = DnsResponder(self.dns_records)  # type: ignore[arg-type]
+        try:
+            await dns.start(*d.listen)
+        except OSError as e:
+            raise BindError(f"{self.cfg.source}: dns.listen: cannot listen on "
+                            f"{format_hostport(*d.listen)}: {e.strerror or e}") from None
+        self.dns = dns
 
     def _remote_of(self, svc: ServiceKey) -> list[tuple[Locality, Export]]:
         """Other clusters' exports of `svc` that may serve us (catalog and gateways known)."""
@@ -395,6 +430,7 @@ class Gateway:
             router.set_remote(self._remote_of(router.service))
             await self._open_import(im, sock, serving=True)
         self.book.forget(self._known_keys())
+        self._refresh_dns()
         if self.agent.lease is not None:
             self.agent.publish_wanted.set()
 
@@ -597,10 +633,14 @@ class Gateway:
         if self.restart.handoff is not None:
             return  # run() takes over once ready
         await self._start_admin()
+        await self._start_dns()
         self.ready = True
-        log.info("gateway %s (%s) up: inbound %s, admin %s:%s, %d import listener(s), %d worker(s)",
+        log.info("gateway %s (%s) up: inbound %s, admin %s:%s, %d import listener(s), "
+                 "%d worker(s)%s",
                  cfg.cluster.name, self.locality, cfg.listen.advertise, *cfg.listen.admin,
-                 len(self.import_routers), self.workers)
+                 len(self.import_routers), self.workers,
+                 f", DNS {format_hostport(*self.dns.address)} (zone {cfg.dns.zone})"
+                 if self.dns is not None and cfg.dns is not None else "")
 
     async def _open_import(self, im: ImportConfig, sock: Any, serving: bool) -> None:
         svc, lim = ServiceKey(im.namespace, im.name), self.cfg.limits
@@ -696,6 +736,7 @@ class Gateway:
         if self.supervisor is not None:
             self.supervisor.serve()
         await self._start_admin()
+        await self._start_dns()
         self.ready = True
 
     async def _close_admin(self) -> None:
@@ -711,6 +752,9 @@ class Gateway:
         if self.dialer is not None:
             await self.dialer.pool.close()
         await self._close_admin()
+        if self.dns is not None:
+            await self.dns.close()
+            self.dns = None
         if self.agent is not None:
             await self.agent.close()
         await self.restart.close()
@@ -738,6 +782,7 @@ class Gateway:
             "workers": self._workers_status(),
             "restart": self.restart.status(),
             "config": self.reloads.status(),
+            "dns": self.dns.describe() if self.dns is not None else None,
         }
 
     def _workers_status(self) -> list[dict[str, Any]]:

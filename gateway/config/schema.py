@@ -24,6 +24,7 @@ I/O, and it imports no asyncio, socket, time or random.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Callable
@@ -70,6 +71,7 @@ from gateway.config.services import (
 from gateway.config.values import (
     NO_POLICY,
     ClusterConfig,
+    DnsConfig,
     ExportConfig,
     FederationConfig,
     GatewayConfig,
@@ -111,6 +113,8 @@ __all__ = [
 ]
 
 WATCH_MODES = ("auto", "inotify", "poll", "sighup")
+_DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+MAX_DNS_ADDRESSES = 64
 _TRUST_DOMAIN = re.compile(r"[a-z0-9._-]{1,255}")
 _DAY = 86400.0
 DEFAULT_OUTLIER = OutlierPolicy()
@@ -176,6 +180,15 @@ RELOAD: Table = (
           doc="a removed import's open connections may last this long, then are closed"),
 )
 
+DNS: Table = (
+    Field("listen", _hostport, doc="UDP and TCP, one port"),
+    Field("ttl", duration(maximum=3600.0, zero_ok=True), 5.0,
+          doc="of every answer, and of negative answers (SOA minimum); whole seconds"),
+    Field("zone", lambda r, n, p: _Schema.zone(r, n, p), "clusterset.local"),
+    Field("addresses", lambda r, n, p: _Schema.addresses(r, n, p), (),
+          doc="answered for imports listening on 0.0.0.0 / ::"),
+)
+
 PEER_PROBE: Table = _timing(0.5, 0.5)
 DEFAULT_IDENTITY = IdentityConfig(**defaults(IDENTITY))
 DEFAULT_LIMITS = LimitsConfig(**defaults(LIMITS))
@@ -195,6 +208,8 @@ TOP: Table = (
     Field("policy", parse_policy, NO_POLICY, doc="guard rails on service files"),
     Field("reload", lambda r, n, p: _Schema.simple(r, n, p, RELOAD, ReloadConfig),
           ReloadConfig(), doc="live reload of service files"),
+    Field("dns", lambda r, n, p: _Schema.dns(r, n, p), None,
+          doc="the clusterset.local DNS responder; none without this section"),
 )
 
 
@@ -426,6 +441,51 @@ class _Schema(Services):
             return None
         return IdentityConfig(**v) if sec.ok else None
 
+    def dns(self, node: Node, path: str) -> DnsConfig | None:
+        sec = self.section(node, path, DNS)
+        if sec is None or not sec.ok:
+            return None
+        v = sec.values
+        ttl = v["ttl"]
+        if ttl != int(ttl):
+            self.problem(sec.nodes["ttl"], f"{path}.ttl", f"{format_duration(ttl)} is not a "
+                         "whole number of seconds (DNS TTLs are seconds)")
+            return None
+        return DnsConfig(v["listen"], int(ttl), v["zone"], v["addresses"])
+
+    def zone(self, node: Node, path: str) -> str | None:
+        text = self.string(node, path)
+        if text is None:
+            return None
+        zone = text.lower().removesuffix(".")
+        labels = zone.split(".")
+        if len(zone) > 200 or not all(_DNS_LABEL.fullmatch(x) for x in labels):
+            self.problem(node, path, f"{text!r} is not a DNS zone name (dot-separated labels of "
+                         "letters, digits and '-', like clusterset.local)")
+            return None
+        return zone
+
+    def addresses(self, node: Node, path: str) -> tuple[str, ...] | None:
+        nodes = self.items(node, path, "IP addresses", MAX_DNS_ADDRESSES)
+        if nodes is None:
+            return None
+        out: list[str] = []
+        for i, n in enumerate(nodes):
+            text = self.string(n, f"{path}[{i}]")
+            if text is None:
+                return None
+            try:
+                ip = ipaddress.ip_address(text)
+            except ValueError:
+                self.problem(n, f"{path}[{i}]", f"{text!r} is not an IP address")
+                return None
+            if ip.is_unspecified:
+                self.problem(n, f"{path}[{i}]", f"{text!r} is a wildcard; write an address "
+                             "apps can connect to")
+                return None
+            out.append(str(ip))
+        return tuple(out)
+
     def outlier(self, node: Node, path: str) -> OutlierPolicy | None:
         sec = self.section(node, path, OUTLIER)
         if sec is None or "response_timeout" in sec.failed:
@@ -457,11 +517,13 @@ class _Schema(Services):
     def own_listeners(self, top: dict[str, Node]) -> list[Listener]:
         """listen.inbound and listen.admin, where their addresses are valid."""
         found: list[Listener] = []
-        listen_node = top.get("listen")
-        if isinstance(listen_node, MappingNode):
-            for key in ("inbound", "admin"):
-                n = _child(listen_node, key)
+        for section, keys in (("listen", ("inbound", "admin")), ("dns", ("listen",))):
+            parent = top.get(section)
+            if not isinstance(parent, MappingNode):
+                continue
+            for key in keys:
+                n = _child(parent, key)
                 hp = _quiet_hostport(n)
                 if n is not None and hp is not None:
-                    found.append(Listener(self.file, _line(n), f"listen.{key}", hp))
+                    found.append(Listener(self.file, _line(n), f"{section}.{key}", hp))
         return found

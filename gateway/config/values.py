@@ -17,6 +17,7 @@ from gateway.errors import Problem
 
 __all__ = [
     "ClusterConfig",
+    "DnsConfig",
     "ExportConfig",
     "FederationConfig",
     "GatewayConfig",
@@ -77,6 +78,16 @@ class LimitsConfig:
     idle_timeout: float
     drain_timeout: float = 30.0  # a handed-over or SIGQUIT-stopped process drains this long
     takeover_timeout: float = 30.0  # a `--takeover` process must be ready within this
+
+
+@dataclass(frozen=True, slots=True)
+class DnsConfig:
+    """The clusterset DNS responder (gateway/dns/)."""
+
+    listen: tuple[str, int]  # UDP and TCP
+    ttl: int = 5  # seconds, of every record and of negative answers (the SOA minimum)
+    zone: str = "clusterset.local"  # lowercase, no trailing dot
+    addresses: tuple[str, ...] = ()  # answered for imports listening on a wildcard address
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +199,7 @@ class GatewayConfig:
     services_dir: Path | tuple[str, ...] | None = None  # a directory, or glob patterns
     policy: PolicyConfig = NO_POLICY  # the guard rails on service files
     reload: ReloadConfig = ReloadConfig()
+    dns: DnsConfig | None = None  # no `dns:` section: no DNS responder
     service_files: tuple[Path, ...] = ()  # absolute, in the order read (sorted)
     service_sources: tuple[ServiceSource, ...] = ()  # where each service was declared
 

@@ -131,6 +131,24 @@ def render_metrics(gw: Any, http: ServingStats | None = None) -> str:
                [({}, agent.catalog.revision)])
         metric("isthmus_gateway_svid_expiry_timestamp_seconds", "gauge",
                "When the current SVID expires.", [({}, agent.identity.svid.not_after)])
+    dns = getattr(gw, "dns", None)
+    if dns is not None:
+        d = dns.stats
+        metric("isthmus_gateway_dns_queries_total", "counter",
+               "DNS queries answered, by transport (udp, tcp), query type and rcode.",
+               [({"transport": t, "qtype": q, "rcode": r}, n)
+                for (t, q, r), n in sorted(d.queries.items())])
+        metric("isthmus_gateway_dns_malformed_total", "counter",
+               "DNS messages that could not be read (answered FORMERR, or dropped).",
+               [({"transport": t}, n) for t, n in sorted(d.malformed.items())])
+        metric("isthmus_gateway_dns_truncated_total", "counter",
+               "UDP answers cut to the client's size (TC set: it retries over TCP).",
+               [({}, d.truncated)])
+        metric("isthmus_gateway_dns_tcp_refused_total", "counter",
+               "DNS TCP connections closed at once (too many open).", [({}, d.tcp_refused)])
+        page.histogram("isthmus_gateway_dns_response_seconds",
+                       "Time to answer one DNS message (parse, resolve, write).",
+                       d.BUCKETS, d.buckets, d.seconds, d.count)
     reloads = getattr(gw, "reloads", None)
     if reloads is not None:
         metric("isthmus_config_reload_total", "counter",

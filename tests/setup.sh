@@ -1,0 +1,19 @@
+#!/bin/sh
+# Installs the system tools some tests use, when run as root on Debian (CI, a fresh VM); as
+# another user it only says what is missing (those tests then skip, naming the same command).
+# Called by .ci/run and by the README's test command. Idempotent: installs only what is missing.
+set -eu
+# tool -> Debian package: chromium renders the drill's HTML report; dig queries the DNS responder
+missing=""
+command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
+command -v dig >/dev/null 2>&1 || missing="$missing dnsutils"
+[ -z "$missing" ] && exit 0
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  # shellcheck disable=SC2086 # one word per package
+  apt-get install -y -qq $missing >/dev/null
+else
+  echo "tests/setup.sh: not installing (needs root and apt-get):$missing; the tests that need" \
+       "them skip. Install with: apt-get install -y$missing" >&2
+fi
