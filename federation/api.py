@@ -233,7 +233,15 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "name": _NAME, "region": _NAME, "zone": _NAME,
         "trust_domain": {"type": "string", "pattern": "^[a-z0-9._-]{1,255}$"},
         "gateway_address": {**_HOSTPORT, "description": "host:port of the mTLS listener"},
-    }),
+        "tunnel": _obj({
+            "public_key": {"type": "string", "pattern": "^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$",
+                           "description": "WireGuard public key (base64 of 32 bytes)"},
+            "endpoint": {**_HOSTPORT, "description": "host:port of its WireGuard UDP socket"},
+            "overlay_address": {"type": "string", "maxLength": 64,
+                                "description": "assigned by the federation from its "
+                                "--overlay-cidr (what a gateway sends is replaced)"},
+        }, required=["public_key", "endpoint"]),
+    }, required=["name", "region", "zone", "trust_domain", "gateway_address"]),
     "Jwks": {
         "type": "object",
         "description": "SPIFFE trust bundle (JWKS): at least one x509-svid key whose x5c is the "

@@ -23,6 +23,7 @@ that was wrong, so a malformed peer raises `InputError` instead of corrupting a 
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -225,6 +226,44 @@ class Export:
         return cls(cluster, namespace, name, port, protocol, endpoints, consumers)
 
 
+_WG_KEY = re.compile(r"[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=")  # base64 of 32 bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Tunnel:
+    """A cluster's WireGuard side, in its record: what peers configure to reach it."""
+
+    public_key: str  # base64 of the 32-byte Curve25519 public key, as `wg` prints it
+    endpoint: str  # host:port of its WireGuard UDP socket on the underlay
+    overlay_address: str = ""  # its address inside the tunnels; the federation assigns it
+
+    def to_json(self) -> dict[str, Any]:
+        return {"public_key": self.public_key, "endpoint": self.endpoint,
+                "overlay_address": self.overlay_address}
+
+    @classmethod
+    def from_json(cls, obj: Any, what: str = "tunnel") -> Tunnel:
+        key = get_field(obj, "public_key", what, str)
+        if not _WG_KEY.fullmatch(key):
+            raise InputError(f"{what}.public_key: {key[:60]!r} is not a WireGuard public key "
+                             "(base64 of 32 bytes)")
+        endpoint = get_field(obj, "endpoint", what, str)
+        try:
+            parse_hostport(endpoint)
+        except InputError as e:
+            raise InputError(f"{what}.endpoint: {e}") from None
+        overlay = obj.get("overlay_address", "")
+        if not isinstance(overlay, str) or len(overlay) > 64:
+            raise InputError(f"{what}.overlay_address: expected an IP address string")
+        if overlay:
+            try:
+                ipaddress.ip_address(overlay)
+            except ValueError:
+                raise InputError(f"{what}.overlay_address: {overlay!r} is not an IP "
+                                 "address") from None
+        return cls(key, endpoint, overlay)
+
+
 @dataclass(frozen=True, slots=True)
 class ClusterRecord:
     name: str
@@ -232,6 +271,7 @@ class ClusterRecord:
     zone: str
     trust_domain: str
     gateway_address: str  # host:port of the east-west mTLS listener
+    tunnel: Tunnel | None = None  # its WireGuard side, when it runs one
 
     @property
     def locality(self) -> Locality:
@@ -248,6 +288,7 @@ class ClusterRecord:
             "zone": self.zone,
             "trust_domain": self.trust_domain,
             "gateway_address": self.gateway_address,
+            **({"tunnel": self.tunnel.to_json()} if self.tunnel is not None else {}),
         }
 
     @classmethod
@@ -263,7 +304,9 @@ class ClusterRecord:
             parse_hostport(gw)
         except InputError as e:
             raise InputError(f"{what}.gateway_address: {e}") from None
-        return cls(name, region, zone, td, gw)
+        raw = obj.get("tunnel")
+        tunnel = None if raw is None else Tunnel.from_json(raw, f"{what}.tunnel")
+        return cls(name, region, zone, td, gw, tunnel)
 
 
 @dataclass(frozen=True, slots=True)

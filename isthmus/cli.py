@@ -89,7 +89,8 @@ def cmd_federation_serve(args: argparse.Namespace) -> int:
     store = open_store(args.store or f"sqlite:{args.state_dir / 'federation.db'}")
     server = FederationServer(store, args.state_dir, args.listen, args.admin,
                               lease_ttl=args.lease_ttl, trust_domain=args.trust_domain,
-                              forget_silent_after=args.forget_silent_after)
+                              forget_silent_after=args.forget_silent_after,
+                              overlay_cidr=args.overlay_cidr)
     asyncio.run(server.run_forever())
     return EXIT_OK
 
@@ -236,6 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="remove a cluster (withdraw its trust from every peer) once it has "
                             "had no lease for this long, e.g. 168h (default: never; remove "
                             "clusters by hand with `federation cluster remove`)")
+    serve.add_argument("--overlay-cidr", default=None, metavar="CIDR",
+                       help="give each cluster that runs a WireGuard tunnel an address of this "
+                            "network, e.g. 10.99.0.0/16, kept in its record (default: none; "
+                            "such a cluster's join is refused)")
     serve.add_argument("--trust-domain", default="federation.isthmus.local")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=cmd_federation_serve)

@@ -41,6 +41,7 @@ from federation.errors import ApiError, StoreError
 from federation.http_serving import ADMIN_LIMITS, TLS_LIMITS, BoundedSite, ServingLimits, where
 from federation.identity import Svid
 from federation.logs import quote
+from federation.overlay import parse_cidr
 from federation.server.admin import ADMIN, Admin
 from federation.server.auth import Auth
 from federation.server.catalog import CatalogView
@@ -77,6 +78,7 @@ class FederationServer:
         limits: ServingLimits = TLS_LIMITS,
         admin_limits: ServingLimits = ADMIN_LIMITS,
         forget_silent_after: float | None = None,
+        overlay_cidr: str | None = None,
     ):
         self.store = store
         self.state_dir = Path(state_dir)
@@ -89,7 +91,8 @@ class FederationServer:
         self.port: int | None = None  # bound TLS port (useful with port 0)
         self.admin_port: int | None = None
 
-        self.state = State(store, trust_domain, lease_ttl, clock)
+        overlay = parse_cidr(overlay_cidr) if overlay_cidr is not None else None
+        self.state = State(store, trust_domain, lease_ttl, clock, overlay)
         self.credentials = Credentials(self.state, self.state_dir, listen[0])
         self.auth = Auth(self.state, self.credentials)
         self.clusters = Clusters(self.state, self.credentials, self.auth)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import replace
 
 from aiohttp import web
 
@@ -36,6 +37,7 @@ from federation.errors import ApiError, IdentityError, InputError, StoreError
 from federation.identity import TrustBundle, gateway_id
 from federation.logs import quote
 from federation.model import BUNDLES, CLUSTERS, EXPORTS, IMPORTS, LIVE, SILENT, ClusterRecord
+from federation.overlay import allocate
 from federation.proof import message, verify_proof
 from federation.server.auth import Auth
 from federation.server.clusters import check_bundle_domain, sequence_check
@@ -82,6 +84,7 @@ class Membership:
             assert kv is not None
             try:
                 how = self._admit(info, record, bundle, body, token)
+                record = self._with_overlay(record, self.state.records.get(record.name))
             except ApiError as e:
                 if e.status == 409:  # authorized, but not now: the token stays usable
                     await store.put(kv.key, kv.value)
@@ -167,6 +170,25 @@ class Membership:
             sequence_check(held, bundle)
         return how
 
+    def _with_overlay(self, record: ClusterRecord, old: ClusterRecord | None) -> ClusterRecord:
+        """The record with the overlay address the federation gives it (the one it held, else
+        the lowest free one of --overlay-cidr); what the gateway sent there is not used."""
+        if record.tunnel is None:
+            return record
+        net = self.state.overlay
+        if net is None:
+            raise ApiError(409, f"cluster {record.name!r} runs a tunnel, but this federation "
+                           "gives no overlay addresses: start it with --overlay-cidr (e.g. "
+                           "10.99.0.0/16), or remove the gateway's `tunnel:` section")
+        held = [r.tunnel.overlay_address for n, r in self.state.records.items()
+                if n != record.name and r.tunnel is not None]
+        keep = old.tunnel.overlay_address if old is not None and old.tunnel else ""
+        try:
+            address = allocate(net, held, keep)
+        except InputError as e:
+            raise ApiError(409, str(e)) from None
+        return replace(record, tunnel=replace(record.tunnel, overlay_address=address))
+
     # ---- PUT /v1/clusters/{name} ---------------------------------------------------------
     async def h_put_cluster(self, request: web.Request) -> web.Response:
         name = self.auth.owner(request)
@@ -182,9 +204,10 @@ class Membership:
             raise ApiError(409, f"cluster.trust_domain: {record.trust_domain!r}, but cluster "
                            f"{name!r} is joined with {old.trust_domain!r}; a new trust domain "
                            "is a re-join with a --replace token")
-        if record == old:
-            return web.json_response({"revision": await self.state.store.revision()})
         async with self.lock:
+            record = self._with_overlay(record, old)
+            if record == old:
+                return web.json_response({"revision": await self.state.store.revision()})
             rev = await self.state.store.put(CLUSTERS + name, api.canonical_json(record.to_json()))
             self.state.records = {**self.state.records, name: record}
         log.info("cluster %s: record updated (gateway %s -> %s, %s/%s -> %s/%s)", name,

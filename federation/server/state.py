@@ -31,8 +31,9 @@ class State:
     store at start, and the counters every part adds to."""
 
     def __init__(self, store: Store, trust_domain: str, lease_ttl: float,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], overlay: Any = None) -> None:
         self.store = store
+        self.overlay = overlay  # ip network of --overlay-cidr, or None: no tunnels
         self.trust_domain = trust_domain
         self.lease_ttl = float(lease_ttl)
         self.clock = clock

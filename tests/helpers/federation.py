@@ -53,8 +53,10 @@ class Fed:
     """A running federation server plus helpers to make clients and join clusters."""
 
     def __init__(self, tmp: Path, history: int = 10000, lease_ttl: float = 1.0,
-                 clock: Callable[[], float] = time.time, forget_silent_after: float | None = None):
+                 clock: Callable[[], float] = time.time, forget_silent_after: float | None = None,
+                 overlay_cidr: str | None = None):
         self.tmp = tmp
+        self.overlay_cidr = overlay_cidr
         self.history = history
         self.lease_ttl = lease_ttl
         self.clock = clock
@@ -67,7 +69,7 @@ class Fed:
         self.server = FederationServer(
             store, self.tmp / "state", ("127.0.0.1", 0), ("127.0.0.1", 0),
             lease_ttl=self.lease_ttl, clock=self.clock,
-            forget_silent_after=self.forget_silent_after,
+            forget_silent_after=self.forget_silent_after, overlay_cidr=self.overlay_cidr,
         )
         await self.server.start()
         return self.server
