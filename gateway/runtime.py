@@ -53,6 +53,7 @@ from federation.model import (
     Locality,
     ServiceKey,
     TierKind,
+    Tunnel,
 )
 from federation.units import format_hostport, parse_hostport
 from gateway.config.schema import ConfigError, GatewayConfig, load_config
@@ -66,6 +67,7 @@ from gateway.control.workers import STATS_EVERY, Supervisor, read_stats, watch_p
 from gateway.core.health import HealthBook
 from gateway.core.reconcile import ConfigChanges, effective, moved_listeners, reconcile
 from gateway.core.takeover import Progress, Wanted
+from gateway.core.tunnel_peers import wanted_peers
 from gateway.dataplane.dial import Dialer
 from gateway.dataplane.l4 import ImportListener, InboundListener
 from gateway.dataplane.pool import keep_links
@@ -75,6 +77,8 @@ from gateway.dataplane.tls import GatewayTls, TlsSnapshot
 from gateway.dns.answers import DnsSettings, Records, build
 from gateway.dns.responder import DnsResponder
 from gateway.restart import Restart, first_of, readiness
+from gateway.tunnel.device import WireguardDevice
+from gateway.tunnel.keys import load_or_create
 
 log = logging.getLogger("isthmus.gateway")
 
@@ -133,6 +137,8 @@ class Gateway:
         self.dns: DnsResponder | None = None  # the primary's, with a `dns:` section
         self.dns_records: Records | None = None
         self._dns_serial = 0
+        self.tunnel: WireguardDevice | None = None  # the primary's, with a `tunnel:` section
+        self._tunnel_wanted = asyncio.Event()  # a new catalog for the tunnel's peers
 
     # -- construction --------------------------------------------------------------------------
     def _mono(self) -> float:
@@ -237,6 +243,9 @@ class Gateway:
                 gateways[name] = parse_hostport(rec.gateway_address)
             bundles[rec.trust_domain] = bundle
             owners[rec.trust_domain] = name
+            if name in gateways and self.cfg.tunnel is not None and rec.tunnel is not None \
+                    and rec.tunnel.overlay_address:  # links go through the tunnel
+                gateways[name] = (rec.tunnel.overlay_address, gateways[name][1])
         self.tls.update(TlsSnapshot(snap.svid, bundles, owners))
         self.gateways.clear()
         self.gateways.update(gateways)
@@ -244,6 +253,7 @@ class Gateway:
             router.set_remote(self._remote_of(svc))
         self.book.forget(self._known_keys())
         self._refresh_dns()
+        self._tunnel_wanted.set()
         if self.drill_actor is not None:
             self.drill_actor.on_catalog(cat)
 
@@ -262,6 +272,30 @@ class Gateway:
         self.dns_records = recs
         if self.dns is not None:
             self.dns.set_records(recs)
+
+    async def _follow_tunnel(self) -> None:
+        """Keep the tunnel's address and peers equal to the latest catalog (coalesced)."""
+        me = self.cfg.cluster.name
+        while True:
+            await self._tunnel_wanted.wait()
+            self._tunnel_wanted.clear()
+            own = self.catalog.clusters.get(me)
+            if own is not None and own.tunnel is not None and own.tunnel.overlay_address:
+                await self.tunnel.set_address(own.tunnel.overlay_address)  # type: ignore[union-attr]
+            await self.tunnel.set_peers(wanted_peers(self.catalog, me))  # type: ignore[union-attr]
+
+    async def _start_tunnel(self) -> None:
+        """Our key pair and record's tunnel side; the primary also runs the device."""
+        t = self.cfg.tunnel
+        if t is None:
+            return
+        keys = await asyncio.to_thread(load_or_create, self.cfg.state_dir)
+        endpoint = t.endpoint or format_hostport(parse_hostport(self.cfg.listen.advertise)[0],
+                                                 t.listen_port)
+        self.agent.tunnel = Tunnel(keys.public_b64, endpoint)  # type: ignore[union-attr]
+        if self.primary and self.restart.handoff is None:
+            self.tunnel = WireguardDevice(t.interface, t.listen_port, keys)
+            await self.tunnel.start()
 
     async def _start_dns(self) -> None:
         d = self.cfg.dns
@@ -600,6 +634,7 @@ class Gateway:
         self.agent = Agent(cfg, self.identity, self.wall, self._on_federation_catalog,
                            self._on_identity, self.export_state)
         self.agent.log_peers = self.primary  # workers follow the same catalog: one line is enough
+        await self._start_tunnel()
         cached = self.agent.load_cached_catalog()
         if cached is not None:
             self.catalog_from = "cache"
@@ -686,6 +721,9 @@ class Gateway:
                 tg.create_task(self._probe_gateways())
                 tg.create_task(keep_links(self.tls, (self.dialer.pool, self.inbound)))
                 tg.create_task(self._ticker())
+                if self.tunnel is not None:
+                    tg.create_task(self.tunnel.supervise())
+                    tg.create_task(self._follow_tunnel())
                 if self.primary:
                     if self.restart.handoff is not None:
                         try:
@@ -755,6 +793,9 @@ class Gateway:
         if self.dns is not None:
             await self.dns.close()
             self.dns = None
+        if self.tunnel is not None:
+            await self.tunnel.close()
+            self.tunnel = None
         if self.agent is not None:
             await self.agent.close()
         await self.restart.close()
@@ -783,6 +824,7 @@ class Gateway:
             "restart": self.restart.status(),
             "config": self.reloads.status(),
             "dns": self.dns.describe() if self.dns is not None else None,
+            "tunnel": self.tunnel.describe(self.wall()) if self.tunnel is not None else None,
         }
 
     def _workers_status(self) -> list[dict[str, Any]]:

@@ -84,6 +84,7 @@ from gateway.config.values import (
     ProbeConfig,
     ReloadConfig,
     ServiceSource,
+    TunnelConfig,
 )
 from gateway.errors import ConfigError, Problem
 
@@ -113,6 +114,7 @@ __all__ = [
 ]
 
 WATCH_MODES = ("auto", "inotify", "poll", "sighup")
+_IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 _DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 MAX_DNS_ADDRESSES = 64
 _TRUST_DOMAIN = re.compile(r"[a-z0-9._-]{1,255}")
@@ -189,6 +191,15 @@ DNS: Table = (
           doc="answered for imports listening on 0.0.0.0 / ::"),
 )
 
+TUNNEL: Table = (
+    Field("kind", choice(("wireguard",), "a tunnel kind"), doc="wireguard"),
+    Field("listen_port", integer(1, 65535), 51820, doc="UDP, on every address"),
+    Field("interface", lambda r, n, p: _Schema.interface(r, n, p), "isthmus0",
+          doc="unique on the machine"),
+    Field("endpoint", _hostport, None,
+          doc="host:port peers send to; default: listen.advertise's host and listen_port"),
+)
+
 PEER_PROBE: Table = _timing(0.5, 0.5)
 DEFAULT_IDENTITY = IdentityConfig(**defaults(IDENTITY))
 DEFAULT_LIMITS = LimitsConfig(**defaults(LIMITS))
@@ -210,6 +221,8 @@ TOP: Table = (
           ReloadConfig(), doc="live reload of service files"),
     Field("dns", lambda r, n, p: _Schema.dns(r, n, p), None,
           doc="the clusterset.local DNS responder; none without this section"),
+    Field("tunnel", lambda r, n, p: _Schema.tunnel(r, n, p), None,
+          doc="WireGuard between gateways; none without this section"),
 )
 
 
@@ -342,6 +355,13 @@ class _Schema(Services):
         f = top.nodes
         exports = self.exports(f["exports"], own) if "exports" in f else ()
         imports = self.imports(f["imports"]) if "imports" in f else ()
+        listen, tunnel = v.get("listen"), v.get("tunnel")
+        if tunnel is not None and listen is not None and not _is_wildcard(listen.inbound[0]):
+            self.problem(f["tunnel"], "tunnel", "links arrive on the overlay address: "
+                         f"listen.inbound must be 0.0.0.0 or :: (it is "
+                         f"{format_hostport(*listen.inbound)!r}); set listen.advertise to the "
+                         "underlay address")
+            return None
         if not top.ok:
             return None
         return GatewayConfig(source=source, exports=exports, imports=imports, **v)
@@ -452,6 +472,26 @@ class _Schema(Services):
                          "whole number of seconds (DNS TTLs are seconds)")
             return None
         return DnsConfig(v["listen"], int(ttl), v["zone"], v["addresses"])
+
+    def tunnel(self, node: Node, path: str) -> TunnelConfig | None:
+        sec = self.section(node, path, TUNNEL)
+        if sec is None or not sec.ok:
+            return None
+        v = sec.values
+        endpoint = format_hostport(*v["endpoint"]) if v["endpoint"] is not None else ""
+        if v["endpoint"] is not None and _is_wildcard(v["endpoint"][0]):
+            self.problem(sec.nodes["endpoint"], f"{path}.endpoint", f"{endpoint!r} is a "
+                         "wildcard address peers cannot send to; write this host's address")
+            return None
+        return TunnelConfig(v["kind"], v["listen_port"], v["interface"], endpoint)
+
+    def interface(self, node: Node, path: str) -> str | None:
+        name = self.string(node, path)
+        if name is not None and (not _IFNAME.fullmatch(name) or name in (".", "..")):
+            self.problem(node, path, f"{name!r} is not an interface name (1..15 letters, "
+                         "digits, '_', '.', '-')")
+            return None
+        return name
 
     def zone(self, node: Node, path: str) -> str | None:
         text = self.string(node, path)

@@ -31,6 +31,7 @@ __all__ = [
     "ProbeConfig",
     "ReloadConfig",
     "ServiceSource",
+    "TunnelConfig",
 ]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -88,6 +89,16 @@ class DnsConfig:
     ttl: int = 5  # seconds, of every record and of negative answers (the SOA minimum)
     zone: str = "clusterset.local"  # lowercase, no trailing dot
     addresses: tuple[str, ...] = ()  # answered for imports listening on a wildcard address
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelConfig:
+    """A WireGuard tunnel to every peer (gateway/tunnel/); links then dial overlay addresses."""
+
+    kind: str  # "wireguard"
+    listen_port: int = 51820  # UDP, on every address
+    interface: str = "isthmus0"  # unique on the machine (wireguard-go's socket directory)
+    endpoint: str = ""  # host:port peers send to; "" = listen.advertise's host + listen_port
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +211,7 @@ class GatewayConfig:
     policy: PolicyConfig = NO_POLICY  # the guard rails on service files
     reload: ReloadConfig = ReloadConfig()
     dns: DnsConfig | None = None  # no `dns:` section: no DNS responder
+    tunnel: TunnelConfig | None = None  # no `tunnel:` section: links are mTLS on the underlay
     service_files: tuple[Path, ...] = ()  # absolute, in the order read (sorted)
     service_sources: tuple[ServiceSource, ...] = ()  # where each service was declared
 

@@ -78,7 +78,15 @@ from federation.errors import (
 from federation.files import write_atomic
 from federation.identity import Svid, TrustBundle
 from federation.logs import LogLimiter
-from federation.model import EXPORTS, IMPORTS, Catalog, ClusterRecord, Export, ImportRecord
+from federation.model import (
+    EXPORTS,
+    IMPORTS,
+    Catalog,
+    ClusterRecord,
+    Export,
+    ImportRecord,
+    Tunnel,
+)
 from gateway.config.schema import GatewayConfig
 from gateway.control.identity import Identity
 from gateway.errors import ConfigError, Problem
@@ -132,6 +140,7 @@ class Agent:
         self.withdrawn: set[str] = set()  # export keys deleted while exports_withdrawn
         self.exports_withdrawn = False  # a drain drill holds this cluster
         self.imports_unsupported = False  # the federation answered 404/405 to put_import
+        self.tunnel: Tunnel | None = None  # our WireGuard side, published in our record
         self.publish_wanted = asyncio.Event()
         self.connected = False
         self.last_error: str | None = None
@@ -158,7 +167,8 @@ class Agent:
 
     def _record(self) -> ClusterRecord:
         c = self.cfg.cluster
-        return ClusterRecord(c.name, c.region, c.zone, c.trust_domain, self.cfg.listen.advertise)
+        return ClusterRecord(c.name, c.region, c.zone, c.trust_domain, self.cfg.listen.advertise,
+                             self.tunnel)
 
     def _token(self) -> str | None:
         env = os.environ.get("ISTHMUS_JOIN_TOKEN")
