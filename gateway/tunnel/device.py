@@ -18,11 +18,13 @@ wireguard-go is the same protocol in userspace. The device
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -198,6 +200,20 @@ class WireguardDevice:
 
 # -- netlink (pyroute2), run in a thread: each call is a few syscalls --------------------------
 
+@contextlib.contextmanager
+def _netlink() -> Iterator[Any]:
+    """A pyroute2 IPRoute on a plain asyncio loop of this thread (pyroute2 runs its sockets on
+    an event loop, and uvloop, the gateway's policy, cannot carry netlink sockets)."""
+    from pyroute2 import IPRoute
+
+    loop = asyncio.SelectorEventLoop()
+    try:
+        with IPRoute(use_event_loop=loop) as ipr:
+            yield ipr
+    finally:
+        loop.close()
+
+
 def _index(ipr: Any, interface: str) -> int:
     found = ipr.link_lookup(ifname=interface)
     if not found:
@@ -206,18 +222,15 @@ def _index(ipr: Any, interface: str) -> int:
 
 
 def _link_up(interface: str, mtu: int) -> None:
-    from pyroute2 import IPRoute
-
-    with IPRoute() as ipr:
+    with _netlink() as ipr:
         ipr.link("set", index=_index(ipr, interface), state="up", mtu=mtu)
 
 
 def _set_address(interface: str, address: str, old: str = "") -> None:
-    from pyroute2 import IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
 
     bits = 128 if ":" in address else 32
-    with IPRoute() as ipr:
+    with _netlink() as ipr:
         idx = _index(ipr, interface)
         if old:
             try:
@@ -232,10 +245,9 @@ def _set_address(interface: str, address: str, old: str = "") -> None:
 
 
 def _routes(interface: str, add: list[str], remove: list[str]) -> None:
-    from pyroute2 import IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
 
-    with IPRoute() as ipr:
+    with _netlink() as ipr:
         idx = _index(ipr, interface)
         for dst in add:
             ipr.route("replace", dst=dst, oif=idx)
@@ -247,9 +259,7 @@ def _routes(interface: str, add: list[str], remove: list[str]) -> None:
 
 
 def _delete_link(interface: str) -> None:
-    from pyroute2 import IPRoute
-
-    with IPRoute() as ipr:
+    with _netlink() as ipr:
         found = ipr.link_lookup(ifname=interface)
         if found:
             ipr.link("del", index=found[0])

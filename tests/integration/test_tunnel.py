@@ -1,0 +1,263 @@
+"""WireGuard tunnels between gateways, for real: each gateway in its own network namespace on an
+underlay bridge (tests/helpers/netns.py), wireguard-go devices keyed through the federation.
+
+Needs root, `ip`, wireguard-go, wg (wireguard-tools) and tcpdump; skips naming the install
+otherwise. The federation runs in the bridge namespace on 10.77.0.1 (`--overlay-cidr
+10.99.0.0/24`); each gateway listens for links on 0.0.0.0 (advertising its underlay address)
+and has two echo backends in its namespace. Everything the test starts is stopped by PID and
+every namespace deleted at the end, even on failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.netns import Netns, Underlay, can_make_namespaces, capture, read_capture
+from tests.helpers.processes import Proc, isthmus_cmd, run_cli
+from tests.helpers.traffic import wait_for
+
+pytestmark = pytest.mark.integration
+
+TOOLS = ("ip", "wireguard-go", "wg", "tcpdump")
+INSTALL = "apt-get install -y iproute2 wireguard-go wireguard-tools tcpdump"
+CLUSTERS = (("east-1", "us-east", "a"), ("east-2", "us-east", "b"), ("west-1", "us-west", "a"))
+FED_PORT, INBOUND, ADMIN, IMPORT, WG_PORT = 17443, 15443, 15000, 16001, 51820
+BACKENDS = (18001, 18002)
+
+
+def _skip_reason() -> str | None:
+    missing = [t for t in TOOLS if shutil.which(t) is None]
+    if missing:
+        return f"needs {', '.join(missing)}: {INSTALL}"
+    ok, why = can_make_namespaces()
+    return None if ok else why
+
+
+class TunnelTopology:
+    def __init__(self, root: Path, net: Underlay) -> None:
+        self.root = root
+        self.net = net
+        self.procs: list[Proc] = []
+        self.gw: dict[str, Proc] = {}
+        self.tag = net.tag
+
+    def interface(self, name: str) -> str:
+        return f"wg{self.tag[-6:]}{name[0]}{name[-1]}"  # unique on the machine, <= 15 chars
+
+    def _proc(self, name: str, ns: Netns, argv: list[str]) -> Proc:
+        p = Proc(name, ns.cmd(argv), self.root / "logs" / f"{name}.log")
+        self.procs.append(p)
+        return p
+
+    def config(self, name: str, region: str, zone: str) -> Path:
+        ns = self.net.ns[name]
+        d = self.root / name
+        d.mkdir(parents=True, exist_ok=True)
+        eps = "".join(f"      - 127.0.0.1:{p}\n" for p in BACKENDS)
+        path = d / "gateway.yaml"
+        path.write_text(f"""\
+cluster: {{name: {name}, region: {region}, zone: {zone}}}
+federation:
+  url: https://10.77.0.1:{FED_PORT}
+  ca_file: {self.root / 'fed' / 'ca.pem'}
+  token_file: {d / 'token'}
+listen:
+  inbound: 0.0.0.0:{INBOUND}
+  admin: 127.0.0.1:{ADMIN}
+  advertise: {ns.address}:{INBOUND}
+state_dir: {d / 'state'}
+limits: {{connect_timeout: 500ms}}
+peer_probe: {{interval: 300ms, timeout: 300ms}}
+outlier_detection: {{consecutive_failures: 1}}
+tunnel:
+  kind: wireguard
+  listen_port: {WG_PORT}
+  interface: {self.interface(name)}
+exports:
+  - name: echo
+    port: 8080
+    endpoints:
+{eps}    health_check: {{kind: tcp, interval: 200ms, timeout: 150ms}}
+imports:
+  - name: echo
+    listen: 127.0.0.1:{IMPORT}
+    failover: {{tiers: [cluster, zone, region, any], failback_after: 1s}}
+""")
+        return path
+
+    async def start(self) -> None:
+        fed = self._proc("federation", self.net.ul, [
+            *isthmus_cmd(), "federation", "serve", "--state-dir", str(self.root / "fed"),
+            "--listen", f"10.77.0.1:{FED_PORT}", "--admin", "127.0.0.1:17000",
+            "--lease-ttl", "2s", "--overlay-cidr", "10.99.0.0/24", "--log-level", "info"])
+        fed.start()
+        await wait_for(lambda: self._ready(self.net.ul, 17000, fed), 20.0,
+                       what="the federation in its namespace")
+        for name, region, zone in CLUSTERS:
+            ns = self.net.ns[name]
+            for port in BACKENDS:
+                self._proc(f"backend-{name}-{port}", ns, [
+                    sys.executable, "-m", "tests.helpers.backends", "backend", name,
+                    str(port)]).start()
+            (self.root / name).mkdir(parents=True, exist_ok=True)
+            r = run_cli("federation", "token", "create", "--cluster", name, "--state-dir",
+                        str(self.root / "fed"), "-o", str(self.root / name / "token"))
+            assert r.returncode == 0, r.stderr
+            self.gw[name] = self._proc(name, ns, [
+                *isthmus_cmd(), "gateway", "run", "--config",
+                str(self.config(name, region, zone)), "--log-level", "info"])
+            self.gw[name].start()
+        for name, *_ in CLUSTERS:
+            await wait_for(lambda n=name: self._ready(self.net.ns[n], ADMIN, self.gw[n]), 20.0,
+                           what=f"{name} /readyz")
+        for name, *_ in CLUSTERS:
+            await self.wait_peers(name, {c for c, *_ in CLUSTERS} - {name})
+
+    async def _ready(self, ns: Netns, port: int, proc: Proc) -> bool:
+        if not proc.running:
+            raise RuntimeError(f"{proc.name} exited:\n{proc.tail()}")
+        try:
+            reader, writer = await ns.open(port, timeout=1.0)
+        except OSError:
+            return False
+        writer.write(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = await asyncio.wait_for(reader.read(), 2.0)
+        writer.transport.abort()
+        return data.startswith(b"HTTP/1.1 200")
+
+    async def status(self, name: str) -> dict:
+        return await self.net.ns[name].http_json(ADMIN, "/status")
+
+    async def wait_peers(self, name: str, want: set[str], timeout: float = 20.0) -> None:
+        async def has() -> bool:
+            t = (await self.status(name))["tunnel"]
+            return {p["cluster"] for p in t["peers"]} == want and t["overlay_address"]
+
+        await wait_for(has, timeout, what=f"{name}'s tunnel peers to be {sorted(want)}")
+
+    async def ask(self, name: str, timeout: float = 3.0) -> str:
+        return await self.net.ns[name].request(IMPORT, "ping", timeout)
+
+    async def stop(self) -> None:
+        for p in reversed(self.procs):
+            p.stop()
+
+    def dump_logs(self) -> None:
+        for p in self.procs:
+            if not p.name.startswith("backend"):
+                print(f"\n----- {p.name}: {p.log} -----\n{p.tail(60)}", file=sys.stderr)
+
+
+@pytest.fixture
+async def topo(tmp_path, request):
+    why = _skip_reason()
+    if why:
+        pytest.skip(why)
+    tag = f"it{int(time.time() * 1000) % 100000}"
+    failed_before = request.session.testsfailed
+    with Underlay(tag, [c for c, *_ in CLUSTERS]) as net:
+        t = TunnelTopology(tmp_path, net)
+        try:
+            await t.start()
+            yield t
+        finally:
+            if request.session.testsfailed > failed_before:
+                t.dump_logs()
+            await t.stop()
+
+
+async def test_traffic_between_clusters_goes_only_through_the_tunnels(topo: TunnelTopology,
+                                                                       tmp_path):
+    """east-1's and east-2's backends stop: east-1's import is served by west-1 over the tunnel.
+    The underlay sees UDP to the WireGuard ports and no TCP between gateways; `wg show` agrees
+    with the federation's records."""
+    pcap = tmp_path / "underlay.pcap"
+    tcpdump = capture(topo.net.ul, "br0", pcap)
+    try:
+        await asyncio.sleep(0.5)
+        for name in ("east-1", "east-2"):
+            for p in [p for p in topo.procs if p.name.startswith(f"backend-{name}")]:
+                p.stop()
+
+        async def served_by_west() -> bool:
+            try:
+                return await topo.ask("east-1") == "west-1"
+            except (OSError, ConnectionError, TimeoutError):
+                return False
+
+        await wait_for(served_by_west, 10.0, what="east-1 to be served by west-1")
+        replies = [await topo.ask("east-1") for _ in range(20)]
+        assert replies == ["west-1"] * 20
+        await asyncio.sleep(0.5)
+    finally:
+        tcpdump.terminate()
+        tcpdump.wait(5)
+    lines = read_capture(pcap)
+    gateways = {topo.net.ns[c].address for c, *_ in CLUSTERS}
+    tcp_between = [ln for ln in lines if " Flags " in ln and
+                   sum(f" {a}." in ln for a in gateways) == 2]
+    wg = [ln for ln in lines if f".{WG_PORT}: UDP" in ln or f".{WG_PORT} >" in ln]
+    print(f"\nunderlay capture: {len(lines)} packets, {len(wg)} WireGuard UDP, "
+          f"{len(tcp_between)} TCP between gateways")
+    assert wg, lines[:20]
+    assert not tcp_between, tcp_between[:5]
+
+    # wg show agrees with the federation's records
+    cat = await topo.status("west-1")
+    fed_keys = {}
+    for name, *_ in CLUSTERS:
+        r = topo.net.ns[name].run(["wg", "show", topo.interface(name), "public-key"])
+        assert r.returncode == 0, r.stderr
+        fed_keys[name] = r.stdout.strip()
+    dump = topo.net.ns["west-1"].run(["wg", "show", topo.interface("west-1"), "dump"]).stdout
+    peer_keys = {ln.split("\t")[0] for ln in dump.splitlines()[1:]}
+    assert peer_keys == {fed_keys["east-1"], fed_keys["east-2"]}, dump
+    assert cat["tunnel"]["public_key"] == fed_keys["west-1"][:8] + "…"
+
+
+async def test_a_cluster_whose_lease_expires_is_removed_as_a_peer(topo: TunnelTopology):
+    t0 = time.monotonic()
+    topo.gw["east-2"].stop()
+    await topo.wait_peers("east-1", {"west-1"}, timeout=10.0)
+    await topo.wait_peers("west-1", {"east-1"}, timeout=10.0)
+    gone = time.monotonic() - t0
+    print(f"\neast-2 removed as a peer {gone:.2f} s after it stopped (lease ttl 2 s)")
+    dump = topo.net.ns["east-1"].run(["wg", "show", topo.interface("east-1"), "peers"]).stdout
+    assert len(dump.split()) == 1
+    assert gone < 2.0 + 3.0
+
+
+async def test_wireguard_go_killed_is_restarted_and_traffic_resumes(topo: TunnelTopology):
+    for p in [p for p in topo.procs if p.name.startswith("backend-east-1")]:
+        p.stop()  # east-1's import now goes to east-2 through the tunnel
+
+    async def served() -> bool:
+        try:
+            return await topo.ask("east-1", 2.0) in ("east-2", "west-1")
+        except (OSError, ConnectionError, TimeoutError):
+            return False
+
+    await wait_for(served, 10.0, what="east-1 served through the tunnel")
+    pid = (await topo.status("east-1"))["tunnel"]["pid"]
+    import os
+    import signal
+
+    os.kill(pid, signal.SIGKILL)
+    t0 = time.monotonic()
+
+    async def restarted() -> bool:
+        t = (await topo.status("east-1"))["tunnel"]
+        return t["restarts"] >= 1 and t["pid"] not in (None, pid)
+
+    await wait_for(restarted, 10.0, what="wireguard-go to be restarted")
+    await wait_for(served, 15.0, what="traffic through the tunnel again")
+    print(f"\nwireguard-go killed: restarted and serving again {time.monotonic() - t0:.2f} s "
+          "later")
+    metrics = await topo.net.ns["east-1"].http_json(ADMIN, "/status")
+    assert metrics["tunnel"]["restarts"] == 1
