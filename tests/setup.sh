@@ -3,10 +3,16 @@
 # another user it only says what is missing (those tests then skip, naming the same command).
 # Called by .ci/run and by the README's test command. Idempotent: installs only what is missing.
 set -eu
-# tool -> Debian package: chromium renders the drill's HTML report; dig queries the DNS responder
+# tool -> Debian package: chromium renders the drill's HTML report; dig queries the DNS
+# responder; ip, wireguard-go, wg and tcpdump run the tunnel tests (network namespaces)
 missing=""
-command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
-command -v dig >/dev/null 2>&1 || missing="$missing dnsutils"
+need() { command -v "$1" >/dev/null 2>&1 || missing="$missing $2"; }
+need chromium chromium
+need dig dnsutils
+need ip iproute2
+need wireguard-go wireguard-go
+need wg wireguard-tools
+need tcpdump tcpdump
 [ -z "$missing" ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   export DEBIAN_FRONTEND=noninteractive

@@ -149,6 +149,24 @@ def render_metrics(gw: Any, http: ServingStats | None = None) -> str:
         page.histogram("isthmus_gateway_dns_response_seconds",
                        "Time to answer one DNS message (parse, resolve, write).",
                        d.BUCKETS, d.buckets, d.seconds, d.count)
+    tunnel = getattr(gw, "tunnel", None)
+    if tunnel is not None:
+        t = tunnel.describe(gw.wall())
+        peers = t["peers"]
+        metric("isthmus_gateway_tunnel_peers", "gauge", "WireGuard peers configured.",
+               [({}, len(peers))])
+        metric("isthmus_gateway_tunnel_handshake_age_seconds", "gauge",
+               "Seconds since the latest handshake with each peer (absent: none yet).",
+               [({"peer": p["cluster"]}, p["handshake_age_seconds"]) for p in peers
+                if p["handshake_age_seconds"] is not None])
+        metric("isthmus_gateway_tunnel_bytes_total", "counter",
+               "Bytes through the tunnel, by peer and direction (rx, tx).",
+               [({"peer": p["cluster"], "direction": d}, p[f"{d}_bytes"]) for p in peers
+                for d in ("rx", "tx")])
+        metric("isthmus_gateway_tunnel_restarts_total", "counter",
+               "Times wireguard-go died and was started again.", [({}, t["restarts"])])
+        metric("isthmus_gateway_tunnel_failures_total", "counter",
+               "Tunnel operations (UAPI, netlink) that failed.", [({}, t["failures"])])
     reloads = getattr(gw, "reloads", None)
     if reloads is not None:
         metric("isthmus_config_reload_total", "counter",

@@ -261,3 +261,51 @@ async def test_wireguard_go_killed_is_restarted_and_traffic_resumes(topo: Tunnel
           "later")
     metrics = await topo.net.ns["east-1"].http_json(ADMIN, "/status")
     assert metrics["tunnel"]["restarts"] == 1
+
+
+async def test_a_peer_with_a_wrong_key_gets_no_traffic(topo: TunnelTopology, tmp_path):
+    """An impostor on the underlay takes east-2's overlay address with a key of its own and
+    sends to east-1's WireGuard port: east-1 completes no handshake with it, so not one of its
+    connections to east-1's gateway gets through, while east-2 itself still does."""
+    east2 = (await topo.status("east-2"))["tunnel"]["overlay_address"]
+    east1 = (await topo.status("east-1"))["tunnel"]["overlay_address"]
+    east1_key = topo.net.ns["east-1"].run(
+        ["wg", "show", topo.interface("east-1"), "public-key"]).stdout.strip()
+    ul, ifname = topo.net.ul, f"wg{topo.tag[-6:]}x"
+    key = tmp_path / "impostor.key"
+    key.write_text(ul.run(["wg", "genkey"]).stdout)
+    key.chmod(0o600)
+    impostor = Proc("impostor", ul.cmd(["wireguard-go", "-f", ifname]), tmp_path / "imp.log")
+    impostor.start()
+    try:
+        await wait_for(lambda: Path(f"/var/run/wireguard/{ifname}.sock").exists(), 5.0,
+                       what="the impostor's wireguard-go")
+        for argv in (["wg", "set", ifname, "private-key", str(key), "peer", east1_key,
+                      "endpoint", f"{topo.net.ns['east-1'].address}:{WG_PORT}",
+                      "allowed-ips", f"{east1}/32", "persistent-keepalive", "1"],
+                     ["ip", "addr", "add", f"{east2}/32", "dev", ifname],
+                     ["ip", "link", "set", ifname, "up"],
+                     ["ip", "route", "add", f"{east1}/32", "dev", ifname]):
+            r = ul.run(argv)
+            assert r.returncode == 0, (argv, r.stderr)
+        refused = 0
+        for _ in range(3):
+            try:
+                s = await asyncio.to_thread(ul.connect, east1, INBOUND, 1.0)
+                s.close()
+            except OSError:
+                refused += 1
+        assert refused == 3, "a connection through the impostor's tunnel got through"
+        dump = ul.run(["wg", "show", ifname, "dump"]).stdout.splitlines()
+        handshake = int(dump[1].split("\t")[4])
+        assert handshake == 0, f"the impostor completed a handshake: {dump}"
+        east1_peers = topo.net.ns["east-1"].run(
+            ["wg", "show", topo.interface("east-1"), "peers"]).stdout.split()
+        assert len(east1_peers) == 2  # east-2 and west-1, not the impostor's key
+        # east-2 itself still reaches east-1 through its tunnel
+        s = await asyncio.to_thread(topo.net.ns["east-2"].connect, east1, INBOUND, 3.0)
+        s.close()
+        print(f"\nimpostor with east-2's overlay address and its own key: {refused} of 3 "
+              "connections refused, no handshake; east-2 still connects")
+    finally:
+        impostor.stop()
