@@ -240,6 +240,9 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "overlay_address": {"type": "string", "maxLength": 64,
                                 "description": "assigned by the federation from its "
                                 "--overlay-cidr (what a gateway sends is replaced)"},
+            "next_public_key": {"type": "string",
+                                "pattern": "^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$",
+                                "description": "the key a rotation will switch to"},
         }, required=["public_key", "endpoint"]),
     }, required=["name", "region", "zone", "trust_domain", "gateway_address"]),
     "Jwks": {

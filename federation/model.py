@@ -236,10 +236,12 @@ class Tunnel:
     public_key: str  # base64 of the 32-byte Curve25519 public key, as `wg` prints it
     endpoint: str  # host:port of its WireGuard UDP socket on the underlay
     overlay_address: str = ""  # its address inside the tunnels; the federation assigns it
+    next_public_key: str = ""  # announced before a key rotation uses it (peers pre-install it)
 
     def to_json(self) -> dict[str, Any]:
         return {"public_key": self.public_key, "endpoint": self.endpoint,
-                "overlay_address": self.overlay_address}
+                "overlay_address": self.overlay_address,
+                **({"next_public_key": self.next_public_key} if self.next_public_key else {})}
 
     @classmethod
     def from_json(cls, obj: Any, what: str = "tunnel") -> Tunnel:
@@ -261,7 +263,11 @@ class Tunnel:
             except ValueError:
                 raise InputError(f"{what}.overlay_address: {overlay!r} is not an IP "
                                  "address") from None
-        return cls(key, endpoint, overlay)
+        nxt = obj.get("next_public_key", "")
+        if nxt and (not isinstance(nxt, str) or not _WG_KEY.fullmatch(nxt)):
+            raise InputError(f"{what}.next_public_key: not a WireGuard public key (base64 of "
+                             "32 bytes)")
+        return cls(key, endpoint, overlay, nxt)
 
 
 @dataclass(frozen=True, slots=True)

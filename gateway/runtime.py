@@ -76,9 +76,11 @@ from gateway.dataplane.router import Router, local_key, remote_key
 from gateway.dataplane.tls import GatewayTls, TlsSnapshot
 from gateway.dns.answers import DnsSettings, Records, build
 from gateway.dns.responder import DnsResponder
+from gateway.errors import GatewayError
 from gateway.restart import Restart, first_of, readiness
 from gateway.tunnel.device import WireguardDevice
 from gateway.tunnel.keys import load_or_create
+from gateway.tunnel.rotation import KeyRotation
 
 log = logging.getLogger("isthmus.gateway")
 
@@ -139,6 +141,7 @@ class Gateway:
         self._dns_serial = 0
         self.tunnel: WireguardDevice | None = None  # the primary's, with a `tunnel:` section
         self._tunnel_wanted = asyncio.Event()  # a new catalog for the tunnel's peers
+        self.key_rotation: KeyRotation | None = None
 
     # -- construction --------------------------------------------------------------------------
     def _mono(self) -> float:
@@ -296,6 +299,19 @@ class Gateway:
         if self.primary and self.restart.handoff is None:
             self.tunnel = WireguardDevice(t.interface, t.listen_port, keys)
             await self.tunnel.start()
+            if t.rotate_every:
+                self.key_rotation = KeyRotation(self.cfg.state_dir, t.rotate_every,
+                                                t.rotation_overlap, self.tunnel,
+                                                lambda: self.agent.tunnel,  # type: ignore
+                                                self._publish_tunnel)
+
+    async def _publish_tunnel(self, tunnel: Tunnel) -> None:
+        """Our record with this tunnel side, now (a key rotation's announcement or switch)."""
+        agent = self.agent
+        agent.tunnel = tunnel  # type: ignore[union-attr]
+        if agent.client is None:  # type: ignore[union-attr]
+            raise GatewayError("not joined to the federation yet")
+        await agent.client.put_record(agent._record())  # type: ignore[union-attr]
 
     async def _start_dns(self) -> None:
         d = self.cfg.dns
@@ -724,6 +740,8 @@ class Gateway:
                 if self.tunnel is not None:
                     tg.create_task(self.tunnel.supervise())
                     tg.create_task(self._follow_tunnel())
+                if self.key_rotation is not None:
+                    tg.create_task(self.key_rotation.run())
                 if self.primary:
                     if self.restart.handoff is not None:
                         try:
@@ -824,8 +842,17 @@ class Gateway:
             "restart": self.restart.status(),
             "config": self.reloads.status(),
             "dns": self.dns.describe() if self.dns is not None else None,
-            "tunnel": self.tunnel.describe(self.wall()) if self.tunnel is not None else None,
+            "tunnel": self._tunnel_status(),
         }
+
+    def _tunnel_status(self) -> dict[str, Any] | None:
+        if self.tunnel is None:
+            return None
+        out = self.tunnel.describe(self.wall())
+        r = self.key_rotation
+        out["key_rotations"] = r.rotations if r is not None else 0
+        out["key_rotations_skipped"] = r.skipped if r is not None else 0
+        return out
 
     def _workers_status(self) -> list[dict[str, Any]]:
         rows = [{"worker": 0, "pid": os.getpid(), "running": True, "restarts": 0}]

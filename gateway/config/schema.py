@@ -198,6 +198,10 @@ TUNNEL: Table = (
           doc="unique on the machine"),
     Field("endpoint", _hostport, None,
           doc="host:port peers send to; default: listen.advertise's host and listen_port"),
+    Field("rotate_every", duration(maximum=365 * _DAY, zero_ok=True), _DAY,
+          doc="a new key pair this often; 0s: never"),
+    Field("rotation_overlap", duration(minimum=1.0, maximum=_DAY), 10.0,
+          doc="the next key is announced this long before it is used"),
 )
 
 PEER_PROBE: Table = _timing(0.5, 0.5)
@@ -483,7 +487,13 @@ class _Schema(Services):
             self.problem(sec.nodes["endpoint"], f"{path}.endpoint", f"{endpoint!r} is a "
                          "wildcard address peers cannot send to; write this host's address")
             return None
-        return TunnelConfig(v["kind"], v["listen_port"], v["interface"], endpoint)
+        if v["rotate_every"] and v["rotate_every"] <= v["rotation_overlap"]:
+            self.problem(sec.nodes.get("rotate_every", node), f"{path}.rotate_every",
+                         f"{format_duration(v['rotate_every'])} must be longer than "
+                         f"rotation_overlap ({format_duration(v['rotation_overlap'])})")
+            return None
+        return TunnelConfig(v["kind"], v["listen_port"], v["interface"], endpoint,
+                            v["rotate_every"], v["rotation_overlap"])
 
     def interface(self, node: Node, path: str) -> str | None:
         name = self.string(node, path)

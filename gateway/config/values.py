@@ -99,6 +99,8 @@ class TunnelConfig:
     listen_port: int = 51820  # UDP, on every address
     interface: str = "isthmus0"  # unique on the machine (wireguard-go's socket directory)
     endpoint: str = ""  # host:port peers send to; "" = listen.advertise's host + listen_port
+    rotate_every: float = 86400.0  # a new key pair this often (0: never)
+    rotation_overlap: float = 10.0  # the next key is announced this long before it is used
 
 
 @dataclass(frozen=True, slots=True)

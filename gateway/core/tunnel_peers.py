@@ -6,6 +6,12 @@ IP (so the tunnel carries exactly the traffic to and from that gateway). A clust
 expires, that leaves, or whose record loses its tunnel is removed; a changed endpoint, address
 or key is an update (a new key is a removal of the old peer and a new one).
 
+Key rotation (gateway/tunnel/rotation.py): a cluster first announces `next_public_key`; peers
+add it as a second peer with no allowed IP (it can complete a handshake, it carries nothing).
+When the cluster switches to it, it handshakes at once with the key every peer already knows,
+and as soon as its record says `public_key` = the new key, the peers move the allowed IP to it
+and drop the old one: the tunnel carries nothing only for that catalog round trip.
+
     wanted_peers(catalog, me)  -> {public_key: Peer}
     peer_changes(held, wanted) -> (to add or update, to remove)
 """
@@ -27,6 +33,7 @@ class Peer:
     public_key: str  # base64
     endpoint: str  # host:port
     overlay_address: str
+    routed: bool = True  # False: a cluster's announced next key, known but carrying nothing
 
     @property
     def allowed_ip(self) -> str:
@@ -42,6 +49,9 @@ def wanted_peers(catalog: Catalog, me: str) -> dict[str, Peer]:
             continue
         t = rec.tunnel
         out[t.public_key] = Peer(name, t.public_key, t.endpoint, t.overlay_address)
+        if t.next_public_key and t.next_public_key != t.public_key:
+            out[t.next_public_key] = Peer(name, t.next_public_key, t.endpoint,
+                                          t.overlay_address, routed=False)
     return out
 
 

@@ -154,16 +154,19 @@ class WireguardDevice:
         lines: list[str] = []
         for p in remove:
             lines += [f"public_key={b64_to_hex(p.public_key)}", "remove=true"]
-        for p in upsert:
+        # Removals first (an old key's allowed IP is free before the new key takes it), then
+        # unrouted next keys, then routed peers: one transaction, applied in order.
+        for p in sorted(upsert, key=lambda x: x.routed):
             lines += [f"public_key={b64_to_hex(p.public_key)}", f"endpoint={p.endpoint}",
-                      f"persistent_keepalive_interval={KEEPALIVE}", "replace_allowed_ips=true",
-                      f"allowed_ip={p.allowed_ip}"]
+                      f"persistent_keepalive_interval={KEEPALIVE}", "replace_allowed_ips=true"]
+            if p.routed:
+                lines.append(f"allowed_ip={p.allowed_ip}")
+        routed = {p.allowed_ip for p in wanted.values() if p.routed}
         try:
             await set_config(self.interface, lines)
             await asyncio.to_thread(_routes, self.interface,
-                                    [p.allowed_ip for p in upsert],
-                                    [p.allowed_ip for p in remove
-                                     if p.allowed_ip not in {u.allowed_ip for u in upsert}])
+                                    [p.allowed_ip for p in upsert if p.routed],
+                                    [p.allowed_ip for p in remove if p.allowed_ip not in routed])
         except (TunnelError, OSError) as e:
             self.stats.failures += 1
             log.warning("tunnel %s: setting peers failed (%s); retried on the next catalog",
@@ -177,10 +180,16 @@ class WireguardDevice:
             log.info("tunnel %s: peer %s (%s…) at %s, overlay %s", self.interface, p.cluster,
                      p.public_key[:8], p.endpoint, p.overlay_address)
 
+    async def set_key(self, keys: KeyPair) -> None:
+        """Switch to another private key (a rotation); sessions handshake again at once."""
+        async with self._lock:
+            await set_config(self.interface, [f"private_key={keys.private.hex()}"])
+            self.keys = keys
+
     def describe(self, now: float) -> dict[str, Any]:
         st = self.stats.state
         peers = []
-        for p in sorted(self.peers.values(), key=lambda x: x.cluster):
+        for p in sorted((p for p in self.peers.values() if p.routed), key=lambda x: x.cluster):
             got = st.peers.get(b64_to_hex(p.public_key))
             hs = got.last_handshake if got else 0.0
             peers.append({

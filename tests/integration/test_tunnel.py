@@ -40,7 +40,8 @@ def _skip_reason() -> str | None:
 
 
 class TunnelTopology:
-    def __init__(self, root: Path, net: Underlay) -> None:
+    def __init__(self, root: Path, net: Underlay, rotate: str = "0s") -> None:
+        self.rotate = rotate  # tunnel.rotate_every of every gateway
         self.root = root
         self.net = net
         self.procs: list[Proc] = []
@@ -79,6 +80,8 @@ tunnel:
   kind: wireguard
   listen_port: {WG_PORT}
   interface: {self.interface(name)}
+  rotate_every: {self.rotate}
+  rotation_overlap: 1s
 exports:
   - name: echo
     port: 8080
@@ -161,8 +164,9 @@ async def topo(tmp_path, request):
         pytest.skip(why)
     tag = f"it{int(time.time() * 1000) % 100000}"
     failed_before = request.session.testsfailed
+    rotate = getattr(request, "param", "0s")
     with Underlay(tag, [c for c, *_ in CLUSTERS]) as net:
-        t = TunnelTopology(tmp_path, net)
+        t = TunnelTopology(tmp_path, net, rotate)
         try:
             await t.start()
             yield t
@@ -309,3 +313,43 @@ async def test_a_peer_with_a_wrong_key_gets_no_traffic(topo: TunnelTopology, tmp
               "connections refused, no handshake; east-2 still connects")
     finally:
         impostor.stop()
+
+
+@pytest.mark.parametrize("topo", ["4s"], indirect=True)
+async def test_key_rotation_under_a_steady_stream_fails_nothing(topo: TunnelTopology):
+    """Every gateway rotates its key every 4 s (announced 1 s before use) while east-1's
+    import, its own backends stopped, sends 20 new connections a second through the tunnels
+    for 14 s: 0 failed, and each gateway rotated at least twice."""
+    for p in [p for p in topo.procs if p.name.startswith("backend-east-1")]:
+        p.stop()
+
+    async def served() -> bool:
+        try:
+            return await topo.ask("east-1", 2.0) in ("east-2", "west-1")
+        except (OSError, ConnectionError, TimeoutError):
+            return False
+
+    await wait_for(served, 10.0, what="east-1 served through the tunnel")
+    keys0 = {c: (await topo.status(c))["tunnel"]["public_key"] for c, *_ in CLUSTERS}
+    results: list[str] = []
+
+    async def one() -> None:
+        try:
+            results.append(await topo.ask("east-1", 3.0))
+        except (OSError, ConnectionError, TimeoutError) as e:
+            results.append(f"FAILED {e!r}")
+
+    tasks = []
+    end = time.monotonic() + 14.0
+    while time.monotonic() < end:
+        tasks.append(asyncio.create_task(one()))
+        await asyncio.sleep(0.05)
+    await asyncio.gather(*tasks)
+    failed = [r for r in results if r.startswith("FAILED")]
+    rotations = {c: (await topo.status(c))["tunnel"]["key_rotations"] for c, *_ in CLUSTERS}
+    keys1 = {c: (await topo.status(c))["tunnel"]["public_key"] for c, *_ in CLUSTERS}
+    print(f"\nkey rotation under a stream: {len(results)} connections, {len(failed)} failed; "
+          f"rotations {rotations}")
+    assert not failed, failed[:5]
+    assert all(n >= 2 for n in rotations.values()), rotations
+    assert all(keys0[c] != keys1[c] for c in keys0)
