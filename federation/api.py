@@ -389,6 +389,9 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "bundle_sequence": {"type": ["integer", "null"]}, "bundle_authorities": _INT,
             "live": {"type": "boolean"},
             "lease_age_seconds": {"type": ["number", "null"]},
+            "tunnel": {"type": ["object", "null"], "properties": {
+                "public_key": _STR, "endpoint": _STR, "overlay_address": _STR,
+                "rotating": {"type": "boolean"}}},
         })},
         "services": {"type": "object", "additionalProperties": {
             "type": "object", "additionalProperties": {"type": "array", "items": _ref("Endpoint")},

@@ -292,7 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     st.add_argument("--admin", default=default_admin(), metavar="URL",
                     help="the federation's admin address, http://host:port or host:port (its "
-                         f"`serve --admin`; default ${ADMIN_ENV}, else {DEFAULT_ADMIN})")
+                         f"`serve --admin`; default ${ADMIN_ENV}, else {DEFAULT_ADMIN}); a "
+                         "gateway's `listen.admin` shows that gateway: its imports and its "
+                         "tunnel peers (handshakes, bytes)")
     st.add_argument("--json", action="store_true", help="print JSON instead of tables")
     st.set_defaults(func=cmd_status)
 

@@ -1,4 +1,5 @@
-"""`isthmus status`: read the federation's admin /status and show it as tables.
+"""`isthmus status`: read the federation's admin /status and show it as tables (or a gateway's
+admin /status: its imports and tunnel peers).
 
 Which federation: `--admin URL` (`http://host:port`, or just `host:port`), else the environment
 variable ISTHMUS_FEDERATION_ADMIN, else http://127.0.0.1:17080 (`federation serve`'s default
@@ -60,6 +61,9 @@ def render_status(data: dict[str, Any], file: IO[str] | None = None) -> None:
     console = Console(file=file)
     if not console.is_terminal:  # rich would fit 80 columns (or $COLUMNS) and cut values with "…"
         console = Console(file=file, width=PIPE_WIDTH)
+    if "catalog" in data and "cluster" in data:  # a gateway's admin /status
+        _render_gateway(console, data)
+        return
     clusters = data.get("clusters") or {}
     t = Table(title=f"clusters (catalog revision {data.get('revision')})")
     for col in ("cluster", "region", "zone", "gateway", "trust domain", "live", "lease age"):
@@ -76,6 +80,16 @@ def render_status(data: dict[str, Any], file: IO[str] | None = None) -> None:
             "-" if age is None else f"{age:.1f}s",
         )
     console.print(t)
+    tunneled = {n: c["tunnel"] for n, c in sorted(clusters.items()) if c.get("tunnel")}
+    if tunneled:
+        w = Table(title="tunnels (WireGuard), as published")
+        for col in ("cluster", "public key", "endpoint", "overlay address", "rotating"):
+            w.add_column(col)
+        for name, tun in tunneled.items():
+            w.add_row(name, str(tun.get("public_key")), str(tun.get("endpoint")),
+                      str(tun.get("overlay_address") or "-"),
+                      "yes" if tun.get("rotating") else "no")
+        console.print(w)
     s = Table(title="services: healthy endpoints per locality")
     for col in ("service", "cluster", "locality", "healthy", "endpoints"):
         s.add_column(col)
@@ -92,3 +106,35 @@ def render_status(data: dict[str, Any], file: IO[str] | None = None) -> None:
                 " ".join(f"{e.get('address')}{'' if e.get('healthy') else '(down)'}" for e in eps),
             )
     console.print(s)
+
+
+def _render_gateway(console: Any, data: dict[str, Any]) -> None:
+    """A gateway's /status: its imports' active tiers and, with a tunnel, its peers."""
+    from rich.table import Table
+
+    cat = data.get("catalog") or {}
+    console.print(f"gateway {data.get('cluster')} ({(data.get('locality') or {}).get('region')}/"
+                  f"{(data.get('locality') or {}).get('zone')}): ready {data.get('ready')}, "
+                  f"catalog revision {cat.get('revision')}, live {', '.join(cat.get('live', []))}")
+    t = Table(title="imports")
+    for col in ("service", "active tier", "would try"):
+        t.add_column(col)
+    for imp in data.get("imports") or []:
+        t.add_row(str(imp.get("service")), str(imp.get("active")),
+                  " ".join(imp.get("would_try") or []))
+    console.print(t)
+    tun = data.get("tunnel")
+    if tun:
+        w = Table(title=f"tunnel {tun.get('interface')} (public key {tun.get('public_key')}, "
+                        f"port {tun.get('listen_port')}, overlay {tun.get('overlay_address')}, "
+                        f"restarts {tun.get('restarts')}, key rotations "
+                        f"{tun.get('key_rotations', 0)})")
+        for col in ("peer", "public key", "endpoint", "overlay address", "latest handshake",
+                    "rx bytes", "tx bytes"):
+            w.add_column(col)
+        for p in tun.get("peers") or []:
+            age = p.get("handshake_age_seconds")
+            w.add_row(str(p.get("cluster")), str(p.get("public_key")), str(p.get("endpoint")),
+                      str(p.get("overlay_address")), "never" if age is None else f"{age:.0f}s ago",
+                      str(p.get("rx_bytes")), str(p.get("tx_bytes")))
+        console.print(w)

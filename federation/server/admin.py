@@ -89,6 +89,12 @@ class Admin:
                 "bundle_authorities": len(_bundle_field(cat, rec.trust_domain, "keys") or ()),
                 "live": name in cat.live,
                 "lease_age_seconds": None if renewed is None else round(now - renewed, 3),
+                "tunnel": None if rec.tunnel is None else {
+                    "public_key": rec.tunnel.public_key[:8] + "…",
+                    "endpoint": rec.tunnel.endpoint,
+                    "overlay_address": rec.tunnel.overlay_address,
+                    "rotating": bool(rec.tunnel.next_public_key),
+                },
             }
         services: dict[str, dict[str, list]] = {}
         for _, exp in sorted(cat.exports.items()):

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.netns import Netns, Underlay, can_make_namespaces, capture, read_capture
-from tests.helpers.processes import Proc, isthmus_cmd, run_cli
+from tests.helpers.processes import Proc, isthmus_cmd, run_cli, tree_env
 from tests.helpers.traffic import wait_for
 
 pytestmark = pytest.mark.integration
@@ -223,6 +223,14 @@ async def test_traffic_between_clusters_goes_only_through_the_tunnels(topo: Tunn
     peer_keys = {ln.split("\t")[0] for ln in dump.splitlines()[1:]}
     assert peer_keys == {fed_keys["east-1"], fed_keys["east-2"]}, dump
     assert cat["tunnel"]["public_key"] == fed_keys["west-1"][:8] + "…"
+
+    # `isthmus status`: the gateway's peers with handshakes; the federation's published tunnels
+    out = topo.net.ns["west-1"].run([*isthmus_cmd(), "status", "--admin", f"127.0.0.1:{ADMIN}"],
+                                    env=tree_env()).stdout
+    assert "tunnel" in out and "east-1" in out and "east-2" in out and "ago" in out, out
+    out = topo.net.ul.run([*isthmus_cmd(), "status", "--admin", "127.0.0.1:17000"],
+                          env=tree_env()).stdout
+    assert "tunnels (WireGuard)" in out and fed_keys["east-1"][:8] in out, out
 
 
 async def test_a_cluster_whose_lease_expires_is_removed_as_a_peer(topo: TunnelTopology):
