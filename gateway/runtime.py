@@ -297,13 +297,33 @@ class Gateway:
                                                  t.listen_port)
         self.agent.tunnel = Tunnel(keys.public_b64, endpoint)  # type: ignore[union-attr]
         if self.primary and self.restart.handoff is None:
-            self.tunnel = WireguardDevice(t.interface, t.listen_port, keys)
-            await self.tunnel.start()
-            if t.rotate_every:
-                self.key_rotation = KeyRotation(self.cfg.state_dir, t.rotate_every,
-                                                t.rotation_overlap, self.tunnel,
-                                                lambda: self.agent.tunnel,  # type: ignore
-                                                self._publish_tunnel)
+            await self._start_device(keys)
+
+    async def _start_device(self, keys: Any = None) -> None:
+        """The primary's WireGuard device (in a takeover: once released; the old process's
+        wireguard-go then goes with the interface it held)."""
+        t = self.cfg.tunnel
+        if t is None or self.tunnel is not None:
+            return
+        if keys is None:
+            keys = await asyncio.to_thread(load_or_create, self.cfg.state_dir)
+        self.tunnel = WireguardDevice(t.interface, t.listen_port, keys)
+        await self.tunnel.start()
+        if t.rotate_every:
+            self.key_rotation = KeyRotation(self.cfg.state_dir, t.rotate_every,
+                                            t.rotation_overlap, self.tunnel,
+                                            lambda: self.agent.tunnel,  # type: ignore
+                                            self._publish_tunnel)
+        if self._tg is not None:
+            self._tunnel_tasks()
+
+    def _tunnel_tasks(self) -> None:
+        if self.tunnel is not None:
+            self._tg.create_task(self.tunnel.supervise())  # type: ignore[union-attr]
+            self._tg.create_task(self._follow_tunnel())  # type: ignore[union-attr]
+            self._tunnel_wanted.set()
+        if self.key_rotation is not None:
+            self._tg.create_task(self.key_rotation.run())  # type: ignore[union-attr]
 
     async def _publish_tunnel(self, tunnel: Tunnel) -> None:
         """Our record with this tunnel side, now (a key rotation's announcement or switch)."""
@@ -591,11 +611,15 @@ class Gateway:
             tg.create_task(self.drill_actor.run())
 
     def _speak(self) -> None:
+        if self.tunnel is not None:
+            self.tunnel.restart_on_exit = True
         if self._speaker is None:
             self._speaker = self._tg.create_task(self._speaking())  # type: ignore[union-attr]
 
     async def _quiet(self) -> None:
         """Stop speaking for the cluster (a handoff releases that role to the new process)."""
+        if self.tunnel is not None:
+            self.tunnel.restart_on_exit = False  # the new process takes the interface over
         if self._speaker is not None:
             self._speaker.cancel()
             await asyncio.wait({self._speaker})
@@ -737,11 +761,7 @@ class Gateway:
                 tg.create_task(self._probe_gateways())
                 tg.create_task(keep_links(self.tls, (self.dialer.pool, self.inbound)))
                 tg.create_task(self._ticker())
-                if self.tunnel is not None:
-                    tg.create_task(self.tunnel.supervise())
-                    tg.create_task(self._follow_tunnel())
-                if self.key_rotation is not None:
-                    tg.create_task(self.key_rotation.run())
+                self._tunnel_tasks()
                 if self.primary:
                     if self.restart.handoff is not None:
                         try:
@@ -793,6 +813,7 @@ class Gateway:
             self.supervisor.serve()
         await self._start_admin()
         await self._start_dns()
+        await self._start_device()
         self.ready = True
 
     async def _close_admin(self) -> None:

@@ -60,6 +60,9 @@ class WireguardDevice:
         self.stats = DeviceStats()
         self._lock = asyncio.Lock()  # one reconfiguration at a time
         self._closing = False
+        # False while a restart hands the cluster to a new process, which takes the interface
+        # over (its wireguard-go replaces ours): ours is not started again then.
+        self.restart_on_exit = True
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -96,15 +99,18 @@ class WireguardDevice:
                  len(self.peers))
 
     async def close(self) -> None:
+        """Stop our wireguard-go (its interface goes with it). If it is gone already (a new
+        process took the interface over in a restart), the interface is not ours to delete."""
         self._closing = True
         p = self.proc
-        if p is not None and p.returncode is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(p.wait(), 5.0)
-            except TimeoutError:
-                p.kill()
-                await p.wait()
+        if p is None or p.returncode is not None:
+            return
+        p.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(p.wait(), 5.0)
+        except TimeoutError:
+            p.kill()
+            await p.wait()
         await asyncio.to_thread(_delete_link, self.interface)
 
     async def supervise(self) -> None:
@@ -113,7 +119,8 @@ class WireguardDevice:
         while not self._closing:
             await asyncio.sleep(1.0)
             p = self.proc
-            if p is not None and p.returncode is not None and not self._closing:
+            if p is not None and p.returncode is not None and not self._closing \
+                    and self.restart_on_exit:
                 self.stats.restarts += 1
                 log.warning("tunnel %s: wireguard-go (pid %d) exited with %s; restarting "
                             "(restart %d)", self.interface, p.pid, p.returncode,
