@@ -2,7 +2,8 @@
 
     python -m bench            # full run, ~15 min; table to stdout and bench/last-run.md
     python -m bench --quick    # smoke: 1 round, 2 s loads, 128 MiB bulk, 5 kills, 1k conns/services
-    python -m bench --only l4,cross    # cases: l4 cross bulk failover memory workers
+    python -m bench --only l4,cross    # cases: l4 cross bulk failover memory workers tunnel
+    python -m bench --only tunnel      # WireGuard+mTLS vs mTLS vs HAProxy chain (root: netns)
 
 Starts on 127.0.0.1, and stops by PID: nginx (backend: 64-byte `/`, a sparse file for bulk),
 HAProxy (`mode tcp`, and a TLS 1.3 re-encrypt chain of two HAProxies with client certs both
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import uvloop
 
-from bench import failover, infra, memory
+from bench import failover, infra, memory, tunnel
 from bench.report import Results, render
 from federation.errors import InputError
 from federation.units import parse_int
@@ -35,7 +36,7 @@ from isthmus.demo import Processes, ports, start_topology
 OFFSET = 8000  # gateway ports 23101..26302 (integration tests use 15xxx-22999; keep below 32768)
 HAPROXY_TCP, CHAIN_IN, CHAIN_TLS, BARE_RELAY = 27501, 27511, 27512, 27521
 HAPROXY_T1, HAPROXY_T2 = 27531, 27532  # scaling case: nbthread 1 and 2, not pinned
-CASES = ("l4", "cross", "bulk", "failover", "memory", "workers")
+CASES = ("l4", "cross", "bulk", "failover", "memory", "workers", "tunnel")
 GiB = 1 << 30
 
 
@@ -371,6 +372,11 @@ def main() -> int:
             suite.log("failover")
             attempt("failover", lambda: suite.extra.__setitem__(
                 "failover", uvloop.run(failover.run(tmp / "failover", kills, suite.log))))
+        if "tunnel" in a.only:
+            suite.log("tunnel")
+            attempt("tunnel", lambda: suite.extra.__setitem__(
+                "tunnel", tunnel.run(tmp / "tunnel", a.rounds, a.seconds, a.bulk_mib,
+                                     suite.log)))
         if "memory" in a.only:
             suite.log("memory: gateway idle connections")
             attempt("gateway memory", lambda: suite.extra.__setitem__(

@@ -69,17 +69,26 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def wait_port(port: int, timeout: float = 10.0) -> None:
+def wait_port(port: int, timeout: float = 10.0, prefix: tuple[str, ...] = (),
+              host: str = "127.0.0.1") -> None:
+    """Until host:port accepts a connection; with `prefix` (`ip netns exec NS`), from there."""
     import socket
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if prefix:
+            probe = subprocess.run([*prefix, "bash", "-c", f"exec 3<>/dev/tcp/{host}/{port}"],
+                                   capture_output=True)
+            if probe.returncode == 0:
+                return
+            time.sleep(0.05)
+            continue
         try:
-            socket.create_connection(("127.0.0.1", port), 0.5).close()
+            socket.create_connection((host, port), 0.5).close()
             return
         except OSError:
             time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+    raise RuntimeError(f"nothing listens on {host}:{port} after {timeout}s")
 
 
 def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 5.0) -> None:
@@ -114,7 +123,9 @@ class Nginx:
     """One nginx process (master_process off, one worker's worth of work) on the given ports:
     `/` answers a 64-byte body, `/bulk/FILE` serves files from the temp dir (sendfile)."""
 
-    def __init__(self, tmp: Path, ports: list[int], bulk_bytes: int = 0) -> None:
+    def __init__(self, tmp: Path, ports: list[int], bulk_bytes: int = 0,
+                 prefix: tuple[str, ...] = ()) -> None:
+        self.prefix = prefix  # e.g. ("ip", "netns", "exec", NS): run it in a namespace
         self.dir = tmp / "nginx"
         (self.dir / "logs").mkdir(parents=True, exist_ok=True)
         (self.dir / "www" / "bulk").mkdir(parents=True, exist_ok=True)
@@ -159,6 +170,7 @@ http {{
     def start(self) -> None:
         self.proc = subprocess.Popen(
             [
+                *self.prefix,
                 "taskset",
                 "-c",
                 str(LOAD_CORE),
@@ -173,7 +185,7 @@ http {{
             stderr=open(self.dir / "logs" / "stderr.log", "wb"),
         )
         for p in self.ports:
-            wait_port(p)
+            wait_port(p, prefix=self.prefix)
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -261,8 +273,10 @@ defaults
 
 class HAProxy:
     def __init__(
-        self, tmp: Path, name: str, body: str, nbthread: int = 1, pinned: bool = True
+        self, tmp: Path, name: str, body: str, nbthread: int = 1, pinned: bool = True,
+        prefix: tuple[str, ...] = (), host: str = "127.0.0.1",
     ) -> None:
+        self.prefix, self.host = prefix, host  # run in a namespace; the address it binds
         self.cfg = tmp / f"haproxy-{name}.cfg"
         self.cfg.write_text(HAPROXY_GLOBAL.format(nbthread=nbthread) + body)
         self.pinned = pinned  # to PROXY_CORE
@@ -277,12 +291,12 @@ class HAProxy:
             raise RuntimeError(f"haproxy config {self.cfg}: {check.stdout}{check.stderr}")
         pin = ["taskset", "-c", str(PROXY_CORE)] if self.pinned else []
         self.proc = subprocess.Popen(
-            [*pin, "haproxy", "-db", "-f", str(self.cfg)],
+            [*self.prefix, *pin, "haproxy", "-db", "-f", str(self.cfg)],
             stdin=subprocess.DEVNULL,
             stdout=open(self.log, "wb"),
             stderr=subprocess.STDOUT,
         )
-        wait_port(port)
+        wait_port(port, prefix=self.prefix, host=self.host)
 
     @property
     def pid(self) -> int:
@@ -305,29 +319,32 @@ backend b
 
 
 def haproxy_chain(
-    tmp: Path, listen: int, tls_port: int, backend: int, certs: dict[str, Path]
+    tmp: Path, listen: int, tls_port: int, backend: int, certs: dict[str, Path],
+    tls_host: str = "127.0.0.1", prefix_a: tuple[str, ...] = (), prefix_b: tuple[str, ...] = (),
 ) -> tuple[HAProxy, HAProxy]:
     """A: plain in -> TLS 1.3 out with a client cert (verify the server against the CA);
     B: TLS 1.3 in requiring a client cert from the CA -> plain to the backend. HAProxy's
-    defaults otherwise (including its client-side TLS session reuse)."""
+    defaults otherwise (including its client-side TLS session reuse). B listens on
+    tls_host:tls_port; with prefixes, A and B run in those namespaces."""
     a = HAProxy(tmp, "chain-a", f"""frontend f
   bind 127.0.0.1:{listen}
   default_backend b
 backend b
-  server s1 127.0.0.1:{tls_port} ssl crt {certs['client']} ca-file {certs['ca']} verify required \
+  server s1 {tls_host}:{tls_port} ssl crt {certs['client']} ca-file {certs['ca']} verify required \
 verifyhost haproxy-server.bench.local sni str(haproxy-server.bench.local) ssl-min-ver TLSv1.3
 """)
     b = HAProxy(
         tmp,
         "chain-b",
         f"""frontend f
-  bind 127.0.0.1:{tls_port} ssl crt {certs["server"]} ca-file {certs["ca"]} verify required \
+  bind {tls_host}:{tls_port} ssl crt {certs["server"]} ca-file {certs["ca"]} verify required \
 ssl-min-ver TLSv1.3
   default_backend b
 backend b
   server s1 127.0.0.1:{backend}
-""",
+""", prefix=prefix_b, host=tls_host,
     )
+    a.prefix = prefix_a
     return a, b
 
 
@@ -352,8 +369,10 @@ def _lat(text: str, pct: str) -> float | None:
     return float(m.group(1)) * _UNITS[m.group(2)] if m else None
 
 
-def wrk(port: int, conns: int, seconds: float, close: bool = False, path: str = "/") -> WrkResult:
+def wrk(port: int, conns: int, seconds: float, close: bool = False, path: str = "/",
+        prefix: tuple[str, ...] = ()) -> WrkResult:
     cmd = [
+        *prefix,
         "taskset",
         "-c",
         str(LOAD_CORE),
@@ -389,10 +408,12 @@ def wrk(port: int, conns: int, seconds: float, close: bool = False, path: str = 
     )
 
 
-def curl_mbps(port: int, path: str, expect: int, timeout: float = 120.0) -> float:
+def curl_mbps(port: int, path: str, expect: int, timeout: float = 120.0,
+              prefix: tuple[str, ...] = ()) -> float:
     """MB/s (10^6 bytes/s) of one download through 127.0.0.1:port, written to /dev/null."""
     out = subprocess.run(
         [
+            *prefix,
             "taskset",
             "-c",
             str(LOAD_CORE),

@@ -249,4 +249,11 @@ def render(suite: Results, a: argparse.Namespace, elapsed: float, every: tuple[s
     fo = suite.extra.get("failover")
     if fo:
         parts += ["", f"Blackhole: {fo['blackholed']['blackhole_check']}."]
+    tun = suite.extra.get("tunnel")
+    if tun:
+        from bench.tunnel import table as tunnel_table
+
+        parts += ["", "Tunnel (issue 12): cross-cluster between two network namespaces, "
+                  "WireGuard (wireguard-go) + mTLS vs mTLS only vs the HAProxy TLS chain:", "",
+                  tunnel_table(tun)]
     return "\n".join(parts)
