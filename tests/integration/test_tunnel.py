@@ -147,6 +147,21 @@ imports:
     async def ask(self, name: str, timeout: float = 3.0) -> str:
         return await self.net.ns[name].request(IMPORT, "ping", timeout)
 
+    async def cross_from_east1(self):
+        """Stop east-1's backends, so its import goes through a tunnel; wait until it does.
+        Returns the check (is east-1's import served by another cluster now?)."""
+        for p in [p for p in self.procs if p.name.startswith("backend-east-1")]:
+            p.stop()
+
+        async def served() -> bool:
+            try:
+                return await self.ask("east-1", 2.0) in ("east-2", "west-1")
+            except (OSError, ConnectionError, TimeoutError):
+                return False
+
+        await wait_for(served, 10.0, what="east-1 served through the tunnel")
+        return served
+
     async def stop(self) -> None:
         for p in reversed(self.procs):
             p.stop()
@@ -246,16 +261,7 @@ async def test_a_cluster_whose_lease_expires_is_removed_as_a_peer(topo: TunnelTo
 
 
 async def test_wireguard_go_killed_is_restarted_and_traffic_resumes(topo: TunnelTopology):
-    for p in [p for p in topo.procs if p.name.startswith("backend-east-1")]:
-        p.stop()  # east-1's import now goes to east-2 through the tunnel
-
-    async def served() -> bool:
-        try:
-            return await topo.ask("east-1", 2.0) in ("east-2", "west-1")
-        except (OSError, ConnectionError, TimeoutError):
-            return False
-
-    await wait_for(served, 10.0, what="east-1 served through the tunnel")
+    served = await topo.cross_from_east1()
     pid = (await topo.status("east-1"))["tunnel"]["pid"]
     import os
     import signal
@@ -328,16 +334,7 @@ async def test_key_rotation_under_a_steady_stream_fails_nothing(topo: TunnelTopo
     """Every gateway rotates its key every 4 s (announced 1 s before use) while east-1's
     import, its own backends stopped, sends 20 new connections a second through the tunnels
     for 14 s: 0 failed, and each gateway rotated at least twice."""
-    for p in [p for p in topo.procs if p.name.startswith("backend-east-1")]:
-        p.stop()
-
-    async def served() -> bool:
-        try:
-            return await topo.ask("east-1", 2.0) in ("east-2", "west-1")
-        except (OSError, ConnectionError, TimeoutError):
-            return False
-
-    await wait_for(served, 10.0, what="east-1 served through the tunnel")
+    await topo.cross_from_east1()
     keys0 = {c: (await topo.status(c))["tunnel"]["public_key"] for c, *_ in CLUSTERS}
     results: list[str] = []
 
