@@ -92,6 +92,9 @@ class Gateways:
             r = ns1.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time",
                          "2", f"http://127.0.0.1:{IMPORT}/"])
             if r.stdout == "200":
+                for p in self.procs[1:]:  # the gateways and, now started, their wireguard-go
+                    for pid in [p.pid, *infra.children(p.pid)]:
+                        infra.pin(pid, infra.PROXY_CORE)
                 return
             time.sleep(0.3)
         raise RuntimeError(f"east-1's import never served (logs in {self.tmp})")
