@@ -65,6 +65,7 @@ from gateway.control.handoff import TakeoverFailed
 from gateway.control.reload import ConfigReloads, watch_config
 from gateway.control.workers import STATS_EVERY, Supervisor, read_stats, watch_parent, write_stats
 from gateway.core.health import HealthBook
+from gateway.core.priorities import priorities
 from gateway.core.reconcile import ConfigChanges, effective, moved_listeners, reconcile
 from gateway.core.takeover import Progress, Wanted
 from gateway.core.tunnel_peers import wanted_peers
@@ -81,6 +82,9 @@ from gateway.restart import Restart, first_of, readiness
 from gateway.tunnel.device import WireguardDevice
 from gateway.tunnel.keys import load_or_create
 from gateway.tunnel.rotation import KeyRotation
+from gateway.xds.resources import Snapshot, XdsService
+from gateway.xds.resources import snapshot as xds_snapshot
+from gateway.xds.server import Pusher, XdsServer
 
 log = logging.getLogger("isthmus.gateway")
 
@@ -142,6 +146,8 @@ class Gateway:
         self.tunnel: WireguardDevice | None = None  # the primary's, with a `tunnel:` section
         self._tunnel_wanted = asyncio.Event()  # a new catalog for the tunnel's peers
         self.key_rotation: KeyRotation | None = None
+        self.xds: XdsServer | None = None  # the primary's, with an `xds:` section
+        self.xds_pusher: Pusher | None = None
 
     # -- construction --------------------------------------------------------------------------
     def _mono(self) -> float:
@@ -210,6 +216,11 @@ class Gateway:
     def _health_changed(self, key: str) -> None:
         if key.startswith("local:") and self.agent is not None:
             self.agent.publish_wanted.set()
+        self._xds_changed()
+
+    def _xds_changed(self) -> None:
+        if self.xds_pusher is not None:
+            self.xds_pusher.mark()
 
     def _on_identity(self, svid: Svid) -> None:  # a new SVID and/or own bundle (CA rotation)
         snap, own = self.tls.snapshot, self.identity.bundle
@@ -256,6 +267,7 @@ class Gateway:
             router.set_remote(self._remote_of(svc))
         self.book.forget(self._known_keys())
         self._refresh_dns()
+        self._xds_changed()
         self._tunnel_wanted.set()
         if self.drill_actor is not None:
             self.drill_actor.on_catalog(cat)
@@ -332,6 +344,37 @@ class Gateway:
         if agent.client is None:  # type: ignore[union-attr]
             raise GatewayError("not joined to the federation yet")
         await agent.client.put_record(agent._record())  # type: ignore[union-attr]
+
+    def _xds_snapshot(self) -> Snapshot:
+        """The xDS resources now: per import, priorities from its router's tiers."""
+        xd = self.cfg.xds
+        host = xd.listen[0] if xd is not None and not _wildcard(xd.listen[0]) else "127.0.0.1"
+        services = []
+        for im in self.cfg.imports:
+            svc = ServiceKey(im.namespace, im.name)
+            router = self.import_routers.get(svc)
+            if router is None:
+                continue
+            router.tick()
+            listen = (host if _wildcard(im.listen[0]) else im.listen[0], im.listen[1])
+            services.append(XdsService(svc, priorities(router.tiers, self.locality, listen)))
+        zone = self.cfg.dns.zone if self.cfg.dns is not None else "clusterset.local"
+        return xds_snapshot(services, self.cfg.limits.connect_timeout, zone)
+
+    async def _start_xds(self) -> None:
+        xd = self.cfg.xds
+        if xd is None or self.xds is not None:
+            return
+        server = XdsServer(self._xds_snapshot())
+        try:
+            await server.start(*xd.listen)
+        except (OSError, RuntimeError) as e:
+            raise BindError(f"{self.cfg.source}: xds.listen: cannot listen on "
+                            f"{format_hostport(*xd.listen)}: {e}") from None
+        self.xds = server
+        self.xds_pusher = Pusher(server, self._xds_snapshot)
+        if self._tg is not None:
+            self._tg.create_task(self.xds_pusher.run())
 
     async def _start_dns(self) -> None:
         d = self.cfg.dns
@@ -501,6 +544,7 @@ class Gateway:
             await self._open_import(im, sock, serving=True)
         self.book.forget(self._known_keys())
         self._refresh_dns()
+        self._xds_changed()
         if self.agent.lease is not None:
             self.agent.publish_wanted.set()
 
@@ -709,6 +753,7 @@ class Gateway:
             return  # run() takes over once ready
         await self._start_admin()
         await self._start_dns()
+        await self._start_xds()
         self.ready = True
         log.info("gateway %s (%s) up: inbound %s, admin %s:%s, %d import listener(s), "
                  "%d worker(s)%s",
@@ -762,6 +807,8 @@ class Gateway:
                 tg.create_task(keep_links(self.tls, (self.dialer.pool, self.inbound)))
                 tg.create_task(self._ticker())
                 self._tunnel_tasks()
+                if self.xds_pusher is not None:
+                    tg.create_task(self.xds_pusher.run())
                 if self.primary:
                     if self.restart.handoff is not None:
                         try:
@@ -814,6 +861,7 @@ class Gateway:
         await self._start_admin()
         await self._start_dns()
         await self._start_device()
+        await self._start_xds()
         self.ready = True
 
     async def _close_admin(self) -> None:
@@ -835,6 +883,9 @@ class Gateway:
         if self.tunnel is not None:
             await self.tunnel.close()
             self.tunnel = None
+        if self.xds is not None:
+            await self.xds.close()
+            self.xds = None
         if self.agent is not None:
             await self.agent.close()
         await self.restart.close()
@@ -864,6 +915,7 @@ class Gateway:
             "config": self.reloads.status(),
             "dns": self.dns.describe() if self.dns is not None else None,
             "tunnel": self._tunnel_status(),
+            "xds": self.xds.describe() if self.xds is not None else None,
         }
 
     def _tunnel_status(self) -> dict[str, Any] | None:
@@ -895,3 +947,7 @@ def _first_error(group: BaseExceptionGroup) -> BaseException:
     while isinstance(e, BaseExceptionGroup):
         e = e.exceptions[0]
     return e
+
+
+def _wildcard(host: str) -> bool:
+    return host in ("0.0.0.0", "::", "")

@@ -300,9 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from isthmus.drill import add_drill_parser
     from isthmus.identity_cli import add_identity_parser
+    from isthmus.xds_cli import add_xds_parser
 
     add_drill_parser(sub)
     add_identity_parser(sub)
+    add_xds_parser(sub)
 
     demo = sub.add_parser(
         "demo",

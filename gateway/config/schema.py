@@ -85,6 +85,7 @@ from gateway.config.values import (
     ReloadConfig,
     ServiceSource,
     TunnelConfig,
+    XdsConfig,
 )
 from gateway.errors import ConfigError, Problem
 
@@ -204,6 +205,10 @@ TUNNEL: Table = (
           doc="the next key is announced this long before it is used"),
 )
 
+XDS: Table = (
+    Field("listen", _hostport, doc="plaintext gRPC (ADS); this cluster's apps only"),
+)
+
 PEER_PROBE: Table = _timing(0.5, 0.5)
 DEFAULT_IDENTITY = IdentityConfig(**defaults(IDENTITY))
 DEFAULT_LIMITS = LimitsConfig(**defaults(LIMITS))
@@ -227,6 +232,8 @@ TOP: Table = (
           doc="the clusterset.local DNS responder; none without this section"),
     Field("tunnel", lambda r, n, p: _Schema.tunnel(r, n, p), None,
           doc="WireGuard between gateways; none without this section"),
+    Field("xds", lambda r, n, p: _Schema.simple(r, n, p, XDS, XdsConfig), None,
+          doc="ADS for proxyless gRPC and Envoy; none without this section"),
 )
 
 
@@ -567,7 +574,8 @@ class _Schema(Services):
     def own_listeners(self, top: dict[str, Node]) -> list[Listener]:
         """listen.inbound and listen.admin, where their addresses are valid."""
         found: list[Listener] = []
-        for section, keys in (("listen", ("inbound", "admin")), ("dns", ("listen",))):
+        for section, keys in (("listen", ("inbound", "admin")), ("dns", ("listen",)),
+                              ("xds", ("listen",))):
             parent = top.get(section)
             if not isinstance(parent, MappingNode):
                 continue

@@ -32,6 +32,7 @@ __all__ = [
     "ReloadConfig",
     "ServiceSource",
     "TunnelConfig",
+    "XdsConfig",
 ]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -101,6 +102,13 @@ class TunnelConfig:
     endpoint: str = ""  # host:port peers send to; "" = listen.advertise's host + listen_port
     rotate_every: float = 86400.0  # a new key pair this often (0: never)
     rotation_overlap: float = 10.0  # the next key is announced this long before it is used
+
+
+@dataclass(frozen=True, slots=True)
+class XdsConfig:
+    """The Aggregated Discovery Service for proxyless gRPC and Envoy (gateway/xds/)."""
+
+    listen: tuple[str, int]  # plaintext gRPC: bind it where only this cluster's apps reach
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +222,7 @@ class GatewayConfig:
     reload: ReloadConfig = ReloadConfig()
     dns: DnsConfig | None = None  # no `dns:` section: no DNS responder
     tunnel: TunnelConfig | None = None  # no `tunnel:` section: links are mTLS on the underlay
+    xds: XdsConfig | None = None  # no `xds:` section: no ADS server
     service_files: tuple[Path, ...] = ()  # absolute, in the order read (sorted)
     service_sources: tuple[ServiceSource, ...] = ()  # where each service was declared
 

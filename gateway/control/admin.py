@@ -167,6 +167,22 @@ def render_metrics(gw: Any, http: ServingStats | None = None) -> str:
                "Times wireguard-go died and was started again.", [({}, t["restarts"])])
         metric("isthmus_gateway_tunnel_failures_total", "counter",
                "Tunnel operations (UAPI, netlink) that failed.", [({}, t["failures"])])
+    xds = getattr(gw, "xds", None)
+    if xds is not None:
+        st = xds.stats
+        metric("isthmus_gateway_xds_clients", "gauge", "xDS (ADS) streams open now.",
+               [({}, len(xds.streams))])
+        metric("isthmus_gateway_xds_pushes_total", "counter", "xDS responses sent, by type.",
+               [({"type": t.rsplit(".", 1)[-1]}, n) for t, n in sorted(st.pushes.items())])
+        metric("isthmus_gateway_xds_acks_total", "counter", "xDS responses ACKed.",
+               [({}, st.acks)])
+        metric("isthmus_gateway_xds_nacks_total", "counter",
+               "xDS responses NACKed (the client kept its last good version), by type.",
+               [({"type": t.rsplit(".", 1)[-1]}, n) for t, n in sorted(st.nacks.items())])
+        acks = sorted(st.ack_seconds)
+        metric("isthmus_gateway_xds_change_to_ack_seconds", "gauge",
+               "Median time from a change of the resources to a client's ACK (latest 1000).",
+               [({}, acks[len(acks) // 2])] if acks else [])
     reloads = getattr(gw, "reloads", None)
     if reloads is not None:
         metric("isthmus_config_reload_total", "counter",

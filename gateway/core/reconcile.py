@@ -21,10 +21,11 @@ says what differs, service by service, and the runtime does exactly that and not
                           load time, or read when used)
 
 The rest of the gateway file (cluster, federation, listen, state_dir, identity, limits,
-outlier_detection, peer_probe, dns, tunnel, reload.watch / poll_interval / debounce) is what
-the running process is built on: a change there is *not* applied live. `restart_needed` names those
-fields; the running values are kept (`effective`), the reload of the services still applies,
-and the gateway says so (log, /status) until a restart (`isthmus gateway run --takeover`).
+outlier_detection, peer_probe, dns, tunnel, xds, reload.watch / poll_interval / debounce) is
+what the running process is built on: a change there is *not* applied live. `restart_needed`
+names those fields; the running values are kept (`effective`), the reload of the services
+still applies, and the gateway says so (log, /status) until a restart (`isthmus gateway run
+--takeover`).
 
 Pure: values in, values out; no I/O.
 """
@@ -39,7 +40,7 @@ __all__ = ["ConfigChanges", "effective", "reconcile", "RESTART_FIELDS"]
 
 # GatewayConfig fields the running process is built on (changed only by a restart).
 RESTART_FIELDS = ("cluster", "federation", "listen", "state_dir", "identity", "limits",
-                  "outlier_detection", "peer_probe", "dns", "tunnel")
+                  "outlier_detection", "peer_probe", "dns", "tunnel", "xds")
 RELOAD_RESTART_FIELDS = ("watch", "poll_interval", "debounce")
 
 
