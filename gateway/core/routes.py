@@ -1,0 +1,225 @@
+"""HTTP routes, modelled on the Gateway API's HTTPRoute (pure): match a request, pick a backend,
+apply filters.
+
+Theory of operation
+-------------------
+An HTTP import's routes are rules; a rule has matches (ORed; none = `PathPrefix /`), filters
+and weighted backend refs. A match ANDs its conditions:
+
+    path         Exact | PathPrefix (element-wise: /foo matches /foo, /foo/, /foo/bar, not
+                 /foobar; a trailing / in the prefix is ignored) | RegularExpression (full match)
+    headers      Exact (names case-insensitive) | RegularExpression, every one must hold
+    queryParams  Exact | RegularExpression, every one must hold (the first value of a name)
+    method       equal
+
+Precedence (HTTPRoute's, across every rule of every route): an Exact path beats a prefix, a
+longer prefix a shorter one (a RegularExpression path ranks after both: implementation-specific
+in the spec), then a method match, then more header matches, then more query matches; ties go
+to the route listed first (routes are ordered by file, then position), then to the rule listed
+first. `compile_routes` sorts every (match, rule) pair once per config version; `match` walks
+that list and returns the first hit.
+
+A rule's backends are drawn by weight (`pick`, injected randomness; weight 0 = never; all zero =
+no backend, a 500). Filters: RequestHeaderModifier / ResponseHeaderModifier (set, add, remove),
+RequestRedirect (scheme, hostname, port, path ReplaceFullPath | ReplacePrefixMatch, status 301 |
+302), URLRewrite (hostname, path ReplaceFullPath | ReplacePrefixMatch).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from federation.model import ServiceKey
+
+__all__ = ["Backend", "CompiledRoutes", "HeaderMatch", "HeaderModifier", "Match", "Redirect",
+           "Rewrite", "Route", "Rule", "compile_routes", "modify_headers", "pick",
+           "redirect_location", "rewrite_path"]
+
+EXACT, PREFIX, REGEX = "Exact", "PathPrefix", "RegularExpression"
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderMatch:
+    name: str  # header or query parameter name (headers: compared lowercase)
+    value: str
+    kind: str = EXACT  # Exact | RegularExpression
+
+    def holds(self, got: str | None) -> bool:
+        if got is None:
+            return False
+        if self.kind == EXACT:
+            return got == self.value
+        return re.fullmatch(self.value, got) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    path_kind: str = PREFIX
+    path: str = "/"
+    headers: tuple[HeaderMatch, ...] = ()
+    query: tuple[HeaderMatch, ...] = ()
+    method: str | None = None
+
+    def holds(self, method: str, path: str, headers: Mapping[str, str],
+              query: Mapping[str, str]) -> bool:
+        if self.method is not None and method != self.method:
+            return False
+        if not _path_holds(self.path_kind, self.path, path):
+            return False
+        return (all(h.holds(headers.get(h.name.lower())) for h in self.headers)
+                and all(q.holds(query.get(q.name)) for q in self.query))
+
+
+def _path_holds(kind: str, want: str, path: str) -> bool:
+    if kind == EXACT:
+        return path == want
+    if kind == PREFIX:
+        prefix = want.rstrip("/")
+        return prefix == "" or path == prefix or path.startswith(prefix + "/")
+    return re.fullmatch(want, path) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderModifier:
+    set: tuple[tuple[str, str], ...] = ()
+    add: tuple[tuple[str, str], ...] = ()
+    remove: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    scheme: str | None = None
+    hostname: str | None = None
+    port: int | None = None
+    path_kind: str | None = None  # ReplaceFullPath | ReplacePrefixMatch
+    path: str | None = None
+    status: int = 302
+
+
+@dataclass(frozen=True, slots=True)
+class Rewrite:
+    hostname: str | None = None
+    path_kind: str | None = None
+    path: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    service: ServiceKey
+    weight: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    matches: tuple[Match, ...] = (Match(),)
+    backends: tuple[Backend, ...] = ()
+    request_headers: HeaderModifier | None = None
+    response_headers: HeaderModifier | None = None
+    redirect: Redirect | None = None
+    rewrite: Rewrite | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: str
+    rules: tuple[Rule, ...]
+    hostnames: tuple[str, ...] = ()  # empty: any Host
+
+
+@dataclass(frozen=True)
+class CompiledRoutes:
+    """Every (match, rule, route) in precedence order."""
+
+    entries: tuple[tuple[Match, Rule, Route], ...] = field(default_factory=tuple)
+
+    def match(self, method: str, path: str, headers: Mapping[str, str],
+              query: Mapping[str, str], host: str = "") -> tuple[Route, Rule, Match] | None:
+        """The first entry that holds, or None (a 404). `headers` keys lowercase."""
+        bare = host.rsplit(":", 1)[0].lower() if host and not host.endswith("]") else host
+        for m, rule, route in self.entries:
+            if route.hostnames and not any(_host_holds(h, bare) for h in route.hostnames):
+                continue
+            if m.holds(method, path, headers, query):
+                return route, rule, m
+        return None
+
+
+def _host_holds(pattern: str, host: str) -> bool:
+    pattern = pattern.lower()
+    if pattern.startswith("*."):
+        return host.endswith(pattern[1:]) and host.count(".") >= pattern.count(".")
+    return host == pattern
+
+
+def _rank(m: Match) -> tuple:
+    kind = {EXACT: 0, PREFIX: 1, REGEX: 2}[m.path_kind]
+    length = len(m.path.rstrip("/")) if m.path_kind == PREFIX else len(m.path)
+    return (kind, -length, m.method is None, -len(m.headers), -len(m.query))
+
+
+def compile_routes(routes: Sequence[Route]) -> CompiledRoutes:
+    """Sort once: HTTPRoute precedence, then route order, then rule order (module docstring)."""
+    keyed = []
+    for ri, route in enumerate(routes):
+        for ui, rule in enumerate(route.rules):
+            for m in rule.matches:
+                keyed.append((_rank(m), ri, ui, (m, rule, route)))
+    keyed.sort(key=lambda k: (k[0], k[1], k[2]))
+    return CompiledRoutes(tuple(k[3] for k in keyed))
+
+
+def pick(backends: Sequence[Backend], random: Callable[[], float]) -> Backend | None:
+    """A backend drawn by weight; None if every weight is 0 (or there is none)."""
+    total = sum(b.weight for b in backends)
+    if total <= 0:
+        return None
+    x = random() * total
+    for b in backends:
+        x -= b.weight
+        if x < 0:
+            return b
+    return next(b for b in reversed(backends) if b.weight > 0)
+
+
+def modify_headers(headers: list[tuple[str, str]], mod: HeaderModifier
+                   ) -> list[tuple[str, str]]:
+    """Headers (name, value) after set (replace every value), add (append) and remove."""
+    gone = {n.lower() for n in mod.remove} | {n.lower() for n, _ in mod.set}
+    out = [(n, v) for n, v in headers if n.lower() not in gone]
+    out += list(mod.set) + list(mod.add)
+    return out
+
+
+def _replace_path(kind: str | None, new: str | None, path: str, m: Match) -> str:
+    if kind is None or new is None:
+        return path
+    if kind == "ReplaceFullPath":
+        return new
+    # ReplacePrefixMatch: the matched prefix replaced, the rest of the path kept
+    prefix = m.path.rstrip("/") if m.path_kind == PREFIX else path
+    return (new.rstrip("/") + path[len(prefix):]) or "/"
+
+
+def rewrite_path(rw: Rewrite, path: str, m: Match) -> str:
+    return _replace_path(rw.path_kind, rw.path, path, m)
+
+
+def redirect_location(rd: Redirect, scheme: str, host: str, path: str, query: str,
+                      m: Match) -> str:
+    """The Location of a RequestRedirect (query kept as it came)."""
+    s = rd.scheme or scheme
+    bare, _, port = host.partition(":")
+    h = rd.hostname or bare
+    default = {"http": 80, "https": 443}.get(s)
+    # HTTPRoute: no port given -> the new scheme's well-known port, else the request's
+    if rd.port is not None:
+        p = rd.port
+    elif rd.scheme:
+        p = default
+    else:
+        p = int(port) if port.isdigit() else None
+    netloc = h if p is None or p == default else f"{h}:{p}"
+    new = _replace_path(rd.path_kind, rd.path, path, m)
+    return f"{s}://{netloc}{new}" + (f"?{query}" if query else "")
