@@ -358,3 +358,45 @@ async def test_key_rotation_under_a_steady_stream_fails_nothing(topo: TunnelTopo
     assert not failed, failed[:5]
     assert all(n >= 2 for n in rotations.values()), rotations
     assert all(keys0[c] != keys1[c] for c in keys0)
+
+
+async def test_a_takeover_hands_the_tunnel_over(topo: TunnelTopology):
+    """`gateway run --takeover` of east-1 while its import goes through the tunnel: the new
+    process takes the interface over once released (a new wireguard-go), the old one exits 0,
+    and calls made all along fail none."""
+    await topo.cross_from_east1()
+    old_pid = (await topo.status("east-1"))["tunnel"]["pid"]
+    results: list[str] = []
+    stop = asyncio.Event()
+
+    async def stream() -> None:
+        while not stop.is_set():
+            try:
+                results.append(await topo.ask("east-1", 3.0))
+            except (OSError, ConnectionError, TimeoutError) as e:
+                results.append(f"FAILED {e!r}")
+            await asyncio.sleep(0.05)
+
+    task = asyncio.create_task(stream())
+    old = topo.gw["east-1"]
+    cfg = topo.root / "east-1" / "gateway.yaml"
+    new = topo._proc("east-1-new", topo.net.ns["east-1"], [
+        *isthmus_cmd(), "gateway", "run", "--config", str(cfg), "--takeover",
+        "--log-level", "info"])
+    new.start()
+    try:
+        await wait_for(lambda: old.popen.poll() is not None, 60.0, what="the old east-1 to exit")
+        assert old.popen.returncode == 0, old.tail()
+
+        async def new_device() -> bool:
+            t = (await topo.status("east-1"))["tunnel"]
+            return t is not None and t["pid"] not in (None, old_pid) and len(t["peers"]) == 2
+
+        await wait_for(new_device, 20.0, what="the new process's tunnel")
+        await asyncio.sleep(1.0)
+    finally:
+        stop.set()
+        await task
+    failed = [r for r in results if r.startswith("FAILED")]
+    print(f"\ntakeover with a tunnel: {len(results)} calls, {len(failed)} failed")
+    assert not failed, failed[:5]
