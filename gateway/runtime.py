@@ -82,6 +82,7 @@ from gateway.restart import Restart, first_of, readiness
 from gateway.tunnel.device import WireguardDevice
 from gateway.tunnel.keys import load_or_create
 from gateway.tunnel.rotation import KeyRotation
+from gateway.tunnel.uapi import TunnelError
 from gateway.xds.resources import Snapshot, XdsService
 from gateway.xds.resources import snapshot as xds_snapshot
 from gateway.xds.server import Pusher, XdsServer
@@ -276,7 +277,7 @@ class Gateway:
         """The DNS answers from the catalog and imports now (replaced whole; the SOA serial goes
         up only when a record changed)."""
         d = self.cfg.dns
-        if d is None:
+        if d is None or not self.primary:  # the primary alone answers DNS
             return
         settings = DnsSettings(d.zone, d.ttl, d.listen[0], d.addresses)
         me, old = self.cfg.cluster.name, self.dns_records
@@ -295,9 +296,17 @@ class Gateway:
             await self._tunnel_wanted.wait()
             self._tunnel_wanted.clear()
             own = self.catalog.clusters.get(me)
-            if own is not None and own.tunnel is not None and own.tunnel.overlay_address:
-                await self.tunnel.set_address(own.tunnel.overlay_address)  # type: ignore[union-attr]
-            await self.tunnel.set_peers(wanted_peers(self.catalog, me))  # type: ignore[union-attr]
+            try:
+                if own is not None and own.tunnel is not None and own.tunnel.overlay_address:
+                    await self.tunnel.set_address(  # type: ignore[union-attr]
+                        own.tunnel.overlay_address)
+                await self.tunnel.set_peers(wanted_peers(self.catalog, me))  # type: ignore
+            except (TunnelError, OSError) as e:
+                self.tunnel.stats.failures += 1  # type: ignore[union-attr]
+                log.warning("tunnel: applying the catalog failed (%s); retried on the next "
+                            "change", e)
+                await asyncio.sleep(1.0)
+                self._tunnel_wanted.set()
 
     async def _start_tunnel(self) -> None:
         """Our key pair and record's tunnel side; the primary also runs the device."""
@@ -456,7 +465,17 @@ class Gateway:
         if self._tg is None:
             self._reload_pending = trigger  # run() starts it once the group runs
         else:
-            self._tg.create_task(self.reload(trigger))
+            self._tg.create_task(self._reload_safely(trigger))
+
+    async def _reload_safely(self, trigger: str) -> None:
+        """A reload that fails in a way nobody foresaw is refused and logged; the gateway goes
+        on serving the config it had."""
+        try:
+            await self.reload(trigger)
+        except Exception as e:  # noqa: BLE001 - one bad reload must not stop the gateway
+            log.exception("config reload (%s) failed", trigger)
+            self.reloads.refused(trigger, [f"{self.cfg.source}: reload failed: "
+                                           f"{type(e).__name__}: {e}"])
 
     async def reload(self, trigger: str) -> str:
         """Read and validate every file, then apply what changed: 'applied', 'unchanged' or
@@ -789,7 +808,7 @@ class Gateway:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 if self.primary:
-                    tg.create_task(watch_config(lambda: self.cfg, self.reload))
+                    tg.create_task(watch_config(lambda: self.cfg, self._reload_safely))
                 if self._reload_pending is not None:
                     self.reload_soon(self._reload_pending)
                 if self.primary:

@@ -221,11 +221,14 @@ def _netlink() -> Iterator[Any]:
     """A pyroute2 IPRoute on a plain asyncio loop of this thread (pyroute2 runs its sockets on
     an event loop, and uvloop, the gateway's policy, cannot carry netlink sockets)."""
     from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
 
     loop = asyncio.SelectorEventLoop()
     try:
         with IPRoute(use_event_loop=loop) as ipr:
             yield ipr
+    except NetlinkError as e:  # one error type for the callers: the device's
+        raise TunnelError(f"netlink: {e}") from None
     finally:
         loop.close()
 

@@ -202,5 +202,10 @@ class Pusher:
             while self.dirty.is_set() and loop.time() - first < MAX_DELAY:
                 self.dirty.clear()
                 await asyncio.sleep(DEBOUNCE)
-            self.server.update(self.build())
+            try:
+                snap = self.build()
+            except Exception:  # noqa: BLE001 - a bad build keeps the last good snapshot
+                log.exception("xDS: building the resources failed; clients keep the last ones")
+                continue
+            self.server.update(snap)
             self.rebuilds += 1
