@@ -36,9 +36,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import os
 import random
-import signal
 import time
 from typing import Any
 
@@ -53,38 +51,31 @@ from federation.model import (
     Locality,
     ServiceKey,
     TierKind,
-    Tunnel,
 )
 from federation.units import format_hostport, parse_hostport
-from gateway.config.schema import ConfigError, GatewayConfig, load_config
+from gateway.config.schema import GatewayConfig
 from gateway.config.values import ExportConfig, ImportConfig
 from gateway.control.agent import Agent, Backoff, Identity, federation_ca
-from gateway.control.claim import BindError
 from gateway.control.drill_actor import DrillActor
 from gateway.control.handoff import TakeoverFailed
 from gateway.control.reload import ConfigReloads, watch_config
-from gateway.control.workers import STATS_EVERY, Supervisor, read_stats, watch_parent, write_stats
+from gateway.control.workers import STATS_EVERY, Supervisor, watch_parent, write_stats
 from gateway.core.health import HealthBook
-from gateway.core.priorities import priorities
-from gateway.core.reconcile import ConfigChanges, effective, moved_listeners, reconcile
-from gateway.core.takeover import Progress, Wanted
-from gateway.core.tunnel_peers import wanted_peers
+from gateway.core.takeover import Progress
 from gateway.dataplane.dial import Dialer
 from gateway.dataplane.l4 import ImportListener, InboundListener
 from gateway.dataplane.pool import keep_links
 from gateway.dataplane.probes import checker, probe_loop
 from gateway.dataplane.router import Router, local_key, remote_key
 from gateway.dataplane.tls import GatewayTls, TlsSnapshot
-from gateway.dns.answers import DnsSettings, Records, build
+from gateway.dns.answers import Records
 from gateway.dns.responder import DnsResponder
-from gateway.errors import GatewayError
+from gateway.introspection import Introspection
+from gateway.reloading import LiveReload
 from gateway.restart import Restart, first_of, readiness
+from gateway.sides import SideServices
 from gateway.tunnel.device import WireguardDevice
-from gateway.tunnel.keys import load_or_create
 from gateway.tunnel.rotation import KeyRotation
-from gateway.tunnel.uapi import TunnelError
-from gateway.xds.resources import Snapshot, XdsService
-from gateway.xds.resources import snapshot as xds_snapshot
 from gateway.xds.server import Pusher, XdsServer
 
 log = logging.getLogger("isthmus.gateway")
@@ -92,7 +83,7 @@ log = logging.getLogger("isthmus.gateway")
 TICK = 0.25  # failover state and export health re-evaluated this often, besides on events
 
 
-class Gateway:
+class Gateway(LiveReload, SideServices, Introspection):
     def __init__(self, cfg: GatewayConfig, *, wall=time.time, rng: random.Random | None = None,
                  workers: int = 1, worker: int = 0, primary_pid: int = 0, log_level: str = "info",
                  takeover: bool = False, listen_fds: dict[str, int] | None = None,
@@ -219,10 +210,6 @@ class Gateway:
             self.agent.publish_wanted.set()
         self._xds_changed()
 
-    def _xds_changed(self) -> None:
-        if self.xds_pusher is not None:
-            self.xds_pusher.mark()
-
     def _on_identity(self, svid: Svid) -> None:  # a new SVID and/or own bundle (CA rotation)
         snap, own = self.tls.snapshot, self.identity.bundle
         self.tls.update(TlsSnapshot(svid, {**snap.bundles, own.trust_domain: own}, snap.owners))
@@ -273,322 +260,16 @@ class Gateway:
         if self.drill_actor is not None:
             self.drill_actor.on_catalog(cat)
 
-    def _refresh_dns(self) -> None:
-        """The DNS answers from the catalog and imports now (replaced whole; the SOA serial goes
-        up only when a record changed)."""
-        d = self.cfg.dns
-        if d is None or not self.primary:  # the primary alone answers DNS
-            return
-        settings = DnsSettings(d.zone, d.ttl, d.listen[0], d.addresses)
-        me, old = self.cfg.cluster.name, self.dns_records
-        recs = build(settings, self.cfg.imports, self.catalog, me, self._dns_serial)
-        if old is None or recs.names != old.names:
-            self._dns_serial += 1
-            recs = build(settings, self.cfg.imports, self.catalog, me, self._dns_serial)
-        self.dns_records = recs
-        if self.dns is not None:
-            self.dns.set_records(recs)
-
-    async def _follow_tunnel(self) -> None:
-        """Keep the tunnel's address and peers equal to the latest catalog (coalesced)."""
-        me = self.cfg.cluster.name
-        while True:
-            await self._tunnel_wanted.wait()
-            self._tunnel_wanted.clear()
-            own = self.catalog.clusters.get(me)
-            try:
-                if own is not None and own.tunnel is not None and own.tunnel.overlay_address:
-                    await self.tunnel.set_address(  # type: ignore[union-attr]
-                        own.tunnel.overlay_address)
-                await self.tunnel.set_peers(wanted_peers(self.catalog, me))  # type: ignore
-            except (TunnelError, OSError) as e:
-                self.tunnel.stats.failures += 1  # type: ignore[union-attr]
-                log.warning("tunnel: applying the catalog failed (%s); retried on the next "
-                            "change", e)
-                await asyncio.sleep(1.0)
-                self._tunnel_wanted.set()
-
-    async def _start_tunnel(self) -> None:
-        """Our key pair and record's tunnel side; the primary also runs the device."""
-        t = self.cfg.tunnel
-        if t is None:
-            return
-        keys = await asyncio.to_thread(load_or_create, self.cfg.state_dir)
-        endpoint = t.endpoint or format_hostport(parse_hostport(self.cfg.listen.advertise)[0],
-                                                 t.listen_port)
-        self.agent.tunnel = Tunnel(keys.public_b64, endpoint)  # type: ignore[union-attr]
-        if self.primary and self.restart.handoff is None:
-            await self._start_device(keys)
-
-    async def _start_device(self, keys: Any = None) -> None:
-        """The primary's WireGuard device (in a takeover: once released; the old process's
-        wireguard-go then goes with the interface it held)."""
-        t = self.cfg.tunnel
-        if t is None or self.tunnel is not None:
-            return
-        if keys is None:
-            keys = await asyncio.to_thread(load_or_create, self.cfg.state_dir)
-        self.tunnel = WireguardDevice(t.interface, t.listen_port, keys)
-        await self.tunnel.start()
-        if t.rotate_every:
-            self.key_rotation = KeyRotation(self.cfg.state_dir, t.rotate_every,
-                                            t.rotation_overlap, self.tunnel,
-                                            lambda: self.agent.tunnel,  # type: ignore
-                                            self._publish_tunnel)
-        if self._tg is not None:
-            self._tunnel_tasks()
-
-    def _tunnel_tasks(self) -> None:
-        if self.tunnel is not None:
-            self._tg.create_task(self.tunnel.supervise())  # type: ignore[union-attr]
-            self._tg.create_task(self._follow_tunnel())  # type: ignore[union-attr]
-            self._tunnel_wanted.set()
-        if self.key_rotation is not None:
-            self._tg.create_task(self.key_rotation.run())  # type: ignore[union-attr]
-
-    async def _publish_tunnel(self, tunnel: Tunnel) -> None:
-        """Our record with this tunnel side, now (a key rotation's announcement or switch)."""
-        agent = self.agent
-        agent.tunnel = tunnel  # type: ignore[union-attr]
-        if agent.client is None:  # type: ignore[union-attr]
-            raise GatewayError("not joined to the federation yet")
-        await agent.client.put_record(agent._record())  # type: ignore[union-attr]
-
-    def _xds_snapshot(self) -> Snapshot:
-        """The xDS resources now: per import, priorities from its router's tiers."""
-        xd = self.cfg.xds
-        host = xd.listen[0] if xd is not None and not _wildcard(xd.listen[0]) else "127.0.0.1"
-        services = []
-        for im in self.cfg.imports:
-            svc = ServiceKey(im.namespace, im.name)
-            router = self.import_routers.get(svc)
-            if router is None:
-                continue
-            router.tick()
-            listen = (host if _wildcard(im.listen[0]) else im.listen[0], im.listen[1])
-            services.append(XdsService(svc, priorities(router.tiers, self.locality, listen)))
-        zone = self.cfg.dns.zone if self.cfg.dns is not None else "clusterset.local"
-        return xds_snapshot(services, self.cfg.limits.connect_timeout, zone)
-
-    async def _start_xds(self) -> None:
-        xd = self.cfg.xds
-        if xd is None or self.xds is not None:
-            return
-        server = XdsServer(self._xds_snapshot())
-        try:
-            await server.start(*xd.listen)
-        except (OSError, RuntimeError) as e:
-            raise BindError(f"{self.cfg.source}: xds.listen: cannot listen on "
-                            f"{format_hostport(*xd.listen)}: {e}") from None
-        self.xds = server
-        self.xds_pusher = Pusher(server, self._xds_snapshot)
-        if self._tg is not None:
-            self._tg.create_task(self.xds_pusher.run())
-
-    async def _start_dns(self) -> None:
-        d = self.cfg.dns
-        if d is None or self.dns is not None:
-            return
-        self._refresh_dns()
-        dns = DnsResponder(self.dns_records)  # type: ignore[arg-type]
-        try:
-            await dns.start(*d.listen)
-        except OSError as e:
-            raise BindError(f"{self.cfg.source}: dns.listen: cannot listen on "
-                            f"{format_hostport(*d.listen)}: {e.strerror or e}") from None
-        self.dns = dns
-
     def _remote_of(self, svc: ServiceKey) -> list[tuple[Locality, Export]]:
         """Other clusters' exports of `svc` that may serve us (catalog and gateways known)."""
         me, cat = self.cfg.cluster.name, self.catalog
         return [(cat.clusters[e.cluster].locality, e) for e in cat.exports_of(svc)
                 if e.cluster != me and e.cluster in self.gateways and e.allows(me)]
 
-    def _log_transitions(self) -> None:
-        """What the routers and the health book report as changed (router.py), one INFO line
-        each, rate-limited per service and per target (both are bounded by config/catalog)."""
-        me, events = self.cfg.cluster.name, self.events
-        for _, router in self.export_routers.values():
-            router.take_switches()  # one tier (our endpoints): their health events say it all
-        for router in self.import_routers.values():
-            for sw in router.take_switches():
-                key, where = f"tier:{sw.service}", f"import {sw.service} (cluster {me})"
-                clusters = ", ".join(sw.clusters) or "none"
-                if sw.new is None:
-                    events.info(key, "%s: no candidate left in any tier (was %r)", where, sw.old)
-                elif sw.panic:
-                    events.info(key, "%s: no healthy target in any tier; trying the unhealthy ones "
-                                "of tier %r (clusters %s)", where, sw.new, clusters)
-                elif sw.old == sw.new:
-                    events.info(key, "%s: healthy targets again in tier %r (clusters %s)", where,
-                                sw.new, clusters)
-                elif sw.old is None:
-                    events.info(key, "%s: traffic goes to tier %r (clusters %s)", where, sw.new,
-                                clusters)
-                else:
-                    events.info(key, "%s: traffic moves from tier %r to %r (clusters %s)", where,
-                                sw.old, sw.new, clusters)
-        for ev in self.book.take_events(self._mono()):
-            key, what = f"health:{ev.key}", self._describe_target(ev.key)
-            if ev.kind == "ejected":
-                events.info(key, "%s ejected for %.1fs after %d failed connect(s)", what,
-                            ev.until - ev.at, ev.count)
-            elif ev.kind == "returned":
-                events.info(key, "%s back from ejection", what)
-            else:
-                bad, peer = ev.kind == "unhealthy", ev.key.startswith("remote:")
-                state = ("lost" if bad else "back") if peer else (
-                    "unhealthy" if bad else "healthy again")
-                events.info(key, "%s %s after %d %s %s", what, state, ev.count,
-                            "failed" if bad else "good", "probe(s)" if peer else "health check(s)")
-
-    def _describe_target(self, key: str) -> str:
-        """`peer gateway of cluster C (imports S, ...)` or `endpoint H:P of S (cluster ME)`."""
-        if key.startswith("remote:"):
-            cluster = key.removeprefix("remote:")
-            svcs = [str(svc) for svc, r in self.import_routers.items()
-                    if any(loc.cluster == cluster for loc, _ in r.remote)]
-            return f"peer gateway of cluster {cluster} (imports {', '.join(svcs) or 'none'})"
-        svcs = [str(svc) for svc, (_, r) in self.export_routers.items()
-                if any(local_key(e.host, e.port) == key for e in r.local)]
-        return (f"endpoint {key.removeprefix('local:')} of {', '.join(svcs) or 'no export'} "
-                f"(cluster {self.cfg.cluster.name})")
-
     def _known_keys(self) -> set[str]:
         keys = {local_key(e.host, e.port) for ex in self.cfg.exports for e in ex.endpoints}
         keys |= {remote_key(c) for c in self.gateways}
         return keys
-
-    # -- live reload (core/reconcile.py says what changed; this applies it) ----------------------
-    def reload_soon(self, trigger: str) -> None:
-        """Reload in a task of the gateway's group (a signal handler's way in)."""
-        if self._tg is None:
-            self._reload_pending = trigger  # run() starts it once the group runs
-        else:
-            self._tg.create_task(self._reload_safely(trigger))
-
-    async def _reload_safely(self, trigger: str) -> None:
-        """A reload that fails in a way nobody foresaw is refused and logged; the gateway goes
-        on serving the config it had."""
-        try:
-            await self.reload(trigger)
-        except Exception as e:  # noqa: BLE001 - one bad reload must not stop the gateway
-            log.exception("config reload (%s) failed", trigger)
-            self.reloads.refused(trigger, [f"{self.cfg.source}: reload failed: "
-                                           f"{type(e).__name__}: {e}"])
-
-    async def reload(self, trigger: str) -> str:
-        """Read and validate every file, then apply what changed: 'applied', 'unchanged' or
-        'refused' (then nothing changed at all). One reload at a time."""
-        async with self._reload_lock:
-            try:
-                wanted = await asyncio.to_thread(load_config, self.cfg.source)
-            except ConfigError as e:
-                self.reloads.refused(trigger, [str(p) for p in e.problems])
-                return "refused"
-            changes = reconcile(self.cfg, wanted)
-            self.reloads.needs_restart(changes.restart_needed)
-            if not changes.services and not changes.other:
-                self.reloads.unchanged(trigger)
-                return "unchanged"
-            cfg = effective(self.cfg, wanted)
-            try:
-                fresh = self._bind_added(changes, cfg)
-            except BindError as e:
-                self.reloads.refused(trigger, [str(e)])
-                return "refused"
-            await self._apply(changes, cfg, fresh)
-            self.reloads.applied(trigger, cfg, changes)
-        if self.supervisor is not None:
-            self.supervisor.signal_ready(signal.SIGHUP)  # the workers reload too
-        return "applied"
-
-    def _bind_added(self, changes: ConfigChanges, cfg: GatewayConfig
-                    ) -> dict[tuple[str, int], Any]:
-        """Bind every added import's listener that no removed import holds (all or none: a
-        port in use refuses the reload before anything changed)."""
-        out: dict[tuple[str, int], Any] = {}
-        moved = moved_listeners(changes)
-        try:
-            for im in changes.imports_added:
-                if im.listen not in moved:
-                    out[im.listen] = self._bind(im, cfg)
-        except BaseException:
-            for addr in out:
-                self.restart.sockets.remove(format_hostport(*addr))
-            raise
-        return out
-
-    def _bind(self, im: ImportConfig, cfg: GatewayConfig) -> Any:
-        """Bind import `im`'s listener; a BindError names its file, line and field in `cfg`."""
-        src, field = cfg.source_of("imports", im.namespace, im.name), "imports[?].listen"
-        where = str(cfg.source)
-        if src is not None:
-            same = [s for s in cfg.service_sources
-                    if s.section == "imports" and s.file == src.file]
-            where, field = f"{src.file}:{src.line}", f"imports[{same.index(src)}].listen"
-        w = Wanted(field, *im.listen, self.workers)
-        return self.restart.sockets.open(w, self.worker, where)
-
-    async def _apply(self, changes: ConfigChanges, cfg: GatewayConfig,
-                     fresh: dict[tuple[str, int], Any]) -> None:
-        self.cfg = self.agent.cfg = self.restart.cfg = cfg
-        for ex in changes.exports_removed:
-            self._remove_export(ex)
-        for old, ex in changes.exports_changed:
-            svc = ServiceKey(ex.namespace, ex.name)
-            keys = {local_key(e.host, e.port) for e in old.endpoints}
-            kept = {local_key(e.host, e.port) for e in ex.endpoints}
-            self._stop_probes(svc, None if old.health_check != ex.health_check else keys - kept)
-            self._set_export(ex)
-            self._start_probes(ex)
-        for ex in changes.exports_added:
-            self._set_export(ex)
-            self._start_probes(ex)
-        for _, im in changes.imports_changed:
-            self.import_routers[ServiceKey(im.namespace, im.name)].set_policy(im.failover)
-        for im in changes.imports_removed:
-            self._retire(ServiceKey(im.namespace, im.name), im)
-        for im in changes.imports_added:
-            sock = fresh.get(im.listen)
-            if sock is None:  # a removed import held the address: it is free now
-                try:
-                    sock = self._bind(im, cfg)
-                except BindError as e:
-                    log.error("config reload: import %s/%s not opened: %s", im.namespace,
-                              im.name, e)
-                    continue
-            router = self._add_import_router(im)
-            router.set_remote(self._remote_of(router.service))
-            await self._open_import(im, sock, serving=True)
-        self.book.forget(self._known_keys())
-        self._refresh_dns()
-        self._xds_changed()
-        if self.agent.lease is not None:
-            self.agent.publish_wanted.set()
-
-    def _retire(self, svc: ServiceKey, im: ImportConfig) -> None:
-        """A removed import: accept no more, drain what is open (reload.drain_timeout), close."""
-        self.import_routers.pop(svc, None)
-        lst = self.import_listeners.pop(svc, None)
-        if lst is None:
-            return
-        lst.stop_accepting()
-        self.restart.sockets.remove(format_hostport(*im.listen))
-        self.listeners.remove(lst)
-        self._retiring.add(lst)
-        self._tg.create_task(self._drain_retired(lst))  # type: ignore[union-attr]
-
-    async def _drain_retired(self, lst: ImportListener) -> None:
-        try:
-            left = await lst.drain(self.cfg.reload.drain_timeout)
-            if left:
-                log.info("%s: removed by a reload; %d connection(s) still open after %gs "
-                         "(reload.drain_timeout) were ended", lst.name, left,
-                         self.cfg.reload.drain_timeout)
-        finally:
-            await lst.close()
-            self._retiring.discard(lst)
 
     # -- tasks -----------------------------------------------------------------------------------
     def _start_probes(self, ex: ExportConfig, only: set[str] | None = None) -> None:
@@ -708,17 +389,6 @@ class Gateway:
     async def _stop_with_parent(self, stop: asyncio.Event) -> None:
         await watch_parent(self.primary_pid)
         stop.set()
-
-    def listener_stats(self) -> dict[str, dict[str, Any]]:
-        return {lst.name: lst.counters() for lst in self.listeners}
-
-    def worker_stats(self) -> dict[int, dict[str, Any]]:
-        """Listener counters of every worker: 0 is this process (the primary), the others from
-        their stats files (fresh ones only)."""
-        out = {0: {"pid": os.getpid(), "listeners": self.listener_stats()}}
-        if self.workers > 1:
-            out.update(read_stats(self.cfg.state_dir, self.workers, time.time()))
-        return out
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -909,54 +579,6 @@ class Gateway:
             await self.agent.close()
         await self.restart.close()
 
-    # -- introspection -----------------------------------------------------------------------
-    def status(self) -> dict[str, Any]:
-        now = self._mono()
-        return {
-            "cluster": self.cfg.cluster.name,
-            "locality": {"region": self.locality.region, "zone": self.locality.zone},
-            "trust_domain": self.cfg.cluster.trust_domain,
-            "ready": self.ready and (self.agent is None or self.agent.not_ready() is None),
-            "uptime_seconds": round(now - self.started_at, 1),
-            "agent": self.agent.status() if self.agent else None,
-            "catalog": {"revision": self.catalog.revision,
-                        "clusters": sorted(self.catalog.clusters),
-                        "live": sorted(self.catalog.live)},
-            "imports": [r.describe() for r in self.import_routers.values()],
-            "exports": [e.to_json() for e in self.export_state()],
-            "health": self.book.snapshot(now),
-            "listeners": self.listener_stats(),
-            "links": [*self.dialer.pool.describe(self.wall()), *self.inbound.describe(self.wall())]
-            if self.inbound else [],
-            "drills": self.drill_actor.status() if self.drill_actor else None,
-            "workers": self._workers_status(),
-            "restart": self.restart.status(),
-            "config": self.reloads.status(),
-            "dns": self.dns.describe() if self.dns is not None else None,
-            "tunnel": self._tunnel_status(),
-            "xds": self.xds.describe() if self.xds is not None else None,
-        }
-
-    def _tunnel_status(self) -> dict[str, Any] | None:
-        if self.tunnel is None:
-            return None
-        out = self.tunnel.describe(self.wall())
-        r = self.key_rotation
-        out["key_rotations"] = r.rotations if r is not None else 0
-        out["key_rotations_skipped"] = r.skipped if r is not None else 0
-        return out
-
-    def _workers_status(self) -> list[dict[str, Any]]:
-        rows = [{"worker": 0, "pid": os.getpid(), "running": True, "restarts": 0}]
-        if self.supervisor is not None:
-            rows += self.supervisor.status()
-        fresh = self.worker_stats()
-        for row in rows:
-            got = fresh.get(row["worker"])
-            row["listeners"] = got["listeners"] if got else None
-        return rows
-
-
 class _Stop(Exception):
     pass
 
@@ -966,7 +588,3 @@ def _first_error(group: BaseExceptionGroup) -> BaseException:
     while isinstance(e, BaseExceptionGroup):
         e = e.exceptions[0]
     return e
-
-
-def _wildcard(host: str) -> bool:
-    return host in ("0.0.0.0", "::", "")
