@@ -225,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--state-dir", type=Path, required=True, help="directory for the CA, keys and store"
     )
     serve.add_argument(
-        "--store", default=None, help="sqlite:PATH (default sqlite:STATE_DIR/federation.db)"
+        "--store", default=None, help="sqlite:PATH (default sqlite:STATE_DIR/federation.db) or "
+        "etcd://HOST:PORT[,HOST:PORT...]"
     )
     serve.add_argument(
         "--lease-ttl",

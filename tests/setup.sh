@@ -4,7 +4,8 @@
 # Called by .ci/run and by the README's test command. Idempotent: installs only what is missing.
 set -eu
 # tool -> Debian package: chromium renders the drill's HTML report; dig queries the DNS
-# responder; ip, wireguard-go, wg and tcpdump run the tunnel tests (network namespaces)
+# responder; ip, wireguard-go, wg and tcpdump run the tunnel tests (network namespaces); etcd
+# backs the federation's etcd store
 missing=""
 need() { command -v "$1" >/dev/null 2>&1 || missing="$missing $2"; }
 need chromium chromium
@@ -13,6 +14,7 @@ need ip iproute2
 need wireguard-go wireguard-go
 need wg wireguard-tools
 need tcpdump tcpdump
+need etcd etcd-server
 [ -z "$missing" ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   export DEBIAN_FRONTEND=noninteractive

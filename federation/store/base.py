@@ -96,7 +96,7 @@ class Store(Protocol):
 
 
 def open_store(url: str) -> Store:
-    """`sqlite:PATH` (default embedded store). `etcd://host:port,...` comes with store/etcd.py."""
+    """`sqlite:PATH` (the default embedded store) or `etcd://host:port,...` (store/etcd.py)."""
     from federation.errors import InputError
 
     scheme, _, rest = url.partition(":")
@@ -104,4 +104,8 @@ def open_store(url: str) -> Store:
         from federation.store.sqlite import SqliteStore
 
         return SqliteStore(rest)
-    raise InputError(f"store {url!r}: expected sqlite:PATH")
+    if scheme == "etcd" and rest.startswith("//"):
+        from federation.store.etcd import EtcdStore, parse_etcd_url
+
+        return EtcdStore(parse_etcd_url(url))
+    raise InputError(f"store {url!r}: expected sqlite:PATH or etcd://HOST:PORT[,HOST:PORT...]")

@@ -18,6 +18,7 @@ from federation.client import FederationClient, load_federation_bundle, operator
 from federation.identity import Svid, TrustBundle, gateway_id
 from federation.model import ClusterRecord, Endpoint, Export
 from federation.server.app import FederationServer, create_token
+from federation.store.base import open_store
 from federation.store.sqlite import SqliteStore
 from federation.tls import client_context
 
@@ -54,9 +55,10 @@ class Fed:
 
     def __init__(self, tmp: Path, history: int = 10000, lease_ttl: float = 1.0,
                  clock: Callable[[], float] = time.time, forget_silent_after: float | None = None,
-                 overlay_cidr: str | None = None):
+                 overlay_cidr: str | None = None, store_url: str | None = None):
         self.tmp = tmp
         self.overlay_cidr = overlay_cidr
+        self.store_url = store_url  # e.g. etcd://127.0.0.1:PORT; default: SQLite in tmp
         self.history = history
         self.lease_ttl = lease_ttl
         self.clock = clock
@@ -65,7 +67,8 @@ class Fed:
         self.clients: list[FederationClient] = []
 
     async def start(self) -> FederationServer:
-        store = SqliteStore(str(self.tmp / "fed.db"), history=self.history, clock=self.clock)
+        store = (open_store(self.store_url) if self.store_url is not None else
+                 SqliteStore(str(self.tmp / "fed.db"), history=self.history, clock=self.clock))
         self.server = FederationServer(
             store, self.tmp / "state", ("127.0.0.1", 0), ("127.0.0.1", 0),
             lease_ttl=self.lease_ttl, clock=self.clock,

@@ -1,0 +1,180 @@
+"""The Store on an etcd cluster (`federation serve --store etcd://HOST:PORT,HOST:PORT,...`),
+through aetcd (asyncio gRPC).
+
+Revisions, leases, watches and compaction are etcd's own: a revision is etcd's (an empty etcd
+is at revision 1), a lease is an etcd lease (whole seconds; etcd expires it and keeps its
+deadline across a leader change, so `renew_all_leases` and `expire_leases` do nothing), events
+come from a watch started at `after + 1` (history first, then new writes), and a watch behind
+etcd's compaction is a CompactedError (the federation's 410: resync from a snapshot). A delete
+returns the previous value to exactly one caller (single-use join tokens, even across
+replicas). Several endpoints: each is tried in turn when one is unreachable.
+
+Limits as the SQLite store: keys ≤ MAX_KEY_BYTES, values ≤ MAX_VALUE_BYTES (etcd's own default
+request limit is 1.5 MiB).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Any
+
+import aetcd
+import aetcd.exceptions
+
+from federation.errors import CompactedError, FutureRevisionError, InputError, StoreError
+from federation.store.base import KV, Event
+
+MAX_KEY_BYTES = 1024
+MAX_VALUE_BYTES = 1 << 20
+BATCH = 10_000  # events returned by one call at most (the next call goes on from the last)
+BATCH_WAIT = 0.005  # after the first event, this long for the rest of its batch
+
+__all__ = ["EtcdStore", "parse_etcd_url"]
+
+
+def parse_etcd_url(url: str) -> list[tuple[str, int]]:
+    """`etcd://host:port,host:port` -> endpoints."""
+    rest = url.removeprefix("etcd://")
+    out = []
+    for part in filter(None, rest.split(",")):
+        host, sep, port = part.rpartition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
+            raise InputError(f"store {url!r}: expected etcd://HOST:PORT[,HOST:PORT...], "
+                             f"got {part!r}")
+        out.append((host.strip("[]"), int(port)))
+    if not out:
+        raise InputError(f"store {url!r}: no etcd endpoint")
+    return out
+
+
+class EtcdStore:
+    def __init__(self, endpoints: list[tuple[str, int]], timeout: float = 5.0) -> None:
+        self.endpoints = endpoints
+        self.timeout = timeout
+        self.client: aetcd.Client | None = None
+        self.where = ""
+
+    async def open(self) -> None:
+        errors = []
+        for host, port in self.endpoints:
+            c = aetcd.Client(host=host, port=port, timeout=int(math.ceil(self.timeout)))
+            try:
+                await asyncio.wait_for(c.connect(), self.timeout)
+                await asyncio.wait_for(c.get_prefix(b"\0"), self.timeout)  # answers at all
+            except (aetcd.exceptions.ClientError, OSError, TimeoutError) as e:
+                errors.append(f"{host}:{port}: {type(e).__name__}: {e}")
+                await c.close()
+                continue
+            self.client, self.where = c, f"{host}:{port}"
+            return
+        raise StoreError(f"no etcd endpoint answered: {'; '.join(errors)}")
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.close()
+            self.client = None
+
+    def _c(self) -> aetcd.Client:
+        if self.client is None:
+            raise StoreError("the etcd store is closed")
+        return self.client
+
+    async def _call(self, coro: Any) -> Any:
+        try:
+            return await asyncio.wait_for(coro, self.timeout)
+        except aetcd.exceptions.RevisionCompactedError:
+            raise
+        except (aetcd.exceptions.ClientError, OSError, TimeoutError) as e:
+            raise StoreError(f"etcd at {self.where}: {type(e).__name__}: {e}") from None
+
+    async def revision(self) -> int:
+        return (await self._call(self._c().get_prefix(b"\0"))).header.revision
+
+    async def get(self, key: str) -> KV | None:
+        g = await self._call(self._c().get(key.encode()))
+        if g is None:
+            return None
+        return KV(key, g.value, g.mod_revision, g.lease or None)
+
+    async def range(self, prefix: str) -> tuple[list[KV], int]:
+        r = await self._call(self._c().get_prefix(prefix.encode()))
+        kvs = [KV(kv.key.decode(), kv.value, kv.mod_revision, kv.lease or None) for kv in r]
+        return sorted(kvs, key=lambda kv: kv.key), r.header.revision
+
+    async def put(self, key: str, value: bytes, lease: int | None = None) -> int:
+        if len(key.encode()) > MAX_KEY_BYTES or len(value) > MAX_VALUE_BYTES:
+            raise StoreError(f"key {key[:80]!r}: key or value too large (at most "
+                             f"{MAX_KEY_BYTES} / {MAX_VALUE_BYTES} bytes)")
+        r = await self._call(self._c().put(key.encode(), value, lease=lease))
+        return r.header.revision
+
+    async def delete(self, key: str) -> KV | None:
+        r = await self._call(self._c().delete(key.encode(), prev_kv=True))
+        if r is None or not getattr(r, "deleted", 0) or r.prev_kv is None:
+            return None
+        p = r.prev_kv
+        return KV(key, p.value, p.mod_revision, p.lease or None)
+
+    async def grant_lease(self, ttl: float) -> int:
+        lease = await self._call(self._c().lease(max(1, math.ceil(ttl))))
+        return lease.id
+
+    async def keepalive(self, lease: int) -> bool:
+        try:
+            r = await self._call(self._c().refresh_lease(lease))
+        except StoreError:
+            raise
+        except Exception:  # noqa: BLE001 - an unknown lease is an error from etcd: not alive
+            return False
+        return r is not None and getattr(r, "TTL", 0) > 0
+
+    async def revoke(self, lease: int) -> None:
+        try:
+            await self._call(self._c().revoke_lease(lease))
+        except StoreError:
+            raise
+        except Exception:  # noqa: BLE001 - unknown or already gone: nothing to end
+            return
+
+    async def renew_all_leases(self) -> int:
+        return 0  # etcd keeps lease deadlines itself (across leader changes too)
+
+    async def expire_leases(self) -> int:
+        return 0  # etcd expires leases itself
+
+    async def events(self, prefix: str, after: int, timeout: float) -> list[Event]:
+        current = await self.revision()
+        if after > current:
+            raise FutureRevisionError(after, current)
+        try:
+            watch = await self._call(self._c().watch_prefix(prefix.encode(),
+                                                            start_revision=after + 1))
+        except aetcd.exceptions.RevisionCompactedError as e:
+            raise CompactedError(after, _compacted(e)) from None
+        out: list[Event] = []
+        it = watch.__aiter__()
+        try:
+            wait = timeout
+            while len(out) < BATCH:
+                try:
+                    ev = await asyncio.wait_for(it.__anext__(), wait)
+                except (TimeoutError, StopAsyncIteration):
+                    break
+                except aetcd.exceptions.RevisionCompactedError as e:
+                    raise CompactedError(after, _compacted(e)) from None
+                kv = ev.kv
+                deleted = str(ev.kind).endswith("DELETE")
+                out.append(Event("delete" if deleted else "put", kv.key.decode(),
+                                 None if deleted else kv.value, kv.mod_revision))
+                wait = BATCH_WAIT
+        finally:
+            try:
+                await watch.cancel()
+            except Exception:  # noqa: BLE001 - the watch is gone either way
+                pass
+        return out
+
+
+def _compacted(e: Exception) -> int:
+    return int(getattr(e, "compacted_revision", 0) or 0)

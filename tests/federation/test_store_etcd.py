@@ -1,0 +1,133 @@
+"""The Store on a real etcd (federation/store/etcd.py), one member on 127.0.0.1 started by the
+test; and a federation serving from it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from federation.errors import CompactedError, FutureRevisionError, InputError
+from federation.store.base import KV, open_store
+from federation.store.etcd import parse_etcd_url
+from tests.helpers.etcd import Etcd, require_etcd
+
+
+@pytest.fixture
+def etcd(tmp_path):
+    require_etcd()
+    e = Etcd(tmp_path)
+    e.start()
+    yield e
+    e.stop()
+
+
+@pytest.fixture
+async def store(etcd):
+    s = open_store(etcd.url)
+    await s.open()
+    yield s
+    await s.close()
+
+
+def test_urls():
+    assert parse_etcd_url("etcd://a:1,[::1]:2") == [("a", 1), ("::1", 2)]
+    for bad in ("etcd://", "etcd://a", "etcd://a:x", "etcd://a:0"):
+        with pytest.raises(InputError, match="etcd"):
+            parse_etcd_url(bad)
+
+
+async def test_put_get_range_delete(store):
+    r0 = await store.revision()
+    r1 = await store.put("catalog/a", b"1")
+    assert r1 == r0 + 1
+    await store.put("catalog/b", b"2")
+    await store.put("other/c", b"3")
+    assert await store.get("catalog/a") == KV("catalog/a", b"1", r1, None)
+    kvs, rev = await store.range("catalog/")
+    assert [kv.key for kv in kvs] == ["catalog/a", "catalog/b"] and rev == r0 + 3
+    assert (await store.delete("catalog/a")).value == b"1"
+    assert await store.delete("catalog/a") is None
+    assert await store.get("catalog/a") is None
+
+
+async def test_events_history_then_long_poll(store):
+    r0 = await store.revision()
+    await store.put("catalog/a", b"1")
+    await store.delete("catalog/a")
+    evs = await store.events("catalog/", r0, 1.0)
+    assert [(e.type, e.key, e.value) for e in evs] == [("put", "catalog/a", b"1"),
+                                                       ("delete", "catalog/a", None)]
+    last = evs[-1].revision
+
+    async def later():
+        await asyncio.sleep(0.2)
+        await store.put("catalog/b", b"2")
+
+    task = asyncio.create_task(later())
+    got = await store.events("catalog/", last, 5.0)
+    await task
+    assert [(e.key, e.value) for e in got] == [("catalog/b", b"2")]
+    assert await store.events("catalog/", got[-1].revision, 0.2) == []
+    with pytest.raises(FutureRevisionError):
+        await store.events("catalog/", got[-1].revision + 100, 0.1)
+
+
+async def test_compaction_is_a_compacted_error(store):
+    r0 = await store.revision()
+    for i in range(5):
+        await store.put("catalog/k", str(i).encode())
+    await store.client.compact(await store.revision())
+    with pytest.raises(CompactedError):
+        await store.events("catalog/", r0, 0.5)
+
+
+async def test_leases_expire_by_themselves_and_revoke(store):
+    lease = await store.grant_lease(1.0)
+    await store.put("live/a", b"", lease=lease)
+    assert (await store.get("live/a")).lease == lease
+    assert await store.keepalive(lease)
+    await asyncio.sleep(3.0)  # etcd's own expiry (1 s ttl, checked every 500 ms)
+    assert await store.get("live/a") is None
+    assert not await store.keepalive(lease)
+    other = await store.grant_lease(30.0)
+    await store.put("live/b", b"", lease=other)
+    await store.revoke(other)
+    assert await store.get("live/b") is None
+
+
+async def test_a_delete_has_one_winner(store):
+    await store.put("tokens/t", b"secret")
+    got = await asyncio.gather(*(store.delete("tokens/t") for _ in range(8)))
+    assert sum(kv is not None for kv in got) == 1
+
+
+async def test_unreachable_etcd_is_a_store_error(tmp_path):
+    from federation.errors import StoreError
+    from tests.helpers.processes import free_port
+
+    s = open_store(f"etcd://127.0.0.1:{free_port()}")
+    with pytest.raises(StoreError, match="no etcd endpoint answered"):
+        await s.open()
+
+
+async def test_a_federation_serves_from_etcd(etcd, make_fed):
+    """Join, lease, export and watch with the federation on etcd; the lease's expiry (etcd's)
+    withdraws the cluster; a second federation process on the same etcd sees it all."""
+    from tests.helpers.federation import make_cluster
+
+    fed = await make_fed(store_url=etcd.url, lease_ttl=1.0)
+    east = make_cluster("east-1")
+    c = await fed.join(east)
+    lease, _ = await c.grant_lease("east-1")
+    await c.put_export(east.export("web"))
+    cat = await c.catalog()
+    assert "east-1" in cat.live and any(e.name == "web" for e in cat.exports.values())
+    rev, events = await c.watch(cat.revision, 0.2)
+    assert events == []
+    other = await make_fed(store_url=etcd.url, lease_ttl=1.0)  # a second replica
+    seen = await other.client(east.svid).catalog()
+    assert "east-1" in seen.clusters and seen.revision >= cat.revision
+    await asyncio.sleep(3.0)  # no keepalive: etcd expires the lease
+    cat = await c.catalog()
+    assert "east-1" not in cat.live
