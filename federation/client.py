@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import ssl
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,14 +81,24 @@ class _Session:
 
 
 class FederationClient:
+    """Calls to the federation. With several URLs (replicas serving one etcd store), a call that
+    cannot reach the current one fails as before and moves the client to the next one, so the
+    caller's retry goes there; a watch resumes there at the same revision (the replicas share
+    etcd's revisions)."""
+
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         federation_bundle: TrustBundle,
         svid: Svid | None = None,
         timeout: float = 10.0,
     ):
-        self.url = url.rstrip("/")
+        urls = [url] if isinstance(url, str) else list(url)
+        if not urls:
+            raise ValueError("FederationClient: no URL")
+        self.urls = [u.rstrip("/") for u in urls]
+        self.url = self.urls[0]
+        self.moves = 0  # times a replica could not be reached and the next one was taken
         self.federation_bundle = federation_bundle
         self.svid = svid
         self.timeout = timeout
@@ -164,13 +175,17 @@ class FederationClient:
                 raw = await resp.read()
                 status = resp.status
         except TimeoutError:  # (a subclass of OSError: catch it first)
+            failed = self.url
+            self._next_replica(None)  # a long poll also has a bound the server answers within
             raise FederationError(
-                f"federation at {self.url}: {method} {path}: no answer within "
+                f"federation at {failed}: {method} {path}: no answer within "
                 f"{format_duration(timeout or self.timeout)}"
             ) from None
         except (aiohttp.ClientError, OSError, ssl.SSLError) as e:
+            failed = self.url
+            self._next_replica(e)
             raise FederationError(
-                f"federation at {self.url}: {method} {path}: {_describe(e)}"
+                f"federation at {failed}: {method} {path}: {_describe(e)}"
             ) from None
         finally:
             session.inflight -= 1
@@ -191,6 +206,15 @@ class FederationClient:
         if not isinstance(message, str):
             message = raw[:200].decode("utf-8", "replace") or f"HTTP {status}"
         raise FederationError(message, status, parsed if isinstance(parsed, dict) else None)
+
+    def _next_replica(self, error: BaseException | None) -> None:
+        """The current URL did not answer: use the next one from now on (connection errors
+        only; an HTTP answer, even 5xx, came from a replica that is up)."""
+        if len(self.urls) < 2 or isinstance(error, aiohttp.ClientResponseError):
+            return
+        i = self.urls.index(self.url) if self.url in self.urls else -1
+        self.url = self.urls[(i + 1) % len(self.urls)]
+        self.moves += 1
 
     async def _ok(self, method: str, path: str, body: Any = None) -> Any:
         status, parsed = await self._request(method, path, body)

@@ -172,6 +172,7 @@ class FederationServer:
             "token-sweeper": self.credentials.token_sweeper,
             "svid-rotator": self.credentials.svid_rotator,
             "drill-timer": self.drills.timer,
+            "store-follower": self.clusters.follow_store,
         }
         if self.forget_silent_after is not None:
             after = self.forget_silent_after

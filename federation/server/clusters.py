@@ -31,6 +31,7 @@ from federation import api
 from federation.errors import (
     ApiError,
     BundleSequenceError,
+    CompactedError,
     IdentityError,
     InputError,
     StoreError,
@@ -69,7 +70,11 @@ class Clusters:
         if renewed:
             log.info("%d stored leases renewed for a full ttl: their gateways renew them from "
                      "now on (a restart says nothing about liveness)", renewed)
-        kvs, _ = await self.state.store.range(CATALOG_PREFIX)
+        await self.refresh_maps()
+
+    async def refresh_maps(self) -> int:
+        """Records, bundles and leases from the store (replaced whole); the revision read at."""
+        kvs, revision = await self.state.store.range(CATALOG_PREFIX)
         records: dict[str, ClusterRecord] = {}
         bundles: dict[str, TrustBundle] = {}
         leases: dict[str, int] = {}
@@ -89,6 +94,33 @@ class Clusters:
         self.state.cluster_by_td = {r.trust_domain: r.name for r in records.values()}
         self.state.bundles = bundles
         self.state.leases = leases
+        return revision
+
+    async def follow_store(self) -> None:
+        """With a store other federation processes write too (etcd), follow their changes to
+        records, bundles and leases: the maps are rebuilt and the TLS trust reloaded, so a
+        cluster that joined at another replica is known (and its certificate trusted) here."""
+        if not getattr(self.state.store, "shared", False):
+            return
+        after = await self.state.store.revision()
+        while True:
+            try:
+                events = await self.state.store.events(CATALOG_PREFIX, after, 25.0)
+            except CompactedError:
+                events = []
+                after = await self.refresh_maps()
+                self.credentials.reload_trust()
+                continue
+            except StoreError as e:
+                log.warning("following the store: %s", e)
+                await asyncio.sleep(1.0)
+                continue
+            if not events:
+                continue
+            after = events[-1].revision
+            if any(ev.key.startswith((CLUSTERS, BUNDLES, LIVE)) for ev in events):
+                await self.refresh_maps()
+                self.credentials.reload_trust()
 
     # ---- leases --------------------------------------------------------------------------
 

@@ -49,6 +49,8 @@ def parse_etcd_url(url: str) -> list[tuple[str, int]]:
 
 
 class EtcdStore:
+    shared = True  # other federation processes may write it too (server/clusters.follow_store)
+
     def __init__(self, endpoints: list[tuple[str, int]], timeout: float = 5.0) -> None:
         self.endpoints = endpoints
         self.timeout = timeout

@@ -32,7 +32,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from yaml.nodes import MappingNode, Node
+from yaml.nodes import MappingNode, Node, SequenceNode
 
 from federation.model import Endpoint, FailoverPolicy, OutlierPolicy
 from federation.units import format_duration, format_hostport
@@ -138,7 +138,8 @@ CLUSTER: Table = (
           doc="default <name>.isthmus.local"),
 )
 FEDERATION: Table = (
-    Field("url", Reader.url, doc="https://host[:port][/path]"),
+    Field("url", lambda r, n, p: _Schema.urls(r, n, p),
+          doc="https://host[:port][/path], or a list of them (replicas on one etcd store)"),
     Field("ca_file", _filepath),
     Field("token_file", _filepath, None, doc="join token, needed for the first join only"),
 )
@@ -403,7 +404,35 @@ class _Schema(Services):
         return None
 
     def federation(self, node: Node, path: str) -> FederationConfig | None:
-        return self.simple(node, path, FEDERATION, FederationConfig)
+        sec = self.section(node, path, FEDERATION)
+        if sec is None or not sec.ok:
+            return None
+        v = sec.values
+        urls = v["url"]
+        return FederationConfig(urls[0], v["ca_file"], v["token_file"],
+                                urls if len(urls) > 1 else ())
+
+    def urls(self, node: Node, path: str) -> tuple[str, ...] | None:
+        """One URL, or a list of up to 16 (federation replicas)."""
+        if not isinstance(node, SequenceNode):
+            one = self.url(node, path)
+            return None if one is None else (one,)
+        items = self.items(node, path, "federation URLs", 16)
+        if items is None:
+            return None
+        if not items:
+            self.problem(node, path, "an empty list: give at least one federation URL")
+            return None
+        out = []
+        for i, n in enumerate(items):
+            u = self.url(n, f"{path}[{i}]")
+            if u is None:
+                return None
+            out.append(u)
+        if len(set(out)) != len(out):
+            self.problem(node, path, "the same URL twice")
+            return None
+        return tuple(out)
 
     def listen(self, node: Node, path: str) -> ListenConfig | None:
         sec = self.section(node, path, LISTEN)

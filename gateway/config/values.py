@@ -52,9 +52,14 @@ class ClusterConfig:
 
 @dataclass(frozen=True, slots=True)
 class FederationConfig:
-    url: str  # https://host[:port][/path], without a trailing slash
+    url: str  # https://host[:port][/path], without a trailing slash (the first of `urls`)
     ca_file: Path
     token_file: Path | None
+    urls: tuple[str, ...] = ()  # every replica (one etcd store), tried in turn; () = (url,)
+
+    @property
+    def replicas(self) -> tuple[str, ...]:
+        return self.urls or (self.url,)
 
 
 @dataclass(frozen=True, slots=True)

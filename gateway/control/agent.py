@@ -194,7 +194,7 @@ class Agent:
                 str(self.cfg.source), None, "federation.token_file",
                 f"not joined yet and no join token: {how} (create one with "
                 f"`isthmus federation token create --cluster {self.cfg.cluster.name}`)")])
-        url, name = self.cfg.federation.url, self.cfg.cluster.name
+        url, name = self.cfg.federation.replicas, self.cfg.cluster.name
         client = FederationClient(url, fed_bundle, None)
         try:
             reply = await self._join_once(client, token)
@@ -203,15 +203,14 @@ class Agent:
                 raise
             hint = ("; create a new one with `isthmus federation token create --cluster "
                     f"{name}`") if e.status in (401, 403) else ""
-            raise JoinRefused(f"federation at {url} refused to join {name} ({e.status}): {e}{hint}",
-                              e.status) from None
+            raise JoinRefused(f"federation at {client.url} refused to join {name} ({e.status}): "
+                              f"{e}{hint}", e.status) from None
         finally:
             await client.close()
         write_atomic(self.joined_path, json.dumps(reply).encode())
         self.published_bundle = self.identity.bundle
         self.identity.published(self.identity.bundle, self.clock())
-        log.info("joined the federation at %s as %s", self.cfg.federation.url,
-                 self.cfg.cluster.name)
+        log.info("joined the federation at %s as %s", client.url, self.cfg.cluster.name)
         self._make_client(fed_bundle)
 
     async def _join_once(self, client: FederationClient, token: str) -> dict:
@@ -235,7 +234,8 @@ class Agent:
         raise AssertionError("unreachable")
 
     def _make_client(self, fed_bundle: TrustBundle) -> None:
-        self.client = FederationClient(self.cfg.federation.url, fed_bundle, self.identity.svid)
+        self.client = FederationClient(self.cfg.federation.replicas, fed_bundle,
+                                       self.identity.svid)
 
     async def close(self) -> None:
         if self.client is not None:

@@ -131,3 +131,45 @@ async def test_a_federation_serves_from_etcd(etcd, make_fed):
     await asyncio.sleep(3.0)  # no keepalive: etcd expires the lease
     cat = await c.catalog()
     assert "east-1" not in cat.live
+
+
+async def test_a_client_moves_to_another_replica_and_resumes_its_watch(etcd, make_fed):
+    """Two federation replicas on one etcd (same CA). A gateway's client names both; replica A
+    stops: the next call fails and moves the client to B; the retry is served by B, the lease
+    is kept alive there, and the watch resumes at its revision with every change in order,
+    none twice."""
+    from federation.client import FederationClient
+    from federation.errors import FederationError
+    from tests.helpers.federation import make_cluster
+
+    a = await make_fed(store_url=etcd.url, lease_ttl=3.0)
+    b = await make_fed(store_url=etcd.url, lease_ttl=3.0)
+    east, west = make_cluster("east-1"), make_cluster("west-1")
+    await a.join(east)
+    cw = await b.join(west)
+    await cw.grant_lease("west-1")
+    both = FederationClient([a.url, b.url], a.bundle(), east.svid, timeout=3.0)
+    try:
+        lease, _ = await both.grant_lease("east-1")
+        rev = (await both.catalog()).revision
+        await cw.put_export(west.export("web", 8080))
+        _, first = await both.watch(rev, 2.0)
+        assert [e.key for e in first] == ["catalog/exports/west-1/default/web"]
+        rev = first[-1].revision
+        await a.stop()  # replica A goes away
+        await cw.put_export(west.export("web", 8081))
+        await cw.put_export(west.export("api", 9090))
+        with pytest.raises(FederationError):
+            await both.keepalive("east-1", lease)  # A does not answer: the client moves
+        assert both.url == b.url and both.moves == 1
+        assert await both.keepalive("east-1", lease)  # B keeps the same lease alive
+        seen = []
+        while len(seen) < 2:
+            rev2, evs = await both.watch(rev, 2.0)
+            seen += evs
+            rev = rev2
+        assert [e.key for e in seen] == ["catalog/exports/west-1/default/web",
+                                         "catalog/exports/west-1/default/api"]
+        assert len({e.revision for e in seen}) == 2 and seen[0].revision < seen[1].revision
+    finally:
+        await both.close()
