@@ -523,7 +523,9 @@ class Agent:
 
     def status(self) -> dict[str, Any]:
         return {
-            "federation": self.cfg.federation.url,
+            "federation": self.client.url if self.client is not None else self.cfg.federation.url,
+            "federation_replicas": list(self.cfg.federation.replicas),
+            "federation_moves": self.client.moves if self.client is not None else 0,
             "connected": self.connected,
             "last_error": self.last_error,
             "lease": self.lease,
