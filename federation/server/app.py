@@ -186,6 +186,7 @@ class FederationServer:
 
     async def stop(self) -> None:
         self.state.stopping.set()  # wakes long-polls: they answer with no events
+        self.catalog.stop()
         self.state.bound = False
         for runner in self._runners:
             with contextlib.suppress(Exception):

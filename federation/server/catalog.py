@@ -4,6 +4,8 @@
   not parse is skipped with one log line (quoted), so one bad record hides nothing else.
 * Watch. `GET /v1/watch?after=REV&timeout=D` answers the events after `after` as soon as there
   are any, or none when `timeout` (at most `api.MAX_WATCH_TIMEOUT`) passes or the server stops.
+  Watchers at the same revision share one wait on the store and one serialized answer (the
+  fan-out to 1,000 gateways is one store read and one JSON encoding per change).
   A compacted `after` is 410 with the oldest revision kept (resync from a snapshot); an
   `after` the store has not reached is 400 with the current revision.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 
 from aiohttp import web
 
@@ -23,11 +26,15 @@ from federation.server.auth import Auth
 from federation.server.state import State, log
 from federation.units import parse_duration, parse_int
 
+MAX_BODIES = 256  # distinct watch answers kept (watchers at the same revision share one)
+
 
 class CatalogView:
     def __init__(self, state: State, auth: Auth) -> None:
         self.state = state
         self.auth = auth
+        self._flights: dict[int, asyncio.Task] = {}  # after -> the shared store wait
+        self._bodies: dict[tuple[int, int], bytes] = {}  # (after, latest) -> JSON answer
 
     async def snapshot(self) -> Catalog:
         kvs, rev = await self.state.store.range(CATALOG_PREFIX)
@@ -61,7 +68,7 @@ class CatalogView:
         state.watchers += 1
         try:
             # Both tasks belong to this request: cancelled and awaited before it answers.
-            waiter = asyncio.ensure_future(state.store.events(CATALOG_PREFIX, after, timeout))
+            waiter = asyncio.ensure_future(self._shared_events(after, timeout))
             stopper = asyncio.ensure_future(state.stopping.wait())
             try:
                 await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -80,7 +87,38 @@ class CatalogView:
         finally:
             state.watchers -= 1
         latest = events[-1].revision if events else after
-        return web.json_response({
-            "revision": latest,
-            "events": [api.event_to_json(ev) for ev in events],
-        })
+        key = (after, latest)
+        body = self._bodies.get(key)
+        if body is None:  # once per distinct answer, however many watchers get it
+            body = json.dumps({"revision": latest,
+                               "events": [api.event_to_json(ev) for ev in events]}).encode()
+            if len(self._bodies) >= MAX_BODIES:
+                self._bodies.clear()
+            self._bodies[key] = body
+        return web.Response(body=body, content_type="application/json")
+
+    async def _shared_events(self, after: int, timeout: float) -> list:
+        """The store's events after `after`, from one wait shared by every watcher at that
+        revision (single flight): a change wakes one store read, not one per watcher. Each
+        watcher still stops waiting at its own timeout (then: no events)."""
+        task = self._flights.get(after)
+        if task is None or task.done():
+            task = asyncio.ensure_future(
+                self.state.store.events(CATALOG_PREFIX, after, api.MAX_WATCH_TIMEOUT))
+            self._flights[after] = task
+            task.add_done_callback(lambda t, a=after: self._landed(a, t))
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), timeout)
+        except TimeoutError:
+            return []
+
+    def _landed(self, after: int, task: asyncio.Task) -> None:
+        if self._flights.get(after) is task:
+            del self._flights[after]
+        if not task.cancelled():
+            task.exception()  # retrieved here; the watchers that wait get it themselves
+
+    def stop(self) -> None:
+        for task in list(self._flights.values()):
+            task.cancel()
+        self._flights.clear()
