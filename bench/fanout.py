@@ -89,9 +89,10 @@ async def run(tmp: Path, watchers: int, changes: int, store: str) -> dict:
         url = f"https://127.0.0.1:{PORT}"
         bundle = load_federation_bundle(tmp / "fed" / "ca.pem")
         c = make_cluster("bench-1")
+        store_args = ["--store", etcd.url] if etcd is not None else []
         token = subprocess.run([sys.executable, "-m", "isthmus.cli", "federation", "token",
                                 "create", "--cluster", "bench-1", "--state-dir",
-                                str(tmp / "fed")], capture_output=True, text=True,
+                                str(tmp / "fed"), *store_args], capture_output=True, text=True,
                                env=env).stdout.strip()
         async with FederationClient(url, bundle) as anon:
             await anon.join(token, c.record, c.bundle(1))

@@ -219,7 +219,8 @@ def _store_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", type=Path, default=Path("."),
                    help="the federation's state dir (of `isthmus federation serve`; default .)")
     p.add_argument("--store", default=None,
-                   help="sqlite:PATH (default sqlite:STATE_DIR/federation.db)")
+                   help="sqlite:PATH (default sqlite:STATE_DIR/federation.db) or "
+                        "etcd://HOST:PORT[,HOST:PORT...], as `federation serve --store`")
 
 
 def add_token_parser(fsub: Any) -> None:
