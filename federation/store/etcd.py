@@ -82,25 +82,54 @@ class EtcdStore:
             raise StoreError("the etcd store is closed")
         return self.client
 
-    async def _call(self, coro: Any) -> Any:
-        try:
-            return await asyncio.wait_for(coro, self.timeout)
-        except aetcd.exceptions.RevisionCompactedError:
-            raise
-        except (aetcd.exceptions.ClientError, OSError, TimeoutError) as e:
-            raise StoreError(f"etcd at {self.where}: {type(e).__name__}: {e}") from None
+    async def _call(self, make: Any) -> Any:
+        """`make(client)` on the member in use; if that member cannot be reached, once on each
+        other member (reconnecting), then a StoreError. Only a failure to connect is retried
+        elsewhere: a call the member may have applied is not repeated."""
+        tried = 0
+        while True:
+            client = self._c()
+            try:
+                return await asyncio.wait_for(make(client), self.timeout)
+            except aetcd.exceptions.RevisionCompactedError:
+                raise
+            except aetcd.exceptions.ConnectionFailedError as e:
+                tried += 1
+                if tried >= len(self.endpoints) or not await self._reconnect():
+                    raise StoreError(f"etcd at {self.where}: {type(e).__name__}: {e}") from None
+            except (aetcd.exceptions.ClientError, OSError, TimeoutError) as e:
+                if len(self.endpoints) > 1:
+                    await self._reconnect()  # the next call goes to another member
+                raise StoreError(f"etcd at {self.where}: {type(e).__name__}: {e}") from None
+
+    async def _reconnect(self) -> bool:
+        """Move to the next member that answers; False if none does."""
+        order = [ep for ep in self.endpoints if f"{ep[0]}:{ep[1]}" != self.where]
+        for host, port in order:
+            c = aetcd.Client(host=host, port=port, timeout=int(math.ceil(self.timeout)))
+            try:
+                await asyncio.wait_for(c.connect(), self.timeout)
+                await asyncio.wait_for(c.get_prefix(b"\0"), self.timeout)
+            except (aetcd.exceptions.ClientError, OSError, TimeoutError):
+                await c.close()
+                continue
+            old, self.client, self.where = self.client, c, f"{host}:{port}"
+            if old is not None:
+                await old.close()
+            return True
+        return False
 
     async def revision(self) -> int:
-        return (await self._call(self._c().get_prefix(b"\0"))).header.revision
+        return (await self._call(lambda c: c.get_prefix(b"\0"))).header.revision
 
     async def get(self, key: str) -> KV | None:
-        g = await self._call(self._c().get(key.encode()))
+        g = await self._call(lambda c: c.get(key.encode()))
         if g is None:
             return None
         return KV(key, g.value, g.mod_revision, g.lease or None)
 
     async def range(self, prefix: str) -> tuple[list[KV], int]:
-        r = await self._call(self._c().get_prefix(prefix.encode()))
+        r = await self._call(lambda c: c.get_prefix(prefix.encode()))
         kvs = [KV(kv.key.decode(), kv.value, kv.mod_revision, kv.lease or None) for kv in r]
         return sorted(kvs, key=lambda kv: kv.key), r.header.revision
 
@@ -108,23 +137,23 @@ class EtcdStore:
         if len(key.encode()) > MAX_KEY_BYTES or len(value) > MAX_VALUE_BYTES:
             raise StoreError(f"key {key[:80]!r}: key or value too large (at most "
                              f"{MAX_KEY_BYTES} / {MAX_VALUE_BYTES} bytes)")
-        r = await self._call(self._c().put(key.encode(), value, lease=lease))
+        r = await self._call(lambda c: c.put(key.encode(), value, lease=lease))
         return r.header.revision
 
     async def delete(self, key: str) -> KV | None:
-        r = await self._call(self._c().delete(key.encode(), prev_kv=True))
+        r = await self._call(lambda c: c.delete(key.encode(), prev_kv=True))
         if r is None or not getattr(r, "deleted", 0) or r.prev_kv is None:
             return None
         p = r.prev_kv
         return KV(key, p.value, p.mod_revision, p.lease or None)
 
     async def grant_lease(self, ttl: float) -> int:
-        lease = await self._call(self._c().lease(max(1, math.ceil(ttl))))
+        lease = await self._call(lambda c: c.lease(max(1, math.ceil(ttl))))
         return lease.id
 
     async def keepalive(self, lease: int) -> bool:
         try:
-            r = await self._call(self._c().refresh_lease(lease))
+            r = await self._call(lambda c: c.refresh_lease(lease))
         except StoreError:
             raise
         except Exception:  # noqa: BLE001 - an unknown lease is an error from etcd: not alive
@@ -133,7 +162,7 @@ class EtcdStore:
 
     async def revoke(self, lease: int) -> None:
         try:
-            await self._call(self._c().revoke_lease(lease))
+            await self._call(lambda c: c.revoke_lease(lease))
         except StoreError:
             raise
         except Exception:  # noqa: BLE001 - unknown or already gone: nothing to end
@@ -150,7 +179,7 @@ class EtcdStore:
         if after > current:
             raise FutureRevisionError(after, current)
         try:
-            watch = await self._call(self._c().watch_prefix(prefix.encode(),
+            watch = await self._call(lambda c: c.watch_prefix(prefix.encode(),
                                                             start_revision=after + 1))
         except aetcd.exceptions.RevisionCompactedError as e:
             raise CompactedError(after, _compacted(e)) from None
@@ -165,6 +194,13 @@ class EtcdStore:
                     break
                 except aetcd.exceptions.RevisionCompactedError as e:
                     raise CompactedError(after, _compacted(e)) from None
+                except (aetcd.exceptions.ClientError, OSError) as e:
+                    if out:
+                        break  # what came is good; the next call goes on from it
+                    if len(self.endpoints) > 1:
+                        await self._reconnect()
+                    raise StoreError(f"etcd at {self.where}: watch: {type(e).__name__}: "
+                                     f"{e}") from None
                 kv = ev.kv
                 deleted = str(ev.kind).endswith("DELETE")
                 out.append(Event("delete" if deleted else "put", kv.key.decode(),

@@ -173,3 +173,20 @@ async def test_a_client_moves_to_another_replica_and_resumes_its_watch(etcd, mak
         assert len({e.revision for e in seen}) == 2 and seen[0].revision < seen[1].revision
     finally:
         await both.close()
+
+
+async def test_a_token_joins_once_even_at_two_replicas_at_once(etcd, make_fed):
+    from federation.errors import FederationError
+    from tests.helpers.federation import make_cluster
+
+    a = await make_fed(store_url=etcd.url)
+    b = await make_fed(store_url=etcd.url)
+    east = make_cluster("east-1")
+    token = await a.token("east-1")
+    got = await asyncio.gather(
+        a.client().join(token, east.record, east.bundle(1)),
+        b.client().join(token, east.record, east.bundle(1)), return_exceptions=True)
+    ok = [g for g in got if not isinstance(g, BaseException)]
+    refused = [g for g in got if isinstance(g, FederationError)]
+    assert len(ok) == 1 and len(refused) == 1, got
+    assert refused[0].status in (401, 403, 409), refused[0]
