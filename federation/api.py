@@ -396,6 +396,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "services": {"type": "object", "additionalProperties": {
             "type": "object", "additionalProperties": {"type": "array", "items": _ref("Endpoint")},
         }},
+        "store": {"type": "object", "description": "kind (sqlite | etcd), its path or members, "
+                  "and on etcd the replicas serving from it"},
     }),
 }
 

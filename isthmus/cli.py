@@ -246,6 +246,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=cmd_federation_serve)
 
+    fst = fsub.add_parser("status", help="the federation's store (SQLite, or etcd members), "
+                          "replicas, revision, clusters and services (as `isthmus status`)")
+    from isthmus.status import ADMIN_ENV, DEFAULT_ADMIN, default_admin
+
+    fst.add_argument("--admin", default=default_admin(), metavar="URL",
+                     help=f"the federation's admin address (default ${ADMIN_ENV}, else "
+                          f"{DEFAULT_ADMIN})")
+    fst.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    fst.set_defaults(func=cmd_status)
+
     from isthmus.federation_admin import add_cluster_parser, add_token_parser
 
     add_token_parser(fsub)

@@ -80,6 +80,18 @@ def render_status(data: dict[str, Any], file: IO[str] | None = None) -> None:
             "-" if age is None else f"{age:.1f}s",
         )
     console.print(t)
+    store = data.get("store") or {}
+    if store:
+        where = store.get("path") or store.get("using")
+        line = f"store: {store.get('kind')} ({where}), revision {data.get('revision')}"
+        members = store.get("members") or []
+        if members:
+            line += "; etcd members: " + ", ".join(
+                f"{m.get('name')}{' (leader)' if m.get('leader') else ''}" for m in members)
+        if "replicas" in store:
+            line += "; federation replicas: " + (", ".join(
+                str(r.get("listen")) for r in store["replicas"]) or "none")
+        console.print(line)
     tunneled = {n: c["tunnel"] for n, c in sorted(clusters.items()) if c.get("tunnel")}
     if tunneled:
         w = Table(title="tunnels (WireGuard), as published")

@@ -8,11 +8,13 @@ refusals for the caller's identity, long-polls, and each port's connection stats
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 
 from aiohttp import web
 
 from federation import api
+from federation.errors import StoreError
 from federation.http_serving import ServingStats, serving_metrics
 from federation.metrics import Exposition
 from federation.model import LIVE
@@ -106,7 +108,21 @@ class Admin:
             "trust_domain": self.state.trust_domain,
             "clusters": clusters,
             "services": services,
+            "store": await self._store_status(),
         })
+
+    async def _store_status(self) -> dict:
+        """The store (SQLite file, or etcd members and the one in use) and, on a shared store,
+        the federation replicas serving from it."""
+        store = self.state.store
+        out = dict(await store.describe())
+        if getattr(store, "shared", False):
+            try:
+                kvs, _ = await store.range("federation/replicas/")
+                out["replicas"] = [json.loads(kv.value) for kv in kvs]
+            except (StoreError, ValueError):
+                out["replicas"] = []
+        return out
 
 
 def _bundle_field(cat, td: str, field: str):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -53,6 +54,9 @@ from federation.server.state import State, log
 from federation.server.tokens import create_token
 from federation.store.base import Store
 from federation.units import format_hostport
+
+REPLICAS = "federation/replicas/"  # not under catalog/: gateways do not watch it
+REPLICA_TTL = 10.0
 
 __all__ = [
     "FEDERATION_TRUST_DOMAIN",
@@ -173,6 +177,7 @@ class FederationServer:
             "svid-rotator": self.credentials.svid_rotator,
             "drill-timer": self.drills.timer,
             "store-follower": self.clusters.follow_store,
+            "replica-heartbeat": self._heartbeat,
         }
         if self.forget_silent_after is not None:
             after = self.forget_silent_after
@@ -183,6 +188,26 @@ class FederationServer:
                     group.create_task(loop(), name=f"federation-{name}")
         except Exception:
             log.exception("federation background task failed; background work stopped")
+
+    async def _heartbeat(self) -> None:
+        """With a shared store: this process is listed under `federation/replicas/` while it
+        runs (an etcd lease of REPLICA_TTL, renewed every third of it), for /status."""
+        store = self.store
+        if not getattr(store, "shared", False):
+            return
+        where = format_hostport(self.listen[0], self.port or self.listen[1])
+        body = api.canonical_json({"listen": where, "started_at": self.state.clock(),
+                                   "pid": os.getpid()})
+        lease = None
+        while True:
+            try:
+                if lease is None or not await store.keepalive(lease):
+                    lease = await store.grant_lease(REPLICA_TTL)
+                    await store.put(REPLICAS + where, body, lease=lease)
+            except StoreError as e:
+                log.warning("replica heartbeat: %s", e)
+                lease = None
+            await asyncio.sleep(REPLICA_TTL / 3)
 
     async def stop(self) -> None:
         self.state.stopping.set()  # wakes long-polls: they answer with no events

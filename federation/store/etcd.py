@@ -119,6 +119,23 @@ class EtcdStore:
             return True
         return False
 
+    async def describe(self) -> dict:
+        """The etcd members (name, client URLs, leader) and the one this store talks to."""
+        members = []
+        try:
+            st = await self._call(lambda c: c.status())
+            leader = getattr(st.leader, "id", None)
+
+            async def collect(c: aetcd.Client) -> list:
+                return [m async for m in c.members()]
+
+            for m in await self._call(collect):
+                members.append({"name": m.name, "client_urls": list(m.client_urls),
+                                "leader": m.id == leader})
+        except StoreError as e:
+            return {"kind": "etcd", "using": self.where, "error": str(e), "members": []}
+        return {"kind": "etcd", "using": self.where, "members": members}
+
     async def revision(self) -> int:
         return (await self._call(lambda c: c.get_prefix(b"\0"))).header.revision
 

@@ -136,6 +136,11 @@ def _prefix_clause(prefix: str) -> tuple[str, tuple[str, ...]]:
 class SqliteStore:
     """The default, embedded `Store`. `clock` gives wall-clock seconds for lease deadlines."""
 
+    shared = False  # one federation process owns the file
+
+    async def describe(self) -> dict:
+        return {"kind": "sqlite", "path": self.path}
+
     def __init__(
         self,
         path: str,

@@ -190,3 +190,28 @@ async def test_a_token_joins_once_even_at_two_replicas_at_once(etcd, make_fed):
     refused = [g for g in got if isinstance(g, FederationError)]
     assert len(ok) == 1 and len(refused) == 1, got
     assert refused[0].status in (401, 403, 409), refused[0]
+
+
+async def test_status_lists_the_store_members_and_replicas(etcd, make_fed):
+    import aiohttp
+
+    from isthmus.status import render_status
+    from tests.helpers.traffic import wait_for
+
+    a = await make_fed(store_url=etcd.url)
+    await make_fed(store_url=etcd.url)
+
+    async def both() -> dict | None:
+        async with aiohttp.ClientSession() as s, s.get(a.admin_url + "/status") as r:
+            data = await r.json()
+        return data if len(data["store"].get("replicas", [])) == 2 else None
+
+    await wait_for(both, 10.0, what="two replicas in /status")
+    data = await both()
+    st = data["store"]
+    assert st["kind"] == "etcd" and [m["leader"] for m in st["members"]] == [True]
+    import io
+
+    out = io.StringIO()
+    render_status(data, out)
+    assert "store: etcd" in out.getvalue() and "federation replicas: 127.0.0.1:" in out.getvalue()
