@@ -71,21 +71,35 @@ def _cpu(pid: int) -> float:
     return infra.cpu_seconds(pid) if os.path.exists(f"/proc/{pid}") else 0.0
 
 
-async def run(tmp: Path, watchers: int, changes: int, store: str) -> dict:
+def _serve(tmp: Path, i: int, store_url: str | None, env: dict) -> subprocess.Popen:
+    state = tmp / ("fed" if i == 0 else f"fed{i}")
+    if i:  # a replica: the first one's CA
+        state.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for f in ("ca.pem", "ca-key.pem"):
+            (state / f).write_bytes((tmp / "fed" / f).read_bytes())
+            (state / f).chmod(0o600)
+    args = [sys.executable, "-m", "isthmus.cli", "federation", "serve", "--state-dir",
+            str(state), "--listen", f"127.0.0.1:{PORT + 2 * i}", "--admin",
+            f"127.0.0.1:{ADMIN + 2 * i}", "--lease-ttl", "30s", "--log-level", "warning"]
+    if store_url:
+        args += ["--store", store_url]
+    p = subprocess.Popen(args, env=env, stdout=open(tmp / f"fed{i}.log", "w"),
+                         stderr=subprocess.STDOUT)
+    infra.wait_port(PORT + 2 * i, 20.0)
+    return p
+
+
+async def run(tmp: Path, watchers: int, changes: int, store: str, replicas: int = 1) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     etcd = None
-    args = [sys.executable, "-m", "isthmus.cli", "federation", "serve", "--state-dir",
-            str(tmp / "fed"), "--listen", f"127.0.0.1:{PORT}", "--admin", f"127.0.0.1:{ADMIN}",
-            "--lease-ttl", "30s", "--log-level", "warning"]
     if store == "etcd":
         etcd = Etcd(tmp)
         etcd.start()
-        args += ["--store", etcd.url]
-    fed = subprocess.Popen(args, env=env, stdout=open(tmp / "fed.log", "w"),
-                           stderr=subprocess.STDOUT)
+    feds = [_serve(tmp, 0, etcd.url if etcd else None, env)]
     procs: list[subprocess.Popen] = []
     try:
-        infra.wait_port(PORT, 20.0)
+        for i in range(1, replicas):
+            feds.append(_serve(tmp, i, etcd.url if etcd else None, env))
         url = f"https://127.0.0.1:{PORT}"
         bundle = load_federation_bundle(tmp / "fed" / "ca.pem")
         c = make_cluster("bench-1")
@@ -104,13 +118,14 @@ async def run(tmp: Path, watchers: int, changes: int, store: str) -> dict:
         (tmp / "watcher.py").write_text(WATCHER)
         per = watchers // 4
         for i in range(4):
+            wurl = f"https://127.0.0.1:{PORT + 2 * (i % replicas)}"
             procs.append(subprocess.Popen(
-                [sys.executable, str(tmp / "watcher.py"), url, str(tmp / "fed" / "ca.pem"),
+                [sys.executable, str(tmp / "watcher.py"), wurl, str(tmp / "fed" / "ca.pem"),
                  str(tmp / "svid.pem"), str(tmp / "svid-key.pem"), str(per), str(changes),
                  str(tmp / f"seen{i}.json"), str(start_rev)],
                 env=env, stdout=open(tmp / f"w{i}.log", "w"), stderr=subprocess.STDOUT))
         await asyncio.sleep(5.0)  # every watcher connected and long-polling
-        cpu0 = _cpu(fed.pid)
+        cpu0 = [_cpu(f.pid) for f in feds]
         wrote: dict[int, float] = {}
         for i in range(changes):
             ex = Export("bench-1", "default", "bench", 8080, "tcp",
@@ -121,15 +136,16 @@ async def run(tmp: Path, watchers: int, changes: int, store: str) -> dict:
         deadline = time.time() + 30
         while any(p.poll() is None for p in procs) and time.time() < deadline:
             await asyncio.sleep(0.2)
-        cpu1 = _cpu(fed.pid)
-        rss = infra.rss_mib(fed.pid)
+        cpu1 = [_cpu(f.pid) for f in feds]
+        rss = max(infra.rss_mib(f.pid) for f in feds)
         await client.close()
     finally:
         for p in procs:
             if p.poll() is None:
                 p.terminate()
                 p.wait(5)
-        infra.stop(fed)
+        for f in feds:
+            infra.stop(f)
         if etcd is not None:
             etcd.stop()
     lat: list[float] = []
@@ -149,7 +165,10 @@ async def run(tmp: Path, watchers: int, changes: int, store: str) -> dict:
             "p50_ms": lat[len(lat) // 2] * 1000 if lat else None,
             "p99_ms": lat[int(len(lat) * 0.99)] * 1000 if lat else None,
             "max_ms": lat[-1] * 1000 if lat else None,
-            "cpu_per_change_ms": (cpu1 - cpu0) / changes * 1000, "rss_mib": rss}
+            "replicas": replicas,
+            "cpu_per_change_ms": [round((b - a) / changes * 1000) for a, b in zip(cpu0, cpu1,
+                                                                                  strict=True)],
+            "rss_mib": rss}
 
 
 def main() -> int:
@@ -157,14 +176,18 @@ def main() -> int:
     ap.add_argument("--watchers", type=int, default=1000)
     ap.add_argument("--changes", type=int, default=10)
     ap.add_argument("--store", choices=("sqlite", "etcd"), default="sqlite")
+    ap.add_argument("--replicas", type=int, default=1, help="federation processes (etcd only)")
     a = ap.parse_args()
+    if a.replicas > 1 and a.store != "etcd":
+        ap.error("--replicas needs --store etcd")
     with tempfile.TemporaryDirectory(prefix="isthmus-bench-fanout-") as d:
-        r = uvloop.run(run(Path(d), a.watchers, a.changes, a.store))
+        r = uvloop.run(run(Path(d), a.watchers, a.changes, a.store, a.replicas))
     print(json.dumps(r))
-    print(f"fan-out ({r['store']}), {r['watchers']} watchers x {r['changes']} changes: "
+    print(f"fan-out ({r['store']}, {r['replicas']} replica(s)), {r['watchers']} watchers x "
+          f"{r['changes']} changes: "
           f"{r['deliveries']} of {r['expected']} deliveries; change -> watcher p50 "
           f"{r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms, max {r['max_ms']:.0f} ms; federation "
-          f"CPU {r['cpu_per_change_ms']:.0f} ms per change, RSS {r['rss_mib']:.0f} MiB")
+          f"CPU per change per replica {r['cpu_per_change_ms']} ms, RSS {r['rss_mib']:.0f} MiB")
     return 0
 
 

@@ -15,6 +15,7 @@ need wireguard-go wireguard-go
 need wg wireguard-tools
 need tcpdump tcpdump
 need etcd etcd-server
+need etcdctl etcd-client
 [ -z "$missing" ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   export DEBIAN_FRONTEND=noninteractive

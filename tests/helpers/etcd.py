@@ -58,8 +58,9 @@ class Etcd:
 
 
 def require_etcd() -> None:
-    if shutil.which("etcd") is None:
-        pytest.skip(f"needs etcd: {INSTALL}")
+    missing = [t for t in ("etcd", "etcdctl") if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"needs {' and '.join(missing)}: {INSTALL}")
 
 
 class EtcdCluster:
