@@ -239,7 +239,13 @@ async def test_traffic_between_clusters_goes_only_through_the_tunnels(topo: Tunn
     assert peer_keys == {fed_keys["east-1"], fed_keys["east-2"]}, dump
     assert cat["tunnel"]["public_key"] == fed_keys["west-1"][:8] + "…"
 
-    # `isthmus status`: the gateway's peers with handshakes; the federation's published tunnels
+    # `isthmus status`: the gateway's peers with handshakes; the federation's published tunnels.
+    # A peer both sides added at the same moment may need WireGuard's retry (5 s) to handshake.
+    async def handshaken() -> bool:
+        peers = (await topo.status("west-1"))["tunnel"]["peers"]
+        return all(p["handshake_age_seconds"] is not None for p in peers)
+
+    await wait_for(handshaken, 15.0, what="west-1's peers to have handshaken")
     out = topo.net.ns["west-1"].run([*isthmus_cmd(), "status", "--admin", f"127.0.0.1:{ADMIN}"],
                                     env=tree_env()).stdout
     assert "tunnel" in out and "east-1" in out and "east-2" in out and "ago" in out, out
