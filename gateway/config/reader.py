@@ -37,6 +37,9 @@ MAX_FILE_BYTES = 1024 * 1024
 REQUIRED: Any = object()  # the default of a field that must be set
 
 
+DAY = 86400.0  # seconds, for the duration bounds of the field tables
+
+
 @dataclass(frozen=True, slots=True)
 class Field:
     """One field of a section. `parse(reader, node, path)` returns the value or None (after

@@ -24,7 +24,6 @@ I/O, and it imports no asyncio, socket, time or random.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 from collections.abc import Callable
@@ -46,6 +45,7 @@ from gateway.config.owners import (
 )
 from gateway.config.policy import check, parse_policy
 from gateway.config.reader import (
+    DAY,
     Field,
     Reader,
     Table,
@@ -54,7 +54,6 @@ from gateway.config.reader import (
     _is_wildcard,
     _line,
     _quiet_hostport,
-    choice,
     defaults,
     duration,
     integer,
@@ -68,10 +67,10 @@ from gateway.config.services import (
     Services,
     _timing,
 )
+from gateway.config.side_sections import RELOAD, XDS, SideSections
 from gateway.config.values import (
     NO_POLICY,
     ClusterConfig,
-    DnsConfig,
     ExportConfig,
     FederationConfig,
     GatewayConfig,
@@ -84,7 +83,6 @@ from gateway.config.values import (
     ProbeConfig,
     ReloadConfig,
     ServiceSource,
-    TunnelConfig,
     XdsConfig,
 )
 from gateway.errors import ConfigError, Problem
@@ -114,12 +112,7 @@ __all__ = [
     "parse_config",
 ]
 
-WATCH_MODES = ("auto", "inotify", "poll", "sighup")
-_IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
-_DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
-MAX_DNS_ADDRESSES = 64
 _TRUST_DOMAIN = re.compile(r"[a-z0-9._-]{1,255}")
-_DAY = 86400.0
 DEFAULT_OUTLIER = OutlierPolicy()
 
 _name = Reader.name
@@ -149,19 +142,19 @@ LISTEN: Table = (
     Field("advertise", None, None, doc="host:port other gateways dial; default: inbound"),
 )
 IDENTITY: Table = (
-    Field("svid_ttl", duration(minimum=60, maximum=30 * _DAY), _DAY),
+    Field("svid_ttl", duration(minimum=60, maximum=30 * DAY), DAY),
     Field("ca_cert_file", _filepath, None, doc="with ca_key_file: use this CA, not our own"),
     Field("ca_key_file", _filepath, None),
-    Field("bundle_refresh_hint", duration(minimum=1, maximum=_DAY), 300.0,
+    Field("bundle_refresh_hint", duration(minimum=1, maximum=DAY), 300.0,
           doc="spiffe_refresh_hint of our bundle: how often peers should refresh it"),
-    Field("rotation_overlap", duration(minimum=1, maximum=30 * _DAY), 3600.0,
+    Field("rotation_overlap", duration(minimum=1, maximum=30 * DAY), 3600.0,
           doc="`identity rotate-ca`: >= 3 x bundle_refresh_hint"),
 )
 LIMITS: Table = (
     Field("max_connections", integer(1, 1_000_000), 10000),
     Field("connect_timeout", duration(maximum=60), 1.0),
-    Field("idle_timeout", duration(maximum=_DAY), 3600.0),
-    Field("drain_timeout", duration(maximum=_DAY, zero_ok=True), 30.0,
+    Field("idle_timeout", duration(maximum=DAY), 3600.0),
+    Field("drain_timeout", duration(maximum=DAY, zero_ok=True), 30.0,
           doc="a handed-over or SIGQUIT-stopped process drains this long"),
     Field("takeover_timeout", duration(minimum=1.0, maximum=600.0), 30.0,
           doc="a `--takeover` process must be ready within this"),
@@ -173,43 +166,6 @@ OUTLIER: Table = (
     Field("response_timeout", duration(maximum=3600), DEFAULT_OUTLIER.response_timeout,
           doc="off unless set"),
 )
-RELOAD: Table = (
-    Field("watch", choice(WATCH_MODES, "a watch mode"), "auto",
-          doc="auto (inotify, else polling), inotify, poll, or sighup (SIGHUP only)"),
-    Field("poll_interval", duration(minimum=0.1, maximum=60.0), 1.0,
-          doc="how often `poll` looks at the files"),
-    Field("debounce", duration(maximum=10.0, zero_ok=True), 0.2,
-          doc="writes within this are one reload"),
-    Field("drain_timeout", duration(maximum=_DAY, zero_ok=True), 30.0,
-          doc="a removed import's open connections may last this long, then are closed"),
-)
-
-DNS: Table = (
-    Field("listen", _hostport, doc="UDP and TCP, one port"),
-    Field("ttl", duration(maximum=3600.0, zero_ok=True), 5.0,
-          doc="of every answer, and of negative answers (SOA minimum); whole seconds"),
-    Field("zone", lambda r, n, p: _Schema.zone(r, n, p), "clusterset.local"),
-    Field("addresses", lambda r, n, p: _Schema.addresses(r, n, p), (),
-          doc="answered for imports listening on 0.0.0.0 / ::"),
-)
-
-TUNNEL: Table = (
-    Field("kind", choice(("wireguard",), "a tunnel kind"), doc="wireguard"),
-    Field("listen_port", integer(1, 65535), 51820, doc="UDP, on every address"),
-    Field("interface", lambda r, n, p: _Schema.interface(r, n, p), "isthmus0",
-          doc="unique on the machine"),
-    Field("endpoint", _hostport, None,
-          doc="host:port peers send to; default: listen.advertise's host and listen_port"),
-    Field("rotate_every", duration(maximum=365 * _DAY, zero_ok=True), _DAY,
-          doc="a new key pair this often; 0s: never"),
-    Field("rotation_overlap", duration(minimum=1.0, maximum=_DAY), 10.0,
-          doc="the next key is announced this long before it is used"),
-)
-
-XDS: Table = (
-    Field("listen", _hostport, doc="plaintext gRPC (ADS); this cluster's apps only"),
-)
-
 PEER_PROBE: Table = _timing(0.5, 0.5)
 DEFAULT_IDENTITY = IdentityConfig(**defaults(IDENTITY))
 DEFAULT_LIMITS = LimitsConfig(**defaults(LIMITS))
@@ -348,7 +304,7 @@ def parse_config(text: str, source: Path) -> GatewayConfig:
 # The section builders: the rules a table cannot say (one field depends on another).
 
 
-class _Schema(Services):
+class _Schema(Services, SideSections):
     # What `load_config` needs of the gateway file even when it has problems elsewhere.
     top: dict[str, Node] = {}  # replaced per reader, never mutated
     services_spec: Path | tuple[str, ...] | None = None
@@ -500,77 +456,6 @@ class _Schema(Services):
                          f"{path}.rotation_overlap", why)
             return None
         return IdentityConfig(**v) if sec.ok else None
-
-    def dns(self, node: Node, path: str) -> DnsConfig | None:
-        sec = self.section(node, path, DNS)
-        if sec is None or not sec.ok:
-            return None
-        v = sec.values
-        ttl = v["ttl"]
-        if ttl != int(ttl):
-            self.problem(sec.nodes["ttl"], f"{path}.ttl", f"{format_duration(ttl)} is not a "
-                         "whole number of seconds (DNS TTLs are seconds)")
-            return None
-        return DnsConfig(v["listen"], int(ttl), v["zone"], v["addresses"])
-
-    def tunnel(self, node: Node, path: str) -> TunnelConfig | None:
-        sec = self.section(node, path, TUNNEL)
-        if sec is None or not sec.ok:
-            return None
-        v = sec.values
-        endpoint = format_hostport(*v["endpoint"]) if v["endpoint"] is not None else ""
-        if v["endpoint"] is not None and _is_wildcard(v["endpoint"][0]):
-            self.problem(sec.nodes["endpoint"], f"{path}.endpoint", f"{endpoint!r} is a "
-                         "wildcard address peers cannot send to; write this host's address")
-            return None
-        if v["rotate_every"] and v["rotate_every"] <= v["rotation_overlap"]:
-            self.problem(sec.nodes.get("rotate_every", node), f"{path}.rotate_every",
-                         f"{format_duration(v['rotate_every'])} must be longer than "
-                         f"rotation_overlap ({format_duration(v['rotation_overlap'])})")
-            return None
-        return TunnelConfig(v["kind"], v["listen_port"], v["interface"], endpoint,
-                            v["rotate_every"], v["rotation_overlap"])
-
-    def interface(self, node: Node, path: str) -> str | None:
-        name = self.string(node, path)
-        if name is not None and (not _IFNAME.fullmatch(name) or name in (".", "..")):
-            self.problem(node, path, f"{name!r} is not an interface name (1..15 letters, "
-                         "digits, '_', '.', '-')")
-            return None
-        return name
-
-    def zone(self, node: Node, path: str) -> str | None:
-        text = self.string(node, path)
-        if text is None:
-            return None
-        zone = text.lower().removesuffix(".")
-        labels = zone.split(".")
-        if len(zone) > 200 or not all(_DNS_LABEL.fullmatch(x) for x in labels):
-            self.problem(node, path, f"{text!r} is not a DNS zone name (dot-separated labels of "
-                         "letters, digits and '-', like clusterset.local)")
-            return None
-        return zone
-
-    def addresses(self, node: Node, path: str) -> tuple[str, ...] | None:
-        nodes = self.items(node, path, "IP addresses", MAX_DNS_ADDRESSES)
-        if nodes is None:
-            return None
-        out: list[str] = []
-        for i, n in enumerate(nodes):
-            text = self.string(n, f"{path}[{i}]")
-            if text is None:
-                return None
-            try:
-                ip = ipaddress.ip_address(text)
-            except ValueError:
-                self.problem(n, f"{path}[{i}]", f"{text!r} is not an IP address")
-                return None
-            if ip.is_unspecified:
-                self.problem(n, f"{path}[{i}]", f"{text!r} is a wildcard; write an address "
-                             "apps can connect to")
-                return None
-            out.append(str(ip))
-        return tuple(out)
 
     def outlier(self, node: Node, path: str) -> OutlierPolicy | None:
         sec = self.section(node, path, OUTLIER)
