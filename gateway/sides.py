@@ -16,6 +16,7 @@ from typing import Any
 
 from federation.model import ServiceKey, Tunnel
 from federation.units import format_hostport, parse_hostport
+from gateway.config.reader import _is_wildcard
 from gateway.control.claim import BindError
 from gateway.core.priorities import priorities
 from gateway.core.tunnel_peers import wanted_peers
@@ -133,7 +134,7 @@ class SideServices:
     def _xds_snapshot(self) -> Snapshot:
         """The xDS resources now: per import, priorities from its router's tiers."""
         xd = self.cfg.xds
-        host = xd.listen[0] if xd is not None and not _wildcard(xd.listen[0]) else "127.0.0.1"
+        host = xd.listen[0] if xd is not None and not _is_wildcard(xd.listen[0]) else "127.0.0.1"
         services = []
         for im in self.cfg.imports:
             svc = ServiceKey(im.namespace, im.name)
@@ -141,7 +142,7 @@ class SideServices:
             if router is None:
                 continue
             router.tick()
-            listen = (host if _wildcard(im.listen[0]) else im.listen[0], im.listen[1])
+            listen = (host if _is_wildcard(im.listen[0]) else im.listen[0], im.listen[1])
             services.append(XdsService(svc, priorities(router.tiers, self.locality, listen)))
         zone = self.cfg.dns.zone if self.cfg.dns is not None else "clusterset.local"
         return xds_snapshot(services, self.cfg.limits.connect_timeout, zone)
@@ -182,7 +183,3 @@ class SideServices:
         out["key_rotations"] = r.rotations if r is not None else 0
         out["key_rotations_skipped"] = r.skipped if r is not None else 0
         return out
-
-
-def _wildcard(host: str) -> bool:
-    return host in ("0.0.0.0", "::", "")

@@ -20,7 +20,7 @@ from federation.metrics import Exposition
 from federation.model import LIVE
 from federation.server.auth import Auth
 from federation.server.catalog import CatalogView
-from federation.server.state import State
+from federation.server.state import REPLICAS, State
 
 ADMIN = web.AppKey("admin", bool)  # True in the admin port's app
 
@@ -118,7 +118,7 @@ class Admin:
         out = dict(await store.describe())
         if getattr(store, "shared", False):
             try:
-                kvs, _ = await store.range("federation/replicas/")
+                kvs, _ = await store.range(REPLICAS)
                 out["replicas"] = [json.loads(kv.value) for kv in kvs]
             except (StoreError, ValueError):
                 out["replicas"] = []

@@ -50,12 +50,11 @@ from federation.server.clusters import REAP_INTERVAL, Clusters
 from federation.server.credentials import FEDERATION_TRUST_DOMAIN, Credentials, operator_id
 from federation.server.drills import Drills
 from federation.server.membership import Membership
-from federation.server.state import State, log
+from federation.server.state import REPLICAS, State, log
 from federation.server.tokens import create_token
 from federation.store.base import Store
 from federation.units import format_hostport
 
-REPLICAS = "federation/replicas/"  # not under catalog/: gateways do not watch it
 REPLICA_TTL = 10.0
 
 __all__ = [

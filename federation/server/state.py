@@ -26,6 +26,9 @@ from federation.store.base import Store
 log = logging.getLogger("isthmus.federation")
 
 
+REPLICAS = "federation/replicas/"  # not under catalog/: gateways do not watch it
+
+
 class State:
     """The server's shared state: its store, clock and settings, the maps rebuilt from the
     store at start, and the counters every part adds to."""

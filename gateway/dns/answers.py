@@ -52,6 +52,7 @@ import dns.rdatatype
 import dns.rrset
 
 from federation.model import Catalog, ServiceKey
+from gateway.config.reader import _is_wildcard
 from gateway.config.values import ImportConfig
 
 __all__ = ["DnsSettings", "Records", "Resolution", "build", "resolve"]
@@ -116,8 +117,9 @@ def _host_addresses(host: str, settings: DnsSettings) -> tuple[str, ...]:
         return (str(ip),)
     if settings.addresses:
         return settings.addresses
-    return _host_addresses(settings.listen_host, settings) if settings.listen_host not in (
-        "0.0.0.0", "::") else ()
+    if _is_wildcard(settings.listen_host):
+        return ()  # nothing apps can be told
+    return _host_addresses(settings.listen_host, settings)
 
 
 def _address_records(addresses: Iterable[str]) -> dict[int, tuple[dns.rdata.Rdata, ...]]:
