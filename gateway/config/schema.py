@@ -158,6 +158,12 @@ LIMITS: Table = (
           doc="a handed-over or SIGQUIT-stopped process drains this long"),
     Field("takeover_timeout", duration(minimum=1.0, maximum=600.0), 30.0,
           doc="a `--takeover` process must be ready within this"),
+    Field("http_max_header_bytes", integer(1024, 1024 * 1024), 65536,
+          doc="HTTP imports: a request head beyond this is refused (431)"),
+    Field("http_max_headers", integer(1, 1000), 100,
+          doc="HTTP imports: more request headers are refused (431)"),
+    Field("http_max_target_bytes", integer(256, 1024 * 1024), 8192,
+          doc="HTTP imports: a longer request target is refused (414)"),
 )
 OUTLIER: Table = (
     Field("consecutive_failures", integer(1, 1000), DEFAULT_OUTLIER.consecutive_failures),

@@ -85,6 +85,9 @@ class LimitsConfig:
     idle_timeout: float
     drain_timeout: float = 30.0  # a handed-over or SIGQUIT-stopped process drains this long
     takeover_timeout: float = 30.0  # a `--takeover` process must be ready within this
+    http_max_header_bytes: int = 65536  # HTTP imports: request head bytes (431 beyond)
+    http_max_headers: int = 100  # HTTP imports: request header count (431 beyond)
+    http_max_target_bytes: int = 8192  # HTTP imports: request target length (414 beyond)
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,12 +30,13 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from urllib.parse import unquote_plus
 
 from federation.model import ServiceKey
 
-__all__ = ["Backend", "CompiledRoutes", "HeaderMatch", "HeaderModifier", "Match", "Redirect",
-           "Rewrite", "Route", "Rule", "compile_routes", "modify_headers", "pick",
-           "redirect_location", "rewrite_path"]
+__all__ = ["Backend", "CompiledRoutes", "Decision", "HeaderMatch", "HeaderModifier", "Match",
+           "Redirect", "Rewrite", "Route", "Rule", "compile_routes", "decide", "modify_headers",
+           "pick", "redirect_location", "rewrite_path"]
 
 EXACT, PREFIX, REGEX = "Exact", "PathPrefix", "RegularExpression"
 
@@ -133,6 +134,8 @@ class CompiledRoutes:
     """Every (match, rule, route) in precedence order."""
 
     entries: tuple[tuple[Match, Rule, Route], ...] = field(default_factory=tuple)
+    needs_query: bool = False  # some match looks at query parameters (parse them only then)
+    backends: frozenset[ServiceKey] = frozenset()  # every service a rule may send to
 
     def match(self, method: str, path: str, headers: Mapping[str, str],
               query: Mapping[str, str], host: str = "") -> tuple[Route, Rule, Match] | None:
@@ -167,7 +170,9 @@ def compile_routes(routes: Sequence[Route]) -> CompiledRoutes:
             for m in rule.matches:
                 keyed.append((_rank(m), ri, ui, (m, rule, route)))
     keyed.sort(key=lambda k: (k[0], k[1], k[2]))
-    return CompiledRoutes(tuple(k[3] for k in keyed))
+    entries = tuple(k[3] for k in keyed)
+    backends = frozenset(b.service for r in routes for u in r.rules for b in u.backends)
+    return CompiledRoutes(entries, any(m.query for m, _, _ in entries), backends)
 
 
 def pick(backends: Sequence[Backend], random: Callable[[], float]) -> Backend | None:
@@ -223,3 +228,61 @@ def redirect_location(rd: Redirect, scheme: str, host: str, path: str, query: st
     netloc = h if p is None or p == default else f"{h}:{p}"
     new = _replace_path(rd.path_kind, rd.path, path, m)
     return f"{s}://{netloc}{new}" + (f"?{query}" if query else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# One request's decision: route -> filters -> backend (what the HTTP session then performs)
+
+PROXY, REDIRECT, NOT_FOUND, NO_BACKEND = "proxy", "redirect", "not-found", "no-backend"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    kind: str  # PROXY | REDIRECT | NOT_FOUND | NO_BACKEND
+    route: str = ""  # "route-name" (or "" when no route matched / no routes: the default)
+    backend: ServiceKey | None = None
+    path: str = ""  # the request target to send (URLRewrite applied, query kept)
+    host: str | None = None  # a new Host (URLRewrite hostname), else None: as it came
+    request_headers: HeaderModifier | None = None
+    response_headers: HeaderModifier | None = None
+    location: str | None = None  # REDIRECT
+    status: int = 0  # REDIRECT
+
+
+def decide(routes: CompiledRoutes, default: ServiceKey, method: str, target: str,
+           headers: Mapping[str, str], host: str, random: Callable[[], float],
+           scheme: str = "http") -> Decision:
+    """What to do with one request. No routes at all: everything goes to `default` (the
+    import's own service) as it came. `target` is the request target (path?query)."""
+    if not routes.entries:
+        return Decision(PROXY, "", default, target)
+    path, _, query = target.partition("?")
+    params: Mapping[str, str] = _query(query) if routes.needs_query else {}
+    hit = routes.match(method, path, headers, params, host)
+    if hit is None:
+        return Decision(NOT_FOUND)
+    route, rule, m = hit
+    if rule.redirect is not None:
+        loc = redirect_location(rule.redirect, scheme, host, path, query, m)
+        return Decision(REDIRECT, route.name, location=loc, status=rule.redirect.status)
+    backend = pick(rule.backends, random) if rule.backends else None
+    if backend is None:
+        return Decision(NO_BACKEND, route.name)
+    new_host = None
+    if rule.rewrite is not None:
+        path = rewrite_path(rule.rewrite, path, m)
+        new_host = rule.rewrite.hostname
+    out = path + ("?" + query if query else "")
+    return Decision(PROXY, route.name, backend.service, out, new_host, rule.request_headers,
+                    rule.response_headers)
+
+
+def _query(query: str) -> dict[str, str]:
+    """The first value of each query parameter (HTTPRoute matches the first), %-decoded."""
+    out: dict[str, str] = {}
+    for part in query.split("&"):
+        if not part:
+            continue
+        name, _, value = part.partition("=")
+        out.setdefault(unquote_plus(name), unquote_plus(value))
+    return out

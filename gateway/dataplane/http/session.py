@@ -1,0 +1,551 @@
+"""The client side of the HTTP proxy: one `Session` per client connection, parsed by httptools.
+
+Theory of operation
+-------------------
+A session is the other side of the client's leg (legs.py): what the client sends comes to
+`Session.send` and is fed to an httptools request parser; each request becomes an `Exchange`.
+Requests are served one at a time, in order: a pipelined request waits (its head and body
+buffered, bounded: reading the client pauses beyond PENDING_LIMIT or MAX_PIPELINE) until the
+one before it has its whole response. Limits are checked as the head arrives: the target
+(414), the header count and bytes (431); anything the parser refuses is a 400; after any of
+them the connection is closed, since its framing can no longer be trusted.
+
+One exchange, top to bottom (`Session._begin`):
+  decide        the listener's routing (core/routes.decide: route -> filters -> backend), a
+                404 / 500 / redirect answered here
+  trace         core/trace.continue_trace: the caller's trace with our new span, or a new one
+  head          hop-by-hop headers out (head.py), header filters, Host rewrite, traceparent
+  upstream      a pooled keep-alive connection to the router's first target, or
+                connect_first over the router's plan (locality failover, as for TCP), in a task
+  relay         head and body to the upstream (Content-Length as it came, or re-chunked);
+                `Expect: 100-continue` answered here once the upstream is connected;
+                the response comes back through upstream.Upstream, framed for the client
+  done          counters, access log, the connection back to the pool, the next request
+
+A reused upstream connection that ends before any byte of the response (the server closed it
+as we wrote) is tried once more on a new connection, if the request can be sent again (no body,
+or all of it still held). Otherwise: no upstream reachable -> 503, the upstream failed before
+its response began -> 502; after it began, the client connection is aborted (the response
+cannot be completed honestly).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Any, Protocol
+
+from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpRequestParser
+
+from federation.model import ServiceKey
+from gateway.core import routes as rt
+from gateway.core.trace import Trace, continue_trace
+from gateway.dataplane.dial import connect_first
+from gateway.dataplane.http import head as h
+from gateway.dataplane.http.upstream import Upstream
+from gateway.dataplane.legs import PENDING_LIMIT, Leg
+
+MAX_PIPELINE = 32  # requests parsed ahead of the one being served
+
+
+class TooLarge(Exception):
+    def __init__(self, status: int, what: str) -> None:
+        super().__init__(what)
+        self.status = status
+
+
+class Host(Protocol):
+    """What a session needs of its listener (listener.py)."""
+
+    loop: asyncio.AbstractEventLoop
+    max_header_bytes: int
+    max_headers: int
+    max_target_bytes: int
+    needs_headers: bool  # some route matches on headers: give decide() a header map
+    stats: Any  # dial.ListenerStats (connect_first's counters)
+    http: Any  # listener.HttpStats
+    pool: Any
+    dialer: Any
+
+    def decide(self, method: str, target: str, headers: dict[str, str], host: str
+               ) -> rt.Decision: ...
+
+    def router(self, service: ServiceKey) -> Any: ...
+
+    def spawn(self, coro: Any) -> asyncio.Task: ...
+
+    def rand_bytes(self, n: int) -> bytes: ...
+
+    def finished(self, ex: Exchange) -> None: ...
+
+    def refused(self, status: int, why: str) -> None: ...
+
+
+class Exchange:
+    """One request and its response."""
+
+    __slots__ = ("session", "method", "target", "headers", "host", "version", "keep_alive",
+                 "length", "chunked_in", "expect", "body", "body_size", "body_done", "dropped",
+                 "decision", "trace", "upstream", "started", "connected_at", "status",
+                 "responded", "chunked_out", "finished", "retried", "resp_filter", "cluster",
+                 "sent_body", "error", "traceparents", "tracestates", "connection", "released")
+
+    def __init__(self, session: Session, method: bytes, target: bytes,
+                 headers: list[tuple[bytes, bytes]], started: float) -> None:
+        self.session = session
+        self.method = method
+        self.target = target
+        self.headers = headers
+        self.host = b""
+        self.version = "1.1"
+        self.keep_alive = True
+        self.length: bytes | None = None
+        self.chunked_in = False
+        self.expect = False
+        self.body: list[bytes] | None = []  # held until the upstream is connected (and for a retry)
+        self.body_size = 0
+        self.body_done = False
+        self.dropped = False  # answered already: the rest of its body is read and dropped
+        self.decision: rt.Decision | None = None
+        self.trace: Trace | None = None
+        self.upstream: Upstream | None = None
+        self.started = started
+        self.connected_at = 0.0
+        self.status = 0
+        self.responded = False  # the response head went to the client
+        self.chunked_out = False
+        self.finished = False
+        self.retried = False
+        self.resp_filter: rt.HeaderModifier | None = None
+        self.cluster = ""  # the backend cluster that answered
+        self.sent_body = False  # some of the body went upstream (and so cannot be resent)
+        self.error = ""
+        self.traceparents: list[str] = []
+        self.tracestates: list[str] = []
+        self.connection: bytes | None = None
+        self.released = False  # its held body left the session's buffer count
+
+    # -- body from the client --------------------------------------------------------------------
+    def body_chunk(self, data: bytes) -> None:
+        if self.dropped or self.finished:
+            return
+        up = self.upstream
+        if up is not None and self.session.current is self:
+            up.write(h.chunk(data) if self.chunked_in else data)
+            self.sent_body = True
+            self.body = None  # no longer resendable
+            return
+        if self.body is not None:
+            self.body.append(data)
+        self.body_size += len(data)
+        self.session.buffered(len(data))
+
+    def body_end(self) -> None:
+        self.body_done = True
+        up = self.upstream
+        if up is not None and self.session.current is self and not self.dropped \
+                and self.chunked_in:
+            up.write(h.CHUNKED_END)
+
+    # -- the response (upstream.Answered) -----------------------------------------------------
+    def response_head(self, up: Upstream, status: int, reason: bytes,
+                      headers: list[tuple[bytes, bytes]], length: bytes | None,
+                      chunked: bool) -> None:
+        s = self.session
+        self.status = status
+        conn = next((v for n, v in headers if n == b"connection"), None)
+        out = h.strip_hop_by_hop(headers, conn)
+        if self.resp_filter is not None:
+            out = _modify(out, self.resp_filter)
+        bodyless = self.method == b"HEAD" or status in (204, 304)
+        if not bodyless and length is None:
+            if self.version == "1.1":
+                self.chunked_out = True
+                out.append((b"transfer-encoding", b"chunked"))
+            else:
+                self.keep_alive = False  # HTTP/1.0: the body ends with the connection
+        if not self.keep_alive:
+            out.append((b"connection", b"close"))
+        self.responded = True
+        s.down.send(h.response_head(status, reason, out))
+
+    def response_body(self, data: bytes) -> None:
+        if data:
+            self.session.down.send(h.chunk(data) if self.chunked_out else data)
+
+    def response_done(self, up: Upstream) -> None:
+        if self.chunked_out:
+            self.session.down.send(h.CHUNKED_END)
+        s = self.session
+        if up.reusable and self.body_done and not self.dropped:
+            s.host.pool.give(up, s.host.loop.time())
+        else:
+            up.abort() if not up.lost else None
+        self.upstream = None
+        s.done(self)
+
+    def upstream_failed(self, up: Upstream, why: str) -> None:
+        s = self.session
+        self.upstream = None
+        if self.finished:
+            return
+        if not self.responded:
+            resend = (self.body is not None and not self.sent_body and not self.retried)
+            if up.uses > 1 and not up.got and resend:
+                self.retried = True  # the keep-alive race: once more, on a new connection
+                s.host.http.retries += 1
+                s.connect(self, fresh=True)
+                return
+            router = s.host.router(up.service)
+            if up.uses <= 1 and router is not None:  # a fresh connection failed: the endpoint
+                router.report(up.target, False)
+            self.error = why
+            s.answer(self, 502, f"upstream {up.target.key} failed: {why}\n")
+            return
+        self.error = why
+        self.keep_alive = False
+        s.abort_client(self)
+
+    def pause_client(self) -> None:
+        self.session.down.pause_reading()
+
+    def resume_client(self) -> None:
+        self.session.down.resume_reading()
+
+
+def _modify(headers: list[tuple[bytes, bytes]], mod: rt.HeaderModifier
+            ) -> list[tuple[bytes, bytes]]:
+    """core.routes.modify_headers on the wire form (names lowercase)."""
+    got = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers]
+    return [(n.lower().encode("latin-1"), v.encode("latin-1"))
+            for n, v in rt.modify_headers(got, mod)]
+
+
+class Session:
+    """One client connection (see the module docstring): the other side of its leg."""
+
+    # the Leg attributes the client leg reads of its other side
+    eof_in = False
+    lost = False
+    paused_for_other = False
+
+    def __init__(self, down: Leg, host: Host) -> None:
+        self.down = down
+        self.host = host
+        self.parser = HttpRequestParser(self)
+        self.queue: deque[Exchange] = deque()
+        self.current: Exchange | None = None
+        self.parsing: Exchange | None = None
+        self.held = 0  # bytes of queued bodies held
+        self.paused = False
+        self.closing = False
+        self.client_eof = False
+        self.transport = self  # the idle sweeper reads activity through this
+        self.activity = 0
+        self._target = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._hbytes = 0
+        self._special: dict[bytes, Any] = {}
+
+    # -- what the idle sweeper reads -------------------------------------------------------------
+    def is_closing(self) -> bool:
+        return self.lost
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    # -- Leg: what the client's leg calls -----------------------------------------------------
+    def send(self, data: bytes) -> None:
+        if self.closing:
+            return
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade:
+            self._refuse(501, "protocol upgrades are not proxied")
+        except HttpParserCallbackError as e:
+            cause = e.__context__
+            if isinstance(cause, TooLarge):
+                self._refuse(cause.status, str(cause))
+            else:
+                raise
+        except HttpParserError as e:
+            self._refuse(400, f"bad request: {e}")
+
+    def send_eof(self) -> None:
+        """The client half-closed: answer what it asked, then close (done() sees it). Not
+        `eof_in`, which would tell the client's leg both directions are over."""
+        self.client_eof = True
+        if self.current is None and not self.queue:
+            self.close()
+
+    def close(self) -> None:
+        """The client's leg was lost, or we end the connection."""
+        if self.lost:
+            return
+        self.lost = True
+        for ex in self.queue:
+            ex.finished = True
+            if ex.upstream is not None:
+                ex.upstream.abort()
+                ex.upstream = None
+        self.queue.clear()
+        self.current = None
+        self.down.close()
+
+    def abort(self) -> None:
+        self.close()
+        self.down.abort()
+
+    def attach(self, other: Any) -> None:  # pragma: no cover - Leg protocol only
+        pass
+
+    def detach(self) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        """The client is not reading: stop reading the upstream that writes to it."""
+        ex = self.current
+        if ex is not None and ex.upstream is not None:
+            ex.upstream.leg.pause_reading()
+
+    def resume_reading(self) -> None:
+        ex = self.current
+        if ex is not None and ex.upstream is not None:
+            ex.upstream.leg.resume_reading()
+
+    # -- httptools callbacks ---------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._target = b""
+        self._headers = []
+        self._hbytes = 0
+        self._special = {}
+
+    def on_url(self, url: bytes) -> None:
+        self._target += url
+        if len(self._target) > self.host.max_target_bytes:
+            raise TooLarge(414, f"request target longer than {self.host.max_target_bytes} bytes")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._hbytes += len(name) + len(value) + 4
+        if self._hbytes > self.host.max_header_bytes:
+            raise TooLarge(431, f"request headers larger than {self.host.max_header_bytes} bytes")
+        if len(self._headers) >= self.host.max_headers:
+            raise TooLarge(431, f"more than {self.host.max_headers} request headers")
+        name = name.lower()
+        if name in _SPECIAL:
+            self._special.setdefault(name, []).append(value)
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        p = self.parser
+        ex = Exchange(self, p.get_method(), self._target, self._headers, self.host.loop.time())
+        ex.version = p.get_http_version()
+        ex.keep_alive = p.should_keep_alive()
+        sp = self._special
+        if sp:
+            ex.host = sp.get(b"host", (b"",))[0]
+            ex.length = sp.get(b"content-length", (None,))[0]
+            te = sp.get(b"transfer-encoding")
+            ex.chunked_in = te is not None
+            if not ex.chunked_in and ex.length in (None, b"0"):
+                ex.body_done = True  # no body: complete (and resendable) already
+            ex.expect = b"100-continue" in (v.lower() for v in sp.get(b"expect", ()))
+            ex.traceparents = [v.decode("latin-1") for v in sp.get(b"traceparent", ())]
+            ex.tracestates = [v.decode("latin-1") for v in sp.get(b"tracestate", ())]
+            conn = sp.get(b"connection")
+            ex.connection = b",".join(conn) if conn else None
+        self.parsing = ex
+        self.queue.append(ex)
+        if self.current is None:
+            self._next()
+        elif len(self.queue) > MAX_PIPELINE and not self.paused:
+            self.paused = True
+            self.down.pause_reading()
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.parsing
+        if ex is not None:
+            ex.body_chunk(body)
+
+    def on_message_complete(self) -> None:
+        ex, self.parsing = self.parsing, None
+        if ex is not None:
+            ex.body_end()
+
+    # -- serving -----------------------------------------------------------------------------
+    def buffered(self, n: int) -> None:
+        self.held += n
+        if self.held > PENDING_LIMIT and not self.paused:
+            self.paused = True
+            self.down.pause_reading()
+
+    def _next(self) -> None:
+        while self.queue and not self.lost:
+            ex = self.queue[0]
+            self.current = ex
+            if self.paused and self.held <= PENDING_LIMIT and len(self.queue) <= MAX_PIPELINE:
+                self.paused = False
+                self.down.resume_reading()
+            self._begin(ex)
+            if self.current is ex:  # in flight: its response calls done()
+                return
+        self.current = None
+
+    def _begin(self, ex: Exchange) -> None:
+        host = self.host
+        target = ex.target.decode("latin-1")
+        hostname = ex.host.decode("latin-1")
+        headers = _header_map(ex.headers) if host.needs_headers else _NO_HEADERS
+        d = ex.decision = host.decide(ex.method.decode("latin-1"), target, headers, hostname)
+        if d.kind != rt.PROXY:
+            if d.kind == rt.REDIRECT:
+                self.answer(ex, d.status, "", [(b"location", d.location.encode("latin-1"))])
+            elif d.kind == rt.NOT_FOUND:
+                self.answer(ex, 404, f"no route for {ex.method.decode('latin-1')} {target}\n")
+            else:
+                self.answer(ex, 500, f"route {d.route!r} has no backend with weight > 0\n")
+            return
+        router = host.router(d.backend)
+        if router is None:  # a reload removed it between decide and here
+            self.answer(ex, 503, f"no backend {d.backend}\n")
+            return
+        ex.trace = continue_trace(ex.traceparents, ex.tracestates, host.rand_bytes)
+        ex.resp_filter = d.response_headers
+        self.connect(ex)
+
+    def request_head(self, ex: Exchange) -> bytes:
+        d = ex.decision
+        out = h.strip_hop_by_hop(ex.headers, ex.connection)
+        out = [hv for hv in out if hv[0] not in _TRACE]
+        if d.request_headers is not None:
+            out = _modify(out, d.request_headers)
+        if d.host is not None:
+            out = [(b"host", d.host.encode("latin-1")) if n == b"host" else (n, v)
+                   for n, v in out]
+        tr = ex.trace
+        out.append((b"traceparent", tr.traceparent.encode()))
+        if tr.tracestate:
+            out.append((b"tracestate", tr.tracestate.encode("latin-1")))
+        if ex.chunked_in:
+            out.append((b"transfer-encoding", b"chunked"))
+        target = ex.target if d.path is None or d.route == "" else d.path.encode("latin-1")
+        return h.request_head(ex.method, target, out)
+
+    def connect(self, ex: Exchange, fresh: bool = False) -> None:
+        """Send `ex` on a pooled connection to the router's first target, else dial (a task)."""
+        host = self.host
+        d = ex.decision
+        router = host.router(d.backend)
+        if router is None:
+            self.answer(ex, 503, f"no backend {d.backend}\n")
+            return
+        if not fresh:
+            plan = router.plan()
+            if plan:
+                up = host.pool.take(plan[0], d.backend, host.loop.time())
+                if up is not None:
+                    self._send(ex, up)
+                    return
+        host.spawn(self._dial(ex, router))
+
+    async def _dial(self, ex: Exchange, router: Any) -> None:
+        host = self.host
+        found = await connect_first(router, host.dialer, ex.decision.backend, host.stats)
+        if ex.finished or self.lost:
+            if found is not None:
+                found[1].close()
+            return
+        if found is None:
+            ex.error = "no endpoint reachable"
+            self.answer(ex, 503, f"no endpoint of {ex.decision.backend} could be reached\n")
+            return
+        target, leg = found
+        host.pool.dialled += 1
+        self._send(ex, Upstream(leg, target, ex.decision.backend))
+
+    def _send(self, ex: Exchange, up: Upstream) -> None:
+        ex.upstream = up
+        ex.cluster = up.target.locality.cluster
+        ex.connected_at = self.host.loop.time()
+        up.start(ex, ex.method == b"HEAD")
+        up.write(self.request_head(ex))
+        if ex.expect and not ex.body_size and not ex.body_done and not ex.retried:
+            self.down.send(h.CONTINUE)
+        body = ex.body
+        if body:
+            for chunk in body:
+                up.write(h.chunk(chunk) if ex.chunked_in else chunk)
+            if not ex.released:
+                ex.released = True
+                self.held -= ex.body_size
+        if ex.body_done:  # all of it sent, and still held: the request can be sent again
+            if ex.chunked_in:
+                up.write(h.CHUNKED_END)
+        else:
+            ex.body = None  # the rest goes straight up: no resend from here on
+            ex.sent_body = bool(body)
+
+    def answer(self, ex: Exchange, status: int, text: str,
+               headers: list[tuple[bytes, bytes]] = ()) -> None:  # type: ignore[assignment]
+        """A response made here (no upstream): errors and redirects."""
+        ex.status = status
+        ex.responded = True
+        if not ex.body_done:
+            ex.dropped = True
+            ex.keep_alive = False  # we do not wait for a body we are not going to send
+        self.down.send(h.local_response(status, text.encode(), headers, close=not ex.keep_alive,
+                                        head=ex.method == b"HEAD"))
+        self.done(ex)
+
+    def abort_client(self, ex: Exchange) -> None:
+        ex.finished = True
+        self.host.finished(ex)
+        self.abort()
+
+    def done(self, ex: Exchange) -> None:
+        """`ex` has its whole response: count it, log it, go on with the next request."""
+        ex.finished = True
+        self.host.finished(ex)
+        if self.queue and self.queue[0] is ex:
+            self.queue.popleft()
+        if self.held < 0:
+            self.held = 0
+        if not ex.keep_alive or (self.client_eof and not self.queue):
+            self.closing = True
+            self.current = None
+            self.down.close()
+            return
+        if self.current is ex:
+            self.current = None
+            self._next()
+
+    def _refuse(self, status: int, why: str) -> None:
+        """The request cannot be parsed or is over a limit: answer, then close."""
+        self.closing = True
+        self.host.refused(status, why)
+        if self.current is None or not self.current.responded:
+            for ex in self.queue:
+                ex.finished = True
+                if ex.upstream is not None:
+                    ex.upstream.abort()
+            self.queue.clear()
+            self.current = None
+            self.down.send(h.local_response(status, (why + "\n").encode(), close=True))
+            self.down.close()
+        else:
+            self.abort()
+
+
+_SPECIAL = frozenset({b"host", b"content-length", b"transfer-encoding", b"expect", b"connection",
+                      b"traceparent", b"tracestate"})
+_TRACE = frozenset({b"traceparent", b"tracestate"})
+_NO_HEADERS: dict[str, str] = {}
+
+
+def _header_map(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    """Lowercase name -> value (several values joined with ","), for header matches."""
+    out: dict[str, str] = {}
+    for n, v in headers:
+        name, value = n.decode("latin-1"), v.decode("latin-1")
+        out[name] = f"{out[name]},{value}" if name in out else value
+    return out
