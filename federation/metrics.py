@@ -62,5 +62,24 @@ class Exposition:
         self.lines.append(f"{name}_sum {total}")
         self.lines.append(f"{name}_count {count}")
 
+    def histograms(self, name: str, help_: str, buckets: Sequence[float],
+                   series: Iterable[tuple[Mapping[str, object], Sequence[int], float, int]]
+                   ) -> None:
+        """One histogram family with labels: per label set, non-cumulative `counts` (as in
+        `histogram`), the sum and the count."""
+        self.lines.append(f"# HELP {name} {help_}")
+        self.lines.append(f"# TYPE {name} histogram")
+        for labels, counts, total, count in series:
+            lab = ",".join(f'{k}="{escape(v)}"' for k, v in labels.items())
+            sep = "," if lab else ""
+            running = 0
+            for le, n in zip(buckets, counts, strict=True):
+                running += n
+                self.lines.append(f'{name}_bucket{{{lab}{sep}le="{le}"}} {running}')
+            self.lines.append(f'{name}_bucket{{{lab}{sep}le="+Inf"}} {count}')
+            self.lines.append(f"{name}_sum{{{lab}}} {total}" if lab else f"{name}_sum {total}")
+            self.lines.append(f"{name}_count{{{lab}}} {count}" if lab else
+                              f"{name}_count {count}")
+
     def text(self) -> str:
         return "\n".join(self.lines) + "\n"

@@ -146,6 +146,7 @@ class LiveReload:
             router = self._add_import_router(im)
             router.set_remote(self._remote_of(router.service))
             await self._open_import(im, sock, serving=True)
+        self._sync_backends()  # route backends, and every HTTP listener's new routes
         self.book.forget(self._known_keys())
         self._refresh_dns()
         self._xds_changed()

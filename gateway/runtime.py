@@ -70,6 +70,7 @@ from gateway.dataplane.router import Router, local_key, remote_key
 from gateway.dataplane.tls import GatewayTls, TlsSnapshot
 from gateway.dns.answers import Records
 from gateway.dns.responder import DnsResponder
+from gateway.http_imports import HttpImports
 from gateway.introspection import Introspection
 from gateway.reloading import LiveReload
 from gateway.restart import Restart, first_of, readiness
@@ -83,7 +84,7 @@ log = logging.getLogger("isthmus.gateway")
 TICK = 0.25  # failover state and export health re-evaluated this often, besides on events
 
 
-class Gateway(LiveReload, SideServices, Introspection):
+class Gateway(LiveReload, SideServices, Introspection, HttpImports):
     def __init__(self, cfg: GatewayConfig, *, wall=time.time, rng: random.Random | None = None,
                  workers: int = 1, worker: int = 0, primary_pid: int = 0, log_level: str = "info",
                  takeover: bool = False, listen_fds: dict[str, int] | None = None,
@@ -130,7 +131,8 @@ class Gateway(LiveReload, SideServices, Introspection):
         self._reload_lock = asyncio.Lock()
         self._reload_pending: str | None = None  # a SIGHUP before the task group runs
         self._probes: dict[tuple[ServiceKey, str], asyncio.Task] = {}  # health check loops
-        self.import_listeners: dict[ServiceKey, ImportListener] = {}
+        self.import_listeners: dict[ServiceKey, ImportListener] = {}  # or HttpImportListener
+        self._backend_only: set[ServiceKey] = set()  # routers of route backends (http_imports)
         self._retiring: set[ImportListener] = set()  # removed by a reload, draining
         self.dns: DnsResponder | None = None  # the primary's, with a `dns:` section
         self.dns_records: Records | None = None
@@ -150,6 +152,7 @@ class Gateway(LiveReload, SideServices, Introspection):
             self._set_export(ex)
         for im in self.cfg.imports:
             self._add_import_router(im)
+        self._sync_backends()
 
     def _set_export(self, ex: ExportConfig) -> None:
         """The router of export `ex` (made, or given the new endpoints), and the local
@@ -174,8 +177,9 @@ class Gateway(LiveReload, SideServices, Introspection):
         if svc in self.import_routers:
             self.import_routers[svc].set_local(())
 
-    def _add_import_router(self, im: ImportConfig) -> Router:
-        svc = ServiceKey(im.namespace, im.name)
+    def _add_import_router(self, im: ImportConfig, svc: ServiceKey | None = None) -> Router:
+        """The router of import `im` (or of `svc`, a route backend, with `im`'s policy)."""
+        svc = svc or ServiceKey(im.namespace, im.name)
         router = Router(svc, self.locality, im.failover, self.book, self._mono, self.rng.random,
                         gateway_address=self.gateways.get)
         own = self.export_routers.get(svc)
@@ -453,8 +457,13 @@ class Gateway(LiveReload, SideServices, Introspection):
 
     async def _open_import(self, im: ImportConfig, sock: Any, serving: bool) -> None:
         svc, lim = ServiceKey(im.namespace, im.name), self.cfg.limits
-        lst = ImportListener(svc, self.import_routers[svc], self.dialer,  # type: ignore[arg-type]
-                             max_connections=lim.max_connections, idle_timeout=lim.idle_timeout)
+        lst: Any
+        if im.protocol == "http":
+            lst = self._http_listener(im)
+        else:
+            lst = ImportListener(svc, self.import_routers[svc], self.dialer,  # type: ignore
+                                 max_connections=lim.max_connections,
+                                 idle_timeout=lim.idle_timeout)
         await lst.start(*im.listen, sock=sock, serving=serving)
         self.listeners.append(lst)
         self.import_listeners[svc] = lst

@@ -302,6 +302,13 @@ class Reader:
             return None
         return value
 
+    def boolean(self, node: Node, path: str) -> bool | None:
+        value = self.scalar(node) if isinstance(node, ScalarNode) else None
+        if not isinstance(value, bool):
+            self.problem(node, path, f"expected true or false, got {self.describe(node)}")
+            return None
+        return value
+
     def integer(self, node: Node, path: str, lo: int, hi: int) -> int | None:
         value = self.scalar(node) if isinstance(node, ScalarNode) else None
         if not isinstance(value, int) or isinstance(value, bool):

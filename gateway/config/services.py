@@ -14,7 +14,7 @@ from typing import Any
 
 from yaml.nodes import MappingNode, Node, ScalarNode
 
-from federation.model import PROTOCOLS, Endpoint, FailoverPolicy, TierKind
+from federation.model import PROTOCOLS, Endpoint, FailoverPolicy, ServiceKey, TierKind
 from federation.units import format_duration
 from gateway.config.reader import (
     Field,
@@ -30,6 +30,7 @@ from gateway.config.reader import (
     duration,
     integer,
 )
+from gateway.config.routes_section import RouteReader
 from gateway.config.values import ExportConfig, HealthCheck, ImportConfig, ProbeConfig
 
 MAX_EXPORTS = 1000
@@ -89,7 +90,11 @@ IMPORT: Table = (
     Field("name", _name),
     Field("namespace", _name, "default"),
     Field("listen", _hostport),
+    Field("protocol", choice(PROTOCOLS, "protocol"), "tcp",
+          doc="http: the listener speaks HTTP/1.1 and routes each request"),
     Field("failover", lambda r, n, p: Services.failover(r, n, p), DEFAULT_FAILOVER),
+    Field("routes", None, (), doc="protocol: http only; see \"HTTP routes\""),
+    Field("access_log", Reader.boolean, False, doc="protocol: http only: a line per request"),
 )
 DEFAULT_HEALTH_CHECK = HealthCheck("tcp", None, **defaults(HEALTH_TIMING))
 # The check of a `protocol: http` export without a health_check section: GET /healthz, where
@@ -99,7 +104,7 @@ DEFAULT_HTTP_HEALTH_CHECK = replace(
 )
 
 
-class Services(Reader):
+class Services(RouteReader):
     def __init__(self, file: str, base: Path):
         super().__init__(file, base)
         # (field path, (host, port)) of every socket this gateway binds (schema.check_listeners)
@@ -326,8 +331,21 @@ class Services(Reader):
         sec = self.section(node, path, IMPORT)
         if sec is None or not sec.ok:
             return None
-        v = sec.values
-        return ImportConfig(v["name"], v["namespace"], v["listen"], v["failover"])
+        v, f = sec.values, sec.nodes
+        routes: tuple | None = ()
+        if v["protocol"] != "http":
+            for name in ("routes", "access_log"):
+                if name in f:
+                    self.problem(f[name], f"{path}.{name}", "only an import with protocol: http "
+                                 "has HTTP routes and an access log; set protocol: http")
+                    return None
+        elif "routes" in f:
+            routes = self.routes(f["routes"], f"{path}.routes",
+                                 ServiceKey(v["namespace"], v["name"]))
+            if routes is None:
+                return None
+        return ImportConfig(v["name"], v["namespace"], v["listen"], v["failover"],
+                            v["protocol"], routes, v["access_log"])
 
     def failover(self, node: Node, path: str) -> FailoverPolicy | None:
         sec = self.section(node, path, FAILOVER, parse=False)

@@ -13,6 +13,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 
 from federation.model import Endpoint, FailoverPolicy, Locality, OutlierPolicy
+from gateway.config.route_values import Route
 from gateway.errors import Problem
 
 __all__ = [
@@ -171,6 +172,9 @@ class ImportConfig:
     namespace: str
     listen: tuple[str, int]
     failover: FailoverPolicy
+    protocol: str = "tcp"  # "http": an HTTP/1.1 listener that routes each request
+    routes: tuple[Route, ...] = ()  # protocol http: HTTPRoute-like rules (config/route_values)
+    access_log: bool = False  # protocol http: one log line per request
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,8 +21,43 @@ from federation.http_serving import (
     serving_metrics,
 )
 from federation.metrics import Exposition, Sample
+from gateway.dataplane.http.listener import BUCKETS
 
 log = logging.getLogger("isthmus.gateway.admin")
+
+
+def _http_metrics(page: Exposition, per: list[tuple[dict[str, str], dict[str, Any]]]) -> None:
+    """HTTP imports (dataplane/http/listener.py): requests by route, backend cluster and status
+    class, their latency, requests refused before routing, keep-alive race retries, the pool."""
+    rows = [(lab, st["http"]) for lab, st in per if "http" in st]
+    codes = ("none", "1xx", "2xx", "3xx", "4xx", "5xx")
+    page.counter("isthmus_gateway_http_requests_total",
+                 "HTTP requests answered, by route, backend cluster and status class (code "
+                 "none: the client left first).",
+                 [({**lab, "route": r["route"], "cluster": r["cluster"] or "none",
+                    "code": codes[i]}, n)
+                  for lab, h in rows for r in h["routes"] for i, n in enumerate(r["classes"])
+                  if n])
+    page.histograms("isthmus_gateway_http_request_duration_seconds",
+                    "Time from a request's head to the end of its response, by route and "
+                    "backend cluster.", BUCKETS,
+                    [({**lab, "route": r["route"], "cluster": r["cluster"] or "none"},
+                      r["buckets"], r["total"], r["count"]) for lab, h in rows
+                     for r in h["routes"]])
+    page.counter("isthmus_gateway_http_refused_total",
+                 "HTTP requests refused before routing, by status (400 unparsable, 414 target "
+                 "too long, 431 headers too large, 501 upgrade).",
+                 [({**lab, "status": s}, n) for lab, h in rows
+                  for s, n in sorted(h["refused"].items())])
+    page.counter("isthmus_gateway_http_retries_total",
+                 "Requests sent again on a new connection after a reused upstream connection "
+                 "closed before answering (the keep-alive race).",
+                 [(lab, h["retries"]) for lab, h in rows])
+    page.gauge("isthmus_gateway_http_upstream_idle", "Idle keep-alive upstream connections.",
+               [(lab, h["pool"]["idle"]) for lab, h in rows])
+    page.counter("isthmus_gateway_http_upstream_reused_total",
+                 "Requests sent on a pooled keep-alive upstream connection.",
+                 [(lab, h["pool"]["reused"]) for lab, h in rows])
 
 
 def render_metrics(gw: Any, http: ServingStats | None = None) -> str:
@@ -65,6 +100,7 @@ def render_metrics(gw: Any, http: ServingStats | None = None) -> str:
            "response_timeout of the client's first bytes (not counted as served).",
            [({**lab, "target": t}, n) for lab, st in per
             for t, n in sorted(st.get("response_timeouts_by", {}).items())])
+    _http_metrics(page, per)
     inbound = [({k: v for k, v in lab.items() if k != "listener"}, st)
                for lab, st in per if "denied" in st]
     metric("isthmus_gateway_inbound_identity_refused_total", "counter",

@@ -10,9 +10,10 @@ says what differs, service by service, and the runtime does exactly that and not
                           refuses the whole reload), then accept
               removed  -> stop accepting; open connections drain for reload.drain_timeout,
                           then are ended
-              moved    -> (listen address changed) removed + added
-              changed  -> (failover policy only) the router takes the new policy: new
-                          connections follow it at once, open ones are not touched
+              moved    -> (listen address or protocol changed) removed + added
+              changed  -> (failover policy, HTTP routes, access log) the router takes the new
+                          policy, the HTTP listener the new routes: new connections and
+                          requests follow them at once, open ones are not touched
     exports   added    -> router, health checks, published at the federation
               removed  -> withdrawn at the federation; new streams for it are refused
               changed  -> endpoints, port, health check or allowed consumers replaced; health
@@ -97,7 +98,7 @@ def reconcile(running: GatewayConfig, wanted: GatewayConfig) -> ConfigChanges:
         old = old_im.get(k)
         if old is None:
             added.append(new)
-        elif old.listen != new.listen:
+        elif old.listen != new.listen or old.protocol != new.protocol:
             removed.append(old)
             added.append(new)
         elif old != new:

@@ -13,8 +13,10 @@ and weighted backend refs. A match ANDs its conditions:
     method       equal
 
 Precedence (HTTPRoute's, across every rule of every route): an Exact path beats a prefix, a
-longer prefix a shorter one (a RegularExpression path ranks after both: implementation-specific
-in the spec), then a method match, then more header matches, then more query matches; ties go
+longer prefix a shorter one; a RegularExpression path (implementation-specific in the spec)
+ranks between them, a longer pattern first, as Contour and Envoy Gateway order them, so a
+regex is not shadowed by a catch-all `/`; then a method match, then more header matches, then
+more query matches; ties go
 to the route listed first (routes are ordered by file, then position), then to the rule listed
 first. `compile_routes` sorts every (match, rule) pair once per config version; `match` walks
 that list and returns the first hit.
@@ -33,100 +35,51 @@ from dataclasses import dataclass, field
 from urllib.parse import unquote_plus
 
 from federation.model import ServiceKey
+from gateway.config.route_values import (
+    EXACT,
+    PREFIX,
+    REGEX,
+    Backend,
+    HeaderMatch,
+    HeaderModifier,
+    Match,
+    Redirect,
+    Rewrite,
+    Route,
+    Rule,
+)
 
 __all__ = ["Backend", "CompiledRoutes", "Decision", "HeaderMatch", "HeaderModifier", "Match",
-           "Redirect", "Rewrite", "Route", "Rule", "compile_routes", "decide", "modify_headers",
+           "Redirect", "Rewrite", "Route", "Rule", "compile_routes", "decide", "match_holds",
+           "modify_headers",
            "pick", "redirect_location", "rewrite_path"]
 
-EXACT, PREFIX, REGEX = "Exact", "PathPrefix", "RegularExpression"
+def _value_holds(h: HeaderMatch, got: str | None, regex: Mapping[str, re.Pattern]) -> bool:
+    if got is None:
+        return False
+    if h.kind == EXACT:
+        return got == h.value
+    return regex[h.value].fullmatch(got) is not None
 
 
-@dataclass(frozen=True, slots=True)
-class HeaderMatch:
-    name: str  # header or query parameter name (headers: compared lowercase)
-    value: str
-    kind: str = EXACT  # Exact | RegularExpression
-
-    def holds(self, got: str | None) -> bool:
-        if got is None:
-            return False
-        if self.kind == EXACT:
-            return got == self.value
-        return re.fullmatch(self.value, got) is not None
-
-
-@dataclass(frozen=True, slots=True)
-class Match:
-    path_kind: str = PREFIX
-    path: str = "/"
-    headers: tuple[HeaderMatch, ...] = ()
-    query: tuple[HeaderMatch, ...] = ()
-    method: str | None = None
-
-    def holds(self, method: str, path: str, headers: Mapping[str, str],
-              query: Mapping[str, str]) -> bool:
-        if self.method is not None and method != self.method:
-            return False
-        if not _path_holds(self.path_kind, self.path, path):
-            return False
-        return (all(h.holds(headers.get(h.name.lower())) for h in self.headers)
-                and all(q.holds(query.get(q.name)) for q in self.query))
-
-
-def _path_holds(kind: str, want: str, path: str) -> bool:
+def _path_holds(kind: str, want: str, path: str, regex: Mapping[str, re.Pattern]) -> bool:
     if kind == EXACT:
         return path == want
     if kind == PREFIX:
         prefix = want.rstrip("/")
         return prefix == "" or path == prefix or path.startswith(prefix + "/")
-    return re.fullmatch(want, path) is not None
+    return regex[want].fullmatch(path) is not None
 
 
-@dataclass(frozen=True, slots=True)
-class HeaderModifier:
-    set: tuple[tuple[str, str], ...] = ()
-    add: tuple[tuple[str, str], ...] = ()
-    remove: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class Redirect:
-    scheme: str | None = None
-    hostname: str | None = None
-    port: int | None = None
-    path_kind: str | None = None  # ReplaceFullPath | ReplacePrefixMatch
-    path: str | None = None
-    status: int = 302
-
-
-@dataclass(frozen=True, slots=True)
-class Rewrite:
-    hostname: str | None = None
-    path_kind: str | None = None
-    path: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Backend:
-    service: ServiceKey
-    weight: int = 1
-
-
-@dataclass(frozen=True, slots=True)
-class Rule:
-    matches: tuple[Match, ...] = (Match(),)
-    backends: tuple[Backend, ...] = ()
-    request_headers: HeaderModifier | None = None
-    response_headers: HeaderModifier | None = None
-    redirect: Redirect | None = None
-    rewrite: Rewrite | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    name: str
-    rules: tuple[Rule, ...]
-    hostnames: tuple[str, ...] = ()  # empty: any Host
+def match_holds(m: Match, method: str, path: str, headers: Mapping[str, str],
+                query: Mapping[str, str], regex: Mapping[str, re.Pattern]) -> bool:
+    """Every condition of `m` holds for the request (`headers` keys lowercase)."""
+    if m.method is not None and method != m.method:
+        return False
+    if not _path_holds(m.path_kind, m.path, path, regex):
+        return False
+    return (all(_value_holds(h, headers.get(h.name.lower()), regex) for h in m.headers)
+            and all(_value_holds(q, query.get(q.name), regex) for q in m.query))
 
 
 @dataclass(frozen=True)
@@ -136,6 +89,7 @@ class CompiledRoutes:
     entries: tuple[tuple[Match, Rule, Route], ...] = field(default_factory=tuple)
     needs_query: bool = False  # some match looks at query parameters (parse them only then)
     backends: frozenset[ServiceKey] = frozenset()  # every service a rule may send to
+    regex: Mapping[str, re.Pattern] = field(default_factory=dict)  # compiled once, by pattern
 
     def match(self, method: str, path: str, headers: Mapping[str, str],
               query: Mapping[str, str], host: str = "") -> tuple[Route, Rule, Match] | None:
@@ -144,7 +98,7 @@ class CompiledRoutes:
         for m, rule, route in self.entries:
             if route.hostnames and not any(_host_holds(h, bare) for h in route.hostnames):
                 continue
-            if m.holds(method, path, headers, query):
+            if match_holds(m, method, path, headers, query, self.regex):
                 return route, rule, m
         return None
 
@@ -157,7 +111,7 @@ def _host_holds(pattern: str, host: str) -> bool:
 
 
 def _rank(m: Match) -> tuple:
-    kind = {EXACT: 0, PREFIX: 1, REGEX: 2}[m.path_kind]
+    kind = {EXACT: 0, REGEX: 1, PREFIX: 2}[m.path_kind]
     length = len(m.path.rstrip("/")) if m.path_kind == PREFIX else len(m.path)
     return (kind, -length, m.method is None, -len(m.headers), -len(m.query))
 
@@ -172,7 +126,10 @@ def compile_routes(routes: Sequence[Route]) -> CompiledRoutes:
     keyed.sort(key=lambda k: (k[0], k[1], k[2]))
     entries = tuple(k[3] for k in keyed)
     backends = frozenset(b.service for r in routes for u in r.rules for b in u.backends)
-    return CompiledRoutes(entries, any(m.query for m, _, _ in entries), backends)
+    regex = {p: re.compile(p) for m, _, _ in entries
+             for p in ([m.path] if m.path_kind == REGEX else [])
+             + [h.value for h in (*m.headers, *m.query) if h.kind == REGEX]}
+    return CompiledRoutes(entries, any(m.query for m, _, _ in entries), backends, regex)
 
 
 def pick(backends: Sequence[Backend], random: Callable[[], float]) -> Backend | None:

@@ -123,11 +123,14 @@ class HttpImportListener(Listener):
                                 **kw)
         self._pool_sweeper = self.loop.create_task(self.pool.keep(self.loop))  # type: ignore
 
-    def set_routes(self, routes: rt.CompiledRoutes, access_log: bool) -> None:
-        """A reload's routes: new requests use them; decided ones keep their decision."""
+    def set_routes(self, routes: rt.CompiledRoutes, access_log: bool,
+                   routers: Mapping[ServiceKey, Any]) -> None:
+        """A reload's routes (and the routers of their backends): new requests use them;
+        requests already decided keep their decision."""
         self.routes = routes
         self.needs_headers = _needs_headers(routes)
         self.access_log = access_log
+        self.routers = routers
 
     # -- l4.Listener / legs.Host ---------------------------------------------------------------
     def made(self, leg: ImportLeg) -> None:

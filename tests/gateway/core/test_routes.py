@@ -71,7 +71,7 @@ def test_headers_query_and_method_all_must_hold():
 def test_precedence_across_routes_and_rules():
     routes = [
         Route("a", (rule("prefix-short", Match("PathPrefix", "/api")),
-                    rule("regex", Match("RegularExpression", "/api/.*")))),
+                    rule("regex", Match("RegularExpression", "/api/o.*")))),
         Route("b", (rule("exact", Match("Exact", "/api/items")),
                     rule("prefix-long", Match("PathPrefix", "/api/items")),
                     rule("method", Match("PathPrefix", "/api/items", method="GET")),
@@ -82,7 +82,8 @@ def test_precedence_across_routes_and_rules():
     assert which(routes, path="/api/items/1") == "method"  # method beats no method
     assert which(routes, path="/api/items/1", method="PUT", headers={"x": "1"}) == "headers"
     assert which(routes, path="/api/items/1", method="PUT") == "prefix-long"
-    assert which(routes, path="/api/other") == "prefix-short"  # a prefix beats a regex
+    assert which(routes, path="/api/other") == "regex"  # a regex beats a prefix
+    assert which(routes, path="/api/zz") == "prefix-short"
 
 
 def test_ties_go_to_the_first_route_then_the_first_rule():

@@ -1,0 +1,76 @@
+"""HTTP imports in the gateway: their listeners and the routers of their routes' backends.
+
+`HttpImports` is a part of `Gateway` (runtime.py), as reloading.py and sides.py are. An import
+with `protocol: http` gets an `HttpImportListener` (dataplane/http/listener.py) instead of the
+TCP one. Its routes may send to other services than the import's own (backendRefs: a canary
+`checkout-v2` beside `checkout`): each such backend gets a Router like an import's — in
+`import_routers`, so the catalog, health ticks and peer probes reach it as they reach every
+import — with the failover policy of the first import that routes to it. They are synced at
+start and after every reload (`_sync_backends`); each HTTP listener holds a plain dict of the
+routers it may use (`_routers_of`), replaced whole with its routes on a reload.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from federation.model import ServiceKey
+from gateway.config.values import GatewayConfig, ImportConfig
+from gateway.core.routes import compile_routes
+from gateway.dataplane.http.listener import HttpImportListener
+
+
+class HttpImports:
+    """The HTTP side of a Gateway's imports (a mixin: the attributes are the Gateway's)."""
+
+    cfg: GatewayConfig
+    import_routers: dict
+    import_listeners: dict
+    dialer: Any
+    rng: Any
+    _backend_only: set
+
+    def _backends_wanted(self) -> dict[ServiceKey, ImportConfig]:
+        """Route backends that are not imports themselves -> the import whose policy they take."""
+        own = {ServiceKey(im.namespace, im.name) for im in self.cfg.imports}
+        out: dict[ServiceKey, ImportConfig] = {}
+        for im in self.cfg.imports:
+            for route in im.routes:
+                for rule in route.rules:
+                    for b in rule.backends:
+                        if b.service not in own:
+                            out.setdefault(b.service, im)
+        return out
+
+    def _sync_backends(self) -> None:
+        """Routers for every route backend wanted now; those no route uses any more go."""
+        wanted = self._backends_wanted()
+        for svc in list(self._backend_only):
+            if svc not in wanted:
+                self._backend_only.discard(svc)
+                self.import_routers.pop(svc, None)
+        for svc, im in wanted.items():
+            router = self.import_routers.get(svc)
+            if router is None:
+                router = self._add_import_router(im, svc)  # type: ignore[attr-defined]
+                router.set_remote(self._remote_of(svc))  # type: ignore[attr-defined]
+                self._backend_only.add(svc)
+            elif svc in self._backend_only:
+                router.set_policy(im.failover)
+        for svc, lst in self.import_listeners.items():
+            if isinstance(lst, HttpImportListener):
+                im = next(i for i in self.cfg.imports if ServiceKey(i.namespace, i.name) == svc)
+                lst.set_routes(compile_routes(im.routes), im.access_log, self._routers_of(im))
+
+    def _routers_of(self, im: ImportConfig) -> dict[ServiceKey, Any]:
+        svc = ServiceKey(im.namespace, im.name)
+        wanted = {svc} | {b.service for r in im.routes for u in r.rules for b in u.backends}
+        return {s: self.import_routers[s] for s in wanted if s in self.import_routers}
+
+    def _http_listener(self, im: ImportConfig) -> HttpImportListener:
+        lim = self.cfg.limits
+        return HttpImportListener(
+            ServiceKey(im.namespace, im.name), compile_routes(im.routes), self._routers_of(im),
+            self.dialer, max_connections=lim.max_connections, idle_timeout=lim.idle_timeout,
+            max_header_bytes=lim.http_max_header_bytes, max_headers=lim.http_max_headers,
+            max_target_bytes=lim.http_max_target_bytes, access_log=im.access_log, rng=self.rng)
