@@ -90,6 +90,7 @@ class CompiledRoutes:
     needs_query: bool = False  # some match looks at query parameters (parse them only then)
     backends: frozenset[ServiceKey] = frozenset()  # every service a rule may send to
     regex: Mapping[str, re.Pattern] = field(default_factory=dict)  # compiled once, by pattern
+    decisions: Mapping[tuple[int, ServiceKey], Decision] = field(default_factory=dict)
 
     def match(self, method: str, path: str, headers: Mapping[str, str],
               query: Mapping[str, str], host: str = "") -> tuple[Route, Rule, Match] | None:
@@ -129,7 +130,8 @@ def compile_routes(routes: Sequence[Route]) -> CompiledRoutes:
     regex = {p: re.compile(p) for m, _, _ in entries
              for p in ([m.path] if m.path_kind == REGEX else [])
              + [h.value for h in (*m.headers, *m.query) if h.kind == REGEX]}
-    return CompiledRoutes(entries, any(m.query for m, _, _ in entries), backends, regex)
+    return CompiledRoutes(entries, any(m.query for m, _, _ in entries), backends, regex,
+                          decisions_of(routes))
 
 
 def pick(backends: Sequence[Backend], random: Callable[[], float]) -> Backend | None:
@@ -198,7 +200,7 @@ class Decision:
     kind: str  # PROXY | REDIRECT | NOT_FOUND | NO_BACKEND
     route: str = ""  # "route-name" (or "" when no route matched / no routes: the default)
     backend: ServiceKey | None = None
-    path: str = ""  # the request target to send (URLRewrite applied, query kept)
+    path: str | None = None  # the request target to send (URLRewrite applied), None: as it came
     host: str | None = None  # a new Host (URLRewrite hostname), else None: as it came
     request_headers: HeaderModifier | None = None
     response_headers: HeaderModifier | None = None
@@ -206,18 +208,35 @@ class Decision:
     status: int = 0  # REDIRECT
 
 
-def decide(routes: CompiledRoutes, default: ServiceKey, method: str, target: str,
+NOT_FOUND_DECISION = Decision(NOT_FOUND)
+
+
+def decisions_of(routes: Sequence[Route]) -> dict[tuple[int, ServiceKey], Decision]:
+    """The decision of each (rule, backend) that needs nothing of the request (no rewrite, no
+    redirect), made once per config version: the hot path returns these, allocating nothing."""
+    out: dict[tuple[int, ServiceKey], Decision] = {}
+    for route in routes:
+        for rule in route.rules:
+            if rule.rewrite is None and rule.redirect is None:
+                for b in rule.backends:
+                    out[(id(rule), b.service)] = Decision(
+                        PROXY, route.name, b.service, None, None, rule.request_headers,
+                        rule.response_headers)
+    return out
+
+
+def decide(routes: CompiledRoutes, default: Decision, method: str, target: str,
            headers: Mapping[str, str], host: str, random: Callable[[], float],
            scheme: str = "http") -> Decision:
-    """What to do with one request. No routes at all: everything goes to `default` (the
-    import's own service) as it came. `target` is the request target (path?query)."""
+    """What to do with one request. No routes at all: `default` (the import's own service, as
+    it came). `target` is the request target (path?query)."""
     if not routes.entries:
-        return Decision(PROXY, "", default, target)
+        return default
     path, _, query = target.partition("?")
     params: Mapping[str, str] = _query(query) if routes.needs_query else {}
     hit = routes.match(method, path, headers, params, host)
     if hit is None:
-        return Decision(NOT_FOUND)
+        return NOT_FOUND_DECISION
     route, rule, m = hit
     if rule.redirect is not None:
         loc = redirect_location(rule.redirect, scheme, host, path, query, m)
@@ -225,15 +244,12 @@ def decide(routes: CompiledRoutes, default: ServiceKey, method: str, target: str
     backend = pick(rule.backends, random) if rule.backends else None
     if backend is None:
         return Decision(NO_BACKEND, route.name)
-    new_host = None
-    if rule.rewrite is not None:
-        path = rewrite_path(rule.rewrite, path, m)
-        new_host = rule.rewrite.hostname
+    if rule.rewrite is None:
+        return routes.decisions[(id(rule), backend.service)]
+    path = rewrite_path(rule.rewrite, path, m)
     out = path + ("?" + query if query else "")
-    return Decision(PROXY, route.name, backend.service, out, new_host, rule.request_headers,
-                    rule.response_headers)
-
-
+    return Decision(PROXY, route.name, backend.service, out, rule.rewrite.hostname,
+                    rule.request_headers, rule.response_headers)
 def _query(query: str) -> dict[str, str]:
     """The first value of each query parameter (HTTPRoute matches the first), %-decoded."""
     out: dict[str, str] = {}

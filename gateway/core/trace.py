@@ -18,13 +18,14 @@ trace we are not continuing. A valid trace keeps its tracestate (several headers
 ",", as the spec allows), bounded to MAX_TRACESTATE characters: a longer one is dropped whole
 rather than cut mid-entry.
 
-Randomness is injected (`rand(n) -> n random bytes`); ids that come out all zeros are drawn again.
+Randomness is injected (`rand(bits) -> a random int of that many bits`, as Random.getrandbits);
+ids that come out all zeros are drawn again.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = ["Trace", "continue_trace", "parse_traceparent"]
 
@@ -33,8 +34,7 @@ _HEX = frozenset("0123456789abcdef")
 _ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16
 
 
-@dataclass(frozen=True, slots=True)
-class Trace:
+class Trace(NamedTuple):  # a tuple: made once per request, on the hot path
     trace_id: str
     span_id: str  # ours, sent as the next hop's parent id
     parent_id: str | None  # the caller's span (None: we started the trace)
@@ -75,20 +75,20 @@ def parse_traceparent(value: str) -> tuple[str, str, str] | None:
     return trace_id, parent_id, flags
 
 
-def _new_id(rand: Callable[[int], bytes], n: int) -> str:
+def _new_id(rand: Callable[[int], int], bits: int) -> str:
     while True:
-        out = rand(n).hex()
-        if out.strip("0"):
-            return out
+        out = rand(bits)
+        if out:
+            return f"{out:0{bits // 4}x}"
 
 
 def continue_trace(traceparents: Sequence[str], tracestates: Sequence[str],
-                   rand: Callable[[int], bytes]) -> Trace:
+                   rand: Callable[[int], int]) -> Trace:
     """This hop's trace: the caller's continued with a new span, or a new one (docstring)."""
     parsed = parse_traceparent(traceparents[0].strip()) if len(traceparents) == 1 else None
-    span = _new_id(rand, 8)
+    span = _new_id(rand, 64)
     if parsed is None:
-        return Trace(_new_id(rand, 16), span, None, "00", None)
+        return Trace(_new_id(rand, 128), span, None, "00", None)
     trace_id, parent_id, flags = parsed
     state = ",".join(s.strip() for s in tracestates) if tracestates else None
     if state is not None and (len(state) > MAX_TRACESTATE or not state):

@@ -20,16 +20,21 @@ CHUNKED_END = b"0\r\n\r\n"
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
+HOP_BY_HOP_AND_TRACE = HOP_BY_HOP | {b"traceparent", b"tracestate"}  # a request's, replaced
+
+
+def dropped_with(connection: bytes | None) -> frozenset[bytes]:
+    """The hop-by-hop names, with those a Connection header's value lists."""
+    if not connection:
+        return HOP_BY_HOP
+    named = {t.strip().lower() for t in connection.split(b",")} - {b"close", b"keep-alive", b""}
+    return HOP_BY_HOP | named if named else HOP_BY_HOP
+
+
 def strip_hop_by_hop(headers: list[tuple[bytes, bytes]], connection: bytes | None
                      ) -> list[tuple[bytes, bytes]]:
     """`headers` without hop-by-hop ones (those `connection`'s value names included)."""
-    drop = HOP_BY_HOP
-    if connection:
-        named = {t.strip().lower() for t in connection.split(b",")}
-        named.discard(b"close")
-        named.discard(b"keep-alive")
-        if named:
-            drop = drop | named
+    drop = dropped_with(connection)
     return [h for h in headers if h[0] not in drop]
 
 

@@ -20,6 +20,7 @@ import asyncio
 import logging
 import random
 import socket
+from bisect import bisect_left
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,10 +56,9 @@ class RouteStats:
         self.classes[min(status // 100, 5)] += 1
         self.count += 1
         self.total += seconds
-        for i, le in enumerate(BUCKETS):
-            if seconds <= le:
-                self.buckets[i] += 1
-                return
+        i = bisect_left(BUCKETS, seconds)
+        if i < len(BUCKETS):
+            self.buckets[i] += 1
 
     def to_json(self) -> dict[str, Any]:
         return {"classes": list(self.classes), "buckets": list(self.buckets),
@@ -102,6 +102,7 @@ class HttpImportListener(Listener):
                  rng: random.Random | None = None) -> None:
         super().__init__(f"import {service}", max_connections, idle_timeout)
         self.service = service
+        self.default = rt.Decision(rt.PROXY, "", service)  # no routes: all of it, as it came
         self.routes = routes
         self.needs_headers = _needs_headers(routes)
         self.routers = routers
@@ -152,13 +153,13 @@ class HttpImportListener(Listener):
     # -- session.Host --------------------------------------------------------------------------
     def decide(self, method: str, target: str, headers: dict[str, str], host: str
                ) -> rt.Decision:
-        return rt.decide(self.routes, self.service, method, target, headers, host, self.random)
+        return rt.decide(self.routes, self.default, method, target, headers, host, self.random)
 
     def router(self, service: ServiceKey) -> Any:
         return self.routers.get(service)
 
-    def rand_bytes(self, n: int) -> bytes:
-        return self.rng.randbytes(n)
+    def rand_bits(self, n: int) -> int:
+        return self.rng.getrandbits(n)
 
     def refused(self, status: int, why: str) -> None:
         self.http.refused[status] = self.http.refused.get(status, 0) + 1

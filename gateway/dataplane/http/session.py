@@ -74,7 +74,7 @@ class Host(Protocol):
 
     def spawn(self, coro: Any) -> asyncio.Task: ...
 
-    def rand_bytes(self, n: int) -> bytes: ...
+    def rand_bits(self, n: int) -> int: ...
 
     def finished(self, ex: Exchange) -> None: ...
 
@@ -82,13 +82,34 @@ class Host(Protocol):
 
 
 class Exchange:
-    """One request and its response."""
+    """One request and its response. Attributes not set in __init__ keep their class defaults
+    (most requests never change them: cheaper than setting each per request)."""
 
-    __slots__ = ("session", "method", "target", "headers", "host", "version", "keep_alive",
-                 "length", "chunked_in", "expect", "body", "body_size", "body_done", "dropped",
-                 "decision", "trace", "upstream", "started", "connected_at", "status",
-                 "responded", "chunked_out", "finished", "retried", "resp_filter", "cluster",
-                 "sent_body", "error", "traceparents", "tracestates", "connection", "released")
+    host = b""
+    version = "1.1"
+    keep_alive = True
+    length: bytes | None = None
+    chunked_in = False
+    expect = False
+    body_size = 0
+    body_done = False
+    dropped = False  # answered already: the rest of its body is read and dropped
+    decision: rt.Decision | None = None
+    trace: Trace | None = None
+    upstream: Upstream | None = None
+    connected_at = 0.0
+    status = 0
+    responded = False  # the response (head) went to the client
+    chunked_out = False
+    finished = False
+    retried = False
+    cluster = ""  # the backend cluster that answered
+    sent_body = False  # some of the body went upstream (and so cannot be resent)
+    error = ""
+    traceparents: list[str] = []  # replaced per request, never mutated
+    tracestates: list[str] = []
+    connection: bytes | None = None
+    released = False  # its held body left the session's buffer count
 
     def __init__(self, session: Session, method: bytes, target: bytes,
                  headers: list[tuple[bytes, bytes]], started: float) -> None:
@@ -96,34 +117,8 @@ class Exchange:
         self.method = method
         self.target = target
         self.headers = headers
-        self.host = b""
-        self.version = "1.1"
-        self.keep_alive = True
-        self.length: bytes | None = None
-        self.chunked_in = False
-        self.expect = False
-        self.body: list[bytes] | None = []  # held until the upstream is connected (and for a retry)
-        self.body_size = 0
-        self.body_done = False
-        self.dropped = False  # answered already: the rest of its body is read and dropped
-        self.decision: rt.Decision | None = None
-        self.trace: Trace | None = None
-        self.upstream: Upstream | None = None
         self.started = started
-        self.connected_at = 0.0
-        self.status = 0
-        self.responded = False  # the response head went to the client
-        self.chunked_out = False
-        self.finished = False
-        self.retried = False
-        self.resp_filter: rt.HeaderModifier | None = None
-        self.cluster = ""  # the backend cluster that answered
-        self.sent_body = False  # some of the body went upstream (and so cannot be resent)
-        self.error = ""
-        self.traceparents: list[str] = []
-        self.tracestates: list[str] = []
-        self.connection: bytes | None = None
-        self.released = False  # its held body left the session's buffer count
+        self.body: list[bytes] | None = []  # held until the upstream is connected (and resend)
 
     # -- body from the client --------------------------------------------------------------------
     def body_chunk(self, data: bytes) -> None:
@@ -148,6 +143,10 @@ class Exchange:
             up.write(h.CHUNKED_END)
 
     # -- the response (upstream.Answered) -----------------------------------------------------
+    def raw_bytes(self, data: bytes) -> None:
+        self.responded = True
+        self.session.down.send(data)
+
     def response_head(self, up: Upstream, status: int, reason: bytes,
                       headers: list[tuple[bytes, bytes]], length: bytes | None,
                       chunked: bool) -> None:
@@ -155,8 +154,9 @@ class Exchange:
         self.status = status
         conn = next((v for n, v in headers if n == b"connection"), None)
         out = h.strip_hop_by_hop(headers, conn)
-        if self.resp_filter is not None:
-            out = _modify(out, self.resp_filter)
+        mod = self.decision.response_headers  # type: ignore[union-attr]
+        if mod is not None:
+            out = _modify(out, mod)
         bodyless = self.method == b"HEAD" or status in (204, 304)
         if not bodyless and length is None:
             if self.version == "1.1":
@@ -180,7 +180,10 @@ class Exchange:
         if up.reusable and self.body_done and not self.dropped:
             s.host.pool.give(up, s.host.loop.time())
         else:
-            up.abort() if not up.lost else None
+            if up.raw:  # the client saw the upstream's own framing: close-delimited, or close
+                self.keep_alive = False
+            if not up.lost:
+                up.abort()
         self.upstream = None
         s.done(self)
 
@@ -394,9 +397,9 @@ class Session:
     def _begin(self, ex: Exchange) -> None:
         host = self.host
         target = ex.target.decode("latin-1")
-        hostname = ex.host.decode("latin-1")
         headers = _header_map(ex.headers) if host.needs_headers else _NO_HEADERS
-        d = ex.decision = host.decide(ex.method.decode("latin-1"), target, headers, hostname)
+        d = ex.decision = host.decide(ex.method.decode("latin-1"), target, headers,
+                                      ex.host.decode("latin-1"))
         if d.kind != rt.PROXY:
             if d.kind == rt.REDIRECT:
                 self.answer(ex, d.status, "", [(b"location", d.location.encode("latin-1"))])
@@ -405,18 +408,14 @@ class Session:
             else:
                 self.answer(ex, 500, f"route {d.route!r} has no backend with weight > 0\n")
             return
-        router = host.router(d.backend)
-        if router is None:  # a reload removed it between decide and here
-            self.answer(ex, 503, f"no backend {d.backend}\n")
-            return
-        ex.trace = continue_trace(ex.traceparents, ex.tracestates, host.rand_bytes)
-        ex.resp_filter = d.response_headers
+        ex.trace = continue_trace(ex.traceparents, ex.tracestates, host.rand_bits)
         self.connect(ex)
 
     def request_head(self, ex: Exchange) -> bytes:
         d = ex.decision
-        out = h.strip_hop_by_hop(ex.headers, ex.connection)
-        out = [hv for hv in out if hv[0] not in _TRACE]
+        drop = h.HOP_BY_HOP_AND_TRACE if ex.connection is None else \
+            h.dropped_with(ex.connection) | _TRACE
+        out = [hv for hv in ex.headers if hv[0] not in drop]
         if d.request_headers is not None:
             out = _modify(out, d.request_headers)
         if d.host is not None:
@@ -428,21 +427,21 @@ class Session:
             out.append((b"tracestate", tr.tracestate.encode("latin-1")))
         if ex.chunked_in:
             out.append((b"transfer-encoding", b"chunked"))
-        target = ex.target if d.path is None or d.route == "" else d.path.encode("latin-1")
+        target = ex.target if d.path is None else d.path.encode("latin-1")
         return h.request_head(ex.method, target, out)
 
     def connect(self, ex: Exchange, fresh: bool = False) -> None:
         """Send `ex` on a pooled connection to the router's first target, else dial (a task)."""
         host = self.host
-        d = ex.decision
-        router = host.router(d.backend)
-        if router is None:
-            self.answer(ex, 503, f"no backend {d.backend}\n")
+        backend = ex.decision.backend
+        router = host.router(backend)
+        if router is None:  # a reload removed it meanwhile
+            self.answer(ex, 503, f"no backend {backend}\n")
             return
         if not fresh:
             plan = router.plan()
             if plan:
-                up = host.pool.take(plan[0], d.backend, host.loop.time())
+                up = host.pool.take(plan[0], backend, host.loop.time())
                 if up is not None:
                     self._send(ex, up)
                     return
@@ -467,7 +466,8 @@ class Session:
         ex.upstream = up
         ex.cluster = up.target.locality.cluster
         ex.connected_at = self.host.loop.time()
-        up.start(ex, ex.method == b"HEAD")
+        up.start(ex, ex.method == b"HEAD",
+                 ex.version == "1.1" and ex.decision.response_headers is None)
         up.write(self.request_head(ex))
         if ex.expect and not ex.body_size and not ex.body_done and not ex.retried:
             self.down.send(h.CONTINUE)

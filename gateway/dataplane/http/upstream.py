@@ -10,6 +10,16 @@ reads (the response) comes to `Upstream.send`, is parsed by httptools and handed
 exchange it answers (session.py), which writes it to the client. The request goes the other
 way, `Upstream.write` -> the leg. One request at a time per connection (no upstream pipelining).
 
+A response is relayed in one of two ways, chosen per request (`start`):
+  raw     the bytes as they came, written to the client as they arrive (one write per read);
+          the parser only finds where the response ends (and its status, for the counters).
+          For HTTP/1.1 clients when no ResponseHeaderModifier applies: the upstream's own
+          framing (Content-Length or chunked) is valid for the client as it is. Its hop-by-hop
+          headers go along: a `Connection: close` the client then sees is kept, since we close
+          the client connection after such a response too.
+  framed  head rebuilt (hop-by-hop headers out, filters applied) and the body re-framed for the
+          client (session.Exchange.response_head): HTTP/1.0 clients, header filters.
+
 After a complete response on a connection both sides keep alive, the session gives it back to
 its `Pool`, keyed by (target, service): the next request to that target takes it instead of
 dialling. An idle connection is closed after `IDLE_TTL` (shorter than common servers' keep-alive
@@ -39,6 +49,10 @@ MAX_IDLE = 256  # idle connections kept per (target, service)
 
 class Answered(Protocol):
     """The exchange an Upstream is answering (session.Exchange)."""
+
+    status: int
+
+    def raw_bytes(self, data: bytes) -> None: ...
 
     def response_head(self, up: Upstream, status: int, reason: bytes,
                       headers: list[tuple[bytes, bytes]], length: bytes | None,
@@ -72,6 +86,7 @@ class Upstream:
         self.key = (target.key, service)
         self.exchange: Answered | None = None
         self.parser = HttpResponseParser(self)
+        self.raw = True
         self.uses = 0  # requests sent on this connection
         self.got = False  # some byte of the current response arrived
         self.head_only = False  # the current request is HEAD: its response has no body
@@ -87,11 +102,12 @@ class Upstream:
         leg.attach(self)  # type: ignore[arg-type]
 
     # -- the session's side -------------------------------------------------------------------
-    def start(self, exchange: Answered, head_only: bool) -> None:
+    def start(self, exchange: Answered, head_only: bool, raw: bool) -> None:
         if self._stale:  # a HEAD response's parser still waits for the body that never came
             self._stale = False
             self.parser = HttpResponseParser(self)
         self.exchange = exchange
+        self.raw = raw
         self.uses += 1
         self.got = False
         self.head_only = head_only
@@ -103,8 +119,8 @@ class Upstream:
 
     @property
     def reusable(self) -> bool:
-        return not self.lost and self._done and self.parser.should_keep_alive() \
-            and not self.until_eof
+        return not self.lost and self._done and not self.until_eof \
+            and self.parser.should_keep_alive()
 
     def close(self) -> None:
         """The leg was lost (called by it), or we are done with this connection."""
@@ -125,10 +141,13 @@ class Upstream:
 
     # -- Leg: what the up leg calls ------------------------------------------------------------
     def send(self, data: bytes) -> None:
-        if self.exchange is None:  # bytes nobody asked for: this connection is not HTTP
+        ex = self.exchange
+        if ex is None:  # bytes nobody asked for: this connection is not HTTP
             self.abort()
             return
         self.got = True
+        if self.raw:
+            ex.raw_bytes(data)  # first: a response completed by this read may start the next
         try:
             self.parser.feed_data(data)
         except HttpParserError as e:
@@ -138,7 +157,6 @@ class Upstream:
             if ex is not None:
                 cause = e.__context__ if e.__context__ is not None else e
                 ex.upstream_failed(self, f"bad response: {cause}")
-            return
 
     def send_eof(self) -> None:
         self.eof_in = True
@@ -160,46 +178,53 @@ class Upstream:
 
     # -- httptools callbacks ---------------------------------------------------------------------
     def on_message_begin(self) -> None:
-        self._headers = []
         self._length = None
         self._chunked = False
+        if not self.raw:
+            self._headers = []
 
     def on_status(self, reason: bytes) -> None:
-        self._reason += reason
+        if not self.raw:
+            self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        name = name.lower()
-        if name == b"content-length":
-            self._length = value
-        elif name == b"transfer-encoding":
-            self._chunked = value.lower().rstrip().endswith(b"chunked")
-        self._headers.append((name, value))
+        n = len(name)
+        if n == 14 or n == 17:  # only these two lengths can frame the body
+            low = name.lower()
+            if low == b"content-length":
+                self._length = value
+            elif low == b"transfer-encoding":
+                self._chunked = value.lower().rstrip().endswith(b"chunked")
+        if not self.raw:
+            self._headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
-        status = self.parser.get_status_code()
+        status = self._status = self.parser.get_status_code()
         reason, self._reason = self._reason, b""
         if status < 200:  # 1xx: informational, not this request's answer (ours: session.py)
             return
         ex = self.exchange
         if ex is None:
             return
-        self._status = status
         self.until_eof = (not self.head_only and self._length is None and not self._chunked
                           and status not in (204, 304))
-        ex.response_head(self, status, reason, self._headers, self._length, self._chunked)
+        if self.raw:
+            ex.status = status
+        else:
+            ex.response_head(self, status, reason, self._headers, self._length, self._chunked)
         if self.head_only:
             self._stale = True
             self._finish()
 
     def on_body(self, body: bytes) -> None:
-        ex = self.exchange
-        if ex is not None:
-            ex.response_body(body)
+        if not self.raw:
+            ex = self.exchange
+            if ex is not None:
+                ex.response_body(body)
 
     def on_message_complete(self) -> None:
         if self._status < 200 or self.head_only:
-            self._status = 200 if self.head_only else 0
-            return
+            return  # a 1xx's end (the answer follows), or a HEAD finished at its head
         self._finish()
 
     def _finish(self) -> None:
@@ -247,7 +272,7 @@ class Pool:
         if q is None:
             q = self.idle[up.key] = deque()
         if len(q) >= MAX_IDLE:
-            up.close()
+            up.abort()
             return
         up.idle_since = now
         q.append(up)
