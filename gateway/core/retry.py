@@ -73,8 +73,8 @@ class RetryPolicy:
         bad = set(self.retry_on) - set(CONDITIONS)
         if bad:
             raise ValueError(f"unknown retry conditions {sorted(bad)} (use {CONDITIONS})")
-        if self.backoff_base <= 0 or self.backoff_cap < self.backoff_base:
-            raise ValueError("backoff needs 0 < base <= cap")
+        if self.backoff_base <= 0 or self.backoff_cap <= 0:
+            raise ValueError("backoff base and cap must be > 0")  # cap < base: every delay <= cap
         if self.attempts < 0 or self.budget_ratio < 0 or self.budget_min_per_second < 0:
             raise ValueError("attempts and the budget's ratio and minimum must be >= 0")
         if self.budget_window <= 0:

@@ -240,7 +240,7 @@ def test_budget_book_keeps_one_budget_per_key_and_forgets_the_oldest():
     [
         {"retry_on": frozenset({"sometimes"})},
         {"backoff_base": 0.0},
-        {"backoff_base": 1.0, "backoff_cap": 0.5},
+        {"backoff_cap": 0.0},
         {"attempts": -1},
         {"budget_window": 0.0},
     ],
