@@ -27,6 +27,22 @@ from urllib.parse import urlsplit
 
 from yaml.nodes import MappingNode, Node
 
+from gateway.config.policy_values import (
+    CONDITIONS,
+    GATEWAY,
+    IDEMPOTENT,
+    IMPORT,
+    KINDS,
+    ROUTE,
+    JwtSettings,
+    OpenApiSettings,
+    Part,
+    Policy,
+    PolicySpec,
+    RetryPolicy,
+    TargetRef,
+    Timeouts,
+)
 from gateway.config.reader import (
     DAY,
     Field,
@@ -39,20 +55,6 @@ from gateway.config.reader import (
     duration,
     integer,
 )
-from gateway.core.policies import (
-    GATEWAY,
-    IMPORT,
-    KINDS,
-    ROUTE,
-    JwtSettings,
-    OpenApiSettings,
-    Part,
-    Policy,
-    PolicySpec,
-    TargetRef,
-    Timeouts,
-)
-from gateway.core.retry import CONDITIONS, IDEMPOTENT, RetryPolicy
 
 __all__ = ["parse_policies", "POLICY", "TARGET_REF", "TIMEOUTS", "RETRY", "BUDGET", "JWT",
            "OPENAPI"]

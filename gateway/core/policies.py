@@ -24,6 +24,10 @@ is on the chain, **field by field**:
 combine. ``jwt`` and ``openapi`` are merged as whole blocks (issuer, keys and audiences of two
 different levels must never mix; one spec file is validated, not two).
 
+The values (``Policy``, ``TargetRef``, ``Timeouts``, ``JwtSettings``, ``OpenApiSettings``,
+``Part``, ``PolicySpec``) are defined in gateway/config/policy_values.py (the config layer
+builds them) and re-exported here.
+
 What a policy sets is a ``Part``: a value plus the names of the fields the policy really set
 (the others hold the class defaults and are ignored by the merge).
 
@@ -41,111 +45,31 @@ Pure: no asyncio, socket, time or random.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, fields, replace
-from typing import Any, Generic, TypeVar
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
 
-from gateway.core.retry import RetryPolicy
+from gateway.config.policy_values import (
+    DEFAULT_TIMEOUTS,
+    GATEWAY,
+    IMPORT,
+    KINDS,
+    ROUTE,
+    JwtSettings,
+    OpenApiSettings,
+    Part,
+    Policy,
+    PolicySpec,
+    RetryPolicy,
+    TargetRef,
+    Timeouts,
+)
 
 __all__ = [
     "DEFAULT_TIMEOUTS", "GATEWAY", "IMPORT", "KINDS", "ROUTE", "Attachment", "EffectivePolicy",
-    "JwtSettings", "OpenApiSettings", "Part", "Policy", "PolicyIndex", "PolicySpec", "TargetRef",
-    "Timeouts", "effective_policy",
+    "JwtSettings", "OpenApiSettings", "Part", "Policy", "PolicyIndex", "PolicySpec", "RetryPolicy",
+    "TargetRef", "Timeouts", "effective_policy",
 ]
-
-GATEWAY, IMPORT, ROUTE = "Gateway", "Import", "Route"
-KINDS = (ROUTE, IMPORT, GATEWAY)
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class TargetRef:
-    kind: str  # Gateway | Import | Route
-    name: str
-    namespace: str = "default"  # Import only
-    section: str | None = None  # Route only: the rule's name (Gateway API sectionName)
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"targetRef kind {self.kind!r} is not one of {KINDS}")
-        if self.section is not None and self.kind != ROUTE:
-            raise ValueError("only a Route targetRef has a sectionName (a rule's name)")
-
-    def __str__(self) -> str:
-        if self.kind == IMPORT:
-            return f"Import {self.namespace}/{self.name}"
-        if self.section is not None:
-            return f"Route {self.name} rule {self.section}"
-        return f"{self.kind} {self.name}"
-
-
-@dataclass(frozen=True, slots=True)
-class Timeouts:
-    request: float | None = None  # seconds for the whole request, retries included; 0: none
-    backend_request: float | None = None  # seconds for one try to the backend; 0: none
-    idle: float | None = None  # seconds a client connection may sit without a request; 0: none
-
-
-DEFAULT_TIMEOUTS = Timeouts(request=15.0, backend_request=None, idle=300.0)
-
-
-@dataclass(frozen=True, slots=True)
-class JwtSettings:
-    issuer: str
-    audiences: tuple[str, ...]
-    jwks_file: str | None = None  # exactly one of jwks_file, jwks_url
-    jwks_url: str | None = None
-    algorithms: tuple[str, ...] = ("RS256", "ES256", "EdDSA")
-    clock_skew: float = 30.0  # seconds of leeway on exp and nbf
-    required_claims: tuple[str, ...] = ()
-    claim_headers: tuple[tuple[str, str], ...] = ()  # (claim, request header to set)
-    refresh_interval: float = 300.0  # JWKS URL: refetch this often
-    unknown_kid_refresh: float = 10.0  # JWKS URL: at most one refetch per this, on unknown kid
-    cache_size: int = 1024  # verified tokens kept (LRU, each until its exp)
-
-
-@dataclass(frozen=True, slots=True)
-class OpenApiSettings:
-    spec_file: str
-    unknown_fields: str = "reject"  # reject (400) | drop (the body is rewritten without them)
-    max_body_bytes: int = 1024 * 1024
-    base_path: str = ""  # a prefix before the spec's paths, like /api
-
-
-@dataclass(frozen=True, slots=True)
-class Part(Generic[T]):
-    """What one policy sets of a block: `value`, of which only the fields in `names` count."""
-
-    value: T
-    names: frozenset[str]
-
-    @classmethod
-    def of(cls, value: T, names: Iterable[str]) -> Part[T]:
-        names = frozenset(names)
-        known = {f.name for f in fields(value)}  # type: ignore[arg-type]
-        if not names <= known:
-            raise ValueError(f"{sorted(names - known)} are not fields of {type(value).__name__}")
-        return cls(value, names)
-
-
-@dataclass(frozen=True, slots=True)
-class PolicySpec:
-    timeouts: Part[Timeouts] | None = None
-    retry: Part[RetryPolicy] | None = None
-    jwt: JwtSettings | None = None
-    openapi: OpenApiSettings | None = None
-
-    @property
-    def empty(self) -> bool:
-        return not (self.timeouts or self.retry or self.jwt or self.openapi)
-
-
-@dataclass(frozen=True, slots=True)
-class Policy:
-    name: str
-    target: TargetRef
-    defaults: PolicySpec = PolicySpec()
-    overrides: PolicySpec = PolicySpec()
-    order: int = 0  # position in the config (files in order, then entries); lower wins ties
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,40 +45,15 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 
+from gateway.config.policy_values import CONDITIONS, IDEMPOTENT, RetryPolicy
+
 __all__ = [
     "CONDITIONS", "IDEMPOTENT", "BudgetBook", "BudgetState", "Decision", "Outcome",
     "RetryBudget", "RetryPolicy", "backoff", "decide", "parse_retry_after",
 ]
 
 CONNECT_FAILURE, RESET, TIMEOUT, STATUS = "connect-failure", "reset", "timeout", "status"
-CONDITIONS = (CONNECT_FAILURE, RESET, TIMEOUT, "5xx")
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 MAX_RETRY_AFTER_CHARS = 64  # longer header values are not parsed (an HTTP-date is 29)
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    attempts: int = 2  # retries after the first try; 0 turns retries off
-    per_try_timeout: float | None = None  # seconds; None: only the backend-request timeout
-    backoff_base: float = 0.025
-    backoff_cap: float = 0.25
-    retry_on: frozenset[str] = frozenset({CONNECT_FAILURE, RESET})
-    codes: frozenset[int] = frozenset({503})
-    methods: frozenset[str] = IDEMPOTENT
-    budget_ratio: float = 0.1
-    budget_min_per_second: float = 3.0
-    budget_window: float = 10.0
-
-    def __post_init__(self) -> None:
-        bad = set(self.retry_on) - set(CONDITIONS)
-        if bad:
-            raise ValueError(f"unknown retry conditions {sorted(bad)} (use {CONDITIONS})")
-        if self.backoff_base <= 0 or self.backoff_cap <= 0:
-            raise ValueError("backoff base and cap must be > 0")  # cap < base: every delay <= cap
-        if self.attempts < 0 or self.budget_ratio < 0 or self.budget_min_per_second < 0:
-            raise ValueError("attempts and the budget's ratio and minimum must be >= 0")
-        if self.budget_window <= 0:
-            raise ValueError("the budget window must be > 0")
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,11 +15,11 @@ from gateway.core.policies import (
     Attachment,
     JwtSettings,
     OpenApiSettings,
+    RetryPolicy,
     TargetRef,
     Timeouts,
     effective_policy,
 )
-from gateway.core.retry import RetryPolicy
 from gateway.errors import Problem
 
 FILE = "/etc/isthmus/services/shop.yaml"
