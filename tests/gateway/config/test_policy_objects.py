@@ -195,6 +195,14 @@ def test_every_problem_at_once_and_names_unique():
     ]
 
 
+def test_the_example_in_docs_policies_md_parses():
+    docs = Path(__file__).resolve().parents[3] / "docs" / "policies.md"
+    example = docs.read_text().split("```yaml\n", 1)[1].split("```", 1)[0]
+    policies, r = read(example)
+    assert r.problems == [] and [p.name for p in policies] == [
+        "shop-timeouts", "orders-write-auth", "cluster-limits"]
+
+
 def test_not_a_list():
     got = problems("policies: {name: p}\n")
     assert got[0].path == "policies" and "list of policies" in got[0].message
