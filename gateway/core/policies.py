@@ -104,6 +104,13 @@ class EffectivePolicy:
     def source(self, name: str) -> str | None:
         return dict(self.sources).get(name)
 
+    @property
+    def try_timeout(self) -> float | None:
+        """One try's limit: retry.per_try_timeout when set, never above backend_request."""
+        limits = [t for t in (self.retry.per_try_timeout, self.timeouts.backend_request)
+                  if t is not None]
+        return min(limits) if limits else None
+
 
 def effective_policy(at: Attachment, policies: Sequence[Policy]) -> EffectivePolicy:
     """The merged policy for a request on chain `at` (see the module docstring)."""

@@ -128,6 +128,20 @@ def test_timeouts_resolve_like_httproute(set_, expected):
     assert got.timeouts == expected
 
 
+@pytest.mark.parametrize("per_try, backend, expected", [
+    (None, None, DEFAULT_TIMEOUTS.request),  # backend_request defaults to request
+    (1.0, None, 1.0),
+    (1.0, 0.5, 0.5),
+    (None, 2.0, 2.0),
+])
+def test_one_try_is_bounded_by_per_try_and_backend_request(per_try, backend, expected):
+    policies = [Policy("r", GW, PolicySpec(retry=Part.of(RetryPolicy(per_try_timeout=per_try),
+                                                         ["per_try_timeout"])))]
+    if backend is not None:
+        policies.append(Policy("t", GW, PolicySpec(timeouts=timeouts(backend_request=backend))))
+    assert effective_policy(AT, policies).try_timeout == expected
+
+
 def test_bad_values_are_refused():
     with pytest.raises(ValueError):
         TargetRef("Service", "x")

@@ -32,7 +32,8 @@ Keys come from `jwks_file` (read at construction and on every `refresh()`, so a 
 picked up) or `jwks_url` (fetched by `refresh()` with aiohttp). The caller owns an
 `asyncio` task running `refresh_loop()`: it refreshes every `refresh_interval`, and early when
 `verify` saw an unknown `kid` — at most once per `unknown_kid_refresh`, so a flood of made-up
-kids costs one fetch per period. A failed refresh keeps the last good key set (one log line).
+kids costs one fetch per period. A failed refresh keeps the last good key set (one log line)
+and is tried again after 1, 2, 4 ... 60 s.
 `verify_or_refresh` is the async form that, on an unknown kid, awaits that refresh and tries
 once more. `clock` returns wall-clock seconds (Unix time); tests inject it.
 """
@@ -66,6 +67,7 @@ log = logging.getLogger("isthmus.gateway.jwt")
 warnings.filterwarnings("ignore", message="EdDSA is deprecated", category=SecurityWarning)
 
 MAX_TOKEN_BYTES = 8192
+FIRST_RETRY, MAX_RETRY = 1.0, 60.0  # seconds between key refreshes after a failed one
 REALM = 'Bearer realm="isthmus"'
 _KEY_TYPES: dict[str, tuple[type, str | None]] = {
     "RS256": (RSAKey, None),
@@ -246,12 +248,20 @@ class JwtVerifier:
         return True
 
     async def refresh_loop(self) -> None:
-        """Refresh every refresh_interval, and early on an unknown kid (rate-limited)."""
+        """Refresh every refresh_interval, and early on an unknown kid (rate-limited). After a
+        failure, try again sooner: 1 s, 2 s, 4 s ... up to 60 s (never later than the
+        interval), so a key server that was down at start costs seconds of 503, not minutes."""
+        retry_in = FIRST_RETRY
         while True:
             self._wake.clear()
-            await self.refresh()
+            ok = await self.refresh()
+            wait = self.settings.refresh_interval
+            if ok:
+                retry_in = FIRST_RETRY
+            else:
+                wait, retry_in = min(wait, retry_in), min(retry_in * 2, MAX_RETRY)
             try:
-                await asyncio.wait_for(self._wake.wait(), self.settings.refresh_interval)
+                await asyncio.wait_for(self._wake.wait(), wait)
             except TimeoutError:
                 pass
 

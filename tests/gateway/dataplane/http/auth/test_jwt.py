@@ -284,6 +284,31 @@ async def test_keys_rotate_on_a_jwks_server():
         await server.stop()
 
 
+async def test_a_key_server_down_at_start_is_tried_again_soon():
+    server = JwksServer(jwks(RSA))
+    await server.start()
+    server.status = 503
+    try:
+        v = JwtVerifier(settings(server.url, refresh_interval=300.0), Clock())
+        loop = asyncio.create_task(v.refresh_loop())
+        try:
+            await asyncio.sleep(0.2)
+            assert server.hits == 1 and v.keys is None
+            server.status = 200
+            for _ in range(300):  # the second try comes after 1 s, not 300 s
+                if v.keys is not None:
+                    break
+                await asyncio.sleep(0.01)
+            assert v.keys is not None and server.hits == 2
+            assert v.verify(bearer(token(RSA))).ok
+        finally:
+            loop.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await loop
+    finally:
+        await server.stop()
+
+
 async def test_verify_or_refresh_picks_up_a_new_key_at_once():
     server = JwksServer(jwks(RSA))
     await server.start()
