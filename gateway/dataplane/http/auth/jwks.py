@@ -3,9 +3,9 @@
 `parse_jwks(data, source)` turns the bytes of a JWKS document into a `KeySet`: the signing keys
 by `kid`, imported with joserfc. Keys that cannot verify our algorithms are skipped and named
 (symmetric `oct` keys — a shared secret has no place in a public key set — keys marked
-`use: enc`, and unknown key types), so one odd key does not take the others down. A document
-that is not JSON, has no `keys` list, holds no usable key, or repeats a `kid` is a `JwksError`
-naming the source.
+`use: enc`, RSA keys under 2048 bits, and unknown key types), so one odd key does not take
+the others down. A document that is not JSON, has no `keys` list, holds no usable key, or
+repeats a `kid` is a `JwksError` naming the source.
 
 `read_jwks_file(path)` reads at most MAX_JWKS_BYTES from a file; `fetch_jwks(url)` GETs it with
 aiohttp under a total timeout, refusing a non-200 answer and a body over MAX_JWKS_BYTES.
@@ -24,6 +24,7 @@ from federation.logs import quote
 
 MAX_JWKS_BYTES = 256 * 1024
 MAX_KEYS = 100
+MIN_RSA_BITS = 2048
 FETCH_TIMEOUT = 5.0
 Key = RSAKey | ECKey | OKPKey
 
@@ -70,6 +71,10 @@ def parse_jwks(data: bytes, source: str) -> KeySet:
             key = JWKRegistry.import_key(item)
         except (JoseError, ValueError, TypeError) as e:
             skipped.append(f"{label}: cannot be imported ({e})")
+            continue
+        if isinstance(key, RSAKey) and key.raw_value.key_size < MIN_RSA_BITS:
+            skipped.append(f"{label}: an RSA key of {key.raw_value.key_size} bits; "
+                           f"at least {MIN_RSA_BITS} are required")
             continue
         keys[kid] = key  # type: ignore[assignment]
     if not keys:

@@ -186,6 +186,8 @@ def test_a_bad_key_file_fails_at_start_naming_it(tmp_path):
     (b"[]", "'keys' list"),
     (json.dumps({"keys": [RSA.as_dict(private=False)] * 2}).encode(), "repeats a kid"),
     (json.dumps({"keys": [{"kty": "RSA", "use": "enc", "kid": "e"}]}).encode(), "not sig"),
+    (json.dumps(jwks(RSAKey.generate_key(1024, parameters={"kid": "w"}, private=True))).encode(),
+     "1024 bits; at least 2048"),
 ])
 def test_bad_key_sets(doc, message):
     with pytest.raises(JwksError, match=message):
