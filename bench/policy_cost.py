@@ -115,8 +115,10 @@ def openapi_cases() -> dict[str, Callable[[int], object]]:
 def lookup_cases() -> dict[str, Callable[[int], object]]:
     policies = []
     for i in range(50):
-        for target in (TargetRef(GATEWAY, "east-1"), TargetRef(IMPORT, f"svc-{i}"),
-                       TargetRef(ROUTE, f"route-{i}"), TargetRef(ROUTE, f"route-{i}", section="r")):
+        svc = f"svc-{i}"
+        for target in (TargetRef(GATEWAY, "east-1"), TargetRef(IMPORT, svc),
+                       TargetRef(ROUTE, f"route-{i}", import_=svc),
+                       TargetRef(ROUTE, f"route-{i}", section="r", import_=svc)):
             part = Part.of(Timeouts(request=float(i + 1)), ["request"])
             policies.append(Policy(f"p{len(policies)}", target, PolicySpec(timeouts=part),
                                    order=len(policies)))

@@ -7,10 +7,11 @@ the field tables of reader.py: unknown fields, bad values and cross-field mistak
 `FILE:LINE: policies[i].field: message` recorded on the reader, every one in one pass; an entry
 with any problem is left out (the caller refuses the whole file when there are problems).
 
-Checked here: names unique in the list; `sectionName` only on a Route and `namespace` only on
-an Import; `backendRequest` <= `request` and `backoff_base` <= `backoff_cap` when one block
-sets both; exactly one of `jwks_file` and `jwks_url` (https, or http to a loopback address
-only); `claim_headers` naming valid header names other than the ones the proxy owns. Not
+Checked here: names unique in the list; `sectionName` and `import` only on a Route (and
+`import` required there: route names are unique per import), `namespace` not on a Gateway;
+`backendRequest` <= `request` and `backoff_base` <= `backoff_cap` when one block sets both;
+exactly one of `jwks_file` and `jwks_url` (https, or http to a loopback address only);
+`claim_headers` naming valid header names other than the ones the proxy owns. Not
 checked here: that the target exists (routes are another section; an unknown target is simply
 never on a request's chain) and that the OpenAPI file parses (gateway/dataplane/http/auth/
 openapi.py's `OpenApiValidator.from_file` reports that, naming the file).
@@ -31,7 +32,6 @@ from gateway.config.policy_values import (
     CONDITIONS,
     GATEWAY,
     IDEMPOTENT,
-    IMPORT,
     KINDS,
     ROUTE,
     JwtSettings,
@@ -78,7 +78,8 @@ DEFAULT_OPENAPI = OpenApiSettings("")
 TARGET_REF: Table = (
     Field("kind", choice(KINDS, "targetRef kind")),
     Field("name", Reader.name),
-    Field("namespace", Reader.name, None, doc="Import only; default: default"),
+    Field("namespace", Reader.name, None, doc="Import and Route: the import's; default: default"),
+    Field("import", Reader.name, None, doc="Route only, required: the import of the route"),
     Field("sectionName", Reader.name, None, doc="Route only: the name of one of its rules"),
 )
 TIMEOUTS: Table = (
@@ -198,14 +199,21 @@ def _target(r: Reader, node: Node, path: str) -> TargetRef | None:
         r.problem(sec.nodes["sectionName"], sec.where("sectionName"),
                   f"only a Route target has a sectionName (a rule's name), not a {kind}")
         return None
-    if v["namespace"] is not None and kind != IMPORT:
+    if v["namespace"] is not None and kind == GATEWAY:
         r.problem(sec.nodes["namespace"], sec.where("namespace"),
-                  f"only an Import target has a namespace, not a {kind}"
-                  + (" (route names are unique per gateway)" if kind == ROUTE else ""))
+                  "a Gateway target has no namespace (only Import and Route targets do)")
+        return None
+    if v["import"] is not None and kind != ROUTE:
+        r.problem(sec.nodes["import"], sec.where("import"),
+                  f"only a Route target names its import, not a {kind}")
+        return None
+    if v["import"] is None and kind == ROUTE:
+        r.problem(node, sec.where("import"), "required for a Route target: route names are "
+                  "unique per import, so name the import the route belongs to")
         return None
     if kind == GATEWAY:
         return TargetRef(GATEWAY, v["name"])
-    return TargetRef(kind, v["name"], v["namespace"] or "default", v["sectionName"])
+    return TargetRef(kind, v["name"], v["namespace"] or "default", v["sectionName"], v["import"])
 
 
 def _set(sec: Section) -> dict[str, Any]:

@@ -50,22 +50,29 @@ T = TypeVar("T")
 
 @dataclass(frozen=True, slots=True)
 class TargetRef:
+    """What a policy is attached to. Route names are unique within their import (the routes
+    section's rule), so a Route is named with its import: `import_` and `namespace`."""
+
     kind: str  # Gateway | Import | Route
     name: str
-    namespace: str = "default"  # Import only
+    namespace: str = "default"  # the import's namespace (Import, Route)
     section: str | None = None  # Route only: the rule's name (Gateway API sectionName)
+    import_: str | None = None  # Route only (required): the import the route belongs to
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"targetRef kind {self.kind!r} is not one of {KINDS}")
         if self.section is not None and self.kind != ROUTE:
             raise ValueError("only a Route targetRef has a sectionName (a rule's name)")
+        if (self.import_ is None) == (self.kind == ROUTE):
+            raise ValueError("a Route targetRef, and only a Route one, names its import")
 
     def __str__(self) -> str:
         if self.kind == IMPORT:
             return f"Import {self.namespace}/{self.name}"
-        if self.section is not None:
-            return f"Route {self.name} rule {self.section}"
+        if self.kind == ROUTE:
+            rule = f" rule {self.section}" if self.section is not None else ""
+            return f"Route {self.name}{rule} of import {self.namespace}/{self.import_}"
         return f"{self.kind} {self.name}"
 
 

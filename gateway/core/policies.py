@@ -84,11 +84,12 @@ class Attachment:
     def levels(self) -> tuple[TargetRef, ...]:
         """The targets on this chain, most specific first."""
         out: list[TargetRef] = []
+        ns, name = self.import_
         if self.route is not None:
             if self.rule is not None:
-                out.append(TargetRef(ROUTE, self.route, section=self.rule))
-            out.append(TargetRef(ROUTE, self.route))
-        out.append(TargetRef(IMPORT, self.import_[1], namespace=self.import_[0]))
+                out.append(TargetRef(ROUTE, self.route, ns, self.rule, name))
+            out.append(TargetRef(ROUTE, self.route, ns, None, name))
+        out.append(TargetRef(IMPORT, name, namespace=ns))
         out.append(TargetRef(GATEWAY, self.gateway))
         return tuple(out)
 

@@ -53,7 +53,7 @@ policies:
       methods: [GET, PUT]
       budget: {percent: 20, min_per_second: 5, window: 30s}
   - name: api-auth
-    targetRef: {kind: Route, name: api, sectionName: read}
+    targetRef: {kind: Route, name: api, import: shop, namespace: web, sectionName: read}
     jwt:
       issuer: https://idp.example
       audiences: [shop]
@@ -82,7 +82,7 @@ def test_a_full_list():
         methods=frozenset({"GET", "PUT"}), budget_ratio=0.2, budget_min_per_second=5.0,
         budget_window=30.0)
     assert len(retry.names) == 10
-    assert auth.target == TargetRef(ROUTE, "api", section="read")
+    assert auth.target == TargetRef(ROUTE, "api", "web", "read", "shop")
     assert auth.defaults.jwt == JwtSettings(
         "https://idp.example", ("shop",), jwks_file="/etc/isthmus/services/keys/jwks.json",
         clock_skew=10.0, required_claims=("sub",),
@@ -97,7 +97,7 @@ def test_a_full_list():
 
 
 def test_only_what_is_written_counts():
-    (p,), r = read("policies:\n  - name: p\n    targetRef: {kind: Route, name: api}\n"
+    (p,), r = read("policies:\n  - name: p\n    targetRef: {kind: Route, name: api, import: s}\n"
                    "    retry: {attempts: 0}\n")
     assert p.defaults.retry.names == {"attempts"} and p.defaults.retry.value.attempts == 0
     assert p.defaults.timeouts is None
@@ -110,13 +110,13 @@ def test_a_jwks_url_on_loopback_may_be_http():
 
 
 def test_unsafe_retry_methods_are_a_warning():
-    (p,), r = read("policies:\n  - name: p\n    targetRef: {kind: Route, name: api}\n"
+    (p,), r = read("policies:\n  - name: p\n    targetRef: {kind: Route, name: api, import: s}\n"
                    "    retry: {methods: [GET, post]}\n")
     assert p.defaults.retry.value.methods == {"GET", "POST"}
     assert [w.path for w in r.warnings] == ["policies[0].retry.methods"]
 
 
-HEAD = "policies:\n  - name: p\n    targetRef: {kind: Route, name: api}\n"  # lines 1-3
+HEAD = "policies:\n  - name: p\n    targetRef: {kind: Route, name: api, import: s}\n"  # 1-3
 
 
 @pytest.mark.parametrize(
@@ -171,8 +171,10 @@ def test_problems_name_line_field_and_reason(body, line, path, message):
         ("{kind: Service, name: a}", "policies[0].targetRef.kind", "not a supported"),
         ("{kind: Import, name: a, sectionName: r}", "policies[0].targetRef.sectionName",
          "only a Route"),
-        ("{kind: Route, name: a, namespace: web}", "policies[0].targetRef.namespace",
-         "only an Import"),
+        ("{kind: Gateway, name: a, namespace: web}", "policies[0].targetRef.namespace",
+         "no namespace"),
+        ("{kind: Import, name: a, import: b}", "policies[0].targetRef.import", "only a Route"),
+        ("{kind: Route, name: a}", "policies[0].targetRef.import", "unique per import"),
         ("{kind: Route}", "policies[0].targetRef.name", "missing required"),
         ("{kind: Route, name: Bad_Name}", "policies[0].targetRef.name", "not a valid name"),
     ],
@@ -184,8 +186,8 @@ def test_bad_target_refs(ref, path, message):
 
 def test_every_problem_at_once_and_names_unique():
     text = ("policies:\n"
-            "  - name: p\n    targetRef: {kind: Route, name: a}\n    timeouts: {idle: 1}\n"
-            "  - name: p\n    targetRef: {kind: Route, name: b}\n    timeouts: {idle: 1s}\n"
+            "  - name: p\n    targetRef: {kind: Import, name: a}\n    timeouts: {idle: 1}\n"
+            "  - name: p\n    targetRef: {kind: Import, name: b}\n    timeouts: {idle: 1s}\n"
             "  - name: q\n    targetRef: {kind: Pod, name: b}\n    retry: {attempts: -1}\n")
     policies, r = read(text)
     assert policies == ()

@@ -26,8 +26,9 @@ from gateway.core.retry import RetryPolicy
 
 GW = TargetRef(GATEWAY, "east-1")
 IMP = TargetRef(IMPORT, "shop", namespace="web")
-ROUTE_API = TargetRef(ROUTE, "api")
-RULE_READ = TargetRef(ROUTE, "api", section="read")
+ROUTE_API = TargetRef(ROUTE, "api", "web", import_="shop")
+RULE_READ = TargetRef(ROUTE, "api", "web", "read", "shop")
+OTHER_IMPORTS_ROUTE = TargetRef(ROUTE, "api", "web", import_="cart")  # same route name
 LEVELS = (RULE_READ, ROUTE_API, IMP, GW)  # most specific first
 AT = Attachment("east-1", ("web", "shop"), "api", "read")
 
@@ -56,6 +57,8 @@ def pol(name, target, order=0, overrides=None, **defaults) -> Policy:
         # nor a request not yet routed (route unknown: only import and gateway apply)
         ([pol("r", ROUTE_API, request=3), pol("i", IMP, request=4)],
          Attachment("east-1", ("web", "shop")), 4, "i"),
+        # a route of the same name in another import is another route
+        ([pol("o", OTHER_IMPORTS_ROUTE, request=3), pol("i", IMP, request=4)], AT, 4, "i"),
         # another gateway's and another import's policies do not apply
         ([pol("g2", TargetRef(GATEWAY, "west-1"), request=9),
           pol("i2", TargetRef(IMPORT, "shop", namespace="other"), request=8)],
@@ -147,6 +150,10 @@ def test_bad_values_are_refused():
         TargetRef("Service", "x")
     with pytest.raises(ValueError):
         TargetRef(IMPORT, "x", section="rule")
+    with pytest.raises(ValueError):
+        TargetRef(ROUTE, "x")  # without its import
+    with pytest.raises(ValueError):
+        TargetRef(IMPORT, "x", import_="y")
     with pytest.raises(ValueError):
         Part.of(Timeouts(), ["requests"])
 
