@@ -17,7 +17,14 @@ from typing import Any
 from federation.model import ServiceKey
 from gateway.config.values import GatewayConfig, ImportConfig
 from gateway.core.routes import compile_routes
+from gateway.dataplane.http.host import HttpLimits
 from gateway.dataplane.http.listener import HttpImportListener
+
+
+def http_limits(lim: Any) -> HttpLimits:
+    """The gateway file's limits.http_* as the HTTP listeners take them."""
+    return HttpLimits(lim.http_max_header_bytes, lim.http_max_headers,
+                      lim.http_max_target_bytes)
 
 
 class HttpImports:
@@ -72,5 +79,4 @@ class HttpImports:
         return HttpImportListener(
             ServiceKey(im.namespace, im.name), compile_routes(im.routes), self._routers_of(im),
             self.dialer, max_connections=lim.max_connections, idle_timeout=lim.idle_timeout,
-            max_header_bytes=lim.http_max_header_bytes, max_headers=lim.http_max_headers,
-            max_target_bytes=lim.http_max_target_bytes, access_log=im.access_log, rng=self.rng)
+            limits=http_limits(lim), access_log=im.access_log, rng=self.rng)

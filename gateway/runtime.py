@@ -70,7 +70,7 @@ from gateway.dataplane.router import Router, local_key, remote_key
 from gateway.dataplane.tls import GatewayTls, TlsSnapshot
 from gateway.dns.answers import Records
 from gateway.dns.responder import DnsResponder
-from gateway.http_imports import HttpImports
+from gateway.http_imports import HttpImports, http_limits
 from gateway.introspection import Introspection
 from gateway.reloading import LiveReload
 from gateway.restart import Restart, first_of, readiness
@@ -423,7 +423,8 @@ class Gateway(LiveReload, SideServices, Introspection, HttpImports):
         dialer = self.dialer = Dialer(self.tls, lim.connect_timeout)
         self.inbound = InboundListener(self.tls, self.export_routers.get, dialer,
                                        max_connections=lim.max_connections,
-                                       idle_timeout=lim.idle_timeout)
+                                       idle_timeout=lim.idle_timeout,
+                                       http_limits=http_limits(lim))
         await self.inbound.start(*cfg.listen.inbound, sock=self.restart.sock(cfg.listen.inbound),
                                  serving=serving)
         self.listeners.append(self.inbound)

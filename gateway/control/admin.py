@@ -21,7 +21,7 @@ from federation.http_serving import (
     serving_metrics,
 )
 from federation.metrics import Exposition, Sample
-from gateway.dataplane.http.listener import BUCKETS
+from gateway.dataplane.http.host import BUCKETS
 
 log = logging.getLogger("isthmus.gateway.admin")
 

@@ -46,6 +46,9 @@ from gateway.core.balance import Target
 from gateway.core.links import Action
 from gateway.dataplane import link as link_codec
 from gateway.dataplane.dial import Dialer, ListenerStats, Router, connect_first
+from gateway.dataplane.http.export import ExportHttp
+from gateway.dataplane.http.host import DEFAULT_LIMITS, HttpLimits, merge_counters
+from gateway.dataplane.http.session import Session
 from gateway.dataplane.legs import ImportLeg, Leg, WatchedLeg
 from gateway.dataplane.mux import MuxLink, Stream
 from gateway.dataplane.pool import EXPIRY_MARGIN, LinkStats, close_link
@@ -297,8 +300,11 @@ class InboundListener(Listener):
     MAX_HANDSHAKES = 256  # in flight at once; more are closed at accept (a flood, not peers)
 
     def __init__(self, tls: Any, exports: Callable[[ServiceKey], Any], dialer: Dialer, *,
-                 max_connections: int, idle_timeout: float) -> None:
+                 max_connections: int, idle_timeout: float,
+                 http_limits: HttpLimits = DEFAULT_LIMITS) -> None:
         super().__init__("inbound", max_connections, idle_timeout)
+        self.http_limits = http_limits
+        self.http_hosts: dict[ServiceKey, ExportHttp] = {}  # http exports (http/export.py)
         self.tls = tls
         self.exports = exports  # service -> (federation.model.Export, Router) or None
         self.dialer = dialer
@@ -355,7 +361,9 @@ class InboundListener(Listener):
     def counters(self) -> dict[str, Any]:
         """Besides the connection counters: refused links and streams, and the link lifecycle
         of this process (`links`: answerer side, ours; `caller_links`: the dialer's pool)."""
-        return {**super().counters(), "identity_refused": self.identity_refused,
+        http = merge_counters([h.http_counters() for h in self.http_hosts.values()])
+        return {**super().counters(), **({"http": http} if http else {}),
+                "identity_refused": self.identity_refused,
                 "handshake_failed": self.handshake_failed, "denied": self.denied,
                 "links": self.link_stats.to_json(),
                 "caller_links": self.dialer.pool.stats.to_json()}
@@ -477,10 +485,40 @@ class InboundListener(Listener):
         if len(self.legs) >= self.max_connections:
             self.stats.refused_limit += 1
             return _refuse(link, sid, "busy", "the gateway is at its connection limit")
+        if export.protocol == "http":
+            return self._open_http(link, sid, service, router, delay)
         stream = link.accept_stream(sid, on_close=self.forget)  # the stream cancels its task
         self.legs.add(stream)
         self.stats.active = len(self.legs)
         stream.own(self.spawn(self._connect(link, stream, service, router, delay)))
+
+    def _open_http(self, link: MuxLink, sid: int, service: ServiceKey, router: Router,
+                   delay: float) -> None:
+        """An http export: an HTTP session on the stream, each request routed here to a local
+        endpoint (http/export.py); refused at once if there is no endpoint to try."""
+        if not router.plan():
+            self.stats.failed += 1
+            return _refuse(link, sid, "no-endpoint", f"no local endpoint of {service} is up")
+        host = self.http_hosts.get(service)
+        if host is None or host.export_router is not router:
+            host = self.http_hosts[service] = ExportHttp(service, router, self.dialer,
+                                                         self.http_limits, self, False)
+        stream = link.accept_stream(sid, on_close=self.forget)
+        self.legs.add(stream)
+        self.stats.active = len(self.legs)
+        if delay > 0:  # degrade drill: the OK comes `delay` later
+            stream.own(self.spawn(self._http_after(link, stream, host, delay)))
+            return
+        link.write(link_codec.control(link_codec.OK, sid, {"endpoint": f"http {service}"}))
+        stream.attach(Session(stream, host))
+
+    async def _http_after(self, link: MuxLink, stream: Stream, host: ExportHttp,
+                          delay: float) -> None:
+        await asyncio.sleep(delay)
+        if not stream.closed:
+            link.write(link_codec.control(link_codec.OK, stream.sid,
+                                          {"endpoint": f"http {host.service}"}))
+            stream.attach(Session(stream, host))
 
     async def _connect(self, link: MuxLink, stream: Stream, service: ServiceKey, router: Router,
                        delay: float) -> None:
@@ -505,6 +543,8 @@ class InboundListener(Listener):
         stream.attach(up)
 
     async def close(self) -> None:
+        for host in self.http_hosts.values():
+            host.pool.close()
         if self._acceptor is not None:
             self._acceptor.cancel()
         if self.sock is not None:

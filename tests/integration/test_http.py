@@ -253,9 +253,27 @@ async def test_trace_context(http: Http):
         assert "tracestate" not in body["headers"]
     _, body, _ = await http.get("/api/t")
     assert len(body["headers"]["traceparent"]) == 55
-    log = http.topo.nodes["east-1"]
-    text = (http.topo.root / "logs" / f"{log.name}.log").read_text()
+    text = (http.topo.root / "logs" / "east-1.log").read_text()
     assert "trace_id=4bf92f3577b34da6a3ce929d0e0e4736" in text and "route=api" in text
+
+
+async def test_trace_continues_across_two_gateways(http: Http):
+    """/exact goes to west-1's web-v2, an http export: west-1 handles each request as a hop of
+    its own, so the backend sees the client's trace id with west-1's span as its parent — not
+    east-1's span (logged by east-1), nor the client's."""
+    _, body, _ = await http.get("/exact?hop=2", headers={"traceparent": TRACE})
+    assert body["cluster"] == "west-1"
+    _, trace_id, parent, flags = body["headers"]["traceparent"].split("-")
+    assert trace_id == TRACE.split("-")[1] and flags == "01"
+    line = next(ln for ln in (http.topo.root / "logs" / "east-1.log").read_text().splitlines()
+                if "'/exact?hop=2'" in ln)
+    east_span = line.split("span_id=")[1].split()[0]
+    assert f"parent_id={TRACE.split('-')[2]}" in line
+    assert parent not in (east_span, TRACE.split("-")[2]), (parent, east_span)
+    text = await http.topo.metrics("west-1")
+    assert metric_value(text, "isthmus_gateway_http_requests_total",
+                        'listener="inbound",route="export default/web-v2",cluster="west-1",'
+                        'code="2xx"') >= 1
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl: apt-get install -y curl")

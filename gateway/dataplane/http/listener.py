@@ -1,121 +1,41 @@
-"""The HTTP import listener: an import with `protocol: http`, its routes, counters and access log.
+"""The HTTP import listener: an import with `protocol: http` (host.py: its routes, counters and
+access log).
 
 It accepts like the TCP import listener (l4.Listener: connection limit, idle sweeper, drain on
 reload and restart) and puts an HTTP `Session` (session.py) on each accepted connection instead
-of dialling at once. What a session asks of it:
-
-    decide    core/routes.decide over the routes compiled for this config version (replaced
-              whole by `set_routes` on a reload: requests already decided keep their decision)
-    router    the router of a backend service (the gateway's, shared with TCP imports: health,
-              outlier detection and locality failover per backend)
-    finished  one line of access log (with `access_log: true`) and the counters per route and
-              backend cluster: requests by status class, latency histogram
-
-The upstream keep-alive pool (upstream.Pool) is the listener's; its sweeper runs while it serves.
+of dialling at once. The upstream keep-alive pool (upstream.Pool) is the listener's; its
+sweeper runs while it serves.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import random
 import socket
-from bisect import bisect_left
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
 
-from federation.logs import LogLimiter, quote
 from federation.model import ServiceKey
 from gateway.core import routes as rt
 from gateway.dataplane.dial import Dialer
-from gateway.dataplane.http.session import Exchange, Session
-from gateway.dataplane.http.upstream import Pool
+from gateway.dataplane.http.host import DEFAULT_LIMITS, HttpHost, HttpLimits
+from gateway.dataplane.http.session import Session
 from gateway.dataplane.l4 import Listener
 from gateway.dataplane.legs import ImportLeg
 
-log = logging.getLogger("isthmus.gateway.http")
-access = logging.getLogger("isthmus.gateway.access")
-limited = LogLimiter(log)
 
-# Latency buckets (seconds) of isthmus_gateway_http_request_duration_seconds
-BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-MAX_SERIES = 1000  # (route, cluster) pairs counted; more are folded into route "_other"
-
-
-@dataclass
-class RouteStats:
-    """One (route, backend cluster): requests by status class and their latency."""
-
-    classes: list[int] = field(default_factory=lambda: [0] * 6)  # index: status // 100 (0: none)
-    buckets: list[int] = field(default_factory=lambda: [0] * len(BUCKETS))
-    total: float = 0.0
-    count: int = 0
-
-    def observe(self, status: int, seconds: float) -> None:
-        self.classes[min(status // 100, 5)] += 1
-        self.count += 1
-        self.total += seconds
-        i = bisect_left(BUCKETS, seconds)
-        if i < len(BUCKETS):
-            self.buckets[i] += 1
-
-    def to_json(self) -> dict[str, Any]:
-        return {"classes": list(self.classes), "buckets": list(self.buckets),
-                "total": self.total, "count": self.count}
-
-
-@dataclass
-class HttpStats:
-    routes: dict[tuple[str, str], RouteStats] = field(default_factory=dict)
-    refused: dict[int, int] = field(default_factory=dict)  # status -> requests refused unparsed
-    retries: int = 0  # requests sent again after the keep-alive race
-
-    def of(self, route: str, cluster: str) -> RouteStats:
-        key = (route, cluster)
-        st = self.routes.get(key)
-        if st is None:
-            if len(self.routes) >= MAX_SERIES:
-                key = ("_other", "_other")
-                st = self.routes.get(key)
-                if st is not None:
-                    return st
-            st = self.routes[key] = RouteStats()
-        return st
-
-    def to_json(self, pool: Pool) -> dict[str, Any]:
-        return {"routes": [{"route": r, "cluster": c, **st.to_json()}
-                           for (r, c), st in sorted(self.routes.items())],
-                "refused": {str(k): v for k, v in sorted(self.refused.items())},
-                "retries": self.retries, "pool": {"idle": pool.count(), "reused": pool.reused,
-                                                  "dialled": pool.dialled,
-                                                  "expired": pool.expired}}
-
-
-class HttpImportListener(Listener):
+class HttpImportListener(Listener, HttpHost):
     """HTTP/1.1 from local apps for one imported service (see the module docstring)."""
 
     def __init__(self, service: ServiceKey, routes: rt.CompiledRoutes,
                  routers: Mapping[ServiceKey, Any], dialer: Dialer, *, max_connections: int,
-                 idle_timeout: float, max_header_bytes: int = 65536, max_headers: int = 100,
-                 max_target_bytes: int = 8192, access_log: bool = False,
-                 rng: random.Random | None = None) -> None:
-        super().__init__(f"import {service}", max_connections, idle_timeout)
-        self.service = service
-        self.default = rt.Decision(rt.PROXY, "", service)  # no routes: all of it, as it came
-        self.routes = routes
-        self.needs_headers = _needs_headers(routes)
-        self.routers = routers
-        self.dialer = dialer
-        self.max_header_bytes = max_header_bytes
-        self.max_headers = max_headers
-        self.max_target_bytes = max_target_bytes
-        self.access_log = access_log
-        self.rng = rng or random.Random()
-        self.random: Callable[[], float] = self.rng.random
-        self.http = HttpStats()
-        self.pool = Pool()
+                 idle_timeout: float, limits: HttpLimits = DEFAULT_LIMITS,
+                 access_log: bool = False, rng: random.Random | None = None) -> None:
+        Listener.__init__(self, f"import {service}", max_connections, idle_timeout)
+        HttpHost.__init__(self, service, routes, routers, dialer, limits, access_log, rng)
         self._pool_sweeper: asyncio.Task | None = None
+
+    spawn = Listener.spawn
 
     async def start(self, host: str, port: int, reuse_port: bool = False, *,
                     sock: socket.socket | None = None, serving: bool = True) -> None:
@@ -123,15 +43,6 @@ class HttpImportListener(Listener):
         await self.start_server(lambda: ImportLeg(self), host, port, sock=sock, serving=serving,
                                 **kw)
         self._pool_sweeper = self.loop.create_task(self.pool.keep(self.loop))  # type: ignore
-
-    def set_routes(self, routes: rt.CompiledRoutes, access_log: bool,
-                   routers: Mapping[ServiceKey, Any]) -> None:
-        """A reload's routes (and the routers of their backends): new requests use them;
-        requests already decided keep their decision."""
-        self.routes = routes
-        self.needs_headers = _needs_headers(routes)
-        self.access_log = access_log
-        self.routers = routers
 
     # -- l4.Listener / legs.Host ---------------------------------------------------------------
     def made(self, leg: ImportLeg) -> None:
@@ -142,48 +53,10 @@ class HttpImportListener(Listener):
         self.forget(leg)
 
     def counters(self) -> dict[str, Any]:
-        return {**super().counters(), "http": self.http.to_json(self.pool)}
+        return {**super().counters(), "http": self.http_counters()}
 
     async def close(self) -> None:
         if self._pool_sweeper is not None:
             self._pool_sweeper.cancel()
         self.pool.close()
         await super().close()
-
-    # -- session.Host --------------------------------------------------------------------------
-    def decide(self, method: str, target: str, headers: dict[str, str], host: str
-               ) -> rt.Decision:
-        return rt.decide(self.routes, self.default, method, target, headers, host, self.random)
-
-    def router(self, service: ServiceKey) -> Any:
-        return self.routers.get(service)
-
-    def rand_bits(self, n: int) -> int:
-        return self.rng.getrandbits(n)
-
-    def refused(self, status: int, why: str) -> None:
-        self.http.refused[status] = self.http.refused.get(status, 0) + 1
-        limited.info(f"refused-{status}", "%s: request refused with %d: %s", self.name, status,
-                     quote(why))
-
-    def finished(self, ex: Exchange) -> None:
-        now = self.loop.time()  # type: ignore[union-attr]
-        d = ex.decision
-        route = d.route if d is not None else ""
-        self.http.of(route or "_default", ex.cluster).observe(ex.status, now - ex.started)
-        if self.access_log:
-            tr = ex.trace
-            access.info(
-                "%s %s %s route=%s backend=%s cluster=%s status=%d duration_ms=%.2f "
-                "upstream_ms=%.2f trace_id=%s span_id=%s parent_id=%s%s",
-                self.service, ex.method.decode("latin-1"), quote(ex.target.decode("latin-1")),
-                route or "-", d.backend if d is not None and d.backend else "-",
-                ex.cluster or "-", ex.status, (now - ex.started) * 1000,
-                (now - ex.connected_at) * 1000 if ex.connected_at else 0.0,
-                tr.trace_id if tr else "-", tr.span_id if tr else "-",
-                (tr.parent_id or "-") if tr else "-",
-                f" error={quote(ex.error)}" if ex.error else "")
-
-
-def _needs_headers(routes: rt.CompiledRoutes) -> bool:
-    return any(m.headers for m, _, _ in routes.entries)
