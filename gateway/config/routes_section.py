@@ -437,7 +437,7 @@ class RouteReader(Reader):
         return value
 
     def choice_int(self, node: Node, path: str, allowed: tuple[int, ...]) -> int | None:
-        value = self.integer(node, path, min(allowed), max(allowed))
+        value = self.integer(node, path, 0, 1 << 31)
         if value is not None and value not in allowed:
             self.problem(node, path, f"{value} is not one of {', '.join(map(str, allowed))}")
             return None

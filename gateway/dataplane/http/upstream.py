@@ -13,8 +13,9 @@ way, `Upstream.write` -> the leg. One request at a time per connection (no upstr
 A response is relayed in one of two ways, chosen per request (`start`):
   raw     the bytes as they came, written to the client as they arrive (one write per read);
           the parser only finds where the response ends (and its status, for the counters).
-          For HTTP/1.1 clients when no ResponseHeaderModifier applies: the upstream's own
-          framing (Content-Length or chunked) is valid for the client as it is. Its hop-by-hop
+          For HTTP/1.1 clients when no ResponseHeaderModifier applies, and a response that
+          begins `HTTP/1.1 `: the upstream's own framing (Content-Length or chunked) is valid
+          for the client as it is. Its hop-by-hop
           headers go along: a `Connection: close` the client then sees is kept, since we close
           the client connection after such a response too.
   framed  head rebuilt (hop-by-hop headers out, filters applied) and the body re-framed for the
@@ -145,9 +146,12 @@ class Upstream:
         if ex is None:  # bytes nobody asked for: this connection is not HTTP
             self.abort()
             return
-        self.got = True
         if self.raw:
-            ex.raw_bytes(data)  # first: a response completed by this read may start the next
+            if not self.got and not data.startswith(b"HTTP/1.1 "):
+                self.raw = False  # an HTTP/1.0 (or odd) upstream: its head is rebuilt, framed
+            else:
+                ex.raw_bytes(data)  # first: a response completed by this read may start the next
+        self.got = True
         try:
             self.parser.feed_data(data)
         except HttpParserError as e:
