@@ -67,7 +67,7 @@ from gateway.config.services import (
     Services,
     _timing,
 )
-from gateway.config.side_sections import RELOAD, XDS, SideSections
+from gateway.config.side_sections import RELOAD, TRACING, XDS, SideSections
 from gateway.config.values import (
     NO_POLICY,
     ClusterConfig,
@@ -83,6 +83,7 @@ from gateway.config.values import (
     ProbeConfig,
     ReloadConfig,
     ServiceSource,
+    TracingConfig,
     XdsConfig,
 )
 from gateway.errors import ConfigError, Problem
@@ -197,6 +198,8 @@ TOP: Table = (
           doc="WireGuard between gateways; none without this section"),
     Field("xds", lambda r, n, p: _Schema.simple(r, n, p, XDS, XdsConfig), None,
           doc="ADS for proxyless gRPC and Envoy; none without this section"),
+    Field("tracing", lambda r, n, p: _Schema.simple(r, n, p, TRACING, TracingConfig), None,
+          doc="OTLP/HTTP export of HTTP spans; none without this section"),
 )
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from urllib.parse import urlsplit
 
 from yaml.nodes import Node
 
@@ -65,10 +66,38 @@ TUNNEL: Table = (
 XDS: Table = (
     Field("listen", _hostport, doc="plaintext gRPC (ADS); this cluster's apps only"),
 )
+TRACING: Table = (
+    Field("otlp_endpoint", lambda r, n, p: SideSections.otlp_url(r, n, p),
+          doc="OTLP/HTTP traces URL, e.g. http://127.0.0.1:4318/v1/traces"),
+    Field("service_name", Reader.name, "isthmus-gateway",
+          doc="the spans' service.name (the cluster is an attribute)"),
+    Field("flush_interval", duration(minimum=0.05, maximum=60.0), 1.0,
+          doc="spans are sent in one batch this often"),
+    Field("max_queue", integer(1, 1_000_000), 4096,
+          doc="spans waiting beyond this are dropped (counted)"),
+)
 
 
 class SideSections(Reader):
     """Builders of the side sections' values (a part of schema._Schema)."""
+
+    def otlp_url(self, node: Node, path: str) -> str | None:
+        """http(s)://host[:port]/path, nothing else (spans leave the process here)."""
+        value = self.string(node, path)
+        if value is None:
+            return None
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError as e:
+            self.problem(node, path, f"{value!r} is not a valid URL ({e})")
+            return None
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query \
+                or parts.fragment or parts.username or parts.password:
+            self.problem(node, path, f"{value!r}: write http(s)://host:port/v1/traces (OTLP/HTTP,"
+                         " no user, query or #)")
+            return None
+        return value
 
     def dns(self, node: Node, path: str) -> DnsConfig | None:
         sec = self.section(node, path, DNS)

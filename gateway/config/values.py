@@ -114,6 +114,16 @@ class TunnelConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TracingConfig:
+    """OTLP/HTTP export of the HTTP hops' spans (gateway/control/otlp.py)."""
+
+    otlp_endpoint: str
+    service_name: str = "isthmus-gateway"
+    flush_interval: float = 1.0
+    max_queue: int = 4096
+
+
+@dataclass(frozen=True, slots=True)
 class XdsConfig:
     """The Aggregated Discovery Service for proxyless gRPC and Envoy (gateway/xds/)."""
 
@@ -235,6 +245,7 @@ class GatewayConfig:
     dns: DnsConfig | None = None  # no `dns:` section: no DNS responder
     tunnel: TunnelConfig | None = None  # no `tunnel:` section: links are mTLS on the underlay
     xds: XdsConfig | None = None  # no `xds:` section: no ADS server
+    tracing: TracingConfig | None = None  # no `tracing:` section: no span export
     service_files: tuple[Path, ...] = ()  # absolute, in the order read (sorted)
     service_sources: tuple[ServiceSource, ...] = ()  # where each service was declared
 

@@ -22,7 +22,8 @@ says what differs, service by service, and the runtime does exactly that and not
                           load time, or read when used)
 
 The rest of the gateway file (cluster, federation, listen, state_dir, identity, limits,
-outlier_detection, peer_probe, dns, tunnel, xds, reload.watch / poll_interval / debounce) is
+outlier_detection, peer_probe, dns, tunnel, xds, tracing, reload.watch / poll_interval /
+debounce) is
 what the running process is built on: a change there is *not* applied live. `restart_needed`
 names those fields; the running values are kept (`effective`), the reload of the services
 still applies, and the gateway says so (log, /status) until a restart (`isthmus gateway run
@@ -41,7 +42,7 @@ __all__ = ["ConfigChanges", "effective", "reconcile", "RESTART_FIELDS"]
 
 # GatewayConfig fields the running process is built on (changed only by a restart).
 RESTART_FIELDS = ("cluster", "federation", "listen", "state_dir", "identity", "limits",
-                  "outlier_detection", "peer_probe", "dns", "tunnel", "xds")
+                  "outlier_detection", "peer_probe", "dns", "tunnel", "xds", "tracing")
 RELOAD_RESTART_FIELDS = ("watch", "poll_interval", "debounce")
 
 

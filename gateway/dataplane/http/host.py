@@ -15,10 +15,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from bisect import bisect_left
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from federation.logs import LogLimiter, quote
 from federation.model import ServiceKey
@@ -108,6 +109,13 @@ class HttpLimits:
 DEFAULT_LIMITS = HttpLimits()
 
 
+class SpanSink(Protocol):
+    """Where finished requests' spans go (control/otlp.OtlpExporter)."""
+
+    def add(self, trace_id: str, span_id: str, parent_id: str | None, start_ns: int,
+            end_ns: int, attrs: dict[str, Any]) -> None: ...
+
+
 class HttpHost:
     """The session.Host part of an HTTP listener (see the module docstring). `loop`, `spawn`
     and `stats` (dial.ListenerStats) are its owner's."""
@@ -133,6 +141,7 @@ class HttpHost:
         self.random: Callable[[], float] = self.rng.random
         self.http = HttpStats()
         self.pool = Pool()
+        self.spans: SpanSink | None = None  # the `tracing:` section's exporter (control/otlp)
 
     def spawn(self, coro: Any) -> asyncio.Task:
         raise NotImplementedError
@@ -169,6 +178,18 @@ class HttpHost:
         d = ex.decision
         route = d.route if d is not None else ""
         self.http.of(route or "_default", ex.cluster).observe(ex.status, now - ex.started)
+        spans = self.spans if self.spans is not None else getattr(self, "owner_spans", None)
+        if spans is not None and ex.trace is not None:
+            tr = ex.trace
+            end = time.time_ns()
+            spans.add(tr.trace_id, tr.span_id, tr.parent_id,
+                      end - int((now - ex.started) * 1e9), end,
+                      {"http.request.method": ex.method.decode("latin-1"),
+                       "url.path": ex.target.decode("latin-1")[:256],
+                       "isthmus.route": route or "_default", "isthmus.listener": self.name,
+                       "isthmus.backend": str(d.backend) if d is not None else "",
+                       "isthmus.backend_cluster": ex.cluster,
+                       "http.response.status_code": ex.status})
         if self.access_log:
             tr = ex.trace
             access.info(
