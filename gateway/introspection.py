@@ -10,8 +10,10 @@ import os
 import time
 from typing import Any
 
+from federation.model import ServiceKey
 from gateway.control.workers import read_stats
-from gateway.dataplane.router import local_key
+from gateway.core.why import Health, excluded, explain
+from gateway.dataplane.router import local_key, remote_key
 
 log = logging.getLogger("isthmus.gateway")
 
@@ -90,6 +92,27 @@ class Introspection:
         return out
 
     # -- introspection -----------------------------------------------------------------------
+    def why(self, service: str) -> dict[str, Any] | None:
+        """/why: core/why.py's explanation of import `service` ("ns/name", or a name in
+        `default`) as the router sees it now; None when we import no such service."""
+        ns, _, name = service.rpartition("/")
+        svc = ServiceKey(ns or "default", name)
+        router = self.import_routers.get(svc)
+        if router is None:
+            return None
+        router.tick()
+        now, book = self._mono(), self.book
+        health = {}
+        for k in {*book.active, *book.outlier}:
+            o = book.outlier.get(k)
+            health[k] = Health(book.state(k), book.ejected_until(k),
+                               o.consecutive_failures if o is not None else 0)
+        weights = {remote_key(loc.cluster): ex.healthy_weight() for loc, ex in router.remote}
+        dropped = excluded(self.catalog, svc, self.cfg.cluster.name, self.gateways)
+        w = explain(svc, router.caller, router.policy, router.targets(now), router.tiers,
+                    router.state, health, now, weights, dropped)
+        return {"cluster": self.cfg.cluster.name, **w.to_json(now)}
+
     def status(self) -> dict[str, Any]:
         now = self._mono()
         return {

@@ -311,8 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from isthmus.drill import add_drill_parser
     from isthmus.identity_cli import add_identity_parser
+    from isthmus.why import add_why_parser
     from isthmus.xds_cli import add_xds_parser
 
+    add_why_parser(sub)
     add_drill_parser(sub)
     add_identity_parser(sub)
     add_xds_parser(sub)

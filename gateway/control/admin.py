@@ -1,4 +1,5 @@
-"""Admin endpoints of a gateway (aiohttp, off the data path): /healthz /readyz /metrics /status.
+"""Admin endpoints of a gateway (aiohttp, off the data path): /healthz /readyz /metrics /status
+/why (core/why.py: where the next connection of an import goes, and why).
 
 Served by `federation.http_serving.BoundedSite` with `ADMIN_LIMITS` (header, body and idle
 timeouts; at most 128 connections): a slow or junk client is closed and counted in
@@ -265,7 +266,21 @@ async def start_admin(gw: Any, host: str, port: int, sock: Any = None,
     async def status(_: web.Request) -> web.Response:
         return web.Response(text=json.dumps(gw.status(), indent=2), content_type="application/json")
 
+    async def why(request: web.Request) -> web.Response:
+        """/why?service=NS/NAME: gateway/core/why.py's answer (the route is thin)."""
+        service = request.query.get("service", "")
+        if not service or len(service) > 300:
+            return web.json_response({"error": "give ?service=NAMESPACE/NAME (an import of "
+                                      "this gateway)"}, status=400)
+        got = gw.why(service)
+        if got is None:
+            imports = sorted(str(s) for s in gw.import_routers)
+            return web.json_response({"error": f"this gateway imports no service {service!r}",
+                                      "imports": imports}, status=404)
+        return web.json_response(got, dumps=lambda o: json.dumps(o, indent=2))
+
     app = web.Application()
+    app.router.add_get("/why", why)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
