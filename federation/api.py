@@ -104,6 +104,10 @@ ROUTES: tuple[Route, ...] = (
           "svid", "ImportRecord", "Revision", _W + (409,)),
     Route("DELETE", "/v1/clusters/{name}/imports/{namespace}/{service}", "deleteImport",
           "Withdraw an import.", "svid", None, "Deleted", _W),
+    Route("PUT", "/v1/clusters/{name}/report", "putReport",
+          "Report the cluster's traffic counters, active tiers and latest events "
+          "(federation/traffic.py); kept in memory for the dashboard, not in the store.",
+          "svid", "TrafficReport", "Accepted", _W),
     Route("GET", "/v1/catalog", "getCatalog",
           "Snapshot of the catalog with the revision it was read at.",
           "any", None, "Catalog", (401,)),
@@ -214,6 +218,21 @@ def _obj(props: dict[str, Any], required: list[str] | None = None, extra: bool =
 
 SCHEMAS: dict[str, dict[str, Any]] = {
     "Error": _obj({"error": _STR}, extra=True),
+    "Accepted": _obj({"accepted": {"type": "boolean"}}),
+    "TrafficReport": _obj({
+        "admin": {"type": ["string", "null"], "maxLength": 300},
+        "flows": {"type": "array", "maxItems": 2000, "items": _obj({
+            "destination": {"type": "string", "maxLength": 63}, "service": _STR,
+            "tier": {"type": "string", "maxLength": 300},
+            "result": {"type": "string", "enum": ["served", "response_timeout", "failed"]},
+            "count": {"type": "integer", "minimum": 0, "maximum": MAX_ID}})},
+        "tiers": {"type": "array", "maxItems": 500, "items": _obj({
+            "service": _STR, "active": {"type": ["string", "null"], "maxLength": 300},
+            "panic": {"type": "boolean"}})},
+        "events": {"type": "array", "maxItems": 32, "items": _obj({
+            "at": {"type": "number"}, "kind": {"type": "string", "maxLength": 300},
+            "text": {"type": "string", "maxLength": 300}}, extra=True)},
+    }, required=["flows", "tiers", "events"]),
     "Compacted": _obj({"error": _STR, "compacted": _INT}),
     "Text": {"type": "string"},
     "OpenApi": {"type": "object"},

@@ -141,6 +141,27 @@ def render_metrics(gw: Any, http: ServingStats | None = None) -> str:
                           1 if tier.name == active else 0))
     metric("isthmus_gateway_tier_active", "gauge", "1 for the tier each import sends traffic to.",
            tiers)
+    metric("isthmus_gateway_import_connections_total", "counter",
+           "Connections into import listeners, by source and destination cluster, service, tier "
+           "and result (served, response_timeout, failed: destination and tier none).",
+           [(f.labels(), f.count) for f in gw.flows()])
+    seen = gw.observed
+    metric("isthmus_gateway_failovers_total", "counter",
+           "Times an import's active tier changed (failover or failback), by service.",
+           [({"service": s}, n) for s, n in sorted(seen.failovers.items())])
+    metric("isthmus_gateway_health_transitions_total", "counter",
+           "Target health transitions, by kind (unhealthy, healthy, ejected, returned).",
+           [({"kind": k}, n) for k, n in sorted(seen.health.items())])
+    links = gw.dialer.pool.describe(gw.wall()) if gw.inbound is not None else []
+    links += gw.inbound.describe(gw.wall()) if gw.inbound is not None else []
+    up: dict[tuple[str, str], int] = {}
+    for ln in links:
+        if ln.get("state") == "active":
+            k = (ln.get("role", "?"), ln.get("peer") or "?")
+            up[k] = up.get(k, 0) + 1
+    metric("isthmus_gateway_links_up", "gauge",
+           "Active east-west links, by role (caller, answerer) and peer cluster.",
+           [({"role": r, "peer": p}, n) for (r, p), n in sorted(up.items())])
     actor = getattr(gw, "drill_actor", None)
     if actor is not None:
         metric("isthmus_gateway_drill_fault_active", "gauge",
@@ -166,6 +187,14 @@ def render_metrics(gw: Any, http: ServingStats | None = None) -> str:
                "spiffe_sequence of our own trust bundle.", [({}, agent.identity.bundle.sequence)])
         metric("isthmus_gateway_catalog_revision", "gauge", "Catalog revision in use.",
                [({}, agent.catalog.revision)])
+        metric("isthmus_gateway_catalog_age_seconds", "gauge",
+               "Seconds since the catalog last came from the federation (a watch answer or a "
+               "snapshot; absent before the first).",
+               [({}, round(gw.wall() - agent.catalog_at, 3))] if agent.catalog_at else [])
+        metric("isthmus_gateway_bundle_age_seconds", "gauge",
+               "Seconds since each peer cluster's trust bundle last changed in our catalog.",
+               [({"peer": c}, round(gw.wall() - t, 3))
+                for c, t in sorted(agent.bundle_changed_at.items())])
         metric("isthmus_gateway_svid_expiry_timestamp_seconds", "gauge",
                "When the current SVID expires.", [({}, agent.identity.svid.not_after)])
     dns = getattr(gw, "dns", None)

@@ -159,3 +159,20 @@ def test_every_reason_of_the_docstring_is_in_reasons():
 
     for r in REASONS:
         assert r in mod.__doc__
+
+
+# --- core/traffic.py: listener counters -> flows -------------------------------------------
+
+
+def test_flows_sum_workers_and_name_destination_tier_result():
+    from gateway.core.traffic import flows
+
+    tiers = build_tiers([OWN, REGION], ME, DEFAULT)
+    w0 = {"served_by": {OWN.key: 3, REGION.key: 2}, "failed": 1,
+          "response_timeouts_by": {REGION.key: 1}}
+    w1 = {"served_by": {REGION.key: 5, "remote:gone": 1}, "failed": 0}
+    got = {(f.destination, f.tier, f.result): f.count
+           for f in flows("east-1", "default/echo", tiers, [w0, w1])}
+    assert got == {("east-1", "cluster", "served"): 3, ("east-2", "region", "served"): 7,
+                   ("east-2", "region", "response_timeout"): 1, ("none", "none", "failed"): 1,
+                   ("gone", "none", "served"): 1}
