@@ -188,8 +188,9 @@ def render_metrics(gw: Any, http: ServingStats | None = None) -> str:
         metric("isthmus_gateway_catalog_revision", "gauge", "Catalog revision in use.",
                [({}, agent.catalog.revision)])
         metric("isthmus_gateway_catalog_age_seconds", "gauge",
-               "Seconds since the catalog last came from the federation (a watch answer or a "
-               "snapshot; absent before the first).",
+               "Seconds since the federation last answered a catalog read (a snapshot, or a "
+               "watch long-poll, which answers at least every 25 s: above ~30 s the catalog is "
+               "stale; absent before the first).",
                [({}, round(gw.wall() - agent.catalog_at, 3))] if agent.catalog_at else [])
         metric("isthmus_gateway_bundle_age_seconds", "gauge",
                "Seconds since each peer cluster's trust bundle last changed in our catalog.",
