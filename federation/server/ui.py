@@ -45,6 +45,7 @@ FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "t
 COOKIE = "isthmus_ui"
 TOKEN_FILE = "dashboard-token"
 MAX_EVENTS = 50
+UI_ROUTES = ("/ui", "/ui/", "/ui/api/state", "/ui/{file}")  # GET each
 HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; "
                                "frame-ancestors 'none'",
@@ -176,7 +177,8 @@ class Dashboard:
         }
 
     def add_routes(self, app: web.Application) -> None:
-        app.router.add_get("/ui", self.h_redirect)
-        app.router.add_get("/ui/", self.h_file)
-        app.router.add_get("/ui/api/state", self.h_state)
-        app.router.add_get("/ui/{file}", self.h_file)
+        """UI_ROUTES, on `app` (they are not API routes: the OpenAPI document leaves them out)."""
+        handlers = {"/ui": self.h_redirect, "/ui/": self.h_file, "/ui/api/state": self.h_state,
+                    "/ui/{file}": self.h_file}
+        for path in UI_ROUTES:
+            app.router.add_get(path, handlers[path])
