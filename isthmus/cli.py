@@ -331,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--state-dir", type=Path, default=None,
                       help="where configs, keys and logs go (default: a new temporary directory)")
     demo.add_argument("--keep-running", action="store_true",
-                      help="leave everything up afterwards (Ctrl-C to stop); try `isthmus status`")
+                      help="leave everything up afterwards, with traffic into east-1 and edge-1 "
+                           "(Ctrl-C to stop); try `isthmus status`, `isthmus why`, the dashboard")
     demo.add_argument(
         "--rate", type=int, default=40, help="new connections per second (default 40)"
     )

@@ -110,12 +110,18 @@ def render_why(d: dict[str, Any], file: IO[str] | None = None) -> None:
     w()
     w("next connection tries, in order (weighted random inside a group):")
     cands = {c["key"]: c for c in d["candidates"]}
+    sizes: dict[int, int] = {}
+    for c in d["candidates"]:
+        if c["group"] is not None:
+            sizes[c["group"]] = sizes.get(c["group"], 0) + 1
     for key in d["order"]:
         c = cands[key]
+        size = sizes.get(c["group"], 1)
+        at = f"{c['position']}" if size == 1 else f"{c['position']}-{c['position'] + size - 1}"
         extra = f"  share {c['share']:.0%} of group {c['group']}" if c["share"] < 1 else ""
         extra += "  (may be left out: the group straddles max_attempts)" if c["partial"] else ""
         last = "  LAST RESORT" if not c["healthy"] else ""
-        w(f"  {c['position']}. {key}  tier {c['tier']}  {c['locality']}  check {c['check']}"
+        w(f"  {at}. {key}  tier {c['tier']}  {c['locality']}  check {c['check']}"
           f"{extra}{last}")
         for r in c["reasons"]:
             w(f"       {_reason(r, c)}")

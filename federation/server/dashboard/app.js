@@ -113,7 +113,8 @@ function drawMap(st) {
     const x = (i + 0.5) * (W / Math.max(1, order.length));
     const names = Object.keys(regions[region]).sort().flatMap((z) => regions[region][z].sort());
     map.append(svg("text", { x, y: 18, "text-anchor": "middle", class: "region-label", fill: "#667085", "font-size": 13 }, region));
-    names.forEach((n, j) => { pos[n] = [x, 110 + j * ((H - 150) / Math.max(1, names.length - 1))]; });
+    const top = 100 + (i % 2) * 80;  // alternate columns, so a curve passes between nodes
+    names.forEach((n, j) => { pos[n] = [x, top + j * ((H - 40 - top) / Math.max(1, names.length - 1))]; });
   });
   // edges: served connections per second, source -> destination
   const edges = {};
@@ -143,7 +144,7 @@ function drawMap(st) {
     } else {
       const mx = (x1 + x2) / 2 + (y2 - y1) * 0.25, my = (y1 + y2) / 2 - (x2 - x1) * 0.25;
       d = `M ${x1} ${y1} Q ${mx} ${my} ${x2} ${y2}`;
-      lx = mx; ly = my;
+      lx = 0.25 * x1 + 0.5 * mx + 0.25 * x2; ly = 0.25 * y1 + 0.5 * my + 0.25 * y2 - 6;
     }
     const path = svg("path", { d, fill: "none", stroke: col, "stroke-width": width,
       "stroke-opacity": rate > 0 ? 0.85 : 0.25, "data-edge": k, "data-rate": rate.toFixed(2),
@@ -153,9 +154,13 @@ function drawMap(st) {
     if (rate > 0) map.append(svg("text", { x: lx, y: ly, "text-anchor": "middle", "font-size": 11, fill: "#1d2330" },
       `${rate.toFixed(1)}/s ${Math.round(share * 100)}%`));
   }
+  const faulted = st.drill && st.drill.running ? st.drill.drill.clusters_in_scope : [];
   for (const [n, [x, y]] of Object.entries(pos)) {
     const c = st.clusters[n];
-    const g = svg("g", { "data-cluster": n });
+    const g = svg("g", { "data-cluster": n, "data-drill": faulted.includes(n) ? "in-scope" : "" });
+    if (faulted.includes(n)) {
+      g.append(svg("circle", { cx: x, cy: y, r: 27, fill: "none", stroke: "var(--bad)", "stroke-width": 2, "stroke-dasharray": "4 3" }));
+    }
     g.append(svg("circle", { cx: x, cy: y, r: 20, fill: colour(hOf(n), c.live), stroke: "#1d2330", "stroke-width": 1 }));
     g.append(svg("text", { x, y: y + 36, "text-anchor": "middle", "font-size": 12 }, `${n} (${c.zone})`));
     map.append(g);
