@@ -154,6 +154,8 @@ ADMIN_PATHS = ("/healthz", "/readyz", "/metrics", "/status")
 
 _NAME = {"type": "string", "pattern": f"^{NAME_PATTERN}$"}
 _STR = {"type": "string"}
+_SERVICE = {"type": "string", "pattern": f"^{NAME_PATTERN}/{NAME_PATTERN}$",
+            "description": "NAMESPACE/NAME"}
 _HOSTPORT = {"type": "string", "pattern": f"^{HOSTPORT_PATTERN}$"}
 _INT = {"type": "integer"}
 _NUM = {"type": "number"}
@@ -222,12 +224,13 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "TrafficReport": _obj({
         "admin": {"type": ["string", "null"], "maxLength": 300},
         "flows": {"type": "array", "maxItems": 2000, "items": _obj({
-            "destination": {"type": "string", "maxLength": 63}, "service": _STR,
+            "destination": {"type": "string", "pattern": f"^(none|{NAME_PATTERN})$"},
+            "service": _SERVICE,
             "tier": {"type": "string", "maxLength": 300},
             "result": {"type": "string", "enum": ["served", "response_timeout", "failed"]},
             "count": {"type": "integer", "minimum": 0, "maximum": MAX_ID}})},
         "tiers": {"type": "array", "maxItems": 500, "items": _obj({
-            "service": _STR, "active": {"type": ["string", "null"], "maxLength": 300},
+            "service": _SERVICE, "active": {"type": ["string", "null"], "maxLength": 300},
             "panic": {"type": "boolean"}})},
         "events": {"type": "array", "maxItems": 32, "items": _obj({
             "at": {"type": "number"}, "kind": {"type": "string", "maxLength": 300},
@@ -408,6 +411,9 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "bundle_sequence": {"type": ["integer", "null"]}, "bundle_authorities": _INT,
             "live": {"type": "boolean"},
             "lease_age_seconds": {"type": ["number", "null"]},
+            "admin": {"type": ["string", "null"],
+                      "description": "admin address the gateway reported (dashboard report)"},
+            "report_age_seconds": {"type": ["number", "null"]},
             "tunnel": {"type": ["object", "null"], "properties": {
                 "public_key": _STR, "endpoint": _STR, "overlay_address": _STR,
                 "rotating": {"type": "boolean"}}},

@@ -18,6 +18,7 @@ beyond them the report is refused with a 400 naming the field. Pure: values and 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -51,10 +52,19 @@ class Report:
 
 
 def _text(v: Any, what: str) -> str:
-    if not isinstance(v, str) or len(v) > MAX_TEXT or not v.isprintable():
-        raise InputError(f"{what}: expected a printable string of at most {MAX_TEXT} "
-                         f"characters, got {str(v)[:40]!r}")
+    """A string of at most MAX_TEXT characters (the page shows it as text, never as markup)."""
+    if not isinstance(v, str) or len(v) > MAX_TEXT:
+        raise InputError(f"{what}: expected a string of at most {MAX_TEXT} characters, got "
+                         f"{str(v)[:40]!r}")
     return v
+
+
+def _only(obj: Any, allowed: tuple[str, ...], what: str) -> None:
+    if isinstance(obj, Mapping):
+        extra = sorted(set(obj) - set(allowed))
+        if extra:
+            raise InputError(f"{what}: unknown field(s) {', '.join(map(repr, extra))} "
+                             f"(known: {', '.join(allowed)})")
 
 
 def _service(v: Any, what: str) -> str:
@@ -75,12 +85,14 @@ def _list(obj: Mapping[str, Any], key: str, limit: int) -> list[Any]:
 
 def parse_report(cluster: str, obj: Any, at: float) -> Report:
     """A report body, checked field by field (InputError names the field)."""
+    _only(obj, ("admin", "flows", "tiers", "events"), "report")
     admin = obj.get("admin") if isinstance(obj, Mapping) else None
     if admin is not None:
         admin = _text(admin, "report.admin")
     flows = []
     for i, f in enumerate(_list(obj, "flows", MAX_FLOWS)):
         w = f"report.flows[{i}]"
+        _only(f, ("destination", "service", "tier", "result", "count"), w)
         dest = get_field(f, "destination", w, str)
         if dest != "none":
             check_name(dest, f"{w}.destination")
@@ -88,7 +100,11 @@ def parse_report(cluster: str, obj: Any, at: float) -> Report:
         result = get_field(f, "result", w, str)
         if result not in RESULTS:
             raise InputError(f"{w}.result: {result!r} is not one of {', '.join(RESULTS)}")
-        n = get_field(f, "count", w, int)
+        n = get_field(f, "count", w, (int, float))
+        if isinstance(n, float):  # JSON's 12.0 is an integer too (JSON Schema says so)
+            if not n.is_integer():
+                raise InputError(f"{w}.count: {n} is not a whole number")
+            n = int(n)
         if not 0 <= n < 2**63:
             raise InputError(f"{w}.count: {n} is out of range")
         flows.append((dest, _service(get_field(f, "service", w, str), f"{w}.service"), tier,
@@ -96,7 +112,8 @@ def parse_report(cluster: str, obj: Any, at: float) -> Report:
     tiers = []
     for i, t in enumerate(_list(obj, "tiers", MAX_TIERS)):
         w = f"report.tiers[{i}]"
-        active = t.get("active") if isinstance(t, Mapping) else None
+        _only(t, ("service", "active", "panic"), w)
+        active = get_field(t, "active", w, (str, type(None)))
         tiers.append({"service": _service(get_field(t, "service", w, str), f"{w}.service"),
                       "active": None if active is None else _text(active, f"{w}.active"),
                       "panic": bool(get_field(t, "panic", w, bool))})
@@ -104,6 +121,8 @@ def parse_report(cluster: str, obj: Any, at: float) -> Report:
     for i, e in enumerate(_list(obj, "events", MAX_EVENTS)):
         w = f"report.events[{i}]"
         at_e = get_field(e, "at", w, (int, float))
+        if not math.isfinite(at_e):  # json.loads reads NaN and Infinity; the page's JSON cannot
+            raise InputError(f"{w}.at: {at_e} is not a finite number")
         events.append({"at": float(at_e), "kind": _text(get_field(e, "kind", w, str), f"{w}.kind"),
                        "text": _text(get_field(e, "text", w, str), f"{w}.text")})
     return Report(cluster, at, admin, tuple(flows), tuple(tiers), tuple(events))

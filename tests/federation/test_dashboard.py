@@ -100,7 +100,13 @@ async def test_reports_make_rates_and_only_the_owner_may_report(fed: Fed) -> Non
     ({**report(), "flows": [{**report()["flows"][0], "service": "echo"}]},
      "report.flows[0].service"),
     ({**report(), "flows": report()["flows"] * (MAX_FLOWS + 1)}, "report.flows"),
-    ({**report(), "events": [{"at": 1, "kind": "x", "text": "a\nb"}]}, "report.events[0].text"),
+    ({**report(), "events": [{"at": 1, "kind": "x", "text": "a" * 301}]}, "report.events[0].text"),
+    ({**report(), "extra": 1}, "report: unknown field(s) 'extra'"),
+    ({**report(), "events": [{"at": float("nan"), "kind": "x", "text": "y"}]},
+     "report.events[0].at"),
+    ({**report(), "tiers": [{"service": "default/echo", "panic": False}]},
+     "report.tiers[0].active"),
+    ({**report(), "flows": [{**report()["flows"][0], "x": 1}]}, "report.flows[0]: unknown"),
     ({**report(), "admin": 5}, "report.admin"),
 ])
 def test_a_bad_report_names_its_field(body, field):
