@@ -161,6 +161,10 @@ class FederationServer:
             self.admin_port = asite.port
 
         self._background = asyncio.create_task(self._run_background(), name="federation-tasks")
+        if self.admin_port is not None:
+            log.info("dashboard at http://%s/ui/ (sign in once with /ui/?token= and the token in "
+                     "%s)", format_hostport(self.admin_listen[0], self.admin_port),  # type: ignore
+                     self.dashboard.token_path)
         log.info(
             "federation %s listening on %s (admin %s), %d clusters, lease ttl %gs",
             self.trust_domain,

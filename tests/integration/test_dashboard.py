@@ -7,7 +7,8 @@ headless Chromium over CDP (tests/helpers/cdp.py) signed in with the dashboard t
 1. the page loads with no console error, shows every cluster and the service, and its map has
    east-1's traffic kept in east-1 (edge `east-1>east-1`);
 2. east-1's endpoints are stopped: the map's `east-1>east-2` edge carries the traffic within
-   a few seconds (measured, printed);
+   a few seconds (measured, printed); `#cluster=west-1` (one gateway's view) leaves east-1's
+   traffic out;
 3. a drill (`isthmus drill run`, blackhole of us-west) shows as running, with its timeline;
 4. screenshots of each step go to a tmp dir, whose path is printed;
 5. `isthmus why default/echo --from east-1` names why east-1's endpoints are skipped, and
@@ -99,6 +100,12 @@ async def test_dashboard_shows_clusters_map_failover_and_drill(tmp_path, request
                                               "'#events li[data-kind=\"failover\"]').length"),
                                5, 0.2, "the failover in recent events")
                 await b.screenshot(shots / "2-east-1-down.png")
+                await b.eval("location.hash = 'cluster=west-1'")  # one gateway's view
+                await wait_for(lambda: b.eval("document.querySelectorAll('#map "
+                                              "[data-edge^=\"east-1>\"]').length === 0"),
+                               5, 0.2, "west-1's view without east-1's traffic")
+                await b.eval("location.hash = ''")
+                await wait_for(lambda: edge_rate(b, "east-1>east-2"), 5, 0.2, "all traffic again")
                 assert time.monotonic() - t0 < 15
 
                 drill = topo._proc("drill", [

@@ -9,6 +9,8 @@
 const POLL_MS = 1000;
 const SVG = "http://www.w3.org/2000/svg";
 let picked = "";  // the service the map shows ("" = all)
+// one gateway's view: #cluster=NAME shows only the traffic that gateway routes (click a node)
+const focus = () => new URLSearchParams(location.hash.slice(1)).get("cluster") || "";
 
 function el(tag, attrs, ...kids) {
   const e = document.createElement(tag);
@@ -121,6 +123,7 @@ function drawMap(st) {
   const out = {};
   for (const f of st.flows) {
     if (f.result !== "served" || (picked && f.service !== picked)) continue;
+    if (focus() && f.source !== focus()) continue;
     const k = `${f.source}>${f.destination}`;
     edges[k] = (edges[k] || 0) + f.per_second;
     out[f.source] = (out[f.source] || 0) + f.per_second;
@@ -157,7 +160,12 @@ function drawMap(st) {
   const faulted = st.drill && st.drill.running ? st.drill.drill.clusters_in_scope : [];
   for (const [n, [x, y]] of Object.entries(pos)) {
     const c = st.clusters[n];
-    const g = svg("g", { "data-cluster": n, "data-drill": faulted.includes(n) ? "in-scope" : "" });
+    const g = svg("g", { "data-cluster": n, "data-drill": faulted.includes(n) ? "in-scope" : "",
+      cursor: "pointer" });
+    g.addEventListener("click", () => { location.hash = focus() === n ? "" : `cluster=${n}`; });
+    if (focus() === n) {
+      g.append(svg("circle", { cx: x, cy: y, r: 32, fill: "none", stroke: "#1d2330", "stroke-width": 1 }));
+    }
     if (faulted.includes(n)) {
       g.append(svg("circle", { cx: x, cy: y, r: 27, fill: "none", stroke: "var(--bad)", "stroke-width": 2, "stroke-dasharray": "4 3" }));
     }
@@ -213,7 +221,8 @@ function drawEvents(st) {
 }
 
 function draw(st) {
-  document.getElementById("td").textContent = `${st.trust_domain} · revision ${st.revision}`;
+  const view = focus() ? ` · routed by ${focus()} (click it again for all)` : "";
+  document.getElementById("td").textContent = `${st.trust_domain} · revision ${st.revision}${view}`;
   drawPicker(st);
   drawClusters(st);
   drawServices(st);
