@@ -220,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="TLS API host:port (default 127.0.0.1:17443)")
     serve.add_argument("--admin", type=_hostport, default=("127.0.0.1", 17080),
                        help="plain-HTTP admin host:port for /healthz /readyz /metrics /status "
-                            "(default 127.0.0.1:17080)")
+                            "and the dashboard /ui/ (token: STATE_DIR/operator/dashboard-token; "
+                            "default 127.0.0.1:17080)")
     serve.add_argument(
         "--state-dir", type=Path, required=True, help="directory for the CA, keys and store"
     )

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.cdp import Browser, chromium
-from tests.helpers.processes import run_cli
+from tests.helpers.processes import free_port, run_cli
 from tests.helpers.traffic import http_get, wait_for
 from tests.helpers.traffic import request as connect
 from tests.integration.harness import NAMES, Topology, running
@@ -135,7 +135,9 @@ async def test_dashboard_shows_clusters_map_failover_and_drill(tmp_path, request
 async def test_why_and_promtool_on_every_metrics_page(tmp_path, request):
     if shutil.which("promtool") is None:
         pytest.skip("no promtool: apt-get install -y prometheus")
-    topo = Topology(tmp_path)
+    sides = (f"dns: {{listen: 127.0.0.1:{free_port()}}}\n"
+             f"xds: {{listen: 127.0.0.1:{free_port()}}}\n")
+    topo = Topology(tmp_path, top={"east-1": sides})  # its DNS and xDS metrics too
     async with running(topo, request):
         east1 = topo.nodes["east-1"]
         for _ in range(5):
@@ -177,3 +179,5 @@ async def test_why_and_promtool_on_every_metrics_page(tmp_path, request):
         assert 'isthmus_gateway_import_connections_total{source="east-1",destination="east-2"' \
             in page
         assert 'isthmus_gateway_failovers_total{service="default/echo"}' in page
+        assert "isthmus_gateway_dns_response_seconds_bucket" in page
+        assert "isthmus_gateway_xds_clients" in page

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from federation.model import (
     Catalog,
@@ -176,3 +178,35 @@ def test_flows_sum_workers_and_name_destination_tier_result():
     assert got == {("east-1", "cluster", "served"): 3, ("east-2", "region", "served"): 7,
                    ("east-2", "region", "response_timeout"): 1, ("none", "none", "failed"): 1,
                    ("gone", "none", "served"): 1}
+
+
+# --- property: the explained order is balance.plan's order ----------------------------------
+
+LOCS = ["us-east/a/east-1", "us-east/a/east-3", "us-east/b/east-2", "us-west/a/west-1",
+        "eu/a/eu-1"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(LOCS), st.booleans(), st.integers(1, 5)),
+                min_size=0, max_size=8),
+       st.integers(1, 6), st.lists(st.floats(0, 0.999), min_size=40, max_size=40))
+def test_order_and_positions_agree_with_plan(spec, max_attempts, draws):
+    cands = [tgt(f"k{i}", loc, healthy, w) for i, (loc, healthy, w) in enumerate(spec)]
+    policy = FailoverPolicy(max_attempts=max_attempts)
+    tiers = build_tiers(cands, ME, policy)
+    state = advance(FailoverState(), tiers, 1.0, policy)
+    w = explain(SVC, ME, policy, cands, tiers, state, {}, 1.0)
+    rnd = iter(draws)
+    planned = plan(tiers, state, lambda: next(rnd), max_attempts)
+    c = by_key(w)
+    # every planned key is explained as tried, at a slot its group covers
+    for i, t in enumerate(planned, 1):
+        assert c[t.key].position is not None and c[t.key].position <= i
+    # a target never tried is beyond max_attempts (or partial: the draw left it out)
+    for k, cand in c.items():
+        if k not in {t.key for t in planned}:
+            assert cand.partial or "beyond-max-attempts" in cand.reasons
+    # unhealthy targets always come after every healthy one
+    order = w.to_json(1.0)["order"]
+    healthy = [c[k].healthy for k in order]
+    assert healthy == sorted(healthy, reverse=True)
