@@ -228,7 +228,10 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "service": _SERVICE,
             "tier": {"type": "string", "maxLength": 300},
             "result": {"type": "string", "enum": ["served", "response_timeout", "failed"]},
-            "count": {"type": "integer", "minimum": 0, "maximum": MAX_ID}})},
+            "count": {"type": "integer", "minimum": 0, "maximum": MAX_ID},
+            "unit": {"type": "string", "enum": ["connections", "requests"],
+                     "description": "connections (the default: TCP imports) or requests (HTTP)"},
+        }, required=["destination", "service", "tier", "result", "count"])},
         "tiers": {"type": "array", "maxItems": 500, "items": _obj({
             "service": _SERVICE, "active": {"type": ["string", "null"], "maxLength": 300},
             "panic": {"type": "boolean"}})},

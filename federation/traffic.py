@@ -4,7 +4,9 @@ Every second or so a gateway PUTs `/v1/clusters/{name}/report` (that cluster onl
 
     {"admin": "127.0.0.1:15102" | null,          its admin address (for `isthmus why`)
      "flows": [{"destination": "east-2", "service": "default/echo", "tier": "zone",
-                "result": "served", "count": 412}, ...],   cumulative counters
+                "result": "served", "count": 412, "unit": "connections"}, ...],
+                                                  cumulative counters; unit: connections (TCP
+                                                  imports, the default) or requests (HTTP)
      "tiers": [{"service": "default/echo", "active": "zone", "panic": false}, ...],
      "events": [{"at": 1735689600.5, "kind": "failover", "text": "..."}, ...]}  latest first-in
 
@@ -33,6 +35,7 @@ MAX_TIERS = 500
 MAX_EVENTS = 32
 MAX_TEXT = 300
 RESULTS = ("served", "response_timeout", "failed")
+UNITS = ("connections", "requests")
 
 
 @dataclass(frozen=True)
@@ -40,14 +43,15 @@ class Report:
     cluster: str
     at: float  # federation clock when received
     admin: str | None
-    flows: tuple[tuple[str, str, str, str, int], ...]  # (destination, service, tier, result, n)
+    # (destination, service, tier, result, unit, n)
+    flows: tuple[tuple[str, str, str, str, str, int], ...]
     tiers: tuple[dict[str, Any], ...]
     events: tuple[dict[str, Any], ...]
 
     def to_json(self) -> dict[str, Any]:
         return {"cluster": self.cluster, "at": self.at, "admin": self.admin,
-                "flows": [{"destination": d, "service": s, "tier": t, "result": r, "count": n}
-                          for d, s, t, r, n in self.flows],
+                "flows": [{"destination": d, "service": s, "tier": t, "result": r, "unit": u,
+                           "count": n} for d, s, t, r, u, n in self.flows],
                 "tiers": list(self.tiers), "events": list(self.events)}
 
 
@@ -92,7 +96,7 @@ def parse_report(cluster: str, obj: Any, at: float) -> Report:
     flows = []
     for i, f in enumerate(_list(obj, "flows", MAX_FLOWS)):
         w = f"report.flows[{i}]"
-        _only(f, ("destination", "service", "tier", "result", "count"), w)
+        _only(f, ("destination", "service", "tier", "result", "count", "unit"), w)
         dest = get_field(f, "destination", w, str)
         if dest != "none":
             check_name(dest, f"{w}.destination")
@@ -107,8 +111,11 @@ def parse_report(cluster: str, obj: Any, at: float) -> Report:
             n = int(n)
         if not 0 <= n < 2**63:
             raise InputError(f"{w}.count: {n} is out of range")
+        unit = f.get("unit", "connections")
+        if unit not in UNITS:
+            raise InputError(f"{w}.unit: {str(unit)[:40]!r} is not one of {', '.join(UNITS)}")
         flows.append((dest, _service(get_field(f, "service", w, str), f"{w}.service"), tier,
-                      result, n))
+                      result, unit, n))
     tiers = []
     for i, t in enumerate(_list(obj, "tiers", MAX_TIERS)):
         w = f"report.tiers[{i}]"
@@ -129,15 +136,16 @@ def parse_report(cluster: str, obj: Any, at: float) -> Report:
 
 
 def rates(prev: Report | None, cur: Report) -> list[dict[str, Any]]:
-    """Per flow, connections per second between two reports of one cluster (a counter that
-    went down counts from zero; without a previous report the rate is unknown: 0)."""
-    before = {f[:4]: f[4] for f in prev.flows} if prev is not None else {}
+    """Per flow, connections (or requests) per second between two reports of one cluster (a
+    counter that went down counts from zero; without a previous report the rate is unknown:
+    0)."""
+    before = {f[:5]: f[5] for f in prev.flows} if prev is not None else {}
     dt = cur.at - prev.at if prev is not None else 0.0
     out = []
-    for d, s, t, r, n in cur.flows:
-        old = before.get((d, s, t, r), 0)
+    for d, s, t, r, u, n in cur.flows:
+        old = before.get((d, s, t, r, u), 0)
         delta = n - old if n >= old else n
         out.append({"source": cur.cluster, "destination": d, "service": s, "tier": t,
-                    "result": r, "count": n,
+                    "result": r, "unit": u, "count": n,
                     "per_second": round(delta / dt, 3) if dt > 0 else 0.0})
     return out

@@ -123,7 +123,8 @@ class Introspection:
         return {
             "admin": format_hostport("127.0.0.1" if host in ("0.0.0.0", "") else host, port),
             "flows": [{"destination": f.destination, "service": f.service, "tier": f.tier,
-                       "result": f.result, "count": f.count} for f in self.flows()],
+                       "result": f.result, "count": f.count, "unit": f.unit}
+                      for f in self.flows()],
             "tiers": [{"service": str(svc), "active": r.state.active,
                        "panic": bool(r.tiers) and not any(t.eligible for t in r.tiers)}
                       for svc, r in self.import_routers.items()],

@@ -141,10 +141,15 @@ def render_metrics(gw: Any, http: ServingStats | None = None) -> str:
                           1 if tier.name == active else 0))
     metric("isthmus_gateway_tier_active", "gauge", "1 for the tier each import sends traffic to.",
            tiers)
+    flows = gw.flows()
     metric("isthmus_gateway_import_connections_total", "counter",
            "Connections into import listeners, by source and destination cluster, service, tier "
            "and result (served, response_timeout, failed: destination and tier none).",
-           [(f.labels(), f.count) for f in gw.flows()])
+           [(f.labels(), f.count) for f in flows if f.unit == "connections"])
+    metric("isthmus_gateway_import_requests_total", "counter",
+           "Requests into HTTP import listeners, by source and backend cluster, service, tier "
+           "and result (served: 1xx-4xx; failed: 5xx or no response).",
+           [(f.labels(), f.count) for f in flows if f.unit == "requests"])
     seen = gw.observed
     metric("isthmus_gateway_failovers_total", "counter",
            "Times an import's active tier changed (failover or failback), by service.",

@@ -12,9 +12,15 @@ the way an operator reads a service map:
                  "none" for failed connections and targets no tier holds any more
     result       served | response_timeout (reset: the target never answered) | failed
 
+An HTTP import (protocol: http) counts requests instead, per (route, backend cluster) and
+status class (`http.routes[].classes`, dataplane/http/host.py): its flows have unit
+"requests", destination the backend cluster ("none": no backend answered), tier the tier that
+cluster's gateway (or our own endpoints) is in, and result served (1xx-4xx) or failed (5xx,
+or no response: the client left first or no backend could be reached).
+
 Counters add up across workers (each worker's listener of the same import). The same flows
-feed `isthmus_gateway_import_connections_total` and the report to the federation (the
-dashboard's service map). Pure.
+feed `isthmus_gateway_import_connections_total` (and `..._import_requests_total`) and the report
+to the federation (the dashboard's service map). Pure.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ class Flow:
     tier: str
     result: str
     count: int
+    unit: str = "connections"  # or "requests" (HTTP imports)
 
     def labels(self) -> dict[str, str]:
         return {"source": self.source, "destination": self.destination,
@@ -53,7 +60,9 @@ def flows(me: str, service: str, tiers: Sequence[Tier],
           counters: Iterable[Mapping[str, Any]]) -> list[Flow]:
     """The flows of one import from its listeners' counters (one mapping per worker)."""
     tier_of = {t.key: tier.name for tier in tiers for t in tier.targets}
+    tier_of_cluster = {t.locality.cluster: tier.name for tier in tiers for t in tier.targets}
     sums: dict[tuple[str, str, str], int] = {}
+    http: dict[tuple[str, str, str, str], int] = {}
     for st in counters:
         for result, field in (("served", "served_by"), ("response_timeout",
                                                         "response_timeouts_by")):
@@ -63,4 +72,13 @@ def flows(me: str, service: str, tiers: Sequence[Tier],
         failed = int(st.get("failed", 0))
         if failed:
             sums[("none", "none", "failed")] = sums.get(("none", "none", "failed"), 0) + failed
-    return [Flow(me, d, service, t, r, n) for (d, t, r), n in sorted(sums.items())]
+        for r in (st.get("http") or {}).get("routes", ()):
+            cluster, classes = r.get("cluster") or "", r.get("classes") or [0] * 6
+            dest = cluster or "none"
+            tier = tier_of_cluster.get(cluster, "none")
+            for result, n in (("served", sum(classes[1:5])), ("failed", classes[0] + classes[5])):
+                if n:
+                    k = (dest, tier, result, "requests")
+                    http[k] = http.get(k, 0) + int(n)
+    return ([Flow(me, d, service, t, r, n) for (d, t, r), n in sorted(sums.items())]
+            + [Flow(me, d, service, t, r, n, u) for (d, t, r, u), n in sorted(http.items())])

@@ -107,6 +107,7 @@ async def test_reports_make_rates_and_only_the_owner_may_report(fed: Fed) -> Non
     ({**report(), "tiers": [{"service": "default/echo", "panic": False}]},
      "report.tiers[0].active"),
     ({**report(), "flows": [{**report()["flows"][0], "x": 1}]}, "report.flows[0]: unknown"),
+    ({**report(), "flows": [{**report()["flows"][0], "unit": "bytes"}]}, "report.flows[0].unit"),
     ({**report(), "admin": 5}, "report.admin"),
 ])
 def test_a_bad_report_names_its_field(body, field):

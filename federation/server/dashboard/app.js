@@ -152,7 +152,7 @@ function drawMap(st) {
     const path = svg("path", { d, fill: "none", stroke: col, "stroke-width": width,
       "stroke-opacity": rate > 0 ? 0.85 : 0.25, "data-edge": k, "data-rate": rate.toFixed(2),
       "data-share": share.toFixed(3) });
-    path.append(svg("title", {}, `${k}: ${rate.toFixed(1)}/s (${Math.round(share * 100)}% of ${src})`));
+    path.append(svg("title", {}, `${k}: ${rate.toFixed(1)}/s (${Math.round(share * 100)}% of ${src}; connections of TCP imports, requests of HTTP imports)`));
     map.append(path);
     if (rate > 0) map.append(svg("text", { x: lx, y: ly, "text-anchor": "middle", "font-size": 11, fill: "#1d2330" },
       `${rate.toFixed(1)}/s ${Math.round(share * 100)}%`));

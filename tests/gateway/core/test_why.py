@@ -210,3 +210,17 @@ def test_order_and_positions_agree_with_plan(spec, max_attempts, draws):
     order = w.to_json(1.0)["order"]
     healthy = [c[k].healthy for k in order]
     assert healthy == sorted(healthy, reverse=True)
+
+
+def test_http_imports_count_requests_by_backend_cluster():
+    from gateway.core.traffic import flows
+
+    tiers = build_tiers([OWN, REGION], ME, DEFAULT)
+    st = {"served_by": {}, "failed": 0, "http": {"routes": [
+        {"route": "_default", "cluster": "east-2", "classes": [1, 0, 5, 1, 2, 3]},
+        {"route": "api", "cluster": "", "classes": [0, 0, 0, 0, 0, 4]}]}}
+    got = {(f.destination, f.tier, f.result, f.unit): f.count
+           for f in flows("east-1", "default/web", tiers, [st, st])}
+    assert got == {("east-2", "region", "served", "requests"): 16,
+                   ("east-2", "region", "failed", "requests"): 8,
+                   ("none", "none", "failed", "requests"): 8}
