@@ -104,6 +104,10 @@ ROUTES: tuple[Route, ...] = (
           "svid", "ImportRecord", "Revision", _W + (409,)),
     Route("DELETE", "/v1/clusters/{name}/imports/{namespace}/{service}", "deleteImport",
           "Withdraw an import.", "svid", None, "Deleted", _W),
+    Route("PUT", "/v1/clusters/{name}/report", "putReport",
+          "Report the cluster's traffic counters, active tiers and latest events "
+          "(federation/traffic.py); kept in memory for the dashboard, not in the store.",
+          "svid", "TrafficReport", "Accepted", _W),
     Route("GET", "/v1/catalog", "getCatalog",
           "Snapshot of the catalog with the revision it was read at.",
           "any", None, "Catalog", (401,)),
@@ -150,6 +154,8 @@ ADMIN_PATHS = ("/healthz", "/readyz", "/metrics", "/status")
 
 _NAME = {"type": "string", "pattern": f"^{NAME_PATTERN}$"}
 _STR = {"type": "string"}
+_SERVICE = {"type": "string", "pattern": f"^{NAME_PATTERN}/{NAME_PATTERN}$",
+            "description": "NAMESPACE/NAME"}
 _HOSTPORT = {"type": "string", "pattern": f"^{HOSTPORT_PATTERN}$"}
 _INT = {"type": "integer"}
 _NUM = {"type": "number"}
@@ -214,6 +220,25 @@ def _obj(props: dict[str, Any], required: list[str] | None = None, extra: bool =
 
 SCHEMAS: dict[str, dict[str, Any]] = {
     "Error": _obj({"error": _STR}, extra=True),
+    "Accepted": _obj({"accepted": {"type": "boolean"}}),
+    "TrafficReport": _obj({
+        "admin": {"type": ["string", "null"], "maxLength": 300},
+        "flows": {"type": "array", "maxItems": 2000, "items": _obj({
+            "destination": {"type": "string", "pattern": f"^(none|{NAME_PATTERN})$"},
+            "service": _SERVICE,
+            "tier": {"type": "string", "maxLength": 300},
+            "result": {"type": "string", "enum": ["served", "response_timeout", "failed"]},
+            "count": {"type": "integer", "minimum": 0, "maximum": MAX_ID},
+            "unit": {"type": "string", "enum": ["connections", "requests"],
+                     "description": "connections (the default: TCP imports) or requests (HTTP)"},
+        }, required=["destination", "service", "tier", "result", "count"])},
+        "tiers": {"type": "array", "maxItems": 500, "items": _obj({
+            "service": _SERVICE, "active": {"type": ["string", "null"], "maxLength": 300},
+            "panic": {"type": "boolean"}})},
+        "events": {"type": "array", "maxItems": 32, "items": _obj({
+            "at": {"type": "number"}, "kind": {"type": "string", "maxLength": 300},
+            "text": {"type": "string", "maxLength": 300}}, extra=True)},
+    }, required=["flows", "tiers", "events"]),
     "Compacted": _obj({"error": _STR, "compacted": _INT}),
     "Text": {"type": "string"},
     "OpenApi": {"type": "object"},
@@ -389,6 +414,9 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "bundle_sequence": {"type": ["integer", "null"]}, "bundle_authorities": _INT,
             "live": {"type": "boolean"},
             "lease_age_seconds": {"type": ["number", "null"]},
+            "admin": {"type": ["string", "null"],
+                      "description": "admin address the gateway reported (dashboard report)"},
+            "report_age_seconds": {"type": ["number", "null"]},
             "tunnel": {"type": ["object", "null"], "properties": {
                 "public_key": _STR, "endpoint": _STR, "overlay_address": _STR,
                 "rotating": {"type": "boolean"}}},

@@ -279,6 +279,10 @@ class FederationClient:
         path = f"/v1/clusters/{cluster}/imports/{ns}/{name}"
         return bool((await self._ok("DELETE", path))["deleted"])
 
+    async def put_report(self, cluster: str, report: dict) -> None:
+        """The cluster's traffic report for the dashboard (federation/traffic.py)."""
+        await self._ok("PUT", f"/v1/clusters/{cluster}/report", report)
+
     # ---- drills --------------------------------------------------------------------------
 
     def _drill(self, obj: Any, what: str) -> Drill:

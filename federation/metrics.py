@@ -10,13 +10,38 @@ Values are written as Python prints them (`3`, `0.25`, `1735689600.0`).
     page.counter("isthmus_x_total", "Things done.", [({"kind": "a"}, 3)])
     page.gauge("isthmus_y", "Things now.", [({}, 1)])
     body = page.text()
+
+A `Histogram` keeps the counts one histogram family needs (`observe(seconds)`);
+`page.histogram_of(name, help, h)` writes it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
-__all__ = ["CONTENT_TYPE", "Exposition", "Sample", "escape"]
+__all__ = ["CONTENT_TYPE", "Exposition", "Histogram", "Sample", "escape", "LATENCY_BUCKETS"]
+
+# seconds; from sub-millisecond handling to a long-poll's minute
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                   5.0, 10.0, 30.0, 60.0)
+
+
+class Histogram:
+    """Observations in fixed buckets (upper bounds, ascending), their sum and count."""
+
+    def __init__(self, buckets: Sequence[float] = LATENCY_BUCKETS) -> None:
+        self.buckets = tuple(buckets)
+        self.counts = [0] * len(self.buckets)
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.total += value
+        self.count += 1
+        for i, le in enumerate(self.buckets):
+            if value <= le:
+                self.counts[i] += 1
+                return
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -80,6 +105,9 @@ class Exposition:
             self.lines.append(f"{name}_sum{{{lab}}} {total}" if lab else f"{name}_sum {total}")
             self.lines.append(f"{name}_count{{{lab}}} {count}" if lab else
                               f"{name}_count {count}")
+
+    def histogram_of(self, name: str, help_: str, h: Histogram) -> None:
+        self.histogram(name, help_, h.buckets, h.counts, h.total, h.count)
 
     def text(self) -> str:
         return "\n".join(self.lines) + "\n"

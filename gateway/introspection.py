@@ -1,6 +1,7 @@
-"""What a gateway says about itself: transition log lines, /status, listener and worker
+"""What a gateway says about itself: transition log lines, /status, /why, listener and worker
 counters (for /metrics). `Introspection` is a part of `Gateway` (runtime.py): it only reads the
-Gateway's state.
+Gateway's state, and counts what it logs in `Observed` (failovers, health transitions, the
+latest events: /metrics and the report to the federation's dashboard).
 """
 
 from __future__ import annotations
@@ -8,12 +9,31 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import deque
 from typing import Any
 
+from federation.model import ServiceKey
+from federation.units import format_hostport
 from gateway.control.workers import read_stats
-from gateway.dataplane.router import local_key
+from gateway.core.traffic import Flow, flows
+from gateway.core.why import Health, excluded, explain
+from gateway.dataplane.router import local_key, remote_key
 
 log = logging.getLogger("isthmus.gateway")
+
+RECENT = 32  # events kept for the federation's dashboard
+
+
+class Observed:
+    """Counts of the transitions `_log_transitions` logs, and the latest of them (bounded)."""
+
+    def __init__(self) -> None:
+        self.failovers: dict[str, int] = {}  # service -> active-tier changes
+        self.health: dict[str, int] = {}  # HealthEvent kind -> count
+        self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT)
+
+    def event(self, at: float, kind: str, text: str, **fields: Any) -> None:
+        self.recent.append({"at": round(at, 3), "kind": kind, "text": text, **fields})
 
 
 class Introspection:
@@ -27,17 +47,25 @@ class Introspection:
     listeners: list
     workers: int
     supervisor: Any
+    observed: Observed
 
     def _log_transitions(self) -> None:
         """What the routers and the health book report as changed (router.py), one INFO line
         each, rate-limited per service and per target (both are bounded by config/catalog)."""
-        me, events = self.cfg.cluster.name, self.events
+        me, events, seen, wall = self.cfg.cluster.name, self.events, self.observed, self.wall()
         for _, router in self.export_routers.values():
             router.take_switches()  # one tier (our endpoints): their health events say it all
         for router in self.import_routers.values():
             for sw in router.take_switches():
                 key, where = f"tier:{sw.service}", f"import {sw.service} (cluster {me})"
                 clusters = ", ".join(sw.clusters) or "none"
+                svc = str(sw.service)
+                if sw.old is not None and sw.old != sw.new:
+                    seen.failovers[svc] = seen.failovers.get(svc, 0) + 1
+                seen.event(wall, "failover", f"{svc}: tier {sw.old} -> {sw.new}"
+                           f"{' (panic)' if sw.panic else ''}, clusters {clusters}",
+                           service=svc, old=sw.old, new=sw.new, clusters=list(sw.clusters),
+                           panic=sw.panic)
                 if sw.new is None:
                     events.info(key, "%s: no candidate left in any tier (was %r)", where, sw.old)
                 elif sw.panic:
@@ -54,6 +82,8 @@ class Introspection:
                                 sw.old, sw.new, clusters)
         for ev in self.book.take_events(self._mono()):
             key, what = f"health:{ev.key}", self._describe_target(ev.key)
+            seen.health[ev.kind] = seen.health.get(ev.kind, 0) + 1
+            seen.event(wall, "health", f"{what}: {ev.kind}", target=ev.key, health=ev.kind)
             if ev.kind == "ejected":
                 events.info(key, "%s ejected for %.1fs after %d failed connect(s)", what,
                             ev.until - ev.at, ev.count)
@@ -78,6 +108,29 @@ class Introspection:
         return (f"endpoint {key.removeprefix('local:')} of {', '.join(svcs) or 'no export'} "
                 f"(cluster {self.cfg.cluster.name})")
 
+    def flows(self) -> list[Flow]:
+        """Every import's connections by destination, tier and result (core/traffic.py),
+        summed over the workers."""
+        per = [got["listeners"] for got in self.worker_stats().values()]
+        me = self.cfg.cluster.name
+        return [f for svc, router in self.import_routers.items()
+                for f in flows(me, str(svc), router.tiers,
+                               [ls[f"import {svc}"] for ls in per if f"import {svc}" in ls])]
+
+    def report(self) -> dict[str, Any]:
+        """The traffic report for the federation's dashboard (federation/traffic.py)."""
+        host, port = self.cfg.listen.admin
+        return {
+            "admin": format_hostport("127.0.0.1" if host in ("0.0.0.0", "") else host, port),
+            "flows": [{"destination": f.destination, "service": f.service, "tier": f.tier,
+                       "result": f.result, "count": f.count, "unit": f.unit}
+                      for f in self.flows()],
+            "tiers": [{"service": str(svc), "active": r.state.active,
+                       "panic": bool(r.tiers) and not any(t.eligible for t in r.tiers)}
+                      for svc, r in self.import_routers.items()],
+            "events": list(self.observed.recent),
+        }
+
     def listener_stats(self) -> dict[str, dict[str, Any]]:
         return {lst.name: lst.counters() for lst in self.listeners}
 
@@ -90,6 +143,27 @@ class Introspection:
         return out
 
     # -- introspection -----------------------------------------------------------------------
+    def why(self, service: str) -> dict[str, Any] | None:
+        """/why: core/why.py's explanation of import `service` ("ns/name", or a name in
+        `default`) as the router sees it now; None when we import no such service."""
+        ns, _, name = service.rpartition("/")
+        svc = ServiceKey(ns or "default", name)
+        router = self.import_routers.get(svc)
+        if router is None:
+            return None
+        router.tick()
+        now, book = self._mono(), self.book
+        health = {}
+        for k in {*book.active, *book.outlier}:
+            o = book.outlier.get(k)
+            health[k] = Health(book.state(k), book.ejected_until(k),
+                               o.consecutive_failures if o is not None else 0)
+        weights = {remote_key(loc.cluster): ex.healthy_weight() for loc, ex in router.remote}
+        dropped = excluded(self.catalog, svc, self.cfg.cluster.name, self.gateways)
+        w = explain(svc, router.caller, router.policy, router.targets(now), router.tiers,
+                    router.state, health, now, weights, dropped)
+        return {"cluster": self.cfg.cluster.name, **w.to_json(now)}
+
     def status(self) -> dict[str, Any]:
         now = self._mono()
         return {

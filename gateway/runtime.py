@@ -71,7 +71,7 @@ from gateway.dataplane.tls import GatewayTls, TlsSnapshot
 from gateway.dns.answers import Records
 from gateway.dns.responder import DnsResponder
 from gateway.http_imports import HttpImports, http_limits
-from gateway.introspection import Introspection
+from gateway.introspection import Introspection, Observed
 from gateway.reloading import LiveReload
 from gateway.restart import Restart, first_of, readiness
 from gateway.sides import SideServices
@@ -82,6 +82,7 @@ from gateway.xds.server import Pusher, XdsServer
 log = logging.getLogger("isthmus.gateway")
 
 TICK = 0.25  # failover state and export health re-evaluated this often, besides on events
+REPORT_INTERVAL = 1.0  # traffic report to the federation (dashboard), seconds
 
 
 class Gateway(LiveReload, SideServices, Introspection, HttpImports):
@@ -112,6 +113,7 @@ class Gateway(LiveReload, SideServices, Introspection, HttpImports):
         self.book = HealthBook(cfg.outlier_detection)
         self.book.on_change.append(self._health_changed)
         self.events = LogLimiter(log, interval=30.0, burst=4)  # transitions (_log_transitions)
+        self.observed = Observed()  # what _log_transitions counted (/metrics, dashboard)
         self.identity: Identity | None = None
         self.tls: GatewayTls | None = None
         self.agent: Agent | None = None
@@ -357,6 +359,20 @@ class Gateway(LiveReload, SideServices, Introspection, HttpImports):
                          agent.rotation_loop):
                 tg.create_task(loop())
             tg.create_task(self.drill_actor.run())
+            tg.create_task(self._report_loop())
+
+    async def _report_loop(self) -> None:
+        """Every REPORT_INTERVAL, our traffic report to the federation (its dashboard); a
+        failure is retried at the next one (debug log: the lease loop says when it is down)."""
+        agent = self.agent
+        while True:
+            await asyncio.sleep(REPORT_INTERVAL)
+            if agent.client is None or agent.lease is None:
+                continue
+            try:
+                await agent.client.put_report(self.cfg.cluster.name, self.report())
+            except IsthmusError as e:
+                log.debug("traffic report not delivered: %s", e)
 
     def _speak(self) -> None:
         if self.tunnel is not None:

@@ -220,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="TLS API host:port (default 127.0.0.1:17443)")
     serve.add_argument("--admin", type=_hostport, default=("127.0.0.1", 17080),
                        help="plain-HTTP admin host:port for /healthz /readyz /metrics /status "
-                            "(default 127.0.0.1:17080)")
+                            "and the dashboard /ui/ (token: STATE_DIR/operator/dashboard-token; "
+                            "default 127.0.0.1:17080)")
     serve.add_argument(
         "--state-dir", type=Path, required=True, help="directory for the CA, keys and store"
     )
@@ -311,8 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from isthmus.drill import add_drill_parser
     from isthmus.identity_cli import add_identity_parser
+    from isthmus.why import add_why_parser
     from isthmus.xds_cli import add_xds_parser
 
+    add_why_parser(sub)
     add_drill_parser(sub)
     add_identity_parser(sub)
     add_xds_parser(sub)
@@ -329,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--state-dir", type=Path, default=None,
                       help="where configs, keys and logs go (default: a new temporary directory)")
     demo.add_argument("--keep-running", action="store_true",
-                      help="leave everything up afterwards (Ctrl-C to stop); try `isthmus status`")
+                      help="leave everything up afterwards, with traffic into east-1 and edge-1 "
+                           "(Ctrl-C to stop); try `isthmus status`, `isthmus why`, the dashboard")
     demo.add_argument(
         "--rate", type=int, default=40, help="new connections per second (default 40)"
     )

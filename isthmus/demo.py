@@ -422,6 +422,13 @@ def operator_credentials(state: Path) -> Path:
     return state / "federation" / "operator"
 
 
+def dashboard_url(state: Path, offset: int) -> str:
+    """The federation's dashboard, signed in with its read-only token (federation/server/ui.py;
+    the demo's own federation on loopback, so the token is printed for the browser)."""
+    token = (operator_credentials(state) / "dashboard-token").read_text().strip()
+    return f"http://127.0.0.1:{FED_ADMIN + offset}/ui/?token={token}"
+
+
 async def demo(args: Any, state: Path, out) -> int:
     offset = args.port_offset
     logs = state / "logs"
@@ -440,6 +447,7 @@ async def demo(args: Any, state: Path, out) -> int:
             "west-1 (us-west/a), "
             "edge-1 (eu-west/a, consumer only: prefers us-east, then us-west)"
         )
+        out(f"dashboard (live service map, drills): {dashboard_url(state, offset)}")
         out(
             f"driving {args.rate} new connections/s into east-1's local listener for default/echo\n"
         )
@@ -476,12 +484,18 @@ async def demo(args: Any, state: Path, out) -> int:
             out(
                 "\nstill running; try: isthmus status --admin "
                 f"http://127.0.0.1:{FED_ADMIN + offset}"
-                f"  or  curl 127.0.0.1:{admin1}/status   (Ctrl-C to stop)"
+                f"  or  curl 127.0.0.1:{admin1}/status  or  isthmus why default/echo --from "
+                f"edge-1 --federation http://127.0.0.1:{FED_ADMIN + offset}   (Ctrl-C to stop)\n"
+                f"dashboard: {dashboard_url(state, offset)}"
             )
             forever = asyncio.Event()
             loop.add_signal_handler(signal.SIGINT, forever.set)
             loop.add_signal_handler(signal.SIGTERM, forever.set)
-            await forever.wait()
+            # traffic goes on (east-1 and edge-1, half the rate each): the dashboard's map lives
+            kept = [Phase("kept running", name, loop.time()) for name in ("east-1", "edge-1")]
+            await asyncio.gather(*(
+                drive(ports(offset, i)["import"], max(1, args.rate // 2), [phase], forever,
+                      backends) for i, phase in ((0, kept[0]), (len(CLUSTERS), kept[1]))))
         return 0 if ok else 1
     finally:
         procs.stop()

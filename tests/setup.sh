@@ -5,7 +5,7 @@
 set -eu
 # tool -> Debian package: chromium renders the drill's HTML report; dig queries the DNS
 # responder; ip, wireguard-go, wg and tcpdump run the tunnel tests (network namespaces); etcd
-# backs the federation's etcd store
+# backs the federation's etcd store; promtool (Debian's prometheus) checks every /metrics page
 missing=""
 need() { command -v "$1" >/dev/null 2>&1 || missing="$missing $2"; }
 need chromium chromium
@@ -16,6 +16,7 @@ need wg wireguard-tools
 need tcpdump tcpdump
 need etcd etcd-server
 need etcdctl etcd-client
+need promtool prometheus
 [ -z "$missing" ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   export DEBIAN_FRONTEND=noninteractive

@@ -67,6 +67,20 @@ class Admin:
                    [({}, len(state.records))])
         page.gauge("isthmus_federation_live_clusters", "Clusters holding a live lease.",
                    [({}, live)])
+        page.histogram_of("isthmus_federation_request_duration_seconds",
+                          "Time to answer one API request (long-polls of /v1/watch excluded).",
+                          state.request_seconds)
+        drills = await self.catalog.snapshot() if state.store_open else None
+        by_state = {"running": 0, "ended": 0, "aborted": 0}
+        for d in (drills.drills.values() if drills is not None else ()):
+            by_state[d.state] = by_state.get(d.state, 0) + 1
+        page.gauge("isthmus_federation_drills", "Drills in the store, by state (running, ended, "
+                   "aborted).", [({"state": k}, n) for k, n in sorted(by_state.items())])
+        now = state.clock()
+        page.gauge("isthmus_federation_report_age_seconds",
+                   "Seconds since each cluster's gateway last reported its traffic (dashboard).",
+                   [({"cluster": c}, round(now - rep.at, 3))
+                    for c, (_, rep) in sorted(state.reports.items())])
         serving_metrics(page, "isthmus_federation_http", self.ports())
         return web.Response(
             body=page.text().encode(),
@@ -77,6 +91,10 @@ class Admin:
     async def h_status(self, request: web.Request) -> web.Response:
         if not request.app[ADMIN]:
             self.auth.caller(request)
+        return web.json_response(await self.status())
+
+    async def status(self) -> dict:
+        """/status as a dict (the dashboard's state builds on it)."""
         cat = await self.catalog.snapshot()
         now = self.state.clock()
         clusters = {}
@@ -91,6 +109,8 @@ class Admin:
                 "bundle_authorities": len(_bundle_field(cat, rec.trust_domain, "keys") or ()),
                 "live": name in cat.live,
                 "lease_age_seconds": None if renewed is None else round(now - renewed, 3),
+                "admin": (rep := self.state.reports.get(name)) and rep[1].admin,
+                "report_age_seconds": None if rep is None else round(now - rep[1].at, 3),
                 "tunnel": None if rec.tunnel is None else {
                     "public_key": rec.tunnel.public_key[:8] + "…",
                     "endpoint": rec.tunnel.endpoint,
@@ -103,13 +123,13 @@ class Admin:
             services.setdefault(str(exp.service), {})[exp.cluster] = [
                 e.to_json() for e in exp.endpoints
             ]
-        return web.json_response({
+        return {
             "revision": cat.revision,
             "trust_domain": self.state.trust_domain,
             "clusters": clusters,
             "services": services,
             "store": await self._store_status(),
-        })
+        }
 
     async def _store_status(self) -> dict:
         """The store (SQLite file, or etcd members and the one in use) and, on a shared store,

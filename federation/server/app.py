@@ -52,6 +52,7 @@ from federation.server.drills import Drills
 from federation.server.membership import Membership
 from federation.server.state import REPLICAS, State, log
 from federation.server.tokens import create_token
+from federation.server.ui import Dashboard
 from federation.store.base import Store
 from federation.units import format_hostport
 
@@ -104,6 +105,8 @@ class FederationServer:
         self.drills = Drills(self.state, self.auth, self.catalog)
         self.admin = Admin(self.state, self.auth, self.catalog,
                            lambda: {n: site.stats for n, site in self._sites.items()})
+        self.dashboard = Dashboard(self.state, self.auth, self.drills, self.admin.status,
+                                   self.state_dir)
 
         self._background: asyncio.Task[None] | None = None
         self._runners: list[web.AppRunner] = []
@@ -130,6 +133,7 @@ class FederationServer:
     async def start(self) -> None:
         state = self.state
         self.credentials.load(state.clock())
+        self.dashboard.start(self.state_dir)  # its token, next to the operator SVID
         await self.store.open()
         state.store_open = True
         await self.clusters.load_state()
@@ -157,6 +161,10 @@ class FederationServer:
             self.admin_port = asite.port
 
         self._background = asyncio.create_task(self._run_background(), name="federation-tasks")
+        if self.admin_port is not None:
+            log.info("dashboard at http://%s/ui/ (sign in once with /ui/?token= and the token in "
+                     "%s)", format_hostport(self.admin_listen[0], self.admin_port),  # type: ignore
+                     self.dashboard.token_path)
         log.info(
             "federation %s listening on %s (admin %s), %d clusters, lease ttl %gs",
             self.trust_domain,
@@ -265,6 +273,7 @@ class FederationServer:
             "drillReport": drills.h_drill_report,
             "abortDrill": drills.h_abort_drill,
             "putSample": drills.h_put_sample,
+            "putReport": self.dashboard.h_put_report,
             "getCatalog": self.catalog.h_catalog,
             "watch": self.catalog.h_watch,
             "openapi": self.h_openapi,
@@ -285,6 +294,7 @@ class FederationServer:
             if admin and r.path not in api.ADMIN_PATHS:
                 continue
             app.router.add_route(r.method, r.path, handlers[r.operation_id], name=r.operation_id)
+        self.dashboard.add_routes(app)  # /ui/ on both ports (ui.py says who may see it)
         return app
 
     async def h_openapi(self, request: web.Request) -> web.Response:
@@ -296,6 +306,7 @@ class FederationServer:
         exception is one rate-limited log line (no traceback) and a JSON 500."""
         route = _route_name(request)
         requests, limited = self.state.requests, self.state.limited
+        started = time.monotonic()
         try:
             if request.content_length is not None and request.content_length > api.MAX_BODY:
                 raise ApiError(
@@ -340,6 +351,8 @@ class FederationServer:
                 status=500,
             )
         requests[(route, resp.status)] += 1
+        if route != "/v1/watch":  # a long-poll's time is the caller's timeout, not ours
+            self.state.request_seconds.observe(time.monotonic() - started)
         return resp
 
 

@@ -20,8 +20,10 @@ from aiohttp import web
 from federation.errors import ApiError
 from federation.identity import TrustBundle
 from federation.logs import LogLimiter
+from federation.metrics import Histogram
 from federation.model import ClusterRecord
 from federation.store.base import Store
+from federation.traffic import Report
 
 log = logging.getLogger("isthmus.federation")
 
@@ -55,6 +57,9 @@ class State:
         self.watchers = 0
         self.requests: Counter[tuple[str, int]] = Counter()
         self.denied = 0
+        # cluster -> (previous, latest) traffic report (federation/traffic.py; memory only)
+        self.reports: dict[str, tuple[Report | None, Report]] = {}
+        self.request_seconds = Histogram()  # every API answer's handling time
 
 
 async def read_json(request: web.Request) -> Any:

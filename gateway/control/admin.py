@@ -1,4 +1,5 @@
-"""Admin endpoints of a gateway (aiohttp, off the data path): /healthz /readyz /metrics /status.
+"""Admin endpoints of a gateway (aiohttp, off the data path): /healthz /readyz /metrics /status
+/why (core/why.py: where the next connection of an import goes, and why).
 
 Served by `federation.http_serving.BoundedSite` with `ADMIN_LIMITS` (header, body and idle
 timeouts; at most 128 connections): a slow or junk client is closed and counted in
@@ -140,6 +141,32 @@ def render_metrics(gw: Any, http: ServingStats | None = None) -> str:
                           1 if tier.name == active else 0))
     metric("isthmus_gateway_tier_active", "gauge", "1 for the tier each import sends traffic to.",
            tiers)
+    flows = gw.flows()
+    metric("isthmus_gateway_import_connections_total", "counter",
+           "Connections into import listeners, by source and destination cluster, service, tier "
+           "and result (served, response_timeout, failed: destination and tier none).",
+           [(f.labels(), f.count) for f in flows if f.unit == "connections"])
+    metric("isthmus_gateway_import_requests_total", "counter",
+           "Requests into HTTP import listeners, by source and backend cluster, service, tier "
+           "and result (served: 1xx-4xx; failed: 5xx or no response).",
+           [(f.labels(), f.count) for f in flows if f.unit == "requests"])
+    seen = gw.observed
+    metric("isthmus_gateway_failovers_total", "counter",
+           "Times an import's active tier changed (failover or failback), by service.",
+           [({"service": s}, n) for s, n in sorted(seen.failovers.items())])
+    metric("isthmus_gateway_health_transitions_total", "counter",
+           "Target health transitions, by kind (unhealthy, healthy, ejected, returned).",
+           [({"kind": k}, n) for k, n in sorted(seen.health.items())])
+    links = gw.dialer.pool.describe(gw.wall()) if gw.inbound is not None else []
+    links += gw.inbound.describe(gw.wall()) if gw.inbound is not None else []
+    up: dict[tuple[str, str], int] = {}
+    for ln in links:
+        if ln.get("state") == "active":
+            k = (ln.get("role", "?"), ln.get("peer") or "?")
+            up[k] = up.get(k, 0) + 1
+    metric("isthmus_gateway_links_up", "gauge",
+           "Active east-west links, by role (caller, answerer) and peer cluster.",
+           [({"role": r, "peer": p}, n) for (r, p), n in sorted(up.items())])
     actor = getattr(gw, "drill_actor", None)
     if actor is not None:
         metric("isthmus_gateway_drill_fault_active", "gauge",
@@ -165,6 +192,15 @@ def render_metrics(gw: Any, http: ServingStats | None = None) -> str:
                "spiffe_sequence of our own trust bundle.", [({}, agent.identity.bundle.sequence)])
         metric("isthmus_gateway_catalog_revision", "gauge", "Catalog revision in use.",
                [({}, agent.catalog.revision)])
+        metric("isthmus_gateway_catalog_age_seconds", "gauge",
+               "Seconds since the federation last answered a catalog read (a snapshot, or a "
+               "watch long-poll, which answers at least every 25 s: above ~30 s the catalog is "
+               "stale; absent before the first).",
+               [({}, round(gw.wall() - agent.catalog_at, 3))] if agent.catalog_at else [])
+        metric("isthmus_gateway_bundle_age_seconds", "gauge",
+               "Seconds since each peer cluster's trust bundle last changed in our catalog.",
+               [({"peer": c}, round(gw.wall() - t, 3))
+                for c, t in sorted(agent.bundle_changed_at.items())])
         metric("isthmus_gateway_svid_expiry_timestamp_seconds", "gauge",
                "When the current SVID expires.", [({}, agent.identity.svid.not_after)])
     dns = getattr(gw, "dns", None)
@@ -265,7 +301,21 @@ async def start_admin(gw: Any, host: str, port: int, sock: Any = None,
     async def status(_: web.Request) -> web.Response:
         return web.Response(text=json.dumps(gw.status(), indent=2), content_type="application/json")
 
+    async def why(request: web.Request) -> web.Response:
+        """/why?service=NS/NAME: gateway/core/why.py's answer (the route is thin)."""
+        service = request.query.get("service", "")
+        if not service or len(service) > 300:
+            return web.json_response({"error": "give ?service=NAMESPACE/NAME (an import of "
+                                      "this gateway)"}, status=400)
+        got = gw.why(service)
+        if got is None:
+            imports = sorted(str(s) for s in gw.import_routers)
+            return web.json_response({"error": f"this gateway imports no service {service!r}",
+                                      "imports": imports}, status=404)
+        return web.json_response(got, dumps=lambda o: json.dumps(o, indent=2))
+
     app = web.Application()
+    app.router.add_get("/why", why)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

@@ -133,6 +133,8 @@ class Agent:
         self.catalog_path = cfg.state_dir / "catalog.json"
         self.joined_path = cfg.state_dir / "joined.json"
         self.catalog = Catalog()
+        self.catalog_at = 0.0  # wall time the federation last answered a catalog read (0: never)
+        self.bundle_changed_at: dict[str, float] = {}  # cluster -> when its bundle last changed
         self.client: FederationClient | None = None
         self.lease: int | None = None
         self.lease_ttl = 6.0
@@ -463,6 +465,7 @@ class Agent:
                     cat = replace(cat, revision=revision)  # keeps imports and drills too
                 if events or revision != self.catalog.revision:
                     self._set_catalog(cat)
+                self.catalog_at = self.clock()  # the federation answered: current as of now
                 self.connected = True
                 backoff.reset()
             except (CompactedError, FutureRevisionError):
@@ -473,6 +476,13 @@ class Agent:
 
     def _set_catalog(self, cat: Catalog) -> None:
         old, self.catalog = self.catalog, cat
+        self.catalog_at = now = self.clock()
+        for name, rec in cat.clusters.items():  # for isthmus_gateway_bundle_age_seconds
+            if name not in self.bundle_changed_at or \
+                    old.bundles.get(rec.trust_domain) != cat.bundles.get(rec.trust_domain):
+                self.bundle_changed_at[name] = now
+        for name in [n for n in self.bundle_changed_at if n not in cat.clusters]:
+            del self.bundle_changed_at[name]
         if self.log_peers and old.revision:  # not for the first catalog: everyone would be "new"
             me = self.cfg.cluster.name
             for c in sorted(old.live - cat.live - {me}):

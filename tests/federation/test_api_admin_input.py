@@ -19,6 +19,7 @@ from federation.drill_model import is_drill_id
 from federation.errors import FederationError, InputError
 from federation.fields import check_name
 from federation.server.app import REAP_INTERVAL
+from federation.server.ui import UI_ROUTES
 from federation.units import parse_duration, parse_int
 from tests.helpers.federation import Fed, make_cluster, raw_session
 
@@ -89,7 +90,9 @@ async def test_openapi_covers_every_route(fed: Fed) -> None:
         for r in app.router.routes()
         if r.method != "HEAD"
     }
-    assert served == documented
+    dashboard = {("GET", p) for p in UI_ROUTES}  # HTML and its state: not API routes
+    assert dashboard <= served
+    assert served - dashboard == documented
     refs = set(re.findall(r'"#/components/schemas/(\w+)"', json.dumps(doc)))
     assert refs <= set(doc["components"]["schemas"])
 
@@ -174,7 +177,7 @@ async def test_metrics_are_prometheus_text(fed: Fed) -> None:
             parts = line.split(" ", 3)
             assert len(parts) == 4
             if parts[1] == "TYPE":
-                assert parts[3] in ("counter", "gauge")
+                assert parts[3] in ("counter", "gauge", "histogram")
             continue
         assert _SAMPLE.match(line), line
         names.add(re.split(r"[ {]", line)[0])
@@ -185,6 +188,8 @@ async def test_metrics_are_prometheus_text(fed: Fed) -> None:
         "isthmus_federation_revision",
         "isthmus_federation_clusters",
         "isthmus_federation_live_clusters",
+        "isthmus_federation_request_duration_seconds_bucket",
+        "isthmus_federation_drills",
     } <= names
     assert 'route="/v1/join",code="200"' in text
     assert "isthmus_federation_clusters 1" in text

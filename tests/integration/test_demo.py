@@ -35,6 +35,7 @@ def test_demo_fails_over_and_back_with_no_failed_connection(tmp_path):
     for phase in ("all up", "east-1 down", "east-2 down too", "all restored"):
         assert rows[phase].split("│")[6].strip() == "0", rows[phase]  # the gateway failed none
     assert ", 0 failed, " in out, out
+    assert "dashboard (live service map, drills): http://127.0.0.1:17780/ui/?token=" in out, out
     # then the blackhole drill of us-east: edge-1's traffic shifted to us-west, no flapping
     assert "drill plan: region us-east lost" in out, out
     shift = next(line for line in out.splitlines() if "time to shift" in line)
