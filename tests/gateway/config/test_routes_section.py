@@ -31,7 +31,9 @@ def test_a_full_route_reads_into_values():
         rules:
           - matches:
               - path: {type: Exact, value: /cart}
-                headers: [{name: X-Env, value: beta}, {name: ua, value: "curl/.*", type: RegularExpression}]
+                headers:
+                  - {name: X-Env, value: beta}
+                  - {name: ua, value: "curl/.*", type: RegularExpression}
                 queryParams: [{name: v, value: "2"}]
                 method: POST
             filters:
