@@ -62,7 +62,7 @@ class LogLimiter:
         self._windows: OrderedDict[str, list[float]] = OrderedDict()
         LogLimiter._all.add(self)
 
-    def log(self, level: int, key: str, msg: str, *args: object) -> bool:
+    def log(self, level: int, key: str, msg: str, *args: object, exc_info: bool = False) -> bool:
         """Log `msg % args` unless `key` is over its budget; True when the line went out."""
         if not self.logger.isEnabledFor(level):
             return False
@@ -82,7 +82,7 @@ class LogLimiter:
         w[1] += 1
         if held:
             msg = f"{msg} ({held} more like this in the last {self.interval:g}s not logged)"
-        self.logger.log(level, msg, *args)
+        self.logger.log(level, msg, *args, exc_info=exc_info)
         return True
 
     def info(self, key: str, msg: str, *args: object) -> bool:
@@ -93,3 +93,7 @@ class LogLimiter:
 
     def error(self, key: str, msg: str, *args: object) -> bool:
         return self.log(logging.ERROR, key, msg, *args)
+
+    def exception(self, key: str, msg: str, *args: object) -> bool:
+        """An ERROR line with the exception being handled (its traceback: our bug, not input)."""
+        return self.log(logging.ERROR, key, msg, *args, exc_info=True)

@@ -58,6 +58,7 @@ from gateway.config.values import ExportConfig, ImportConfig
 from gateway.control.agent import Agent, Backoff, Identity, federation_ca
 from gateway.control.drill_actor import DrillActor
 from gateway.control.handoff import TakeoverFailed
+from gateway.control.otlp import OtlpExporter
 from gateway.control.reload import ConfigReloads, watch_config
 from gateway.control.workers import STATS_EVERY, Supervisor, watch_parent, write_stats
 from gateway.core.health import HealthBook
@@ -134,6 +135,7 @@ class Gateway(LiveReload, SideServices, Introspection, HttpImports):
         self._reload_pending: str | None = None  # a SIGHUP before the task group runs
         self._probes: dict[tuple[ServiceKey, str], asyncio.Task] = {}  # health check loops
         self.import_listeners: dict[ServiceKey, ImportListener] = {}  # or HttpImportListener
+        self.spans: OtlpExporter | None = None  # the `tracing:` section's span exporter
         self._backend_only: set[ServiceKey] = set()  # routers of route backends (http_imports)
         self._retiring: set[ImportListener] = set()  # removed by a reload, draining
         self.dns: DnsResponder | None = None  # the primary's, with a `dns:` section
@@ -441,6 +443,9 @@ class Gateway(LiveReload, SideServices, Introspection, HttpImports):
                                        max_connections=lim.max_connections,
                                        idle_timeout=lim.idle_timeout,
                                        http_limits=http_limits(lim))
+        if cfg.tracing is not None:  # every process exports the spans of its own requests
+            self.spans = OtlpExporter(cfg.tracing, cfg.cluster.name, self.worker)
+            self.inbound.spans = self.spans
         await self.inbound.start(*cfg.listen.inbound, sock=self.restart.sock(cfg.listen.inbound),
                                  serving=serving)
         self.listeners.append(self.inbound)
@@ -477,6 +482,7 @@ class Gateway(LiveReload, SideServices, Introspection, HttpImports):
         lst: Any
         if im.protocol == "http":
             lst = self._http_listener(im)
+            lst.spans = self.spans
         else:
             lst = ImportListener(svc, self.import_routers[svc], self.dialer,  # type: ignore
                                  max_connections=lim.max_connections,
@@ -521,6 +527,8 @@ class Gateway(LiveReload, SideServices, Introspection, HttpImports):
                 tg.create_task(self._probe_gateways())
                 tg.create_task(keep_links(self.tls, (self.dialer.pool, self.inbound)))
                 tg.create_task(self._ticker())
+                if self.spans is not None:
+                    tg.create_task(self.spans.run())
                 self._tunnel_tasks()
                 if self.xds_pusher is not None:
                     tg.create_task(self.xds_pusher.run())

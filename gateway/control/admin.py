@@ -102,6 +102,15 @@ def render_metrics(gw: Any, http: ServingStats | None = None) -> str:
            [({**lab, "target": t}, n) for lab, st in per
             for t, n in sorted(st.get("response_timeouts_by", {}).items())])
     _http_metrics(page, per)
+    spans = getattr(gw, "spans", None)
+    if spans is not None:
+        c = spans.counters()
+        page.counter("isthmus_gateway_otlp_spans_total",
+                     "HTTP spans by what became of them (exported; dropped: the queue was full; "
+                     "failed: the collector did not take their batch).",
+                     [({"result": k}, c[k]) for k in ("exported", "dropped", "failed")])
+        page.gauge("isthmus_gateway_otlp_spans_queued", "HTTP spans waiting to be sent.",
+                   [({}, c["queued"])])
     inbound = [({k: v for k, v in lab.items() if k != "listener"}, st)
                for lab, st in per if "denied" in st]
     metric("isthmus_gateway_inbound_identity_refused_total", "counter",

@@ -305,6 +305,7 @@ class InboundListener(Listener):
         super().__init__("inbound", max_connections, idle_timeout)
         self.http_limits = http_limits
         self.http_hosts: dict[ServiceKey, ExportHttp] = {}  # http exports (http/export.py)
+        self.spans: Any = None  # the `tracing:` exporter, for http exports' spans
         self.tls = tls
         self.exports = exports  # service -> (federation.model.Export, Router) or None
         self.dialer = dialer

@@ -21,6 +21,8 @@ from collections import Counter
 
 import aiohttp
 import pytest
+from aiohttp import web
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from tests.helpers.http_backends import HttpBackend
 from tests.helpers.processes import free_port
@@ -132,9 +134,41 @@ class Http:
         await self.session.close()
 
 
+class Collector:
+    """An OTLP/HTTP traces endpoint on the test's loop: keeps every span it is sent."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.spans: list[tuple[str, object]] = []  # (service cluster, Span)
+        self.runner: web.AppRunner | None = None
+
+    async def _post(self, req: web.Request) -> web.Response:
+        msg = ExportTraceServiceRequest.FromString(await req.read())
+        for rs in msg.resource_spans:
+            attrs = {a.key: a.value.string_value for a in rs.resource.attributes}
+            for ss in rs.scope_spans:
+                self.spans += [(attrs.get("isthmus.cluster", ""), sp) for sp in ss.spans]
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/v1/traces", self._post)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+
+    def of_trace(self, trace_id: str) -> dict[str, object]:
+        return {c: sp for c, sp in self.spans if sp.trace_id.hex() == trace_id}
+
+
 @pytest.fixture
 async def http(tmp_path, request):
-    topo = Topology(tmp_path / "topo", top={c: TOP for c in ("east-1", "east-2", "west-1")})
+    collector = Collector()
+    await collector.start()
+    tracing = (f"tracing:\n  otlp_endpoint: http://127.0.0.1:{collector.port}/v1/traces\n"
+               "  flush_interval: 200ms\n")
+    topo = Topology(tmp_path / "topo", top={c: TOP + tracing for c in ("east-1", "east-2",
+                                                                        "west-1")})
     port = free_port()
     backends = {
         "east-1": [HttpBackend("east-1", "web", free_port()), HttpBackend("east-1", "web",
@@ -155,10 +189,17 @@ async def http(tmp_path, request):
         async with running(topo, request):
             client = Http(topo, port)
             client.backends = backends  # type: ignore[attr-defined]
-            await wait_for(lambda: _served_by(client, "/exact", "west-1"), 15.0,
-                           what="east-1's HTTP import to reach west-1's web-v2")
+            client.collector = collector  # type: ignore[attr-defined]
+            try:
+                await wait_for(lambda: _served_by(client, "/exact", "west-1"), 15.0,
+                               what="east-1's HTTP import to reach west-1's web-v2")
+            except AssertionError:
+                topo.dump_logs()
+                raise
             yield client
     finally:
+        if collector.runner is not None:
+            await collector.runner.cleanup()
         if client is not None:
             await client.close()
         for bs in backends.values():
@@ -274,6 +315,21 @@ async def test_trace_continues_across_two_gateways(http: Http):
     assert metric_value(text, "isthmus_gateway_http_requests_total",
                         'listener="inbound",route="export default/web-v2",cluster="west-1",'
                         'code="2xx"') >= 1
+    # the OTLP spans of both hops: east-1's is the client's child, west-1's is east-1's child
+    collector = http.collector  # type: ignore[attr-defined]
+    await wait_for(lambda: _both(collector, trace_id), 5.0, what="both hops' spans")
+    spans = collector.of_trace(trace_id)
+    e1, w1 = spans["east-1"], spans["west-1"]
+    assert e1.parent_span_id.hex() == TRACE.split("-")[2] and e1.span_id.hex() == east_span
+    assert w1.parent_span_id == e1.span_id and w1.span_id.hex() == parent
+    assert w1.start_time_unix_nano >= e1.start_time_unix_nano
+    assert w1.end_time_unix_nano <= e1.end_time_unix_nano + 50_000_000
+    assert metric_value(await http.topo.metrics("east-1"), "isthmus_gateway_otlp_spans_total",
+                        'result="exported"') >= 1
+
+
+async def _both(collector, trace_id: str) -> bool:
+    return set(collector.of_trace(trace_id)) >= {"east-1", "west-1"}
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl: apt-get install -y curl")

@@ -34,7 +34,8 @@ class ExportHttp(HttpHost):
                          access_log, None)
         self.name = f"export {service}"
         self.default = rt.Decision(rt.PROXY, self.name, service)  # its counters' route label
-        self.owner = owner  # the InboundListener: its loop, tasks and counters
+        self.owner = owner  # the InboundListener: its loop, tasks, counters and span sink
+        self.spans = owner.spans
         self.export_router = router
 
     @property

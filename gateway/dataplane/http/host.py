@@ -178,7 +178,7 @@ class HttpHost:
         d = ex.decision
         route = d.route if d is not None else ""
         self.http.of(route or "_default", ex.cluster).observe(ex.status, now - ex.started)
-        spans = self.spans if self.spans is not None else getattr(self, "owner_spans", None)
+        spans = self.spans
         if spans is not None and ex.trace is not None:
             tr = ex.trace
             end = time.time_ns()

@@ -32,11 +32,13 @@ cannot be completed honestly).
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from typing import Any, Protocol
 
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpRequestParser
 
+from federation.logs import LogLimiter
 from federation.model import ServiceKey
 from gateway.core import routes as rt
 from gateway.core.trace import Trace, continue_trace
@@ -45,6 +47,7 @@ from gateway.dataplane.http import head as h
 from gateway.dataplane.http.upstream import Upstream
 from gateway.dataplane.legs import PENDING_LIMIT, Leg
 
+limited = LogLimiter(logging.getLogger("isthmus.gateway.http"))
 MAX_PIPELINE = 32  # requests parsed ahead of the one being served
 
 
@@ -259,6 +262,15 @@ class Session:
 
     # -- Leg: what the client's leg calls -----------------------------------------------------
     def send(self, data: bytes) -> None:
+        """What the client sent (bytes from a TCP leg, a memoryview from a mux stream)."""
+        try:
+            self._received(data)
+        except Exception:  # our bug must cost this connection only, never the link under it
+            limited.exception("session-bug", "HTTP session: request handling failed; the "
+                              "connection is closed")
+            self.abort()
+
+    def _received(self, data: bytes) -> None:
         if self.closing:
             return
         try:

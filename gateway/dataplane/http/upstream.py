@@ -35,15 +35,18 @@ stops reading the client; the client's transport full -> the session pauses this
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from typing import Any, Protocol
 
 from httptools import HttpParserError, HttpResponseParser
 
+from federation.logs import LogLimiter
 from federation.model import ServiceKey
 from gateway.core.balance import Target
 from gateway.dataplane.legs import Leg
 
+limited = LogLimiter(logging.getLogger("isthmus.gateway.http"))
 IDLE_TTL = 4.0  # seconds an idle upstream connection is kept
 MAX_IDLE = 256  # idle connections kept per (target, service)
 
@@ -142,12 +145,24 @@ class Upstream:
 
     # -- Leg: what the up leg calls ------------------------------------------------------------
     def send(self, data: bytes) -> None:
+        """The response's bytes (bytes from a TCP leg, a memoryview from a mux stream)."""
+        try:
+            self._received(data)
+        except Exception:  # our bug must cost this connection only, never the link under it
+            limited.exception("upstream-bug", "upstream %s: response handling failed; the "
+                              "connection is closed", self.target.key)
+            ex, self.exchange = self.exchange, None
+            self.abort()
+            if ex is not None:
+                ex.upstream_failed(self, "internal error")
+
+    def _received(self, data: bytes) -> None:
         ex = self.exchange
         if ex is None:  # bytes nobody asked for: this connection is not HTTP
             self.abort()
             return
         if self.raw:
-            if not self.got and not data.startswith(b"HTTP/1.1 "):
+            if not self.got and data[:9] != b"HTTP/1.1 ":
                 self.raw = False  # an HTTP/1.0 (or odd) upstream: its head is rebuilt, framed
             else:
                 ex.raw_bytes(data)  # first: a response completed by this read may start the next
