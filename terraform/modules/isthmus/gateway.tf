@@ -1,6 +1,7 @@
 # Gateway files (the cluster admin's) and service files (the app teams'), one set per target:
 # `compose` (host networking: the addresses as given; CA and join token from the `join` volume)
-# and `kubernetes` (listeners on 0.0.0.0 at the given ports; CA and token from Secrets).
+# and `kubernetes` (inbound and imports on 0.0.0.0 at the given ports, admin on loopback; CA
+# and token from Secrets).
 locals {
   federation_url = coalesce(var.federation.url, "https://${var.federation.listen}")
 
@@ -29,9 +30,12 @@ locals {
         ca_file    = p.ca_file
         token_file = replace(p.token_file, "{cluster}", name)
       }
-      listen = target == "compose" ? { inbound = c.inbound, admin = c.admin } : {
-        inbound = "0.0.0.0:${local.port_of[name].inbound}"
-        admin   = "0.0.0.0:${local.port_of[name].admin}"
+      # in a pod: inbound on every address (its Service is the way in; peers dial `advertise`),
+      # admin on the pod's loopback (probes exec the image's healthcheck)
+      listen = target == "compose" ? { for k, v in { inbound = c.inbound, admin = c.admin, advertise = c.advertise } : k => v if v != null } : {
+        inbound   = "0.0.0.0:${local.port_of[name].inbound}"
+        admin     = "127.0.0.1:${local.port_of[name].admin}"
+        advertise = coalesce(c.advertise, c.inbound)
       }
       state_dir    = "/var/lib/isthmus"
       services_dir = "services"

@@ -6,6 +6,8 @@
 # Service for the import listeners apps connect to. The join token and the federation's CA are
 # Secret references (var.kubernetes.join_secret key `token`, federation_ca_secret key `ca.pem`):
 # create them with kubectl, never through Terraform state.
+# The admin listener stays on the pod's loopback (plain HTTP, unauthenticated): the probes exec
+# the image's healthcheck against /readyz and /healthz.
 # Pods get SIGTERM on deletion, which stops a gateway at once: the preStop hook sends SIGQUIT
 # first, so it drains (limits.drain_timeout) within terminationGracePeriodSeconds.
 locals {
@@ -57,12 +59,11 @@ locals {
             image = local.k8s.image
             args  = ["gateway", "run", "--config", "/etc/isthmus/config/gateway.yaml"]
             ports = concat(
-              [{ name = "inbound", containerPort = tonumber(local.port_of[name].inbound) },
-              { name = "admin", containerPort = tonumber(local.port_of[name].admin) }],
+              [{ name = "inbound", containerPort = tonumber(local.port_of[name].inbound) }],
               [for p in local.import_ports[name] : { name = p.name, containerPort = p.port }],
             )
-            readinessProbe = { httpGet = { path = "/readyz", port = "admin" }, periodSeconds = 2 }
-            livenessProbe  = { httpGet = { path = "/healthz", port = "admin" }, periodSeconds = 5, failureThreshold = 3 }
+            readinessProbe = { exec = { command = ["python3", "/opt/isthmus/libexec/healthcheck.py", "http://127.0.0.1:${local.port_of[name].admin}/readyz"] }, periodSeconds = 5, timeoutSeconds = 3 }
+            livenessProbe  = { exec = { command = ["python3", "/opt/isthmus/libexec/healthcheck.py", "http://127.0.0.1:${local.port_of[name].admin}/healthz"] }, periodSeconds = 10, timeoutSeconds = 3, failureThreshold = 3 }
             lifecycle      = { preStop = { exec = { command = ["sh", "-c", "kill -QUIT 1; sleep 7"] } } }
             resources      = { requests = { cpu = "100m", memory = "128Mi" }, limits = { memory = "512Mi" } }
             securityContext = {

@@ -17,8 +17,9 @@ variable "clusters" {
   type = map(object({
     region       = string
     zone         = string
-    inbound      = string # the mTLS listener other gateways dial
-    admin        = string # /healthz /readyz /metrics /status
+    inbound      = string           # the mTLS listener other gateways dial
+    advertise    = optional(string) # what they dial when that differs (Kubernetes: the LoadBalancer's address)
+    admin        = string           # /healthz /readyz /metrics /status
     trust_domain = optional(string)
   }))
   validation {

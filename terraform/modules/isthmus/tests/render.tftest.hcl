@@ -69,6 +69,14 @@ run "gateway_and_service_files" {
     condition     = yamldecode(output.gateway_files.kubernetes["east-1"]).listen.inbound == "0.0.0.0:15101"
     error_message = "in a pod, the inbound listener binds 0.0.0.0 at the given port"
   }
+  assert {
+    condition     = yamldecode(output.gateway_files.kubernetes["east-1"]).listen.advertise == "127.0.0.1:15101"
+    error_message = "in a pod, peers dial advertise (default: the given inbound address)"
+  }
+  assert {
+    condition     = yamldecode(output.gateway_files.kubernetes["east-1"]).listen.admin == "127.0.0.1:15102"
+    error_message = "in a pod, the admin listener stays on loopback"
+  }
 }
 
 run "compose_file" {
