@@ -2,7 +2,7 @@
 # is what compose/demo.yaml and compose/demo/*/ hold (tests/deploy/test_terraform.py checks that
 # they say the same), plus Kubernetes manifests for the same clusters.
 #   terraform -chdir=terraform/demo init && terraform -chdir=terraform/demo apply
-#   terraform -chdir=terraform/demo output -json gateway_files
+#   python3 terraform/render.py terraform/demo OUT    # the files, under OUT
 module "isthmus" {
   source = "../modules/isthmus"
 
@@ -50,4 +50,5 @@ module "isthmus" {
 output "gateway_files" { value = module.isthmus.gateway_files }
 output "service_files" { value = module.isthmus.service_files }
 output "compose_file" { value = module.isthmus.compose_file }
+output "compose_config_dir" { value = module.isthmus.compose_config_dir }
 output "kubernetes_yaml" { value = module.isthmus.kubernetes_yaml }

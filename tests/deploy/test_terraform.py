@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -57,17 +58,16 @@ def rendered(tree) -> dict:
     return {k: v["value"] for k, v in json.loads(terraform(demo, "output", "-json")).items()}
 
 
-def write_configs(rendered: dict, target: str, root: Path) -> list[Path]:
-    """The gateway file of each cluster as <root>/<cluster>/gateway.yaml, its service files
-    under services/ (as its services_dir says); the gateway files' paths."""
-    paths = []
-    for cluster, text in rendered["gateway_files"][target].items():
-        (root / cluster / "services").mkdir(parents=True)
-        (root / cluster / "gateway.yaml").write_text(text)
-        for name, body in rendered["service_files"][target][cluster].items():
-            (root / cluster / "services" / name).write_text(body)
-        paths.append(root / cluster / "gateway.yaml")
-    return paths
+@pytest.fixture(scope="module")
+def files(tree, rendered, tmp_path_factory) -> Path:
+    """terraform/render.py's files of the demo root (what a user runs after apply)."""
+    out = tmp_path_factory.mktemp("rendered")
+    done = subprocess.run([sys.executable, str(TERRAFORM / "render.py"), str(tree / "demo"),
+                           str(out)], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "TF_CLI_CONFIG_FILE": "/dev/null"})
+    assert done.returncode == 0, done.stderr
+    assert "8 gateway files" in done.stdout, done.stdout  # 4 clusters, 2 targets
+    return out
 
 
 def test_module_terraform_test_cases(tree):
@@ -80,28 +80,27 @@ def test_module_terraform_test_cases(tree):
     assert int(summary[1]) >= 9 and summary[2] == "0", summary[0]
 
 
-@pytest.mark.parametrize("target", ["compose", "kubernetes"])
-def test_rendered_configs_pass_config_validate(rendered, target, tmp_path):
-    paths = write_configs(rendered, target, tmp_path)
-    assert sorted(p.parent.name for p in paths) == sorted(CLUSTERS)
+@pytest.mark.parametrize("target", ["compose/demo", "kubernetes"])
+def test_rendered_configs_pass_config_validate(files, target):
+    paths = sorted((files / target).glob("*/gateway.yaml"))
+    assert [p.parent.name for p in paths] == sorted(CLUSTERS)
     for path in paths:
         r = run_cli("config", "validate", str(path))
         assert r.returncode == 0, f"{path}: {r.stdout}{r.stderr}"
         assert "service file(s)" in r.stdout
 
 
-def test_rendered_demo_is_compose_demo(rendered, tmp_path):
+def test_rendered_demo_is_compose_demo(files):
     """The demo root renders what compose/demo.yaml and compose/demo/<cluster>/ say (parsed)."""
-    for cluster in CLUSTERS:
-        ours = ROOT / "compose" / "demo" / cluster
-        assert yaml.safe_load(rendered["gateway_files"]["compose"][cluster]) == yaml.safe_load(
-            (ours / "gateway.yaml").read_text()), f"{cluster}: gateway.yaml differs"
-        files = rendered["service_files"]["compose"][cluster]
-        assert sorted(files) == sorted(p.name for p in (ours / "services").iterdir())
-        for name, body in files.items():
-            assert yaml.safe_load(body) == yaml.safe_load((ours / "services" / name).read_text()), \
-                f"{cluster}: services/{name} differs"
-    compose = yaml.safe_load(rendered["compose_file"])
+    theirs = sorted(p.relative_to(files / "compose") for p in (files / "compose").rglob("*.yaml"))
+    ours = sorted(p.relative_to(ROOT / "compose") for p in (ROOT / "compose").rglob("*.yaml"))
+    assert [str(p) for p in theirs] == sorted(str(p).replace("demo.yaml", "compose.yaml")
+                                              for p in ours)
+    for path in ours:
+        if path.name != "demo.yaml":
+            assert yaml.safe_load((files / "compose" / path).read_text()) == yaml.safe_load(
+                (ROOT / "compose" / path).read_text()), f"{path} differs"
+    compose = yaml.safe_load((files / "compose" / "compose.yaml").read_text())
     demo = yaml.safe_load((ROOT / "compose" / "demo.yaml").read_text())
     for key in ("name", "volumes"):
         assert compose[key] == demo[key], key
@@ -110,7 +109,7 @@ def test_rendered_demo_is_compose_demo(rendered, tmp_path):
         assert compose["services"][name] == service, f"service {name} differs"
 
 
-def test_rendered_manifests_validate_against_kubernetes_schemas(rendered):
+def test_rendered_manifests_validate_against_kubernetes_schemas(files):
     """Every cluster's manifests are valid (strict: no unknown fields) for Kubernetes 1.30, and
     the validator does refuse a broken one."""
     pytest.importorskip("kubernetes_validate",
@@ -119,7 +118,7 @@ def test_rendered_manifests_validate_against_kubernetes_schemas(rendered):
 
     kinds = []
     for cluster in CLUSTERS:
-        for manifest in yaml.safe_load_all(rendered["kubernetes_yaml"][cluster]):
+        for manifest in yaml.safe_load_all((files / "kubernetes" / f"{cluster}.yaml").read_text()):
             kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
             kinds.append(manifest["kind"])
             if manifest["kind"] == "Deployment":

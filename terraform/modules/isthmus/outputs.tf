@@ -13,6 +13,11 @@ output "compose_file" {
   value       = yamlencode(local.compose_file)
 }
 
+output "compose_config_dir" {
+  description = "Where the compose file mounts each cluster's files from (relative to it)."
+  value       = var.compose.config_dir
+}
+
 output "kubernetes_manifests" {
   description = "cluster -> the manifests to apply in that Kubernetes cluster (objects)."
   value       = local.kubernetes_manifests
