@@ -47,7 +47,7 @@ async def topo(docker_api, tmp_path, request):
         yield t
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)  # the first may build the image (~2 min on a fresh machine)
 async def test_join_in_containers(topo):
     """test_core's join-token test (single use, own cluster only, expiring) against the
     federation's container, after three gateway containers joined with their tokens; they run
@@ -58,13 +58,13 @@ async def test_join_in_containers(topo):
         assert (code, out.decode().strip()) == (0, "10001"), node.name
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)  # the first may build the image (~2 min on a fresh machine)
 async def test_failover_in_containers(topo):
     """test_core's failover test: east-1 -> east-2 -> west-1 each < 1 s, failback, 0 failed."""
     await process_tests.test_failover_zone_then_region_then_back(topo)
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)  # the first may build the image (~2 min on a fresh machine)
 async def test_federation_restart_keeps_state_in_the_volume(topo):
     """The federation's container stopped (SIGTERM: exit 0) for 3 s (> the 2 s lease ttl),
     then a new container on the same volume: nothing withdrawn, 0 failed, leases kept (the
