@@ -38,8 +38,9 @@ class ContainerProc:
     """One process of the topology as a container; every start() is a new container."""
 
     def __init__(self, name: str, prefix: str, command: list[str], log: Path,
-                 volumes: list[tuple[str, str, str]]) -> None:
+                 volumes: list[tuple[str, str, str]], admin_port: int) -> None:
         self.name = name
+        self.health_url = f"http://127.0.0.1:{admin_port}/healthz"  # the image's HEALTHCHECK
         self.prefix = prefix
         self.command = command
         self.volumes = volumes  # (host path or volume name, container path, "rw" | "ro")
@@ -54,6 +55,7 @@ class ContainerProc:
         self._starts += 1
         c = DockerContainer(IMAGE).with_name(f"{self.prefix}-{self.name}-{self._starts}")
         c.with_command(self.command).with_kwargs(network_mode="host")
+        c.with_env("ISTHMUS_HEALTH_URL", self.health_url)
         for source, target, mode in self.volumes:
             c.with_volume_mapping(source, target, mode)
         self.container = c.start()
@@ -132,7 +134,7 @@ class ContainerTopology(Topology):
                  "--admin", f"127.0.0.1:{self.fed_admin_port}",
                  "--lease-ttl", self.lease_ttl, "--log-level", "info"],
                 self.root / "logs" / "federation.log",
-                [self._mount(), (self.fed_volume, str(self.fed_dir), "rw")])
+                [self._mount(), (self.fed_volume, str(self.fed_dir), "rw")], self.fed_admin_port)
             self.procs.append(self.fed_proc)  # type: ignore[arg-type]
         self.fed_proc.start()
 
@@ -166,7 +168,7 @@ class ContainerTopology(Topology):
                 name, self.prefix,
                 ["gateway", "run", "--config", str(n.config), "--log-level", "info",
                  "--workers", str(self.workers.get(name, 1))],
-                self.root / "logs" / f"{name}.log", [self._mount()])
+                self.root / "logs" / f"{name}.log", [self._mount()], n.admin_port)
             self.procs.append(n.proc)  # type: ignore[arg-type]
         n.proc.start()
 

@@ -50,12 +50,14 @@ async def topo(docker_api, tmp_path, request):
 @pytest.mark.timeout(300)  # the first may build the image (~2 min on a fresh machine)
 async def test_join_in_containers(topo):
     """test_core's join-token test (single use, own cluster only, expiring) against the
-    federation's container, after three gateway containers joined with their tokens; they run
-    as the image's unprivileged user."""
+    federation's container, after three gateway containers joined with their tokens; every
+    container runs as the image's unprivileged user and passes the image's healthcheck."""
     await process_tests.test_join_token_single_use_and_expiring(topo)
-    for node in topo.nodes.values():
-        code, out = node.proc.container.exec(["id", "-u"])
-        assert (code, out.decode().strip()) == (0, "10001"), node.name
+    for proc in [topo.fed_proc, *(node.proc for node in topo.nodes.values())]:
+        code, out = proc.container.exec(["id", "-u"])
+        assert (code, out.decode().strip()) == (0, "10001"), proc.name
+        code, out = proc.container.exec(["python3", "/opt/isthmus/libexec/healthcheck.py"])
+        assert code == 0, f"{proc.name}: the image's healthcheck: {out.decode()}"
 
 
 @pytest.mark.timeout(300)  # the first may build the image (~2 min on a fresh machine)
