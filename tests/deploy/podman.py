@@ -10,7 +10,8 @@ once per session, and podman's Docker-compatible API service for testcontainers.
 - `ApiService` is `podman system service --time=0 unix://SOCKET` on a socket of the test's own,
   started by the test and stopped by its PID; `docker_env()` is what testcontainers needs to
   use it (DOCKER_HOST, and Ryuk disabled: its image cannot be pulled without a registry).
-- `podman(*args)` runs one podman command, bounded, and returns its stdout.
+- `podman(*args)` runs one podman command, bounded, and returns its stdout; `logs(name)` is a
+  container's output.
 """
 
 from __future__ import annotations
@@ -49,6 +50,13 @@ def podman(*args: str, timeout: float = 60.0, check: bool = True) -> str:
         raise AssertionError(f"podman {' '.join(args)} exited {done.returncode}: "
                              f"{done.stderr.strip()[-1500:]}")
     return done.stdout
+
+
+def logs(container: str) -> str:
+    """A container's output, stdout and stderr (where Isthmus logs) together."""
+    done = subprocess.run(["podman", "logs", container], capture_output=True, text=True,
+                          timeout=30)
+    return done.stdout + done.stderr
 
 
 def image() -> list[str]:

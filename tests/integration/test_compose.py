@@ -1,6 +1,7 @@
 """compose/demo.yaml for real, with podman-compose: build (cached) -> up -> traffic through
 edge-1 while us-east's echo backends stop and come back -> a blackhole drill of us-east run
-inside the federation's container -> down -v, which must leave no container and no volume.
+inside the federation's container -> a gateway and the federation stopped (each must exit 0 on
+its stop signal; the gateway drains) -> down -v, which must leave no container and no volume.
 
 Ports are the compose file's own (the demo's numbering + 50); the test fails at once, naming the
 port, when something already listens on one (say `podman-compose -f compose/demo.yaml up` left
@@ -20,7 +21,7 @@ import time
 import pytest
 
 from isthmus import demo
-from tests.deploy.podman import ROOT, image, podman, require
+from tests.deploy.podman import ROOT, image, logs, podman, require
 from tests.helpers.traffic import LoadStream, http_json, request, wait_for
 
 pytestmark = pytest.mark.integration
@@ -117,6 +118,16 @@ async def test_demo_topology_up_failover_drill_down():
         assert result["state"] == "ended", result["end_reason"]
         assert result["shift_s"] is not None, "the drill never moved traffic out of us-east"
         assert not result["flapped"]
+
+        # stop signals: a gateway drains (SIGQUIT) and the federation stops (SIGTERM), exit 0
+        t = time.monotonic()
+        await asyncio.to_thread(compose, "stop", "east-1", "federation")
+        times["stop"] = time.monotonic() - t
+        for service in ("east-1", "federation"):
+            container = f"{PROJECT}_{service}_1"
+            code = podman("inspect", container, "--format", "{{.State.ExitCode}}").strip()
+            assert code == "0", f"{service} exited {code} on its stop signal"
+        assert "draining: accepting no more" in logs(f"{PROJECT}_east-1_1")
     finally:
         t = time.monotonic()
         await asyncio.to_thread(compose, "down", "-v")
