@@ -9,11 +9,12 @@ makes, under OUT:
     compose/<config_dir>/<cluster>/services/*   the service files
     kubernetes/<cluster>/gateway.yaml, services/*  the same for pods (what the ConfigMaps hold)
     kubernetes/<cluster>.yaml                   the manifests, one multi-document file a cluster
+    kubernetes/federation.yaml                  the federation's (output kubernetes_federation_yaml)
 Then `isthmus config validate OUT/compose/demo/east-1/gateway.yaml`, or
 `podman-compose -f OUT/compose/compose.yaml up -d` (with the image built: compose/build-image).
 The root must output gateway_files, service_files, compose_file and kubernetes_yaml, and may
-output compose_config_dir (default ./config), as terraform/demo does. Names from the outputs
-become paths only when they are plain names.
+output compose_config_dir (default ./config) and kubernetes_federation_yaml, as terraform/demo
+does. Names from the outputs become paths only when they are plain names.
 Exit 0, or 2 naming what is wrong.
 """
 
@@ -59,7 +60,11 @@ def render(outputs: dict, out: Path) -> list[Path]:
                 write(d / "services" / plain(name, "service file"), body)
     write(out / "compose" / "compose.yaml", compose_text)
     for cluster, text in outputs["kubernetes_yaml"].items():
+        if cluster == "federation":
+            raise ValueError("a cluster named 'federation' would overwrite federation.yaml")
         write(out / "kubernetes" / f"{plain(cluster, 'cluster')}.yaml", text)
+    if "kubernetes_federation_yaml" in outputs:
+        write(out / "kubernetes" / "federation.yaml", outputs["kubernetes_federation_yaml"])
     return written
 
 

@@ -52,3 +52,4 @@ output "service_files" { value = module.isthmus.service_files }
 output "compose_file" { value = module.isthmus.compose_file }
 output "compose_config_dir" { value = module.isthmus.compose_config_dir }
 output "kubernetes_yaml" { value = module.isthmus.kubernetes_yaml }
+output "kubernetes_federation_yaml" { value = module.isthmus.kubernetes_federation_yaml }

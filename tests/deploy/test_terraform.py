@@ -110,18 +110,18 @@ def test_rendered_demo_is_compose_demo(files):
 
 
 def test_rendered_manifests_validate_against_kubernetes_schemas(files):
-    """Every cluster's manifests are valid (strict: no unknown fields) for Kubernetes 1.30, and
-    the validator does refuse a broken one."""
+    """Every cluster's manifests and the federation's are valid (strict: no unknown fields) for
+    Kubernetes 1.30, and the validator does refuse a broken one."""
     pytest.importorskip("kubernetes_validate",
                         reason="needs kubernetes-validate: pip install kubernetes-validate")
     import kubernetes_validate
 
     kinds = []
-    for cluster in CLUSTERS:
-        for manifest in yaml.safe_load_all((files / "kubernetes" / f"{cluster}.yaml").read_text()):
+    for name in (*CLUSTERS, "federation"):
+        for manifest in yaml.safe_load_all((files / "kubernetes" / f"{name}.yaml").read_text()):
             kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
             kinds.append(manifest["kind"])
-            if manifest["kind"] == "Deployment":
+            if manifest["kind"] == "Deployment" and name != "federation":
                 deployment = manifest
     assert sorted(set(kinds)) == ["ConfigMap", "Deployment", "PersistentVolumeClaim", "Service"]
     broken = copy.deepcopy(deployment)

@@ -27,3 +27,13 @@ output "kubernetes_yaml" {
   description = "cluster -> the same manifests as one multi-document YAML stream."
   value       = { for name, ms in local.kubernetes_manifests : name => join("---\n", [for m in ms : yamlencode(m)]) }
 }
+
+output "kubernetes_federation_manifests" {
+  description = "The federation's manifests (objects), for the Kubernetes cluster that hosts it."
+  value       = local.federation_manifests
+}
+
+output "kubernetes_federation_yaml" {
+  description = "The same as one multi-document YAML stream."
+  value       = join("---\n", [for m in local.federation_manifests : yamlencode(m)])
+}

@@ -151,3 +151,20 @@ run "kubernetes_manifests" {
     error_message = "the gateway runs as the image's unprivileged user"
   }
 }
+
+run "kubernetes_federation_manifests" {
+  command = plan
+
+  assert {
+    condition     = tolist([for m in output.kubernetes_federation_manifests : m.kind]) == tolist(["PersistentVolumeClaim", "Deployment", "Service"])
+    error_message = "state, the federation, its API service"
+  }
+  assert {
+    condition     = output.kubernetes_federation_manifests[2].spec.ports[0].port == 17443
+    error_message = "the API service listens at federation.listen's port"
+  }
+  assert {
+    condition     = contains(output.kubernetes_federation_manifests[1].spec.template.spec.containers[0].args, "127.0.0.1:17080")
+    error_message = "the federation's admin listener stays on the pod's loopback"
+  }
+}
