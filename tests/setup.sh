@@ -5,7 +5,9 @@
 set -eu
 # tool -> Debian package: chromium renders the drill's HTML report; dig queries the DNS
 # responder; ip, wireguard-go, wg and tcpdump run the tunnel tests (network namespaces); etcd
-# backs the federation's etcd store; promtool (Debian's prometheus) checks every /metrics page
+# backs the federation's etcd store; promtool (Debian's prometheus) checks every /metrics page;
+# podman, runc and debootstrap build and run the container image (compose/build-image,
+# tests/integration/test_compose.py and test_containers.py)
 missing=""
 need() { command -v "$1" >/dev/null 2>&1 || missing="$missing $2"; }
 need chromium chromium
@@ -17,12 +19,25 @@ need tcpdump tcpdump
 need etcd etcd-server
 need etcdctl etcd-client
 need promtool prometheus
-[ -z "$missing" ] && exit 0
+need podman podman
+need runc runc
+need debootstrap debootstrap
+# podman's default runtime, crun, fails on this kind of machine (cgroup v1 hybrid, rlimits): make
+# runc podman's runtime, unless a containers.conf is there already (PLATFORM-NOTES.md)
+podman_runc() {
+  conf=/etc/containers/containers.conf
+  if [ "$(id -u)" = 0 ] && command -v runc >/dev/null 2>&1 && [ ! -e "$conf" ]; then
+    mkdir -p /etc/containers
+    printf '[engine]\nruntime = "runc"\n\n[containers]\ndefault_ulimits = []\n' >"$conf"
+  fi
+}
+[ -z "$missing" ] && { podman_runc; exit 0; }
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   # shellcheck disable=SC2086 # one word per package
   apt-get install -y -qq $missing >/dev/null
+  podman_runc
 else
   echo "tests/setup.sh: not installing (needs root and apt-get):$missing; the tests that need" \
        "them skip. Install with: apt-get install -y$missing" >&2
