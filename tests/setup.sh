@@ -3,7 +3,8 @@
 # another user it only says what is missing (those tests then skip, naming the same command).
 # Called by .ci/run and by the README's test command. Idempotent: installs only what is missing.
 set -eu
-# tool -> Debian package: chromium renders the drill's HTML report; dig queries the DNS
+# tool -> Debian package: chromium renders the drill's HTML report; curl is an HTTP client of
+# the HTTP route tests; dig queries the DNS
 # responder; ip, wireguard-go, wg and tcpdump run the tunnel tests (network namespaces); etcd
 # backs the federation's etcd store; promtool (Debian's prometheus) checks every /metrics page;
 # podman, runc and debootstrap build and run the container image (compose/build-image,
@@ -11,6 +12,7 @@ set -eu
 missing=""
 need() { command -v "$1" >/dev/null 2>&1 || missing="$missing $2"; }
 need chromium chromium
+need curl curl
 need dig dnsutils
 need ip iproute2
 need wireguard-go wireguard-go
