@@ -62,7 +62,8 @@ class LogLimiter:
         self._windows: OrderedDict[str, list[float]] = OrderedDict()
         LogLimiter._all.add(self)
 
-    def log(self, level: int, key: str, msg: str, *args: object, exc_info: bool = False) -> bool:
+    def log(self, level: int, key: str, msg: str, *args: object,
+            exc_info: bool | None = None) -> bool:
         """Log `msg % args` unless `key` is over its budget; True when the line went out."""
         if not self.logger.isEnabledFor(level):
             return False

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 from federation.drill_model import DRILLS, Drill
 from federation.errors import InputError
@@ -149,8 +149,10 @@ class Endpoint:
         return cls(host, port, healthy, weight)
 
 
-@dataclass(frozen=True, slots=True)
-class ServiceKey:
+class ServiceKey(NamedTuple):
+    """A service's identity. A tuple, so hashing it (dict keys on every request and connection)
+    is C's, not a dataclass's generated Python `__hash__`."""
+
     namespace: str
     name: str
 
