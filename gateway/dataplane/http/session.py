@@ -64,6 +64,8 @@ class Host(Protocol):
     max_header_bytes: int
     max_headers: int
     max_target_bytes: int
+    routes: rt.CompiledRoutes
+    default: rt.Decision  # what decide() answers when there are no routes
     needs_headers: bool  # some route matches on headers: give decide() a header map
     stats: Any  # dial.ListenerStats (connect_first's counters)
     http: Any  # listener.HttpStats
@@ -408,6 +410,11 @@ class Session:
 
     def _begin(self, ex: Exchange) -> None:
         host = self.host
+        if not host.routes.entries:  # no routes: everything to the import's service, as it came
+            ex.decision = host.default
+            ex.trace = continue_trace(ex.traceparents, ex.tracestates, host.rand_bits)
+            self.connect(ex)
+            return
         target = ex.target.decode("latin-1")
         headers = _header_map(ex.headers) if host.needs_headers else _NO_HEADERS
         d = ex.decision = host.decide(ex.method.decode("latin-1"), target, headers,

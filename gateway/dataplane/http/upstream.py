@@ -89,7 +89,10 @@ class Upstream:
         self.service = service
         self.key = (target.key, service)
         self.exchange: Answered | None = None
-        self.parser = HttpResponseParser(self)
+        self.full_parser = HttpResponseParser(self)
+        # raw relay: a parser whose callbacks only find the response's end (fewer calls)
+        self.raw_parser = HttpResponseParser(_Framing(self))
+        self.parser = self.raw_parser
         self.raw = True
         self.uses = 0  # requests sent on this connection
         self.got = False  # some byte of the current response arrived
@@ -109,9 +112,11 @@ class Upstream:
     def start(self, exchange: Answered, head_only: bool, raw: bool) -> None:
         if self._stale:  # a HEAD response's parser still waits for the body that never came
             self._stale = False
-            self.parser = HttpResponseParser(self)
+            self.full_parser = HttpResponseParser(self)
+            self.raw_parser = HttpResponseParser(_Framing(self))
         self.exchange = exchange
         self.raw = raw
+        self.parser = self.raw_parser if raw else self.full_parser
         self.uses += 1
         self.got = False
         self.head_only = head_only
@@ -164,6 +169,7 @@ class Upstream:
         if self.raw:
             if not self.got and data[:9] != b"HTTP/1.1 ":
                 self.raw = False  # an HTTP/1.0 (or odd) upstream: its head is rebuilt, framed
+                self.parser = self.full_parser
             else:
                 ex.raw_bytes(data)  # first: a response completed by this read may start the next
         self.got = True
@@ -219,18 +225,20 @@ class Upstream:
 
     def on_headers_complete(self) -> None:
         status = self._status = self.parser.get_status_code()
+        length, chunked = self._length, self._chunked
+        self._length, self._chunked = None, False  # for the next message (and a 1xx's)
         reason, self._reason = self._reason, b""
         if status < 200:  # 1xx: informational, not this request's answer (ours: session.py)
             return
         ex = self.exchange
         if ex is None:
             return
-        self.until_eof = (not self.head_only and self._length is None and not self._chunked
+        self.until_eof = (not self.head_only and length is None and not chunked
                           and status not in (204, 304))
         if self.raw:
             ex.status = status
         else:
-            ex.response_head(self, status, reason, self._headers, self._length, self._chunked)
+            ex.response_head(self, status, reason, self._headers, length, chunked)
         if self.head_only:
             self._stale = True
             self._finish()
@@ -251,6 +259,30 @@ class Upstream:
         ex, self.exchange = self.exchange, None
         if ex is not None:
             ex.response_done(self)
+
+
+class _Framing:
+    """The raw relay's parser callbacks: where the response ends, its status and framing."""
+
+    __slots__ = ("up",)
+
+    def __init__(self, up: Upstream) -> None:
+        self.up = up
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        n = len(name)
+        if n == 14 or n == 17:  # only these two lengths can frame the body
+            up, low = self.up, name.lower()
+            if low == b"content-length":
+                up._length = value
+            elif low == b"transfer-encoding":
+                up._chunked = value.lower().rstrip().endswith(b"chunked")
+
+    def on_headers_complete(self) -> None:
+        self.up.on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self.up.on_message_complete()
 
 
 class _Gone:
