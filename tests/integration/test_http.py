@@ -306,8 +306,13 @@ async def test_trace_continues_across_two_gateways(http: Http):
     assert body["cluster"] == "west-1"
     _, trace_id, parent, flags = body["headers"]["traceparent"].split("-")
     assert trace_id == TRACE.split("-")[1] and flags == "01"
-    line = next(ln for ln in (http.topo.root / "logs" / "east-1.log").read_text().splitlines()
-                if "'/exact?hop=2'" in ln)
+    log = http.topo.root / "logs" / "east-1.log"
+
+    def logged() -> list[str]:  # the line follows the response: wait for it
+        return [ln for ln in log.read_text().splitlines() if "'/exact?hop=2'" in ln]
+
+    await wait_for(logged, 3.0, what="east-1's access log line")
+    line = logged()[0]
     east_span = line.split("span_id=")[1].split()[0]
     assert f"parent_id={TRACE.split('-')[2]}" in line
     assert parent not in (east_span, TRACE.split("-")[2]), (parent, east_span)
