@@ -4,6 +4,7 @@
     python -m bench --quick    # smoke: 1 round, 2 s loads, 128 MiB bulk, 5 kills, 1k conns/services
     python -m bench --only l4,cross    # cases: l4 cross bulk failover memory workers tunnel
     python -m bench --only tunnel      # WireGuard+mTLS vs mTLS vs HAProxy chain (root: netns)
+    python -m bench --only http        # HTTP import vs HAProxy mode http (and the TLS chain)
 
 Starts on 127.0.0.1, and stops by PID: nginx (backend: 64-byte `/`, a sparse file for bulk),
 HAProxy (`mode tcp`, and a TLS 1.3 re-encrypt chain of two HAProxies with client certs both
@@ -28,6 +29,7 @@ from pathlib import Path
 import uvloop
 
 from bench import failover, infra, memory, tunnel
+from bench import http as http_bench
 from bench.report import Results, render
 from federation.errors import InputError
 from federation.units import parse_int
@@ -36,7 +38,7 @@ from isthmus.demo import Processes, ports, start_topology
 OFFSET = 8000  # gateway ports 23101..26302 (integration tests use 15xxx-22999; keep below 32768)
 HAPROXY_TCP, CHAIN_IN, CHAIN_TLS, BARE_RELAY = 27501, 27511, 27512, 27521
 HAPROXY_T1, HAPROXY_T2 = 27531, 27532  # scaling case: nbthread 1 and 2, not pinned
-CASES = ("l4", "cross", "bulk", "failover", "memory", "workers", "tunnel")
+CASES = ("l4", "cross", "bulk", "failover", "memory", "workers", "tunnel", "http")
 GiB = 1 << 30
 
 
@@ -377,6 +379,10 @@ def main() -> int:
             attempt("tunnel", lambda: suite.extra.__setitem__(
                 "tunnel", tunnel.run(tmp / "tunnel", a.rounds, a.seconds, a.bulk_mib,
                                      suite.log)))
+        if "http" in a.only:
+            suite.log("http")
+            attempt("http", lambda: suite.extra.__setitem__(
+                "http", http_bench.run(tmp / "http", a.rounds, a.seconds, suite.log)))
         if "memory" in a.only:
             suite.log("memory: gateway idle connections")
             attempt("gateway memory", lambda: suite.extra.__setitem__(

@@ -150,8 +150,13 @@ class Results:
         v = ratio("3. bulk, local path", "MB/s")
         add("bulk MB/s ≥ 1.00x HAProxy (default buffers), local path", v, 1.0,
             f"{v:.2f}x" if v else "")
-        out.append("| HTTP-mode listener ≥ 0.90x HAProxy `mode http` "
-                   "| no HTTP mode in the gateway yet | n/a |")
+        http = self.extra.get("http")
+        v = None
+        if http and http.get("HAProxy mode http", {}).get("keep-alive req/s"):
+            v = (http["Isthmus local"]["keep-alive req/s"]
+                 / http["HAProxy mode http"]["keep-alive req/s"])
+        add("HTTP-mode listener ≥ 0.90x HAProxy `mode http` (keep-alive rps)", v, 0.9,
+            f"{v:.2f}x" if v else "")
         v = ratio("2. cross-cluster", "new connection")
         add("cross-cluster new-connection rate ≥ 3x HAProxy TLS re-encrypt chain", v, 3.0,
             f"{v:.2f}x" if v else "")
@@ -256,4 +261,11 @@ def render(suite: Results, a: argparse.Namespace, elapsed: float, every: tuple[s
         parts += ["", "Tunnel (issue 12): cross-cluster between two network namespaces, "
                   "WireGuard (wireguard-go) + mTLS vs mTLS only vs the HAProxy TLS chain:", "",
                   tunnel_table(tun)]
+    http = suite.extra.get("http")
+    if http:
+        from bench.http import table as http_table
+
+        parts += ["", "HTTP (issue 14): the HTTP import listener vs HAProxy mode http, and "
+                  "cross-cluster vs the HAProxy http TLS chain (wrk -c50 keep-alive):", "",
+                  http_table(http)]
     return "\n".join(parts)
