@@ -262,27 +262,36 @@ class Upstream:
 
 
 class _Framing:
-    """The raw relay's parser callbacks: where the response ends, its status and framing."""
+    """The raw relay's parser callbacks: only where the response ends, and its status (the
+    bytes went to the client already, as they came). Without header callbacks it cannot tell
+    a close-delimited body from a framed one at its head, so a response counts as "until EOF"
+    until its end is parsed; one that ends with the connection instead is complete then (a
+    truncated one the client itself sees short of its Content-Length), and the client
+    connection is closed after it either way."""
 
     __slots__ = ("up",)
 
     def __init__(self, up: Upstream) -> None:
         self.up = up
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        n = len(name)
-        if n == 14 or n == 17:  # only these two lengths can frame the body
-            up, low = self.up, name.lower()
-            if low == b"content-length":
-                up._length = value
-            elif low == b"transfer-encoding":
-                up._chunked = value.lower().rstrip().endswith(b"chunked")
-
     def on_headers_complete(self) -> None:
-        self.up.on_headers_complete()
+        up = self.up
+        status = up._status = up.parser.get_status_code()
+        ex = up.exchange
+        if status < 200 or ex is None:  # a 1xx: the answer follows
+            return
+        ex.status = status
+        up.until_eof = not up.head_only and status not in (204, 304)
+        if up.head_only:
+            up._stale = True
+            up._finish()
 
     def on_message_complete(self) -> None:
-        self.up.on_message_complete()
+        up = self.up
+        if up._status < 200 or up.head_only:
+            return
+        up.until_eof = False
+        up._finish()
 
 
 class _Gone:
