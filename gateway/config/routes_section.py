@@ -36,7 +36,7 @@ import re
 from yaml.nodes import Node, ScalarNode
 
 from federation.model import ServiceKey
-from gateway.config.reader import Field, Reader, Table, choice, integer
+from gateway.config.reader import Field, Reader, Section, Table, choice, integer
 from gateway.config.route_values import (
     EXACT,
     PREFIX,
@@ -331,38 +331,37 @@ class RouteReader(Reader):
         sec = self.section(node, path, REDIRECT)
         if sec is None:
             return None
-        f, v = sec.nodes, sec.values
-        host = self._hostname(f["hostname"], sec.where("hostname"), wildcard=False) \
-            if "hostname" in f else None
-        pk = pv = None
-        if "path" in f:
-            got = self._path_modifier(f["path"], sec.where("path"))
-            if got is None:
-                return None
-            pk, pv = got
-        if not sec.ok or ("hostname" in f and host is None):
+        got = self._host_and_path(sec)
+        if got is None or not sec.ok:
             return None
-        return Redirect(v["scheme"], host, v["port"], pk, pv, v["statusCode"])
+        v = sec.values
+        return Redirect(v["scheme"], got[0], v["port"], got[1], got[2], v["statusCode"])
 
     def rewrite(self, node: Node, path: str) -> Rewrite | None:
         sec = self.section(node, path, REWRITE)
         if sec is None or not sec.ok:
             return None
-        f = sec.nodes
-        host = self._hostname(f["hostname"], sec.where("hostname"), wildcard=False) \
-            if "hostname" in f else None
-        pk = pv = None
-        if "path" in f:
-            got = self._path_modifier(f["path"], sec.where("path"))
-            if got is None:
-                return None
-            pk, pv = got
-        if "hostname" in f and host is None:
+        got = self._host_and_path(sec)
+        if got is None:
             return None
+        host, pk, pv = got
         if host is None and pk is None:
             self.problem(node, path, "set hostname, path or both")
             return None
         return Rewrite(host, pk, pv)
+
+    def _host_and_path(self, sec: Section) -> tuple[str | None, str | None, str | None] | None:
+        """The `hostname` and `path` modifier of a redirect or a rewrite (None: a problem)."""
+        f = sec.nodes
+        host = None
+        if "hostname" in f:
+            host = self._hostname(f["hostname"], sec.where("hostname"), wildcard=False)
+            if host is None:
+                return None
+        if "path" not in f:
+            return host, None, None
+        got = self._path_modifier(f["path"], sec.where("path"))
+        return None if got is None else (host, *got)
 
     def _path_modifier(self, node: Node, path: str) -> tuple[str, str] | None:
         sec = self.section(node, path, PATH_MODIFIER)
