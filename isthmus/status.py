@@ -135,6 +135,7 @@ def _render_gateway(console: Any, data: dict[str, Any]) -> None:
         t.add_row(str(imp.get("service")), str(imp.get("active")),
                   " ".join(imp.get("would_try") or []))
     console.print(t)
+    _render_http(console, data.get("listeners") or {})
     tun = data.get("tunnel")
     if tun:
         w = Table(title=f"tunnel {tun.get('interface')} (public key {tun.get('public_key')}, "
@@ -150,3 +151,22 @@ def _render_gateway(console: Any, data: dict[str, Any]) -> None:
                       str(p.get("overlay_address")), "never" if age is None else f"{age:.0f}s ago",
                       str(p.get("rx_bytes")), str(p.get("tx_bytes")))
         console.print(w)
+
+
+def _render_http(console: Any, listeners: dict[str, Any]) -> None:
+    """HTTP listeners' requests per route and backend cluster (README, "HTTP routes")."""
+    from rich.table import Table
+
+    rows = [(name, r) for name, st in sorted(listeners.items())
+            for r in ((st.get("http") or {}).get("routes") or [])]
+    if not rows:
+        return
+    t = Table(title="HTTP requests")
+    for col in ("listener", "route", "cluster", "2xx", "3xx", "4xx", "5xx", "mean ms"):
+        t.add_column(col)
+    for name, r in rows:
+        c, n = r.get("classes") or [0] * 6, r.get("count") or 0
+        mean = f"{1000 * r.get('total', 0.0) / n:.1f}" if n else "-"
+        t.add_row(name, str(r.get("route")), str(r.get("cluster") or "-"),
+                  *(str(c[i]) for i in (2, 3, 4, 5)), mean)
+    console.print(t)
