@@ -64,6 +64,17 @@ def test_a_rename_at_the_same_address_is_a_moved_listener():
     assert moved_listeners(ch) == {("127.0.0.1", 16001)}
 
 
+def test_a_protocol_change_reopens_the_listener_a_route_change_does_not():
+    tcp = imp("a", 16001)
+    http = tcp + "    protocol: http\n"
+    routed = http + "    routes: [{name: r}]\n"
+    ch = reconcile(config(tcp), config(http))
+    assert (names(ch.imports_removed), names(ch.imports_added)) == (["a"], ["a"])
+    assert moved_listeners(ch) == {("127.0.0.1", 16001)}
+    ch = reconcile(config(http), config(routed))
+    assert [n.name for _, n in ch.imports_changed] == ["a"] and not ch.imports_added
+
+
 @pytest.mark.parametrize("old, new, added, removed, changed", [
     ([exp("e", 19001)], [exp("e", 19001), exp("f", 19002)], ["f"], [], []),
     ([exp("e", 19001), exp("f", 19002)], [exp("e", 19001)], [], ["f"], []),
