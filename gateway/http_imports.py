@@ -24,7 +24,7 @@ from gateway.dataplane.http.listener import HttpImportListener
 def http_limits(lim: Any) -> HttpLimits:
     """The gateway file's limits.http_* as the HTTP listeners take them."""
     return HttpLimits(lim.http_max_header_bytes, lim.http_max_headers,
-                      lim.http_max_target_bytes)
+                      lim.http_max_target_bytes, lim.http_header_timeout)
 
 
 class HttpImports:

@@ -165,6 +165,9 @@ LIMITS: Table = (
           doc="HTTP imports: more request headers are refused (431)"),
     Field("http_max_target_bytes", integer(256, 1024 * 1024), 8192,
           doc="HTTP imports: a longer request target is refused (414)"),
+    Field("http_header_timeout", duration(maximum=3600, zero_ok=True), 10.0,
+          doc="HTTP imports: a request head not complete this long after it began (or after "
+              "the connection opened) gets 408; 0s: no limit"),
 )
 OUTLIER: Table = (
     Field("consecutive_failures", integer(1, 1000), DEFAULT_OUTLIER.consecutive_failures),

@@ -89,6 +89,7 @@ class LimitsConfig:
     http_max_header_bytes: int = 65536  # HTTP imports: request head bytes (431 beyond)
     http_max_headers: int = 100  # HTTP imports: request header count (431 beyond)
     http_max_target_bytes: int = 8192  # HTTP imports: request target length (414 beyond)
+    http_header_timeout: float = 10.0  # HTTP imports: a request head within this, or 408
 
 
 @dataclass(frozen=True, slots=True)

@@ -104,6 +104,7 @@ class HttpLimits:
     max_header_bytes: int = 65536
     max_headers: int = 100
     max_target_bytes: int = 8192
+    header_timeout: float = 10.0  # a request head must be complete within this (408); 0: off
 
 
 DEFAULT_LIMITS = HttpLimits()
@@ -136,6 +137,7 @@ class HttpHost:
         self.max_header_bytes = limits.max_header_bytes
         self.max_headers = limits.max_headers
         self.max_target_bytes = limits.max_target_bytes
+        self.header_timeout = limits.header_timeout
         self.access_log = access_log
         self.rng = rng or random.Random()
         self.random: Callable[[], float] = self.rng.random

@@ -42,7 +42,21 @@ class HttpImportListener(Listener, HttpHost):
         kw = {"reuse_port": reuse_port} if sock is None else {}
         await self.start_server(lambda: ImportLeg(self), host, port, sock=sock, serving=serving,
                                 **kw)
-        self._pool_sweeper = self.loop.create_task(self.pool.keep(self.loop))  # type: ignore
+        self._pool_sweeper = self.loop.create_task(self._keep())  # type: ignore[union-attr]
+
+    async def _keep(self) -> None:
+        """Every second: the upstream pool's idle connections, and request heads awaited past
+        limits.http_header_timeout (408)."""
+        loop = self.loop
+        while True:
+            await asyncio.sleep(1.0)
+            self.pool.sweep(loop.time())  # type: ignore[union-attr]
+            timeout = self.header_timeout
+            if timeout:
+                for leg in list(self.legs):
+                    session = leg.other
+                    if isinstance(session, Session):
+                        session.head_timed_out(timeout)
 
     # -- l4.Listener / legs.Host ---------------------------------------------------------------
     def made(self, leg: ImportLeg) -> None:

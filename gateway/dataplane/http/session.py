@@ -254,6 +254,9 @@ class Session:
         self._headers: list[tuple[bytes, bytes]] = []
         self._hbytes = 0
         self._special: dict[bytes, Any] = {}
+        # since when a request head is awaited and not complete (the connection's start, or the
+        # first byte of a request): the listener's sweep answers 408 past http_header_timeout
+        self.head_since: float | None = host.loop.time()
 
     # -- what the idle sweeper reads -------------------------------------------------------------
     def is_closing(self) -> bool:
@@ -332,6 +335,8 @@ class Session:
 
     # -- httptools callbacks ---------------------------------------------------------------------
     def on_message_begin(self) -> None:
+        if self.head_since is None:
+            self.head_since = self.host.loop.time()
         self._target = b""
         self._headers = []
         self._hbytes = 0
@@ -372,6 +377,7 @@ class Session:
             conn = sp.get(b"connection")
             ex.connection = b",".join(conn) if conn else None
         self.parsing = ex
+        self.head_since = None
         self.queue.append(ex)
         if self.current is None:
             self._next()
@@ -537,6 +543,16 @@ class Session:
         if self.current is ex:
             self.current = None
             self._next()
+
+    def head_timed_out(self, timeout: float) -> bool:
+        """The listener's sweep: a head awaited longer than `timeout` (slowloris, or a client
+        that connected and never asked) -> 408 and close, unless a request is in flight."""
+        since = self.head_since
+        if since is None or self.current is not None or self.lost or self.closing \
+                or self.host.loop.time() - since < timeout:
+            return False
+        self._refuse(408, f"no complete request head within {timeout:g}s")
+        return True
 
     def _refuse(self, status: int, why: str) -> None:
         """The request cannot be parsed or is over a limit: answer, then close."""

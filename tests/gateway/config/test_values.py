@@ -129,7 +129,7 @@ imports:
     assert c.identity.svid_ttl == 3600.0
     assert c.identity.ca_cert_file == Path("/pki/ca.pem")
     assert c.identity.ca_key_file == Path("/etc/pki/ca.key")
-    assert dataclasses.astuple(c.limits) == (5, 0.25, 600.0, 30.0, 30.0, 65536, 100, 8192)
+    assert dataclasses.astuple(c.limits) == (5, 0.25, 600.0, 30.0, 30.0, 65536, 100, 8192, 10.0)
     assert dataclasses.astuple(c.outlier_detection) == (3, 1.0, 1.0, None)
     assert dataclasses.astuple(c.peer_probe) == (1.0, 0.2, 1, 3)
     web, other = c.exports

@@ -31,13 +31,15 @@ from gateway.dataplane.router import Router
 from tests.helpers.http_backends import HttpBackend
 from tests.helpers.processes import free_port
 
+SMALL = HttpLimits(4096, 20, 512)  # head bytes, headers, target bytes
 STATUS = re.compile(rb"HTTP/1\.1 [1-5]\d\d [^\r\n]*\r\n")
 
 
 class Proxy:
     """The listener and its backend on a loop of their own (a thread)."""
 
-    def __init__(self) -> None:
+    def __init__(self, limits: HttpLimits = SMALL) -> None:
+        self.limits = limits
         self.port = free_port()
         self.backend_port = free_port()
         self.loop = uvloop.new_event_loop()
@@ -65,7 +67,7 @@ class Proxy:
         router.set_local([Endpoint("127.0.0.1", self.backend_port)])
         self.listener = HttpImportListener(
             svc, compile_routes([]), {svc: router}, Dialer(None, 1.0), max_connections=1000,
-            idle_timeout=60, limits=HttpLimits(4096, 20, 512))
+            idle_timeout=60, limits=self.limits)
         await self.listener.start("127.0.0.1", self.port)
 
     def start(self) -> Proxy:
@@ -175,6 +177,38 @@ def test_a_post_with_a_chunked_body_and_one_with_a_length(proxy):
 def test_bad_requests_get_their_status_then_close(proxy, data, status):
     got = responses(exchange(proxy.port, data))
     assert [s for s, _ in got] == [status]
+
+
+def test_a_slow_request_head_gets_408_while_others_are_served():
+    """Slowloris: heads trickled (or never sent) past http_header_timeout get 408 and close;
+    a keep-alive connection between requests is not cut by it; other clients are served."""
+    p = Proxy(HttpLimits(4096, 20, 512, header_timeout=1.0)).start()
+    try:
+        slow = [socket.create_connection(("127.0.0.1", p.port), timeout=5) for _ in range(20)]
+        for s in slow[:10]:
+            s.sendall(b"GET / HTTP/1.1\r\nHo")  # half a head; the other 10 send nothing
+        kept = socket.create_connection(("127.0.0.1", p.port), timeout=5)
+        kept.sendall(get("/first"))
+        first = kept.recv(65536)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 1.5:  # others are served meanwhile
+            assert responses(exchange(p.port, get("/other")))[0][0] == 200
+        got = []
+        for s in slow:
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+            got.append(data)
+            s.close()
+        took = time.monotonic() - t0
+        assert all(g.startswith(b"HTTP/1.1 408 ") for g in got), got[:2]
+        assert 1.0 <= took <= 4.0, took
+        kept.sendall(get("/second"))  # idle between requests, not a slow head: still open
+        assert responses(first)[0][0] == 200 and kept.recv(65536).startswith(b"HTTP/1.1 200")
+        kept.close()
+        assert p.listener.http.refused.get(408) == 20
+    finally:
+        p.stop()
 
 
 def test_a_request_after_a_refused_one_on_a_new_connection_is_served(proxy):
