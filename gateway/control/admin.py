@@ -46,8 +46,8 @@ def _http_metrics(page: Exposition, per: list[tuple[dict[str, str], dict[str, An
                       r["buckets"], r["total"], r["count"]) for lab, h in rows
                      for r in h["routes"]])
     page.counter("isthmus_gateway_http_refused_total",
-                 "HTTP requests refused before routing, by status (400 unparsable, 414 target "
-                 "too long, 431 headers too large, 501 upgrade).",
+                 "HTTP requests refused before routing, by status (400 unparsable, 408 head too "
+                 "slow, 414 target too long, 431 headers too large, 501 upgrade).",
                  [({**lab, "status": s}, n) for lab, h in rows
                   for s, n in sorted(h["refused"].items())])
     page.counter("isthmus_gateway_http_retries_total",
