@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.processes import Proc, free_port
+from tests.helpers.processes import Proc, free_port, isthmus_cmd
 
 INSTALL = "apt-get install -y etcd-server etcd-client"
 
@@ -99,3 +99,45 @@ class EtcdCluster:
     def stop(self) -> None:
         for m in self.members:
             m.stop()
+
+
+class FedReplica:
+    """One `isthmus federation serve --store etcd://...` process (a replica), its state in
+    `root/name`, stopped or killed by its PID. Replicas after the first get the first one's CA
+    (`ca_from`: that state dir) before they start, so a gateway trusting one trusts them all."""
+
+    def __init__(self, root: Path, name: str, store_url: str, ca_from: Path | None = None,
+                 lease_ttl: str = "10s") -> None:
+        self.state = root / name
+        self.port, self.admin_port = free_port(), free_port()
+        self.ca_from = ca_from
+        self.proc = Proc(f"federation-{name}", [
+            *isthmus_cmd(), "federation", "serve", "--state-dir", str(self.state),
+            "--listen", f"127.0.0.1:{self.port}", "--admin", f"127.0.0.1:{self.admin_port}",
+            "--store", store_url, "--lease-ttl", lease_ttl, "--log-level", "info"],
+            root / f"{name}.log")
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> None:
+        if self.ca_from is not None and not (self.state / "ca.pem").exists():
+            self.state.mkdir(parents=True, exist_ok=True, mode=0o700)
+            for f in ("ca.pem", "ca-key.pem"):
+                (self.state / f).write_bytes((self.ca_from / f).read_bytes())
+                (self.state / f).chmod(0o600)
+        self.proc.start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.proc.running:
+                raise RuntimeError(f"federation exited:\n{self.proc.tail()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"federation did not listen within {timeout}s:\n{self.proc.tail()}")
+
+    def stop(self) -> None:
+        self.proc.stop()
