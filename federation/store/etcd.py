@@ -9,6 +9,15 @@ etcd's compaction is a CompactedError (the federation's 410: resync from a snaps
 returns the previous value to exactly one caller (single-use join tokens, even across
 replicas). Several endpoints: each is tried in turn when one is unreachable.
 
+TLS to etcd is optional, given as query parameters on the URL (so `federation serve --store`
+and `federation token create --store` take it alike):
+`etcd://HOST:PORT,...?cacert=CA.pem&cert=CLIENT.pem&key=CLIENT-KEY.pem`. `cacert` alone is
+server-authenticated TLS (etcd's certificate checked against that CA, its name or IP against
+HOST); with `cert` and `key` the store also presents a client certificate (etcd started with
+`--client-cert-auth`). The files are read at `open()`; one missing or unreadable is a
+StoreError naming it. aetcd 1.0 opens plaintext channels only: `_TlsClient` opens a gRPC TLS
+channel and sets up the same stubs.
+
 Limits as the SQLite store: keys ≤ MAX_KEY_BYTES, values ≤ MAX_VALUE_BYTES (etcd's own default
 request limit is 1.5 MiB).
 """
@@ -17,10 +26,15 @@ from __future__ import annotations
 
 import asyncio
 import math
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
 import aetcd
 import aetcd.exceptions
+import grpc
+from aetcd import rpc, watcher
 
 from federation.errors import CompactedError, FutureRevisionError, InputError, StoreError
 from federation.store.base import KV, Event
@@ -30,12 +44,82 @@ MAX_VALUE_BYTES = 1 << 20
 BATCH = 10_000  # events returned by one call at most (the next call goes on from the last)
 BATCH_WAIT = 0.005  # after the first event, this long for the rest of its batch
 
-__all__ = ["EtcdStore", "parse_etcd_url"]
+__all__ = ["EtcdStore", "EtcdTls", "parse_etcd_tls", "parse_etcd_url"]
+TLS_PARAMS = ("cacert", "cert", "key")
+
+
+@dataclass(frozen=True, slots=True)
+class EtcdTls:
+    """Paths of the PEM files for TLS to etcd; `cert` and `key` both or neither."""
+
+    cacert: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(what: str, path: str | None) -> bytes | None:
+            if path is None:
+                return None
+            try:
+                return Path(path).read_bytes()
+            except OSError as e:
+                raise StoreError(f"etcd TLS {what} file {path}: {e.strerror or e}") from None
+
+        return grpc.ssl_channel_credentials(read("cacert", self.cacert), read("key", self.key),
+                                            read("cert", self.cert))
+
+
+def parse_etcd_tls(url: str) -> EtcdTls | None:
+    """The `?cacert=&cert=&key=` of an etcd:// URL; None when it has none (plaintext)."""
+    _, sep, query = url.partition("?")
+    if not sep:
+        return None
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True)
+    except ValueError:
+        raise InputError(f"store {url!r}: the part after '?' is not NAME=VALUE&... "
+                         f"(expected {', '.join(TLS_PARAMS)})") from None
+    params = dict(pairs)
+    unknown = sorted(set(params) - set(TLS_PARAMS))
+    if unknown:
+        raise InputError(f"store {url!r}: unknown parameter {unknown[0]!r}; expected "
+                         f"{', '.join(TLS_PARAMS)}")
+    if len(params) != len(pairs):
+        raise InputError(f"store {url!r}: a parameter is given twice")
+    empty = [k for k, v in params.items() if not v]
+    if empty:
+        raise InputError(f"store {url!r}: {empty[0]}= needs a file path")
+    if ("cert" in params) != ("key" in params):
+        raise InputError(f"store {url!r}: cert= and key= go together (the client certificate "
+                         "and its private key)")
+    return EtcdTls(params.get("cacert"), params.get("cert"), params.get("key"))
+
+
+class _TlsClient(aetcd.Client):
+    """An aetcd client on a gRPC TLS channel (aetcd's own `connect` opens plaintext only)."""
+
+    def __init__(self, *, tls: EtcdTls, **kw: Any) -> None:
+        super().__init__(**kw)
+        self._tls = tls
+
+    async def connect(self) -> None:
+        if self._connected.is_set():
+            return
+        self.channel = grpc.aio.secure_channel(f"{self._host}:{self._port}",
+                                               self._tls.credentials(),
+                                               options=list(self._options.items()))
+        self.kvstub = rpc.KVStub(self.channel)
+        self.clusterstub = rpc.ClusterStub(self.channel)
+        self.leasestub = rpc.LeaseStub(self.channel)
+        self.maintenancestub = rpc.MaintenanceStub(self.channel)
+        self._watcher = watcher.Watcher(rpc.WatchStub(self.channel), timeout=self._timeout,
+                                        metadata=self.metadata)
+        self._connected.set()
 
 
 def parse_etcd_url(url: str) -> list[tuple[str, int]]:
-    """`etcd://host:port,host:port` -> endpoints."""
-    rest = url.removeprefix("etcd://")
+    """`etcd://host:port,host:port[?TLS params]` -> endpoints."""
+    rest = url.removeprefix("etcd://").partition("?")[0]
     out = []
     for part in filter(None, rest.split(",")):
         host, sep, port = part.rpartition(":")
@@ -51,16 +135,24 @@ def parse_etcd_url(url: str) -> list[tuple[str, int]]:
 class EtcdStore:
     shared = True  # other federation processes may write it too (server/clusters.follow_store)
 
-    def __init__(self, endpoints: list[tuple[str, int]], timeout: float = 5.0) -> None:
+    def __init__(self, endpoints: list[tuple[str, int]], timeout: float = 5.0,
+                 tls: EtcdTls | None = None) -> None:
         self.endpoints = endpoints
         self.timeout = timeout
+        self.tls = tls
         self.client: aetcd.Client | None = None
         self.where = ""
 
+    def _client(self, host: str, port: int) -> aetcd.Client:
+        kw: dict[str, Any] = {"host": host, "port": port, "timeout": int(math.ceil(self.timeout))}
+        return aetcd.Client(**kw) if self.tls is None else _TlsClient(tls=self.tls, **kw)
+
     async def open(self) -> None:
+        if self.tls is not None:
+            self.tls.credentials()  # each file readable, or a StoreError naming it
         errors = []
         for host, port in self.endpoints:
-            c = aetcd.Client(host=host, port=port, timeout=int(math.ceil(self.timeout)))
+            c = self._client(host, port)
             try:
                 await asyncio.wait_for(c.connect(), self.timeout)
                 await asyncio.wait_for(c.get_prefix(b"\0"), self.timeout)  # answers at all
@@ -106,7 +198,7 @@ class EtcdStore:
         """Move to the next member that answers; False if none does."""
         order = [ep for ep in self.endpoints if f"{ep[0]}:{ep[1]}" != self.where]
         for host, port in order:
-            c = aetcd.Client(host=host, port=port, timeout=int(math.ceil(self.timeout)))
+            c = self._client(host, port)
             try:
                 await asyncio.wait_for(c.connect(), self.timeout)
                 await asyncio.wait_for(c.get_prefix(b"\0"), self.timeout)
@@ -133,8 +225,10 @@ class EtcdStore:
                 members.append({"name": m.name, "client_urls": list(m.client_urls),
                                 "leader": m.id == leader})
         except StoreError as e:
-            return {"kind": "etcd", "using": self.where, "error": str(e), "members": []}
-        return {"kind": "etcd", "using": self.where, "members": members}
+            return {"kind": "etcd", "using": self.where, "tls": self.tls is not None,
+                    "error": str(e), "members": []}
+        return {"kind": "etcd", "using": self.where, "tls": self.tls is not None,
+                "members": members}
 
     async def revision(self) -> int:
         return (await self._call(lambda c: c.get_prefix(b"\0"))).header.revision
