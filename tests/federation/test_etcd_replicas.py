@@ -200,3 +200,56 @@ async def test_one_token_at_two_replica_processes_at_once_joins_once(tmp_path, r
             assert refused[0].status in (401, 403, 409), refused[0]
     finally:
         etcd.stop()
+
+
+async def test_joins_at_one_replica_are_trusted_at_the_other_with_few_trust_rebuilds(
+        tmp_path, make_fed):
+    """30 clusters join at replica A at once: A adds each new trust domain to its TLS context
+    in place (no rebuild per join), B follows and rebuilds its trust at most once a second,
+    and every cluster is served by B within seconds; a cluster removed at A is then refused
+    by B."""
+    from tests.helpers.traffic import wait_for
+
+    require_etcd()
+    etcd = Etcd(tmp_path / "etcd1")
+    etcd.start()
+    try:
+        a = await make_fed(store_url=etcd.url)
+        b = await make_fed(store_url=etcd.url)
+        rebuilds = {"a": 0, "b": 0}
+        for name, fed in (("a", a), ("b", b)):
+            creds = fed.server.credentials
+
+            def counted(rebuild=creds.reload_trust, name=name) -> None:
+                rebuilds[name] += 1
+                rebuild()
+
+            creds.reload_trust = counted
+        clusters = [make_cluster(f"c{i}") for i in range(30)]
+        await asyncio.gather(*(a.join(c) for c in clusters))
+        at_b = [b.client(c.svid) for c in clusters]
+
+        async def all_served() -> bool:
+            for c in at_b:
+                try:
+                    await c.catalog()
+                except FederationError:
+                    return False
+            return True
+
+        took = await wait_for(all_served, 10.0, interval=0.2, what="every cluster served by B")
+        # not one rebuild per join: A adds first joins in place (it may still rebuild when it
+        # reads its own write before its handler installed it), B at most once a second
+        assert rebuilds["a"] <= 2 + took and 1 <= rebuilds["b"] <= 2 + took, (rebuilds, took)
+        await a.operator().remove_cluster("c0")
+
+        async def refused() -> bool:
+            try:
+                await at_b[0].catalog()
+            except FederationError:
+                return await at_b[0].refuses_our_certificate()
+            return False
+
+        await wait_for(refused, 10.0, interval=0.2, what="B refusing a removed cluster")
+    finally:
+        etcd.stop()
