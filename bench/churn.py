@@ -188,7 +188,9 @@ async def run(tmp: Path, a: argparse.Namespace) -> dict:
         deadline = time.monotonic() + a.load_timeout
         while not all((tmp / f"loaded{w}").exists() for w in range(a.writers)):
             if time.monotonic() > deadline or any(p.poll() is not None for p in writers):
-                raise RuntimeError(f"load did not finish; see {tmp}/writer*.log")
+                tails = "".join(f"\nwriter{w}: " + (tmp / f"writer{w}.log").read_text()[:3000]
+                                for w, p in enumerate(writers) if p.poll() is not None)
+                raise RuntimeError(f"load did not finish:{tails}")
             await asyncio.sleep(0.2)
         load = [json.loads((tmp / f"loaded{w}").read_text()) for w in range(a.writers)]
         rss_loaded = max(infra.rss_mib(f.pid) for f in feds)
@@ -265,7 +267,7 @@ async def run(tmp: Path, a: argparse.Namespace) -> dict:
     from bench.churn_writer import export
 
     one = export("c0000", 0, a.endpoints)
-    event_bytes = len(json.dumps({"type": "put", "key": one.key(), "value": one.to_json(),
+    event_bytes = len(json.dumps({"type": "put", "key": one.key, "value": one.to_json(),
                                   "revision": acks[-1][0] if acks else 1}))
     return {"clusters": a.clusters, "services": a.services, "endpoints_per_export": a.endpoints,
             "endpoints": a.clusters * a.services * a.endpoints, "watchers": n_watchers,

@@ -141,10 +141,13 @@ class Clusters:
                     keys = dict.fromkeys(ev.key for ev in events
                                          if ev.key.startswith((CLUSTERS, BUNDLES, LIVE)))
                     if keys:
+                        latest = [(key, await store.get(key)) for key in keys]
+                        # no await from the copy to the install: a handler's change to the
+                        # maps meanwhile is not lost
                         maps = (dict(self.state.records), dict(self.state.bundles),
                                 dict(self.state.leases))
-                        for key in keys:
-                            stale |= self._fold(maps, key, await store.get(key))
+                        for key, kv in latest:
+                            stale |= self._fold(maps, key, kv)
                         self._install(*maps)
             except CompactedError:
                 after = await self.refresh_maps()

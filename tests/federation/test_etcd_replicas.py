@@ -253,3 +253,27 @@ async def test_joins_at_one_replica_are_trusted_at_the_other_with_few_trust_rebu
         await wait_for(refused, 10.0, interval=0.2, what="B refusing a removed cluster")
     finally:
         etcd.stop()
+
+
+async def test_leases_granted_at_once_are_all_live_for_their_next_write(tmp_path, make_fed):
+    """60 clusters take a lease at the same time and write an export right after: while the
+    replica follows its own writes in the store, no lease it just installed is lost."""
+    require_etcd()
+    etcd = Etcd(tmp_path / "etcd1")
+    etcd.start()
+    try:
+        fed = await make_fed(store_url=etcd.url)
+        clusters = [make_cluster(f"l{i}") for i in range(60)]
+        clients = await asyncio.gather(*(fed.join(c) for c in clusters))
+
+        async def lease_then_write(c: Cluster, client: FederationClient) -> int:
+            await client.grant_lease(c.name)
+            return await client.put_export(c.export("web"))
+
+        got = await asyncio.gather(*(lease_then_write(c, cl)
+                                     for c, cl in zip(clusters, clients, strict=True)),
+                                   return_exceptions=True)
+        failed = [g for g in got if isinstance(g, BaseException)]
+        assert not failed, failed[:3]
+    finally:
+        etcd.stop()
