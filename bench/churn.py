@@ -190,6 +190,7 @@ async def run(tmp: Path, a: argparse.Namespace) -> dict:
             if time.monotonic() > deadline or any(p.poll() is not None for p in writers):
                 tails = "".join(f"\nwriter{w}: " + (tmp / f"writer{w}.log").read_text()[:3000]
                                 for w, p in enumerate(writers) if p.poll() is not None)
+                tails += "\nfederation: " + (tmp / "fed0.log").read_text()[-3000:]
                 raise RuntimeError(f"load did not finish:{tails}")
             await asyncio.sleep(0.2)
         load = [json.loads((tmp / f"loaded{w}").read_text()) for w in range(a.writers)]
@@ -274,6 +275,7 @@ async def run(tmp: Path, a: argparse.Namespace) -> dict:
             "store": a.store, "replicas": a.replicas, "writers": a.writers,
             "join_s": round(joined_s, 1), "load_s": round(max(x["seconds"] for x in load), 1),
             "load_puts": sum(x["puts"] for x in load),
+            "load_retries": sum(x["retries"] for x in load),
             "rss_mib": {"joined": round(rss_empty), "loaded": round(rss_loaded),
                         "after_snapshot": round(rss_after_snapshot), "churn": round(rss_churn)},
             "snapshot_bytes": snap_bytes, "snapshot_s": round(snap_s, 2),
@@ -335,7 +337,8 @@ def main() -> int:
     print(json.dumps(r))
     print(f"{r['clusters']} clusters x {r['services']} services x {r['endpoints_per_export']} "
           f"endpoints = {r['endpoints']} endpoints, {r['watchers']} watchers, {r['store']}, "
-          f"{r['replicas']} replica(s); load {r['load_puts']} puts in {r['load_s']} s; "
+          f"{r['replicas']} replica(s); load {r['load_puts']} puts in {r['load_s']} s "
+          f"({r['load_retries']} retried); "
           f"federation RSS {r['rss_mib']} MiB; snapshot {r['snapshot_bytes']} bytes in "
           f"{r['snapshot_s']} s, one watch event {r['watch_event_bytes']} bytes")
     for row in r["phases"]:

@@ -6,8 +6,9 @@ seconds], ...]) and the files to write. Theory of operation:
 
 1. every cluster (its own `FederationClient`, mutual TLS with its SVID) takes a lease;
 2. load: each cluster puts SERVICES exports of ENDPOINTS endpoints, at most LOAD_CONCURRENCY
-   writes in flight; then it writes `loaded` (seconds it took) and waits for the `go` file,
-   which holds the wall-clock start of the first phase (every writer starts together);
+   writes in flight, a refused one tried again (LOAD_TRIES in all, counted); then it writes
+   `loaded` (seconds it took) and waits for the `go` file, which holds the wall-clock start
+   of the first phase (every writer starts together);
 3. churn: per phase an open-loop schedule of `rate` writes per second, each one export of a
    random cluster with one endpoint's port moved (endpoint churn); at most MAX_INFLIGHT writes
    in flight: a write that comes due while all are busy is skipped and counted (the schedule
@@ -34,6 +35,7 @@ from federation.identity import Svid
 from federation.model import Endpoint, Export
 
 LOAD_CONCURRENCY = 16
+LOAD_TRIES = 5
 MAX_INFLIGHT = 64
 
 
@@ -53,19 +55,41 @@ async def main(spec_file: str) -> None:
     gate = asyncio.Semaphore(LOAD_CONCURRENCY)
     leases: dict[str, int] = {}
 
+    retries = 0
+
+    async def regrant(name: str) -> None:
+        leases[name], _ = await clients[name].grant_lease(name)
+
+    async def retried(name: str, call) -> object:
+        """A load call, tried up to LOAD_TRIES times, counted; after a 409 (no live lease: the
+        federation dropped it when a store write failed) with a new lease first, as a gateway
+        does."""
+        nonlocal retries
+        for attempt in range(LOAD_TRIES):
+            try:
+                async with gate:
+                    return await call()
+            except FederationError as e:
+                if attempt == LOAD_TRIES - 1:
+                    raise
+                retries += 1
+                await asyncio.sleep(0.5)
+                if e.status == 409:
+                    await retried(name, lambda: regrant(name))
+        return None
+
     async def lease(name: str) -> None:
-        async with gate:
-            leases[name], _ = await clients[name].grant_lease(name)
+        await retried(name, lambda: regrant(name))
 
     async def load(name: str, svc: int) -> None:
-        async with gate:
-            await clients[name].put_export(export(name, svc, endpoints))
+        await retried(name, lambda: clients[name].put_export(export(name, svc, endpoints)))
 
     t = time.monotonic()
     await asyncio.gather(*(lease(n) for n in clients))
     await asyncio.gather(*(load(n, s) for n in clients for s in range(services)))
     Path(spec["loaded"]).write_text(json.dumps({"seconds": time.monotonic() - t,
-                                                "puts": len(clients) * services}))
+                                                "puts": len(clients) * services,
+                                                "retries": retries}))
 
     async def renew() -> None:
         while True:
@@ -93,8 +117,13 @@ async def main(spec_file: str) -> None:
             rev = await clients[name].put_export(export(name, svc, endpoints,
                                                         rng.randint(1, 50)))
             acks.append([rev, time.time(), phase])
-        except FederationError:
+        except FederationError as e:
             refused[phase] += 1
+            if e.status == 409:  # no live lease: take a new one, as a gateway does
+                try:
+                    await regrant(name)
+                except FederationError:
+                    pass
 
     at = start
     for phase, (rate, seconds) in enumerate(spec["phases"]):

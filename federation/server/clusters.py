@@ -137,7 +137,6 @@ class Clusters:
             try:
                 events = await store.events(CATALOG_PREFIX, after, wait)
                 if events:
-                    after = events[-1].revision
                     keys = dict.fromkeys(ev.key for ev in events
                                          if ev.key.startswith((CLUSTERS, BUNDLES, LIVE)))
                     if keys:
@@ -149,6 +148,7 @@ class Clusters:
                         for key, kv in latest:
                             stale |= self._fold(maps, key, kv)
                         self._install(*maps)
+                    after = events[-1].revision  # only now: a failed read is tried again
             except CompactedError:
                 after = await self.refresh_maps()
                 stale = True
