@@ -147,6 +147,8 @@ async def _snapshot_bytes(url: str, bundle, cluster: dict) -> tuple[int, float]:
     async with (aiohttp.ClientSession(connector=aiohttp.TCPConnector(
             ssl=client_context(svid, bundle))) as s, s.get(url + "/v1/catalog") as r):
         body = await r.read()
+        if r.status != 200:
+            raise RuntimeError(f"GET /v1/catalog: HTTP {r.status}: {body[:300]!r}")
     return len(body), time.monotonic() - t
 
 
