@@ -33,6 +33,7 @@ from urllib.parse import parse_qsl
 
 import aetcd
 import aetcd.exceptions
+import aetcd.utils
 import grpc
 from aetcd import rpc, watcher
 
@@ -43,6 +44,7 @@ MAX_KEY_BYTES = 1024
 MAX_VALUE_BYTES = 1 << 20
 BATCH = 10_000  # events returned by one call at most (the next call goes on from the last)
 BATCH_WAIT = 0.005  # after the first event, this long for the rest of its batch
+RANGE_PAGE = 2000  # keys per range request (~1 MB of exports)
 
 __all__ = ["EtcdStore", "EtcdTls", "parse_etcd_tls", "parse_etcd_url"]
 TLS_PARAMS = ("cacert", "cert", "key")
@@ -240,9 +242,29 @@ class EtcdStore:
         return KV(key, g.value, g.mod_revision, g.lease or None)
 
     async def range(self, prefix: str) -> tuple[list[KV], int]:
-        r = await self._call(lambda c: c.get_prefix(prefix.encode()))
-        kvs = [KV(kv.key.decode(), kv.value, kv.mod_revision, kv.lease or None) for kv in r]
-        return sorted(kvs, key=lambda kv: kv.key), r.header.revision
+        """Pages of up to RANGE_PAGE keys, all read at the revision of the first page (a
+        catalog of 100,000 endpoints is ~11 MB: one answer would pass gRPC's 4 MiB message
+        limit); a page still too large (big values) is asked again with a quarter as many
+        keys. aetcd 1.0 drops a range's limit and revision, so the request is built here."""
+        start, end = prefix.encode(), aetcd.utils.prefix_range_end(prefix.encode())
+        out: list[KV] = []
+        revision, page = 0, RANGE_PAGE
+        while True:
+            req = rpc.RangeRequest(key=start, range_end=end, limit=page, revision=revision)
+            try:
+                r = await self._call(lambda c, req=req: _range(c, req, self.timeout))
+            except _PageTooBig as e:
+                if page == 1:
+                    raise StoreError(f"etcd at {self.where}: range {prefix!r}: one key "
+                                     f"passes gRPC's message limit ({e})") from None
+                page = max(1, page // 4)
+                continue
+            revision = revision or r.header.revision
+            out += [KV(kv.key.decode(), kv.value, kv.mod_revision, kv.lease or None)
+                    for kv in r.kvs]
+            if not r.more or not r.kvs:
+                return out, revision
+            start = r.kvs[-1].key + b"\0"
 
     async def put(self, key: str, value: bytes, lease: int | None = None) -> int:
         if len(key.encode()) > MAX_KEY_BYTES or len(value) > MAX_VALUE_BYTES:
@@ -323,6 +345,21 @@ class EtcdStore:
             except Exception:  # noqa: BLE001 - the watch is gone either way
                 pass
         return out
+
+
+class _PageTooBig(Exception):
+    """A range answer larger than gRPC's message limit (RESOURCE_EXHAUSTED)."""
+
+
+async def _range(c: aetcd.Client, req: Any, timeout: float) -> Any:
+    """One Range call on aetcd's stub, its gRPC errors mapped as aetcd maps its own."""
+    try:
+        return await c.kvstub.Range(req, timeout=timeout, metadata=c.metadata)
+    except grpc.aio.AioRpcError as e:
+        if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            raise _PageTooBig(e.details()) from None
+        aetcd.exceptions._handle_exception(e)  # raises the matching aetcd error
+        raise
 
 
 def _compacted(e: Exception) -> int:
