@@ -243,11 +243,12 @@ async def run(tmp: Path, a: argparse.Namespace) -> dict:
         refused = [x + y for x, y in zip(refused, out["refused"], strict=True)]
         skipped = [x + y for x, y in zip(skipped, out["skipped"], strict=True)]
     seen: dict[int, list[float]] = {}
-    answers = events = 0
+    answers = events = out_of_order = 0
     for i in range(WATCHER_PROCS):
         out = json.loads((tmp / f"watcher{i}.json").read_text())
         answers += out["answers"]
         events += out["events"]
+        out_of_order += out["out_of_order"]
         for rev, times in out["seen"].items():
             seen.setdefault(int(rev), []).extend(times)
     n_watchers = per * WATCHER_PROCS
@@ -283,6 +284,7 @@ async def run(tmp: Path, a: argparse.Namespace) -> dict:
             "snapshot_bytes": snap_bytes, "snapshot_s": round(snap_s, 2),
             "watch_event_bytes": event_bytes,
             "watch_answers": answers, "watch_events": events,
+            "watch_events_out_of_order": out_of_order,
             "loadavg_before": [round(x, 2) for x in load0],
             "loadavg_after": [round(x, 2) for x in os.getloadavg()], "phases": rows}
 

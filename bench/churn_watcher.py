@@ -5,8 +5,10 @@ SVID) sharing CONNECTIONS clients (each with its own pool of TLS connections) to
 federation replica, from `start` (a revision)
 until `deadline` (wall clock). Each watcher records, for the sampled revisions (revision %
 `sample` == 0) of export events, the wall-clock time it had them; and every watcher counts
-its answers and events. Out: {"seen": {revision: [times]}, "answers": n, "events": n,
-"behind": [last revision of each watcher]}. A watch that fails is retried after 0.2 s.
+its answers and events, and the events at or below a revision it already had (a duplicate or
+out of order: must be 0). Out: {"seen": {revision: [times]}, "answers": n, "events": n,
+"out_of_order": n, "behind": [last revision of each watcher]}. A watch that fails is retried
+after 0.2 s.
 """
 
 from __future__ import annotations
@@ -35,11 +37,12 @@ async def main(spec_file: str) -> None:
                for _ in range(CONNECTIONS)]
     sample, deadline = spec["sample"], spec["deadline"]
     seen: dict[int, list[float]] = {}
-    counts = {"answers": 0, "events": 0}
+    counts = {"answers": 0, "events": 0, "out_of_order": 0}
     last: list[int] = []
 
     async def one(i: int) -> None:
         c, after = clients[i % CONNECTIONS], spec["start"]
+        prev, at_prev = after, set()
         while (left := deadline - time.time()) > 0:
             try:
                 after, events = await c.watch(after, min(5.0, left))
@@ -50,7 +53,14 @@ async def main(spec_file: str) -> None:
             counts["answers"] += 1
             counts["events"] += len(events)
             for ev in events:
-                if ev.revision % sample == 0 and ev.key.startswith(EXPORTS):
+                # below a revision this watcher had, or the same key at it again (one revision
+                # may delete several keys: a lease's)
+                if ev.revision < prev or (ev.revision == prev and ev.key in at_prev):
+                    counts["out_of_order"] += 1
+                first = ev.revision != prev  # time a revision once, however many keys
+                at_prev = {ev.key} if first else at_prev | {ev.key}
+                prev = ev.revision
+                if first and ev.revision % sample == 0 and ev.key.startswith(EXPORTS):
                     seen.setdefault(ev.revision, []).append(now)
         last.append(after)
 

@@ -270,7 +270,14 @@ class Clusters:
         try:
             rev = await self.state.store.put(rec.key, value, lease=lease)
         except StoreError:
-            self.state.leases.pop(name, None)
+            try:
+                alive = await self._lease_alive(name, lease)
+            except StoreError:
+                alive = True  # the store does not answer: that is the error, not the lease
+            if alive:
+                raise  # 503: the write is not acknowledged, the lease stays
+            if self.state.leases.get(name) == lease:
+                self.state.leases.pop(name, None)
             raise ApiError(
                 409, f"cluster {name!r} has no live lease (lease {lease} expired)"
             ) from None

@@ -84,7 +84,7 @@ def make_etcd_certs(d: Path) -> EtcdCerts:
 class Etcd:
     def __init__(self, root: Path, name: str = "e0", client_port: int | None = None,
                  peer_port: int | None = None, cluster: str | None = None,
-                 certs: EtcdCerts | None = None) -> None:
+                 certs: EtcdCerts | None = None, extra: tuple[str, ...] = ()) -> None:
         self.name = name
         self.client_port = client_port or free_port()
         self.peer_port = peer_port or free_port()
@@ -102,7 +102,8 @@ class Etcd:
             "--initial-advertise-peer-urls", f"http://127.0.0.1:{self.peer_port}",
             "--initial-cluster", cluster or f"{name}=http://127.0.0.1:{self.peer_port}",
             "--initial-cluster-state", "new", "--heartbeat-interval", "100",
-            "--election-timeout", "1000", "--log-level", "warn"], root / f"etcd-{name}.log")
+            "--election-timeout", "1000", "--log-level", "warn", *extra],
+            root / f"etcd-{name}.log")
 
     @property
     def url(self) -> str:
