@@ -4,7 +4,9 @@ through aetcd (asyncio gRPC).
 Revisions, leases, watches and compaction are etcd's own: a revision is etcd's (an empty etcd
 is at revision 1), a lease is an etcd lease (whole seconds; etcd expires it and keeps its
 deadline across a leader change, so `renew_all_leases` and `expire_leases` do nothing), events
-come from a watch started at `after + 1` (history first, then new writes), and a watch behind
+come from a watch started at `after + 1` (history first, then new writes) on a gRPC stream of
+its own (not aetcd's shared one, which under load handed one watch another's events), and a
+watch behind
 etcd's compaction is a CompactedError (the federation's 410: resync from a snapshot). A delete
 returns the previous value to exactly one caller (single-use join tokens, even across
 replicas). Several endpoints: each is tried in turn when one is unreachable.
@@ -308,42 +310,55 @@ class EtcdStore:
         return 0  # etcd expires leases itself
 
     async def events(self, prefix: str, after: int, timeout: float) -> list[Event]:
+        """A watch from `after + 1` on a gRPC stream of its own, ended when this returns.
+        (aetcd's shared watch stream pairs a late "created" answer with the next watch being
+        created, so under load one call could get another's events: duplicates or gaps.)"""
         current = await self.revision()
         if after > current:
             raise FutureRevisionError(after, current)
-        try:
-            watch = await self._call(lambda c: c.watch_prefix(prefix.encode(),
-                                                            start_revision=after + 1))
-        except aetcd.exceptions.RevisionCompactedError as e:
-            raise CompactedError(after, _compacted(e)) from None
+        client = self._c()
+        key = prefix.encode()
+        create = rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
+            key=key, range_end=aetcd.utils.prefix_range_end(key), start_revision=after + 1))
+        ended = asyncio.Event()
+
+        async def requests() -> Any:
+            yield create
+            await ended.wait()  # the request stream stays open until the call is done
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, timeout)
+        call = rpc.WatchStub(client.channel).Watch(requests(), metadata=client.metadata)
         out: list[Event] = []
-        it = watch.__aiter__()
         try:
-            wait = timeout
             while len(out) < BATCH:
-                try:
-                    ev = await asyncio.wait_for(it.__anext__(), wait)
-                except (TimeoutError, StopAsyncIteration):
+                wait = BATCH_WAIT if out else deadline - loop.time()
+                if wait <= 0:
                     break
-                except aetcd.exceptions.RevisionCompactedError as e:
-                    raise CompactedError(after, _compacted(e)) from None
-                except (aetcd.exceptions.ClientError, OSError) as e:
-                    if out:
-                        break  # what came is good; the next call goes on from it
-                    if len(self.endpoints) > 1:
-                        await self._reconnect()
-                    raise StoreError(f"etcd at {self.where}: watch: {type(e).__name__}: "
-                                     f"{e}") from None
-                kv = ev.kv
-                deleted = str(ev.kind).endswith("DELETE")
-                out.append(Event("delete" if deleted else "put", kv.key.decode(),
-                                 None if deleted else kv.value, kv.mod_revision))
-                wait = BATCH_WAIT
+                try:
+                    resp = await asyncio.wait_for(call.read(), wait)
+                except TimeoutError:
+                    break
+                if resp is grpc.aio.EOF:
+                    break
+                if resp.compact_revision:
+                    raise CompactedError(after, resp.compact_revision)
+                if resp.canceled:
+                    raise StoreError(f"etcd at {self.where}: watch canceled: "
+                                     f"{resp.cancel_reason or 'no reason given'}")
+                for ev in resp.events:
+                    deleted = ev.type == rpc.Event.DELETE
+                    out.append(Event("delete" if deleted else "put", ev.kv.key.decode(),
+                                     None if deleted else ev.kv.value, ev.kv.mod_revision))
+        except grpc.aio.AioRpcError as e:
+            if not out:
+                if len(self.endpoints) > 1:
+                    await self._reconnect()
+                raise StoreError(f"etcd at {self.where}: watch: {e.code().name}: "
+                                 f"{e.details()}") from None
         finally:
-            try:
-                await watch.cancel()
-            except Exception:  # noqa: BLE001 - the watch is gone either way
-                pass
+            ended.set()
+            call.cancel()
         return out
 
 
@@ -362,5 +377,3 @@ async def _range(c: aetcd.Client, req: Any, timeout: float) -> Any:
         raise
 
 
-def _compacted(e: Exception) -> int:
-    return int(getattr(e, "compacted_revision", 0) or 0)

@@ -235,3 +235,4 @@ async def test_a_range_is_read_in_pages_at_one_revision(store, monkeypatch):
         await store.put(f"big/{i}", big)
     kvs, _ = await store.range("big/")
     assert len(kvs) == 6 and all(kv.value == big for kv in kvs)
+
