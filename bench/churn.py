@@ -237,11 +237,13 @@ async def run(tmp: Path, a: argparse.Namespace) -> dict:
         if etcd is not None:
             etcd.stop()
     acks, refused, skipped = [], [0] * len(phases), [0] * len(phases)
+    why: list[list[str]] = [[] for _ in phases]
     for w in range(a.writers):
         out = json.loads((tmp / f"writer{w}.json").read_text())
         acks += out["acks"]
         refused = [x + y for x, y in zip(refused, out["refused"], strict=True)]
         skipped = [x + y for x, y in zip(skipped, out["skipped"], strict=True)]
+        why = [(x + y)[:3] for x, y in zip(why, out["why"], strict=True)]
     seen: dict[int, list[float]] = {}
     answers = events = out_of_order = 0
     for i in range(WATCHER_PROCS):
@@ -263,7 +265,7 @@ async def run(tmp: Path, a: argparse.Namespace) -> dict:
                 lat += [x - t_ack for x in seen.get(rev, [])]
         lat.sort()
         rows.append({"rate": rate, "seconds": secs, "acked_per_s": round(len(mine) / secs),
-                     "refused": refused[k], "skipped": skipped[k],
+                     "refused": refused[k], "skipped": skipped[k], "refusals": why[k],
                      "p50_ms": _ms(_quantile(lat, 0.5)), "p99_ms": _ms(_quantile(lat, 0.99)),
                      "max_ms": _ms(lat[-1] if lat else None),
                      "delivered": round(len(lat) / expected, 4) if expected else None,

@@ -108,6 +108,7 @@ async def main(spec_file: str) -> None:
     acks: list[list] = []
     refused = [0] * len(spec["phases"])
     skipped = [0] * len(spec["phases"])
+    why: list[list[str]] = [[] for _ in spec["phases"]]  # the first refusals' messages
     inflight: set[asyncio.Task] = set()
     names = list(clients)
     rng = random.Random(spec["seed"])
@@ -119,6 +120,8 @@ async def main(spec_file: str) -> None:
             acks.append([rev, time.time(), phase])
         except FederationError as e:
             refused[phase] += 1
+            if len(why[phase]) < 3:
+                why[phase].append(str(e)[:200])
             if e.status == 409:  # no live lease: take a new one, as a gateway does
                 try:
                     await regrant(name)
@@ -145,7 +148,7 @@ async def main(spec_file: str) -> None:
         await asyncio.wait(inflight, timeout=30.0)
     renewer.cancel()
     Path(spec["out"]).write_text(json.dumps({"acks": acks, "refused": refused,
-                                             "skipped": skipped}))
+                                             "skipped": skipped, "why": why}))
     for c in clients.values():
         await c.close()
 

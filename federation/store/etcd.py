@@ -6,8 +6,8 @@ is at revision 1), a lease is an etcd lease (whole seconds; etcd expires it and 
 deadline across a leader change, so `renew_all_leases` and `expire_leases` do nothing), events
 come from a watch started at `after + 1` (history first, then new writes) on a gRPC stream of
 its own (not aetcd's shared one, which under load handed one watch another's events), and a
-watch behind
-etcd's compaction is a CompactedError (the federation's 410: resync from a snapshot). A delete
+watch behind etcd's compaction is a CompactedError (the federation's 410: resync from a
+snapshot). A delete
 returns the previous value to exactly one caller (single-use join tokens, even across
 replicas). Several endpoints: each is tried in turn when one is unreachable.
 
