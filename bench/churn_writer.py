@@ -87,6 +87,7 @@ async def main(spec_file: str) -> None:
 
     t = time.monotonic()
     await asyncio.gather(*(lease(n) for n in clients))
+
     async def renew() -> None:
         while True:
             await asyncio.sleep(spec["lease_ttl"] / 3)
