@@ -103,3 +103,30 @@ async def test_a_federation_serves_from_etcd_over_tls(etcd_tls, make_fed):
     out = io.StringIO()
     render_status(data, out)
     assert f"store: etcd (127.0.0.1:{etcd_tls.client_port}, TLS)" in out.getvalue()
+
+
+async def test_the_commands_take_the_tls_url(etcd_tls, tmp_path):
+    """As the README shows: `federation serve --store 'etcd://...?cacert=&cert=&key='`, then
+    `federation token create --store` with the same URL, a cluster joining with that token,
+    and `isthmus federation status` naming the store with TLS."""
+    from federation.client import FederationClient, load_federation_bundle
+    from tests.helpers.etcd import FedReplica
+    from tests.helpers.federation import make_cluster
+    from tests.helpers.processes import run_cli
+
+    fed = FedReplica(tmp_path, "fed-tls", etcd_tls.url)
+    fed.start()
+    try:
+        made = run_cli("federation", "token", "create", "--state-dir", str(fed.state),
+                       "--store", etcd_tls.url, "--cluster", "east-1")
+        assert made.returncode == 0, made.stderr
+        token = made.stdout.strip().splitlines()[-1]
+        east = make_cluster("east-1")
+        bundle = load_federation_bundle(fed.state / "ca.pem")
+        async with FederationClient(fed.url, bundle, timeout=5.0) as anon:
+            await anon.join(token, east.record, east.bundle(1))
+        st = run_cli("federation", "status", "--admin", f"http://127.0.0.1:{fed.admin_port}")
+        assert st.returncode == 0, st.stderr
+        assert f"store: etcd (127.0.0.1:{etcd_tls.client_port}, TLS)" in st.stdout, st.stdout
+    finally:
+        fed.stop()
