@@ -1,12 +1,15 @@
 """Catalog fan-out benchmark (issue 16): `python -m bench.fanout [--watchers 1000] [--changes 10]
-[--store sqlite|etcd]`.
+[--store sqlite|etcd] [--replicas N]`.
 
 One `isthmus federation serve` process (SQLite, or etcd with `--store etcd`: a one-member etcd
 started here); a cluster joins and holds a lease; WATCHERS long-poll watchers (the gateways'
-`FederationClient.watch`, mutual TLS with that cluster's SVID) in 4 processes, 25 TLS
-connections each. Each change is one export write; measured per change: the time from the
+`FederationClient.watch`, mutual TLS with that cluster's SVID) in 4 processes (6 with 3
+replicas, so each replica gets the same number), 25 TLS connections each; with `--replicas N`
+(etcd only) N federation processes on the one etcd, the watcher processes spread over them
+round robin. Each change is one export write; measured per change: the time from the
 write's answer to each watcher having the event (wall clock, one machine), p50, p99 and max
-over all watchers and changes; the federation's CPU per change and RSS.
+over all watchers and changes; per replica: the long-polls it holds (its
+`isthmus_federation_watchers` gauge, read between changes) and its CPU per change; RSS.
 """
 
 from __future__ import annotations
@@ -71,7 +74,21 @@ def _cpu(pid: int) -> float:
     return infra.cpu_seconds(pid) if os.path.exists(f"/proc/{pid}") else 0.0
 
 
-def _serve(tmp: Path, i: int, store_url: str | None, env: dict) -> subprocess.Popen:
+def watching(admin_port: int) -> int:
+    """The long-polls a federation process holds now (its /metrics gauge)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("isthmus_federation_watchers "):
+                return int(float(line.split()[1]))
+    return -1
+
+
+def serve_replica(tmp: Path, i: int, store_url: str | None, env: dict,
+                  lease_ttl: str = "30s") -> subprocess.Popen:
+    """Replica i of `federation serve` (API on PORT + 2i, admin on ADMIN + 2i); replicas after
+    the first get the first one's CA."""
     state = tmp / ("fed" if i == 0 else f"fed{i}")
     if i:  # a replica: the first one's CA
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -80,7 +97,7 @@ def _serve(tmp: Path, i: int, store_url: str | None, env: dict) -> subprocess.Po
             (state / f).chmod(0o600)
     args = [sys.executable, "-m", "isthmus.cli", "federation", "serve", "--state-dir",
             str(state), "--listen", f"127.0.0.1:{PORT + 2 * i}", "--admin",
-            f"127.0.0.1:{ADMIN + 2 * i}", "--lease-ttl", "30s", "--log-level", "warning"]
+            f"127.0.0.1:{ADMIN + 2 * i}", "--lease-ttl", lease_ttl, "--log-level", "warning"]
     if store_url:
         args += ["--store", store_url]
     p = subprocess.Popen(args, env=env, stdout=open(tmp / f"fed{i}.log", "w"),
@@ -95,11 +112,11 @@ async def run(tmp: Path, watchers: int, changes: int, store: str, replicas: int 
     if store == "etcd":
         etcd = Etcd(tmp)
         etcd.start()
-    feds = [_serve(tmp, 0, etcd.url if etcd else None, env)]
+    feds = [serve_replica(tmp, 0, etcd.url if etcd else None, env)]
     procs: list[subprocess.Popen] = []
     try:
         for i in range(1, replicas):
-            feds.append(_serve(tmp, i, etcd.url if etcd else None, env))
+            feds.append(serve_replica(tmp, i, etcd.url if etcd else None, env))
         url = f"https://127.0.0.1:{PORT}"
         bundle = load_federation_bundle(tmp / "fed" / "ca.pem")
         c = make_cluster("bench-1")
@@ -116,8 +133,10 @@ async def run(tmp: Path, watchers: int, changes: int, store: str, replicas: int 
         (tmp / "svid.pem").write_bytes(c.svid.cert_pem)
         (tmp / "svid-key.pem").write_bytes(c.svid.key_pem)
         (tmp / "watcher.py").write_text(WATCHER)
-        per = watchers // 4
-        for i in range(4):
+        nproc = 4 if 4 % replicas == 0 else 2 * replicas
+        per = watchers // nproc
+        watchers = per * nproc
+        for i in range(nproc):
             wurl = f"https://127.0.0.1:{PORT + 2 * (i % replicas)}"
             procs.append(subprocess.Popen(
                 [sys.executable, str(tmp / "watcher.py"), wurl, str(tmp / "fed" / "ca.pem"),
@@ -127,7 +146,11 @@ async def run(tmp: Path, watchers: int, changes: int, store: str, replicas: int 
         await asyncio.sleep(5.0)  # every watcher connected and long-polling
         cpu0 = [_cpu(f.pid) for f in feds]
         wrote: dict[int, float] = {}
+        held: list[int] = []
         for i in range(changes):
+            if i == changes // 2:
+                await asyncio.sleep(0.5)  # between two changes: every watcher is back polling
+                held = [watching(ADMIN + 2 * k) for k in range(len(feds))]
             ex = Export("bench-1", "default", "bench", 8080, "tcp",
                         (Endpoint("127.0.0.1", 9000 + i, True, 1),))
             rev = await client.put_export(ex)
@@ -150,7 +173,7 @@ async def run(tmp: Path, watchers: int, changes: int, store: str, replicas: int 
             etcd.stop()
     lat: list[float] = []
     got = 0
-    for i in range(4):
+    for i in range(nproc):
         try:
             seen = json.loads((tmp / f"seen{i}.json").read_text())
         except OSError:
@@ -165,7 +188,7 @@ async def run(tmp: Path, watchers: int, changes: int, store: str, replicas: int 
             "p50_ms": lat[len(lat) // 2] * 1000 if lat else None,
             "p99_ms": lat[int(len(lat) * 0.99)] * 1000 if lat else None,
             "max_ms": lat[-1] * 1000 if lat else None,
-            "replicas": replicas,
+            "replicas": replicas, "watchers_per_replica": held,
             "cpu_per_change_ms": [round((b - a) / changes * 1000) for a, b in zip(cpu0, cpu1,
                                                                                   strict=True)],
             "rss_mib": rss}
@@ -187,7 +210,8 @@ def main() -> int:
           f"{r['changes']} changes: "
           f"{r['deliveries']} of {r['expected']} deliveries; change -> watcher p50 "
           f"{r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms, max {r['max_ms']:.0f} ms; federation "
-          f"CPU per change per replica {r['cpu_per_change_ms']} ms, RSS {r['rss_mib']:.0f} MiB")
+          f"CPU per change per replica {r['cpu_per_change_ms']} ms, long-polls held per "
+          f"replica {r['watchers_per_replica']}, RSS {r['rss_mib']:.0f} MiB")
     return 0
 
 

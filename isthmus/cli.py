@@ -227,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--store", default=None, help="sqlite:PATH (default sqlite:STATE_DIR/federation.db) or "
-        "etcd://HOST:PORT[,HOST:PORT...]"
+        "etcd://HOST:PORT[,HOST:PORT...][?cacert=CA.pem[&cert=CERT.pem&key=KEY.pem]] (TLS to "
+        "etcd, with a client certificate when cert/key are given)"
     )
     serve.add_argument(
         "--lease-ttl",

@@ -83,7 +83,8 @@ def render_status(data: dict[str, Any], file: IO[str] | None = None) -> None:
     store = data.get("store") or {}
     if store:
         where = store.get("path") or store.get("using")
-        line = f"store: {store.get('kind')} ({where}), revision {data.get('revision')}"
+        tls = ", TLS" if store.get("tls") else ""
+        line = f"store: {store.get('kind')} ({where}{tls}), revision {data.get('revision')}"
         members = store.get("members") or []
         if members:
             line += "; etcd members: " + ", ".join(

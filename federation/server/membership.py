@@ -90,6 +90,8 @@ class Membership:
                     await store.put(kv.key, kv.value)
                 raise
             old = self.state.records.get(record.name)
+            # a first join of a domain new here retires nothing: its CAs can be added in place
+            first = old is None and record.trust_domain not in self.state.bundles
             await store.put(BUNDLES + record.trust_domain, api.canonical_json(bundle.to_jwks()))
             await store.put(CLUSTERS + record.name, api.canonical_json(record.to_json()))
             bundles = dict(self.state.bundles)
@@ -103,7 +105,10 @@ class Membership:
             self.state.bundles = bundles
             self.state.cluster_by_td = by_td
             self.state.records = {**self.state.records, record.name: record}
-            self.credentials.reload_trust()
+            if first:
+                self.credentials.add_trust(bundle)
+            else:
+                self.credentials.reload_trust()
         where = (f"trust domain {record.trust_domain}, {record.region}/{record.zone}, "
                  f"gateway {quote(record.gateway_address)}, bundle sequence {bundle.sequence}")
         if how == "replaced":

@@ -96,7 +96,8 @@ class Store(Protocol):
 
 
 def open_store(url: str) -> Store:
-    """`sqlite:PATH` (the default embedded store) or `etcd://host:port,...` (store/etcd.py)."""
+    """`sqlite:PATH` (the default embedded store) or `etcd://host:port,...[?cacert=&cert=&key=]`
+    (store/etcd.py; the query is TLS to etcd)."""
     from federation.errors import InputError
 
     scheme, _, rest = url.partition(":")
@@ -105,7 +106,8 @@ def open_store(url: str) -> Store:
 
         return SqliteStore(rest)
     if scheme == "etcd" and rest.startswith("//"):
-        from federation.store.etcd import EtcdStore, parse_etcd_url
+        from federation.store.etcd import EtcdStore, parse_etcd_tls, parse_etcd_url
 
-        return EtcdStore(parse_etcd_url(url))
-    raise InputError(f"store {url!r}: expected sqlite:PATH or etcd://HOST:PORT[,HOST:PORT...]")
+        return EtcdStore(parse_etcd_url(url), tls=parse_etcd_tls(url))
+    raise InputError(f"store {url!r}: expected sqlite:PATH or etcd://HOST:PORT[,HOST:PORT...]"
+                     "[?cacert=PATH&cert=PATH&key=PATH]")

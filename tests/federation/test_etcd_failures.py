@@ -86,3 +86,28 @@ async def test_member_failures_lose_no_acknowledged_change(etcd3, make_fed):
           f"leader killed {time.monotonic() - t_kill:.0f} s before the end")
     assert not missing and not dups
     assert seen == sorted(seen)
+
+
+async def test_a_write_the_store_refuses_keeps_the_lease(tmp_path, make_fed):
+    """etcd refuses one export write (started with --max-request-bytes 1500, the write is
+    bigger): the answer is a 503 (not acknowledged), not 'no live lease', and the same lease
+    takes the next write, with no new grant."""
+    from federation.model import Endpoint, Export
+    from tests.helpers.etcd import Etcd
+
+    require_etcd()
+    etcd = Etcd(tmp_path / "etcd1", extra=("--max-request-bytes", "1500"))
+    etcd.start()
+    try:
+        fed = await make_fed(store_url=etcd.url, lease_ttl=30.0)
+        east = make_cluster("east-1")
+        c = await fed.join(east)
+        await c.grant_lease("east-1")
+        big = Export("east-1", "default", "web", 8080, "tcp",
+                     tuple(Endpoint("127.0.0.1", 9000 + i, True, 1) for i in range(40)))
+        with pytest.raises(FederationError) as err:
+            await c.put_export(big)
+        assert err.value.status == 503, err.value
+        assert await c.put_export(east.export("web", 8081)) > 0
+    finally:
+        etcd.stop()

@@ -215,3 +215,24 @@ async def test_status_lists_the_store_members_and_replicas(etcd, make_fed):
     out = io.StringIO()
     render_status(data, out)
     assert "store: etcd" in out.getvalue() and "federation replicas: 127.0.0.1:" in out.getvalue()
+
+
+async def test_a_range_is_read_in_pages_at_one_revision(store, monkeypatch):
+    """Pages of RANGE_PAGE keys (3 here), every page at the first page's revision; a page too
+    large for gRPC's 4 MiB answer limit (six 1 MiB values) is asked again smaller."""
+    import federation.store.etcd as etcd_store
+
+    monkeypatch.setattr(etcd_store, "RANGE_PAGE", 3)
+    for i in range(10):
+        await store.put(f"catalog/k{i:02d}", str(i).encode())
+    await store.put("catalog0", b"outside the prefix")
+    kvs, rev = await store.range("catalog/")
+    assert [kv.key for kv in kvs] == [f"catalog/k{i:02d}" for i in range(10)]
+    assert rev == await store.revision()
+    monkeypatch.setattr(etcd_store, "RANGE_PAGE", 2000)
+    big = b"x" * (1 << 20)
+    for i in range(6):
+        await store.put(f"big/{i}", big)
+    kvs, _ = await store.range("big/")
+    assert len(kvs) == 6 and all(kv.value == big for kv in kvs)
+
