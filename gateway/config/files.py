@@ -4,8 +4,9 @@
 patterns, relative to the gateway file. At most MAX_SERVICE_FILES files, each bounded like the
 gateway file (reader.read_text), sorted by path so every run reads them in the same order.
 
-A service file holds only `exports` and `imports`, read by the same `Services` reader as the
-inline sections, one reader per file so every problem names its own file and line.
+A service file holds only `exports`, `imports` and `policies` (policy_objects.py), read by the
+same readers as the gateway file's inline sections, one reader per file so every problem names
+its own file and line.
 
 `watched_dirs` and `may_be_read` tell the live reload (gateway/control/reload.py) where to
 watch and which changes matter.
@@ -23,6 +24,8 @@ from pathlib import Path
 
 from yaml.nodes import Node, ScalarNode
 
+from gateway.config.policy_objects import parse_policies
+from gateway.config.policy_values import Policy
 from gateway.config.reader import Field, Reader, Table, read_text
 from gateway.config.services import MAX_EXPORTS, Services
 from gateway.config.values import ExportConfig, ImportConfig
@@ -35,6 +38,7 @@ SUFFIXES = (".yaml", ".yml")
 SERVICE_FILE: Table = (
     Field("exports", None, ()),
     Field("imports", None, ()),
+    Field("policies", None, ()),
 )
 
 
@@ -157,18 +161,23 @@ class ServiceFile:
     imports: tuple[ImportConfig, ...]
     problems: tuple[Problem, ...]
     warnings: tuple[Problem, ...]
+    policies: tuple[Policy, ...] = ()
+    first_order: int = 0  # Policy.order of this file's first entry
 
 
 def read_service_file(
-    path: Path, name: str, own: str | None, listeners: list[tuple[str, tuple[str, int]]]
+    path: Path, name: str, own: str | None, listeners: list[tuple[str, tuple[str, int]]],
+    first_order: int = 0,
 ) -> ServiceFile:
     """Read one service file. `own` is the cluster's name (allowed_consumers always include
-    it), `listeners` the gateway's own sockets (an endpoint must not point back at them)."""
+    it), `listeners` the gateway's own sockets (an endpoint must not point back at them),
+    `first_order` the number of policies of the files read before this one."""
     reader = Services(name, path.parent)
     reader._listeners = list(listeners)
     root: dict[str, Node] = {}
     exports: tuple[ExportConfig, ...] = ()
     imports: tuple[ImportConfig, ...] = ()
+    policies: tuple[Policy, ...] = ()
     try:
         text = read_text(path)
     except ConfigError as e:
@@ -182,8 +191,11 @@ def read_service_file(
             exports = reader.exports(root["exports"], own)
         if "imports" in root:
             imports = reader.imports(root["imports"])
+        if "policies" in root:
+            policies = parse_policies(reader, root["policies"], "policies", first_order)
     return ServiceFile(name, path, root, exports, imports,
-                       tuple(reader.problems), tuple(reader.warnings))
+                       tuple(reader.problems), tuple(reader.warnings), policies,
+                       first_order)
 
 
 __all__ = ["MAX_EXPORTS", "MAX_SERVICE_FILES", "ServiceFile", "find", "read_service_file",

@@ -11,6 +11,10 @@ Four rules, each optional (README.md, "Config files by role"):
 * `max_endpoints`: endpoints per export;
 * `max_services_per_file`: exports plus imports in one service file.
 
+Service files' `policies` (policy_objects.py) are bound too (`check_policy_targets`): only the
+gateway file may attach a policy to `kind: Gateway`, and with `namespaces` set a service file's
+policy may only target imports and routes in the namespaces it may use.
+
 They bind service files only: the gateway file is the admin's own. A violation is a problem in
 the service file naming its line, the field and the rule (`policy.namespaces` ...). Pure.
 """
@@ -21,6 +25,7 @@ import ipaddress
 
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from gateway.config.policy_values import GATEWAY, Policy
 from gateway.config.reader import (
     Field,
     Reader,
@@ -140,3 +145,25 @@ def _check_listen(r: Reader, ranges: tuple[Network, ...], node: Node | None, pat
     if not any(ip.version == n.version and ip in n for n in ranges):
         r.problem(node, path, f"{node.value!r} is outside policy.import_listen "
                   f"({', '.join(str(n) for n in ranges)})")
+
+
+def check_policy_targets(r: Reader, policy: PolicyConfig, rel: str, node: Node | None,
+                         policies: tuple[Policy, ...], first: int) -> None:
+    """Record every `policies` entry of service file `rel` whose targetRef the file may not
+    use (see the module docstring); `node` is the file's `policies` list, `first` the order of
+    its first entry."""
+    items = node.value if isinstance(node, SequenceNode) else []
+    allowed = policy.allowed_namespaces(rel)
+    for p in policies:
+        i = p.order - first
+        item = items[i] if i < len(items) else node
+        ref = _child(item, "targetRef") if item is not None else None
+        where = f"policies[{i}].targetRef"
+        if p.target.kind == GATEWAY:
+            r.problem(ref or item, f"{where}.kind", "only the gateway file may attach a policy to "
+                      "the Gateway (use kind: Import or Route in a service file)")
+        elif allowed is not None and p.target.namespace not in allowed:
+            which = ", ".join(allowed) if allowed else f"none: no pattern matches {rel}"
+            r.problem(ref or item, f"{where}.namespace",
+                      f"namespace {p.target.namespace!r} is not allowed by policy.namespaces for "
+                      f"this file (allowed: {which})")

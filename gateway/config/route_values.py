@@ -66,6 +66,7 @@ class Rule:
     response_headers: HeaderModifier | None = None
     redirect: Redirect | None = None
     rewrite: Rewrite | None = None
+    name: str | None = None  # unique within its route: a policy targets it as sectionName
 
 
 @dataclass(frozen=True, slots=True)

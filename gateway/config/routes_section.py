@@ -74,6 +74,7 @@ ROUTE: Table = (
     Field("rules", None, None, doc="default: one rule, everything to the import's service"),
 )
 RULE: Table = (
+    Field("name", Reader.name, None, doc="unique within the route: a policy's sectionName"),
     Field("matches", None, None),
     Field("filters", None, None),
     Field("backendRefs", None, None),
@@ -169,9 +170,25 @@ class RouteReader(Reader):
         if "rules" in f:
             rules = self._list(f["rules"], sec.where("rules"), "rules", MAX_RULES,
                                lambda n, p: self.rule(n, p, service))
+        if "rules" in f and rules is not None and not self._unique_rule_names(
+                f["rules"], sec.where("rules"), rules):
+            rules = None
         if not sec.ok or hostnames is None or rules is None:
             return None
         return Route(sec.values["name"], rules, hostnames)
+
+    def _unique_rule_names(self, node: Node, path: str, rules: tuple[Rule, ...]) -> bool:
+        seen: dict[str, int] = {}
+        for i, rule in enumerate(rules):
+            if rule.name is None:
+                continue
+            if rule.name in seen:
+                self.problem(node.value[i], f"{path}[{i}].name", f"rule {rule.name!r} is "
+                             f"already named by {path}[{seen[rule.name]}]; names are unique "
+                             "within a route")
+                return False
+            seen[rule.name] = i
+        return True
 
     def rule(self, node: Node, path: str, service: ServiceKey) -> Rule | None:
         sec = self.section(node, path, RULE)
@@ -213,8 +230,11 @@ class RouteReader(Reader):
                 return None
         if backends is None:
             backends = () if redirect is not None else (Backend(service),)
+        if not sec.ok:
+            return None
         return Rule(matches, backends, by_kind.get("RequestHeaderModifier"),
-                    by_kind.get("ResponseHeaderModifier"), redirect, rewrite)
+                    by_kind.get("ResponseHeaderModifier"), redirect, rewrite,
+                    sec.values.get("name"))
 
     def match(self, node: Node, path: str) -> Match | None:
         sec = self.section(node, path, MATCH)

@@ -43,7 +43,8 @@ from gateway.config.owners import (
     listener_clashes,
     ownership_clashes,
 )
-from gateway.config.policy import check, parse_policy
+from gateway.config.policy import check, check_policy_targets, parse_policy
+from gateway.config.policy_objects import parse_policies
 from gateway.config.reader import (
     DAY,
     Field,
@@ -191,6 +192,7 @@ TOP: Table = (
     Field("peer_probe", lambda r, n, p: _Schema.probe(r, n, p), DEFAULT_PROBE),
     Field("exports", None, ()),
     Field("imports", None, ()),
+    Field("policies", None, (), doc="timeouts, retries, JWT, OpenAPI (policy_objects.py)"),
     Field("services_dir", services_dir, None, doc="a directory or a list of globs"),
     Field("policy", parse_policy, NO_POLICY, doc="guard rails on service files"),
     Field("reload", lambda r, n, p: _Schema.simple(r, n, p, RELOAD, ReloadConfig),
@@ -240,7 +242,10 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
         reader.problems += [Problem(reader.file, _line(node), where, m) for m in problems]
         reader.warnings += [Problem(reader.file, _line(node), where, m) for m in warnings]
         own = config.cluster.name if config is not None else reader.own
-        files = [read_service_file(p, name, own, reader._listeners) for p, name in paths]
+        order = len(config.policies) if config is not None else 0
+        for p, name in paths:
+            files.append(read_service_file(p, name, own, reader._listeners, order))
+            order += len(files[-1].policies)
     return _merge(reader, config, files)
 
 
@@ -261,6 +266,11 @@ def _merge(reader: _Schema, config: GatewayConfig | None, files: list[ServiceFil
         if policy is not None:
             guard = Reader(f.name, f.path.parent)
             check(guard, policy, _relative(f.path, reader.base), f.root)
+            problems += guard.problems
+        if f.policies:
+            guard = Reader(f.name, f.path.parent)
+            check_policy_targets(guard, policy or NO_POLICY, _relative(f.path, reader.base),
+                                 f.root.get("policies"), f.policies, f.first_order)
             problems += guard.problems
     problems += listener_clashes(listeners, skip_within=reader.file)
     problems += ownership_clashes(owned)
@@ -289,6 +299,7 @@ def _merge(reader: _Schema, config: GatewayConfig | None, files: list[ServiceFil
         warnings=tuple(sorted(warnings, key=key)),
         service_files=tuple(f.path for f in files),
         service_sources=sources,
+        policies=config.policies + tuple(p for f in files for p in f.policies),
     )
 
 
@@ -335,6 +346,7 @@ class _Schema(Services, SideSections):
         f = top.nodes
         exports = self.exports(f["exports"], own) if "exports" in f else ()
         imports = self.imports(f["imports"]) if "imports" in f else ()
+        policies = parse_policies(self, f["policies"]) if "policies" in f else ()
         listen, tunnel = v.get("listen"), v.get("tunnel")
         if tunnel is not None and listen is not None and not _is_wildcard(listen.inbound[0]):
             self.problem(f["tunnel"], "tunnel", "links arrive on the overlay address: "
@@ -344,6 +356,7 @@ class _Schema(Services, SideSections):
             return None
         if not top.ok:
             return None
+        v = {**v, "policies": policies}
         return GatewayConfig(source=source, exports=exports, imports=imports, **v)
 
     def simple(self, node: Node, path: str, table: Table, make: Callable[..., Any]) -> Any:

@@ -13,6 +13,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 
 from federation.model import Endpoint, FailoverPolicy, Locality, OutlierPolicy
+from gateway.config.policy_values import Policy
 from gateway.config.route_values import Route
 from gateway.errors import Problem
 
@@ -249,6 +250,9 @@ class GatewayConfig:
     tracing: TracingConfig | None = None  # no `tracing:` section: no span export
     service_files: tuple[Path, ...] = ()  # absolute, in the order read (sorted)
     service_sources: tuple[ServiceSource, ...] = ()  # where each service was declared
+    # timeouts, retries, JWT, OpenAPI (gateway/core/policies.py): the gateway file's first, then
+    # each service file's in path order; Policy.order is the position in that sequence
+    policies: tuple[Policy, ...] = ()
 
     def source_of(self, section: str, namespace: str, name: str) -> ServiceSource | None:
         """Where the export (section "exports") or import ("imports") was declared."""

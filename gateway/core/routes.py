@@ -206,6 +206,7 @@ class Decision:
     response_headers: HeaderModifier | None = None
     location: str | None = None  # REDIRECT
     status: int = 0  # REDIRECT
+    rule: str | None = None  # the matched rule's name, when it has one (policies' sectionName)
 
 
 NOT_FOUND_DECISION = Decision(NOT_FOUND)
@@ -221,7 +222,7 @@ def decisions_of(routes: Sequence[Route]) -> dict[tuple[int, ServiceKey], Decisi
                 for b in rule.backends:
                     out[(id(rule), b.service)] = Decision(
                         PROXY, route.name, b.service, None, None, rule.request_headers,
-                        rule.response_headers)
+                        rule.response_headers, rule=rule.name)
     return out
 
 
@@ -240,16 +241,17 @@ def decide(routes: CompiledRoutes, default: Decision, method: str, target: str,
     route, rule, m = hit
     if rule.redirect is not None:
         loc = redirect_location(rule.redirect, scheme, host, path, query, m)
-        return Decision(REDIRECT, route.name, location=loc, status=rule.redirect.status)
+        return Decision(REDIRECT, route.name, location=loc, status=rule.redirect.status,
+                        rule=rule.name)
     backend = pick(rule.backends, random) if rule.backends else None
     if backend is None:
-        return Decision(NO_BACKEND, route.name)
+        return Decision(NO_BACKEND, route.name, rule=rule.name)
     if rule.rewrite is None:
         return routes.decisions[(id(rule), backend.service)]
     path = rewrite_path(rule.rewrite, path, m)
     out = path + ("?" + query if query else "")
     return Decision(PROXY, route.name, backend.service, out, rule.rewrite.hostname,
-                    rule.request_headers, rule.response_headers)
+                    rule.request_headers, rule.response_headers, rule=rule.name)
 def _query(query: str) -> dict[str, str]:
     """The first value of each query parameter (HTTPRoute matches the first), %-decoded."""
     out: dict[str, str] = {}

@@ -180,7 +180,7 @@ def test_unknown_field_in_service_file(tmp_path: Path) -> None:
     gw = _write(tmp_path, cfg(DIR), a=EXPORT + "cluster:\n  name: east-1\n")
     (p,) = _problems(gw)
     assert _where(p) == ("a.yaml", 6, "cluster")
-    assert "unknown field 'cluster' (allowed here: exports, imports)" in p.message
+    assert "unknown field 'cluster' (allowed here: exports, imports, policies)" in p.message
 
 
 def test_endpoint_in_service_file_is_not_the_gateway(tmp_path: Path) -> None:
