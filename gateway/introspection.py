@@ -176,7 +176,7 @@ class Introspection:
             "catalog": {"revision": self.catalog.revision,
                         "clusters": sorted(self.catalog.clusters),
                         "live": sorted(self.catalog.live)},
-            "imports": [r.describe() for r in self.import_routers.values()],
+            "imports": [self._import_status(r) for r in self.import_routers.values()],
             "exports": [e.to_json() for e in self.export_state()],
             "health": self.book.snapshot(now),
             "listeners": self.listener_stats(),
@@ -190,6 +190,17 @@ class Introspection:
             "tunnel": self._tunnel_status(),
             "xds": self.xds.describe() if self.xds is not None else None,
         }
+
+    def _import_status(self, router: Any) -> dict[str, Any]:
+        """A router's tiers; for an HTTP import, its routes' effective policies too."""
+        out = router.describe()
+        im = next((i for i in self.cfg.imports
+                   if (i.namespace, i.name) == (router.service.namespace, router.service.name)),
+                  None)
+        routes = self.policy_status(im) if im is not None else None  # type: ignore[attr-defined]
+        if routes is not None:
+            out["routes"] = routes
+        return out
 
     def _workers_status(self) -> list[dict[str, Any]]:
         rows = [{"worker": 0, "pid": os.getpid(), "running": True, "restarts": 0}]

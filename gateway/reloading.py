@@ -20,6 +20,7 @@ from gateway.config.values import ImportConfig
 from gateway.control.claim import BindError
 from gateway.core.reconcile import ConfigChanges, effective, moved_listeners, reconcile
 from gateway.core.takeover import Wanted
+from gateway.dataplane.http.enforce import policy_book
 from gateway.dataplane.l4 import ImportListener
 from gateway.dataplane.router import local_key
 
@@ -77,11 +78,17 @@ class LiveReload:
                 self.reloads.unchanged(trigger)
                 return "unchanged"
             cfg = effective(self.cfg, wanted)
+            try:  # JWKS files and OpenAPI specs: read now, so a bad one changes nothing
+                book = await asyncio.to_thread(policy_book, cfg, self.policy_book)
+            except ConfigError as e:
+                self.reloads.refused(trigger, [str(p) for p in e.problems])
+                return "refused"
             try:
                 fresh = self._bind_added(changes, cfg)
             except BindError as e:
                 self.reloads.refused(trigger, [str(e)])
                 return "refused"
+            self.policy_book = book
             await self._apply(changes, cfg, fresh)
             self.reloads.applied(trigger, cfg, changes)
         if self.supervisor is not None:

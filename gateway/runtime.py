@@ -509,6 +509,7 @@ class Gateway(LiveReload, SideServices, Introspection, HttpImports):
             gc.freeze()
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
+                self._sync_policy_tasks()  # the JWT key refresh loops
                 if self.primary:
                     tg.create_task(watch_config(lambda: self.cfg, self._reload_safely))
                 if self._reload_pending is not None:

@@ -60,6 +60,7 @@ class ConfigChanges:
     exports_changed: tuple[tuple[ExportConfig, ExportConfig], ...] = ()  # (old, new)
     restart_needed: tuple[str, ...] = ()  # gateway-file fields that differ (kept as running)
     other: bool = False  # policy / services_dir / drain time / file list changed (no action)
+    # (route policies too: the HTTP listeners get the new ones from runtime's _sync_backends)
 
     @property
     def services(self) -> bool:
@@ -116,7 +117,8 @@ def reconcile(running: GatewayConfig, wanted: GatewayConfig) -> ConfigChanges:
     restart = [f for f in RESTART_FIELDS if getattr(running, f) != getattr(wanted, f)]
     restart += [f"reload.{f}" for f in RELOAD_RESTART_FIELDS
                 if getattr(running.reload, f) != getattr(wanted.reload, f)]
-    other = (running.policy != wanted.policy or running.services_dir != wanted.services_dir
+    other = (running.policy != wanted.policy or running.policies != wanted.policies
+             or running.services_dir != wanted.services_dir
              or running.service_files != wanted.service_files
              or running.reload.drain_timeout != wanted.reload.drain_timeout)
     return ConfigChanges(tuple(added), tuple(removed), tuple(changed), ex_added, ex_removed,

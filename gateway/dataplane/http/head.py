@@ -67,8 +67,10 @@ def reason_of(status: int) -> bytes:
 
 def local_response(status: int, body: bytes, headers: list[tuple[bytes, bytes]] = (),  # type: ignore[assignment]
                    close: bool = False, head: bool = False) -> bytes:
-    """A response the proxy makes itself (errors, redirects): a text body with its length."""
-    hs = [(b"content-type", b"text/plain; charset=utf-8"),
+    """A response the proxy makes itself (errors, redirects): a body with its length, plain
+    text unless `headers` give its content-type."""
+    typed = any(n == b"content-type" for n, _ in headers)
+    hs = [*([] if typed else [(b"content-type", b"text/plain; charset=utf-8")]),
           (b"content-length", str(len(body)).encode()), *headers]
     if close:
         hs.append((b"connection", b"close"))

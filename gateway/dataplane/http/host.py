@@ -8,6 +8,9 @@ answering side of a `protocol: http` export (export.py).
               outlier detection and locality failover per backend)
     finished  one line of access log (with `access_log: true`) and the counters per route and
               backend cluster: requests by status class, latency histogram
+    policies  (route, rule) -> enforce.Enforcement for this config version, or None when no
+              policy is on the import's chain (`set_policies`); the retry budgets (`budgets`,
+              per route and backend) live as long as the host
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any, Protocol
 from federation.logs import LogLimiter, quote
 from federation.model import ServiceKey
 from gateway.core import routes as rt
+from gateway.core.retry import BudgetBook
 from gateway.dataplane.dial import Dialer, ListenerStats
 from gateway.dataplane.http.session import Exchange
 from gateway.dataplane.http.upstream import Pool
@@ -64,6 +68,24 @@ class HttpStats:
     routes: dict[tuple[str, str], RouteStats] = field(default_factory=dict)
     refused: dict[int, int] = field(default_factory=dict)  # status -> requests refused unparsed
     retries: int = 0  # requests sent again after the keep-alive race
+    policy_retries: dict[tuple[str, str], int] = field(default_factory=dict)  # (route, reason)
+    not_retried: dict[tuple[str, str], int] = field(default_factory=dict)  # (route, reason)
+    denied: dict[tuple[str, str, int], int] = field(default_factory=dict)  # route, policy, st
+
+    def retried(self, route: str, reason: str) -> None:
+        key = (route or "_default", reason)
+        if key in self.policy_retries or len(self.policy_retries) < MAX_SERIES:
+            self.policy_retries[key] = self.policy_retries.get(key, 0) + 1
+
+    def retry_skipped(self, route: str, reason: str) -> None:
+        key = (route or "_default", reason)
+        if key in self.not_retried or len(self.not_retried) < MAX_SERIES:
+            self.not_retried[key] = self.not_retried.get(key, 0) + 1
+
+    def denied_by(self, route: str, policy: str, status: int) -> None:
+        key = (route or "_default", policy, status)
+        if key in self.denied or len(self.denied) < MAX_SERIES:
+            self.denied[key] = self.denied.get(key, 0) + 1
 
     def of(self, route: str, cluster: str) -> RouteStats:
         key = (route, cluster)
@@ -77,9 +99,21 @@ class HttpStats:
             st = self.routes[key] = RouteStats()
         return st
 
-    def to_json(self, pool: Pool) -> dict[str, Any]:
+    def to_json(self, pool: Pool, budgets: BudgetBook | None = None, now: float = 0.0
+                ) -> dict[str, Any]:
         return {"routes": [{"route": r, "cluster": c, **st.to_json()}
                            for (r, c), st in sorted(self.routes.items())],
+                "policy_retries": [{"route": r, "reason": why, "count": n}
+                                   for (r, why), n in sorted(self.policy_retries.items())],
+                "not_retried": [{"route": r, "reason": why, "count": n}
+                                for (r, why), n in sorted(self.not_retried.items())],
+                "denied": [{"route": r, "policy": p, "status": st, "count": n}
+                           for (r, p, st), n in sorted(self.denied.items())],
+                "budgets": [] if budgets is None else [
+                    {"route": route or "_default", "backend": str(backend),
+                     "requests": b.requests, "retries": b.retries, "allowed": b.allowed}
+                    for (route, backend), b in sorted(budgets.states(now).items(),
+                                                      key=lambda kv: str(kv[0]))],
                 "refused": {str(k): v for k, v in sorted(self.refused.items())},
                 "retries": self.retries, "pool": {"idle": pool.count(), "reused": pool.reused,
                                                   "dialled": pool.dialled,
@@ -95,7 +129,9 @@ def merge_counters(parts: list[dict[str, Any]]) -> dict[str, Any]:
         for k, v in p["refused"].items():
             refused[k] = refused.get(k, 0) + v
     pool = {k: sum(p["pool"][k] for p in parts) for k in parts[0]["pool"]}
-    return {"routes": [r for p in parts for r in p["routes"]], "refused": refused,
+    lists = {k: [r for p in parts for r in p.get(k, ())]
+             for k in ("policy_retries", "not_retried", "denied", "budgets")}
+    return {"routes": [r for p in parts for r in p["routes"]], "refused": refused, **lists,
             "retries": sum(p["retries"] for p in parts), "pool": pool}
 
 
@@ -144,6 +180,8 @@ class HttpHost:
         self.http = HttpStats()
         self.pool = Pool()
         self.spans: SpanSink | None = None  # the `tracing:` section's exporter (control/otlp)
+        self.policies: dict[tuple[str, str | None], Any] | None = None
+        self.budgets = BudgetBook()
 
     def spawn(self, coro: Any) -> asyncio.Task:
         raise NotImplementedError
@@ -157,8 +195,13 @@ class HttpHost:
         self.access_log = access_log
         self.routers = routers
 
+    def set_policies(self, table: dict[tuple[str, str | None], Any] | None) -> None:
+        """This config version's enforce.Enforcement per (route, rule), or None: no policy
+        anywhere on this import's chain. Requests already admitted keep theirs."""
+        self.policies = table
+
     def http_counters(self) -> dict[str, Any]:
-        return self.http.to_json(self.pool)
+        return self.http.to_json(self.pool, self.budgets, self.loop.time())
 
     def decide(self, method: str, target: str, headers: dict[str, str], host: str
                ) -> rt.Decision:

@@ -13,6 +13,8 @@ them the connection is closed, since its framing can no longer be trusted.
 One exchange, top to bottom (`Session._begin`):
   decide        the listener's routing (core/routes.decide: route -> filters -> backend), a
                 404 / 500 / redirect answered here
+  policy        the route rule's policy, when its import has any (enforce.py: request timer,
+                JWT, OpenAPI with the body held until complete, the retry budget)
   trace         core/trace.continue_trace: the caller's trace with our new span, or a new one
   head          hop-by-hop headers out (head.py), header filters, Host rewrite, traceparent
   upstream      a pooled keep-alive connection to the router's first target, or
@@ -24,9 +26,11 @@ One exchange, top to bottom (`Session._begin`):
 
 A reused upstream connection that ends before any byte of the response (the server closed it
 as we wrote) is tried once more on a new connection, if the request can be sent again (no body,
-or all of it still held). Otherwise: no upstream reachable -> 503, the upstream failed before
-its response began -> 502; after it began, the client connection is aborted (the response
-cannot be completed honestly).
+or all of it still held). A policy's retries (enforce.failed) come next: a connect failure, a
+reset before the response head, a per-try timeout or a retryable status in the (then framed)
+response head is tried again on another endpoint when core/retry.decide says so. Otherwise: no
+upstream reachable -> 503, the upstream failed before its response began -> 502; after it
+began, the client connection is aborted (the response cannot be completed honestly).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from federation.model import ServiceKey
 from gateway.core import routes as rt
 from gateway.core.trace import Trace, continue_trace
 from gateway.dataplane.dial import connect_first
+from gateway.dataplane.http import enforce
 from gateway.dataplane.http import head as h
 from gateway.dataplane.http.upstream import Upstream
 from gateway.dataplane.legs import PENDING_LIMIT, Leg
@@ -71,6 +76,9 @@ class Host(Protocol):
     http: Any  # listener.HttpStats
     pool: Any
     dialer: Any
+    policies: dict[tuple[str, str | None], enforce.Enforcement] | None  # None: no policy at all
+    budgets: Any  # core.retry.BudgetBook
+    random: Any
 
     def decide(self, method: str, target: str, headers: dict[str, str], host: str
                ) -> rt.Decision: ...
@@ -115,6 +123,12 @@ class Exchange:
     tracestates: list[str] = []
     connection: bytes | None = None
     released = False  # its held body left the session's buffer count
+    enf: enforce.Enforcement | None = None  # its route rule's policy (None: no policy at all)
+    waiting_body = False  # held until complete for the policy's OpenAPI check
+    timer: asyncio.TimerHandle | None = None  # the policy's request timeout
+    try_timer: asyncio.TimerHandle | None = None  # the per-try timeout, or a retry's backoff
+    tries = 0  # retries made by the policy
+    tried: tuple[str, ...] = ()  # target keys a try failed on (a retry avoids them)
 
     def __init__(self, session: Session, method: bytes, target: bytes,
                  headers: list[tuple[bytes, bytes]], started: float) -> None:
@@ -139,9 +153,15 @@ class Exchange:
             self.body.append(data)
         self.body_size += len(data)
         self.session.buffered(len(data))
+        if self.waiting_body and \
+                self.body_size > self.enf.openapi.settings.max_body_bytes:  # type: ignore
+            enforce.too_large(self.session, self, self.enf)  # type: ignore[arg-type]
 
     def body_end(self) -> None:
         self.body_done = True
+        if self.waiting_body:
+            enforce.body_complete(self.session, self)
+            return
         up = self.upstream
         if up is not None and self.session.current is self and not self.dropped \
                 and self.chunked_in:
@@ -156,6 +176,14 @@ class Exchange:
                       headers: list[tuple[bytes, bytes]], length: bytes | None,
                       chunked: bool) -> None:
         s = self.session
+        enf = self.enf
+        if enf is not None and enf.framed and (status >= 500 or status in enf.retry.codes):
+            after = next((v for n, v in headers if n == b"retry-after"), None)
+            if enforce.failed(s, self, enforce.Outcome.response(status), up.target,
+                              after.decode("latin-1") if after is not None else None):
+                self.upstream = None
+                up.abort()  # the rest of this response goes nowhere
+                return
         self.status = status
         conn = next((v for n, v in headers if n == b"connection"), None)
         out = h.strip_hop_by_hop(headers, conn)
@@ -179,6 +207,8 @@ class Exchange:
             self.session.down.send(h.chunk(data) if self.chunked_out else data)
 
     def response_done(self, up: Upstream) -> None:
+        if self.try_timer is not None:
+            self.try_timer.cancel()
         if self.chunked_out:
             self.session.down.send(h.CHUNKED_END)
         s = self.session
@@ -207,6 +237,9 @@ class Exchange:
             router = s.host.router(up.service)
             if up.uses <= 1 and router is not None:  # a fresh connection failed: the endpoint
                 router.report(up.target, False)
+            if self.enf is not None and enforce.failed(s, self, enforce.Outcome(enforce.RESET),
+                                                       up.target):
+                return
             self.error = why
             s.answer(self, 502, f"upstream {up.target.key} failed: {why}\n")
             return
@@ -398,6 +431,9 @@ class Session:
     # -- serving -----------------------------------------------------------------------------
     def buffered(self, n: int) -> None:
         self.held += n
+        cur = self.current
+        if cur is not None and cur.waiting_body:  # bounded by the policy's max_body_bytes
+            return
         if self.held > PENDING_LIMIT and not self.paused:
             self.paused = True
             self.down.pause_reading()
@@ -433,8 +469,24 @@ class Session:
             else:
                 self.answer(ex, 500, f"route {d.route!r} has no backend with weight > 0\n")
             return
+        policies = host.policies
+        if policies is not None:
+            enf = ex.enf = policies.get((d.route, d.rule))
+            if enf is not None and not enforce.admit(self, ex, enf):
+                return  # answered, or its body is awaited (enforce.body_complete)
         ex.trace = continue_trace(ex.traceparents, ex.tracestates, host.rand_bits)
         self.connect(ex)
+
+    def proceed(self, ex: Exchange) -> None:
+        """Its policy admitted `ex` once the body was whole (enforce.body_complete)."""
+        ex.trace = continue_trace(ex.traceparents, ex.tracestates, self.host.rand_bits)
+        self.connect(ex)
+
+    def retry(self, ex: Exchange) -> None:
+        """A policy's retry of `ex` (enforce.failed), after its backoff."""
+        ex.try_timer = None
+        if not ex.finished and not self.lost:
+            self.connect(ex)
 
     def request_head(self, ex: Exchange) -> bytes:
         d = ex.decision
@@ -463,6 +515,8 @@ class Session:
         if router is None:  # a reload removed it meanwhile
             self.answer(ex, 503, f"no backend {backend}\n")
             return
+        if ex.tried:
+            router = enforce.Avoiding(router, ex.tried)
         if not fresh:
             plan = router.plan()
             if plan:
@@ -480,6 +534,9 @@ class Session:
                 found[1].close()
             return
         if found is None:
+            if ex.enf is not None and enforce.failed(
+                    self, ex, enforce.Outcome(enforce.CONNECT_FAILURE), None):
+                return
             ex.error = "no endpoint reachable"
             self.answer(ex, 503, f"no endpoint of {ex.decision.backend} could be reached\n")
             return
@@ -491,8 +548,11 @@ class Session:
         ex.upstream = up
         ex.cluster = up.target.locality.cluster
         ex.connected_at = self.host.loop.time()
-        up.start(ex, ex.method == b"HEAD",
-                 ex.version == "1.1" and ex.decision.response_headers is None)
+        enf = ex.enf
+        up.start(ex, ex.method == b"HEAD", ex.version == "1.1"
+                 and ex.decision.response_headers is None and (enf is None or not enf.framed))
+        if enf is not None:
+            enforce.sent(self, ex, up)
         up.write(self.request_head(ex))
         if ex.expect and not ex.body_size and not ex.body_done and not ex.retried:
             self.down.send(h.CONTINUE)
@@ -510,25 +570,30 @@ class Session:
             ex.body = None  # the rest goes straight up: no resend from here on
             ex.sent_body = bool(body)
 
-    def answer(self, ex: Exchange, status: int, text: str,
+    def answer(self, ex: Exchange, status: int, text: str | bytes,
                headers: list[tuple[bytes, bytes]] = ()) -> None:  # type: ignore[assignment]
-        """A response made here (no upstream): errors and redirects."""
+        """A response made here (no upstream): errors, redirects, a policy's refusals."""
         ex.status = status
         ex.responded = True
         if not ex.body_done:
             ex.dropped = True
             ex.keep_alive = False  # we do not wait for a body we are not going to send
-        self.down.send(h.local_response(status, text.encode(), headers, close=not ex.keep_alive,
+        body = text.encode() if isinstance(text, str) else text
+        self.down.send(h.local_response(status, body, headers, close=not ex.keep_alive,
                                         head=ex.method == b"HEAD"))
         self.done(ex)
 
     def abort_client(self, ex: Exchange) -> None:
+        if ex.enf is not None:
+            _stop_timers(ex)
         ex.finished = True
         self.host.finished(ex)
         self.abort()
 
     def done(self, ex: Exchange) -> None:
         """`ex` has its whole response: count it, log it, go on with the next request."""
+        if ex.enf is not None:
+            _stop_timers(ex)
         ex.finished = True
         self.host.finished(ex)
         if self.queue and self.queue[0] is ex:
@@ -569,6 +634,13 @@ class Session:
             self.down.close()
         else:
             self.abort()
+
+
+def _stop_timers(ex: Exchange) -> None:
+    if ex.timer is not None:
+        ex.timer.cancel()
+    if ex.try_timer is not None:
+        ex.try_timer.cancel()
 
 
 _SPECIAL = frozenset({b"host", b"content-length", b"transfer-encoding", b"expect", b"connection",
