@@ -51,9 +51,32 @@ def _http_metrics(page: Exposition, per: list[tuple[dict[str, str], dict[str, An
                  [({**lab, "status": s}, n) for lab, h in rows
                   for s, n in sorted(h["refused"].items())])
     page.counter("isthmus_gateway_http_retries_total",
-                 "Requests sent again on a new connection after a reused upstream connection "
-                 "closed before answering (the keep-alive race).",
-                 [(lab, h["retries"]) for lab, h in rows])
+                 "Requests sent again, by route and reason: a route policy's retries "
+                 "(connect-failure, reset, timeout, or the status retried), and reason "
+                 "keepalive-race (route _any): a reused upstream connection closed before "
+                 "answering.",
+                 [({**lab, "route": "_any", "reason": "keepalive-race"}, h["retries"])
+                  for lab, h in rows]
+                 + [({**lab, "route": r["route"], "reason": r["reason"]}, r["count"])
+                    for lab, h in rows for r in h.get("policy_retries", ())])
+    page.counter("isthmus_gateway_http_retries_skipped_total",
+                 "Failed tries a route policy did not retry, by reason (budget, method, "
+                 "retry-after, deadline).",
+                 [({**lab, "route": r["route"], "reason": r["reason"]}, r["count"])
+                  for lab, h in rows for r in h.get("not_retried", ())])
+    page.counter("isthmus_gateway_http_policy_denied_total",
+                 "Requests a route policy answered itself, by policy and status (JWT 401/503, "
+                 "OpenAPI 400/404/405/413/415).",
+                 [({**lab, "route": r["route"], "policy": r["policy"],
+                    "status": str(r["status"])}, r["count"])
+                  for lab, h in rows for r in h.get("denied", ())])
+    budgets = [({**lab, "route": b["route"], "backend": b["backend"]}, b)
+               for lab, h in rows for b in h.get("budgets", ())]
+    for key, what in (("requests", "Requests counted"), ("retries", "Retries spent"),
+                      ("allowed", "Retries allowed")):
+        page.gauge(f"isthmus_gateway_http_retry_budget_{key}",
+                   f"{what} in the retry budget's current window, per route and backend.",
+                   [(lab, b[key]) for lab, b in budgets])
     page.gauge("isthmus_gateway_http_upstream_idle", "Idle keep-alive upstream connections.",
                [(lab, h["pool"]["idle"]) for lab, h in rows])
     page.counter("isthmus_gateway_http_upstream_reused_total",

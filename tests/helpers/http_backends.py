@@ -6,8 +6,10 @@ every request with JSON describing it, so a test sees what the gateway sent.
 
 `GET /healthz` answers 200 (the gateways' HTTP health checks). A request with header
 `x-status: N` gets status N; `x-sleep: S` waits S seconds first; `x-big: N` gets an N-byte body
-streamed in chunks (a chunked response). `stop()` closes the listening socket and every open
-connection; `start()` again serves on the same port.
+streamed in chunks (a chunked response). A backend made with `fail_with=N` answers every
+request but its health check with status N (a failing endpoint that still looks alive). The
+JSON names the body too (`body`: its first 4 KiB as text). `stop()` closes the listening
+socket and every open connection; `start()` again serves on the same port.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from aiohttp import web
 
 
 class HttpBackend:
-    def __init__(self, cluster: str, name: str, port: int) -> None:
+    def __init__(self, cluster: str, name: str, port: int, fail_with: int | None = None) -> None:
+        self.fail_with = fail_with
         self.cluster = cluster
         self.name = name
         self.port = port
@@ -40,7 +43,7 @@ class HttpBackend:
         info = {"cluster": self.cluster, "name": self.name, "method": req.method,
                 "path": req.path, "raw_path": req.raw_path, "query": req.query_string,
                 "headers": {k.lower(): v for k, v in req.headers.items()},
-                "body_bytes": len(body)}
+                "body_bytes": len(body), "body": body[:4096].decode("utf-8", "replace")}
         if "x-big" in req.headers:
             resp = web.StreamResponse(headers={"x-cluster": self.cluster})
             await resp.prepare(req)
@@ -51,7 +54,7 @@ class HttpBackend:
                 left -= n
             await resp.write_eof()
             return resp
-        status = int(req.headers.get("x-status", "200"))
+        status = self.fail_with or int(req.headers.get("x-status", "200"))
         return web.Response(status=status, text=json.dumps(info),
                             content_type="application/json", headers={"x-cluster": self.cluster})
 
