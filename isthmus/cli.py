@@ -154,11 +154,13 @@ def _listen_fds(text: str | None) -> dict[str, int] | None:
 
 def cmd_config_validate(args: argparse.Namespace) -> int:
     from gateway.config.schema import load_config
+    from gateway.dataplane.http.enforce import policy_book
 
     bad = 0
     for path in args.files:
         try:
             cfg = load_config(path)
+            policy_book(cfg)  # the policies' JWKS files and OpenAPI specs must be usable too
         except ConfigError as e:
             bad += 1
             print(str(e), file=sys.stderr)
