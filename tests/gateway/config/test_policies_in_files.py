@@ -15,8 +15,9 @@ from gateway.core import routes as rt
 from gateway.core.reconcile import reconcile
 from gateway.dataplane.http.enforce import PolicyBook, policy_book
 from gateway.errors import ConfigError
-from tests.gateway.config.samples import cfg
+from tests.gateway.config.samples import ROOT, cfg
 from tests.gateway.config.test_split import DIR, _problems, _where, _write
+from tests.helpers.processes import run_cli
 
 HTTP_IMPORT = """\
 imports:
@@ -141,3 +142,20 @@ def test_a_spec_that_cannot_be_read_refuses_the_config(tmp_path: Path) -> None:
     (p,) = info.value.problems
     assert p.path == "policies" and "policy 'api': openapi:" in p.message, p
     assert "bad-openapi.yaml.txt" in p.message
+
+
+EXAMPLE = ROOT / "examples" / "policies" / "gateway.yaml"
+
+
+def test_the_example_validates_and_means_what_it_says() -> None:
+    r = run_cli("config", "validate", str(EXAMPLE))
+    assert r.returncode == 0, r.stderr
+    c = load_config(EXAMPLE)
+    (shop,) = c.imports
+    table = PolicyBook(c.policies, c.cluster.name).table(shop)
+    assert table is not None
+    read, write = table[("orders", "read")], table[("orders", "write")]
+    assert read.request_timeout == 3.0 and write.request_timeout == 10.0
+    assert read.jwt is None and write.jwt is not None and write.openapi is not None
+    assert write.policy.timeouts.idle == 60.0  # the import's default beats the gateway's
+    assert write.policy.source("retry.budget_ratio") == "cluster-limits"  # the override
