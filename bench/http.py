@@ -12,10 +12,25 @@ nginx (64-byte `/`) is east-2's `web` endpoint. Paths, each measured in every ro
 
 wrk -c50 keep-alive on core 0 with nginx; the proxies (gateways, HAProxies) on core 1.
 Keep-alive rps, p50 and p99 (wrk --latency), medians over rounds; ratios from the same run.
+
+`--policies` adds the route policies (README.md, "Policies"), on a second import of east-2,
+`webp` (the same nginx), whose routes rewrite to nginx's `/`:
+
+    policies on, none   GET  /plain: a route with no policy of its own on an import that has
+                        some (the built-in timeouts and retry budget: timers, one budget count)
+    POST, none          POST /plain with a 27-byte JSON body (wrk Lua script)
+    JWT                 GET  /jwt with an RS256 bearer token (the same token every request:
+                        after the first, a cache hit — one SHA-256 and a dict lookup)
+    OpenAPI             POST /oas, the body checked against a JSON schema
+    JWT + OpenAPI       POST /both, both
+
+The cost of each in µs per request is 1/rps - 1/rps of its baseline (the same request without
+that policy), one core being the proxy's: CPU time per request.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 import subprocess
 import sys
@@ -30,6 +45,8 @@ NGINX = 27631
 HAPROXY_HTTP, CHAIN_IN, CHAIN_TLS = 27641, 27642, 27643
 PATHS = ("Isthmus local", "HAProxy mode http", "Isthmus cross-cluster", "HAProxy http TLS chain",
          "direct")
+POLICY_PATHS = ("policies on, none", "POST, none", "JWT", "OpenAPI", "JWT + OpenAPI")
+BODY = '{"item": "book", "quantity": 2}'
 
 HTTP_DEFAULTS = """
 defaults
@@ -42,7 +59,53 @@ defaults
 """
 
 
-def _gateway_file(d: Path, name: str, zone: str, base: int, exports: bool) -> Path:
+def _policy_files(d: Path) -> str:
+    """JWKS, token, OpenAPI spec, wrk script of the --policies paths; the `webp` import."""
+    from joserfc import jwt
+    from joserfc.jwk import KeySet, RSAKey
+
+    key = RSAKey.generate_key(2048, parameters={"kid": "bench"}, private=True)
+    (d / "jwks.json").write_text(json.dumps(KeySet([key]).as_dict(private=False)))
+    claims = {"iss": "https://idp.bench", "aud": "bench", "sub": "alice",
+              "exp": int(time.time()) + 86400}
+    (d / "jwt-token").write_text(jwt.encode({"alg": "RS256", "kid": "bench"}, claims, key,
+                                        algorithms=["RS256"]))
+    schema = {"type": "object", "required": ["item", "quantity"],
+              "properties": {"item": {"type": "string", "maxLength": 64},
+                             "quantity": {"type": "integer", "minimum": 1}}}
+    op = {"post": {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": schema}}}, "responses": {"200": {"description": "ok"}}}}
+    (d / "orders.json").write_text(json.dumps({
+        "openapi": "3.0.3", "info": {"title": "bench", "version": "1"},
+        "paths": {"/oas": op, "/both": op}}))
+    (d / "post.lua").write_text(f"wrk.method = \"POST\"\nwrk.body = '{BODY}'\n"
+                                "wrk.headers[\"Content-Type\"] = \"application/json\"\n")
+    rewrite = "filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplaceFullPath, " \
+              "replaceFullPath: /}}}]"
+    routes = "".join(f"""
+      - name: {n}
+        rules:
+          - matches: [{{path: {{type: PathPrefix, value: /{n}}}}}]
+            {rewrite}""" for n in ("plain", "jwt", "oas", "both"))
+    jwt_block = (f"jwt: {{issuer: 'https://idp.bench', audiences: [bench], "
+                 f"jwks_file: {d / 'jwks.json'}}}")
+    oas_block = f"openapi: {{spec: {d / 'orders.json'}}}"
+    return f"""
+  - name: webp
+    listen: 127.0.0.1:{E2 + 3}
+    protocol: http
+    failover: {{tiers: [cluster, zone, region, any]}}
+    routes:{routes}
+policies:
+  - {{name: p-jwt, targetRef: {{kind: Route, import: webp, name: jwt}}, {jwt_block}}}
+  - {{name: p-oas, targetRef: {{kind: Route, import: webp, name: oas}}, {oas_block}}}
+  - {{name: p-both, targetRef: {{kind: Route, import: webp, name: both}}, {jwt_block},
+      {oas_block}}}
+"""
+
+
+def _gateway_file(d: Path, name: str, zone: str, base: int, exports: bool,
+                  policies: bool = False) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     text = f"""\
 cluster: {{name: {name}, region: us-east, zone: {zone}}}
@@ -64,10 +127,14 @@ imports:
         rules:
           - matches: [{{path: {{type: PathPrefix, value: /}}}}]
 """
+    if policies:
+        text += _policy_files(d)  # one more import, then the top-level `policies:`
     if exports:
-        text += (f"exports:\n  - name: web\n    port: 80\n    protocol: http\n"
-                 f"    endpoints: [127.0.0.1:{NGINX}]\n"
-                 "    health_check: {kind: http, path: /, interval: 1s}\n")
+        text += "exports:\n"
+        for svc in ("web", "webp") if policies else ("web",):
+            text += (f"  - name: {svc}\n    port: 80\n    protocol: http\n"
+                     f"    endpoints: [127.0.0.1:{NGINX}]\n"
+                     "    health_check: {kind: http, path: /, interval: 1s}\n")
     path = d / "gateway.yaml"
     path.write_text(text)
     return path
@@ -76,8 +143,9 @@ imports:
 class Topology:
     """The federation and the two gateways (east-2 exports nginx, east-1 has no endpoints)."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, policies: bool = False) -> None:
         self.tmp = tmp
+        self.policies = policies
         self.procs: list[subprocess.Popen] = []
 
     def _start(self, argv: list[str], log: str) -> subprocess.Popen:
@@ -95,7 +163,8 @@ class Topology:
         infra.wait_port(FED, 20.0)
         pids = {}
         for name, zone, base, exports in (("east-2", "b", E2, True), ("east-1", "a", E1, False)):
-            cfg = _gateway_file(self.tmp / name, name, zone, base, exports)
+            cfg = _gateway_file(self.tmp / name, name, zone, base, exports,
+                                policies=self.policies and exports)
             r = subprocess.run([sys.executable, "-m", "isthmus.cli", "federation", "token",
                                 "create", "--cluster", name, "--state-dir", str(fed), "-o",
                                 str(self.tmp / name / "token")], capture_output=True, text=True)
@@ -105,6 +174,8 @@ class Topology:
                                       "warning"], f"{name}.log").pid
         for port in (E2 + 2, E1 + 2):
             _wait_200(port)
+        if self.policies:
+            _wait_200(E2 + 3, path="/plain")
         for pid in pids.values():
             infra.pin(pid, infra.PROXY_CORE)
         return pids
@@ -114,11 +185,12 @@ class Topology:
             infra.stop(p)
 
 
-def _wait_200(port: int, timeout: float = 30.0) -> None:
+def _wait_200(port: int, timeout: float = 30.0, path: str = "/") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         r = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time",
-                            "2", f"http://127.0.0.1:{port}/"], capture_output=True, text=True)
+                            "2", f"http://127.0.0.1:{port}{path}"], capture_output=True,
+                           text=True)
         if r.stdout == "200":
             return
         time.sleep(0.3)
@@ -154,25 +226,35 @@ backend b
     return [local, b, a]
 
 
-def run(tmp: Path, rounds: int, seconds: float, log: Callable[[str], None]
-        ) -> dict[str, dict[str, float]]:
+def run(tmp: Path, rounds: int, seconds: float, log: Callable[[str], None],
+        policies: bool = False) -> dict[str, dict[str, float]]:
     tmp.mkdir(parents=True, exist_ok=True)
     nginx = infra.Nginx(tmp, [NGINX])
-    topo = Topology(tmp)
+    topo = Topology(tmp, policies)
     haproxies = _haproxies(tmp)
-    results: dict[str, list[dict[str, float]]] = {p: [] for p in PATHS}
+    results: dict[str, list[dict[str, float]]] = {
+        p: [] for p in PATHS + (POLICY_PATHS if policies else ())}
     try:
         nginx.start()
         for h, port in zip(haproxies, (HAPROXY_HTTP, CHAIN_TLS, CHAIN_IN), strict=True):
             h.start(port)
         topo.start()
-        ports = dict(zip(PATHS, (E2 + 2, HAPROXY_HTTP, E1 + 2, CHAIN_IN, NGINX), strict=True))
-        for port in ports.values():  # warm: pools filled, links up
-            infra.wrk(port, 50, 1.0)
+        plain = {p: (port, "/", (), None) for p, port in zip(
+            PATHS, (E2 + 2, HAPROXY_HTTP, E1 + 2, CHAIN_IN, NGINX), strict=True)}
+        if policies:
+            d = tmp / "east-2"
+            auth = (f"Authorization: Bearer {(d / 'jwt-token').read_text()}",)
+            post = d / "post.lua"
+            plain.update(zip(POLICY_PATHS, (
+                (E2 + 3, "/plain", (), None), (E2 + 3, "/plain", (), post),
+                (E2 + 3, "/jwt", auth, None), (E2 + 3, "/oas", (), post),
+                (E2 + 3, "/both", auth, post)), strict=True))
+        for port, path, headers, script in plain.values():  # warm: pools filled, links up
+            infra.wrk(port, 50, 1.0, path=path, headers=headers, script=script)
         for i in range(rounds):
-            for p, port in ports.items():
+            for p, (port, path, headers, script) in plain.items():
                 log(f"http round {i + 1}/{rounds}: {p}")
-                r = infra.wrk(port, 50, seconds)
+                r = infra.wrk(port, 50, seconds, path=path, headers=headers, script=script)
                 results[p].append({"keep-alive req/s": r.rps, "p50 µs": r.p50_us or 0.0,
                                    "p99 µs": r.p99_us or 0.0, "errors": r.errors})
     finally:
@@ -197,6 +279,17 @@ def table(got: dict[str, dict[str, float]]) -> str:
     rows.append(f"| cross-cluster ÷ HAProxy chain: "
                 f"{cross['keep-alive req/s'] / chain['keep-alive req/s']:.2f}x rps, "
                 f"p99 {cross['p99 µs'] / chain['p99 µs']:.2f}x | | | | |")
+    if POLICY_PATHS[0] in got:
+        rows += ["", "| policy path | keep-alive req/s | p50 µs | p99 µs | errors | "
+                 "cost µs/request |", "|---|---|---|---|---|---|"]
+        base = {"policies on, none": "Isthmus local", "POST, none": "Isthmus local",
+                "JWT": "policies on, none", "OpenAPI": "POST, none",
+                "JWT + OpenAPI": "POST, none"}
+        for p in POLICY_PATHS:
+            r, b = got[p], got[base[p]]
+            cost = 1e6 / r["keep-alive req/s"] - 1e6 / b["keep-alive req/s"]
+            rows.append(f"| {p} | {r['keep-alive req/s']:,.0f} | {r['p50 µs']:,.0f} | "
+                        f"{r['p99 µs']:,.0f} | {r['errors']:.0f} | {cost:+.1f} vs {base[p]} |")
     return "\n".join(rows)
 
 
@@ -208,8 +301,11 @@ if __name__ == "__main__":
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--policies", action="store_true",
+                    help="also the JWT / OpenAPI policy paths (see above)")
     a = ap.parse_args()
     infra.require_tools()
     with tempfile.TemporaryDirectory(prefix="isthmus-bench-http-") as d:
-        out = run(Path(d), a.rounds, a.seconds, lambda m: print(m, file=sys.stderr))
+        out = run(Path(d), a.rounds, a.seconds, lambda m: print(m, file=sys.stderr),
+                  a.policies)
     print(table(out))

@@ -370,7 +370,9 @@ def _lat(text: str, pct: str) -> float | None:
 
 
 def wrk(port: int, conns: int, seconds: float, close: bool = False, path: str = "/",
-        prefix: tuple[str, ...] = ()) -> WrkResult:
+        prefix: tuple[str, ...] = (), headers: tuple[str, ...] = (),
+        script: Path | None = None) -> WrkResult:
+    """`headers`: extra `-H` values; `script`: a wrk Lua script (e.g. a POST with a body)."""
     cmd = [
         *prefix,
         "taskset",
@@ -386,6 +388,10 @@ def wrk(port: int, conns: int, seconds: float, close: bool = False, path: str = 
     ]
     if close:
         cmd += ["-H", "Connection: close"]
+    for h in headers:
+        cmd += ["-H", h]
+    if script is not None:
+        cmd += ["-s", str(script)]
     cmd.append(f"http://127.0.0.1:{port}{path}")
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30).stdout
     m = re.search(r"Requests/sec:\s+([\d.]+)", out)
