@@ -197,9 +197,10 @@ def test_every_problem_at_once_and_names_unique():
     ]
 
 
-def test_the_example_in_docs_policies_md_parses():
-    docs = Path(__file__).resolve().parents[3] / "docs" / "policies.md"
-    example = docs.read_text().split("```yaml\n", 1)[1].split("```", 1)[0]
+def test_the_example_in_the_readme_policies_section_parses():
+    readme = Path(__file__).resolve().parents[3] / "README.md"
+    section = readme.read_text().split("\n## Policies\n", 1)[1]
+    example = section.split("```yaml\n", 1)[1].split("```", 1)[0]
     policies, r = read(example)
     assert r.problems == [] and [p.name for p in policies] == [
         "shop-timeouts", "orders-write-auth", "cluster-limits"]
