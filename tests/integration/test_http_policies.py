@@ -94,7 +94,7 @@ policies:
       budget: {{percent: 10, min_per_second: 0, window: 1m}}
   - name: slow-timeouts
     targetRef: {{kind: Route, import: web, name: slow, sectionName: whole}}
-    timeouts: {{request: 500ms}}
+    timeouts: {{request: 500ms, idle: 1s}}
   - name: per-try
     targetRef: {{kind: Route, import: web, name: slow, sectionName: per-try}}
     timeouts: {{request: 3s, backendRequest: 300ms}}
@@ -196,7 +196,7 @@ async def test_retries_go_elsewhere_and_the_budget_holds(http: Http):
 
 async def test_timeouts_fire_at_their_value(http: Http):
     """`request: 500ms` answers 504 after ~0.5 s; `backendRequest: 300ms` with one retry on
-    timeout tries twice, then 504."""
+    timeout tries twice, then 504; `idle: 1s` closes a connection left idle after ~1 s."""
     t0 = time.monotonic()
     status, _, _ = await http.get("/slow/a", headers={"x-sleep": "3"})
     took = time.monotonic() - t0
@@ -210,6 +210,22 @@ async def test_timeouts_fire_at_their_value(http: Http):
     await wait_for(lambda: _true(backend.served - before == 2), 3.0, what="two tries")
     status, body, _ = await http.get("/slow/b", headers={"x-sleep": "0.1"})
     assert status == 200  # under the limit: served
+
+    # idle: 1s after a request to /slow, a connection that sends nothing more is closed
+    reader, writer = await asyncio.open_connection("127.0.0.1", http.port)
+    try:
+        writer.write(b"GET /slow/c HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3.0)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length")))
+        await reader.readexactly(length)
+        t0 = time.monotonic()
+        rest = await asyncio.wait_for(reader.read(), 5.0)
+        took = time.monotonic() - t0
+        assert rest == b"" and 0.9 <= took <= 2.0, (rest, took)  # closed by the gateway
+    finally:
+        writer.close()
 
 
 async def _true(value: bool) -> bool:

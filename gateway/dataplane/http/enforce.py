@@ -25,6 +25,8 @@ The session calls, in the order of an exchange (session.py `_begin` and the upst
                   another endpoint when there is one (`Avoiding`), after `loop.call_later`.
                   Only a request whose body is complete and still held is sent again.
   request timer   no response head yet: 504; else the client connection is aborted.
+  idle            after an exchange with a policy, the connection is closed when no new
+                  request begins within the policy's `timeouts.idle` (session.py `done`).
 
 Counters (host.http): retries by (route, reason), requests refused by a policy by
 (route, policy, status), the retry budgets' windows (host.budgets).
@@ -46,6 +48,7 @@ from gateway.core.retry import CONNECT_FAILURE, RESET, STATUS, TIMEOUT, Outcome,
 from gateway.dataplane.http.auth.jwks import JwksError
 from gateway.dataplane.http.auth.jwt import JwtVerifier
 from gateway.dataplane.http.auth.openapi import OpenApiError, OpenApiValidator
+from gateway.dataplane.http.head import CONTINUE
 from gateway.errors import ConfigError, Problem
 
 log = logging.getLogger("isthmus.gateway.http")
@@ -213,6 +216,8 @@ def admit(s: Any, ex: Any, enf: Enforcement) -> bool:
             return False
         if not ex.body_done:
             ex.waiting_body = True  # Exchange.body_chunk checks the size, body_end calls us
+            if ex.expect and not ex.body_size:
+                s.down.send(CONTINUE)  # the client waits for it before sending the body
             return False
         return _openapi(s, ex, enf)
     return True

@@ -269,6 +269,7 @@ class Session:
     eof_in = False
     lost = False
     paused_for_other = False
+    idle_timer: asyncio.TimerHandle | None = None  # a policy's idle timeout, between requests
 
     def __init__(self, down: Leg, host: Host) -> None:
         self.down = down
@@ -370,6 +371,9 @@ class Session:
     def on_message_begin(self) -> None:
         if self.head_since is None:
             self.head_since = self.host.loop.time()
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
         self._target = b""
         self._headers = []
         self._hbytes = 0
@@ -608,6 +612,17 @@ class Session:
         if self.current is ex:
             self.current = None
             self._next()
+        if ex.enf is not None and self.current is None and not self.lost \
+                and self.idle_timer is None:
+            idle = ex.enf.policy.timeouts.idle
+            if idle is not None:  # the policy's idle limit for the connection
+                self.idle_timer = self.host.loop.call_later(idle, self._idle)
+
+    def _idle(self) -> None:
+        self.idle_timer = None
+        if self.current is None and not self.queue and not self.lost:
+            self.closing = True
+            self.close()
 
     def head_timed_out(self, timeout: float) -> bool:
         """The listener's sweep: a head awaited longer than `timeout` (slowloris, or a client
