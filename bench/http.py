@@ -16,9 +16,12 @@ Keep-alive rps, p50 and p99 (wrk --latency), medians over rounds; ratios from th
 `--policies` adds the route policies (README.md, "Policies"), on a second import of east-2,
 `webp` (the same nginx), whose routes rewrite to nginx's `/`:
 
-    policies on, none   GET  /plain: a route with no policy of its own on an import that has
-                        some (the built-in timeouts and retry budget: timers, one budget count)
-    POST, none          POST /plain with a 27-byte JSON body (wrk Lua script)
+    no policy, rewrite  GET  /plain on east-2's `web` (no policy anywhere): the baseline
+    no policy, POST     POST /plain there, a 27-byte JSON body (wrk Lua script)
+    policies on, none   GET  /plain on `webp`: a route with no policy of its own on an import
+                        that has some (the built-in timeouts and retry budget: timers, one
+                        budget count)
+    POST, none          POST /plain on `webp`
     JWT                 GET  /jwt with an RS256 bearer token (the same token every request:
                         after the first, a cache hit — one SHA-256 and a dict lookup)
     OpenAPI             POST /oas, the body checked against a JSON schema
@@ -45,7 +48,10 @@ NGINX = 27631
 HAPROXY_HTTP, CHAIN_IN, CHAIN_TLS = 27641, 27642, 27643
 PATHS = ("Isthmus local", "HAProxy mode http", "Isthmus cross-cluster", "HAProxy http TLS chain",
          "direct")
-POLICY_PATHS = ("policies on, none", "POST, none", "JWT", "OpenAPI", "JWT + OpenAPI")
+POLICY_PATHS = ("no policy, rewrite", "no policy, POST", "policies on, none", "POST, none", "JWT",
+                "OpenAPI", "JWT + OpenAPI")
+REWRITE = ("filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplaceFullPath, "
+           "replaceFullPath: /}}}]")
 BODY = '{"item": "book", "quantity": 2}'
 
 HTTP_DEFAULTS = """
@@ -80,8 +86,7 @@ def _policy_files(d: Path) -> str:
         "paths": {"/oas": op, "/both": op}}))
     (d / "post.lua").write_text(f"wrk.method = \"POST\"\nwrk.body = '{BODY}'\n"
                                 "wrk.headers[\"Content-Type\"] = \"application/json\"\n")
-    rewrite = "filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplaceFullPath, " \
-              "replaceFullPath: /}}}]"
+    rewrite = REWRITE
     routes = "".join(f"""
       - name: {n}
         rules:
@@ -127,8 +132,10 @@ imports:
         rules:
           - matches: [{{path: {{type: PathPrefix, value: /}}}}]
 """
-    if policies:
-        text += _policy_files(d)  # one more import, then the top-level `policies:`
+    if policies:  # web gets /plain too (the baseline), then one more import and `policies:`
+        text += ("      - name: plain\n        rules:\n          - matches: [{path: {type: "
+                 f"PathPrefix, value: /plain}}}}]\n            {REWRITE}\n")
+        text += _policy_files(d)
     if exports:
         text += "exports:\n"
         for svc in ("web", "webp") if policies else ("web",):
@@ -246,6 +253,7 @@ def run(tmp: Path, rounds: int, seconds: float, log: Callable[[str], None],
             auth = (f"Authorization: Bearer {(d / 'jwt-token').read_text()}",)
             post = d / "post.lua"
             plain.update(zip(POLICY_PATHS, (
+                (E2 + 2, "/plain", (), None), (E2 + 2, "/plain", (), post),
                 (E2 + 3, "/plain", (), None), (E2 + 3, "/plain", (), post),
                 (E2 + 3, "/jwt", auth, None), (E2 + 3, "/oas", (), post),
                 (E2 + 3, "/both", auth, post)), strict=True))
@@ -282,7 +290,8 @@ def table(got: dict[str, dict[str, float]]) -> str:
     if POLICY_PATHS[0] in got:
         rows += ["", "| policy path | keep-alive req/s | p50 µs | p99 µs | errors | "
                  "cost µs/request |", "|---|---|---|---|---|---|"]
-        base = {"policies on, none": "Isthmus local", "POST, none": "Isthmus local",
+        base = {"no policy, rewrite": "Isthmus local", "no policy, POST": "no policy, rewrite",
+                "policies on, none": "no policy, rewrite", "POST, none": "no policy, POST",
                 "JWT": "policies on, none", "OpenAPI": "POST, none",
                 "JWT + OpenAPI": "POST, none"}
         for p in POLICY_PATHS:

@@ -74,7 +74,8 @@ class Enforcement:
     request_timeout: float | None
     try_timeout: float | None
     retry: Any  # RetryPolicy, or None: retries off
-    framed: bool  # retries on response statuses: the response head must be held (framed relay)
+    framed: bool  # retries on response statuses: such a head is held (framed relay)
+    hold: frozenset[bytes] | None  # those statuses as the status line spells them (upstream.py)
     jwt_name: str
     openapi_name: str
 
@@ -82,8 +83,15 @@ class Enforcement:
     def of(cls, p: EffectivePolicy, jwt: JwtVerifier | None, openapi: OpenApiValidator | None
            ) -> Enforcement:
         retry = p.retry if p.retry.attempts > 0 else None
-        framed = retry is not None and (bool(retry.codes) or "5xx" in retry.retry_on)
-        return cls(p, jwt, openapi, p.timeouts.request, p.try_timeout, retry, framed,
+        hold: frozenset[bytes] | None = None
+        if retry is not None:
+            codes = set(retry.codes) | (set(range(500, 600)) if "5xx" in retry.retry_on
+                                        else set())
+            hold = frozenset(str(c).encode() for c in codes) or None
+        request, try_ = p.timeouts.request, p.try_timeout
+        if try_ is not None and request is not None and try_ >= request:
+            try_ = None  # the request timer ends the try first: no second timer per request
+        return cls(p, jwt, openapi, request, try_, retry, hold is not None, hold,
                    p.source("jwt") or "", p.source("openapi") or "")
 
 

@@ -270,6 +270,7 @@ class Session:
     lost = False
     paused_for_other = False
     idle_timer: asyncio.TimerHandle | None = None  # a policy's idle timeout, between requests
+    idle_at = 0.0  # loop time the connection is idle enough to close (with idle_timer)
 
     def __init__(self, down: Leg, host: Host) -> None:
         self.down = down
@@ -371,9 +372,6 @@ class Session:
     def on_message_begin(self) -> None:
         if self.head_since is None:
             self.head_since = self.host.loop.time()
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
-            self.idle_timer = None
         self._target = b""
         self._headers = []
         self._hbytes = 0
@@ -553,8 +551,9 @@ class Session:
         ex.cluster = up.target.locality.cluster
         ex.connected_at = self.host.loop.time()
         enf = ex.enf
-        up.start(ex, ex.method == b"HEAD", ex.version == "1.1"
-                 and ex.decision.response_headers is None and (enf is None or not enf.framed))
+        up.start(ex, ex.method == b"HEAD",
+                 ex.version == "1.1" and ex.decision.response_headers is None,
+                 enf.hold if enf is not None else None)
         if enf is not None:
             enforce.sent(self, ex, up)
         up.write(self.request_head(ex))
@@ -612,17 +611,29 @@ class Session:
         if self.current is ex:
             self.current = None
             self._next()
-        if ex.enf is not None and self.current is None and not self.lost \
-                and self.idle_timer is None:
+        if ex.enf is not None and self.current is None and not self.lost:
             idle = ex.enf.policy.timeouts.idle
             if idle is not None:  # the policy's idle limit for the connection
-                self.idle_timer = self.host.loop.call_later(idle, self._idle)
+                loop = self.host.loop
+                at = self.idle_at = loop.time() + idle
+                timer = self.idle_timer
+                if timer is None or at < timer.when():  # one timer per idle period at most
+                    if timer is not None:
+                        timer.cancel()
+                    self.idle_timer = loop.call_later(idle, self._idle)
 
     def _idle(self) -> None:
+        """The idle timer: close when nothing came since `idle_at` was set; when a request
+        is in flight, its `done` arms the timer again."""
         self.idle_timer = None
-        if self.current is None and not self.queue and not self.lost:
-            self.closing = True
-            self.close()
+        if self.current is not None or self.queue or self.lost:
+            return
+        left = self.idle_at - self.host.loop.time()
+        if left > 0:
+            self.idle_timer = self.host.loop.call_later(left, self._idle)
+            return
+        self.closing = True
+        self.close()
 
     def head_timed_out(self, timeout: float) -> bool:
         """The listener's sweep: a head awaited longer than `timeout` (slowloris, or a client

@@ -19,7 +19,9 @@ A response is relayed in one of two ways, chosen per request (`start`):
           headers go along: a `Connection: close` the client then sees is kept, since we close
           the client connection after such a response too.
   framed  head rebuilt (hop-by-hop headers out, filters applied) and the body re-framed for the
-          client (session.Exchange.response_head): HTTP/1.0 clients, header filters.
+          client (session.Exchange.response_head): HTTP/1.0 clients, header filters, and a
+          response whose status a route policy retries (`hold`: seen in the first read's
+          status line, so every other response of such a route stays raw).
 
 After a complete response on a connection both sides keep alive, the session gives it back to
 its `Pool`, keyed by (target, service): the next request to that target takes it instead of
@@ -94,6 +96,7 @@ class Upstream:
         self.raw_parser = HttpResponseParser(_Framing(self))
         self.parser = self.raw_parser
         self.raw = True
+        self.hold: frozenset[bytes] | None = None
         self.uses = 0  # requests sent on this connection
         self.got = False  # some byte of the current response arrived
         self.head_only = False  # the current request is HEAD: its response has no body
@@ -109,7 +112,11 @@ class Upstream:
         leg.attach(self)  # type: ignore[arg-type]
 
     # -- the session's side -------------------------------------------------------------------
-    def start(self, exchange: Answered, head_only: bool, raw: bool) -> None:
+    def start(self, exchange: Answered, head_only: bool, raw: bool,
+              hold: frozenset[bytes] | None = None) -> None:
+        """`hold`: statuses (3 ASCII digits) a route policy may retry: a raw response whose
+        status line names one is relayed framed instead, so its head can be held back."""
+        self.hold = hold
         if self._stale:  # a HEAD response's parser still waits for the body that never came
             self._stale = False
             self.full_parser = HttpResponseParser(self)
@@ -167,8 +174,9 @@ class Upstream:
             self.abort()
             return
         if self.raw:
-            if not self.got and data[:9] != b"HTTP/1.1 ":
-                self.raw = False  # an HTTP/1.0 (or odd) upstream: its head is rebuilt, framed
+            if not self.got and (data[:9] != b"HTTP/1.1 " or (
+                    self.hold is not None and (len(data) < 12 or bytes(data[9:12]) in self.hold))):
+                self.raw = False  # HTTP/1.0 (or odd), or a status to retry: framed
                 self.parser = self.full_parser
             else:
                 ex.raw_bytes(data)  # first: a response completed by this read may start the next
