@@ -61,7 +61,7 @@ def _http_metrics(page: Exposition, per: list[tuple[dict[str, str], dict[str, An
                     for lab, h in rows for r in h.get("policy_retries", ())])
     page.counter("isthmus_gateway_http_retries_skipped_total",
                  "Failed tries a route policy did not retry, by reason (budget, method, "
-                 "retry-after, deadline).",
+                 "retry-after, deadline, body: streamed upstream, not held).",
                  [({**lab, "route": r["route"], "reason": r["reason"]}, r["count"])
                   for lab, h in rows for r in h.get("not_retried", ())])
     page.counter("isthmus_gateway_http_policy_denied_total",

@@ -156,8 +156,9 @@ async def _reached(client: Http, path: str) -> bool:
 
 
 async def test_retries_go_elsewhere_and_the_budget_holds(http: Http):
-    """A 503 from one endpoint is retried on the other (the client sees only 200s); behind a
-    backend failing everything, upstream tries stay <= 1.1x requests (the budget)."""
+    """A 503 from one endpoint is retried on the other (the client sees only 200s), for
+    idempotent methods only; behind a backend failing everything, upstream tries stay <= 1.1x
+    requests (the budget)."""
     ok_ep, bad_ep = http.flaky  # type: ignore[attr-defined]
     ok_before, bad_before = ok_ep.served, bad_ep.served
     for i in range(40):
@@ -170,6 +171,17 @@ async def test_retries_go_elsewhere_and_the_budget_holds(http: Http):
     got = metric_value(text, "isthmus_gateway_http_retries_total",
                        f'{LISTENER},route="flaky",reason="503"')
     assert got >= bad, (got, bad)
+
+    # POST is not idempotent: its 503s go back to the client, never sent twice
+    before = bad_ep.served + ok_ep.served
+    posts = [(await http.get(f"/flaky/p{i}", method="POST", data=b"x"))[0] for i in range(20)]
+    assert 503 in posts and set(posts) <= {200, 503}, posts
+    assert bad_ep.served + ok_ep.served - before == 20  # one try each
+    text = await http.topo.metrics("east-1")
+    skipped = [metric_value(text, "isthmus_gateway_http_retries_skipped_total",
+                            f'{LISTENER},route="flaky",reason="{why}"') or 0
+               for why in ("method", "body")]  # body: streamed upstream before it ended
+    assert sum(skipped) == posts.count(503), skipped
 
     downs = http.down  # type: ignore[attr-defined]
     before = sum(b.served for b in downs)

@@ -350,9 +350,9 @@ def failed(s: Any, ex: Any, outcome: Outcome, target: Any, retry_after: str | No
     """A try of `ex` failed: True when a retry is scheduled (the caller answers nothing)."""
     enf = ex.enf
     policy = enf.retry
-    if policy is None or ex.responded or ex.finished or ex.body is None or ex.sent_body \
-            or not ex.body_done:
+    if policy is None or ex.responded or ex.finished:
         return False
+    held = ex.body is not None and not ex.sent_body and ex.body_done  # can be sent again
     host = s.host
     loop = host.loop
     now = loop.time()
@@ -360,14 +360,15 @@ def failed(s: Any, ex: Any, outcome: Outcome, target: Any, retry_after: str | No
     left = None
     if enf.request_timeout is not None:
         left = enf.request_timeout - (now - ex.started)
+    budget = host.budgets.budget((d.route, d.backend), policy) if held else None
     verdict = decide(policy, method=ex.method.decode("latin-1"), outcome=outcome,
-                     retries_done=ex.tries, budget=host.budgets.budget((d.route, d.backend),
-                                                                       policy),
-                     now=now, random=host.random, retry_after=retry_after,
+                     retries_done=ex.tries, budget=budget, now=now, random=host.random,
+                     retry_after=retry_after,
                      now_epoch=time.time() if retry_after is not None else None, time_left=left)
-    if not verdict.retry:
-        if verdict.reason not in ("condition", "attempts"):
-            host.http.retry_skipped(d.route, verdict.reason)
+    if not verdict.retry or not held:
+        reason = verdict.reason if not verdict.retry else "body"  # body: streamed, not held
+        if reason not in ("condition", "attempts"):
+            host.http.retry_skipped(d.route, reason)
         return False
     ex.tries += 1
     ex.retried = True  # no second 100 Continue, no keep-alive-race resend on top
