@@ -37,6 +37,9 @@ BUDGET_N = 200
 LISTENER = 'listener="import default/web"'
 
 
+PLAIN = free_port()  # an import without routes, with an Import policy
+
+
 def routes_file(port: int, jwks: Path, auth_policy: bool = True) -> str:
     auth = f"""\
   - name: auth-jwt
@@ -77,8 +80,14 @@ imports:
       - name: default
         rules:
           - backendRefs: [{{name: web}}]
+  - name: plain
+    listen: 127.0.0.1:{PLAIN}
+    protocol: http
 
 policies:
+  - name: plain-timeout
+    targetRef: {{kind: Import, name: plain}}
+    timeouts: {{request: 400ms}}
   - name: web-defaults
     targetRef: {{kind: Import, name: web}}
     timeouts: {{request: 10s}}
@@ -124,7 +133,7 @@ async def http(tmp_path, request):
         await b.start()
     files = topo.nodes["east-1"].dir / "services"
     files.mkdir(parents=True, exist_ok=True)
-    for name, bs in (("web", web), ("flaky", flaky), ("down", down)):
+    for name, bs in (("web", web), ("flaky", flaky), ("down", down), ("plain", web)):
         (files / f"export-{name}.yaml").write_text(export_file(name, bs))
     jwks = tmp_path / "jwks.json"
     jwks.write_text(json.dumps(KeySet([KEY]).as_dict(private=False)))
@@ -222,6 +231,12 @@ async def test_timeouts_fire_at_their_value(http: Http):
     await wait_for(lambda: _true(backend.served - before == 2), 3.0, what="two tries")
     status, body, _ = await http.get("/slow/b", headers={"x-sleep": "0.1"})
     assert status == 200  # under the limit: served
+
+    # an import without routes takes its Import policy too (`plain`: request 400ms)
+    t0 = time.monotonic()
+    async with http.session.get(f"http://127.0.0.1:{PLAIN}/p", headers={"x-sleep": "2"}) as r:
+        took = time.monotonic() - t0
+        assert r.status == 504 and 0.35 <= took <= 1.2, (r.status, took)
 
     # idle: 1s after a request to /slow, a connection that sends nothing more is closed
     reader, writer = await asyncio.open_connection("127.0.0.1", http.port)

@@ -454,15 +454,19 @@ class Session:
 
     def _begin(self, ex: Exchange) -> None:
         host = self.host
+        policies = host.policies
         if not host.routes.entries:  # no routes: everything to the import's service, as it came
-            ex.decision = host.default
-            ex.trace = continue_trace(ex.traceparents, ex.tracestates, host.rand_bits)
-            self.connect(ex)
-            return
-        target = ex.target.decode("latin-1")
-        headers = _header_map(ex.headers) if host.needs_headers else _NO_HEADERS
-        d = ex.decision = host.decide(ex.method.decode("latin-1"), target, headers,
-                                      ex.host.decode("latin-1"))
+            d = ex.decision = host.default
+            if policies is None:
+                ex.trace = continue_trace(ex.traceparents, ex.tracestates, host.rand_bits)
+                self.connect(ex)
+                return
+            target = ""
+        else:
+            target = ex.target.decode("latin-1")
+            headers = _header_map(ex.headers) if host.needs_headers else _NO_HEADERS
+            d = ex.decision = host.decide(ex.method.decode("latin-1"), target, headers,
+                                          ex.host.decode("latin-1"))
         if d.kind != rt.PROXY:
             if d.kind == rt.REDIRECT:
                 self.answer(ex, d.status, "", [(b"location", d.location.encode("latin-1"))])
@@ -471,7 +475,6 @@ class Session:
             else:
                 self.answer(ex, 500, f"route {d.route!r} has no backend with weight > 0\n")
             return
-        policies = host.policies
         if policies is not None:
             enf = ex.enf = policies.get((d.route, d.rule))
             if enf is not None and not enforce.admit(self, ex, enf):
