@@ -165,6 +165,10 @@ LIMITS: Table = (
           doc="HTTP imports: more request headers are refused (431)"),
     Field("http_max_target_bytes", integer(256, 1024 * 1024), 8192,
           doc="HTTP imports: a longer request target is refused (414)"),
+    Field("inbound_max_handshakes", integer(1, 100_000), 256,
+          doc="inbound: TLS handshakes in progress at once; more connections are closed unread"),
+    Field("inbound_handshake_timeout", duration(maximum=60), 5.0,
+          doc="inbound: a TLS handshake not done within this is closed"),
 )
 OUTLIER: Table = (
     Field("consecutive_failures", integer(1, 1000), DEFAULT_OUTLIER.consecutive_failures),

@@ -89,6 +89,8 @@ class LimitsConfig:
     http_max_header_bytes: int = 65536  # HTTP imports: request head bytes (431 beyond)
     http_max_headers: int = 100  # HTTP imports: request header count (431 beyond)
     http_max_target_bytes: int = 8192  # HTTP imports: request target length (414 beyond)
+    inbound_max_handshakes: int = 256  # inbound: TLS handshakes in progress at once
+    inbound_handshake_timeout: float = 5.0  # inbound: a handshake not done by then is closed
 
 
 @dataclass(frozen=True, slots=True)
