@@ -32,6 +32,13 @@ flight when it broke). A failure is explained, in this order, when
                  yet, or SIGSTOPped, at some point of the window
     in flight    a `sigkill` or `sigstop` of any gateway began inside the window (a stream
                  carried by that process when it died or froze)
+    certificate  (long-lived only) a gateway closed a link because a certificate of it expired
+                 (its log line "closed now (peer-cert-expired)"/"(own-cert-expired)", read
+                 from the gateways' logs after the run) inside the window, and the connection
+                 was older than half the SVID TTL: by design a stream outlives the replacement
+                 of its link but not the link's certificates (gateway/core/links.py); with
+                 1-minute SVIDs that is every long-lived connection older than ~30 s, with the
+                 default 24 h ones ~12 h
 Anything else is `unexplained` and fails the soak: a failure the gateways should have
 avoided (a federation outage, a rotation, a drill, or a new connection after a peer died
 are all things the gateways must route around). The windows are the events' own times, not
@@ -45,6 +52,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -77,10 +85,14 @@ ACTIONS = (("endpoints", 3), ("sigstop", 2), ("sigkill", 2), ("federation", 2),
            ("rotate-ca", 1), ("drill", 1))
 DRILL = {"mode": "blackhole", "duration": "3s", "baseline": "1s", "settle": "1s"}
 TIMEOUT = 3.0
+SVID_TTL = 60.0  # identity.svid_ttl of every gateway (edit_config)
+CERT_CLOSE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) .* link with cluster "
+                        r"'([^']*)' closed now \((?:peer|own)-cert-expired\)")
 
 
 def edit_config(name: str, cfg: dict) -> None:
-    cfg["identity"] = {"svid_ttl": "1m", "bundle_refresh_hint": "1s", "rotation_overlap": "3s"}
+    cfg["identity"] = {"svid_ttl": f"{SVID_TTL:g}s", "bundle_refresh_hint": "1s",
+                       "rotation_overlap": "3s"}
 
 
 @dataclass
@@ -102,6 +114,7 @@ class Failure:
     lines: tuple[str, ...]
     error: str
     cause: str = ""
+    opened: float = 0.0  # the connection's open time (long-lived: before `start`)
 
 
 @dataclass
@@ -274,7 +287,8 @@ class Clients:
                     await asyncio.sleep(0.5)
             except (OSError, TimeoutError, ConnectionError) as e:
                 self.t.failures.append(Failure("long", via, last_ok, time.monotonic(),
-                                               (line, prev), f"{type(e).__name__}: {e}"))
+                                               (line, prev), f"{type(e).__name__}: {e}",
+                                               opened=t0))
                 await asyncio.sleep(0.2)
             finally:
                 writer.close()
@@ -302,7 +316,29 @@ def explain(f: Failure, events: list[Event], backends: dict[str, Backends]) -> s
         if ev.kind in ("sigkill", "sigstop") and f.start <= ev.start <= f.end:
             how = "SIGKILLed" if ev.kind == "sigkill" else "SIGSTOPped"
             return f"in flight: through {ev.target} when it was {how}"
+    for ev in events:
+        if (ev.kind == "cert-expired" and f.kind == "long" and f.end - f.opened > SVID_TTL / 2
+                and f.start - CLOCKS <= ev.start <= f.end + CLOCKS):
+            return "certificate: the link under a stream older than svid_ttl/2 reached expiry"
     return "unexplained"
+
+
+CLOCKS = 0.02  # the error of mapping a log line's wall-clock millisecond to monotonic time
+
+
+def cert_closes(state: Path, wall0: float, mono0: float) -> list[Event]:
+    """Links the gateways closed at a certificate's expiry, from their logs (wall clock, ms),
+    as events on the monotonic clock."""
+    out = []
+    for log in sorted(state.glob("*.log")):
+        for line in log.read_text(errors="replace").splitlines():
+            m = CERT_CLOSE.match(line)
+            if m:
+                wall = time.mktime(time.strptime(m[1], "%Y-%m-%d %H:%M:%S")) + int(m[2]) / 1000
+                at = wall - wall0 + mono0
+                out.append(Event("cert-expired", log.stem.split("#")[0], at, at,
+                                 note=f"link with {m[3]}"))
+    return out
 
 
 async def soak(state: Path, minutes: float, seed: int, log=print) -> dict:
@@ -316,6 +352,7 @@ async def soak(state: Path, minutes: float, seed: int, log=print) -> dict:
     stop = asyncio.Event()
     clients = Clients(traffic)
     t_start = time.monotonic()
+    wall0, mono0 = time.time(), time.monotonic()
     try:
         await start_topology(state, OFFSET, procs, backends, edit=edit_config)
         log(f"soak: topology up in {time.monotonic() - t_start:.1f} s; {minutes:g} min of "
@@ -339,8 +376,9 @@ async def soak(state: Path, minutes: float, seed: int, log=print) -> dict:
         procs.stop()
         for b in backends.values():
             await b.stop()
+    expiries = cert_closes(state, wall0, mono0)
     for f in traffic.failures:
-        f.cause = explain(f, chaos.events, backends)
+        f.cause = explain(f, chaos.events + expiries, backends)
     causes = Counter(f.cause for f in traffic.failures)
     unexplained = [f for f in traffic.failures if f.cause == "unexplained"]
 
@@ -355,6 +393,7 @@ async def soak(state: Path, minutes: float, seed: int, log=print) -> dict:
         "new_served": traffic.new_ok, "served_by": dict(traffic.served_by),
         "long_lived_opened": traffic.long_opened, "long_lived_exchanges": traffic.long_exchanges,
         "events": Counter(e.kind for e in chaos.events),
+        "links_closed_at_certificate_expiry": len(expiries),
         "event_log": [{**asdict(e), "start": round(e.start - t0, 3), "end": round(e.end - t0, 3),
                        "down_until": round(e.down_until - t0, 3) if e.down_until else None}
                       for e in chaos.events],
