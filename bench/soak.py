@@ -115,6 +115,7 @@ class Failure:
     error: str
     cause: str = ""
     opened: float = 0.0  # the connection's open time (long-lived: before `start`)
+    wall: tuple[float, float] = (0.0, 0.0)  # start and end on the wall clock (log lines' clock)
 
 
 @dataclass
@@ -274,7 +275,7 @@ class Clients:
                 await asyncio.sleep(0.2)
                 continue
             self.t.long_opened += 1
-            last_ok, prev, line = t0, "", ""
+            last_ok, last_ok_wall, prev, line = t0, time.time(), "", ""
             try:
                 while not stop.is_set():
                     prev, line = line, f"long {next(self.numbers)}"
@@ -282,13 +283,13 @@ class Clients:
                     who = (await asyncio.wait_for(reader.readline(), TIMEOUT)).decode().strip()
                     if not who:
                         raise ConnectionError("closed without an answer")
-                    last_ok = time.monotonic()
+                    last_ok, last_ok_wall = time.monotonic(), time.time()
                     self.t.long_exchanges += 1
                     await asyncio.sleep(0.5)
             except (OSError, TimeoutError, ConnectionError) as e:
                 self.t.failures.append(Failure("long", via, last_ok, time.monotonic(),
                                                (line, prev), f"{type(e).__name__}: {e}",
-                                               opened=t0))
+                                               opened=t0, wall=(last_ok_wall, time.time())))
                 await asyncio.sleep(0.2)
             finally:
                 writer.close()
@@ -318,24 +319,23 @@ def explain(f: Failure, events: list[Event], backends: dict[str, Backends]) -> s
             return f"in flight: through {ev.target} when it was {how}"
     for ev in events:
         if (ev.kind == "cert-expired" and f.kind == "long" and f.end - f.opened > SVID_TTL / 2
-                and f.start - CLOCKS <= ev.start <= f.end + CLOCKS):
+                and f.wall[0] - LOG_MS <= ev.start <= f.wall[1]):
             return "certificate: the link under a stream older than svid_ttl/2 reached expiry"
     return "unexplained"
 
 
-CLOCKS = 0.02  # the error of mapping a log line's wall-clock millisecond to monotonic time
+LOG_MS = 0.001  # log lines carry the wall clock truncated to the millisecond
 
 
-def cert_closes(state: Path, wall0: float, mono0: float) -> list[Event]:
-    """Links the gateways closed at a certificate's expiry, from their logs (wall clock, ms),
-    as events on the monotonic clock."""
+def cert_closes(state: Path) -> list[Event]:
+    """Links the gateways closed at a certificate's expiry, from their logs: events on the wall
+    clock (compared with a failure's `wall` window, never mapped to the monotonic clock)."""
     out = []
     for log in sorted(state.glob("*.log")):
         for line in log.read_text(errors="replace").splitlines():
             m = CERT_CLOSE.match(line)
             if m:
-                wall = time.mktime(time.strptime(m[1], "%Y-%m-%d %H:%M:%S")) + int(m[2]) / 1000
-                at = wall - wall0 + mono0
+                at = time.mktime(time.strptime(m[1], "%Y-%m-%d %H:%M:%S")) + int(m[2]) / 1000
                 out.append(Event("cert-expired", log.stem.split("#")[0], at, at,
                                  note=f"link with {m[3]}"))
     return out
@@ -352,7 +352,6 @@ async def soak(state: Path, minutes: float, seed: int, log=print) -> dict:
     stop = asyncio.Event()
     clients = Clients(traffic)
     t_start = time.monotonic()
-    wall0, mono0 = time.time(), time.monotonic()
     try:
         await start_topology(state, OFFSET, procs, backends, edit=edit_config)
         log(f"soak: topology up in {time.monotonic() - t_start:.1f} s; {minutes:g} min of "
@@ -376,7 +375,8 @@ async def soak(state: Path, minutes: float, seed: int, log=print) -> dict:
         procs.stop()
         for b in backends.values():
             await b.stop()
-    expiries = cert_closes(state, wall0, mono0)
+        await asyncio.sleep(0.2)  # their handlers end (reset connections) before the loop does
+    expiries = cert_closes(state)
     for f in traffic.failures:
         f.cause = explain(f, chaos.events + expiries, backends)
     causes = Counter(f.cause for f in traffic.failures)
