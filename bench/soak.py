@@ -33,12 +33,13 @@ flight when it broke). A failure is explained, in this order, when
     in flight    a `sigkill` or `sigstop` of any gateway began inside the window (a stream
                  carried by that process when it died or froze)
     certificate  (long-lived only) a gateway closed a link because a certificate of it expired
-                 (its log line "closed now (peer-cert-expired)"/"(own-cert-expired)", read
-                 from the gateways' logs after the run) inside the window, and the connection
-                 was older than half the SVID TTL: by design a stream outlives the replacement
-                 of its link but not the link's certificates (gateway/core/links.py); with
-                 1-minute SVIDs that is every long-lived connection older than ~30 s, with the
-                 default 24 h ones ~12 h
+                 inside the window: its log line "closed now (peer-cert-expired)" or
+                 "(own-cert-expired)": N stream(s) reset", read from the gateways' logs after
+                 the run, on the wall clock like the failure's own window; each such line
+                 explains at most its N streams. By design a stream outlives the replacement of
+                 its link but not the link's certificates (gateway/core/links.py): with
+                 1-minute SVIDs a stream may be cut after ~30 s (less on a link dialled just as
+                 the peer's certificate passed its half-life), with the default 24 h ones ~12 h
 Anything else is `unexplained` and fails the soak: a failure the gateways should have
 avoided (a federation outage, a rotation, a drill, or a new connection after a peer died
 are all things the gateways must route around). The windows are the events' own times, not
@@ -87,7 +88,7 @@ DRILL = {"mode": "blackhole", "duration": "3s", "baseline": "1s", "settle": "1s"
 TIMEOUT = 3.0
 SVID_TTL = 60.0  # identity.svid_ttl of every gateway (edit_config)
 CERT_CLOSE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) .* link with cluster "
-                        r"'([^']*)' closed now \((?:peer|own)-cert-expired\)")
+                        r"'([^']*)' closed now \((?:peer|own)-cert-expired\): (\d+) stream")
 
 
 def edit_config(name: str, cfg: dict) -> None:
@@ -103,6 +104,7 @@ class Event:
     end: float = 0.0  # restored / SIGCONT / restarted process ready / drill over
     down_until: float = 0.0  # sigkill: the restarted process is ready
     note: str = ""
+    streams: int = 0  # cert-expired: streams the close reset that no failure was matched to yet
 
 
 @dataclass
@@ -318,9 +320,10 @@ def explain(f: Failure, events: list[Event], backends: dict[str, Backends]) -> s
             how = "SIGKILLed" if ev.kind == "sigkill" else "SIGSTOPped"
             return f"in flight: through {ev.target} when it was {how}"
     for ev in events:
-        if (ev.kind == "cert-expired" and f.kind == "long" and f.end - f.opened > SVID_TTL / 2
+        if (ev.kind == "cert-expired" and f.kind == "long" and ev.streams > 0
                 and f.wall[0] - LOG_MS <= ev.start <= f.wall[1]):
-            return "certificate: the link under a stream older than svid_ttl/2 reached expiry"
+            ev.streams -= 1
+            return "certificate: its link was closed at a certificate's expiry"
     return "unexplained"
 
 
@@ -337,7 +340,7 @@ def cert_closes(state: Path) -> list[Event]:
             if m:
                 at = time.mktime(time.strptime(m[1], "%Y-%m-%d %H:%M:%S")) + int(m[2]) / 1000
                 out.append(Event("cert-expired", log.stem.split("#")[0], at, at,
-                                 note=f"link with {m[3]}"))
+                                 note=f"link with {m[3]}", streams=int(m[4])))
     return out
 
 
