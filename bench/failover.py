@@ -26,8 +26,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 import isthmus.demo as demo
 from isthmus.demo import Backends, Processes, one_connection, paced, ports
 
@@ -73,20 +71,12 @@ def verify_blackhole(port: int) -> str:
         bh.close()
 
 
-def patch_configs(state: Path, offset: int) -> list[Path]:
-    """isthmus.demo.write_configs, then edit east-1's YAML (see the module docstring)."""
-    paths = _original_write_configs(state, offset)
-    for path in paths:
-        cfg = yaml.safe_load(path.read_text())
-        cfg["outlier_detection"].update({"base_ejection": "500ms", "max_ejection": "1s"})
-        cfg["imports"][0]["failover"]["failback_after"] = "500ms"
-        if cfg["cluster"]["name"] == "east-1":
-            cfg["exports"][0]["endpoints"] = cfg["exports"][0]["endpoints"][:1]
-        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return paths
-
-
-_original_write_configs = demo.write_configs
+def edit_config(name: str, cfg: dict) -> None:
+    """The demo's config of `name`, changed as the module docstring says."""
+    cfg["outlier_detection"].update({"base_ejection": "500ms", "max_ejection": "1s"})
+    cfg["imports"][0]["failover"]["failback_after"] = "500ms"
+    if name == "east-1":
+        cfg["exports"][0]["endpoints"] = cfg["exports"][0]["endpoints"][:1]
 
 
 async def run(state: Path, kills: int, log: Any) -> dict[str, dict]:
@@ -113,12 +103,8 @@ async def run(state: Path, kills: int, log: Any) -> dict[str, dict]:
         return False
 
     out: dict[str, dict] = {}
-    demo.write_configs = patch_configs
-    try:
-        await be2.start()
-        await demo.start_topology(state, OFFSET, procs, {"east-1": be1})
-    finally:
-        demo.write_configs = _original_write_configs
+    await be2.start()
+    await demo.start_topology(state, OFFSET, procs, {"east-1": be1}, edit=edit_config)
     drive = asyncio.create_task(paced(one, PACE, stop))
     try:
         note = verify_blackhole(e1["ep2"])  # same kind of port, not in use by anything

@@ -12,6 +12,7 @@ import re
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from federation.errors import IdentityError
@@ -31,9 +32,14 @@ def _load_der(der: bytes, what: str) -> x509.Certificate:
     if not isinstance(der, bytes | bytearray):
         raise IdentityError(f"{what}: expected DER bytes, got {type(der).__name__}")
     try:
-        return x509.load_der_x509_certificate(bytes(der))
-    except ValueError as e:
+        cert = x509.load_der_x509_certificate(bytes(der))
+        # parsed lazily by cryptography: a damaged extension or key would raise ValueError at
+        # first use, deep in a caller (tests/federation/test_identity_fuzz.py found both)
+        cert.extensions  # noqa: B018
+        cert.public_key()
+    except (ValueError, UnsupportedAlgorithm, x509.InvalidVersion) as e:
         raise IdentityError(f"{what}: not a DER X.509 certificate ({e})") from None
+    return cert
 
 
 def _is_ca(cert: x509.Certificate) -> bool:
@@ -112,7 +118,7 @@ def authority_of(k: dict[str, Any], kw: str) -> bytes:
     pub = cert.public_key()
     if kty == "EC":
         crv = k.get("crv")
-        if crv not in _CURVES:
+        if not isinstance(crv, str) or crv not in _CURVES:
             raise IdentityError(f"{kw}.crv: {crv!r} is not one of {', '.join(_CURVES)}")
         curve, size = _CURVES[crv]
         x = _b64url_decode(k.get("x"), f"{kw}.x")

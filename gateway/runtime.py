@@ -442,12 +442,14 @@ class Gateway(LiveReload, SideServices, Introspection, HttpImports):
         self.inbound = InboundListener(self.tls, self.export_routers.get, dialer,
                                        max_connections=lim.max_connections,
                                        idle_timeout=lim.idle_timeout,
-                                       http_limits=http_limits(lim))
+                                       http_limits=http_limits(lim),
+                                       max_handshakes=lim.inbound_max_handshakes)
         if cfg.tracing is not None:  # every process exports the spans of its own requests
             self.spans = OtlpExporter(cfg.tracing, cfg.cluster.name, self.worker)
             self.inbound.spans = self.spans
         await self.inbound.start(*cfg.listen.inbound, sock=self.restart.sock(cfg.listen.inbound),
-                                 serving=serving)
+                                 serving=serving,
+                                 handshake_timeout=lim.inbound_handshake_timeout)
         self.listeners.append(self.inbound)
         self.drill_actor = DrillActor(cfg.cluster.name, self.wall, self._mono, self.inbound,
                                       self.agent if self.primary else None,

@@ -80,7 +80,10 @@ def ports(offset: int, i: int) -> dict[str, int]:
     }
 
 
-def write_configs(state: Path, offset: int) -> list[Path]:
+def write_configs(state: Path, offset: int,
+                  edit: Callable[[str, dict], None] | None = None) -> list[Path]:
+    """The gateways' config files; `edit(cluster, config)` may change a config before it is
+    written (bench/soak.py shortens SVID lifetimes)."""
     paths = []
     for i, (name, region, zone) in enumerate(ALL_CLUSTERS):
         p = ports(offset, i)
@@ -130,6 +133,8 @@ def write_configs(state: Path, offset: int) -> list[Path]:
                 }
             ],
         }
+        if edit is not None:
+            edit(name, cfg)
         path = state / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         paths.append(path)
@@ -137,7 +142,8 @@ def write_configs(state: Path, offset: int) -> list[Path]:
 
 
 class Backends:
-    """Echo servers of one cluster: answer one line with the cluster's name."""
+    """Echo servers of one cluster: answer each line with the cluster's name, until the client
+    closes (the demo's clients send one line; bench/soak.py's long-lived ones keep sending)."""
 
     def __init__(self, cluster: str, addresses: list[int]) -> None:
         self.cluster = cluster
@@ -150,11 +156,11 @@ class Backends:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.writers[writer] = None
         try:
-            line = await asyncio.wait_for(reader.readline(), 5)
-            if writer in self.writers:
-                self.writers[writer] = line.decode(errors="replace").strip()
-            writer.write(f"{self.cluster}\n".encode())
-            await writer.drain()
+            while line := await asyncio.wait_for(reader.readline(), 5):
+                if writer in self.writers:  # the last line: the one a kill interrupts
+                    self.writers[writer] = line.decode(errors="replace").strip()
+                writer.write(f"{self.cluster}\n".encode())
+                await writer.drain()
         except (OSError, TimeoutError, RuntimeError):  # RuntimeError: stop() reset it meanwhile
             pass
         finally:
@@ -348,12 +354,13 @@ async def start_topology(
     procs: Processes,
     backends: dict[str, Backends] | None,
     workers: dict[str, int] | None = None,
+    edit: Callable[[str, dict], None] | None = None,
 ) -> None:
     """Federation, join tokens, (optionally) backends, four gateways (ALL_CLUSTERS); returns when
     east-1 sees every cluster live and both remote gateways healthy, and edge-1 sees the three
     exporting gateways healthy. The operator credentials are in state/federation/operator.
-    `workers`: cluster -> `gateway run --workers N` (default 1)."""
-    configs = write_configs(state, offset)
+    `workers`: cluster -> `gateway run --workers N` (default 1); `edit`: see write_configs."""
+    configs = write_configs(state, offset, edit)
     procs.start(
         "federation",
         "federation",

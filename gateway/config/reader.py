@@ -175,7 +175,11 @@ class Reader:
     def scalar(self, node: ScalarNode) -> Any:
         try:
             return self._ctor.construct_object(node)
-        except yaml.YAMLError:
+        # PyYAML's constructors raise plain ValueError/IndexError/... on a tagged scalar they
+        # cannot build (`!!int ~`, `!!float ''`): as for a YAMLError, the text is the value
+        # (the field's parser then says what is wrong with it)
+        except (yaml.YAMLError, ValueError, TypeError, IndexError, OverflowError):
+            self._ctor.recursive_objects.clear()  # what the failed construction left behind
             return node.value
 
     def describe(self, node: Node) -> str:

@@ -169,6 +169,10 @@ LIMITS: Table = (
     Field("http_header_timeout", duration(maximum=3600, zero_ok=True), 10.0,
           doc="HTTP imports: a request head not complete this long after it began (or after "
               "the connection opened) gets 408; 0s: no limit"),
+    Field("inbound_max_handshakes", integer(1, 100_000), 256,
+          doc="inbound: TLS handshakes in progress at once; more connections are closed unread"),
+    Field("inbound_handshake_timeout", duration(maximum=60), 5.0,
+          doc="inbound: a TLS handshake not done within this is closed"),
 )
 OUTLIER: Table = (
     Field("consecutive_failures", integer(1, 1000), DEFAULT_OUTLIER.consecutive_failures),

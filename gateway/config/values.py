@@ -91,6 +91,8 @@ class LimitsConfig:
     http_max_headers: int = 100  # HTTP imports: request header count (431 beyond)
     http_max_target_bytes: int = 8192  # HTTP imports: request target length (414 beyond)
     http_header_timeout: float = 10.0  # HTTP imports: a request head within this, or 408
+    inbound_max_handshakes: int = 256  # inbound: TLS handshakes in progress at once
+    inbound_handshake_timeout: float = 5.0  # inbound: a handshake not done by then is closed
 
 
 @dataclass(frozen=True, slots=True)

@@ -143,6 +143,13 @@ def render_metrics(gw: Any, http: ServingStats | None = None) -> str:
            "Inbound links refused in the TLS handshake (certificate from no known CA, no client "
            "certificate, not TLS, timeout).",
            [(lab, st.get("handshake_failed", 0)) for lab, st in inbound])
+    metric("isthmus_gateway_inbound_handshakes_refused_total", "counter",
+           "Inbound connections closed unread because limits.inbound_max_handshakes TLS "
+           "handshakes were in progress (a handshake flood).",
+           [(lab, st.get("handshakes_refused", 0)) for lab, st in inbound])
+    metric("isthmus_gateway_inbound_handshakes_in_progress", "gauge",
+           "Inbound TLS handshakes in progress now.",
+           [(lab, st.get("handshaking", 0)) for lab, st in inbound])
     metric("isthmus_gateway_inbound_denied_total", "counter",
            "Inbound streams refused because the consumer is not allowed.",
            [(lab, st["denied"]) for lab, st in inbound])

@@ -297,12 +297,18 @@ class InboundListener(Listener):
     could be neither counted nor logged. Links are few and long-lived, so a Python accept loop
     costs nothing that matters here."""
 
-    MAX_HANDSHAKES = 256  # in flight at once; more are closed at accept (a flood, not peers)
+    MAX_HANDSHAKES = 256  # default of limits.inbound_max_handshakes
 
     def __init__(self, tls: Any, exports: Callable[[ServiceKey], Any], dialer: Dialer, *,
                  max_connections: int, idle_timeout: float,
-                 http_limits: HttpLimits = DEFAULT_LIMITS) -> None:
+                 http_limits: HttpLimits = DEFAULT_LIMITS,
+                 max_handshakes: int = MAX_HANDSHAKES) -> None:
         super().__init__("inbound", max_connections, idle_timeout)
+        # TLS handshakes in flight at once; more are closed at accept, unread, and counted in
+        # handshakes_refused (a flood of connections that never finish a handshake, not peers:
+        # each in-flight one ends within handshake_timeout)
+        self.max_handshakes = max_handshakes
+        self.handshakes_refused = 0
         self.http_limits = http_limits
         self.http_hosts: dict[ServiceKey, ExportHttp] = {}  # http exports (http/export.py)
         self.spans: Any = None  # the `tracing:` exporter, for http exports' spans
@@ -366,6 +372,7 @@ class InboundListener(Listener):
         return {**super().counters(), **({"http": http} if http else {}),
                 "identity_refused": self.identity_refused,
                 "handshake_failed": self.handshake_failed, "denied": self.denied,
+                "handshaking": self.handshaking, "handshakes_refused": self.handshakes_refused,
                 "links": self.link_stats.to_json(),
                 "caller_links": self.dialer.pool.stats.to_json()}
 
@@ -389,8 +396,11 @@ class InboundListener(Listener):
                 limited.warning("accept-failed", "inbound listener: accept failed: %s", e)
                 await asyncio.sleep(0.1)
                 continue
-            if self.handshaking >= self.MAX_HANDSHAKES:
-                self.handshake_failed += 1
+            if self.handshaking >= self.max_handshakes:
+                self.handshakes_refused += 1
+                limited.warning("handshakes-refused", "inbound listener: %d TLS handshakes in "
+                                "progress (limits.inbound_max_handshakes): new connections are "
+                                "closed unread", self.handshaking)
                 conn.close()
                 continue
             self.handshaking += 1

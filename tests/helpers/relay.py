@@ -216,8 +216,9 @@ async def inbound(stack, tls_b: GatewayTls, exports: Exports, **kw) -> InboundLi
         Dialer(tls_b, 2.0),
         max_connections=kw.get("max_connections", 100),
         idle_timeout=kw.get("idle_timeout", 30.0),
+        max_handshakes=kw.get("max_handshakes", InboundListener.MAX_HANDSHAKES),
     )
-    await lst.start(HOST, 0)
+    await lst.start(HOST, 0, handshake_timeout=kw.get("handshake_timeout", 5.0))
     stack.push_async_callback(lst.close)
     return lst
 

@@ -93,7 +93,8 @@ def test_everything_set() -> None:
     text = cfg(
         """\
 identity: {svid_ttl: 1h, ca_cert_file: /pki/ca.pem, ca_key_file: ../pki/ca.key}
-limits: {max_connections: 5, connect_timeout: 250ms, idle_timeout: 10m}
+limits: {max_connections: 5, connect_timeout: 250ms, idle_timeout: 10m,
+         inbound_max_handshakes: 16, inbound_handshake_timeout: 2s}
 outlier_detection: {consecutive_failures: 3, base_ejection: 1s, max_ejection: 1s}
 peer_probe: {interval: 1s, timeout: 200ms, healthy_threshold: 1, unhealthy_threshold: 3}
 exports:
@@ -129,7 +130,9 @@ imports:
     assert c.identity.svid_ttl == 3600.0
     assert c.identity.ca_cert_file == Path("/pki/ca.pem")
     assert c.identity.ca_key_file == Path("/etc/pki/ca.key")
-    assert dataclasses.astuple(c.limits) == (5, 0.25, 600.0, 30.0, 30.0, 65536, 100, 8192, 10.0)
+    assert dataclasses.astuple(c.limits)[:8] == (5, 0.25, 600.0, 30.0, 30.0, 65536, 100, 8192)
+    assert c.limits.http_header_timeout == 10.0
+    assert (c.limits.inbound_max_handshakes, c.limits.inbound_handshake_timeout) == (16, 2.0)
     assert dataclasses.astuple(c.outlier_detection) == (3, 1.0, 1.0, None)
     assert dataclasses.astuple(c.peer_probe) == (1.0, 0.2, 1, 3)
     web, other = c.exports
