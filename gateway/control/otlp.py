@@ -7,8 +7,11 @@ start and end, and attributes — method, target, route, backend service and clu
 
 `add` is the hot path's only cost: a tuple appended to a bounded deque (full: the span is
 dropped and counted, never the request slowed). `run` (a task of the runtime's TaskGroup) sends
-what is queued every `flush_interval` as one ExportTraceServiceRequest (opentelemetry-proto
-messages, `application/x-protobuf`) with aiohttp; a failed POST is counted, logged (one line,
+what is queued every `flush_interval` as one ExportTraceServiceRequest in OTLP's JSON encoding
+(`application/json`, the protobuf JSON mapping with hex ids, as OTLP/HTTP specifies) with
+aiohttp. Not the binary protobuf form: the `opentelemetry.proto` modules are shipped both by
+opentelemetry-proto and, an old copy, by xds-protos (the xDS server's), and whichever installs
+last wins the files. A failed POST is counted, logged (one line,
 rate-limited) and its batch dropped, so a collector that is down costs memory only up to
 `max_queue`. On stop, what is queued is sent once more.
 """
@@ -16,16 +19,12 @@ rate-limited) and its batch dropped, so a collector that is down costs memory on
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-import time
 from collections import deque
 from typing import Any
 
 import aiohttp
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
-from opentelemetry.proto.resource.v1.resource_pb2 import Resource
-from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
 
 from federation.logs import LogLimiter, quote
 from gateway.config.values import TracingConfig
@@ -71,10 +70,10 @@ class OtlpExporter:
     async def _flush(self, http: aiohttp.ClientSession) -> None:
         while self.queue:
             batch = [self.queue.popleft() for _ in range(min(MAX_BATCH, len(self.queue)))]
-            body = self.request(batch).SerializeToString()
+            body = json.dumps(self.request(batch), separators=(",", ":")).encode()
             try:
                 async with http.post(self.cfg.otlp_endpoint, data=body,
-                                     headers={"content-type": "application/x-protobuf"}) as r:
+                                     headers={"content-type": "application/json"}) as r:
                     if r.status >= 300:
                         raise aiohttp.ClientResponseError(r.request_info, (), status=r.status)
                 self.exported += len(batch)
@@ -85,36 +84,35 @@ class OtlpExporter:
                                 quote(str(e) or type(e).__name__))
                 return
 
-    def request(self, batch: list[SpanRecord]) -> ExportTraceServiceRequest:
-        """The OTLP message of `batch` (one resource: this gateway; one scope)."""
+    def request(self, batch: list[SpanRecord]) -> dict[str, Any]:
+        """The ExportTraceServiceRequest of `batch` in OTLP/JSON: one resource (this gateway),
+        one scope; ids in hex, 64-bit integers as strings, enums as numbers."""
         spans = []
         for trace_id, span_id, parent_id, start, end, attrs in batch:
             status = attrs.get("http.response.status_code", 0)
-            spans.append(Span(
-                trace_id=bytes.fromhex(trace_id), span_id=bytes.fromhex(span_id),
-                parent_span_id=bytes.fromhex(parent_id) if parent_id else b"",
-                name=f"{attrs.get('http.request.method', 'HTTP')} {attrs.get('isthmus.route')}",
-                kind=Span.SpanKind.SPAN_KIND_SERVER, start_time_unix_nano=start,
-                end_time_unix_nano=end, attributes=[_kv(k, v) for k, v in attrs.items()],
-                status=Status(code=Status.StatusCode.STATUS_CODE_ERROR
-                              if not status or status >= 500 else
-                              Status.StatusCode.STATUS_CODE_UNSET)))
-        resource = Resource(attributes=[_kv("service.name", self.cfg.service_name),
-                                        _kv("isthmus.cluster", self.cluster),
-                                        _kv("isthmus.worker", self.worker)])
-        scope = InstrumentationScope(name="isthmus.gateway")
-        return ExportTraceServiceRequest(resource_spans=[ResourceSpans(
-            resource=resource, scope_spans=[ScopeSpans(scope=scope, spans=spans)])])
+            span: dict[str, Any] = {
+                "traceId": trace_id, "spanId": span_id,
+                "name": f"{attrs.get('http.request.method', 'HTTP')} {attrs.get('isthmus.route')}",
+                "kind": SPAN_KIND_SERVER, "startTimeUnixNano": str(start),
+                "endTimeUnixNano": str(end), "attributes": [_kv(k, v) for k, v in attrs.items()],
+                "status": {"code": STATUS_ERROR if not status or status >= 500 else STATUS_UNSET},
+            }
+            if parent_id:
+                span["parentSpanId"] = parent_id
+            spans.append(span)
+        resource = {"attributes": [_kv("service.name", self.cfg.service_name),
+                                   _kv("isthmus.cluster", self.cluster),
+                                   _kv("isthmus.worker", self.worker)]}
+        return {"resourceSpans": [{"resource": resource, "scopeSpans": [
+            {"scope": {"name": "isthmus.gateway"}, "spans": spans}]}]}
 
 
-def _kv(key: str, value: Any) -> KeyValue:
+SPAN_KIND_SERVER, STATUS_UNSET, STATUS_ERROR = 2, 0, 2  # trace.proto's enum values
+
+
+def _kv(key: str, value: Any) -> dict[str, Any]:
     if isinstance(value, bool):
-        return KeyValue(key=key, value=AnyValue(bool_value=value))
+        return {"key": key, "value": {"boolValue": value}}
     if isinstance(value, int):
-        return KeyValue(key=key, value=AnyValue(int_value=value))
-    return KeyValue(key=key, value=AnyValue(string_value=str(value)))
-
-
-def wall_ns(loop_now: float, loop_then: float) -> int:
-    """A loop.time() instant `loop_then` as Unix nanoseconds (loop_now: loop.time() now)."""
-    return time.time_ns() - int((loop_now - loop_then) * 1e9)
+        return {"key": key, "value": {"intValue": str(value)}}
+    return {"key": key, "value": {"stringValue": str(value)}}

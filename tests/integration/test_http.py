@@ -22,7 +22,6 @@ from collections import Counter
 import aiohttp
 import pytest
 from aiohttp import web
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from tests.helpers.http_backends import HttpBackend
 from tests.helpers.processes import free_port
@@ -135,20 +134,21 @@ class Http:
 
 
 class Collector:
-    """An OTLP/HTTP traces endpoint on the test's loop: keeps every span it is sent."""
+    """An OTLP/HTTP traces endpoint (JSON encoding) on the test's loop: keeps every span."""
 
     def __init__(self) -> None:
         self.port = free_port()
-        self.spans: list[tuple[str, object]] = []  # (service cluster, Span)
+        self.spans: list[tuple[str, dict]] = []  # (the resource's isthmus.cluster, span)
         self.runner: web.AppRunner | None = None
 
     async def _post(self, req: web.Request) -> web.Response:
-        msg = ExportTraceServiceRequest.FromString(await req.read())
-        for rs in msg.resource_spans:
-            attrs = {a.key: a.value.string_value for a in rs.resource.attributes}
-            for ss in rs.scope_spans:
-                self.spans += [(attrs.get("isthmus.cluster", ""), sp) for sp in ss.spans]
-        return web.Response(body=b"", content_type="application/x-protobuf")
+        assert req.content_type == "application/json"
+        msg = await req.json()
+        for rs in msg["resourceSpans"]:
+            attrs = {a["key"]: a["value"].get("stringValue") for a in rs["resource"]["attributes"]}
+            for ss in rs["scopeSpans"]:
+                self.spans += [(attrs.get("isthmus.cluster", ""), sp) for sp in ss["spans"]]
+        return web.json_response({})
 
     async def start(self) -> None:
         app = web.Application()
@@ -157,8 +157,8 @@ class Collector:
         await self.runner.setup()
         await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
 
-    def of_trace(self, trace_id: str) -> dict[str, object]:
-        return {c: sp for c, sp in self.spans if sp.trace_id.hex() == trace_id}
+    def of_trace(self, trace_id: str) -> dict[str, dict]:
+        return {c: sp for c, sp in self.spans if sp["traceId"] == trace_id}
 
 
 @pytest.fixture
@@ -325,12 +325,13 @@ async def test_trace_continues_across_two_gateways(http: Http):
     await wait_for(lambda: _both(collector, trace_id), 5.0, what="both hops' spans")
     spans = collector.of_trace(trace_id)
     e1, w1 = spans["east-1"], spans["west-1"]
-    assert e1.parent_span_id.hex() == TRACE.split("-")[2] and e1.span_id.hex() == east_span
-    assert w1.parent_span_id == e1.span_id and w1.span_id.hex() == parent
+    assert e1["parentSpanId"] == TRACE.split("-")[2] and e1["spanId"] == east_span
+    assert w1["parentSpanId"] == e1["spanId"] and w1["spanId"] == parent
+    assert e1["kind"] == w1["kind"] == 2  # SERVER
     # two processes' clocks (each span's start is its end minus a loop-time duration): the
     # inner hop lies within the outer one, give or take a few milliseconds
-    assert w1.start_time_unix_nano >= e1.start_time_unix_nano - 5_000_000
-    assert w1.end_time_unix_nano <= e1.end_time_unix_nano + 50_000_000
+    assert int(w1["startTimeUnixNano"]) >= int(e1["startTimeUnixNano"]) - 5_000_000
+    assert int(w1["endTimeUnixNano"]) <= int(e1["endTimeUnixNano"]) + 50_000_000
     assert metric_value(await http.topo.metrics("east-1"), "isthmus_gateway_otlp_spans_total",
                         'result="exported"') >= 1
 
