@@ -448,7 +448,11 @@ class InboundListener(Listener):
 
     def sweep(self) -> None:
         """Judge every link (gateway/core/links.py): GOAWAY once for "replace", abort for
-        "close"."""
+        "close". The http exports' idle upstream connections are swept here too."""
+        if self.loop is not None:
+            now = self.loop.time()
+            for host in self.http_hosts.values():
+                host.pool.sweep(now)
         for link in list(self.links):
             if link.facts is None or link.closed:
                 continue

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from http import HTTPStatus
 
+from gateway.core import routes as rt
+
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
                         b"transfer-encoding", b"upgrade", b"expect"})
 CHUNKED_END = b"0\r\n\r\n"
@@ -76,3 +78,11 @@ def local_response(status: int, body: bytes, headers: list[tuple[bytes, bytes]] 
         hs.append((b"connection", b"close"))
     out = response_head(status, reason_of(status), hs)
     return out if head else out + body
+
+
+def modify_headers(headers: list[tuple[bytes, bytes]], mod: rt.HeaderModifier
+                   ) -> list[tuple[bytes, bytes]]:
+    """core.routes.modify_headers on the wire form (names lowercase)."""
+    got = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers]
+    return [(n.lower().encode("latin-1"), v.encode("latin-1"))
+            for n, v in rt.modify_headers(got, mod)]

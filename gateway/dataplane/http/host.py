@@ -29,7 +29,7 @@ from federation.model import ServiceKey
 from gateway.core import routes as rt
 from gateway.core.retry import BudgetBook
 from gateway.dataplane.dial import Dialer, ListenerStats
-from gateway.dataplane.http.session import Exchange
+from gateway.dataplane.http.exchange import Exchange
 from gateway.dataplane.http.upstream import Pool
 
 log = logging.getLogger("isthmus.gateway.http")

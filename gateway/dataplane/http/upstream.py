@@ -19,7 +19,7 @@ A response is relayed in one of two ways, chosen per request (`start`):
           headers go along: a `Connection: close` the client then sees is kept, since we close
           the client connection after such a response too.
   framed  head rebuilt (hop-by-hop headers out, filters applied) and the body re-framed for the
-          client (session.Exchange.response_head): HTTP/1.0 clients, header filters, and a
+          client (exchange.Exchange.response_head): HTTP/1.0 clients, header filters, and a
           response whose status a route policy retries (`hold`: seen in the first read's
           status line, so every other response of such a route stays raw).
 
@@ -36,7 +36,6 @@ stops reading the client; the client's transport full -> the session pauses this
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections import deque
 from typing import Any, Protocol
@@ -54,7 +53,7 @@ MAX_IDLE = 256  # idle connections kept per (target, service)
 
 
 class Answered(Protocol):
-    """The exchange an Upstream is answering (session.Exchange)."""
+    """The exchange an Upstream is answering (exchange.Exchange)."""
 
     status: int
 
@@ -363,9 +362,3 @@ class Pool:
             for up in q:
                 up.abort()
         self.idle.clear()
-
-    async def keep(self, loop: asyncio.AbstractEventLoop) -> None:
-        """The sweeper, owned by the listener."""
-        while True:
-            await asyncio.sleep(1.0)
-            self.sweep(loop.time())
